@@ -1,0 +1,103 @@
+//! Endpoint lookup: which URLs to try, in which order, for a registry domain.
+//!
+//! Like Docker's `LookupPullEndpoints`: configured mirrors first, then the
+//! registry itself over TLS, then — only for loopback or explicitly insecure
+//! registries — plain HTTP.
+
+use crate::plugin::Endpoint;
+use crate::reference::DEFAULT_DOMAIN;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// Per-registry settings from the config file's `[registries."domain"]` tables.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Mirror base URLs tried before the registry itself.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+    /// Allow plain HTTP to this registry even though it is not on loopback.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+pub type Registries = BTreeMap<String, RegistryConfig>;
+
+/// Whether `host` (without port) names this machine's loopback.
+pub fn is_loopback(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h == "localhost"
+        || h.parse::<std::net::Ipv4Addr>().is_ok_and(|a| a.is_loopback())
+        || h.parse::<std::net::Ipv6Addr>().is_ok_and(|a| a.is_loopback())
+}
+
+/// Splits `host[:port]` into the host part.
+pub fn host_of(domain: &str) -> &str {
+    if domain.starts_with('[') {
+        return domain.split_once(']').map(|(h, _)| &h[1..]).unwrap_or(domain);
+    }
+    domain.rsplit_once(':').map(|(h, _)| h).unwrap_or(domain)
+}
+
+/// Whether plain HTTP to `domain` is allowed.
+pub fn allows_plain_http(domain: &str, registries: &Registries) -> bool {
+    is_loopback(host_of(domain)) || registries.get(domain).is_some_and(|r| r.insecure)
+}
+
+/// The endpoints to try for `domain`, in order.
+pub fn pull_endpoints(domain: &str, registries: &Registries) -> Vec<Endpoint> {
+    let mut out = Vec::new();
+    if let Some(cfg) = registries.get(domain) {
+        for m in &cfg.mirrors {
+            out.push(Endpoint {
+                url: m.trim_end_matches('/').to_string(),
+                mirror: true,
+                credentials: None,
+            });
+        }
+    }
+    let host = if domain == DEFAULT_DOMAIN {
+        "registry-1.docker.io"
+    } else {
+        domain
+    };
+    out.push(Endpoint {
+        url: format!("https://{host}"),
+        mirror: false,
+        credentials: None,
+    });
+    if allows_plain_http(domain, registries) {
+        out.push(Endpoint {
+            url: format!("http://{host}"),
+            mirror: false,
+            credentials: None,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_gets_http_fallback_and_mirrors_come_first() {
+        let mut regs = Registries::new();
+        regs.insert(
+            "docker.io".into(),
+            RegistryConfig {
+                mirrors: vec!["http://127.0.0.1:5001/".into()],
+                insecure: false,
+            },
+        );
+        let urls: Vec<_> = pull_endpoints("docker.io", &regs).into_iter().map(|e| (e.url, e.mirror)).collect();
+        assert_eq!(
+            urls,
+            vec![("http://127.0.0.1:5001".into(), true), ("https://registry-1.docker.io".into(), false)]
+        );
+        let urls: Vec<_> = pull_endpoints("127.0.0.1:5000", &regs).into_iter().map(|e| e.url).collect();
+        assert_eq!(urls, vec!["https://127.0.0.1:5000", "http://127.0.0.1:5000"]);
+        assert_eq!(pull_endpoints("quay.io", &regs).len(), 1);
+        assert!(is_loopback("127.8.0.1") && is_loopback("[::1]") && !is_loopback("10.0.0.1"));
+    }
+}

@@ -1,0 +1,130 @@
+//! Store consistency: `gantry fsck`, and the clean-up of what a crash left.
+//!
+//! Garbage (spooled downloads, staging layers, layers no image needs) is not
+//! an inconsistency: a crash may leave it at any point, and it is never
+//! visible. It is cleared when a process finds itself alone on the store.
+//! A problem is anything visible that is wrong: a reference to a missing
+//! image, an image whose layer is missing, content that does not match its
+//! digest, a layer whose driver data is gone.
+
+use crate::digest::Digest;
+use crate::error::Result;
+use crate::images::{layers_in_use, release_layer};
+use crate::manifest::ImageConfig;
+use crate::plugin::GraphDriver;
+use crate::store::Store;
+
+/// What a check found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Inconsistencies: each one a line for the operator.
+    pub problems: Vec<String>,
+    /// Garbage that was cleared.
+    pub cleared: Vec<String>,
+}
+
+/// Clears what a crash may have left. Call only when this process is alone
+/// on the store.
+pub fn collect_garbage(store: &Store, driver: &dyn GraphDriver) -> Result<Vec<String>> {
+    let mut cleared = Vec::new();
+    for n in store.clear_tmp_blobs()? {
+        cleared.push(format!("spooled download {n}"));
+    }
+    for n in store.layers.clear_tmp()? {
+        cleared.push(format!("unfinished layer record {n}"));
+    }
+    for id in store.staging_leftovers()? {
+        let in_use = store
+            .layers
+            .list()?
+            .iter()
+            .any(|c| store.layers.get(c).ok().flatten().is_some_and(|m| m.cache_id == id));
+        if !in_use {
+            let _ = driver.remove(&id);
+            cleared.push(format!("staging layer {id}"));
+        }
+        store.unmark_staging(&id);
+    }
+    let needed = layers_in_use(store)?;
+    // Release unreferenced layers top-down so parents go last.
+    let mut unused: Vec<_> = store
+        .layers
+        .list()?
+        .into_iter()
+        .filter(|c| !needed.contains(c))
+        .filter_map(|c| store.layers.get(&c).ok().flatten())
+        .collect();
+    while let Some(pos) = unused
+        .iter()
+        .position(|l| !unused.iter().any(|o| o.parent.as_ref() == Some(&l.chain_id)))
+    {
+        let l = unused.remove(pos);
+        release_layer(store, driver, &l)?;
+        cleared.push(format!("unreferenced layer {}", l.chain_id));
+    }
+    Ok(cleared)
+}
+
+/// Checks every visible record of the store.
+pub fn check(store: &Store, driver: &dyn GraphDriver) -> Result<Report> {
+    let mut r = Report::default();
+    let images = store.images.list()?;
+    for id in &images {
+        let bytes = match store.images.get(id) {
+            Ok(b) => b,
+            Err(e) => {
+                r.problems.push(format!("image {id}: {e}"));
+                continue;
+            }
+        };
+        if Digest::of(&bytes) != *id {
+            r.problems.push(format!("image {id}: config content does not match its ID"));
+            continue;
+        }
+        let config = match ImageConfig::parse(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                r.problems.push(format!("image {id}: {e}"));
+                continue;
+            }
+        };
+        for c in Digest::chain_ids(&config.diff_ids) {
+            if !store.layers.exists(&c) {
+                r.problems.push(format!("image {id}: layer {c} is missing"));
+            }
+        }
+    }
+    for c in store.layers.list()? {
+        match store.layers.get(&c) {
+            Ok(Some(m)) => {
+                let want = Digest::chain(m.parent.as_ref(), &m.diff_id);
+                if want != c {
+                    r.problems.push(format!("layer {c}: chain ID does not match its diff and parent"));
+                }
+                if let Some(p) = &m.parent {
+                    if !store.layers.exists(p) {
+                        r.problems.push(format!("layer {c}: parent {p} is missing"));
+                    }
+                }
+                match driver.exists(&m.cache_id) {
+                    Ok(true) => {}
+                    Ok(false) => r.problems.push(format!("layer {c}: driver data {} is missing", m.cache_id)),
+                    Err(e) => r.problems.push(format!("layer {c}: driver: {e}")),
+                }
+            }
+            Ok(None) => {}
+            Err(e) => r.problems.push(format!("layer {c}: {e}")),
+        }
+    }
+    match store.refs.all() {
+        Ok(all) => {
+            for (rf, id) in all {
+                if !images.contains(&id) {
+                    r.problems.push(format!("reference {}: image {id} is missing", rf.familiar_string()));
+                }
+            }
+        }
+        Err(e) => r.problems.push(e.to_string()),
+    }
+    Ok(r)
+}

@@ -1,0 +1,132 @@
+//! Operations on stored images: lookup by reference or ID, tag, remove, and
+//! releasing layers no image needs any more.
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::manifest::ImageConfig;
+use crate::plugin::GraphDriver;
+use crate::pull::now_rfc3339;
+use crate::reference::Reference;
+use crate::store::{LayerMeta, Store};
+use std::collections::HashSet;
+
+/// Finds an image by reference (`name`, `name:tag`, `name@digest`), full ID
+/// (`sha256:…`) or unambiguous ID prefix, as Docker does.
+pub fn lookup(store: &Store, s: &str) -> Result<Digest> {
+    if let Ok(d) = s.parse::<Digest>() {
+        if store.images.exists(&d) {
+            return Ok(d);
+        }
+    }
+    if let Ok(r) = Reference::parse(s) {
+        if let Some(id) = store.refs.get(&r)? {
+            return Ok(id);
+        }
+    }
+    if s.len() >= 4 || s.starts_with("sha256:") {
+        if let Some(id) = store.images.find_by_prefix(s)? {
+            return Ok(id);
+        }
+    }
+    Err(Error::NoSuchImage(s.to_string()))
+}
+
+/// The parsed config and the layers of image `id`, base first.
+pub fn layers_of(store: &Store, id: &Digest) -> Result<(ImageConfig, Vec<LayerMeta>)> {
+    let config = ImageConfig::parse(&store.images.get(id)?)?;
+    let mut layers = Vec::new();
+    for c in Digest::chain_ids(&config.diff_ids) {
+        layers.push(
+            store
+                .layers
+                .get(&c)?
+                .ok_or_else(|| Error::Integrity(format!("image {id}: layer {c} is missing")))?,
+        );
+    }
+    Ok((config, layers))
+}
+
+/// Points `target` at the image `source` names.
+pub fn tag(store: &Store, source: &str, target: &str) -> Result<()> {
+    let id = lookup(store, source)?;
+    let r = Reference::parse(target)?;
+    if r.digest.is_some() {
+        return Err(Error::InvalidReference(format!("{target:?}: refusing to create a tag with a digest reference")));
+    }
+    let _lock = store.write_lock()?;
+    store.refs.set(&r, &id)?;
+    store.images.touch(&id, &now_rfc3339())
+}
+
+/// Removes a reference, or an image by ID. Returns Docker's report lines
+/// (`Untagged: …`, `Deleted: …`).
+pub fn remove(store: &Store, driver: &dyn GraphDriver, s: &str, force: bool) -> Result<Vec<String>> {
+    let _lock = store.write_lock()?;
+    let mut out = Vec::new();
+    let by_ref = Reference::parse(s).ok().and_then(|r| store.refs.get(&r).ok().flatten().map(|id| (r, id)));
+    let id = match by_ref {
+        Some((r, id)) => {
+            store.refs.remove(&r)?;
+            out.push(format!("Untagged: {}", r.familiar_string()));
+            // Removing a tag removes the image only when nothing else names it
+            // (digest references of the same repository go with it).
+            let remaining = store.refs.refs_of(&id)?;
+            let only_digests_of_same_repo = remaining
+                .iter()
+                .all(|o| o.tag.is_none() && o.familiar_name() == r.familiar_name());
+            if !only_digests_of_same_repo {
+                return Ok(out);
+            }
+            id
+        }
+        None => {
+            let id = lookup(store, s)?;
+            let refs = store.refs.refs_of(&id)?;
+            let names: HashSet<String> = refs.iter().map(|r| r.familiar_name()).collect();
+            if names.len() > 1 && !force {
+                return Err(Error::Conflict(format!(
+                    "unable to delete {} (must be forced) - image is referenced in multiple repositories",
+                    id.short()
+                )));
+            }
+            id
+        }
+    };
+    for r in store.refs.refs_of(&id)? {
+        store.refs.remove(&r)?;
+        out.push(format!("Untagged: {}", r.familiar_string()));
+    }
+    let (_, layers) = layers_of(store, &id)?;
+    store.images.delete(&id)?;
+    out.push(format!("Deleted: {id}"));
+    let needed = layers_in_use(store)?;
+    for l in layers.iter().rev() {
+        if !needed.contains(&l.chain_id) && store.layers.exists(&l.chain_id) {
+            release_layer(store, driver, l)?;
+            out.push(format!("Deleted: {}", l.chain_id));
+        }
+    }
+    Ok(out)
+}
+
+/// Every chainID some stored image needs.
+pub fn layers_in_use(store: &Store) -> Result<HashSet<Digest>> {
+    let mut needed = HashSet::new();
+    for id in store.images.list()? {
+        if let Ok(config) = ImageConfig::parse(&store.images.get(&id)?) {
+            needed.extend(Digest::chain_ids(&config.diff_ids));
+        }
+    }
+    Ok(needed)
+}
+
+/// Removes a layer: metadata first (it stops being visible), then the
+/// driver's data, with a staging marker so a crash between the two is
+/// cleared on the next start.
+pub fn release_layer(store: &Store, driver: &dyn GraphDriver, l: &LayerMeta) -> Result<()> {
+    store.mark_staging(&l.cache_id)?;
+    store.layers.delete(&l.chain_id)?;
+    driver.remove(&l.cache_id)?;
+    store.unmark_staging(&l.cache_id);
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! Manifests: Docker schema2, OCI image manifests, Docker manifest lists and
+//! OCI indexes, parsed with `oci-spec` and checked before anything is fetched.
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::platform::Platform;
+
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+
+/// What the core asks registries for, best first.
+pub const ACCEPT: &[&str] = &[OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
+
+/// A manifest larger than this is refused (Docker's limit).
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// An image config larger than this is refused.
+pub const MAX_CONFIG_BYTES: u64 = 8 << 20;
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// A blob a manifest points to, with the digest and size the core will check.
+#[derive(Debug, Clone)]
+pub struct Blob {
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub blob: Blob,
+    pub compression: Compression,
+}
+
+/// A single-platform image manifest.
+#[derive(Debug, Clone)]
+pub struct ImageManifest {
+    pub config: Blob,
+    pub layers: Vec<Layer>,
+}
+
+/// A parsed manifest document.
+#[derive(Debug)]
+pub enum Parsed {
+    Image(ImageManifest),
+    /// A manifest list / index: its entries as (descriptor, os, arch, variant).
+    List(Vec<(Blob, String, String, Option<String>)>),
+}
+
+fn blob(d: &oci_spec::image::Descriptor) -> Result<Blob> {
+    let digest: Digest = d
+        .digest()
+        .to_string()
+        .parse()
+        .map_err(|e: Error| Error::InvalidManifest(format!("manifest descriptor: {e}")))?;
+    let size = u64::try_from(d.size()).map_err(|_| Error::InvalidManifest("negative blob size".into()))?;
+    Ok(Blob {
+        digest,
+        size,
+        media_type: d.media_type().to_string(),
+    })
+}
+
+fn layer_compression(media_type: &str) -> Result<Compression> {
+    Ok(match media_type {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" | "application/vnd.oci.image.layer.v1.tar+gzip" => {
+            Compression::Gzip
+        }
+        "application/vnd.oci.image.layer.v1.tar+zstd" => Compression::Zstd,
+        "application/vnd.oci.image.layer.v1.tar" | "application/vnd.docker.image.rootfs.diff.tar" => Compression::None,
+        other => {
+            return Err(Error::InvalidManifest(format!("unsupported layer media type {other:?}")));
+        }
+    })
+}
+
+/// Parses `bytes` as the media type the registry declared (falling back on
+/// the document's own `mediaType` field).
+pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(Error::InvalidManifest("manifest is larger than 4 MiB".into()));
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| Error::InvalidManifest(format!("manifest is not valid JSON: {e}")))?;
+    let inner = value.get("mediaType").and_then(|m| m.as_str()).unwrap_or("");
+    let media_type = if declared.is_empty() || declared == "application/json" || declared == "text/plain" {
+        inner
+    } else {
+        declared
+    };
+    let media_type = if media_type.is_empty() {
+        // OCI allows an absent mediaType: tell by shape.
+        if value.get("manifests").is_some() {
+            OCI_INDEX
+        } else {
+            OCI_MANIFEST
+        }
+    } else {
+        media_type
+    };
+    if !inner.is_empty() && inner != media_type {
+        return Err(Error::InvalidManifest(format!(
+            "manifest declares media type {inner:?} but was served as {media_type:?}"
+        )));
+    }
+    match media_type {
+        DOCKER_MANIFEST | OCI_MANIFEST => {
+            let m: oci_spec::image::ImageManifest = serde_json::from_value(value)
+                .map_err(|e| Error::InvalidManifest(format!("invalid image manifest: {e}")))?;
+            if m.schema_version() != 2 {
+                return Err(Error::InvalidManifest(format!("unsupported schemaVersion {}", m.schema_version())));
+            }
+            let config = blob(m.config())?;
+            if config.size > MAX_CONFIG_BYTES {
+                return Err(Error::InvalidManifest("image config is larger than 8 MiB".into()));
+            }
+            let layers = m
+                .layers()
+                .iter()
+                .map(|d| {
+                    let b = blob(d)?;
+                    Ok(Layer {
+                        compression: layer_compression(&b.media_type)?,
+                        blob: b,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if layers.is_empty() {
+                return Err(Error::InvalidManifest("manifest has no layers".into()));
+            }
+            Ok(Parsed::Image(ImageManifest { config, layers }))
+        }
+        DOCKER_LIST | OCI_INDEX => {
+            let idx: oci_spec::image::ImageIndex = serde_json::from_value(value)
+                .map_err(|e| Error::InvalidManifest(format!("invalid manifest list: {e}")))?;
+            let mut out = Vec::new();
+            for d in idx.manifests() {
+                let b = blob(d)?;
+                if let Some(p) = d.platform() {
+                    out.push((b, p.os().to_string(), p.architecture().to_string(), p.variant().clone()));
+                }
+            }
+            Ok(Parsed::List(out))
+        }
+        "application/vnd.docker.distribution.manifest.v1+json"
+        | "application/vnd.docker.distribution.manifest.v1+prettyjws" => Err(Error::InvalidManifest(
+            "Docker image manifest schema 1 is not supported".into(),
+        )),
+        other => Err(Error::InvalidManifest(format!("unsupported manifest media type {other:?}"))),
+    }
+}
+
+/// Picks the entry of a manifest list that fits `want`.
+pub fn select(entries: &[(Blob, String, String, Option<String>)], want: &Platform) -> Result<Blob> {
+    entries
+        .iter()
+        .find(|(b, os, arch, variant)| {
+            is_manifest_type(&b.media_type) && want.matches(os, arch, variant.as_deref())
+        })
+        .map(|e| e.0.clone())
+        .ok_or_else(|| Error::NoMatchingPlatform(want.to_string()))
+}
+
+fn is_manifest_type(t: &str) -> bool {
+    t == DOCKER_MANIFEST || t == OCI_MANIFEST
+}
+
+/// The parts of an image config the core checks and shows.
+#[derive(Debug, Clone)]
+pub struct ImageConfig {
+    pub diff_ids: Vec<Digest>,
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+    pub raw: serde_json::Value,
+}
+
+impl ImageConfig {
+    pub fn parse(bytes: &[u8]) -> Result<ImageConfig> {
+        let raw: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| Error::InvalidManifest(format!("image config is not valid JSON: {e}")))?;
+        let rootfs = raw
+            .get("rootfs")
+            .ok_or_else(|| Error::InvalidManifest("image config has no rootfs".into()))?;
+        if rootfs.get("type").and_then(|t| t.as_str()) != Some("layers") {
+            return Err(Error::InvalidManifest("image config rootfs type is not \"layers\"".into()));
+        }
+        let diff_ids = rootfs
+            .get("diff_ids")
+            .and_then(|d| d.as_array())
+            .ok_or_else(|| Error::InvalidManifest("image config has no rootfs.diff_ids".into()))?
+            .iter()
+            .map(|d| {
+                d.as_str()
+                    .ok_or_else(|| Error::InvalidManifest("diff_id is not a string".into()))?
+                    .parse::<Digest>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let s = |k: &str| raw.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        Ok(ImageConfig {
+            diff_ids,
+            os: s("os"),
+            architecture: s("architecture"),
+            variant: raw.get("variant").and_then(|v| v.as_str()).map(str::to_string),
+            raw,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(layer_type: &str) -> Vec<u8> {
+        let d = format!("sha256:{}", "a".repeat(64));
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": d, "size": 10},
+            "layers": [{"mediaType": layer_type, "digest": d, "size": 20}],
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn parses_oci_manifest() {
+        let Parsed::Image(m) = parse(OCI_MANIFEST, &manifest("application/vnd.oci.image.layer.v1.tar+zstd")).unwrap()
+        else {
+            panic!("expected an image manifest")
+        };
+        assert_eq!(m.layers[0].compression, Compression::Zstd);
+        assert_eq!(m.layers[0].blob.size, 20);
+    }
+
+    #[test]
+    fn refuses_unknown_layer_type_and_mismatched_type() {
+        assert!(parse(OCI_MANIFEST, &manifest("application/x-evil")).is_err());
+        assert!(parse(DOCKER_MANIFEST, &manifest("application/vnd.oci.image.layer.v1.tar")).is_err());
+        assert!(parse(OCI_MANIFEST, &vec![b' '; MAX_MANIFEST_BYTES + 1]).is_err());
+    }
+}

@@ -1,0 +1,76 @@
+//! **API Boundary.** The traits through which the core reaches plugins.
+//!
+//! The host implements them over sandboxed WebAssembly components (or, for
+//! trusted fast paths, native code). Nothing a trait method returns is taken
+//! on faith: the pipeline verifies every digest, size and diffID itself.
+
+use crate::digest::Digest;
+use crate::error::PluginError;
+use std::io::Read;
+use std::path::PathBuf;
+
+/// A stream of bytes owned by the host side.
+pub type ByteStream = Box<dyn Read + Send>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+    pub identity_token: Option<String>,
+}
+
+/// One endpoint of the endpoint loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `https://registry-1.docker.io`, `http://127.0.0.1:5000`.
+    pub url: String,
+    pub mirror: bool,
+    pub credentials: Option<Credentials>,
+}
+
+/// What a transport resolved a reference to.
+#[derive(Debug, Clone)]
+pub enum Resolved {
+    Manifest {
+        media_type: String,
+        claimed_digest: Option<String>,
+        bytes: Vec<u8>,
+    },
+    /// A v1 registry's ancestry chain: (image id, image JSON), image first.
+    V1Chain(Vec<(String, Vec<u8>)>),
+}
+
+/// A registry transport: speaks one protocol to an endpoint.
+pub trait Transport: Send + Sync {
+    /// The plugin's configured name, for messages.
+    fn name(&self) -> &str;
+    /// Checks the endpoint speaks this protocol; returns "v2" or "v1".
+    fn probe(&self, ep: &Endpoint) -> Result<String, PluginError>;
+    /// Resolves a tag or digest in `repository`. The caller verifies digests.
+    fn resolve(&self, ep: &Endpoint, repository: &str, reference: &str, accept: &[&str])
+        -> Result<Resolved, PluginError>;
+    /// Opens a blob from byte `offset`. The caller verifies digest and size.
+    fn open_blob(&self, ep: &Endpoint, repository: &str, digest: &Digest, offset: u64)
+        -> Result<ByteStream, PluginError>;
+    /// Lists the tags of `repository`.
+    fn list_tags(&self, ep: &Endpoint, repository: &str) -> Result<Vec<String>, PluginError>;
+}
+
+/// A graph driver: owns layer directories on disk, shaped after Docker's.
+pub trait GraphDriver: Send + Sync {
+    /// The driver's name (`vfs`, `overlay2`): names its store directories.
+    fn name(&self) -> &str;
+    fn create(&self, id: &str, parent: Option<&str>) -> Result<(), PluginError>;
+    fn remove(&self, id: &str) -> Result<(), PluginError>;
+    fn exists(&self, id: &str) -> Result<bool, PluginError>;
+    /// The host path of layer `id`'s full root filesystem. The host resolved
+    /// it beneath the driver's home.
+    fn get(&self, id: &str) -> Result<PathBuf, PluginError>;
+    fn put(&self, id: &str) -> Result<(), PluginError>;
+    /// Applies a tar stream to `id`, reading it to its end. Returns the size
+    /// of the content written. The caller verifies the diffID of the stream.
+    fn apply_diff(&self, id: &str, parent: Option<&str>, diff: ByteStream) -> Result<u64, PluginError>;
+    /// The tar of what `id` changed relative to `parent`.
+    fn diff(&self, id: &str, parent: Option<&str>) -> Result<ByteStream, PluginError>;
+    fn status(&self) -> Result<Vec<(String, String)>, PluginError>;
+}

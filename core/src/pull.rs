@@ -1,0 +1,609 @@
+//! The pull pipeline: resolve → endpoint loop → download and verify →
+//! apply → register.
+//!
+//! Blobs download concurrently (a limit, default 3) into spooled files under
+//! `<root>/tmp/blobs`, each checked against its manifest digest and size as
+//! it streams, resuming with a range request when a connection drops. Layers
+//! are applied in order as soon as their blob is complete: decompressed,
+//! hashed to a diffID, and handed to the driver as a host-side stream. Only
+//! when every layer verified are the layers, then the image, then its
+//! references committed; on any failure the staged driver layers are removed
+//! and the store is as it was.
+
+use crate::digest::Digest;
+use crate::endpoint::{pull_endpoints, Registries};
+use crate::error::{Error, ErrorClass, PluginError, Result};
+use crate::manifest::{self, Blob, ImageConfig, ImageManifest, Parsed};
+use crate::platform::Platform;
+use crate::plugin::{Credentials, Endpoint, GraphDriver, Resolved, Transport};
+use crate::reference::Reference;
+use crate::store::{random_id, LayerMeta, Store};
+use crate::verify::{decompress, HashingReader, LimitedReader};
+use sha2::{Digest as _, Sha256};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::Duration;
+
+/// What a pull reports as it goes, per layer (by short blob digest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    AlreadyExists,
+    Waiting,
+    Downloading,
+    Retrying,
+    VerifyingChecksum,
+    DownloadComplete,
+    Extracting,
+    PullComplete,
+}
+
+impl Status {
+    /// Docker's wording.
+    pub fn docker_text(self) -> &'static str {
+        match self {
+            Status::AlreadyExists => "Already exists",
+            Status::Waiting => "Waiting",
+            Status::Downloading => "Downloading",
+            Status::Retrying => "Retrying",
+            Status::VerifyingChecksum => "Verifying Checksum",
+            Status::DownloadComplete => "Download complete",
+            Status::Extracting => "Extracting",
+            Status::PullComplete => "Pull complete",
+        }
+    }
+}
+
+/// Receives progress; the host draws bars or prints lines.
+pub trait Progress: Send + Sync {
+    /// `id` is the 12-digit short digest of the layer blob.
+    fn layer(&self, id: &str, status: Status, current: u64, total: u64);
+    /// A line about the whole pull (`latest: Pulling from library/x`).
+    fn line(&self, text: &str);
+}
+
+/// A progress sink that says nothing.
+pub struct Quiet;
+impl Progress for Quiet {
+    fn layer(&self, _: &str, _: Status, _: u64, _: u64) {}
+    fn line(&self, _: &str) {}
+}
+
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// The platform to pick from a manifest list; `None` means the host's.
+    pub platform: Option<Platform>,
+    pub max_concurrent_downloads: usize,
+    /// How many times a transient failure of one blob is retried.
+    pub retries: u32,
+    /// The first retry's wait; doubled each time.
+    pub backoff: Duration,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            platform: None,
+            max_concurrent_downloads: 3,
+            retries: 5,
+            backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+/// What a finished pull did.
+#[derive(Debug, Clone)]
+pub struct PullOutcome {
+    pub image_id: Digest,
+    pub manifest_digest: Digest,
+    /// False when the image and all its layers were already present.
+    pub downloaded: bool,
+}
+
+/// Blob downloads shared by every pull of this process: two pulls that need
+/// the same blob at once fetch it once and both use the spooled file.
+#[derive(Default)]
+pub struct SharedDownloads {
+    inflight: Mutex<HashMap<Digest, Weak<Slot>>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    done: Mutex<Option<std::result::Result<Arc<Spooled>, PluginError>>>,
+    cv: Condvar,
+}
+
+/// A verified blob spooled to disk; removed when the last user drops it.
+pub struct Spooled {
+    path: PathBuf,
+}
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A pull with its collaborators.
+pub struct Puller<'a> {
+    pub store: &'a Store,
+    pub transport: &'a dyn Transport,
+    pub driver: &'a dyn GraphDriver,
+    pub registries: &'a Registries,
+    pub credentials: &'a (dyn Fn(&str) -> Option<Credentials> + Sync),
+    pub downloads: &'a SharedDownloads,
+    pub progress: &'a dyn Progress,
+    pub options: PullOptions,
+}
+
+/// A layer applied to a staging driver layer, not yet committed.
+struct Staged {
+    meta: LayerMeta,
+    blob: Digest,
+}
+
+impl Puller<'_> {
+    /// Pulls `reference`, trying each endpoint in turn.
+    pub fn pull(&self, reference: &Reference) -> Result<PullOutcome> {
+        let mut last: Option<Error> = None;
+        for mut ep in pull_endpoints(&reference.domain, self.registries) {
+            ep.credentials = (self.credentials)(&reference.domain);
+            match self.pull_from(&ep, reference) {
+                Ok(o) => return Ok(o),
+                Err(Error::Plugin(e)) if e.allows_fallback(ep.mirror) => {
+                    last = Some(Error::Plugin(PluginError::new(e.class, format!("{}: {}", ep.url, e.message))));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Config(format!("no endpoint for {}", reference.domain))))
+    }
+
+    fn retrying<T>(&self, mut f: impl FnMut() -> std::result::Result<T, PluginError>) -> std::result::Result<T, PluginError> {
+        let mut wait = self.options.backoff;
+        let mut attempt = 0;
+        loop {
+            match f() {
+                Err(e) if e.is_transient() && attempt < self.options.retries => {
+                    attempt += 1;
+                    std::thread::sleep(wait);
+                    wait *= 2;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn resolve(&self, ep: &Endpoint, repo: &str, reference: &str) -> Result<(Parsed, Digest)> {
+        let resolved = self.retrying(|| self.transport.resolve(ep, repo, reference, manifest::ACCEPT))?;
+        let Resolved::Manifest {
+            media_type,
+            claimed_digest,
+            bytes,
+        } = resolved
+        else {
+            return Err(Error::Plugin(PluginError::new(
+                ErrorClass::Unsupported,
+                "v1 image chains are not supported by this pipeline yet",
+            )));
+        };
+        if bytes.len() > manifest::MAX_MANIFEST_BYTES {
+            return Err(Error::InvalidManifest("manifest is larger than 4 MiB".into()));
+        }
+        let digest = Digest::of(&bytes);
+        if let Ok(want) = reference.parse::<Digest>() {
+            if want != digest {
+                return Err(Error::Integrity(format!("manifest digest mismatch: expected {want}, got {digest}")));
+            }
+        }
+        if let Some(claimed) = claimed_digest {
+            if claimed != digest.as_str() {
+                return Err(Error::Integrity(format!(
+                    "manifest digest mismatch: registry claimed {claimed}, content is {digest}"
+                )));
+            }
+        }
+        Ok((manifest::parse(&media_type, &bytes)?, digest))
+    }
+
+    fn pull_from(&self, ep: &Endpoint, reference: &Reference) -> Result<PullOutcome> {
+        let repo = &reference.path;
+        let tag_or_digest = reference.registry_reference();
+        self.progress.line(&format!("{}: Pulling from {}", tag_or_digest, repo));
+        let (parsed, mut manifest_digest) = self.resolve(ep, repo, &tag_or_digest)?;
+        let want_platform = self.options.platform.clone().unwrap_or_else(Platform::host);
+        let image = match parsed {
+            Parsed::Image(m) => m,
+            Parsed::List(entries) => {
+                let chosen = manifest::select(&entries, &want_platform)?;
+                let (parsed, d) = self.resolve(ep, repo, chosen.digest.as_str())?;
+                // For a pull by tag, Docker records the list's digest.
+                let _ = d;
+                match parsed {
+                    Parsed::Image(m) => m,
+                    Parsed::List(_) => {
+                        return Err(Error::InvalidManifest("a manifest list points at another list".into()));
+                    }
+                }
+            }
+        };
+        if reference.digest.is_some() {
+            manifest_digest = reference.digest.clone().expect("checked");
+        }
+        let config_bytes = self.fetch_small(ep, repo, &image.config)?;
+        let config = ImageConfig::parse(&config_bytes)?;
+        if config.diff_ids.len() != image.layers.len() {
+            return Err(Error::InvalidManifest(format!(
+                "image config lists {} layers but the manifest has {}",
+                config.diff_ids.len(),
+                image.layers.len()
+            )));
+        }
+        if let Some(p) = &self.options.platform {
+            if !p.matches(&config.os, &config.architecture, config.variant.as_deref()) {
+                return Err(Error::NoMatchingPlatform(format!(
+                    "{p} (image {} is {}/{})",
+                    reference, config.os, config.architecture
+                )));
+            }
+        }
+        let chain_ids = Digest::chain_ids(&config.diff_ids);
+        let image_id = Digest::of(&config_bytes);
+        let mut missing = Vec::new();
+        for (i, l) in image.layers.iter().enumerate() {
+            if self.store.layers.exists(&chain_ids[i]) {
+                self.progress.layer(l.blob.digest.short(), Status::AlreadyExists, 0, 0);
+            } else {
+                missing.push(i);
+            }
+        }
+        let downloaded = !(missing.is_empty() && self.store.images.exists(&image_id));
+        let staged = self.fetch_and_apply(ep, repo, &image, &config, &chain_ids, &missing)?;
+        self.commit(reference, staged, &config_bytes, &manifest_digest)?;
+        self.progress.line(&format!("Digest: {manifest_digest}"));
+        Ok(PullOutcome {
+            image_id,
+            manifest_digest,
+            downloaded,
+        })
+    }
+
+    /// Fetches a small blob (an image config) into memory, verified.
+    fn fetch_small(&self, ep: &Endpoint, repo: &str, blob: &Blob) -> Result<Vec<u8>> {
+        if blob.size > manifest::MAX_CONFIG_BYTES {
+            return Err(Error::InvalidManifest("image config is larger than 8 MiB".into()));
+        }
+        let bytes = self.retrying(|| {
+            let mut s = self.transport.open_blob(ep, repo, &blob.digest, 0)?;
+            let mut buf = Vec::new();
+            s.by_ref()
+                .take(blob.size + 1)
+                .read_to_end(&mut buf)
+                .map_err(|e| PluginError::new(ErrorClass::Transient, format!("reading {}: {e}", blob.digest)))?;
+            Ok(buf)
+        })?;
+        check_blob(blob, bytes.len() as u64, &Digest::of(&bytes))?;
+        Ok(bytes)
+    }
+
+    fn fetch_and_apply(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        image: &ImageManifest,
+        config: &ImageConfig,
+        chain_ids: &[Digest],
+        missing: &[usize],
+    ) -> Result<Vec<Staged>> {
+        let mut staged: Vec<Staged> = Vec::new();
+        if missing.is_empty() {
+            return Ok(staged);
+        }
+        for &i in missing {
+            self.progress.layer(image.layers[i].blob.digest.short(), Status::Waiting, 0, image.layers[i].blob.size);
+        }
+        let results: Vec<Mutex<Option<Result<Arc<Spooled>>>>> = missing.iter().map(|_| Mutex::new(None)).collect();
+        let ready = Condvar::new();
+        let next = Mutex::new(0usize);
+        let cancelled = std::sync::atomic::AtomicBool::new(false);
+        let workers = self.options.max_concurrent_downloads.clamp(1, missing.len());
+        let outcome = std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let k = {
+                        let mut n = next.lock().unwrap();
+                        if *n >= missing.len() || cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+                            return;
+                        }
+                        *n += 1;
+                        *n - 1
+                    };
+                    let r = self.download(ep, repo, &image.layers[missing[k]].blob);
+                    *results[k].lock().unwrap() = Some(r);
+                    ready.notify_all();
+                });
+            }
+            let out = (|| -> Result<()> {
+                for (k, &i) in missing.iter().enumerate() {
+                    let spooled = {
+                        let mut g = results[k].lock().unwrap();
+                        loop {
+                            if let Some(r) = g.take() {
+                                break r?;
+                            }
+                            g = ready.wait(g).unwrap();
+                        }
+                    };
+                    let parent = if i == 0 { None } else { Some(&chain_ids[i - 1]) };
+                    let parent_cache = match parent {
+                        None => None,
+                        Some(p) => Some(match staged.iter().find(|st| &st.meta.chain_id == p) {
+                            Some(st) => st.meta.cache_id.clone(),
+                            None => self
+                                .store
+                                .layers
+                                .get(p)?
+                                .ok_or_else(|| Error::Integrity(format!("parent layer {p} vanished")))?
+                                .cache_id,
+                        }),
+                    };
+                    let blob = &image.layers[i].blob;
+                    let cache_id = random_id();
+                    self.store.mark_staging(&cache_id)?;
+                    let meta = LayerMeta {
+                        chain_id: chain_ids[i].clone(),
+                        diff_id: config.diff_ids[i].clone(),
+                        parent: parent.cloned(),
+                        cache_id: cache_id.clone(),
+                        size: 0,
+                    };
+                    // Staged before applying, so a failure removes it too.
+                    staged.push(Staged {
+                        meta,
+                        blob: blob.digest.clone(),
+                    });
+                    self.progress.layer(blob.digest.short(), Status::Extracting, 0, blob.size);
+                    let size = self.apply(&spooled, blob, &config.diff_ids[i], &cache_id, parent_cache.as_deref())?;
+                    staged.last_mut().expect("just pushed").meta.size = size;
+                    self.progress.layer(blob.digest.short(), Status::PullComplete, blob.size, blob.size);
+                }
+                Ok(())
+            })();
+            if out.is_err() {
+                cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            out
+        });
+        if let Err(e) = outcome {
+            self.discard(&staged);
+            return Err(e);
+        }
+        Ok(staged)
+    }
+
+    fn apply(&self, spooled: &Spooled, blob: &Blob, want: &Digest, cache_id: &str, parent: Option<&str>) -> Result<u64> {
+        self.driver.create(cache_id, parent)?;
+        let file = File::open(&spooled.path).map_err(|e| Error::io("opening a downloaded layer", e))?;
+        let inflated = decompress(file).map_err(|e| Error::Integrity(format!("layer {}: {e}", blob.digest)))?;
+        let (reader, state) = HashingReader::new(inflated);
+        let size = self
+            .driver
+            .apply_diff(cache_id, parent, Box::new(reader))
+            .map_err(|e| match e.class {
+                ErrorClass::Invalid => Error::Integrity(format!("layer {}: {}", blob.digest, e.message)),
+                _ => Error::Plugin(PluginError::new(e.class, format!("applying layer {}: {}", blob.digest, e.message))),
+            })?;
+        let (got, _) = state.finish();
+        if &got != want {
+            return Err(Error::Integrity(format!(
+                "layer {}: diffID mismatch: the image config says {want}, the content is {got}",
+                blob.digest
+            )));
+        }
+        Ok(size)
+    }
+
+    /// Removes staged driver layers after a failure.
+    fn discard(&self, staged: &[Staged]) {
+        for st in staged.iter().rev() {
+            let _ = self.driver.remove(&st.meta.cache_id);
+            self.store.unmark_staging(&st.meta.cache_id);
+        }
+    }
+
+    /// Makes the pull visible: layers, then the image, then its references.
+    fn commit(&self, reference: &Reference, staged: Vec<Staged>, config: &[u8], manifest_digest: &Digest) -> Result<()> {
+        let _lock = self.store.write_lock()?;
+        let res = (|| -> Result<Digest> {
+            for st in &staged {
+                if !self.store.layers.commit(&st.meta)? {
+                    // Another pull committed the same layer first: keep theirs.
+                    let _ = self.driver.remove(&st.meta.cache_id);
+                }
+                self.store.unmark_staging(&st.meta.cache_id);
+                self.store.layers.record_blob(&st.blob, &st.meta.diff_id, &reference.name())?;
+            }
+            let id = self.store.images.put(config)?;
+            self.store.images.touch(&id, &now_rfc3339())?;
+            if reference.tag.is_some() && reference.digest.is_none() {
+                self.store.refs.set(reference, &id)?;
+            }
+            self.store.refs.set(&reference.with_digest(manifest_digest.clone()), &id)?;
+            Ok(id)
+        })();
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Staged layers not yet committed go; committed ones are
+                // unreferenced and cleared by the next exclusive start.
+                for st in &staged {
+                    if !self.store.layers.exists(&st.meta.chain_id) {
+                        let _ = self.driver.remove(&st.meta.cache_id);
+                        self.store.unmark_staging(&st.meta.cache_id);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Downloads one blob to a spooled file, shared with any other pull of
+    /// this process that needs it at the same time.
+    fn download(&self, ep: &Endpoint, repo: &str, blob: &Blob) -> Result<Arc<Spooled>> {
+        let (slot, leader) = {
+            let mut m = self.downloads.inflight.lock().unwrap();
+            match m.get(&blob.digest).and_then(Weak::upgrade) {
+                Some(s) => (s, false),
+                None => {
+                    let s = Arc::new(Slot::default());
+                    m.insert(blob.digest.clone(), Arc::downgrade(&s));
+                    (s, true)
+                }
+            }
+        };
+        if leader {
+            let r = self.download_now(ep, repo, blob).map(Arc::new);
+            let shared = r.as_ref().map(Arc::clone).map_err(to_plugin_error);
+            *slot.done.lock().unwrap() = Some(shared);
+            slot.cv.notify_all();
+            self.downloads.inflight.lock().unwrap().remove(&blob.digest);
+            return r;
+        }
+        let mut g = slot.done.lock().unwrap();
+        loop {
+            if let Some(r) = g.as_ref() {
+                self.progress.layer(blob.digest.short(), Status::DownloadComplete, blob.size, blob.size);
+                return r.clone().map_err(Error::Plugin);
+            }
+            g = slot.cv.wait(g).unwrap();
+        }
+    }
+
+    fn download_now(&self, ep: &Endpoint, repo: &str, blob: &Blob) -> Result<Spooled> {
+        let short = blob.digest.short();
+        let spooled = Spooled {
+            path: self.store.blob_tmp().join(format!("{}-{}", blob.digest.hex(), &random_id()[..8])),
+        };
+        let mut file = File::create(&spooled.path).map_err(|e| Error::io("creating a download file", e))?;
+        let mut hasher = Sha256::new();
+        let mut got: u64 = 0;
+        let mut attempt = 0;
+        let mut wait = self.options.backoff;
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let failure: PluginError = match self.transport.open_blob(ep, repo, &blob.digest, got) {
+                Ok(mut stream) => loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) => break PluginError::new(ErrorClass::Internal, "end"),
+                        Ok(n) => {
+                            got += n as u64;
+                            if got > blob.size {
+                                return Err(Error::Integrity(format!(
+                                    "blob {}: registry sent more than the {} bytes the manifest declares",
+                                    blob.digest, blob.size
+                                )));
+                            }
+                            hasher.update(&buf[..n]);
+                            file.write_all(&buf[..n]).map_err(|e| Error::io("writing a download", e))?;
+                            self.progress.layer(short, Status::Downloading, got, blob.size);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => break PluginError::new(ErrorClass::Transient, format!("reading blob {}: {e}", blob.digest)),
+                    }
+                },
+                Err(e) if e.class == ErrorClass::Unsupported && got > 0 => {
+                    // The registry cannot resume: start over.
+                    got = 0;
+                    hasher = Sha256::new();
+                    file.set_len(0).map_err(|e| Error::io("truncating a download", e))?;
+                    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))
+                        .map_err(|e| Error::io("rewinding a download", e))?;
+                    e
+                }
+                Err(e) => e,
+            };
+            if failure.class == ErrorClass::Internal && failure.message == "end" {
+                break;
+            }
+            if !(failure.is_transient() || failure.class == ErrorClass::Unsupported) || attempt >= self.options.retries {
+                return Err(Error::Plugin(failure));
+            }
+            attempt += 1;
+            self.progress.layer(short, Status::Retrying, got, blob.size);
+            std::thread::sleep(wait);
+            wait *= 2;
+        }
+        self.progress.layer(short, Status::VerifyingChecksum, got, blob.size);
+        check_blob(blob, got, &Digest::from_hasher(hasher))?;
+        file.sync_data().ok();
+        self.progress.layer(short, Status::DownloadComplete, got, blob.size);
+        Ok(spooled)
+    }
+}
+
+fn to_plugin_error(e: &Error) -> PluginError {
+    PluginError::new(e.class(), e.to_string())
+}
+
+fn check_blob(blob: &Blob, size: u64, digest: &Digest) -> Result<()> {
+    if size != blob.size {
+        return Err(Error::Integrity(format!(
+            "blob {}: size mismatch: the manifest says {} bytes, got {size}",
+            blob.digest, blob.size
+        )));
+    }
+    if digest != &blob.digest {
+        return Err(Error::Integrity(format!("blob {}: digest mismatch: the content is {digest}", blob.digest)));
+    }
+    Ok(())
+}
+
+/// Wraps a decompressed layer so that it cannot write more than `limit`
+/// bytes: the bound on a decompression bomb.
+pub fn bounded(r: Box<dyn Read + Send>, limit: u64) -> Box<dyn Read + Send> {
+    Box::new(LimitedReader::new(r, limit, "layer"))
+}
+
+/// The current time as RFC 3339 in UTC with nanoseconds, like Docker writes.
+pub fn now_rfc3339() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(d.as_secs() as i64, d.subsec_nanos())
+}
+
+/// Formats a Unix time as RFC 3339 UTC.
+pub fn rfc3339(secs: i64, nanos: u32) -> String {
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(rfc3339(1_700_000_000, 5), "2023-11-14T22:13:20.000000005Z");
+    }
+}

@@ -1,0 +1,143 @@
+//! The layer store: one directory per chainID under `layerdb/sha256/`,
+//! committed by renaming a complete directory into place.
+
+use super::fs::{list_names, mkdir_private, random_id, read_text};
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// The metadata of one committed layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerMeta {
+    pub chain_id: Digest,
+    pub diff_id: Digest,
+    pub parent: Option<Digest>,
+    /// The driver's id for the layer's directory.
+    pub cache_id: String,
+    /// Size of the layer's content.
+    pub size: u64,
+}
+
+pub struct LayerStore {
+    dir: PathBuf,
+    tmp: PathBuf,
+    dist: PathBuf,
+}
+
+impl LayerStore {
+    pub(super) fn open(image_dir: &Path) -> Result<LayerStore> {
+        let s = LayerStore {
+            dir: image_dir.join("layerdb/sha256"),
+            tmp: image_dir.join("layerdb/tmp"),
+            dist: image_dir.join("distribution"),
+        };
+        for d in [&s.dir, &s.tmp, &s.dist.join("diffid-by-digest/sha256"), &s.dist.join("v2metadata-by-diffid/sha256")] {
+            mkdir_private(d)?;
+        }
+        Ok(s)
+    }
+
+    fn path(&self, chain: &Digest) -> PathBuf {
+        self.dir.join(chain.hex())
+    }
+
+    pub fn exists(&self, chain: &Digest) -> bool {
+        self.path(chain).join("cache-id").is_file()
+    }
+
+    pub fn get(&self, chain: &Digest) -> Result<Option<LayerMeta>> {
+        let p = self.path(chain);
+        if !p.is_dir() {
+            return Ok(None);
+        }
+        let parent = match fs::read_to_string(p.join("parent")) {
+            Ok(s) => Some(s.trim().parse()?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io("reading layer parent", e)),
+        };
+        Ok(Some(LayerMeta {
+            chain_id: chain.clone(),
+            diff_id: read_text(&p.join("diff"))?.parse()?,
+            parent,
+            cache_id: read_text(&p.join("cache-id"))?,
+            size: read_text(&p.join("size"))?
+                .parse()
+                .map_err(|_| Error::Integrity(format!("layer {chain}: bad size file")))?,
+        }))
+    }
+
+    /// All chainIDs present.
+    pub fn list(&self) -> Result<Vec<Digest>> {
+        Ok(list_names(&self.dir)?
+            .into_iter()
+            .filter_map(|n| format!("sha256:{n}").parse().ok())
+            .collect())
+    }
+
+    /// Commits `meta` atomically. Returns false if the layer already existed.
+    pub fn commit(&self, meta: &LayerMeta) -> Result<bool> {
+        let final_path = self.path(&meta.chain_id);
+        if final_path.exists() {
+            return Ok(false);
+        }
+        let ws = self.tmp.join(format!("write-set-{}", random_id()));
+        let res = (|| -> std::io::Result<()> {
+            fs::create_dir(&ws)?;
+            fs::write(ws.join("diff"), meta.diff_id.as_str())?;
+            fs::write(ws.join("size"), meta.size.to_string())?;
+            fs::write(ws.join("cache-id"), &meta.cache_id)?;
+            if let Some(p) = &meta.parent {
+                fs::write(ws.join("parent"), p.as_str())?;
+            }
+            for f in ["diff", "size", "cache-id"] {
+                fs::File::open(ws.join(f))?.sync_all()?;
+            }
+            fs::rename(&ws, &final_path)?;
+            fs::File::open(&self.dir)?.sync_all()
+        })();
+        if res.is_err() {
+            let _ = fs::remove_dir_all(&ws);
+        }
+        res.ctx(format!("committing layer {}", meta.chain_id))?;
+        Ok(true)
+    }
+
+    /// Removes a layer's metadata (the driver's data is the caller's job).
+    pub fn delete(&self, chain: &Digest) -> Result<()> {
+        let p = self.path(chain);
+        let doomed = self.tmp.join(format!("remove-{}", random_id()));
+        fs::rename(&p, &doomed).ctx(format!("removing layer {chain}"))?;
+        fs::remove_dir_all(&doomed).ctx(format!("removing layer {chain}"))
+    }
+
+    /// Clears half-written write sets a crash left behind.
+    pub fn clear_tmp(&self) -> Result<Vec<String>> {
+        let names = list_names(&self.tmp)?;
+        for n in &names {
+            let _ = fs::remove_dir_all(self.tmp.join(n));
+        }
+        Ok(names)
+    }
+
+    /// Records which blob digest gave which diffID (Docker's distribution
+    /// metadata), so later pulls and pushes can skip work.
+    pub fn record_blob(&self, blob: &Digest, diff_id: &Digest, repository: &str) -> Result<()> {
+        super::write_atomic(
+            &self.dist.join("diffid-by-digest/sha256").join(blob.hex()),
+            diff_id.as_str().as_bytes(),
+        )?;
+        let meta = serde_json::json!([{ "Digest": blob, "SourceRepository": repository, "HMAC": "" }]);
+        super::write_atomic(
+            &self.dist.join("v2metadata-by-diffid/sha256").join(diff_id.hex()),
+            meta.to_string().as_bytes(),
+        )
+    }
+
+    /// The diffID a blob digest is known to give, if recorded.
+    pub fn diff_id_of_blob(&self, blob: &Digest) -> Option<Digest> {
+        read_text(&self.dist.join("diffid-by-digest/sha256").join(blob.hex()))
+            .ok()
+            .and_then(|s| s.parse().ok())
+    }
+}

@@ -1,0 +1,144 @@
+//! The on-disk store, laid out like Docker's data root so operators
+//! recognise it:
+//!
+//! ```text
+//! <root>/image/<driver>/imagedb/content/sha256/<id>      image configs (ID = digest)
+//! <root>/image/<driver>/imagedb/metadata/sha256/<id>/    lastUpdated
+//! <root>/image/<driver>/layerdb/sha256/<chainID>/        diff, size, cache-id, parent
+//! <root>/image/<driver>/distribution/                    blob digest <-> diffID
+//! <root>/image/<driver>/repositories.json                tags and digests
+//! <root>/<driver>/                                       the driver's home
+//! <root>/tmp/                                            downloads and staging markers
+//! ```
+//!
+//! Every record is written to a temporary name and renamed into place, so a
+//! crash leaves either the old or the new state. Images become visible only
+//! after all their layers are committed, and references only after their
+//! image. Directories are created 0700. The store never writes outside root.
+
+mod fs;
+mod image;
+mod layer;
+mod refs;
+
+pub use fs::{random_id, write_atomic};
+pub use image::ImageStore;
+pub use layer::{LayerMeta, LayerStore};
+pub use refs::RefStore;
+
+use crate::error::{IoContext, Result};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Handle to one store root for one graph driver.
+pub struct Store {
+    root: PathBuf,
+    driver: String,
+    pub layers: LayerStore,
+    pub images: ImageStore,
+    pub refs: RefStore,
+    _process_lock: File,
+}
+
+/// Held while a store is being changed (register, tag, remove): serialises
+/// writers across processes.
+pub struct WriteLock(#[allow(dead_code)] File);
+
+impl Store {
+    /// Opens (creating if need be) the store at `root` for `driver`.
+    /// Returns the store and whether this process is the only one using it,
+    /// in which case leftovers of a crash may be cleared.
+    pub fn open(root: &Path, driver: &str) -> Result<(Store, bool)> {
+        fs::mkdir_private(root)?;
+        let root = root.canonicalize().ctx(format!("resolving {}", root.display()))?;
+        let image_dir = root.join("image").join(driver);
+        for d in [root.join("tmp"), root.join("tmp/staging"), root.join("tmp/blobs"), image_dir.clone()] {
+            fs::mkdir_private(&d)?;
+        }
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join(".gantry.lock"))
+            .ctx("opening the store lock")?;
+        // Exclusive if nobody else is here; then downgrade to shared.
+        let alone = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok();
+        if !alone {
+            rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared)
+                .map_err(|e| crate::Error::io("locking the store", e.into()))?;
+        }
+        let store = Store {
+            layers: LayerStore::open(&image_dir)?,
+            images: ImageStore::open(&image_dir)?,
+            refs: RefStore::new(image_dir.join("repositories.json")),
+            root,
+            driver: driver.to_string(),
+            _process_lock: lock,
+        };
+        Ok((store, alone))
+    }
+
+    /// Downgrades this process's hold on the store to shared, letting other
+    /// processes in after start-up cleaning.
+    pub fn share(&self) -> Result<()> {
+        rustix::fs::flock(&self._process_lock, rustix::fs::FlockOperation::LockShared)
+            .map_err(|e| crate::Error::io("locking the store", e.into()))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn driver_name(&self) -> &str {
+        &self.driver
+    }
+
+    /// The driver's home directory.
+    pub fn driver_home(&self) -> PathBuf {
+        self.root.join(&self.driver)
+    }
+
+    /// Where downloads are spooled.
+    pub fn blob_tmp(&self) -> PathBuf {
+        self.root.join("tmp/blobs")
+    }
+
+    /// Takes the cross-process write lock.
+    pub fn write_lock(&self) -> Result<WriteLock> {
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("image").join(&self.driver).join(".write.lock"))
+            .ctx("opening the write lock")?;
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| crate::Error::io("taking the write lock", e.into()))?;
+        Ok(WriteLock(f))
+    }
+
+    /// Records that driver layer `cache_id` is being staged, so a crash
+    /// before it is committed leaves a trace the next start clears.
+    pub fn mark_staging(&self, cache_id: &str) -> Result<()> {
+        File::create(self.root.join("tmp/staging").join(cache_id)).ctx("marking a staging layer")?;
+        Ok(())
+    }
+
+    pub fn unmark_staging(&self, cache_id: &str) {
+        let _ = std::fs::remove_file(self.root.join("tmp/staging").join(cache_id));
+    }
+
+    /// Driver layers whose staging never finished (left by a crash).
+    pub fn staging_leftovers(&self) -> Result<Vec<String>> {
+        fs::list_names(&self.root.join("tmp/staging"))
+    }
+
+    /// Removes spooled downloads left by a crash. Only safe when alone.
+    pub fn clear_tmp_blobs(&self) -> Result<Vec<String>> {
+        let dir = self.blob_tmp();
+        let names = fs::list_names(&dir)?;
+        for n in &names {
+            let _ = std::fs::remove_file(dir.join(n));
+        }
+        Ok(names)
+    }
+}

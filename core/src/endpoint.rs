@@ -27,14 +27,19 @@ pub type Registries = BTreeMap<String, RegistryConfig>;
 pub fn is_loopback(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');
     h == "localhost"
-        || h.parse::<std::net::Ipv4Addr>().is_ok_and(|a| a.is_loopback())
-        || h.parse::<std::net::Ipv6Addr>().is_ok_and(|a| a.is_loopback())
+        || h.parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| a.is_loopback())
+        || h.parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|a| a.is_loopback())
 }
 
 /// Splits `host[:port]` into the host part.
 pub fn host_of(domain: &str) -> &str {
     if domain.starts_with('[') {
-        return domain.split_once(']').map(|(h, _)| &h[1..]).unwrap_or(domain);
+        return domain
+            .split_once(']')
+            .map(|(h, _)| &h[1..])
+            .unwrap_or(domain);
     }
     domain.rsplit_once(':').map(|(h, _)| h).unwrap_or(domain)
 }
@@ -90,13 +95,25 @@ mod tests {
                 insecure: false,
             },
         );
-        let urls: Vec<_> = pull_endpoints("docker.io", &regs).into_iter().map(|e| (e.url, e.mirror)).collect();
+        let urls: Vec<_> = pull_endpoints("docker.io", &regs)
+            .into_iter()
+            .map(|e| (e.url, e.mirror))
+            .collect();
         assert_eq!(
             urls,
-            vec![("http://127.0.0.1:5001".into(), true), ("https://registry-1.docker.io".into(), false)]
+            vec![
+                ("http://127.0.0.1:5001".into(), true),
+                ("https://registry-1.docker.io".into(), false)
+            ]
         );
-        let urls: Vec<_> = pull_endpoints("127.0.0.1:5000", &regs).into_iter().map(|e| e.url).collect();
-        assert_eq!(urls, vec!["https://127.0.0.1:5000", "http://127.0.0.1:5000"]);
+        let urls: Vec<_> = pull_endpoints("127.0.0.1:5000", &regs)
+            .into_iter()
+            .map(|e| e.url)
+            .collect();
+        assert_eq!(
+            urls,
+            vec!["https://127.0.0.1:5000", "http://127.0.0.1:5000"]
+        );
         assert_eq!(pull_endpoints("quay.io", &regs).len(), 1);
         assert!(is_loopback("127.8.0.1") && is_loopback("[::1]") && !is_loopback("10.0.0.1"));
     }

@@ -51,7 +51,9 @@ pub fn tag(store: &Store, source: &str, target: &str) -> Result<()> {
     let id = lookup(store, source)?;
     let r = Reference::parse(target)?;
     if r.digest.is_some() {
-        return Err(Error::InvalidReference(format!("{target:?}: refusing to create a tag with a digest reference")));
+        return Err(Error::InvalidReference(format!(
+            "{target:?}: refusing to create a tag with a digest reference"
+        )));
     }
     let _lock = store.write_lock()?;
     store.refs.set(&r, &id)?;
@@ -60,10 +62,17 @@ pub fn tag(store: &Store, source: &str, target: &str) -> Result<()> {
 
 /// Removes a reference, or an image by ID. Returns Docker's report lines
 /// (`Untagged: …`, `Deleted: …`).
-pub fn remove(store: &Store, driver: &dyn GraphDriver, s: &str, force: bool) -> Result<Vec<String>> {
+pub fn remove(
+    store: &Store,
+    driver: &dyn GraphDriver,
+    s: &str,
+    force: bool,
+) -> Result<Vec<String>> {
     let _lock = store.write_lock()?;
     let mut out = Vec::new();
-    let by_ref = Reference::parse(s).ok().and_then(|r| store.refs.get(&r).ok().flatten().map(|id| (r, id)));
+    let by_ref = Reference::parse(s)
+        .ok()
+        .and_then(|r| store.refs.get(&r).ok().flatten().map(|id| (r, id)));
     let id = match by_ref {
         Some((r, id)) => {
             store.refs.remove(&r)?;

@@ -63,7 +63,8 @@ fn blob(d: &oci_spec::image::Descriptor) -> Result<Blob> {
         .to_string()
         .parse()
         .map_err(|e: Error| Error::InvalidManifest(format!("manifest descriptor: {e}")))?;
-    let size = u64::try_from(d.size()).map_err(|_| Error::InvalidManifest("negative blob size".into()))?;
+    let size =
+        u64::try_from(d.size()).map_err(|_| Error::InvalidManifest("negative blob size".into()))?;
     Ok(Blob {
         digest,
         size,
@@ -73,13 +74,15 @@ fn blob(d: &oci_spec::image::Descriptor) -> Result<Blob> {
 
 fn layer_compression(media_type: &str) -> Result<Compression> {
     Ok(match media_type {
-        "application/vnd.docker.image.rootfs.diff.tar.gzip" | "application/vnd.oci.image.layer.v1.tar+gzip" => {
-            Compression::Gzip
-        }
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        | "application/vnd.oci.image.layer.v1.tar+gzip" => Compression::Gzip,
         "application/vnd.oci.image.layer.v1.tar+zstd" => Compression::Zstd,
-        "application/vnd.oci.image.layer.v1.tar" | "application/vnd.docker.image.rootfs.diff.tar" => Compression::None,
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.docker.image.rootfs.diff.tar" => Compression::None,
         other => {
-            return Err(Error::InvalidManifest(format!("unsupported layer media type {other:?}")));
+            return Err(Error::InvalidManifest(format!(
+                "unsupported layer media type {other:?}"
+            )));
         }
     })
 }
@@ -88,16 +91,22 @@ fn layer_compression(media_type: &str) -> Result<Compression> {
 /// the document's own `mediaType` field).
 pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
     if bytes.len() > MAX_MANIFEST_BYTES {
-        return Err(Error::InvalidManifest("manifest is larger than 4 MiB".into()));
+        return Err(Error::InvalidManifest(
+            "manifest is larger than 4 MiB".into(),
+        ));
     }
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| Error::InvalidManifest(format!("manifest is not valid JSON: {e}")))?;
-    let inner = value.get("mediaType").and_then(|m| m.as_str()).unwrap_or("");
-    let media_type = if declared.is_empty() || declared == "application/json" || declared == "text/plain" {
-        inner
-    } else {
-        declared
-    };
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| Error::InvalidManifest(format!("manifest is not valid JSON: {e}")))?;
+    let inner = value
+        .get("mediaType")
+        .and_then(|m| m.as_str())
+        .unwrap_or("");
+    let media_type =
+        if declared.is_empty() || declared == "application/json" || declared == "text/plain" {
+            inner
+        } else {
+            declared
+        };
     let media_type = if media_type.is_empty() {
         // OCI allows an absent mediaType: tell by shape.
         if value.get("manifests").is_some() {
@@ -118,11 +127,16 @@ pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
             let m: oci_spec::image::ImageManifest = serde_json::from_value(value)
                 .map_err(|e| Error::InvalidManifest(format!("invalid image manifest: {e}")))?;
             if m.schema_version() != 2 {
-                return Err(Error::InvalidManifest(format!("unsupported schemaVersion {}", m.schema_version())));
+                return Err(Error::InvalidManifest(format!(
+                    "unsupported schemaVersion {}",
+                    m.schema_version()
+                )));
             }
             let config = blob(m.config())?;
             if config.size > MAX_CONFIG_BYTES {
-                return Err(Error::InvalidManifest("image config is larger than 8 MiB".into()));
+                return Err(Error::InvalidManifest(
+                    "image config is larger than 8 MiB".into(),
+                ));
             }
             let layers = m
                 .layers()
@@ -147,16 +161,23 @@ pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
             for d in idx.manifests() {
                 let b = blob(d)?;
                 if let Some(p) = d.platform() {
-                    out.push((b, p.os().to_string(), p.architecture().to_string(), p.variant().clone()));
+                    out.push((
+                        b,
+                        p.os().to_string(),
+                        p.architecture().to_string(),
+                        p.variant().clone(),
+                    ));
                 }
             }
             Ok(Parsed::List(out))
         }
         "application/vnd.docker.distribution.manifest.v1+json"
-        | "application/vnd.docker.distribution.manifest.v1+prettyjws" => Err(Error::InvalidManifest(
-            "Docker image manifest schema 1 is not supported".into(),
-        )),
-        other => Err(Error::InvalidManifest(format!("unsupported manifest media type {other:?}"))),
+        | "application/vnd.docker.distribution.manifest.v1+prettyjws" => Err(
+            Error::InvalidManifest("Docker image manifest schema 1 is not supported".into()),
+        ),
+        other => Err(Error::InvalidManifest(format!(
+            "unsupported manifest media type {other:?}"
+        ))),
     }
 }
 
@@ -187,13 +208,15 @@ pub struct ImageConfig {
 
 impl ImageConfig {
     pub fn parse(bytes: &[u8]) -> Result<ImageConfig> {
-        let raw: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| Error::InvalidManifest(format!("image config is not valid JSON: {e}")))?;
+        let raw: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|e| Error::InvalidManifest(format!("image config is not valid JSON: {e}")))?;
         let rootfs = raw
             .get("rootfs")
             .ok_or_else(|| Error::InvalidManifest("image config has no rootfs".into()))?;
         if rootfs.get("type").and_then(|t| t.as_str()) != Some("layers") {
-            return Err(Error::InvalidManifest("image config rootfs type is not \"layers\"".into()));
+            return Err(Error::InvalidManifest(
+                "image config rootfs type is not \"layers\"".into(),
+            ));
         }
         let diff_ids = rootfs
             .get("diff_ids")
@@ -206,12 +229,20 @@ impl ImageConfig {
                     .parse::<Digest>()
             })
             .collect::<Result<Vec<_>>>()?;
-        let s = |k: &str| raw.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let s = |k: &str| {
+            raw.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
         Ok(ImageConfig {
             diff_ids,
             os: s("os"),
             architecture: s("architecture"),
-            variant: raw.get("variant").and_then(|v| v.as_str()).map(str::to_string),
+            variant: raw
+                .get("variant")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
             raw,
         })
     }
@@ -235,8 +266,11 @@ mod tests {
 
     #[test]
     fn parses_oci_manifest() {
-        let Parsed::Image(m) = parse(OCI_MANIFEST, &manifest("application/vnd.oci.image.layer.v1.tar+zstd")).unwrap()
-        else {
+        let Parsed::Image(m) = parse(
+            OCI_MANIFEST,
+            &manifest("application/vnd.oci.image.layer.v1.tar+zstd"),
+        )
+        .unwrap() else {
             panic!("expected an image manifest")
         };
         assert_eq!(m.layers[0].compression, Compression::Zstd);
@@ -246,7 +280,11 @@ mod tests {
     #[test]
     fn refuses_unknown_layer_type_and_mismatched_type() {
         assert!(parse(OCI_MANIFEST, &manifest("application/x-evil")).is_err());
-        assert!(parse(DOCKER_MANIFEST, &manifest("application/vnd.oci.image.layer.v1.tar")).is_err());
+        assert!(parse(
+            DOCKER_MANIFEST,
+            &manifest("application/vnd.oci.image.layer.v1.tar")
+        )
+        .is_err());
         assert!(parse(OCI_MANIFEST, &vec![b' '; MAX_MANIFEST_BYTES + 1]).is_err());
     }
 }

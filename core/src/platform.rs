@@ -5,12 +5,25 @@ use crate::error::{Error, Result};
 use std::fmt;
 
 const KNOWN_OS: &[&str] = &[
-    "linux", "windows", "darwin", "freebsd", "netbsd", "openbsd", "solaris", "illumos", "aix", "plan9", "android",
-    "ios", "dragonfly", "js", "wasip1",
+    "linux",
+    "windows",
+    "darwin",
+    "freebsd",
+    "netbsd",
+    "openbsd",
+    "solaris",
+    "illumos",
+    "aix",
+    "plan9",
+    "android",
+    "ios",
+    "dragonfly",
+    "js",
+    "wasip1",
 ];
 const KNOWN_ARCH: &[&str] = &[
-    "amd64", "386", "arm", "arm64", "ppc64le", "ppc64", "s390x", "riscv64", "mips", "mipsle", "mips64", "mips64le",
-    "loong64", "wasm",
+    "amd64", "386", "arm", "arm64", "ppc64le", "ppc64", "s390x", "riscv64", "mips", "mipsle",
+    "mips64", "mips64le", "loong64", "wasm",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,9 +113,18 @@ mod tests {
 
     #[test]
     fn parses_and_rejects() {
-        assert_eq!(Platform::parse("linux/amd64").unwrap().to_string(), "linux/amd64");
-        assert_eq!(Platform::parse("linux/aarch64").unwrap().to_string(), "linux/arm64/v8");
-        assert_eq!(Platform::parse("linux/arm/v7").unwrap().to_string(), "linux/arm/v7");
+        assert_eq!(
+            Platform::parse("linux/amd64").unwrap().to_string(),
+            "linux/amd64"
+        );
+        assert_eq!(
+            Platform::parse("linux/aarch64").unwrap().to_string(),
+            "linux/arm64/v8"
+        );
+        assert_eq!(
+            Platform::parse("linux/arm/v7").unwrap().to_string(),
+            "linux/arm/v7"
+        );
         assert!(Platform::parse("linux").is_err());
         assert!(Platform::parse("plan10/amd64").is_err());
         assert!(Platform::parse("linux/z80").is_err());

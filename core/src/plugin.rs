@@ -47,11 +47,21 @@ pub trait Transport: Send + Sync {
     /// Checks the endpoint speaks this protocol; returns "v2" or "v1".
     fn probe(&self, ep: &Endpoint) -> Result<String, PluginError>;
     /// Resolves a tag or digest in `repository`. The caller verifies digests.
-    fn resolve(&self, ep: &Endpoint, repository: &str, reference: &str, accept: &[&str])
-        -> Result<Resolved, PluginError>;
+    fn resolve(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        reference: &str,
+        accept: &[&str],
+    ) -> Result<Resolved, PluginError>;
     /// Opens a blob from byte `offset`. The caller verifies digest and size.
-    fn open_blob(&self, ep: &Endpoint, repository: &str, digest: &Digest, offset: u64)
-        -> Result<ByteStream, PluginError>;
+    fn open_blob(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<ByteStream, PluginError>;
     /// Lists the tags of `repository`.
     fn list_tags(&self, ep: &Endpoint, repository: &str) -> Result<Vec<String>, PluginError>;
 }
@@ -69,7 +79,12 @@ pub trait GraphDriver: Send + Sync {
     fn put(&self, id: &str) -> Result<(), PluginError>;
     /// Applies a tar stream to `id`, reading it to its end. Returns the size
     /// of the content written. The caller verifies the diffID of the stream.
-    fn apply_diff(&self, id: &str, parent: Option<&str>, diff: ByteStream) -> Result<u64, PluginError>;
+    fn apply_diff(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+        diff: ByteStream,
+    ) -> Result<u64, PluginError>;
     /// The tar of what `id` changed relative to `parent`.
     fn diff(&self, id: &str, parent: Option<&str>) -> Result<ByteStream, PluginError>;
     fn status(&self) -> Result<Vec<(String, String)>, PluginError>;

@@ -153,7 +153,10 @@ impl Puller<'_> {
             match self.pull_from(&ep, reference) {
                 Ok(o) => return Ok(o),
                 Err(Error::Plugin(e)) if e.allows_fallback(ep.mirror) => {
-                    last = Some(Error::Plugin(PluginError::new(e.class, format!("{}: {}", ep.url, e.message))));
+                    last = Some(Error::Plugin(PluginError::new(
+                        e.class,
+                        format!("{}: {}", ep.url, e.message),
+                    )));
                 }
                 Err(e) => return Err(e),
             }
@@ -161,7 +164,10 @@ impl Puller<'_> {
         Err(last.unwrap_or_else(|| Error::Config(format!("no endpoint for {}", reference.domain))))
     }
 
-    fn retrying<T>(&self, mut f: impl FnMut() -> std::result::Result<T, PluginError>) -> std::result::Result<T, PluginError> {
+    fn retrying<T>(
+        &self,
+        mut f: impl FnMut() -> std::result::Result<T, PluginError>,
+    ) -> std::result::Result<T, PluginError> {
         let mut wait = self.options.backoff;
         let mut attempt = 0;
         loop {
@@ -177,7 +183,10 @@ impl Puller<'_> {
     }
 
     fn resolve(&self, ep: &Endpoint, repo: &str, reference: &str) -> Result<(Parsed, Digest)> {
-        let resolved = self.retrying(|| self.transport.resolve(ep, repo, reference, manifest::ACCEPT))?;
+        let resolved = self.retrying(|| {
+            self.transport
+                .resolve(ep, repo, reference, manifest::ACCEPT)
+        })?;
         let Resolved::Manifest {
             media_type,
             claimed_digest,
@@ -190,12 +199,16 @@ impl Puller<'_> {
             )));
         };
         if bytes.len() > manifest::MAX_MANIFEST_BYTES {
-            return Err(Error::InvalidManifest("manifest is larger than 4 MiB".into()));
+            return Err(Error::InvalidManifest(
+                "manifest is larger than 4 MiB".into(),
+            ));
         }
         let digest = Digest::of(&bytes);
         if let Ok(want) = reference.parse::<Digest>() {
             if want != digest {
-                return Err(Error::Integrity(format!("manifest digest mismatch: expected {want}, got {digest}")));
+                return Err(Error::Integrity(format!(
+                    "manifest digest mismatch: expected {want}, got {digest}"
+                )));
             }
         }
         if let Some(claimed) = claimed_digest {
@@ -211,7 +224,8 @@ impl Puller<'_> {
     fn pull_from(&self, ep: &Endpoint, reference: &Reference) -> Result<PullOutcome> {
         let repo = &reference.path;
         let tag_or_digest = reference.registry_reference();
-        self.progress.line(&format!("{}: Pulling from {}", tag_or_digest, repo));
+        self.progress
+            .line(&format!("{}: Pulling from {}", tag_or_digest, repo));
         let (parsed, mut manifest_digest) = self.resolve(ep, repo, &tag_or_digest)?;
         let want_platform = self.options.platform.clone().unwrap_or_else(Platform::host);
         let image = match parsed {
@@ -224,7 +238,9 @@ impl Puller<'_> {
                 match parsed {
                     Parsed::Image(m) => m,
                     Parsed::List(_) => {
-                        return Err(Error::InvalidManifest("a manifest list points at another list".into()));
+                        return Err(Error::InvalidManifest(
+                            "a manifest list points at another list".into(),
+                        ));
                     }
                 }
             }
@@ -254,7 +270,8 @@ impl Puller<'_> {
         let mut missing = Vec::new();
         for (i, l) in image.layers.iter().enumerate() {
             if self.store.layers.exists(&chain_ids[i]) {
-                self.progress.layer(l.blob.digest.short(), Status::AlreadyExists, 0, 0);
+                self.progress
+                    .layer(l.blob.digest.short(), Status::AlreadyExists, 0, 0);
             } else {
                 missing.push(i);
             }
@@ -273,7 +290,9 @@ impl Puller<'_> {
     /// Fetches a small blob (an image config) into memory, verified.
     fn fetch_small(&self, ep: &Endpoint, repo: &str, blob: &Blob) -> Result<Vec<u8>> {
         if blob.size > manifest::MAX_CONFIG_BYTES {
-            return Err(Error::InvalidManifest("image config is larger than 8 MiB".into()));
+            return Err(Error::InvalidManifest(
+                "image config is larger than 8 MiB".into(),
+            ));
         }
         let bytes = self.retrying(|| {
             let mut s = self.transport.open_blob(ep, repo, &blob.digest, 0)?;
@@ -281,7 +300,12 @@ impl Puller<'_> {
             s.by_ref()
                 .take(blob.size + 1)
                 .read_to_end(&mut buf)
-                .map_err(|e| PluginError::new(ErrorClass::Transient, format!("reading {}: {e}", blob.digest)))?;
+                .map_err(|e| {
+                    PluginError::new(
+                        ErrorClass::Transient,
+                        format!("reading {}: {e}", blob.digest),
+                    )
+                })?;
             Ok(buf)
         })?;
         check_blob(blob, bytes.len() as u64, &Digest::of(&bytes))?;
@@ -302,19 +326,30 @@ impl Puller<'_> {
             return Ok(staged);
         }
         for &i in missing {
-            self.progress.layer(image.layers[i].blob.digest.short(), Status::Waiting, 0, image.layers[i].blob.size);
+            self.progress.layer(
+                image.layers[i].blob.digest.short(),
+                Status::Waiting,
+                0,
+                image.layers[i].blob.size,
+            );
         }
-        let results: Vec<Mutex<Option<Result<Arc<Spooled>>>>> = missing.iter().map(|_| Mutex::new(None)).collect();
+        let results: Vec<Mutex<Option<Result<Arc<Spooled>>>>> =
+            missing.iter().map(|_| Mutex::new(None)).collect();
         let ready = Condvar::new();
         let next = Mutex::new(0usize);
         let cancelled = std::sync::atomic::AtomicBool::new(false);
-        let workers = self.options.max_concurrent_downloads.clamp(1, missing.len());
+        let workers = self
+            .options
+            .max_concurrent_downloads
+            .clamp(1, missing.len());
         let outcome = std::thread::scope(|s| {
             for _ in 0..workers {
                 s.spawn(|| loop {
                     let k = {
                         let mut n = next.lock().unwrap();
-                        if *n >= missing.len() || cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+                        if *n >= missing.len()
+                            || cancelled.load(std::sync::atomic::Ordering::Relaxed)
+                        {
                             return;
                         }
                         *n += 1;
@@ -336,17 +371,24 @@ impl Puller<'_> {
                             g = ready.wait(g).unwrap();
                         }
                     };
-                    let parent = if i == 0 { None } else { Some(&chain_ids[i - 1]) };
+                    let parent = if i == 0 {
+                        None
+                    } else {
+                        Some(&chain_ids[i - 1])
+                    };
                     let parent_cache = match parent {
                         None => None,
                         Some(p) => Some(match staged.iter().find(|st| &st.meta.chain_id == p) {
                             Some(st) => st.meta.cache_id.clone(),
-                            None => self
-                                .store
-                                .layers
-                                .get(p)?
-                                .ok_or_else(|| Error::Integrity(format!("parent layer {p} vanished")))?
-                                .cache_id,
+                            None => {
+                                self.store
+                                    .layers
+                                    .get(p)?
+                                    .ok_or_else(|| {
+                                        Error::Integrity(format!("parent layer {p} vanished"))
+                                    })?
+                                    .cache_id
+                            }
                         }),
                     };
                     let blob = &image.layers[i].blob;
@@ -364,10 +406,22 @@ impl Puller<'_> {
                         meta,
                         blob: blob.digest.clone(),
                     });
-                    self.progress.layer(blob.digest.short(), Status::Extracting, 0, blob.size);
-                    let size = self.apply(&spooled, blob, &config.diff_ids[i], &cache_id, parent_cache.as_deref())?;
+                    self.progress
+                        .layer(blob.digest.short(), Status::Extracting, 0, blob.size);
+                    let size = self.apply(
+                        &spooled,
+                        blob,
+                        &config.diff_ids[i],
+                        &cache_id,
+                        parent_cache.as_deref(),
+                    )?;
                     staged.last_mut().expect("just pushed").meta.size = size;
-                    self.progress.layer(blob.digest.short(), Status::PullComplete, blob.size, blob.size);
+                    self.progress.layer(
+                        blob.digest.short(),
+                        Status::PullComplete,
+                        blob.size,
+                        blob.size,
+                    );
                 }
                 Ok(())
             })();
@@ -383,17 +437,31 @@ impl Puller<'_> {
         Ok(staged)
     }
 
-    fn apply(&self, spooled: &Spooled, blob: &Blob, want: &Digest, cache_id: &str, parent: Option<&str>) -> Result<u64> {
+    fn apply(
+        &self,
+        spooled: &Spooled,
+        blob: &Blob,
+        want: &Digest,
+        cache_id: &str,
+        parent: Option<&str>,
+    ) -> Result<u64> {
         self.driver.create(cache_id, parent)?;
-        let file = File::open(&spooled.path).map_err(|e| Error::io("opening a downloaded layer", e))?;
-        let inflated = decompress(file).map_err(|e| Error::Integrity(format!("layer {}: {e}", blob.digest)))?;
+        let file =
+            File::open(&spooled.path).map_err(|e| Error::io("opening a downloaded layer", e))?;
+        let inflated = decompress(file)
+            .map_err(|e| Error::Integrity(format!("layer {}: {e}", blob.digest)))?;
         let (reader, state) = HashingReader::new(inflated);
         let size = self
             .driver
             .apply_diff(cache_id, parent, Box::new(reader))
             .map_err(|e| match e.class {
-                ErrorClass::Invalid => Error::Integrity(format!("layer {}: {}", blob.digest, e.message)),
-                _ => Error::Plugin(PluginError::new(e.class, format!("applying layer {}: {}", blob.digest, e.message))),
+                ErrorClass::Invalid => {
+                    Error::Integrity(format!("layer {}: {}", blob.digest, e.message))
+                }
+                _ => Error::Plugin(PluginError::new(
+                    e.class,
+                    format!("applying layer {}: {}", blob.digest, e.message),
+                )),
             })?;
         let (got, _) = state.finish();
         if &got != want {
@@ -414,7 +482,13 @@ impl Puller<'_> {
     }
 
     /// Makes the pull visible: layers, then the image, then its references.
-    fn commit(&self, reference: &Reference, staged: Vec<Staged>, config: &[u8], manifest_digest: &Digest) -> Result<()> {
+    fn commit(
+        &self,
+        reference: &Reference,
+        staged: Vec<Staged>,
+        config: &[u8],
+        manifest_digest: &Digest,
+    ) -> Result<()> {
         let _lock = self.store.write_lock()?;
         let res = (|| -> Result<Digest> {
             for st in &staged {
@@ -423,14 +497,18 @@ impl Puller<'_> {
                     let _ = self.driver.remove(&st.meta.cache_id);
                 }
                 self.store.unmark_staging(&st.meta.cache_id);
-                self.store.layers.record_blob(&st.blob, &st.meta.diff_id, &reference.name())?;
+                self.store
+                    .layers
+                    .record_blob(&st.blob, &st.meta.diff_id, &reference.name())?;
             }
             let id = self.store.images.put(config)?;
             self.store.images.touch(&id, &now_rfc3339())?;
             if reference.tag.is_some() && reference.digest.is_none() {
                 self.store.refs.set(reference, &id)?;
             }
-            self.store.refs.set(&reference.with_digest(manifest_digest.clone()), &id)?;
+            self.store
+                .refs
+                .set(&reference.with_digest(manifest_digest.clone()), &id)?;
             Ok(id)
         })();
         match res {
@@ -474,7 +552,12 @@ impl Puller<'_> {
         let mut g = slot.done.lock().unwrap();
         loop {
             if let Some(r) = g.as_ref() {
-                self.progress.layer(blob.digest.short(), Status::DownloadComplete, blob.size, blob.size);
+                self.progress.layer(
+                    blob.digest.short(),
+                    Status::DownloadComplete,
+                    blob.size,
+                    blob.size,
+                );
                 return r.clone().map_err(Error::Plugin);
             }
             g = slot.cv.wait(g).unwrap();
@@ -484,9 +567,14 @@ impl Puller<'_> {
     fn download_now(&self, ep: &Endpoint, repo: &str, blob: &Blob) -> Result<Spooled> {
         let short = blob.digest.short();
         let spooled = Spooled {
-            path: self.store.blob_tmp().join(format!("{}-{}", blob.digest.hex(), &random_id()[..8])),
+            path: self.store.blob_tmp().join(format!(
+                "{}-{}",
+                blob.digest.hex(),
+                &random_id()[..8]
+            )),
         };
-        let mut file = File::create(&spooled.path).map_err(|e| Error::io("creating a download file", e))?;
+        let mut file =
+            File::create(&spooled.path).map_err(|e| Error::io("creating a download file", e))?;
         let mut hasher = Sha256::new();
         let mut got: u64 = 0;
         let mut attempt = 0;
@@ -506,18 +594,26 @@ impl Puller<'_> {
                                 )));
                             }
                             hasher.update(&buf[..n]);
-                            file.write_all(&buf[..n]).map_err(|e| Error::io("writing a download", e))?;
-                            self.progress.layer(short, Status::Downloading, got, blob.size);
+                            file.write_all(&buf[..n])
+                                .map_err(|e| Error::io("writing a download", e))?;
+                            self.progress
+                                .layer(short, Status::Downloading, got, blob.size);
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => break PluginError::new(ErrorClass::Transient, format!("reading blob {}: {e}", blob.digest)),
+                        Err(e) => {
+                            break PluginError::new(
+                                ErrorClass::Transient,
+                                format!("reading blob {}: {e}", blob.digest),
+                            )
+                        }
                     }
                 },
                 Err(e) if e.class == ErrorClass::Unsupported && got > 0 => {
                     // The registry cannot resume: start over.
                     got = 0;
                     hasher = Sha256::new();
-                    file.set_len(0).map_err(|e| Error::io("truncating a download", e))?;
+                    file.set_len(0)
+                        .map_err(|e| Error::io("truncating a download", e))?;
                     std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))
                         .map_err(|e| Error::io("rewinding a download", e))?;
                     e
@@ -527,7 +623,9 @@ impl Puller<'_> {
             if failure.class == ErrorClass::Internal && failure.message == "end" {
                 break;
             }
-            if !(failure.is_transient() || failure.class == ErrorClass::Unsupported) || attempt >= self.options.retries {
+            if !(failure.is_transient() || failure.class == ErrorClass::Unsupported)
+                || attempt >= self.options.retries
+            {
                 return Err(Error::Plugin(failure));
             }
             attempt += 1;
@@ -535,10 +633,12 @@ impl Puller<'_> {
             std::thread::sleep(wait);
             wait *= 2;
         }
-        self.progress.layer(short, Status::VerifyingChecksum, got, blob.size);
+        self.progress
+            .layer(short, Status::VerifyingChecksum, got, blob.size);
         check_blob(blob, got, &Digest::from_hasher(hasher))?;
         file.sync_data().ok();
-        self.progress.layer(short, Status::DownloadComplete, got, blob.size);
+        self.progress
+            .layer(short, Status::DownloadComplete, got, blob.size);
         Ok(spooled)
     }
 }
@@ -555,7 +655,10 @@ fn check_blob(blob: &Blob, size: u64, digest: &Digest) -> Result<()> {
         )));
     }
     if digest != &blob.digest {
-        return Err(Error::Integrity(format!("blob {}: digest mismatch: the content is {digest}", blob.digest)));
+        return Err(Error::Integrity(format!(
+            "blob {}: digest mismatch: the content is {digest}",
+            blob.digest
+        )));
     }
     Ok(())
 }

@@ -165,7 +165,10 @@ impl fmt::Display for Reference {
 fn split_domain(name: &str) -> (Option<String>, &str) {
     match name.split_once('/') {
         Some((first, rest))
-            if first.contains('.') || first.contains(':') || first == "localhost" || first.chars().any(|c| c.is_ascii_uppercase()) =>
+            if first.contains('.')
+                || first.contains(':')
+                || first == "localhost"
+                || first.chars().any(|c| c.is_ascii_uppercase()) =>
         {
             (Some(first.to_string()), rest)
         }
@@ -178,7 +181,9 @@ fn valid_tag(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b[1..].iter().all(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-')
+        && b[1..]
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-')
 }
 
 fn valid_domain(d: &str) -> bool {
@@ -192,12 +197,17 @@ fn valid_domain(d: &str) -> bool {
         }
     }
     if host.starts_with('[') {
-        return host.ends_with(']') && host[1..host.len() - 1].parse::<std::net::Ipv6Addr>().is_ok();
+        return host.ends_with(']')
+            && host[1..host.len() - 1]
+                .parse::<std::net::Ipv6Addr>()
+                .is_ok();
     }
     !host.is_empty()
         && host.split('.').all(|label| {
             !label.is_empty()
-                && label.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                && label
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -246,12 +256,21 @@ mod tests {
         assert_eq!(norm("ubuntu"), "docker.io/library/ubuntu:latest");
         assert_eq!(norm("ubuntu:22.04"), "docker.io/library/ubuntu:22.04");
         assert_eq!(norm("team/app"), "docker.io/team/app:latest");
-        assert_eq!(norm("index.docker.io/ubuntu"), "docker.io/library/ubuntu:latest");
+        assert_eq!(
+            norm("index.docker.io/ubuntu"),
+            "docker.io/library/ubuntu:latest"
+        );
         assert_eq!(norm("localhost/app"), "localhost/app:latest");
         assert_eq!(norm("127.0.0.1:5000/a/b:v1"), "127.0.0.1:5000/a/b:v1");
         let d = format!("sha256:{}", "a".repeat(64));
-        assert_eq!(norm(&format!("ubuntu@{d}")), format!("docker.io/library/ubuntu@{d}"));
-        assert_eq!(norm(&format!("ubuntu:1@{d}")), format!("docker.io/library/ubuntu:1@{d}"));
+        assert_eq!(
+            norm(&format!("ubuntu@{d}")),
+            format!("docker.io/library/ubuntu@{d}")
+        );
+        assert_eq!(
+            norm(&format!("ubuntu:1@{d}")),
+            format!("docker.io/library/ubuntu:1@{d}")
+        );
     }
 
     #[test]
@@ -265,8 +284,20 @@ mod tests {
     #[test]
     fn rejects_bad_references() {
         for bad in [
-            "", "UPPER", "a:b:c", "a/", "/a", "a//b", "a@sha256:xyz", "a:-tag", "-a", "a__-b",
-            "host:99999/a", "a/b/c:", "foo/../bar", "a..b",
+            "",
+            "UPPER",
+            "a:b:c",
+            "a/",
+            "/a",
+            "a//b",
+            "a@sha256:xyz",
+            "a:-tag",
+            "-a",
+            "a__-b",
+            "host:99999/a",
+            "a/b/c:",
+            "foo/../bar",
+            "a..b",
         ] {
             assert!(Reference::parse(bad).is_err(), "{bad:?} should be rejected");
         }

@@ -75,7 +75,10 @@ impl<R: Read> Read for LimitedReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         if n as u64 > self.left {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} exceeds its size limit", self.what)));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} exceeds its size limit", self.what),
+            ));
         }
         self.left -= n as u64;
         Ok(n)
@@ -120,7 +123,9 @@ mod tests {
         for blob in [gz, zs, data.clone()] {
             let (r, state) = HashingReader::new(decompress(io::Cursor::new(blob)).unwrap());
             let mut out = Vec::new();
-            LimitedReader::new(r, 1 << 20, "layer").read_to_end(&mut out).unwrap();
+            LimitedReader::new(r, 1 << 20, "layer")
+                .read_to_end(&mut out)
+                .unwrap();
             assert_eq!(out, data);
             assert_eq!(state.finish(), (Digest::of(&data), data.len() as u64));
         }
@@ -129,7 +134,9 @@ mod tests {
     #[test]
     fn limit_stops_a_bomb() {
         let mut out = Vec::new();
-        let err = LimitedReader::new(io::repeat(0).take(100), 10, "layer").read_to_end(&mut out).unwrap_err();
+        let err = LimitedReader::new(io::repeat(0).take(100), 10, "layer")
+            .read_to_end(&mut out)
+            .unwrap_err();
         assert!(err.to_string().contains("size limit"));
     }
 }

@@ -32,7 +32,12 @@ impl LayerStore {
             tmp: image_dir.join("layerdb/tmp"),
             dist: image_dir.join("distribution"),
         };
-        for d in [&s.dir, &s.tmp, &s.dist.join("diffid-by-digest/sha256"), &s.dist.join("v2metadata-by-diffid/sha256")] {
+        for d in [
+            &s.dir,
+            &s.tmp,
+            &s.dist.join("diffid-by-digest/sha256"),
+            &s.dist.join("v2metadata-by-diffid/sha256"),
+        ] {
             mkdir_private(d)?;
         }
         Ok(s)
@@ -127,9 +132,13 @@ impl LayerStore {
             &self.dist.join("diffid-by-digest/sha256").join(blob.hex()),
             diff_id.as_str().as_bytes(),
         )?;
-        let meta = serde_json::json!([{ "Digest": blob, "SourceRepository": repository, "HMAC": "" }]);
+        let meta =
+            serde_json::json!([{ "Digest": blob, "SourceRepository": repository, "HMAC": "" }]);
         super::write_atomic(
-            &self.dist.join("v2metadata-by-diffid/sha256").join(diff_id.hex()),
+            &self
+                .dist
+                .join("v2metadata-by-diffid/sha256")
+                .join(diff_id.hex()),
             meta.to_string().as_bytes(),
         )
     }

@@ -36,8 +36,13 @@ impl RefStore {
     }
 
     fn save(&self, repos: Repos) -> Result<()> {
-        let f = File { repositories: repos };
-        write_atomic(&self.path, serde_json::to_string(&f).expect("serialisable").as_bytes())
+        let f = File {
+            repositories: repos,
+        };
+        write_atomic(
+            &self.path,
+            serde_json::to_string(&f).expect("serialisable").as_bytes(),
+        )
     }
 
     /// Every (reference, image) pair.
@@ -88,6 +93,11 @@ impl RefStore {
 
     /// References pointing at `id`.
     pub fn refs_of(&self, id: &Digest) -> Result<Vec<Reference>> {
-        Ok(self.all()?.into_iter().filter(|(_, i)| i == id).map(|(r, _)| r).collect())
+        Ok(self
+            .all()?
+            .into_iter()
+            .filter(|(_, i)| i == id)
+            .map(|(r, _)| r)
+            .collect())
     }
 }

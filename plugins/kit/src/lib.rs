@@ -1,1 +1,138 @@
-//! placeholder
+//! gantry-kit: what a gantry plugin author needs on the guest side.
+//!
+//! It re-exports `wit-bindgen` (so a plugin generates its bindings from
+//! `wit/` with `gantry_kit::wit_bindgen::generate!`), names the contract
+//! version the plugin is built against, and holds small helpers every
+//! transport needs. It must never grow host-side code: plugins depend on
+//! the kit and the WIT contract only, never on the core or the host.
+//!
+//! The contract version is stamped into every component by the WIT package
+//! itself: each import and export is named `gantry:plugin/<iface>@<version>`,
+//! which the host reads before instantiating and refuses on a mismatch.
+
+pub use wit_bindgen;
+
+/// The version of the `gantry:plugin` WIT package this kit was built with.
+pub const CONTRACT_VERSION: &str = "0.1.0";
+
+/// Parses an HTTP authentication challenge such as
+/// `Bearer realm="https://auth.example/token",service="registry",scope="repository:a:pull"`
+/// into its scheme and parameters. Parameter names are lowercased.
+pub fn parse_challenge(header: &str) -> Option<(String, Vec<(String, String)>)> {
+    let header = header.trim();
+    let (scheme, rest) = match header.split_once(' ') {
+        Some((s, r)) => (s, r),
+        None => (header, ""),
+    };
+    if scheme.is_empty() {
+        return None;
+    }
+    let mut params = Vec::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        if key.is_empty() || chars.next() != Some('=') {
+            break;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some(n) = chars.next() {
+                            value.push(n)
+                        }
+                    }
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+            }
+        }
+        params.push((key.trim().to_ascii_lowercase(), value.trim().to_string()));
+    }
+    Some((scheme.to_string(), params))
+}
+
+/// Percent-encodes a query parameter value.
+pub fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Standard base64 (with padding), for HTTP basic credentials.
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bearer_challenge() {
+        let (s, p) = parse_challenge(
+            r#"Bearer realm="http://127.0.0.1:1/token",service="reg, istry",scope="repository:a/b:pull""#,
+        )
+        .unwrap();
+        assert_eq!(s, "Bearer");
+        assert_eq!(p[0], ("realm".into(), "http://127.0.0.1:1/token".into()));
+        assert_eq!(p[1], ("service".into(), "reg, istry".into()));
+        assert_eq!(p[2].1, "repository:a/b:pull");
+        let (s, p) = parse_challenge(r#"Basic realm=Registry"#).unwrap();
+        assert_eq!((s.as_str(), p[0].1.as_str()), ("Basic", "Registry"));
+    }
+
+    #[test]
+    fn encodes() {
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(
+            query_escape("repository:a/b:pull"),
+            "repository%3Aa%2Fb%3Apull"
+        );
+    }
+}

@@ -1,1 +1,340 @@
-//! placeholder
+//! gantry-transport-v2: the Docker Registry HTTP API v2 / OCI distribution
+//! client, as a sandboxed component.
+//!
+//! It speaks the protocol — `/v2/` probe, token auth from the
+//! `WWW-Authenticate` challenge, basic auth, manifest `Accept` headers,
+//! ranged blob requests — over the host's `http` import. It trusts nothing
+//! and is trusted with nothing: the host filters where it may connect, keeps
+//! blob bodies on the host side, follows redirects without forwarding the
+//! token, and verifies every digest this component reports.
+
+gantry_kit::wit_bindgen::generate!({
+    path: "../../wit",
+    world: "transport-plugin",
+    runtime_path: "gantry_kit::wit_bindgen::rt",
+});
+
+use exports::gantry::plugin::transport::{
+    Credentials, Endpoint, Guest, Manifest, ProbeInfo, Resolved,
+};
+use gantry::plugin::http::{send, Request, Response};
+use gantry::plugin::types::{ByteStream, Error};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+const MAX_MANIFEST: usize = 4 << 20;
+
+struct V2;
+
+thread_local! {
+    /// Bearer tokens by (endpoint, scope), kept for the life of the instance.
+    static TOKENS: RefCell<HashMap<(String, String), String>> = RefCell::new(HashMap::new());
+}
+
+fn read_all(body: &ByteStream, limit: usize) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    loop {
+        let chunk = body.read(64 * 1024)?;
+        if chunk.is_empty() {
+            return Ok(out);
+        }
+        out.extend_from_slice(&chunk);
+        if out.len() > limit {
+            return Err(Error::Invalid(format!(
+                "response is larger than {limit} bytes"
+            )));
+        }
+    }
+}
+
+fn header<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
+    resp.headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+fn basic(c: &Credentials) -> String {
+    format!(
+        "Basic {}",
+        gantry_kit::base64(format!("{}:{}", c.username, c.password).as_bytes())
+    )
+}
+
+/// Maps an HTTP status that is not success to an error class.
+fn status_error(status: u16, what: &str, body: &[u8]) -> Error {
+    let detail = String::from_utf8_lossy(&body[..body.len().min(300)])
+        .trim()
+        .replace('\n', " ");
+    let msg = if detail.is_empty() {
+        format!("{what}: HTTP {status}")
+    } else {
+        format!("{what}: HTTP {status}: {detail}")
+    };
+    match status {
+        404 => Error::NotFound(msg),
+        401 => Error::Unauthorized(msg),
+        403 => Error::Denied(msg),
+        405 | 501 => Error::Unsupported(msg),
+        408 | 425 | 429 | 500..=599 => Error::Transient(msg),
+        _ => Error::Internal(msg),
+    }
+}
+
+/// Fetches a bearer token for `scope` from the challenge's realm.
+fn fetch_token(ep: &Endpoint, params: &[(String, String)], scope: &str) -> Result<String, Error> {
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let realm =
+        get("realm").ok_or_else(|| Error::Unauthorized("token challenge has no realm".into()))?;
+    let mut url = realm.to_string();
+    let mut sep = if url.contains('?') { '&' } else { '?' };
+    if let Some(service) = get("service") {
+        url.push_str(&format!(
+            "{sep}service={}",
+            gantry_kit::query_escape(service)
+        ));
+        sep = '&';
+    }
+    let scope = get("scope").unwrap_or(scope);
+    if !scope.is_empty() {
+        url.push_str(&format!("{sep}scope={}", gantry_kit::query_escape(scope)));
+    }
+    let mut headers = Vec::new();
+    if let Some(c) = &ep.credentials {
+        headers.push(("authorization".to_string(), basic(c)));
+    }
+    let resp = send(&Request {
+        method: "GET".into(),
+        url,
+        headers,
+    })?;
+    let body = read_all(&resp.body, 1 << 20)?;
+    if resp.status != 200 {
+        return Err(match status_error(resp.status, "token server", &body) {
+            Error::NotFound(m) | Error::Denied(m) => Error::Unauthorized(m),
+            e => e,
+        });
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| Error::Unauthorized(format!("token server sent invalid JSON: {e}")))?;
+    v.get("token")
+        .or_else(|| v.get("access_token"))
+        .and_then(|t| t.as_str())
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| Error::Unauthorized("token server sent no token".into()))
+}
+
+/// Sends a request, answering one auth challenge if the registry makes one.
+fn request(
+    ep: &Endpoint,
+    method: &str,
+    url: String,
+    headers: Vec<(String, String)>,
+    scope: &str,
+) -> Result<Response, Error> {
+    let key = (ep.url.clone(), scope.to_string());
+    let cached = TOKENS.with(|t| t.borrow().get(&key).cloned());
+    let with_auth = |auth: Option<String>| {
+        let mut h = headers.clone();
+        if let Some(a) = auth {
+            h.push(("authorization".to_string(), a));
+        }
+        send(&Request {
+            method: method.to_string(),
+            url: url.clone(),
+            headers: h,
+        })
+    };
+    let resp = with_auth(cached.map(|t| format!("Bearer {t}")))?;
+    if resp.status != 401 {
+        return Ok(resp);
+    }
+    let challenge = header(&resp, "www-authenticate").unwrap_or("").to_string();
+    let Some((scheme, params)) = gantry_kit::parse_challenge(&challenge) else {
+        return Ok(resp);
+    };
+    if scheme.eq_ignore_ascii_case("bearer") {
+        let token = fetch_token(ep, &params, scope)?;
+        TOKENS.with(|t| t.borrow_mut().insert(key, token.clone()));
+        with_auth(Some(format!("Bearer {token}")))
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        match &ep.credentials {
+            Some(c) => with_auth(Some(basic(c))),
+            None => Ok(resp),
+        }
+    } else {
+        Ok(resp)
+    }
+}
+
+fn pull_scope(repository: &str) -> String {
+    format!("repository:{repository}:pull")
+}
+
+fn check_repository(repository: &str) -> Result<(), Error> {
+    let ok = !repository.is_empty()
+        && repository
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b))
+        && !repository
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "invalid repository name {repository:?}"
+        )))
+    }
+}
+
+fn check_reference(reference: &str) -> Result<(), Error> {
+    if !reference.is_empty()
+        && reference
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!("invalid reference {reference:?}")))
+    }
+}
+
+impl Guest for V2 {
+    fn probe(ep: Endpoint) -> Result<ProbeInfo, Error> {
+        let resp = request(&ep, "GET", format!("{}/v2/", ep.url), Vec::new(), "")?;
+        match resp.status {
+            200 | 401 => Ok(ProbeInfo {
+                version: "v2".into(),
+            }),
+            s => {
+                let body = read_all(&resp.body, 4096).unwrap_or_default();
+                Err(match status_error(s, "probing /v2/", &body) {
+                    Error::NotFound(m) => Error::Unsupported(m),
+                    e => e,
+                })
+            }
+        }
+    }
+
+    fn resolve(
+        ep: Endpoint,
+        repository: String,
+        reference: String,
+        accept: Vec<String>,
+    ) -> Result<Resolved, Error> {
+        check_repository(&repository)?;
+        check_reference(&reference)?;
+        let url = format!("{}/v2/{}/manifests/{}", ep.url, repository, reference);
+        let resp = request(
+            &ep,
+            "GET",
+            url,
+            vec![("accept".into(), accept.join(", "))],
+            &pull_scope(&repository),
+        )?;
+        if let Some(len) = header(&resp, "content-length").and_then(|l| l.parse::<u64>().ok()) {
+            if len > MAX_MANIFEST as u64 && resp.status == 200 {
+                return Err(Error::Invalid("manifest is larger than 4 MiB".into()));
+            }
+        }
+        let body = read_all(&resp.body, MAX_MANIFEST).map_err(|e| match e {
+            Error::Invalid(_) => Error::Invalid("manifest is larger than 4 MiB".into()),
+            e => e,
+        })?;
+        if resp.status != 200 {
+            return Err(status_error(
+                resp.status,
+                &format!("manifest {repository}:{reference}"),
+                &body,
+            ));
+        }
+        let media_type = header(&resp, "content-type")
+            .map(|c| c.split(';').next().unwrap_or("").trim().to_string())
+            .unwrap_or_default();
+        Ok(Resolved::Manifest(Manifest {
+            media_type,
+            claimed_digest: header(&resp, "docker-content-digest").map(str::to_string),
+            bytes: body,
+        }))
+    }
+
+    fn open_blob(
+        ep: Endpoint,
+        repository: String,
+        digest: String,
+        offset: u64,
+    ) -> Result<ByteStream, Error> {
+        check_repository(&repository)?;
+        check_reference(&digest)?;
+        let url = format!("{}/v2/{}/blobs/{}", ep.url, repository, digest);
+        let mut headers = Vec::new();
+        if offset > 0 {
+            headers.push(("range".into(), format!("bytes={offset}-")));
+        }
+        let resp = request(&ep, "GET", url, headers, &pull_scope(&repository))?;
+        match resp.status {
+            200 if offset == 0 => Ok(resp.body),
+            206 if offset > 0 => {
+                let start = header(&resp, "content-range")
+                    .and_then(|r| r.strip_prefix("bytes "))
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|s| s.parse::<u64>().ok());
+                if start == Some(offset) {
+                    Ok(resp.body)
+                } else {
+                    Err(Error::Unsupported(format!(
+                        "blob {digest}: registry answered a different range"
+                    )))
+                }
+            }
+            200 => Err(Error::Unsupported(format!(
+                "blob {digest}: registry cannot resume a download"
+            ))),
+            s => {
+                let body = read_all(&resp.body, 4096).unwrap_or_default();
+                Err(status_error(s, &format!("blob {digest}"), &body))
+            }
+        }
+    }
+
+    fn list_tags(ep: Endpoint, repository: String) -> Result<Vec<String>, Error> {
+        check_repository(&repository)?;
+        let mut tags = Vec::new();
+        let mut url = format!("{}/v2/{}/tags/list", ep.url, repository);
+        for _ in 0..1000 {
+            let resp = request(
+                &ep,
+                "GET",
+                url.clone(),
+                Vec::new(),
+                &pull_scope(&repository),
+            )?;
+            let body = read_all(&resp.body, 16 << 20)?;
+            if resp.status != 200 {
+                return Err(status_error(
+                    resp.status,
+                    &format!("tags of {repository}"),
+                    &body,
+                ));
+            }
+            let v: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| Error::Invalid(format!("tag list is not valid JSON: {e}")))?;
+            if let Some(list) = v.get("tags").and_then(|t| t.as_array()) {
+                tags.extend(list.iter().filter_map(|t| t.as_str().map(str::to_string)));
+            }
+            // Follow `Link: </v2/...?n=..&last=..>; rel="next"`.
+            match header(&resp, "link")
+                .and_then(|l| l.split_once('<'))
+                .and_then(|(_, r)| r.split_once('>'))
+            {
+                Some((next, _)) if next.starts_with('/') => url = format!("{}{}", ep.url, next),
+                _ => return Ok(tags),
+            }
+        }
+        Ok(tags)
+    }
+}
+
+export!(V2);

@@ -1,0 +1,88 @@
+//! The command line, shaped like Docker's image commands.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gantry",
+    version,
+    about = "A container image engine with sandboxed WebAssembly transports and graph drivers"
+)]
+pub struct Cli {
+    /// The TOML config (default: the built-in one: v2 transport, vfs driver).
+    #[arg(long, global = true, env = "GANTRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The store root; everything gantry writes lives below it.
+    #[arg(
+        long,
+        global = true,
+        env = "GANTRY_ROOT",
+        default_value = "/var/lib/gantry"
+    )]
+    pub root: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Download images from a registry.
+    Pull {
+        /// One or more references; several are pulled at once, sharing downloads.
+        #[arg(required = true)]
+        references: Vec<String>,
+        /// Pick this platform (os/arch[/variant]) from a multi-platform image.
+        #[arg(long)]
+        platform: Option<String>,
+        /// Print only the image's name when done.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// List images.
+    Images {
+        /// `table` (default) or `json` (one object a line, like `docker images --format json`).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Only show image IDs.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show low-level information on images, as JSON.
+    Inspect {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Show the history of an image.
+    History {
+        image: String,
+        /// Do not truncate the CREATED BY column.
+        #[arg(long)]
+        no_trunc: bool,
+    },
+    /// Create a tag TARGET that refers to SOURCE.
+    Tag { source: String, target: String },
+    /// Remove images.
+    Rmi {
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// Remove an image referenced in several repositories.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Write an image's flattened root filesystem as a tar.
+    Export {
+        image: String,
+        /// The output file (default: standard output).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Check the store's consistency, clearing what a crash left behind.
+    Fsck,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}

@@ -1,0 +1,50 @@
+//! `gantry export`: the image's flattened root filesystem as a tar, packed
+//! natively from the driver's directory for the top layer.
+
+use crate::confined;
+use crate::context::Context;
+use anyhow::{Context as _, Result};
+use gantry_core::images::{layers_of, lookup};
+use gantry_core::GraphDriver;
+use rustix::fs::{Mode, OFlags};
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+pub fn run(ctx: &Context, image: &str, output: Option<&Path>) -> Result<ExitCode> {
+    let id = lookup(&ctx.store, image)?;
+    let (_, layers) = layers_of(&ctx.store, &id)?;
+    let top = layers.last().expect("images have layers");
+    let dir = ctx.driver.get(&top.cache_id)?;
+    let fd = rustix::fs::open(
+        &dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening layer {}", top.chain_id))?;
+    let mut tar = confined::pack(fd)?;
+    let result = match output {
+        None => {
+            let mut out = std::io::stdout().lock();
+            std::io::copy(&mut tar, &mut out)
+                .and_then(|_| out.flush())
+                .context("writing the export")
+        }
+        Some(path) => {
+            // Through a temporary beside the target, so a failure leaves no half file.
+            let parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let mut tmp = tempfile::NamedTempFile::new_in(parent)
+                .with_context(|| format!("creating {}", path.display()))?;
+            std::io::copy(&mut tar, &mut tmp).context("writing the export")?;
+            tmp.persist(path)
+                .map(|_| ())
+                .with_context(|| format!("writing {}", path.display()))
+        }
+    };
+    ctx.driver.put(&top.cache_id)?;
+    result?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,132 @@
+//! `gantry images`: Docker's table, or one JSON object a line.
+
+use crate::cli::Format;
+use crate::context::Context;
+use crate::output::{human_age, human_size, now_secs, parse_rfc3339};
+use anyhow::Result;
+use gantry_core::images::layers_of;
+use std::process::ExitCode;
+
+struct Row {
+    repository: String,
+    tag: String,
+    digest: String,
+    id: String,
+    created: i64,
+    size: u64,
+}
+
+pub fn run(ctx: &Context, format: Format, quiet: bool) -> Result<ExitCode> {
+    let all_refs = ctx.store.refs.all()?;
+    let mut rows = Vec::new();
+    for id in ctx.store.images.list()? {
+        let (config, layers) = layers_of(&ctx.store, &id)?;
+        let size = layers.iter().map(|l| l.size).sum();
+        let created = config
+            .raw
+            .get("created")
+            .and_then(|c| c.as_str())
+            .and_then(parse_rfc3339)
+            .unwrap_or(0);
+        let refs: Vec<_> = all_refs
+            .iter()
+            .filter(|(_, i)| *i == id)
+            .map(|(r, _)| r)
+            .collect();
+        let digest_of = |name: &str| {
+            refs.iter()
+                .find(|r| r.familiar_name() == name && r.digest.is_some())
+                .and_then(|r| r.digest.as_ref())
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "<none>".to_string())
+        };
+        let mut tagged: Vec<_> = refs.iter().filter(|r| r.tag.is_some()).collect();
+        tagged.sort_by_key(|r| r.familiar_string());
+        let mk = |repository: String, tag: String, digest: String| Row {
+            repository,
+            tag,
+            digest,
+            id: id.to_string(),
+            created,
+            size,
+        };
+        if tagged.is_empty() {
+            match refs.first() {
+                Some(r) => rows.push(mk(
+                    r.familiar_name(),
+                    "<none>".into(),
+                    digest_of(&r.familiar_name()),
+                )),
+                None => rows.push(mk("<none>".into(), "<none>".into(), "<none>".into())),
+            }
+        }
+        for r in tagged {
+            let name = r.familiar_name();
+            rows.push(mk(
+                name.clone(),
+                r.tag.clone().unwrap_or_default(),
+                digest_of(&name),
+            ));
+        }
+    }
+    rows.sort_by(|a, b| {
+        b.created
+            .cmp(&a.created)
+            .then(a.repository.cmp(&b.repository))
+            .then(a.tag.cmp(&b.tag))
+    });
+    let now = now_secs();
+    if quiet {
+        let mut seen = std::collections::HashSet::new();
+        for r in &rows {
+            if seen.insert(r.id.clone()) {
+                println!("{}", &r.id[7..19]);
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    match format {
+        Format::Json => {
+            for r in &rows {
+                let v = serde_json::json!({
+                    "Containers": "N/A",
+                    "CreatedAt": gantry_core::pull::rfc3339(r.created, 0),
+                    "CreatedSince": human_age(now - r.created),
+                    "Digest": r.digest,
+                    "ID": &r.id[7..19],
+                    "Repository": r.repository,
+                    "SharedSize": "N/A",
+                    "Size": human_size(r.size),
+                    "Tag": r.tag,
+                    "UniqueSize": "N/A",
+                    "VirtualSize": human_size(r.size),
+                });
+                println!("{v}");
+            }
+        }
+        Format::Table => {
+            let w_repo = rows
+                .iter()
+                .map(|r| r.repository.len())
+                .max()
+                .unwrap_or(0)
+                .max(10);
+            let w_tag = rows.iter().map(|r| r.tag.len()).max().unwrap_or(0).max(3);
+            println!(
+                "{:<w_repo$}   {:<w_tag$}   {:<12}   {:<15}   SIZE",
+                "REPOSITORY", "TAG", "IMAGE ID", "CREATED"
+            );
+            for r in &rows {
+                println!(
+                    "{:<w_repo$}   {:<w_tag$}   {:<12}   {:<15}   {}",
+                    r.repository,
+                    r.tag,
+                    &r.id[7..19],
+                    human_age(now - r.created),
+                    human_size(r.size)
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,51 @@
+//! One module per command; `run` dispatches.
+
+mod export;
+mod fsck;
+mod history;
+mod images;
+mod inspect;
+mod pull;
+
+use crate::cli::{Cli, Command};
+use crate::context::Context;
+use anyhow::Result;
+use std::process::ExitCode;
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let ctx = Context::open(cli.config.as_deref(), &cli.root)?;
+    match cli.command {
+        Command::Pull {
+            references,
+            platform,
+            quiet,
+        } => pull::run(&ctx, &references, platform.as_deref(), quiet),
+        Command::Images { format, quiet } => images::run(&ctx, format, quiet),
+        Command::Inspect { images } => inspect::run(&ctx, &images),
+        Command::History { image, no_trunc } => history::run(&ctx, &image, no_trunc),
+        Command::Tag { source, target } => {
+            gantry_core::images::tag(&ctx.store, &source, &target)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rmi { images, force } => {
+            let mut failed = false;
+            for i in &images {
+                match gantry_core::images::remove(&ctx.store, &ctx.driver, i, force) {
+                    Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+                    Err(e) if images.len() > 1 => {
+                        eprintln!("error: {e}");
+                        failed = true;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Export { image, output } => export::run(&ctx, &image, output.as_deref()),
+        Command::Fsck => fsck::run(&ctx),
+    }
+}

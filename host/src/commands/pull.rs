@@ -1,0 +1,83 @@
+//! `gantry pull`: the core's pipeline with the configured transport and
+//! driver, and Docker's closing lines.
+
+use crate::auth::{default_path, AuthFile};
+use crate::context::Context;
+use crate::output::PullProgress;
+use anyhow::Result;
+use gantry_core::platform::Platform;
+use gantry_core::pull::{PullOptions, Puller, SharedDownloads};
+use gantry_core::Reference;
+use std::process::ExitCode;
+
+pub fn run(
+    ctx: &Context,
+    references: &[String],
+    platform: Option<&str>,
+    quiet: bool,
+) -> Result<ExitCode> {
+    let refs = references
+        .iter()
+        .map(|r| Reference::parse(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let platform = platform.map(Platform::parse).transpose()?;
+    let transport = ctx.transport()?;
+    let auth_path = ctx.config.auth_file.clone().or_else(default_path);
+    let auth = AuthFile::load(auth_path.as_deref())?;
+    let credentials = move |domain: &str| auth.get(domain);
+    let downloads = SharedDownloads::default();
+    let progress = PullProgress::new(quiet);
+    let options = PullOptions {
+        platform,
+        max_concurrent_downloads: ctx.config.max_concurrent_downloads,
+        ..PullOptions::default()
+    };
+    let puller = Puller {
+        store: &ctx.store,
+        transport: &transport,
+        driver: &ctx.driver,
+        registries: &ctx.config.registries,
+        credentials: &credentials,
+        downloads: &downloads,
+        progress: &progress,
+        options,
+    };
+    let results: Vec<Result<gantry_core::pull::PullOutcome, gantry_core::Error>> =
+        std::thread::scope(|s| {
+            let handles: Vec<_> = refs.iter().map(|r| s.spawn(|| puller.pull(r))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("pull thread panicked"))
+                .collect()
+        });
+    let mut first_err = None;
+    for (r, res) in refs.iter().zip(results) {
+        match res {
+            Ok(o) => {
+                if quiet {
+                    println!("{r}");
+                } else {
+                    let what = if o.downloaded {
+                        "Downloaded newer image for"
+                    } else {
+                        "Image is up to date for"
+                    };
+                    println!("Status: {what} {}", r.familiar_string());
+                    println!("{r}");
+                }
+            }
+            Err(e) => {
+                let e = anyhow::Error::from(e).context(format!("pulling {}", r.familiar_string()));
+                if refs.len() > 1 {
+                    eprintln!("error: {e:#}");
+                }
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        None => Ok(ExitCode::SUCCESS),
+        Some(e) if refs.len() == 1 => Err(e),
+        Some(_) => Ok(ExitCode::FAILURE),
+    }
+}

@@ -1,0 +1,187 @@
+//! The TOML config: which plugins to load, their limits, and the registries.
+//!
+//! Each plugin owns one table and its implementation is picked by `type`;
+//! an unknown key anywhere is an error, not silently ignored. With no file
+//! the built-in default below applies (v2 transport, vfs driver).
+
+use anyhow::{bail, Context, Result};
+use gantry_core::endpoint::Registries;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The config used when no `--config` is given.
+pub const DEFAULT: &str = r#"
+max_concurrent_downloads = 3
+
+[transport]
+type = "v2"
+
+[driver]
+type = "vfs"
+"#;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Blobs downloaded at once per pull (Docker's max-concurrent-downloads).
+    #[serde(default = "three")]
+    pub max_concurrent_downloads: usize,
+    /// Where plugin components are looked up by type.
+    pub plugin_dir: Option<PathBuf>,
+    /// A Docker-style `config.json` with registry credentials.
+    pub auth_file: Option<PathBuf>,
+    pub transport: PluginConfig,
+    pub driver: PluginConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub registries: Registries,
+}
+
+fn three() -> usize {
+    3
+}
+
+/// One plugin's table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The implementation: `v2`, `vfs`, or a third party's name.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The component file; default `<plugin_dir>/gantry_<table>_<type>.wasm`.
+    pub path: Option<PathBuf>,
+    /// Options handed to the plugin's `init` (drivers).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// Per-plugin sandbox limits, overriding `[limits]`.
+    pub limits: Option<LimitsConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "memory")]
+    pub memory_mib: usize,
+    #[serde(default = "cpu")]
+    pub cpu_seconds: f64,
+}
+
+fn memory() -> usize {
+    64
+}
+fn cpu() -> f64 {
+    10.0
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            memory_mib: memory(),
+            cpu_seconds: cpu(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn to_limits(self) -> crate::plugin::Limits {
+        crate::plugin::Limits {
+            memory_bytes: self.memory_mib << 20,
+            cpu: std::time::Duration::from_secs_f64(self.cpu_seconds),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config {}", p.display()))?,
+                p.display().to_string(),
+            ),
+            None => (DEFAULT.to_string(), "built-in config".to_string()),
+        };
+        let c: Config =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {}", e.message()))?;
+        if c.max_concurrent_downloads == 0 {
+            bail!("{origin}: max_concurrent_downloads must be at least 1");
+        }
+        for (name, r) in &c.registries {
+            for m in &r.mirrors {
+                if !(m.starts_with("https://") || m.starts_with("http://")) {
+                    bail!("{origin}: registries.{name:?}: mirror {m:?} is not an http(s) URL");
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// The component file of a plugin table.
+    pub fn plugin_path(&self, table: &str, p: &PluginConfig) -> Result<PathBuf> {
+        if let Some(path) = &p.path {
+            return Ok(path.clone());
+        }
+        if p.kind.is_empty()
+            || !p
+                .kind
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            bail!("{table}: invalid plugin type {:?}", p.kind);
+        }
+        let file = format!("gantry_{table}_{}.wasm", p.kind.replace('-', "_"));
+        let dirs = plugin_dirs(self.plugin_dir.as_deref());
+        for d in &dirs {
+            if d.join(&file).is_file() {
+                return Ok(d.join(&file));
+            }
+        }
+        bail!(
+            "{table} plugin {:?} not found: no {file} in {} (hint: build the plugins with `make plugins`, or set plugin_dir)",
+            p.kind,
+            dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+        )
+    }
+}
+
+/// Where plugins are looked for, in order.
+fn plugin_dirs(configured: Option<&Path>) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = configured {
+        dirs.push(d.to_path_buf());
+    }
+    if let Some(d) = std::env::var_os("GANTRY_PLUGIN_DIR") {
+        dirs.push(PathBuf::from(d));
+    }
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        dirs.push(exe_dir.join("plugins"));
+        // Inside a cargo target directory: target/release/gantry next to
+        // target/wasm32-wasip2/release/*.wasm.
+        if let (Some(profile), Some(target)) = (exe_dir.file_name(), exe_dir.parent()) {
+            dirs.push(target.join("wasm32-wasip2").join(profile));
+            dirs.push(target.join("wasm32-wasip2").join("release"));
+        }
+    }
+    dirs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_parses_and_unknown_keys_fail() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.transport.kind, "v2");
+        assert_eq!(c.driver.kind, "vfs");
+        let t = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(t.path(), format!("{DEFAULT}\nbogus = 1\n")).unwrap();
+        let e = Config::load(Some(t.path())).unwrap_err().to_string();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+}

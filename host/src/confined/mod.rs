@@ -1,0 +1,231 @@
+//! Confined file operations: everything the host does to layer contents on
+//! behalf of a driver, done through directory file descriptors.
+//!
+//! Every path is resolved with `openat2(RESOLVE_BENEATH)` beneath a root
+//! fd, so neither `..`, an absolute name nor a symbolic link (written earlier
+//! by the same layer or by an earlier one) can lead outside it. Driver-chosen
+//! paths additionally refuse to follow any link at all. Raw path operations
+//! (`std::fs` on joined paths) have no place here.
+
+mod pack;
+mod tree;
+mod unpack;
+
+pub use pack::{changes, pack, pack_changes, ChangeKind};
+pub use tree::{copy_tree, disk_usage, remove_tree};
+pub use unpack::{unpack, Whiteouts};
+
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// An `io::Error` for hostile or malformed input.
+pub fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Splits a relative path into clean components, refusing absolute paths and
+/// `..`. `.` and empty components are dropped.
+pub fn components(rel: &str) -> io::Result<Vec<&str>> {
+    if rel.starts_with('/') {
+        return Err(invalid(format!("absolute path {rel:?} is not allowed")));
+    }
+    let mut out = Vec::new();
+    for c in rel.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Err(invalid(format!("path {rel:?} leaves its directory"))),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::CLOEXEC);
+
+/// Opens directory `rel` beneath `root`. With `follow`, links inside the
+/// tree are followed as long as they stay beneath it; without, any link fails.
+pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &[&str], follow: bool) -> io::Result<OwnedFd> {
+    let path = if rel.is_empty() {
+        ".".to_string()
+    } else {
+        rel.join("/")
+    };
+    let mut how = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+    if !follow {
+        how |= ResolveFlags::NO_SYMLINKS;
+    }
+    rustix::fs::openat2(root, path.as_str(), DIR_FLAGS, Mode::empty(), how).map_err(|e| {
+        let e = io::Error::from(e);
+        match e.raw_os_error() {
+            Some(libc::EXDEV) | Some(libc::ELOOP) => invalid(format!(
+                "path {path:?} passes through a link that leaves its directory"
+            )),
+            Some(libc::ENOTDIR) => invalid(format!("path {path:?} is not a directory")),
+            _ => e,
+        }
+    })
+}
+
+/// A driver's home: the only directory it may touch.
+pub struct Home {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Home {
+    /// Opens (creating, 0700) the home at `path`.
+    pub fn open(path: &Path) -> io::Result<Home> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)?;
+        let fd = rustix::fs::open(path, DIR_FLAGS, Mode::empty())?;
+        Ok(Home {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Opens directory `rel` without following links.
+    pub fn dir(&self, rel: &str) -> io::Result<OwnedFd> {
+        open_dir_beneath(self.fd(), &components(rel)?, false)
+    }
+
+    /// The parent directory of `rel` and its last component.
+    pub fn parent<'a>(&self, rel: &'a str) -> io::Result<(OwnedFd, &'a str)> {
+        let c = components(rel)?;
+        let (name, parents) = c.split_last().ok_or_else(|| invalid("empty path"))?;
+        Ok((open_dir_beneath(self.fd(), parents, false)?, name))
+    }
+
+    /// The host path of directory `rel`, after checking it resolves beneath
+    /// the home without links.
+    pub fn host_path(&self, rel: &str) -> io::Result<PathBuf> {
+        self.dir(rel)?;
+        Ok(self.path.join(components(rel)?.join("/")))
+    }
+
+    pub fn mkdir_all(&self, rel: &str, mode: u32) -> io::Result<()> {
+        let mut cur = rustix::fs::openat(self.fd(), ".", DIR_FLAGS, Mode::empty())?;
+        for c in components(rel)? {
+            match rustix::fs::mkdirat(&cur, c, Mode::from_raw_mode(mode)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            cur = open_dir_beneath(cur.as_fd(), &[c], false)?;
+        }
+        Ok(())
+    }
+
+    pub fn remove_all(&self, rel: &str) -> io::Result<()> {
+        let (parent, name) = self.parent(rel)?;
+        match remove_tree(parent.as_fd(), name) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
+
+    pub fn exists(&self, rel: &str) -> io::Result<bool> {
+        let c = components(rel)?;
+        let Some((name, parents)) = c.split_last() else {
+            return Ok(true);
+        };
+        let parent = match open_dir_beneath(self.fd(), parents, false) {
+            Ok(p) => p,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::statat(&parent, *name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => Ok(true),
+            Err(rustix::io::Errno::NOENT) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn rename(&self, src: &str, dst: &str) -> io::Result<()> {
+        let (sp, sn) = self.parent(src)?;
+        let (dp, dn) = self.parent(dst)?;
+        Ok(rustix::fs::renameat(&sp, sn, &dp, dn)?)
+    }
+
+    pub fn read_file(&self, rel: &str, limit: u64) -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        let (p, n) = self.parent(rel)?;
+        let fd = rustix::fs::openat(
+            &p,
+            n,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut out = Vec::new();
+        std::fs::File::from(fd)
+            .take(limit + 1)
+            .read_to_end(&mut out)?;
+        if out.len() as u64 > limit {
+            return Err(invalid(format!("{rel:?} is larger than {limit} bytes")));
+        }
+        Ok(out)
+    }
+
+    pub fn write_file(&self, rel: &str, data: &[u8], mode: u32) -> io::Result<()> {
+        use std::io::Write;
+        let (p, n) = self.parent(rel)?;
+        let fd = rustix::fs::openat(
+            &p,
+            n,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        )?;
+        std::fs::File::from(fd).write_all(data)
+    }
+
+    pub fn list_dir(&self, rel: &str) -> io::Result<Vec<String>> {
+        let d = self.dir(rel)?;
+        let mut out = Vec::new();
+        for e in rustix::fs::Dir::read_from(&d)? {
+            let e = e?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n != "." && n != ".." {
+                out.push(n);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn symlink(&self, target: &str, rel: &str) -> io::Result<()> {
+        let (p, n) = self.parent(rel)?;
+        Ok(rustix::fs::symlinkat(target, &p, n)?)
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_escapes() {
+        let t = tempfile::tempdir().unwrap();
+        let home = Home::open(&t.path().join("home")).unwrap();
+        assert!(home.mkdir_all("../out", 0o700).is_err());
+        assert!(home.mkdir_all("/abs", 0o700).is_err());
+        std::os::unix::fs::symlink("/", t.path().join("home/link")).unwrap();
+        assert!(home.mkdir_all("link/x", 0o700).is_err());
+        assert!(home.read_file("link/etc/passwd", 1024).is_err());
+        assert!(!t.path().join("out").exists());
+        home.mkdir_all("a/b", 0o700).unwrap();
+        assert!(home.exists("a/b").unwrap());
+        home.remove_all("a").unwrap();
+        assert!(!home.exists("a").unwrap());
+    }
+}

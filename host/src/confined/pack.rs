@@ -1,0 +1,259 @@
+//! Native packing: a directory (or the changes between two) as a tar stream,
+//! produced on a thread into a pipe so it never sits whole in memory.
+
+use super::open_dir_beneath;
+use super::tree::{list, read_xattrs};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Modify,
+    Add,
+    Delete,
+}
+
+/// One difference between two trees; `path` is relative, without a leading `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub path: String,
+    pub kind: ChangeKind,
+}
+
+/// Packs directory `root` as a tar stream.
+pub fn pack(root: OwnedFd) -> io::Result<io::PipeReader> {
+    spawn_writer(move |b| {
+        let mut links = HashMap::new();
+        walk_pack(b, root.as_fd(), "", &mut links)
+    })
+}
+
+/// Packs what changed from `lower` to `upper`, with `.wh.` files for deletions.
+pub fn pack_changes(lower: OwnedFd, upper: OwnedFd) -> io::Result<io::PipeReader> {
+    let list = changes(lower.as_fd(), upper.as_fd())?;
+    spawn_writer(move |b| {
+        let mut links = HashMap::new();
+        for c in &list {
+            let (parent, name) = match c.path.rsplit_once('/') {
+                Some((p, n)) => (p, n),
+                None => ("", c.path.as_str()),
+            };
+            let comps: Vec<&str> = parent.split('/').filter(|s| !s.is_empty()).collect();
+            let pd = open_dir_beneath(upper.as_fd(), &comps, false)?;
+            match c.kind {
+                ChangeKind::Delete => {
+                    let wh = if parent.is_empty() {
+                        format!(".wh.{name}")
+                    } else {
+                        format!("{parent}/.wh.{name}")
+                    };
+                    let mut h = tar::Header::new_gnu();
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_size(0);
+                    h.set_mode(0o644);
+                    b.append_data(&mut h, wh, io::empty())?;
+                }
+                _ => {
+                    append_entry(b, pd.as_fd(), name, &c.path, &mut links)?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn spawn_writer(
+    f: impl FnOnce(&mut tar::Builder<io::PipeWriter>) -> io::Result<()> + Send + 'static,
+) -> io::Result<io::PipeReader> {
+    let (r, w) = io::pipe()?;
+    std::thread::spawn(move || {
+        let mut b = tar::Builder::new(w);
+        b.mode(tar::HeaderMode::Complete);
+        // A failure closes the pipe early; the reader sees a truncated tar.
+        if f(&mut b).is_ok() {
+            let _ = b.finish();
+        }
+    });
+    Ok(r)
+}
+
+fn walk_pack<W: Write>(
+    b: &mut tar::Builder<W>,
+    dir: BorrowedFd<'_>,
+    prefix: &str,
+    links: &mut HashMap<(u64, u64), String>,
+) -> io::Result<()> {
+    for (name, _) in list(dir)? {
+        let rel = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}/{name}")
+        };
+        let is_dir = append_entry(b, dir, &name, &rel, links)?;
+        if is_dir {
+            let child = open_dir_beneath(dir, &[&name], false)?;
+            walk_pack(b, child.as_fd(), &rel, links)?;
+        }
+    }
+    Ok(())
+}
+
+/// Appends one entry; returns whether it was a directory.
+fn append_entry<W: Write>(
+    b: &mut tar::Builder<W>,
+    dir: BorrowedFd<'_>,
+    name: &str,
+    rel: &str,
+    links: &mut HashMap<(u64, u64), String>,
+) -> io::Result<bool> {
+    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    let ft = FileType::from_raw_mode(st.st_mode);
+    let xattrs = read_xattrs(dir, name).unwrap_or_default();
+    if !xattrs.is_empty() {
+        let pax: Vec<(String, Vec<u8>)> = xattrs
+            .into_iter()
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
+            .collect();
+        b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(st.st_mode & 0o7777);
+    h.set_uid(st.st_uid as u64);
+    h.set_gid(st.st_gid as u64);
+    h.set_mtime(st.st_mtime.max(0) as u64);
+    h.set_size(0);
+    if ft != FileType::Directory && st.st_nlink > 1 {
+        if let Some(first) = links.get(&(st.st_dev, st.st_ino)) {
+            h.set_entry_type(tar::EntryType::Link);
+            b.append_link(&mut h, rel, first)?;
+            return Ok(false);
+        }
+        links.insert((st.st_dev, st.st_ino), rel.to_string());
+    }
+    match ft {
+        FileType::Directory => {
+            h.set_entry_type(tar::EntryType::Directory);
+            b.append_data(&mut h, format!("{rel}/"), io::empty())?;
+            return Ok(true);
+        }
+        FileType::RegularFile => {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(st.st_size as u64);
+            let fd = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            b.append_data(&mut h, rel, std::fs::File::from(fd))?;
+        }
+        FileType::Symlink => {
+            h.set_entry_type(tar::EntryType::Symlink);
+            let target = rustix::fs::readlinkat(dir, name, Vec::new())?;
+            let target = target
+                .to_str()
+                .map_err(|_| super::invalid("link target is not UTF-8"))?;
+            b.append_link(&mut h, rel, target)?;
+        }
+        FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
+            h.set_entry_type(match ft {
+                FileType::CharacterDevice => tar::EntryType::Char,
+                FileType::BlockDevice => tar::EntryType::Block,
+                _ => tar::EntryType::Fifo,
+            });
+            h.set_device_major(rustix::fs::major(st.st_rdev))?;
+            h.set_device_minor(rustix::fs::minor(st.st_rdev))?;
+            b.append_data(&mut h, rel, io::empty())?;
+        }
+        _ => {}
+    }
+    Ok(false)
+}
+
+fn differs(a: &Stat, b: &Stat, dir: bool) -> bool {
+    a.st_mode != b.st_mode
+        || a.st_uid != b.st_uid
+        || a.st_gid != b.st_gid
+        || a.st_rdev != b.st_rdev
+        || (!dir
+            && (a.st_size != b.st_size
+                || a.st_mtime != b.st_mtime
+                || a.st_mtime_nsec != b.st_mtime_nsec))
+}
+
+/// What changed from `lower` to `upper`, parents before children.
+pub fn changes(lower: BorrowedFd<'_>, upper: BorrowedFd<'_>) -> io::Result<Vec<Change>> {
+    let mut out = Vec::new();
+    diff_dirs(Some(lower), upper, "", &mut out)?;
+    Ok(out)
+}
+
+fn diff_dirs(
+    lower: Option<BorrowedFd<'_>>,
+    upper: BorrowedFd<'_>,
+    prefix: &str,
+    out: &mut Vec<Change>,
+) -> io::Result<()> {
+    let up = list(upper)?;
+    let low = match lower {
+        Some(l) => list(l)?,
+        None => Vec::new(),
+    };
+    let rel = |n: &str| {
+        if prefix.is_empty() {
+            n.to_string()
+        } else {
+            format!("{prefix}/{n}")
+        }
+    };
+    for (n, _) in &low {
+        if !up.iter().any(|(u, _)| u == n) {
+            out.push(Change {
+                path: rel(n),
+                kind: ChangeKind::Delete,
+            });
+        }
+    }
+    for (n, _) in &up {
+        let ust = rustix::fs::statat(upper, n.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        let is_dir = FileType::from_raw_mode(ust.st_mode) == FileType::Directory;
+        let lst = match lower {
+            Some(l) if low.iter().any(|(x, _)| x == n) => Some(rustix::fs::statat(
+                l,
+                n.as_str(),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?),
+            _ => None,
+        };
+        match &lst {
+            None => out.push(Change {
+                path: rel(n),
+                kind: ChangeKind::Add,
+            }),
+            Some(l) => {
+                let link_changed = FileType::from_raw_mode(ust.st_mode) == FileType::Symlink
+                    && rustix::fs::readlinkat(upper, n.as_str(), Vec::new())?
+                        != rustix::fs::readlinkat(lower.expect("present"), n.as_str(), Vec::new())?;
+                if differs(l, &ust, is_dir) || link_changed {
+                    out.push(Change {
+                        path: rel(n),
+                        kind: ChangeKind::Modify,
+                    });
+                }
+            }
+        }
+        if is_dir {
+            let uc = open_dir_beneath(upper, &[n], false)?;
+            let lc = match (lower, &lst) {
+                (Some(l), Some(s)) if FileType::from_raw_mode(s.st_mode) == FileType::Directory => {
+                    Some(open_dir_beneath(l, &[n], false)?)
+                }
+                _ => None,
+            };
+            diff_dirs(lc.as_ref().map(|f| f.as_fd()), uc.as_fd(), &rel(n), out)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,270 @@
+//! Whole-tree operations on directory fds: remove, copy (keeping hard links,
+//! owners, modes, xattrs, devices, times), and disk usage.
+
+use super::open_dir_beneath;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+fn entries(dir: BorrowedFd<'_>) -> io::Result<Vec<(String, FileType)>> {
+    let mut out = Vec::new();
+    for e in rustix::fs::Dir::read_from(dir)? {
+        let e = e?;
+        let n = e
+            .file_name()
+            .to_str()
+            .map_err(|_| super::invalid("file name is not UTF-8"))?;
+        if n != "." && n != ".." {
+            out.push((n.to_string(), e.file_type()));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+pub(super) fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<(String, FileType)>> {
+    entries(dir)
+}
+
+/// Removes `name` in `parent` and, if it is a directory, all below it.
+pub fn remove_tree(parent: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+        let d = open_dir_beneath(parent, &[name], false)?;
+        for (n, _) in entries(d.as_fd())? {
+            remove_tree(d.as_fd(), &n)?;
+        }
+        rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?;
+    } else {
+        rustix::fs::unlinkat(parent, name, AtFlags::empty())?;
+    }
+    Ok(())
+}
+
+/// Path of an entry for the `*xattr` calls that take one (links cannot be
+/// opened for them).
+pub(super) fn proc_path(dir: BorrowedFd<'_>, name: &str) -> String {
+    use std::os::fd::AsRawFd;
+    format!("/proc/self/fd/{}/{}", dir.as_raw_fd(), name)
+}
+
+/// Copies the extended attributes of `name` from one directory to another.
+pub(super) fn copy_xattrs(sd: BorrowedFd<'_>, dd: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    for (k, v) in read_xattrs(sd, name)? {
+        rustix::fs::lsetxattr(
+            proc_path(dd, name),
+            k.as_str(),
+            &v,
+            rustix::fs::XattrFlags::empty(),
+        )?;
+    }
+    Ok(())
+}
+
+pub(super) fn read_xattrs(dir: BorrowedFd<'_>, name: &str) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let p = proc_path(dir, name);
+    let mut names = vec![0u8; 4096];
+    let n = match rustix::fs::llistxattr(&p, &mut names[..]) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for k in names[..n].split(|b| *b == 0).filter(|k| !k.is_empty()) {
+        let k = String::from_utf8_lossy(k).into_owned();
+        let mut v = vec![0u8; 65536];
+        let len = rustix::fs::lgetxattr(&p, k.as_str(), &mut v[..])?;
+        v.truncate(len);
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+pub(super) fn set_times(dir: BorrowedFd<'_>, name: &str, st: &rustix::fs::Stat) -> io::Result<()> {
+    let ts = Timestamps {
+        last_access: Timespec {
+            tv_sec: st.st_atime as _,
+            tv_nsec: st.st_atime_nsec as _,
+        },
+        last_modification: Timespec {
+            tv_sec: st.st_mtime as _,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
+    };
+    Ok(rustix::fs::utimensat(
+        dir,
+        name,
+        &ts,
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?)
+}
+
+/// Copies `src_name` in `src_parent` to `dst_name` in `dst_parent`, which
+/// must not exist. Hard links within the tree stay hard links.
+pub fn copy_tree(
+    src_parent: BorrowedFd<'_>,
+    src_name: &str,
+    dst_parent: BorrowedFd<'_>,
+    dst_name: &str,
+) -> io::Result<()> {
+    let mut links = HashMap::new();
+    let st = rustix::fs::statat(src_parent, src_name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        return Err(super::invalid(format!("{src_name:?} is not a directory")));
+    }
+    rustix::fs::mkdirat(dst_parent, dst_name, Mode::from_raw_mode(0o700))?;
+    let s = open_dir_beneath(src_parent, &[src_name], false)?;
+    let d = open_dir_beneath(dst_parent, &[dst_name], false)?;
+    copy_dir_contents(s.as_fd(), d.as_fd(), &mut links)?;
+    finish_meta(dst_parent, dst_name, src_parent, src_name, &st, true)
+}
+
+fn finish_meta(
+    dd: BorrowedFd<'_>,
+    name: &str,
+    sd: BorrowedFd<'_>,
+    sname: &str,
+    st: &rustix::fs::Stat,
+    chmod: bool,
+) -> io::Result<()> {
+    rustix::fs::chownat(
+        dd,
+        name,
+        Some(rustix::fs::Uid::from_raw(st.st_uid)),
+        Some(rustix::fs::Gid::from_raw(st.st_gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .or_else(ignore_eperm)?;
+    if chmod {
+        rustix::fs::chmodat(
+            dd,
+            name,
+            Mode::from_raw_mode(st.st_mode & 0o7777),
+            AtFlags::empty(),
+        )?;
+    }
+    let _ = sname;
+    copy_xattrs(sd, dd, name).or_else(ignore_eperm)?;
+    set_times(dd, name, st)
+}
+
+/// Owners and privileged xattrs cannot be set without root: keep going then.
+pub(super) fn ignore_eperm(e: impl Into<io::Error>) -> io::Result<()> {
+    let e = e.into();
+    if e.raw_os_error() == Some(libc::EPERM) && !rustix::process::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+fn copy_dir_contents(
+    s: BorrowedFd<'_>,
+    d: BorrowedFd<'_>,
+    links: &mut HashMap<(u64, u64), (OwnedFd, String)>,
+) -> io::Result<()> {
+    for (name, _) in entries(s)? {
+        let st = rustix::fs::statat(s, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        let ft = FileType::from_raw_mode(st.st_mode);
+        if ft != FileType::Directory && st.st_nlink > 1 {
+            if let Some((ldir, lname)) = links.get(&(st.st_dev, st.st_ino)) {
+                rustix::fs::linkat(ldir, lname.as_str(), d, name.as_str(), AtFlags::empty())?;
+                continue;
+            }
+        }
+        match ft {
+            FileType::Directory => {
+                rustix::fs::mkdirat(d, name.as_str(), Mode::from_raw_mode(0o700))?;
+                let sc = open_dir_beneath(s, &[&name], false)?;
+                let dc = open_dir_beneath(d, &[&name], false)?;
+                copy_dir_contents(sc.as_fd(), dc.as_fd(), links)?;
+                finish_meta(d, &name, s, &name, &st, true)?;
+            }
+            FileType::RegularFile => {
+                let src = rustix::fs::openat(
+                    s,
+                    name.as_str(),
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
+                let dst = rustix::fs::openat(
+                    d,
+                    name.as_str(),
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )?;
+                copy_data(&src, &dst, st.st_size as u64)?;
+                drop(dst);
+                finish_meta(d, &name, s, &name, &st, true)?;
+            }
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(s, name.as_str(), Vec::new())?;
+                rustix::fs::symlinkat(target.as_c_str(), d, name.as_str())?;
+                finish_meta(d, &name, s, &name, &st, false)?;
+            }
+            FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
+                rustix::fs::mknodat(
+                    d,
+                    name.as_str(),
+                    ft,
+                    Mode::from_raw_mode(st.st_mode & 0o7777),
+                    st.st_rdev,
+                )?;
+                finish_meta(d, &name, s, &name, &st, true)?;
+            }
+            _ => continue, // sockets and unknown types are not layer content
+        }
+        if ft != FileType::Directory && st.st_nlink > 1 {
+            let keep = rustix::io::fcntl_dupfd_cloexec(d, 0)?;
+            links.insert((st.st_dev, st.st_ino), (keep, name));
+        }
+    }
+    Ok(())
+}
+
+/// Copies file contents in the kernel (reflink where the filesystem can,
+/// `copy_file_range` otherwise).
+fn copy_data(src: &OwnedFd, dst: &OwnedFd, size: u64) -> io::Result<()> {
+    if size == 0 || rustix::fs::ioctl_ficlone(dst, src).is_ok() {
+        return Ok(());
+    }
+    let mut left = size;
+    while left > 0 {
+        let n = rustix::fs::copy_file_range(src, None, dst, None, left.min(1 << 30) as usize)?;
+        if n == 0 {
+            break;
+        }
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Bytes of regular files below `dir` (each hard-linked file once).
+pub fn disk_usage(dir: BorrowedFd<'_>) -> io::Result<u64> {
+    fn walk(
+        d: BorrowedFd<'_>,
+        seen: &mut std::collections::HashSet<(u64, u64)>,
+    ) -> io::Result<u64> {
+        let mut total = 0;
+        for (name, _) in entries(d)? {
+            let st = rustix::fs::statat(d, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+            match FileType::from_raw_mode(st.st_mode) {
+                FileType::Directory => {
+                    let c = open_dir_beneath(d, &[&name], false)?;
+                    total += walk(c.as_fd(), seen)?;
+                }
+                FileType::RegularFile if seen.insert((st.st_dev, st.st_ino)) => {
+                    total += st.st_size as u64
+                }
+                _ => {}
+            }
+        }
+        Ok(total)
+    }
+    walk(dir, &mut Default::default())
+}

@@ -1,0 +1,388 @@
+//! Native unpacking of a tar layer into a directory, with whiteouts.
+//!
+//! `tar` is used to parse only; every effect is a `*at` call on a directory
+//! fd opened beneath the layer root, so an entry with `..`, an absolute name,
+//! or a path through a symbolic link that leaves the root (written by this
+//! layer or an earlier one) is refused, and a hard link can only point at a
+//! file inside the root.
+
+use super::tree::{ignore_eperm, list, proc_path, remove_tree};
+use super::{components, invalid, open_dir_beneath};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+use std::collections::HashSet;
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+
+/// How whiteout entries are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whiteouts {
+    /// Delete what they name (each layer is a full copy, as in vfs).
+    Delete,
+    /// Write overlayfs whiteouts: a 0/0 character device, or the
+    /// `trusted.overlay.opaque` attribute for an opaque directory.
+    Overlay,
+}
+
+const WH_PREFIX: &str = ".wh.";
+const WH_OPAQUE: &str = ".wh..wh..opq";
+
+/// Unpacks the tar stream `r` into the directory `root`. Returns the size of
+/// the content written (regular file bytes), as Docker reports a layer size.
+pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result<u64> {
+    let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 20, r));
+    let mut written: HashSet<String> = HashSet::new();
+    let mut dir_times: Vec<(String, u64)> = Vec::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let euid_root = rustix::process::geteuid().is_root();
+    for entry in ar.entries()? {
+        let mut e = entry.map_err(as_invalid)?;
+        let raw = e.path_bytes().into_owned();
+        let path = String::from_utf8(raw).map_err(|_| invalid("tar entry name is not UTF-8"))?;
+        let comps =
+            components(&path).map_err(|err| invalid(format!("tar entry {path:?}: {err}")))?;
+        let Some((name, parents)) = comps.split_last() else {
+            continue; // the root itself
+        };
+        let clean = comps.join("/");
+        let etype = e.header().entry_type();
+        if matches!(etype, tar::EntryType::XGlobalHeader) {
+            continue;
+        }
+        let parent = parent_dir(root, parents)
+            .map_err(|err| invalid(format!("tar entry {path:?}: {err}")))?;
+        let pd = parent.as_fd();
+        if let Some(target) = name.strip_prefix(WH_PREFIX) {
+            apply_whiteout(pd, parents, target, mode, &written)
+                .map_err(|err| io::Error::new(err.kind(), format!("whiteout {path:?}: {err}")))?;
+            continue;
+        }
+        let hdr = e.header().clone();
+        let perm = hdr.mode().map_err(as_invalid)? & 0o7777;
+        let uid = hdr.uid().map_err(as_invalid)?;
+        let gid = hdr.gid().map_err(as_invalid)?;
+        let mtime = hdr.mtime().map_err(as_invalid)?;
+        let is_dir = etype.is_dir();
+        match rustix::fs::statat(pd, *name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if is_dir && FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
+            Ok(_) => remove_tree(pd, name)?,
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(err) => return Err(err.into()),
+        }
+        let xattrs: Vec<(String, Vec<u8>)> = match e.pax_extensions().map_err(as_invalid)? {
+            Some(exts) => exts
+                .filter_map(|x| x.ok())
+                .filter_map(|x| {
+                    let k = x.key().ok()?;
+                    k.strip_prefix("SCHILY.xattr.")
+                        .map(|k| (k.to_string(), x.value_bytes().to_vec()))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        match etype {
+            tar::EntryType::Directory => {
+                match rustix::fs::mkdirat(pd, *name, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(err) => return Err(err.into()),
+                }
+                dir_times.push((clean.clone(), mtime));
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let fd = rustix::fs::openat(
+                    pd,
+                    *name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )?;
+                let mut f = std::fs::File::from(fd);
+                loop {
+                    let n = e.read(&mut buf).map_err(as_invalid)?;
+                    if n == 0 {
+                        break;
+                    }
+                    f.write_all(&buf[..n])?;
+                    size += n as u64;
+                }
+            }
+            tar::EntryType::Symlink => {
+                let target = e
+                    .link_name_bytes()
+                    .ok_or_else(|| invalid(format!("symlink {path:?} has no target")))?
+                    .into_owned();
+                rustix::fs::symlinkat(target.as_slice(), pd, *name)?;
+            }
+            tar::EntryType::Link => {
+                let target = e
+                    .link_name_bytes()
+                    .ok_or_else(|| invalid(format!("hard link {path:?} has no target")))?
+                    .into_owned();
+                let target =
+                    String::from_utf8(target).map_err(|_| invalid("link target is not UTF-8"))?;
+                let tc = components(&target)
+                    .map_err(|err| invalid(format!("hard link {path:?} -> {target:?}: {err}")))?;
+                let (tname, tparents) = tc
+                    .split_last()
+                    .ok_or_else(|| invalid(format!("hard link {path:?} has an empty target")))?;
+                let tdir = open_dir_beneath(root, tparents, true)
+                    .map_err(|err| invalid(format!("hard link {path:?} -> {target:?}: {err}")))?;
+                rustix::fs::linkat(&tdir, *tname, pd, *name, AtFlags::empty()).map_err(|err| {
+                    io::Error::new(
+                        io::Error::from(err).kind(),
+                        format!("hard link {path:?} -> {target:?}: {err}"),
+                    )
+                })?;
+                written.insert(clean);
+                continue; // a hard link shares its target's metadata
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                let ft = match etype {
+                    tar::EntryType::Char => FileType::CharacterDevice,
+                    tar::EntryType::Block => FileType::BlockDevice,
+                    _ => FileType::Fifo,
+                };
+                let major = hdr.device_major().map_err(as_invalid)?.unwrap_or(0);
+                let minor = hdr.device_minor().map_err(as_invalid)?.unwrap_or(0);
+                let dev = rustix::fs::makedev(major, minor);
+                rustix::fs::mknodat(pd, *name, ft, Mode::from_raw_mode(perm), dev)?;
+            }
+            other => {
+                return Err(invalid(format!(
+                    "tar entry {path:?} has unsupported type {other:?}"
+                )))
+            }
+        }
+        if euid_root || !is_dir {
+            rustix::fs::chownat(
+                pd,
+                *name,
+                Some(rustix::fs::Uid::from_raw(uid as u32)),
+                Some(rustix::fs::Gid::from_raw(gid as u32)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .or_else(ignore_eperm)?;
+        }
+        if etype != tar::EntryType::Symlink {
+            // After chown, which clears set-id bits.
+            rustix::fs::chmodat(pd, *name, Mode::from_raw_mode(perm), AtFlags::empty())?;
+        }
+        for (k, v) in &xattrs {
+            rustix::fs::lsetxattr(
+                proc_path(pd, name),
+                k.as_str(),
+                v,
+                rustix::fs::XattrFlags::empty(),
+            )
+            .or_else(ignore_eperm)?;
+        }
+        if !is_dir {
+            set_mtime(pd, name, mtime)?;
+        }
+        written.insert(clean);
+    }
+    // Directory times last: their contents changed them while unpacking.
+    for (dir, mtime) in dir_times.iter().rev() {
+        let comps: Vec<&str> = dir.split('/').collect();
+        let (name, parents) = comps.split_last().expect("non-empty");
+        if let Ok(p) = open_dir_beneath(root, parents, true) {
+            let _ = set_mtime(p.as_fd(), name, *mtime);
+        }
+    }
+    // Read what follows the end-of-archive marker so the whole stream is hashed.
+    io::copy(&mut ar.into_inner(), &mut io::sink())?;
+    Ok(size)
+}
+
+/// A parse or decompression failure of the layer is bad input, not a host fault.
+fn as_invalid(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::Other | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof => {
+            invalid(format!("corrupt layer: {e}"))
+        }
+        _ => e,
+    }
+}
+
+/// Opens the parent directory of an entry, creating missing directories
+/// (0755, as Docker does) beneath the root.
+fn parent_dir(root: BorrowedFd<'_>, parents: &[&str]) -> io::Result<std::os::fd::OwnedFd> {
+    match open_dir_beneath(root, parents, true) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        r => return r,
+    }
+    for i in 0..parents.len() {
+        let up = open_dir_beneath(root, &parents[..i], true)?;
+        match rustix::fs::mkdirat(&up, parents[i], Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    open_dir_beneath(root, parents, true)
+}
+
+fn set_mtime(dir: BorrowedFd<'_>, name: &str, mtime: u64) -> io::Result<()> {
+    let t = Timespec {
+        tv_sec: mtime as _,
+        tv_nsec: 0,
+    };
+    let ts = Timestamps {
+        last_access: t,
+        last_modification: t,
+    };
+    Ok(rustix::fs::utimensat(
+        dir,
+        name,
+        &ts,
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?)
+}
+
+fn apply_whiteout(
+    pd: BorrowedFd<'_>,
+    parents: &[&str],
+    target: &str,
+    mode: Whiteouts,
+    written: &HashSet<String>,
+) -> io::Result<()> {
+    let opaque = format!("{WH_PREFIX}{target}") == WH_OPAQUE;
+    match (mode, opaque) {
+        (Whiteouts::Delete, true) => {
+            // Remove what lower layers put here; keep what this layer wrote.
+            let prefix = parents.join("/");
+            for (n, _) in list(pd)? {
+                let full = if prefix.is_empty() {
+                    n.clone()
+                } else {
+                    format!("{prefix}/{n}")
+                };
+                if !written.contains(&full) {
+                    remove_tree(pd, &n)?;
+                }
+            }
+            Ok(())
+        }
+        (Whiteouts::Delete, false) => {
+            if target.is_empty() || target.contains('/') {
+                return Err(invalid("whiteout names nothing"));
+            }
+            match remove_tree(pd, target) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            }
+        }
+        (Whiteouts::Overlay, true) => Ok(rustix::fs::fsetxattr(
+            pd,
+            "trusted.overlay.opaque",
+            b"y",
+            rustix::fs::XattrFlags::empty(),
+        )?),
+        (Whiteouts::Overlay, false) => {
+            match remove_tree(pd, target) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                r => r?,
+            }
+            Ok(rustix::fs::mknodat(
+                pd,
+                target,
+                FileType::CharacterDevice,
+                Mode::empty(),
+                rustix::fs::makedev(0, 0),
+            )?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        build(&mut b);
+        b.into_inner().unwrap()
+    }
+
+    fn file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        // Bypass the builder's own path checks: hostile names are the point.
+        let name = h.as_old_mut().name.as_mut();
+        name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+
+    fn link(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, path: &str, target: &str) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+        h.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
+        h.set_cksum();
+        b.append(&h, &[][..]).unwrap();
+    }
+
+    fn run(tar: Vec<u8>) -> (tempfile::TempDir, io::Result<u64>) {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("root")).unwrap();
+        let fd = rustix::fs::open(
+            t.path().join("root"),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+        let r = unpack(fd.as_fd(), &tar[..], Whiteouts::Delete);
+        (t, r)
+    }
+
+    #[test]
+    fn refuses_escaping_entries() {
+        let cases: Vec<Vec<u8>> = vec![
+            tar_of(|b| file(b, "../evil", b"x")),
+            tar_of(|b| file(b, "/abs", b"x")),
+            tar_of(|b| {
+                link(b, tar::EntryType::Symlink, "up", "/");
+                file(b, "up/evil", b"x");
+            }),
+            tar_of(|b| {
+                link(b, tar::EntryType::Symlink, "up", "../..");
+                file(b, "up/evil", b"x");
+            }),
+            tar_of(|b| link(b, tar::EntryType::Link, "hl", "../outside")),
+        ];
+        for (i, c) in cases.into_iter().enumerate() {
+            let (t, r) = run(c);
+            let err = r.expect_err(&format!("case {i} should fail"));
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "case {i}: {err}");
+            assert!(
+                !t.path().join("evil").exists()
+                    && !t.path().parent().unwrap().join("evil").exists()
+            );
+        }
+    }
+
+    #[test]
+    fn whiteouts_delete() {
+        let (t, r) = run(tar_of(|b| {
+            file(b, "a", b"1");
+            file(b, "b", b"22");
+            file(b, ".wh.a", b"");
+        }));
+        assert_eq!(r.unwrap(), 3);
+        assert!(!t.path().join("root/a").exists());
+        assert!(t.path().join("root/b").exists());
+    }
+}

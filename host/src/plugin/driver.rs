@@ -1,0 +1,145 @@
+//! `WasmDriver`: the core's `GraphDriver` trait over a driver component.
+
+use super::bindings::driver::{DriverPlugin, DriverPluginPre};
+use super::{ByteStream as HostStream, Limits, LoadError, PluginHost, Pool, Sandbox};
+use crate::confined::Home;
+use gantry_core::plugin::{ByteStream, GraphDriver};
+use gantry_core::{ErrorClass, PluginError};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use wasmtime::component::{HasSelf, Resource};
+
+pub struct WasmDriver {
+    name: String,
+    pool: Pool<DriverPlugin>,
+    home: Arc<Home>,
+}
+
+impl WasmDriver {
+    /// Loads driver `name` with its home at `home` and `options` from the config.
+    pub fn load(
+        host: &PluginHost,
+        name: &str,
+        path: &Path,
+        home: &Path,
+        limits: Limits,
+        options: Vec<(String, String)>,
+    ) -> Result<Self, LoadError> {
+        let c = host.component(name, path)?;
+        host.check_contract(name, &c, "driver")?;
+        let link_err = |message: String| LoadError::Link {
+            name: name.to_string(),
+            message,
+        };
+        let mut linker = host.linker().map_err(link_err)?;
+        DriverPlugin::add_to_linker::<Sandbox, HasSelf<Sandbox>>(&mut linker, |s| s)
+            .map_err(|e| link_err(e.to_string()))?;
+        let pre = linker
+            .instantiate_pre(&c)
+            .map_err(|e| link_err(super::first_line(&e)))?;
+        let pre = DriverPluginPre::new(pre).map_err(|e| link_err(e.to_string()))?;
+        let home = Arc::new(Home::open(home).map_err(|source| LoadError::Read {
+            name: name.to_string(),
+            path: home.display().to_string(),
+            source,
+        })?);
+        Ok(WasmDriver {
+            name: name.to_string(),
+            pool: Pool {
+                label: format!("driver/{name}"),
+                engine: host.engine.clone(),
+                limits,
+                http: None,
+                home: Some(home.clone()),
+                make: Box::new(move |store| {
+                    let d = pre.instantiate(&mut *store)?;
+                    Ok(d.gantry_plugin_driver()
+                        .call_init(&mut *store, &options)?
+                        .map(|()| d))
+                }),
+                free: Default::default(),
+            },
+            home,
+        })
+    }
+}
+
+impl GraphDriver for WasmDriver {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn create(&self, id: &str, parent: Option<&str>) -> Result<(), PluginError> {
+        self.pool.call("create", |s, d| {
+            d.gantry_plugin_driver().call_create(s, id, parent)
+        })
+    }
+
+    fn remove(&self, id: &str) -> Result<(), PluginError> {
+        self.pool
+            .call("remove", |s, d| d.gantry_plugin_driver().call_remove(s, id))
+    }
+
+    fn exists(&self, id: &str) -> Result<bool, PluginError> {
+        self.pool.call("exists", |s, d| {
+            Ok(Ok(d.gantry_plugin_driver().call_exists(s, id)?))
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<PathBuf, PluginError> {
+        let rel = self
+            .pool
+            .call("get", |s, d| d.gantry_plugin_driver().call_get(s, id, ""))?;
+        // Resolved by the host, beneath the home, without links.
+        self.home.host_path(&rel).map_err(|e| {
+            PluginError::new(
+                ErrorClass::Invalid,
+                format!("driver {} returned a bad path {rel:?}: {e}", self.name),
+            )
+        })
+    }
+
+    fn put(&self, id: &str) -> Result<(), PluginError> {
+        self.pool
+            .call("put", |s, d| d.gantry_plugin_driver().call_put(s, id))
+    }
+
+    fn apply_diff(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+        diff: ByteStream,
+    ) -> Result<u64, PluginError> {
+        self.pool.call("apply-diff", |s, d| {
+            let own: Resource<HostStream> = s.data_mut().table.push(HostStream(diff))?;
+            let borrow = Resource::<HostStream>::new_borrow(own.rep());
+            let r = d
+                .gantry_plugin_driver()
+                .call_apply_diff(&mut *s, id, parent, borrow)?;
+            let mut rest = s.data_mut().table.delete(own)?;
+            if r.is_ok() {
+                // The diffID covers the whole stream: read what the driver left.
+                if let Err(e) = std::io::copy(&mut rest.0, &mut std::io::sink()) {
+                    return Ok(Err(super::host_impls::io_error(e)));
+                }
+            }
+            Ok(r)
+        })
+    }
+
+    fn diff(&self, id: &str, parent: Option<&str>) -> Result<ByteStream, PluginError> {
+        self.pool.call("diff", |s, d| {
+            let r = d.gantry_plugin_driver().call_diff(&mut *s, id, parent)?;
+            Ok(match r {
+                Ok(res) => Ok(s.data_mut().table.delete(res)?.0),
+                Err(e) => Err(e),
+            })
+        })
+    }
+
+    fn status(&self) -> Result<Vec<(String, String)>, PluginError> {
+        self.pool.call("status", |s, d| {
+            Ok(Ok(d.gantry_plugin_driver().call_status(s)?))
+        })
+    }
+}

@@ -1,0 +1,209 @@
+//! The host side of the WIT imports: the `byte-stream` resource, filtered
+//! `http`, and the confined `fs` capability.
+
+use super::bindings::driver::gantry::plugin::fs;
+use super::bindings::transport::gantry::plugin::{http, types};
+use super::bindings::WitError;
+use super::{ByteStream, Sandbox};
+use crate::confined::{self, Whiteouts};
+use std::io::{self, Read};
+use wasmtime::component::Resource;
+
+/// An I/O error as the guest sees it.
+pub(super) fn io_error(e: io::Error) -> WitError {
+    match e.kind() {
+        io::ErrorKind::NotFound => WitError::NotFound(e.to_string()),
+        io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput => {
+            WitError::Invalid(e.to_string())
+        }
+        io::ErrorKind::PermissionDenied => WitError::Denied(e.to_string()),
+        io::ErrorKind::UnexpectedEof => WitError::Invalid(format!("truncated input: {e}")),
+        _ => WitError::Internal(e.to_string()),
+    }
+}
+
+const MAX_READ: u32 = 1 << 20;
+
+impl types::Host for Sandbox {}
+
+impl types::HostByteStream for Sandbox {
+    fn read(&mut self, s: Resource<ByteStream>, len: u32) -> Result<Vec<u8>, WitError> {
+        self.host(|me| {
+            let stream = me
+                .table
+                .get_mut(&s)
+                .map_err(|e| WitError::Internal(e.to_string()))?;
+            let mut buf = vec![0u8; len.min(MAX_READ) as usize];
+            let n = loop {
+                match stream.0.read(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r.map_err(|e| WitError::Transient(e.to_string()))?,
+                }
+            };
+            buf.truncate(n);
+            Ok(buf)
+        })
+    }
+
+    fn drop(&mut self, s: Resource<ByteStream>) -> wasmtime::Result<()> {
+        self.table.delete(s)?;
+        Ok(())
+    }
+}
+
+impl http::Host for Sandbox {
+    fn send(&mut self, req: http::Request) -> Result<http::Response, WitError> {
+        self.host(|me| {
+            let policy = me
+                .http
+                .clone()
+                .ok_or_else(|| WitError::Denied("this plugin has no network access".into()))?;
+            let resp = policy.send(&req.method, &req.url, req.headers)?;
+            let body = me
+                .table
+                .push(ByteStream(resp.body))
+                .map_err(|e| WitError::Internal(e.to_string()))?;
+            Ok(http::Response {
+                status: resp.status,
+                headers: resp.headers,
+                body,
+            })
+        })
+    }
+}
+
+impl Sandbox {
+    fn home(&self) -> Result<std::sync::Arc<confined::Home>, WitError> {
+        self.home
+            .clone()
+            .ok_or_else(|| WitError::Denied("this plugin has no file system".into()))
+    }
+
+    fn fs<R>(&mut self, f: impl FnOnce(&confined::Home) -> io::Result<R>) -> Result<R, WitError> {
+        let home = self.home()?;
+        self.host(|_| f(&home).map_err(io_error))
+    }
+}
+
+fn change_kind(k: confined::ChangeKind) -> fs::ChangeKind {
+    match k {
+        confined::ChangeKind::Add => fs::ChangeKind::Add,
+        confined::ChangeKind::Modify => fs::ChangeKind::Modify,
+        confined::ChangeKind::Delete => fs::ChangeKind::Delete,
+    }
+}
+
+impl fs::Host for Sandbox {
+    fn mkdir_all(&mut self, path: String, mode: u32) -> Result<(), WitError> {
+        self.fs(|h| h.mkdir_all(&path, mode & 0o7777))
+    }
+
+    fn remove_all(&mut self, path: String) -> Result<(), WitError> {
+        self.fs(|h| h.remove_all(&path))
+    }
+
+    fn exists(&mut self, path: String) -> Result<bool, WitError> {
+        self.fs(|h| h.exists(&path))
+    }
+
+    fn rename(&mut self, src: String, dst: String) -> Result<(), WitError> {
+        self.fs(|h| h.rename(&src, &dst))
+    }
+
+    fn read_file(&mut self, path: String) -> Result<Vec<u8>, WitError> {
+        self.fs(|h| h.read_file(&path, 1 << 20))
+    }
+
+    fn write_file(&mut self, path: String, data: Vec<u8>, mode: u32) -> Result<(), WitError> {
+        self.fs(|h| h.write_file(&path, &data, mode & 0o777))
+    }
+
+    fn list_dir(&mut self, path: String) -> Result<Vec<String>, WitError> {
+        self.fs(|h| h.list_dir(&path))
+    }
+
+    fn symlink(&mut self, target: String, path: String) -> Result<(), WitError> {
+        self.fs(|h| h.symlink(&target, &path))
+    }
+
+    fn unpack(
+        &mut self,
+        dir: String,
+        diff: Resource<ByteStream>,
+        mode: fs::WhiteoutMode,
+    ) -> Result<u64, WitError> {
+        let home = self.home()?;
+        let mode = match mode {
+            fs::WhiteoutMode::Delete => Whiteouts::Delete,
+            fs::WhiteoutMode::Overlay => Whiteouts::Overlay,
+        };
+        self.host(|me| {
+            let d = home.dir(&dir).map_err(io_error)?;
+            let stream = me
+                .table
+                .get_mut(&diff)
+                .map_err(|e| WitError::Internal(e.to_string()))?;
+            confined::unpack(std::os::fd::AsFd::as_fd(&d), &mut stream.0, mode).map_err(io_error)
+        })
+    }
+
+    fn pack(&mut self, dir: String) -> Result<Resource<ByteStream>, WitError> {
+        let home = self.home()?;
+        self.host(|me| {
+            let d = home.dir(&dir).map_err(io_error)?;
+            let r = confined::pack(d).map_err(io_error)?;
+            me.table
+                .push(ByteStream(Box::new(r)))
+                .map_err(|e| WitError::Internal(e.to_string()))
+        })
+    }
+
+    fn pack_changes(
+        &mut self,
+        lower: String,
+        upper: String,
+    ) -> Result<Resource<ByteStream>, WitError> {
+        let home = self.home()?;
+        self.host(|me| {
+            let l = home.dir(&lower).map_err(io_error)?;
+            let u = home.dir(&upper).map_err(io_error)?;
+            let r = confined::pack_changes(l, u).map_err(io_error)?;
+            me.table
+                .push(ByteStream(Box::new(r)))
+                .map_err(|e| WitError::Internal(e.to_string()))
+        })
+    }
+
+    fn copy_tree(&mut self, src: String, dst: String) -> Result<(), WitError> {
+        self.fs(|h| {
+            let (sp, sn) = h.parent(&src)?;
+            let (dp, dn) = h.parent(&dst)?;
+            confined::copy_tree(
+                std::os::fd::AsFd::as_fd(&sp),
+                sn,
+                std::os::fd::AsFd::as_fd(&dp),
+                dn,
+            )
+        })
+    }
+
+    fn changes(&mut self, lower: String, upper: String) -> Result<Vec<fs::Change>, WitError> {
+        self.fs(|h| {
+            let l = h.dir(&lower)?;
+            let u = h.dir(&upper)?;
+            Ok(
+                confined::changes(std::os::fd::AsFd::as_fd(&l), std::os::fd::AsFd::as_fd(&u))?
+                    .into_iter()
+                    .map(|c| fs::Change {
+                        path: format!("/{}", c.path),
+                        kind: change_kind(c.kind),
+                    })
+                    .collect(),
+            )
+        })
+    }
+
+    fn disk_usage(&mut self, dir: String) -> Result<u64, WitError> {
+        self.fs(|h| confined::disk_usage(std::os::fd::AsFd::as_fd(&h.dir(&dir)?)))
+    }
+}

@@ -1,0 +1,142 @@
+//! `WasmTransport`: the core's `Transport` trait over a transport component.
+
+use super::bindings::transport::exports::gantry::plugin::transport as wit;
+use super::bindings::transport::{TransportPlugin, TransportPluginPre};
+use super::{Limits, LoadError, PluginHost, Pool, Sandbox};
+use crate::http::HttpPolicy;
+use gantry_core::endpoint::Registries;
+use gantry_core::plugin::{ByteStream, Endpoint, Resolved, Transport};
+use gantry_core::{Digest, PluginError};
+use std::path::Path;
+use std::sync::Arc;
+use wasmtime::component::HasSelf;
+
+pub struct WasmTransport {
+    name: String,
+    pool: Pool<TransportPlugin>,
+    http: Arc<HttpPolicy>,
+}
+
+impl WasmTransport {
+    pub fn load(
+        host: &PluginHost,
+        name: &str,
+        path: &Path,
+        limits: Limits,
+        registries: Registries,
+    ) -> Result<Self, LoadError> {
+        let c = host.component(name, path)?;
+        host.check_contract(name, &c, "transport")?;
+        let link_err = |message: String| LoadError::Link {
+            name: name.to_string(),
+            message,
+        };
+        let mut linker = host.linker().map_err(link_err)?;
+        TransportPlugin::add_to_linker::<Sandbox, HasSelf<Sandbox>>(&mut linker, |s| s)
+            .map_err(|e| link_err(e.to_string()))?;
+        let pre = linker
+            .instantiate_pre(&c)
+            .map_err(|e| link_err(super::first_line(&e)))?;
+        let pre = TransportPluginPre::new(pre).map_err(|e| link_err(e.to_string()))?;
+        let http = Arc::new(HttpPolicy::new(registries));
+        Ok(WasmTransport {
+            name: name.to_string(),
+            pool: Pool {
+                label: format!("transport/{name}"),
+                engine: host.engine.clone(),
+                limits,
+                http: Some(http.clone()),
+                home: None,
+                make: Box::new(move |store| Ok(Ok(pre.instantiate(store)?))),
+                free: Default::default(),
+            },
+            http,
+        })
+    }
+
+    fn endpoint(&self, ep: &Endpoint) -> wit::Endpoint {
+        // The core asked for this endpoint: the plugin may reach it.
+        self.http.allow(&ep.url);
+        wit::Endpoint {
+            url: ep.url.clone(),
+            mirror: ep.mirror,
+            credentials: ep.credentials.as_ref().map(|c| wit::Credentials {
+                username: c.username.clone(),
+                password: c.password.clone(),
+                identity_token: c.identity_token.clone(),
+            }),
+        }
+    }
+}
+
+impl Transport for WasmTransport {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn probe(&self, ep: &Endpoint) -> Result<String, PluginError> {
+        let ep = self.endpoint(ep);
+        self.pool
+            .call("probe", |s, p| {
+                p.gantry_plugin_transport().call_probe(s, &ep)
+            })
+            .map(|i| i.version)
+    }
+
+    fn resolve(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        reference: &str,
+        accept: &[&str],
+    ) -> Result<Resolved, PluginError> {
+        let ep = self.endpoint(ep);
+        let accept: Vec<String> = accept.iter().map(|s| s.to_string()).collect();
+        let r = self.pool.call("resolve", |s, p| {
+            p.gantry_plugin_transport()
+                .call_resolve(s, &ep, repository, reference, &accept)
+        })?;
+        Ok(match r {
+            wit::Resolved::Manifest(m) => Resolved::Manifest {
+                media_type: m.media_type,
+                claimed_digest: m.claimed_digest,
+                bytes: m.bytes,
+            },
+            wit::Resolved::V1Chain(c) => {
+                Resolved::V1Chain(c.into_iter().map(|i| (i.id, i.json)).collect())
+            }
+        })
+    }
+
+    fn open_blob(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<ByteStream, PluginError> {
+        let ep = self.endpoint(ep);
+        self.pool.call("open-blob", |s, p| {
+            let r = p.gantry_plugin_transport().call_open_blob(
+                &mut *s,
+                &ep,
+                repository,
+                digest.as_str(),
+                offset,
+            )?;
+            Ok(match r {
+                // Take the stream back from the guest: its bytes never enter it.
+                Ok(res) => Ok(s.data_mut().table.delete(res)?.0),
+                Err(e) => Err(e),
+            })
+        })
+    }
+
+    fn list_tags(&self, ep: &Endpoint, repository: &str) -> Result<Vec<String>, PluginError> {
+        let ep = self.endpoint(ep);
+        self.pool.call("list-tags", |s, p| {
+            p.gantry_plugin_transport()
+                .call_list_tags(s, &ep, repository)
+        })
+    }
+}

@@ -1,1 +1,42 @@
-//! placeholder
+//! gantry-tests: what the end-to-end tests stand on.
+//!
+//! - [`image`]: writes OCI image layouts from a description (layers of
+//!   files, links, whiteouts, devices…), so no test image is a checked-in
+//!   binary;
+//! - [`registry`]: starts Debian's `docker-registry` (the CNCF distribution
+//!   server) on 127.0.0.1 and fills it with `skopeo copy`;
+//! - [`proxy`]: an HTTP proxy in front of it that adds token auth and
+//!   injects faults (cut connections, wrong bytes, redirects);
+//! - [`gantry`]: runs the built binary with a fresh `--root`;
+//! - [`tree`]: listings of a tar or a directory for file-by-file comparison.
+
+pub mod gantry;
+pub mod image;
+pub mod proxy;
+pub mod registry;
+pub mod tree;
+
+/// Says why a test did not run, when a peer it needs is missing. CI installs
+/// every peer, so there a skip is never silent: `GANTRY_REQUIRE_PEERS=1`
+/// turns it into a failure.
+pub fn require(tool: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var_os("GANTRY_REQUIRE_PEERS").is_some() {
+            panic!("{tool} is required (GANTRY_REQUIRE_PEERS is set) but not installed");
+        }
+        eprintln!("skipped: {tool} is not installed");
+    }
+    found
+}
+
+/// Whether we run as root (owners, devices and setuid need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}

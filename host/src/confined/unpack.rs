@@ -145,9 +145,13 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
                     tar::EntryType::Block => FileType::BlockDevice,
                     _ => FileType::Fifo,
                 };
-                let major = hdr.device_major().map_err(as_invalid)?.unwrap_or(0);
-                let minor = hdr.device_minor().map_err(as_invalid)?.unwrap_or(0);
-                let dev = rustix::fs::makedev(major, minor);
+                let dev = if ft == FileType::Fifo {
+                    rustix::fs::makedev(0, 0)
+                } else {
+                    let major = hdr.device_major().map_err(as_invalid)?.unwrap_or(0);
+                    let minor = hdr.device_minor().map_err(as_invalid)?.unwrap_or(0);
+                    rustix::fs::makedev(major, minor)
+                };
                 rustix::fs::mknodat(pd, *name, ft, Mode::from_raw_mode(perm), dev)?;
             }
             other => {

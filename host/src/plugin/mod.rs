@@ -351,34 +351,38 @@ impl<B> Pool<B> {
 
     fn crash(&self, store: &Store<Sandbox>, op: &str, trap: wasmtime::Error) -> PluginError {
         let s = store.data();
-        let why = if s.timed_out {
-            format!("ran past its CPU deadline of {:?}", s.cpu)
+        let message = if s.timed_out {
+            format!(
+                "plugin {} ran past its CPU deadline of {:?} in {op}",
+                self.label, s.cpu
+            )
         } else if s.limiter.hit {
-            format!("exceeded its memory limit of {} MiB", s.limiter.cap >> 20)
+            format!(
+                "plugin {} exceeded its memory limit of {} MiB in {op}",
+                self.label,
+                s.limiter.cap >> 20
+            )
         } else {
-            let said = String::from_utf8_lossy(&s.stderr.contents()).to_string();
-            let panic = said
-                .lines()
-                .find(|l| l.contains("panicked"))
-                .map(|l| format!(": {}", l.trim()))
-                .or_else(|| {
-                    said.lines()
-                        .rev()
-                        .find(|l| !l.trim().is_empty())
-                        .map(|l| format!(": {}", l.trim()))
-                })
-                .unwrap_or_default();
             let code = trap
                 .downcast_ref::<wasmtime::Trap>()
                 .map(|t| t.to_string())
                 .unwrap_or_else(|| first_line(&trap));
-            format!("trapped ({code}){panic}")
+            match panic_message(&String::from_utf8_lossy(&s.stderr.contents())) {
+                Some(p) => format!("plugin {} trapped in {op}: {p}", self.label),
+                None => format!("plugin {} trapped in {op}: {code}", self.label),
+            }
         };
-        PluginError::new(
-            ErrorClass::Crashed,
-            format!("plugin {} {why} in {op}", self.label),
-        )
+        PluginError::new(ErrorClass::Crashed, message)
     }
+}
+
+/// The panic a Rust guest wrote to its stderr: "panicked at FILE:LINE: MESSAGE".
+fn panic_message(stderr: &str) -> Option<String> {
+    let mut lines = stderr.lines();
+    let at = lines.find(|l| l.contains("panicked at"))?;
+    let place = at.split("panicked at").nth(1)?.trim().trim_end_matches(':');
+    let msg = lines.next().unwrap_or("").trim();
+    Some(format!("panicked at {place}: {msg}"))
 }
 
 fn first_line(e: &impl std::fmt::Display) -> String {

@@ -61,15 +61,39 @@ fn basic(c: &Credentials) -> String {
     )
 }
 
+/// The registry's own words from an `{"errors":[{"code","message"}]}` body.
+fn registry_message(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let msgs: Vec<String> = v
+        .get("errors")?
+        .as_array()?
+        .iter()
+        .filter_map(|e| {
+            e.get("message")
+                .and_then(|m| m.as_str())
+                .or_else(|| e.get("code").and_then(|c| c.as_str()))
+        })
+        .map(|m| m.to_lowercase())
+        .collect();
+    (!msgs.is_empty()).then(|| msgs.join("; "))
+}
+
 /// Maps an HTTP status that is not success to an error class.
 fn status_error(status: u16, what: &str, body: &[u8]) -> Error {
-    let detail = String::from_utf8_lossy(&body[..body.len().min(300)])
-        .trim()
-        .replace('\n', " ");
-    let msg = if detail.is_empty() {
-        format!("{what}: HTTP {status}")
-    } else {
-        format!("{what}: HTTP {status}: {detail}")
+    let detail = registry_message(body).unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(&body[..body.len().min(200)])
+            .trim()
+            .replace('\n', " ");
+        if text.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            format!("HTTP {status}: {text}")
+        }
+    });
+    let msg = match status {
+        404 => format!("{what} not found: {detail}"),
+        401 => format!("{what}: unauthorized: {detail}"),
+        _ => format!("{what}: HTTP {status}: {detail}"),
     };
     match status {
         404 => Error::NotFound(msg),
@@ -246,7 +270,7 @@ impl Guest for V2 {
         if resp.status != 200 {
             return Err(status_error(
                 resp.status,
-                &format!("manifest {repository}:{reference}"),
+                &format!("manifest for {repository}:{reference}"),
                 &body,
             ));
         }

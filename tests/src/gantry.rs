@@ -1,0 +1,164 @@
+//! Runs the built `gantry` binary with a fresh `--root`, and shows all of
+//! its output when an expectation fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub struct Gantry {
+    pub root: tempfile::TempDir,
+    /// `TMPDIR` of every run: gantry must never write there.
+    pub tmpdir: tempfile::TempDir,
+    pub config: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+/// The binary next to the test executable (`target/<profile>/gantry`).
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("gantry");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace first (make build)",
+        bin.display()
+    );
+    bin
+}
+
+pub struct Run {
+    pub args: String,
+    pub out: Output,
+}
+
+impl Run {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+    fn show(&self) -> String {
+        format!(
+            "gantry {}\n--- exit: {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.args,
+            self.out.status.code(),
+            self.stdout(),
+            self.stderr()
+        )
+    }
+}
+
+impl Default for Gantry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Gantry {
+    pub fn new() -> Gantry {
+        Gantry {
+            root: tempfile::tempdir().unwrap(),
+            tmpdir: tempfile::tempdir().unwrap(),
+            config: None,
+            env: Vec::new(),
+        }
+    }
+
+    pub fn root_path(&self) -> &Path {
+        self.root.path()
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        let mut c = Command::new(binary());
+        c.arg("--root").arg(self.root.path());
+        if let Some(cfg) = &self.config {
+            c.arg("--config").arg(cfg);
+        }
+        c.args(args).stdin(Stdio::null());
+        // Never read the developer's credentials.
+        c.env("DOCKER_CONFIG", self.root.path().join("no-docker-config"));
+        c.env("TMPDIR", self.tmpdir.path());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        Run {
+            args: args.join(" "),
+            out: c.output().unwrap(),
+        }
+    }
+
+    /// Runs and expects success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert!(r.out.status.success(), "expected success:\n{}", r.show());
+        r.stdout()
+    }
+
+    /// Runs and expects failure with a one-line error; returns that line.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert!(!r.out.status.success(), "expected failure:\n{}", r.show());
+        let err = r.stderr();
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "expected one error line:\n{}", r.show());
+        assert!(lines[0].starts_with("error: "), "{}", r.show());
+        lines[0].to_string()
+    }
+
+    /// Writes a config file from `toml` and uses it.
+    pub fn with_config(mut self, toml: &str) -> Gantry {
+        let p = self.root.path().join("..").join(format!(
+            "{}.toml",
+            self.root.path().file_name().unwrap().to_string_lossy()
+        ));
+        std::fs::write(&p, toml).unwrap();
+        self.config = Some(p);
+        self
+    }
+
+    /// A listing of every path under the root with type, size and content
+    /// digest: equal before and after means the store is exactly as it was.
+    pub fn store_listing(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        walk(self.root.path(), self.root.path(), &mut out);
+        out.sort();
+        out
+    }
+
+    /// Nothing was written to `TMPDIR`.
+    pub fn assert_tmpdir_untouched(&self) {
+        let n = std::fs::read_dir(self.tmpdir.path()).unwrap().count();
+        assert_eq!(n, 0, "gantry wrote into TMPDIR");
+    }
+
+    pub fn fsck_clean(&self) {
+        let out = self.ok(&["fsck"]);
+        assert!(out.contains("store is consistent"), "{out}");
+    }
+}
+
+fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        let rel = p.strip_prefix(base).unwrap().display().to_string();
+        // The compiled-plugin cache and lock files are not store state.
+        if rel.starts_with("plugins-cache") || rel.ends_with(".lock") {
+            continue;
+        }
+        let md = std::fs::symlink_metadata(&p).unwrap();
+        if md.is_dir() {
+            out.push(format!("{rel}/"));
+            walk(base, &p, out);
+        } else if md.is_file() {
+            let data = std::fs::read(&p).unwrap();
+            out.push(format!(
+                "{rel} {} {}",
+                data.len(),
+                crate::image::sha256(&data)
+            ));
+        } else {
+            out.push(format!("{rel} (special)"));
+        }
+    }
+}

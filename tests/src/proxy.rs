@@ -1,0 +1,348 @@
+//! An HTTP proxy in front of a real registry that adds what the tests need:
+//! token auth (a `/token` endpoint and `WWW-Authenticate: Bearer`
+//! challenges), and faults per blob — a connection cut mid-body, wrong
+//! bytes, a redirect to a second "CDN" origin that records whether a
+//! registry token reached it. It counts the blob requests it served.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Default)]
+pub struct Faults {
+    /// Require a bearer token from `/token` (checked against these basic credentials if set).
+    pub token_auth: bool,
+    pub basic_user: Option<(String, String)>,
+    /// Cut the body of this blob after N bytes, the first time it is served.
+    pub cut_blob: Option<(String, usize)>,
+    /// Serve this blob with one byte changed.
+    pub corrupt_blob: Option<String>,
+    /// Answer every blob request with a redirect to the CDN origin.
+    pub redirect_blobs: bool,
+    /// Answer every manifest request with this status.
+    pub manifest_status: Option<u16>,
+    /// Serve manifests padded to this many bytes.
+    pub huge_manifest: Option<usize>,
+}
+
+#[derive(Default)]
+pub struct Seen {
+    /// Blob GETs served, by digest (range requests included).
+    pub blob_gets: HashMap<String, usize>,
+    pub range_requests: usize,
+    pub tokens_issued: usize,
+    /// Authorization headers that reached the CDN origin.
+    pub cdn_authorization: Vec<String>,
+    pub cdn_gets: usize,
+}
+
+pub struct Proxy {
+    pub port: u16,
+    pub cdn_port: u16,
+    pub seen: Arc<Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+}
+
+struct Req {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Req {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn read_req(s: &mut BufReader<TcpStream>) -> Option<Req> {
+    let mut line = String::new();
+    s.read_line(&mut line).ok()?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        s.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    Some(Req {
+        method,
+        path,
+        headers,
+    })
+}
+
+fn respond(s: &mut TcpStream, status: u16, headers: &[(String, String)], body: &[u8]) {
+    let mut out = format!("HTTP/1.1 {status} X\r\n");
+    for (k, v) in headers {
+        if !k.eq_ignore_ascii_case("content-length") && !k.eq_ignore_ascii_case("connection") {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    out.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    ));
+    let _ = s.write_all(out.as_bytes());
+    let _ = s.write_all(body);
+}
+
+/// Forwards a GET/HEAD to the upstream registry; returns status, headers, body.
+fn forward(upstream: u16, req: &Req) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut u = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+    let mut out = format!(
+        "{} {} HTTP/1.1\r\nHost: 127.0.0.1:{upstream}\r\nConnection: close\r\n",
+        req.method, req.path
+    );
+    for (k, v) in &req.headers {
+        let k_l = k.to_ascii_lowercase();
+        if !matches!(k_l.as_str(), "host" | "connection" | "authorization") {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    out.push_str("\r\n");
+    u.write_all(out.as_bytes()).unwrap();
+    let mut r = BufReader::new(u);
+    let mut status_line = String::new();
+    r.read_line(&mut status_line).unwrap();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let mut body = Vec::new();
+    if req.method != "HEAD" {
+        let len = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        match len {
+            Some(n) => {
+                body.resize(n, 0);
+                r.read_exact(&mut body).unwrap();
+            }
+            None => {
+                r.read_to_end(&mut body).unwrap();
+            }
+        }
+    }
+    (status, headers, body)
+}
+
+fn blob_digest(path: &str) -> Option<String> {
+    let i = path.find("/blobs/")?;
+    Some(path[i + 7..].split('?').next()?.to_string())
+}
+
+impl Proxy {
+    pub fn start(upstream: u16, faults: Faults) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let cdn = TcpListener::bind("127.0.0.2:0").unwrap();
+        let cdn_port = cdn.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let faults = Arc::new(faults);
+        let cut_done = Arc::new(AtomicBool::new(false));
+        {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for s in cdn.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let Ok(s) = s else { continue };
+                    let seen = seen.clone();
+                    std::thread::spawn(move || {
+                        let mut r = BufReader::new(s.try_clone().unwrap());
+                        let Some(mut req) = read_req(&mut r) else {
+                            return;
+                        };
+                        {
+                            let mut g = seen.lock().unwrap();
+                            g.cdn_gets += 1;
+                            if let Some(a) = req.header("authorization") {
+                                g.cdn_authorization.push(a.to_string());
+                            }
+                        }
+                        req.path = req.path.replacen("/cdn", "", 1);
+                        let (st, h, b) = forward(upstream, &req);
+                        respond(&mut s.try_clone().unwrap(), st, &h, &b);
+                    });
+                }
+            });
+        }
+        {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for s in l.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let Ok(s) = s else { continue };
+                    let (seen, faults, cut_done) = (seen.clone(), faults.clone(), cut_done.clone());
+                    std::thread::spawn(move || {
+                        serve(s, port, cdn_port, upstream, &faults, &seen, &cut_done)
+                    });
+                }
+            });
+        }
+        crate::registry::wait_for(&format!("127.0.0.1:{port}"));
+        Proxy {
+            port,
+            cdn_port,
+            seen,
+            stop,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+fn serve(
+    s: TcpStream,
+    port: u16,
+    cdn_port: u16,
+    upstream: u16,
+    faults: &Faults,
+    seen: &Mutex<Seen>,
+    cut_done: &AtomicBool,
+) {
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let Some(req) = read_req(&mut r) else { return };
+    if req.path.starts_with("/token") {
+        if let Some((u, p)) = &faults.basic_user {
+            use base64::Engine as _;
+            let want = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            );
+            if req.header("authorization") != Some(want.as_str()) {
+                respond(
+                    &mut w,
+                    401,
+                    &[],
+                    b"{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}",
+                );
+                return;
+            }
+        }
+        let n = {
+            let mut g = seen.lock().unwrap();
+            g.tokens_issued += 1;
+            g.tokens_issued
+        };
+        respond(
+            &mut w,
+            200,
+            &[("Content-Type".into(), "application/json".into())],
+            format!("{{\"token\":\"tok-{n}\"}}").as_bytes(),
+        );
+        return;
+    }
+    if faults.token_auth
+        && !req
+            .header("authorization")
+            .is_some_and(|a| a.starts_with("Bearer tok-"))
+    {
+        let challenge =
+            format!("Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"gantry-test\"");
+        respond(
+            &mut w,
+            401,
+            &[
+                ("WWW-Authenticate".into(), challenge),
+                ("Content-Type".into(), "application/json".into()),
+            ],
+            b"{\"errors\":[{\"code\":\"UNAUTHORIZED\",\"message\":\"authentication required\"}]}",
+        );
+        return;
+    }
+    if req.path.contains("/manifests/") {
+        if let Some(st) = faults.manifest_status {
+            respond(&mut w, st, &[], b"{\"errors\":[{\"code\":\"INJECTED\"}]}");
+            return;
+        }
+    }
+    let digest = blob_digest(&req.path);
+    if let Some(d) = &digest {
+        let mut g = seen.lock().unwrap();
+        *g.blob_gets.entry(d.clone()).or_default() += 1;
+        if req.header("range").is_some() {
+            g.range_requests += 1;
+        }
+        drop(g);
+        if faults.redirect_blobs {
+            let loc = format!("http://127.0.0.2:{cdn_port}/cdn{}", req.path);
+            respond(&mut w, 307, &[("Location".into(), loc)], b"");
+            return;
+        }
+    }
+    let (status, mut headers, mut body) = forward(upstream, &req);
+    if let Some(n) = faults.huge_manifest {
+        if req.path.contains("/manifests/") {
+            body.resize(n, b' ');
+            headers.retain(|(k, _)| !k.eq_ignore_ascii_case("docker-content-digest"));
+        }
+    }
+    if let Some(d) = &digest {
+        if faults.corrupt_blob.as_deref() == Some(d.as_str()) && !body.is_empty() {
+            let i = body.len() / 2;
+            body[i] ^= 0xff;
+        }
+        if let Some((cut, after)) = &faults.cut_blob {
+            if cut == d && !cut_done.swap(true, Ordering::SeqCst) {
+                // Promise the whole body, send part of it, hang up.
+                let mut out = format!("HTTP/1.1 {status} X\r\n");
+                for (k, v) in &headers {
+                    if !k.eq_ignore_ascii_case("connection") {
+                        out.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                }
+                out.push_str("Connection: close\r\n\r\n");
+                let _ = w.write_all(out.as_bytes());
+                let _ = w.write_all(&body[..(*after).min(body.len())]);
+                let _ = w.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        }
+    }
+    respond(&mut w, status, &headers, &body);
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        let _ = TcpStream::connect(("127.0.0.2", self.cdn_port));
+    }
+}

@@ -1,0 +1,196 @@
+//! Registries that demand tokens, redirect, cut connections or send wrong bytes.
+
+use crate::{assert_refused, control_image, peers, publish};
+use gantry_tests::gantry::Gantry;
+use gantry_tests::image::{rich_layers, Image};
+use gantry_tests::proxy::{Faults, Proxy};
+use gantry_tests::registry::Registry;
+
+fn docker_config(g: &Gantry, host: &str, user: &str, pass: &str) -> std::path::PathBuf {
+    use base64::Engine as _;
+    let dir = g.tmpdir.path().join("..").join(format!(
+        "dockercfg-{}",
+        g.root_path().file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    std::fs::write(
+        dir.join("config.json"),
+        format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn token_auth_with_credentials_from_docker_config() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
+    let proxy = Proxy::start(
+        reg.port,
+        Faults {
+            token_auth: true,
+            basic_user: Some(("alice".into(), "s3cret".into())),
+            ..Default::default()
+        },
+    );
+    let name = format!("{}/test/rich:v1", proxy.addr());
+
+    let mut g = Gantry::new();
+    let cfg = docker_config(&g, &proxy.addr(), "alice", "wrong");
+    g.env
+        .push(("DOCKER_CONFIG".into(), cfg.display().to_string()));
+    g.ok(&["images"]);
+    assert_refused(&g, &["pull", &name], "unauthorized");
+
+    let mut g = Gantry::new();
+    let cfg = docker_config(&g, &proxy.addr(), "alice", "s3cret");
+    g.env
+        .push(("DOCKER_CONFIG".into(), cfg.display().to_string()));
+    g.ok(&["pull", &name]);
+    assert!(proxy.seen.lock().unwrap().tokens_issued >= 1);
+    g.fsck_clean();
+}
+
+#[test]
+fn redirected_blobs_never_carry_the_registry_token() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
+    let proxy = Proxy::start(
+        reg.port,
+        Faults {
+            token_auth: true,
+            redirect_blobs: true,
+            ..Default::default()
+        },
+    );
+    let g = Gantry::new();
+    g.ok(&["pull", &format!("{}/test/rich:v1", proxy.addr())]);
+    let seen = proxy.seen.lock().unwrap();
+    assert!(
+        seen.cdn_gets >= 4,
+        "config and layers came from the redirect target"
+    );
+    assert!(
+        seen.cdn_authorization.is_empty(),
+        "token leaked: {:?}",
+        seen.cdn_authorization
+    );
+    drop(seen);
+    g.fsck_clean();
+}
+
+#[test]
+fn a_cut_connection_is_resumed_with_a_range_request() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    let (_p, _, layers) = publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
+    let big = layers.iter().max_by_key(|l| l.size).unwrap().clone();
+    let proxy = Proxy::start(
+        reg.port,
+        Faults {
+            cut_blob: Some((big.digest.clone(), big.size / 2)),
+            ..Default::default()
+        },
+    );
+    let g = Gantry::new();
+    g.ok(&["pull", &format!("{}/test/rich:v1", proxy.addr())]);
+    let seen = proxy.seen.lock().unwrap();
+    assert!(seen.range_requests >= 1, "the download resumed with Range");
+    assert_eq!(seen.blob_gets[&big.digest], 2);
+    drop(seen);
+    g.fsck_clean();
+}
+
+#[test]
+fn wrong_bytes_are_rejected_and_nothing_is_registered() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    let (_p, _, layers) = publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
+    publish(&reg, "test/control", "v1", &control_image());
+    let proxy = Proxy::start(
+        reg.port,
+        Faults {
+            corrupt_blob: Some(layers[1].digest.clone()),
+            ..Default::default()
+        },
+    );
+    let g = Gantry::new();
+    g.ok(&["pull", &format!("{}/test/control:v1", proxy.addr())]);
+    assert_refused(
+        &g,
+        &["pull", &format!("{}/test/rich:v1", proxy.addr())],
+        "digest mismatch",
+    );
+}
+
+#[test]
+fn registry_errors_give_one_line_and_leave_the_store_alone() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    publish(&reg, "test/control", "v1", &control_image());
+    let g = Gantry::new();
+    g.ok(&["pull", &format!("{}/test/control:v1", reg.addr())]);
+    assert_refused(
+        &g,
+        &["pull", &format!("{}/test/control:nope", reg.addr())],
+        "manifest for test/control:nope not found: manifest unknown",
+    );
+    assert_refused(
+        &g,
+        &["pull", &format!("{}/test/absent:v1", reg.addr())],
+        "not found",
+    );
+    for (status, expect) in [
+        (500u16, "HTTP 500"),
+        (401, "unauthorized"),
+        (403, "HTTP 403"),
+    ] {
+        let proxy = Proxy::start(
+            reg.port,
+            Faults {
+                manifest_status: Some(status),
+                ..Default::default()
+            },
+        );
+        assert_refused(
+            &g,
+            &["pull", &format!("{}/test/control:v1", proxy.addr())],
+            expect,
+        );
+    }
+    let proxy = Proxy::start(
+        reg.port,
+        Faults {
+            huge_manifest: Some(5 << 20),
+            ..Default::default()
+        },
+    );
+    assert_refused(
+        &g,
+        &["pull", &format!("{}/test/control:v1", proxy.addr())],
+        "larger than 4 MiB",
+    );
+    assert_refused(
+        &g,
+        &["pull", "Not/A/Valid:ref!"],
+        "invalid reference format",
+    );
+    assert_refused(
+        &g,
+        &["pull", "127.0.0.1:1/nothing/listens:here"],
+        "127.0.0.1:1",
+    );
+}

@@ -1,0 +1,97 @@
+//! End-to-end tests of the `gantry` binary against a real registry
+//! (Debian's `docker-registry`), filled with `skopeo copy` from OCI layouts
+//! the tests generate.
+
+mod commands;
+mod faults;
+mod hostile;
+mod pull;
+mod sandbox;
+
+use gantry_tests::gantry::Gantry;
+use gantry_tests::image::{Desc, Image, Layer, Layout};
+use gantry_tests::registry::Registry;
+use gantry_tests::{is_root, require, tree};
+use std::path::Path;
+use std::process::Command;
+
+/// Whether the registry peers are here (a skip says why).
+pub fn peers() -> bool {
+    require("docker-registry") && require("skopeo")
+}
+
+/// A layout written to a temporary directory.
+pub struct Published {
+    pub dir: tempfile::TempDir,
+    pub layout: Layout,
+}
+
+/// Writes `img` as `tag` into a fresh layout and pushes it to `reg` as `repo:tag`.
+pub fn publish(reg: &Registry, repo: &str, tag: &str, img: &Image) -> (Published, Desc, Vec<Desc>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut layout = Layout::create(dir.path());
+    let (m, layers) = layout.image(img);
+    layout.tag(tag, &m, None);
+    reg.push(dir.path(), tag, &format!("{repo}:{tag}"));
+    (Published { dir, layout }, m, layers)
+}
+
+/// A small good image, to have something in the store before a bad input.
+pub fn control_image() -> Image {
+    Image::new(vec![Layer::new()
+        .dir("etc", 0o755)
+        .file("etc/control", 0o644, b"control\n")
+        .tar()])
+}
+
+/// Runs a command that must fail with one line containing `expect`, and
+/// checks the store is exactly as before and still consistent.
+pub fn assert_refused(g: &Gantry, args: &[&str], expect: &str) -> String {
+    let before = g.store_listing();
+    let err = g.fails(args);
+    assert!(
+        err.to_lowercase().contains(&expect.to_lowercase()),
+        "expected {expect:?} in: {err}"
+    );
+    assert_eq!(before, g.store_listing(), "the store changed after: {err}");
+    g.fsck_clean();
+    g.assert_tmpdir_untouched();
+    err
+}
+
+/// Exports `image` from `g` and compares it file by file with `umoci
+/// unpack` of `tag` in `layout`.
+pub fn assert_export_matches_umoci(g: &Gantry, image: &str, layout: &Path, tag: &str) {
+    if !require("umoci") {
+        return;
+    }
+    let out = g
+        .tmpdir
+        .path()
+        .join("..")
+        .join(format!("export-{}-{tag}.tar", std::process::id()));
+    g.ok(&["export", image, "-o", out.to_str().unwrap()]);
+    let ours = tree::of_tar(std::fs::File::open(&out).unwrap());
+    std::fs::remove_file(&out).unwrap();
+    assert!(ours.len() > 1, "the export is empty");
+    let bundle = tempfile::tempdir().unwrap();
+    let b = bundle.path().join("b");
+    let mut cmd = Command::new("umoci");
+    cmd.arg("unpack");
+    if !is_root() {
+        cmd.arg("--rootless");
+    }
+    let st = cmd
+        .arg("--image")
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "umoci unpack: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let theirs = tree::of_dir(&b.join("rootfs"));
+    tree::assert_same(&ours, &theirs, image);
+}

@@ -1,0 +1,148 @@
+//! Pulls of good images: layouts, compressions, platforms; export equals umoci.
+
+use crate::{assert_export_matches_umoci, assert_refused, peers, publish};
+use gantry_tests::gantry::Gantry;
+use gantry_tests::image::{rich_layers, Compression, Image, Layer, Layout};
+use gantry_tests::registry::Registry;
+
+#[test]
+fn pulls_a_rich_image_and_exports_what_umoci_unpacks() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    let (p, _, _) = publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
+    let g = Gantry::new();
+    let name = format!("{}/test/rich:v1", reg.addr());
+    let out = g.ok(&["pull", &name]);
+    assert!(out.contains("v1: Pulling from test/rich"), "{out}");
+    assert_eq!(out.matches("Pull complete").count(), 3, "{out}");
+    assert!(
+        out.contains(&format!("Status: Downloaded newer image for {name}")),
+        "{out}"
+    );
+    assert!(out.contains("Digest: sha256:"), "{out}");
+    g.fsck_clean();
+    g.assert_tmpdir_untouched();
+    assert_export_matches_umoci(&g, &name, p.dir.path(), "v1");
+
+    // A second pull finds everything present and downloads nothing.
+    let out = g.ok(&["pull", &name]);
+    assert!(
+        out.contains(&format!("Status: Image is up to date for {name}")),
+        "{out}"
+    );
+    assert_eq!(out.matches("Already exists").count(), 3, "{out}");
+    assert!(!out.contains("Pull complete"), "{out}");
+}
+
+#[test]
+fn pulls_zstd_and_uncompressed_layers() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    // umoci reads only gzip layers: the same tars, gzip-compressed, are the reference.
+    let (reference, _, _) = publish(&reg, "test/comp", "gzip", &Image::new(rich_layers()));
+    for (tag, c) in [("zstd", Compression::Zstd), ("plain", Compression::None)] {
+        let mut img = Image::new(rich_layers());
+        img.compression = c;
+        publish(&reg, "test/comp", tag, &img);
+        let g = Gantry::new();
+        let name = format!("{}/test/comp:{tag}", reg.addr());
+        g.ok(&["pull", &name]);
+        g.fsck_clean();
+        assert_export_matches_umoci(&g, &name, reference.dir.path(), "gzip");
+    }
+}
+
+#[test]
+fn picks_the_platform_from_a_manifest_list() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut layout = Layout::create(dir.path());
+    let amd = Image::new(vec![Layer::new().file("arch", 0o644, b"amd64\n").tar()]);
+    let mut arm = Image::new(vec![Layer::new()
+        .file("arch", 0o644, b"arm64\n")
+        .dir("arm", 0o700)
+        .tar()]);
+    arm.arch = "arm64";
+    let (am, _) = layout.image(&amd);
+    let (rm, _) = layout.image(&arm);
+    layout.tag("amd64", &am, Some(("linux", "amd64")));
+    layout.tag("arm64", &rm, Some(("linux", "arm64")));
+    let idx = layout.multi(&[(&amd, &am), (&arm, &rm)]);
+    layout.tag("multi", &idx, None);
+    reg.push(dir.path(), "multi", "test/multi:latest");
+    let name = format!("{}/test/multi", reg.addr());
+
+    let g = Gantry::new();
+    let out = g.ok(&["pull", "--platform", "linux/arm64", &name]);
+    assert!(
+        out.contains(&format!("Digest: {}", idx.digest)),
+        "records the list's digest: {out}"
+    );
+    let inspect: serde_json::Value = serde_json::from_str(&g.ok(&["inspect", &name])).unwrap();
+    assert_eq!(inspect[0]["Architecture"], "arm64");
+    assert_export_matches_umoci(&g, &name, dir.path(), "arm64");
+
+    let g = Gantry::new();
+    g.ok(&["pull", &name]);
+    let inspect: serde_json::Value = serde_json::from_str(&g.ok(&["inspect", &name])).unwrap();
+    assert_eq!(
+        inspect[0]["Architecture"],
+        std::env::consts::ARCH
+            .replace("x86_64", "amd64")
+            .replace("aarch64", "arm64")
+    );
+    assert_refused(
+        &g,
+        &["pull", "--platform", "linux/s390x", &name],
+        "no matching manifest for linux/s390x",
+    );
+    assert_refused(
+        &g,
+        &["pull", "--platform", "linux/z80", &name],
+        "invalid platform",
+    );
+}
+
+#[test]
+fn pulls_several_images_at_once_sharing_a_download() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    let proxy = gantry_tests::proxy::Proxy::start(reg.port, Default::default());
+    let base = Layer::new()
+        .file("shared", 0o644, &vec![3u8; 200_000])
+        .tar();
+    let a = Image::new(vec![
+        base.clone(),
+        Layer::new().file("a", 0o644, b"a").tar(),
+    ]);
+    let b = Image::new(vec![
+        base.clone(),
+        Layer::new().file("b", 0o644, b"b").tar(),
+    ]);
+    let (_pa, _, la) = publish(&reg, "test/a", "v1", &a);
+    let (_pb, _, lb) = publish(&reg, "test/b", "v1", &b);
+    assert_eq!(la[0].digest, lb[0].digest, "the base layer blob is shared");
+    let g = Gantry::new();
+    g.ok(&[
+        "pull",
+        &format!("{}/test/a:v1", proxy.addr()),
+        &format!("{}/test/b:v1", proxy.addr()),
+    ]);
+    let seen = proxy.seen.lock().unwrap();
+    assert_eq!(
+        seen.blob_gets.get(&la[0].digest),
+        Some(&1),
+        "the shared blob was fetched once"
+    );
+    drop(seen);
+    g.fsck_clean();
+}

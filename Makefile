@@ -1,0 +1,36 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+CARGO ?= cargo
+PLUGINS := -p gantry-transport-v2 -p gantry-driver-vfs -p gantry-bad-driver
+
+.PHONY: all deps plugins build test demo bench lint
+
+all: build
+
+## The wasm32-wasip2 target and the Debian peers (docker-registry, skopeo, umoci).
+deps:
+	./scripts/setup-deps.sh
+
+## Plugins: WebAssembly components for wasm32-wasip2.
+plugins: deps
+	$(CARGO) build --release --target wasm32-wasip2 $(PLUGINS)
+
+## The gantry binary, the core and the test harness (one shared target dir).
+build: plugins
+	$(CARGO) build --release
+
+## Every test: unit tests, the tidy test, end-to-end tests against real peers.
+test: build
+	$(CARGO) test --release
+
+## Build everything, start a registry on 127.0.0.1 with the example image, pull it.
+demo: build
+	./examples/demo.sh
+
+## Pull benchmark against skopeo (needs ~3 GiB of disk).
+bench: build
+	./bench/pull.sh
+
+lint: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
+	$(CARGO) clippy --release --target wasm32-wasip2 $(PLUGINS) -- -D warnings

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what building and testing gantry needs on a fresh Debian machine:
+# the wasm32-wasip2 target, and the real peers the tests and the demo use.
+set -euo pipefail
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+need=()
+for p in docker-registry skopeo umoci make; do
+    dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+    echo "installing ${need[*]}" >&2
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+rustup component add rustfmt clippy >/dev/null 2>&1 || true

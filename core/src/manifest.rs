@@ -63,8 +63,7 @@ fn blob(d: &oci_spec::image::Descriptor) -> Result<Blob> {
         .to_string()
         .parse()
         .map_err(|e: Error| Error::InvalidManifest(format!("manifest descriptor: {e}")))?;
-    let size =
-        u64::try_from(d.size()).map_err(|_| Error::InvalidManifest("negative blob size".into()))?;
+    let size = d.size();
     Ok(Blob {
         digest,
         size,

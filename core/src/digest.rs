@@ -60,14 +60,10 @@ impl Digest {
 impl FromStr for Digest {
     type Err = Error;
     fn from_str(s: &str) -> Result<Digest> {
-        let hex = s.strip_prefix("sha256:").ok_or_else(|| {
-            Error::Integrity(format!("unsupported digest {s:?}: only sha256 is accepted"))
-        })?;
-        if hex.len() != 64
-            || !hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        let hex = s
+            .strip_prefix("sha256:")
+            .ok_or_else(|| Error::Integrity(format!("unsupported digest {s:?}: only sha256 is accepted")))?;
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(Error::Integrity(format!("invalid digest {s:?}")));
         }
         Ok(Digest(s.to_string()))
@@ -106,9 +102,7 @@ mod tests {
     #[test]
     fn rejects_malformed_digests() {
         assert!("sha256:abc".parse::<Digest>().is_err());
-        assert!("md5:d41d8cd98f00b204e9800998ecf8427e"
-            .parse::<Digest>()
-            .is_err());
+        assert!("md5:d41d8cd98f00b204e9800998ecf8427e".parse::<Digest>().is_err());
         let upper = format!("sha256:{}", "A".repeat(64));
         assert!(upper.parse::<Digest>().is_err());
         let bad_path = format!("sha256:../{}", "a".repeat(61));

@@ -27,19 +27,14 @@ pub type Registries = BTreeMap<String, RegistryConfig>;
 pub fn is_loopback(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');
     h == "localhost"
-        || h.parse::<std::net::Ipv4Addr>()
-            .is_ok_and(|a| a.is_loopback())
-        || h.parse::<std::net::Ipv6Addr>()
-            .is_ok_and(|a| a.is_loopback())
+        || h.parse::<std::net::Ipv4Addr>().is_ok_and(|a| a.is_loopback())
+        || h.parse::<std::net::Ipv6Addr>().is_ok_and(|a| a.is_loopback())
 }
 
 /// Splits `host[:port]` into the host part.
 pub fn host_of(domain: &str) -> &str {
     if domain.starts_with('[') {
-        return domain
-            .split_once(']')
-            .map(|(h, _)| &h[1..])
-            .unwrap_or(domain);
+        return domain.split_once(']').map(|(h, _)| &h[1..]).unwrap_or(domain);
     }
     domain.rsplit_once(':').map(|(h, _)| h).unwrap_or(domain)
 }
@@ -110,10 +105,7 @@ mod tests {
             .into_iter()
             .map(|e| e.url)
             .collect();
-        assert_eq!(
-            urls,
-            vec!["https://127.0.0.1:5000", "http://127.0.0.1:5000"]
-        );
+        assert_eq!(urls, vec!["https://127.0.0.1:5000", "http://127.0.0.1:5000"]);
         assert_eq!(pull_endpoints("quay.io", &regs).len(), 1);
         assert!(is_loopback("127.8.0.1") && is_loopback("[::1]") && !is_loopback("10.0.0.1"));
     }

@@ -52,10 +52,7 @@ impl PluginError {
     pub fn allows_fallback(&self, mirror: bool) -> bool {
         match self.class {
             ErrorClass::Unreachable | ErrorClass::Unsupported => true,
-            ErrorClass::NotFound
-            | ErrorClass::Unauthorized
-            | ErrorClass::Denied
-            | ErrorClass::Transient => mirror,
+            ErrorClass::NotFound | ErrorClass::Unauthorized | ErrorClass::Denied | ErrorClass::Transient => mirror,
             _ => false,
         }
     }

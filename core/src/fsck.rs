@@ -34,14 +34,11 @@ pub fn collect_garbage(store: &Store, driver: &dyn GraphDriver) -> Result<Vec<St
         cleared.push(format!("unfinished layer record {n}"));
     }
     for id in store.staging_leftovers()? {
-        let in_use = store.layers.list()?.iter().any(|c| {
-            store
-                .layers
-                .get(c)
-                .ok()
-                .flatten()
-                .is_some_and(|m| m.cache_id == id)
-        });
+        let in_use = store
+            .layers
+            .list()?
+            .iter()
+            .any(|c| store.layers.get(c).ok().flatten().is_some_and(|m| m.cache_id == id));
         if !in_use {
             let _ = driver.remove(&id);
             cleared.push(format!("staging layer {id}"));
@@ -57,11 +54,10 @@ pub fn collect_garbage(store: &Store, driver: &dyn GraphDriver) -> Result<Vec<St
         .filter(|c| !needed.contains(c))
         .filter_map(|c| store.layers.get(&c).ok().flatten())
         .collect();
-    while let Some(pos) = unused.iter().position(|l| {
-        !unused
-            .iter()
-            .any(|o| o.parent.as_ref() == Some(&l.chain_id))
-    }) {
+    while let Some(pos) = unused
+        .iter()
+        .position(|l| !unused.iter().any(|o| o.parent.as_ref() == Some(&l.chain_id)))
+    {
         let l = unused.remove(pos);
         release_layer(store, driver, &l)?;
         cleared.push(format!("unreferenced layer {}", l.chain_id));
@@ -104,9 +100,8 @@ pub fn check(store: &Store, driver: &dyn GraphDriver) -> Result<Report> {
             Ok(Some(m)) => {
                 let want = Digest::chain(m.parent.as_ref(), &m.diff_id);
                 if want != c {
-                    r.problems.push(format!(
-                        "layer {c}: chain ID does not match its diff and parent"
-                    ));
+                    r.problems
+                        .push(format!("layer {c}: chain ID does not match its diff and parent"));
                 }
                 if let Some(p) = &m.parent {
                     if !store.layers.exists(p) {
@@ -129,10 +124,8 @@ pub fn check(store: &Store, driver: &dyn GraphDriver) -> Result<Report> {
         Ok(all) => {
             for (rf, id) in all {
                 if !images.contains(&id) {
-                    r.problems.push(format!(
-                        "reference {}: image {id} is missing",
-                        rf.familiar_string()
-                    ));
+                    r.problems
+                        .push(format!("reference {}: image {id} is missing", rf.familiar_string()));
                 }
             }
         }

@@ -62,12 +62,7 @@ pub fn tag(store: &Store, source: &str, target: &str) -> Result<()> {
 
 /// Removes a reference, or an image by ID. Returns Docker's report lines
 /// (`Untagged: …`, `Deleted: …`).
-pub fn remove(
-    store: &Store,
-    driver: &dyn GraphDriver,
-    s: &str,
-    force: bool,
-) -> Result<Vec<String>> {
+pub fn remove(store: &Store, driver: &dyn GraphDriver, s: &str, force: bool) -> Result<Vec<String>> {
     let _lock = store.write_lock()?;
     let mut out = Vec::new();
     let by_ref = Reference::parse(s)

@@ -73,11 +73,11 @@ fn blob(d: &oci_spec::image::Descriptor) -> Result<Blob> {
 
 fn layer_compression(media_type: &str) -> Result<Compression> {
     Ok(match media_type {
-        "application/vnd.docker.image.rootfs.diff.tar.gzip"
-        | "application/vnd.oci.image.layer.v1.tar+gzip" => Compression::Gzip,
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" | "application/vnd.oci.image.layer.v1.tar+gzip" => {
+            Compression::Gzip
+        }
         "application/vnd.oci.image.layer.v1.tar+zstd" => Compression::Zstd,
-        "application/vnd.oci.image.layer.v1.tar"
-        | "application/vnd.docker.image.rootfs.diff.tar" => Compression::None,
+        "application/vnd.oci.image.layer.v1.tar" | "application/vnd.docker.image.rootfs.diff.tar" => Compression::None,
         other => {
             return Err(Error::InvalidManifest(format!(
                 "unsupported layer media type {other:?}"
@@ -90,22 +90,16 @@ fn layer_compression(media_type: &str) -> Result<Compression> {
 /// the document's own `mediaType` field).
 pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
     if bytes.len() > MAX_MANIFEST_BYTES {
-        return Err(Error::InvalidManifest(
-            "manifest is larger than 4 MiB".into(),
-        ));
+        return Err(Error::InvalidManifest("manifest is larger than 4 MiB".into()));
     }
     let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| Error::InvalidManifest(format!("manifest is not valid JSON: {e}")))?;
-    let inner = value
-        .get("mediaType")
-        .and_then(|m| m.as_str())
-        .unwrap_or("");
-    let media_type =
-        if declared.is_empty() || declared == "application/json" || declared == "text/plain" {
-            inner
-        } else {
-            declared
-        };
+    let inner = value.get("mediaType").and_then(|m| m.as_str()).unwrap_or("");
+    let media_type = if declared.is_empty() || declared == "application/json" || declared == "text/plain" {
+        inner
+    } else {
+        declared
+    };
     let media_type = if media_type.is_empty() {
         // OCI allows an absent mediaType: tell by shape.
         if value.get("manifests").is_some() {
@@ -133,9 +127,7 @@ pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
             }
             let config = blob(m.config())?;
             if config.size > MAX_CONFIG_BYTES {
-                return Err(Error::InvalidManifest(
-                    "image config is larger than 8 MiB".into(),
-                ));
+                return Err(Error::InvalidManifest("image config is larger than 8 MiB".into()));
             }
             let layers = m
                 .layers()
@@ -160,20 +152,15 @@ pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
             for d in idx.manifests() {
                 let b = blob(d)?;
                 if let Some(p) = d.platform() {
-                    out.push((
-                        b,
-                        p.os().to_string(),
-                        p.architecture().to_string(),
-                        p.variant().clone(),
-                    ));
+                    out.push((b, p.os().to_string(), p.architecture().to_string(), p.variant().clone()));
                 }
             }
             Ok(Parsed::List(out))
         }
         "application/vnd.docker.distribution.manifest.v1+json"
-        | "application/vnd.docker.distribution.manifest.v1+prettyjws" => Err(
-            Error::InvalidManifest("Docker image manifest schema 1 is not supported".into()),
-        ),
+        | "application/vnd.docker.distribution.manifest.v1+prettyjws" => Err(Error::InvalidManifest(
+            "Docker image manifest schema 1 is not supported".into(),
+        )),
         other => Err(Error::InvalidManifest(format!(
             "unsupported manifest media type {other:?}"
         ))),
@@ -184,9 +171,7 @@ pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
 pub fn select(entries: &[(Blob, String, String, Option<String>)], want: &Platform) -> Result<Blob> {
     entries
         .iter()
-        .find(|(b, os, arch, variant)| {
-            is_manifest_type(&b.media_type) && want.matches(os, arch, variant.as_deref())
-        })
+        .find(|(b, os, arch, variant)| is_manifest_type(&b.media_type) && want.matches(os, arch, variant.as_deref()))
         .map(|e| e.0.clone())
         .ok_or_else(|| Error::NoMatchingPlatform(want.to_string()))
 }
@@ -228,20 +213,12 @@ impl ImageConfig {
                     .parse::<Digest>()
             })
             .collect::<Result<Vec<_>>>()?;
-        let s = |k: &str| {
-            raw.get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or("")
-                .to_string()
-        };
+        let s = |k: &str| raw.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
         Ok(ImageConfig {
             diff_ids,
             os: s("os"),
             architecture: s("architecture"),
-            variant: raw
-                .get("variant")
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
+            variant: raw.get("variant").and_then(|v| v.as_str()).map(str::to_string),
             raw,
         })
     }
@@ -265,11 +242,8 @@ mod tests {
 
     #[test]
     fn parses_oci_manifest() {
-        let Parsed::Image(m) = parse(
-            OCI_MANIFEST,
-            &manifest("application/vnd.oci.image.layer.v1.tar+zstd"),
-        )
-        .unwrap() else {
+        let Parsed::Image(m) = parse(OCI_MANIFEST, &manifest("application/vnd.oci.image.layer.v1.tar+zstd")).unwrap()
+        else {
             panic!("expected an image manifest")
         };
         assert_eq!(m.layers[0].compression, Compression::Zstd);
@@ -279,11 +253,7 @@ mod tests {
     #[test]
     fn refuses_unknown_layer_type_and_mismatched_type() {
         assert!(parse(OCI_MANIFEST, &manifest("application/x-evil")).is_err());
-        assert!(parse(
-            DOCKER_MANIFEST,
-            &manifest("application/vnd.oci.image.layer.v1.tar")
-        )
-        .is_err());
+        assert!(parse(DOCKER_MANIFEST, &manifest("application/vnd.oci.image.layer.v1.tar")).is_err());
         assert!(parse(OCI_MANIFEST, &vec![b' '; MAX_MANIFEST_BYTES + 1]).is_err());
     }
 }

@@ -79,12 +79,7 @@ pub trait GraphDriver: Send + Sync {
     fn put(&self, id: &str) -> Result<(), PluginError>;
     /// Applies a tar stream to `id`, reading it to its end. Returns the size
     /// of the content written. The caller verifies the diffID of the stream.
-    fn apply_diff(
-        &self,
-        id: &str,
-        parent: Option<&str>,
-        diff: ByteStream,
-    ) -> Result<u64, PluginError>;
+    fn apply_diff(&self, id: &str, parent: Option<&str>, diff: ByteStream) -> Result<u64, PluginError>;
     /// The tar of what `id` changed relative to `parent`.
     fn diff(&self, id: &str, parent: Option<&str>) -> Result<ByteStream, PluginError>;
     fn status(&self) -> Result<Vec<(String, String)>, PluginError>;

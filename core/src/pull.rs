@@ -183,10 +183,7 @@ impl Puller<'_> {
     }
 
     fn resolve(&self, ep: &Endpoint, repo: &str, reference: &str) -> Result<(Parsed, Digest)> {
-        let resolved = self.retrying(|| {
-            self.transport
-                .resolve(ep, repo, reference, manifest::ACCEPT)
-        })?;
+        let resolved = self.retrying(|| self.transport.resolve(ep, repo, reference, manifest::ACCEPT))?;
         let Resolved::Manifest {
             media_type,
             claimed_digest,
@@ -199,9 +196,7 @@ impl Puller<'_> {
             )));
         };
         if bytes.len() > manifest::MAX_MANIFEST_BYTES {
-            return Err(Error::InvalidManifest(
-                "manifest is larger than 4 MiB".into(),
-            ));
+            return Err(Error::InvalidManifest("manifest is larger than 4 MiB".into()));
         }
         let digest = Digest::of(&bytes);
         if let Ok(want) = reference.parse::<Digest>() {
@@ -224,8 +219,7 @@ impl Puller<'_> {
     fn pull_from(&self, ep: &Endpoint, reference: &Reference) -> Result<PullOutcome> {
         let repo = &reference.path;
         let tag_or_digest = reference.registry_reference();
-        self.progress
-            .line(&format!("{}: Pulling from {}", tag_or_digest, repo));
+        self.progress.line(&format!("{}: Pulling from {}", tag_or_digest, repo));
         let (parsed, mut manifest_digest) = self.resolve(ep, repo, &tag_or_digest)?;
         let want_platform = self.options.platform.clone().unwrap_or_else(Platform::host);
         let image = match parsed {
@@ -238,9 +232,7 @@ impl Puller<'_> {
                 match parsed {
                     Parsed::Image(m) => m,
                     Parsed::List(_) => {
-                        return Err(Error::InvalidManifest(
-                            "a manifest list points at another list".into(),
-                        ));
+                        return Err(Error::InvalidManifest("a manifest list points at another list".into()));
                     }
                 }
             }
@@ -270,8 +262,7 @@ impl Puller<'_> {
         let mut missing = Vec::new();
         for (i, l) in image.layers.iter().enumerate() {
             if self.store.layers.exists(&chain_ids[i]) {
-                self.progress
-                    .layer(l.blob.digest.short(), Status::AlreadyExists, 0, 0);
+                self.progress.layer(l.blob.digest.short(), Status::AlreadyExists, 0, 0);
             } else {
                 missing.push(i);
             }
@@ -290,9 +281,7 @@ impl Puller<'_> {
     /// Fetches a small blob (an image config) into memory, verified.
     fn fetch_small(&self, ep: &Endpoint, repo: &str, blob: &Blob) -> Result<Vec<u8>> {
         if blob.size > manifest::MAX_CONFIG_BYTES {
-            return Err(Error::InvalidManifest(
-                "image config is larger than 8 MiB".into(),
-            ));
+            return Err(Error::InvalidManifest("image config is larger than 8 MiB".into()));
         }
         let bytes = self.retrying(|| {
             let mut s = self.transport.open_blob(ep, repo, &blob.digest, 0)?;
@@ -300,12 +289,7 @@ impl Puller<'_> {
             s.by_ref()
                 .take(blob.size + 1)
                 .read_to_end(&mut buf)
-                .map_err(|e| {
-                    PluginError::new(
-                        ErrorClass::Transient,
-                        format!("reading {}: {e}", blob.digest),
-                    )
-                })?;
+                .map_err(|e| PluginError::new(ErrorClass::Transient, format!("reading {}: {e}", blob.digest)))?;
             Ok(buf)
         })?;
         check_blob(blob, bytes.len() as u64, &Digest::of(&bytes))?;
@@ -333,23 +317,17 @@ impl Puller<'_> {
                 image.layers[i].blob.size,
             );
         }
-        let results: Vec<Mutex<Option<Result<Arc<Spooled>>>>> =
-            missing.iter().map(|_| Mutex::new(None)).collect();
+        let results: Vec<Mutex<Option<Result<Arc<Spooled>>>>> = missing.iter().map(|_| Mutex::new(None)).collect();
         let ready = Condvar::new();
         let next = Mutex::new(0usize);
         let cancelled = std::sync::atomic::AtomicBool::new(false);
-        let workers = self
-            .options
-            .max_concurrent_downloads
-            .clamp(1, missing.len());
+        let workers = self.options.max_concurrent_downloads.clamp(1, missing.len());
         let outcome = std::thread::scope(|s| {
             for _ in 0..workers {
                 s.spawn(|| loop {
                     let k = {
                         let mut n = next.lock().unwrap();
-                        if *n >= missing.len()
-                            || cancelled.load(std::sync::atomic::Ordering::Relaxed)
-                        {
+                        if *n >= missing.len() || cancelled.load(std::sync::atomic::Ordering::Relaxed) {
                             return;
                         }
                         *n += 1;
@@ -371,11 +349,7 @@ impl Puller<'_> {
                             g = ready.wait(g).unwrap();
                         }
                     };
-                    let parent = if i == 0 {
-                        None
-                    } else {
-                        Some(&chain_ids[i - 1])
-                    };
+                    let parent = if i == 0 { None } else { Some(&chain_ids[i - 1]) };
                     let parent_cache = match parent {
                         None => None,
                         Some(p) => Some(match staged.iter().find(|st| &st.meta.chain_id == p) {
@@ -384,9 +358,7 @@ impl Puller<'_> {
                                 self.store
                                     .layers
                                     .get(p)?
-                                    .ok_or_else(|| {
-                                        Error::Integrity(format!("parent layer {p} vanished"))
-                                    })?
+                                    .ok_or_else(|| Error::Integrity(format!("parent layer {p} vanished")))?
                                     .cache_id
                             }
                         }),
@@ -408,20 +380,10 @@ impl Puller<'_> {
                     });
                     self.progress
                         .layer(blob.digest.short(), Status::Extracting, 0, blob.size);
-                    let size = self.apply(
-                        &spooled,
-                        blob,
-                        &config.diff_ids[i],
-                        &cache_id,
-                        parent_cache.as_deref(),
-                    )?;
+                    let size = self.apply(&spooled, blob, &config.diff_ids[i], &cache_id, parent_cache.as_deref())?;
                     staged.last_mut().expect("just pushed").meta.size = size;
-                    self.progress.layer(
-                        blob.digest.short(),
-                        Status::PullComplete,
-                        blob.size,
-                        blob.size,
-                    );
+                    self.progress
+                        .layer(blob.digest.short(), Status::PullComplete, blob.size, blob.size);
                 }
                 Ok(())
             })();
@@ -446,18 +408,14 @@ impl Puller<'_> {
         parent: Option<&str>,
     ) -> Result<u64> {
         self.driver.create(cache_id, parent)?;
-        let file =
-            File::open(&spooled.path).map_err(|e| Error::io("opening a downloaded layer", e))?;
-        let inflated = decompress(file)
-            .map_err(|e| Error::Integrity(format!("layer {}: {e}", blob.digest)))?;
+        let file = File::open(&spooled.path).map_err(|e| Error::io("opening a downloaded layer", e))?;
+        let inflated = decompress(file).map_err(|e| Error::Integrity(format!("layer {}: {e}", blob.digest)))?;
         let (reader, state) = HashingReader::new(inflated);
         let size = self
             .driver
             .apply_diff(cache_id, parent, Box::new(reader))
             .map_err(|e| match e.class {
-                ErrorClass::Invalid => {
-                    Error::Integrity(format!("layer {}: {}", blob.digest, e.message))
-                }
+                ErrorClass::Invalid => Error::Integrity(format!("layer {}: {}", blob.digest, e.message)),
                 _ => Error::Plugin(PluginError::new(
                     e.class,
                     format!("applying layer {}: {}", blob.digest, e.message),
@@ -552,12 +510,8 @@ impl Puller<'_> {
         let mut g = slot.done.lock().unwrap();
         loop {
             if let Some(r) = g.as_ref() {
-                self.progress.layer(
-                    blob.digest.short(),
-                    Status::DownloadComplete,
-                    blob.size,
-                    blob.size,
-                );
+                self.progress
+                    .layer(blob.digest.short(), Status::DownloadComplete, blob.size, blob.size);
                 return r.clone().map_err(Error::Plugin);
             }
             g = slot.cv.wait(g).unwrap();
@@ -567,14 +521,12 @@ impl Puller<'_> {
     fn download_now(&self, ep: &Endpoint, repo: &str, blob: &Blob) -> Result<Spooled> {
         let short = blob.digest.short();
         let spooled = Spooled {
-            path: self.store.blob_tmp().join(format!(
-                "{}-{}",
-                blob.digest.hex(),
-                &random_id()[..8]
-            )),
+            path: self
+                .store
+                .blob_tmp()
+                .join(format!("{}-{}", blob.digest.hex(), &random_id()[..8])),
         };
-        let mut file =
-            File::create(&spooled.path).map_err(|e| Error::io("creating a download file", e))?;
+        let mut file = File::create(&spooled.path).map_err(|e| Error::io("creating a download file", e))?;
         let mut hasher = Sha256::new();
         let mut got: u64 = 0;
         let mut attempt = 0;
@@ -596,15 +548,11 @@ impl Puller<'_> {
                             hasher.update(&buf[..n]);
                             file.write_all(&buf[..n])
                                 .map_err(|e| Error::io("writing a download", e))?;
-                            self.progress
-                                .layer(short, Status::Downloading, got, blob.size);
+                            self.progress.layer(short, Status::Downloading, got, blob.size);
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(e) => {
-                            break PluginError::new(
-                                ErrorClass::Transient,
-                                format!("reading blob {}: {e}", blob.digest),
-                            )
+                            break PluginError::new(ErrorClass::Transient, format!("reading blob {}: {e}", blob.digest))
                         }
                     }
                 },
@@ -612,8 +560,7 @@ impl Puller<'_> {
                     // The registry cannot resume: start over.
                     got = 0;
                     hasher = Sha256::new();
-                    file.set_len(0)
-                        .map_err(|e| Error::io("truncating a download", e))?;
+                    file.set_len(0).map_err(|e| Error::io("truncating a download", e))?;
                     std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))
                         .map_err(|e| Error::io("rewinding a download", e))?;
                     e
@@ -623,8 +570,7 @@ impl Puller<'_> {
             if failure.class == ErrorClass::Internal && failure.message == "end" {
                 break;
             }
-            if !(failure.is_transient() || failure.class == ErrorClass::Unsupported)
-                || attempt >= self.options.retries
+            if !(failure.is_transient() || failure.class == ErrorClass::Unsupported) || attempt >= self.options.retries
             {
                 return Err(Error::Plugin(failure));
             }
@@ -633,12 +579,10 @@ impl Puller<'_> {
             std::thread::sleep(wait);
             wait *= 2;
         }
-        self.progress
-            .layer(short, Status::VerifyingChecksum, got, blob.size);
+        self.progress.layer(short, Status::VerifyingChecksum, got, blob.size);
         check_blob(blob, got, &Digest::from_hasher(hasher))?;
         file.sync_data().ok();
-        self.progress
-            .layer(short, Status::DownloadComplete, got, blob.size);
+        self.progress.layer(short, Status::DownloadComplete, got, blob.size);
         Ok(spooled)
     }
 }

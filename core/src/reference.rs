@@ -197,17 +197,12 @@ fn valid_domain(d: &str) -> bool {
         }
     }
     if host.starts_with('[') {
-        return host.ends_with(']')
-            && host[1..host.len() - 1]
-                .parse::<std::net::Ipv6Addr>()
-                .is_ok();
+        return host.ends_with(']') && host[1..host.len() - 1].parse::<std::net::Ipv6Addr>().is_ok();
     }
     !host.is_empty()
         && host.split('.').all(|label| {
             !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                && label.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -256,17 +251,11 @@ mod tests {
         assert_eq!(norm("ubuntu"), "docker.io/library/ubuntu:latest");
         assert_eq!(norm("ubuntu:22.04"), "docker.io/library/ubuntu:22.04");
         assert_eq!(norm("team/app"), "docker.io/team/app:latest");
-        assert_eq!(
-            norm("index.docker.io/ubuntu"),
-            "docker.io/library/ubuntu:latest"
-        );
+        assert_eq!(norm("index.docker.io/ubuntu"), "docker.io/library/ubuntu:latest");
         assert_eq!(norm("localhost/app"), "localhost/app:latest");
         assert_eq!(norm("127.0.0.1:5000/a/b:v1"), "127.0.0.1:5000/a/b:v1");
         let d = format!("sha256:{}", "a".repeat(64));
-        assert_eq!(
-            norm(&format!("ubuntu@{d}")),
-            format!("docker.io/library/ubuntu@{d}")
-        );
+        assert_eq!(norm(&format!("ubuntu@{d}")), format!("docker.io/library/ubuntu@{d}"));
         assert_eq!(
             norm(&format!("ubuntu:1@{d}")),
             format!("docker.io/library/ubuntu:1@{d}")

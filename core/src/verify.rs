@@ -123,9 +123,7 @@ mod tests {
         for blob in [gz, zs, data.clone()] {
             let (r, state) = HashingReader::new(decompress(io::Cursor::new(blob)).unwrap());
             let mut out = Vec::new();
-            LimitedReader::new(r, 1 << 20, "layer")
-                .read_to_end(&mut out)
-                .unwrap();
+            LimitedReader::new(r, 1 << 20, "layer").read_to_end(&mut out).unwrap();
             assert_eq!(out, data);
             assert_eq!(state.finish(), (Digest::of(&data), data.len() as u64));
         }

@@ -34,9 +34,7 @@ pub fn default_path() -> Option<PathBuf> {
 
 /// `https://index.docker.io/v1/` → `docker.io`; `http://host:5000` → `host:5000`.
 fn normalise(key: &str) -> String {
-    let k = key
-        .trim_start_matches("https://")
-        .trim_start_matches("http://");
+    let k = key.trim_start_matches("https://").trim_start_matches("http://");
     let k = k.split('/').next().unwrap_or(k);
     match k {
         "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
@@ -55,21 +53,19 @@ impl AuthFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(AuthFile::default()),
             Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", path.display())),
         };
-        let f: File = serde_json::from_slice(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?;
+        let f: File =
+            serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?;
         let mut by_host = HashMap::new();
         for (k, e) in f.auths {
             let (username, password) = match (&e.auth, e.username, e.password) {
                 (Some(a), _, _) if !a.is_empty() => {
                     let raw = base64::engine::general_purpose::STANDARD
                         .decode(a.trim())
-                        .map_err(|_| {
-                            anyhow::anyhow!("{}: auths.{k}.auth is not base64", path.display())
-                        })?;
+                        .map_err(|_| anyhow::anyhow!("{}: auths.{k}.auth is not base64", path.display()))?;
                     let s = String::from_utf8_lossy(&raw).to_string();
-                    let (u, p) = s.split_once(':').ok_or_else(|| {
-                        anyhow::anyhow!("{}: auths.{k}.auth is not user:password", path.display())
-                    })?;
+                    let (u, p) = s
+                        .split_once(':')
+                        .ok_or_else(|| anyhow::anyhow!("{}: auths.{k}.auth is not user:password", path.display()))?;
                     (u.to_string(), p.to_string())
                 }
                 (_, Some(u), Some(p)) => (u, p),

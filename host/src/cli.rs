@@ -14,12 +14,7 @@ pub struct Cli {
     #[arg(long, global = true, env = "GANTRY_CONFIG")]
     pub config: Option<PathBuf>,
     /// The store root; everything gantry writes lives below it.
-    #[arg(
-        long,
-        global = true,
-        env = "GANTRY_ROOT",
-        default_value = "/var/lib/gantry"
-    )]
+    #[arg(long, global = true, env = "GANTRY_ROOT", default_value = "/var/lib/gantry")]
     pub root: PathBuf,
     #[command(subcommand)]
     pub command: Command,

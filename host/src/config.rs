@@ -97,14 +97,12 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config> {
         let (text, origin) = match path {
             Some(p) => (
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("reading config {}", p.display()))?,
+                std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?,
                 p.display().to_string(),
             ),
             None => (DEFAULT.to_string(), "built-in config".to_string()),
         };
-        let c: Config =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {}", e.message()))?;
+        let c: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {}", e.message()))?;
         if c.max_concurrent_downloads == 0 {
             bail!("{origin}: max_concurrent_downloads must be at least 1");
         }

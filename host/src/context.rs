@@ -49,15 +49,8 @@ impl Context {
     }
 
     pub fn transport(&self) -> Result<WasmTransport> {
-        let path = self
-            .config
-            .plugin_path("transport", &self.config.transport)?;
-        let limits = self
-            .config
-            .transport
-            .limits
-            .unwrap_or(self.config.limits)
-            .to_limits();
+        let path = self.config.plugin_path("transport", &self.config.transport)?;
+        let limits = self.config.transport.limits.unwrap_or(self.config.limits).to_limits();
         Ok(WasmTransport::load(
             &self.host,
             &self.config.transport.kind,

@@ -80,14 +80,8 @@ impl HttpPolicy {
     }
 
     /// Sends a request for a plugin.
-    pub fn send(
-        &self,
-        method: &str,
-        url: &str,
-        mut headers: Vec<(String, String)>,
-    ) -> Result<HttpResponse, WitError> {
-        let mut u =
-            url::Url::parse(url).map_err(|e| WitError::Invalid(format!("bad URL {url:?}: {e}")))?;
+    pub fn send(&self, method: &str, url: &str, mut headers: Vec<(String, String)>) -> Result<HttpResponse, WitError> {
+        let mut u = url::Url::parse(url).map_err(|e| WitError::Invalid(format!("bad URL {url:?}: {e}")))?;
         if !self.allowed.lock().unwrap().contains(&origin(&u)) {
             return Err(WitError::Denied(format!(
                 "the plugin may not connect to {}",
@@ -95,9 +89,7 @@ impl HttpPolicy {
             )));
         }
         if !matches!(method, "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE") {
-            return Err(WitError::Invalid(format!(
-                "HTTP method {method:?} is not allowed"
-            )));
+            return Err(WitError::Invalid(format!("HTTP method {method:?} is not allowed")));
         }
         for _ in 0..=MAX_REDIRECTS {
             self.check_scheme(&u)?;
@@ -111,9 +103,9 @@ impl HttpPolicy {
                 Err(ureq::Error::Transport(t)) => {
                     let msg = format!("{}: {}", origin(&u), t);
                     return Err(match t.kind() {
-                        ureq::ErrorKind::ConnectionFailed
-                        | ureq::ErrorKind::Dns
-                        | ureq::ErrorKind::InvalidUrl => WitError::Unreachable(msg),
+                        ureq::ErrorKind::ConnectionFailed | ureq::ErrorKind::Dns | ureq::ErrorKind::InvalidUrl => {
+                            WitError::Unreachable(msg)
+                        }
                         ureq::ErrorKind::Io => WitError::Transient(msg),
                         _ => WitError::Unreachable(msg),
                     });
@@ -178,16 +170,10 @@ mod tests {
     fn refuses_unlisted_origins_and_plain_http() {
         let p = HttpPolicy::new(Registries::new());
         p.allow("http://127.0.0.1:1");
-        let e = p
-            .send("GET", "http://127.0.0.2:1/v2/", vec![])
-            .err()
-            .unwrap();
+        let e = p.send("GET", "http://127.0.0.2:1/v2/", vec![]).err().unwrap();
         assert!(matches!(e, WitError::Denied(_)), "{e:?}");
         p.allow("http://example.com");
-        let e = p
-            .send("GET", "http://example.com/v2/", vec![])
-            .err()
-            .unwrap();
+        let e = p.send("GET", "http://example.com/v2/", vec![]).err().unwrap();
         assert!(matches!(e, WitError::Denied(m) if m.contains("plain HTTP")));
         assert_eq!(
             realm_of(r#"Bearer realm="http://a:1/t",service="x""#).as_deref(),

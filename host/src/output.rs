@@ -85,11 +85,7 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         }
         _ => return None,
     };
-    let (yy, mm) = if mo <= 2 {
-        (y - 1, mo + 9)
-    } else {
-        (y, mo - 3)
-    };
+    let (yy, mm) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
     let era = yy.div_euclid(400);
     let yoe = yy - era * 400;
     let doy = (153 * mm + 2) / 5 + d - 1;
@@ -156,11 +152,9 @@ impl Progress for PullProgress {
                 let bar = g.entry(id.to_string()).or_insert_with(|| {
                     let b = multi.add(ProgressBar::new(total.max(1)));
                     b.set_style(
-                        ProgressStyle::with_template(
-                            "{prefix}: {msg:<18} [{bar:40}] {bytes}/{total_bytes}",
-                        )
-                        .expect("valid template")
-                        .progress_chars("=> "),
+                        ProgressStyle::with_template("{prefix}: {msg:<18} [{bar:40}] {bytes}/{total_bytes}")
+                            .expect("valid template")
+                            .progress_chars("=> "),
                     );
                     b.set_prefix(id.to_string());
                     b
@@ -172,10 +166,7 @@ impl Progress for PullProgress {
                         bar.set_position(current);
                     }
                     Status::PullComplete | Status::AlreadyExists => {
-                        bar.set_style(
-                            ProgressStyle::with_template("{prefix}: {msg}")
-                                .expect("valid template"),
-                        );
+                        bar.set_style(ProgressStyle::with_template("{prefix}: {msg}").expect("valid template"));
                         bar.finish_with_message(status.docker_text());
                     }
                     _ => {}
@@ -206,10 +197,7 @@ mod tests {
         assert_eq!(human_size(77_834_000), "77.8MB");
         assert_eq!(human_size(500_000_000), "500MB");
         assert_eq!(parse_rfc3339("1970-01-02T00:00:00Z"), Some(86400));
-        assert_eq!(
-            parse_rfc3339("2023-11-14T22:13:20.5+01:00"),
-            Some(1_700_000_000 - 3600)
-        );
+        assert_eq!(parse_rfc3339("2023-11-14T22:13:20.5+01:00"), Some(1_700_000_000 - 3600));
         assert_eq!(human_age(3 * 86400), "3 days ago");
     }
 }

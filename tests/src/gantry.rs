@@ -152,11 +152,7 @@ fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
             walk(base, &p, out);
         } else if md.is_file() {
             let data = std::fs::read(&p).unwrap();
-            out.push(format!(
-                "{rel} {} {}",
-                data.len(),
-                crate::image::sha256(&data)
-            ));
+            out.push(format!("{rel} {} {}", data.len(), crate::image::sha256(&data)));
         } else {
             out.push(format!("{rel} (special)"));
         }

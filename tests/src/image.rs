@@ -119,10 +119,7 @@ pub fn compress(tar: &[u8], c: Compression) -> (Vec<u8>, &'static str) {
         Compression::Gzip => {
             let mut e = GzEncoder::new(Vec::new(), flate2::Compression::fast());
             e.write_all(tar).unwrap();
-            (
-                e.finish().unwrap(),
-                "application/vnd.oci.image.layer.v1.tar+gzip",
-            )
+            (e.finish().unwrap(), "application/vnd.oci.image.layer.v1.tar+gzip")
         }
         Compression::Zstd => (
             zstd::encode_all(tar, 3).unwrap(),
@@ -217,7 +214,9 @@ impl Layout {
             } else {
                 sha256(tar)
             });
-            history.push(json!({"created": "2023-11-14T22:13:20Z", "created_by": format!("/bin/sh -c #(nop) ADD layer {i}")}));
+            history.push(
+                json!({"created": "2023-11-14T22:13:20Z", "created_by": format!("/bin/sh -c #(nop) ADD layer {i}")}),
+            );
         }
         history.push(json!({"created": "2023-11-14T22:13:20Z", "created_by": "/bin/sh -c #(nop)  CMD [\"/bin/sh\"]", "empty_layer": true}));
         let config = json!({
@@ -269,10 +268,7 @@ impl Layout {
                 j
             }).collect::<Vec<_>>(),
         });
-        self.blob(
-            idx.to_string().as_bytes(),
-            "application/vnd.oci.image.index.v1+json",
-        )
+        self.blob(idx.to_string().as_bytes(), "application/vnd.oci.image.index.v1+json")
     }
 
     fn write_index(&self) {

@@ -78,11 +78,7 @@ fn read_req(s: &mut BufReader<TcpStream>) -> Option<Req> {
             headers.push((k.trim().to_string(), v.trim().to_string()));
         }
     }
-    Some(Req {
-        method,
-        path,
-        headers,
-    })
+    Some(Req { method, path, headers })
 }
 
 fn respond(s: &mut TcpStream, status: u16, headers: &[(String, String)], body: &[u8]) {
@@ -92,10 +88,7 @@ fn respond(s: &mut TcpStream, status: u16, headers: &[(String, String)], body: &
             out.push_str(&format!("{k}: {v}\r\n"));
         }
     }
-    out.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    ));
+    out.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()));
     let _ = s.write_all(out.as_bytes());
     let _ = s.write_all(body);
 }
@@ -118,12 +111,7 @@ fn forward(upstream: u16, req: &Req) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let mut r = BufReader::new(u);
     let mut status_line = String::new();
     r.read_line(&mut status_line).unwrap();
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let status: u16 = status_line.split_whitespace().nth(1).unwrap().parse().unwrap();
     let mut headers = Vec::new();
     loop {
         let mut h = String::new();
@@ -207,9 +195,7 @@ impl Proxy {
                     }
                     let Ok(s) = s else { continue };
                     let (seen, faults, cut_done) = (seen.clone(), faults.clone(), cut_done.clone());
-                    std::thread::spawn(move || {
-                        serve(s, port, cdn_port, upstream, &faults, &seen, &cut_done)
-                    });
+                    std::thread::spawn(move || serve(s, port, cdn_port, upstream, &faults, &seen, &cut_done));
                 }
             });
         }
@@ -247,12 +233,7 @@ fn serve(
                 base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
             );
             if req.header("authorization") != Some(want.as_str()) {
-                respond(
-                    &mut w,
-                    401,
-                    &[],
-                    b"{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}",
-                );
+                respond(&mut w, 401, &[], b"{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}");
                 return;
             }
         }
@@ -274,8 +255,7 @@ fn serve(
             .header("authorization")
             .is_some_and(|a| a.starts_with("Bearer tok-"))
     {
-        let challenge =
-            format!("Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"gantry-test\"");
+        let challenge = format!("Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"gantry-test\"");
         respond(
             &mut w,
             401,

@@ -13,11 +13,7 @@ pub struct Registry {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Waits until something accepts connections on `addr`.
@@ -46,11 +42,7 @@ impl Registry {
             .spawn()
             .expect("starting docker-registry");
         wait_for(&format!("127.0.0.1:{port}"));
-        Registry {
-            child,
-            port,
-            _dir: dir,
-        }
+        Registry { child, port, _dir: dir }
     }
 
     pub fn addr(&self) -> String {

@@ -145,9 +145,7 @@ pub fn assert_same(ours: &Listing, theirs: &Listing, what: &str) {
     for (p, m) in ours {
         match theirs.get(p) {
             None => diffs.push(format!("only in gantry: {p} {m:?}")),
-            Some(t) if t != m => {
-                diffs.push(format!("differs: {p}\n  gantry: {m:?}\n  peer:   {t:?}"))
-            }
+            Some(t) if t != m => diffs.push(format!("differs: {p}\n  gantry: {m:?}\n  peer:   {t:?}")),
             _ => {}
         }
     }

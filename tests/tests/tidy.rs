@@ -15,13 +15,22 @@ fn closure(pkg: &str) -> HashSet<String> {
         .current_dir(workspace_root())
         .output()
         .unwrap();
-    assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cargo metadata: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: HashMap<String, String> = meta["packages"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["id"].as_str().unwrap().to_string(), p["name"].as_str().unwrap().to_string()))
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap().to_string(),
+                p["name"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     let nodes: HashMap<String, Vec<String>> = meta["resolve"]["nodes"]
         .as_array()
@@ -38,7 +47,12 @@ fn closure(pkg: &str) -> HashSet<String> {
             (n["id"].as_str().unwrap().to_string(), deps)
         })
         .collect();
-    let start = names.iter().find(|(_, n)| *n == pkg).unwrap_or_else(|| panic!("no package {pkg}")).0.clone();
+    let start = names
+        .iter()
+        .find(|(_, n)| *n == pkg)
+        .unwrap_or_else(|| panic!("no package {pkg}"))
+        .0
+        .clone();
     let mut seen = HashSet::new();
     let mut todo = vec![start];
     while let Some(id) = todo.pop() {
@@ -54,13 +68,21 @@ fn closure(pkg: &str) -> HashSet<String> {
 #[test]
 fn core_depends_on_neither_wasmtime_nor_the_host() {
     let deps = closure("gantry-core");
-    let bad: Vec<_> = deps.iter().filter(|d| d.starts_with("wasmtime") || *d == "gantry" || d.starts_with("wit-")).collect();
+    let bad: Vec<_> = deps
+        .iter()
+        .filter(|d| d.starts_with("wasmtime") || *d == "gantry" || d.starts_with("wit-"))
+        .collect();
     assert!(bad.is_empty(), "gantry-core must not depend on {bad:?}");
 }
 
 #[test]
 fn plugins_depend_only_on_the_kit() {
-    for p in ["gantry-transport-v2", "gantry-driver-vfs", "gantry-bad-driver", "gantry-kit"] {
+    for p in [
+        "gantry-transport-v2",
+        "gantry-driver-vfs",
+        "gantry-bad-driver",
+        "gantry-kit",
+    ] {
         let deps = closure(p);
         let bad: Vec<_> = deps
             .iter()

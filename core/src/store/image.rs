@@ -70,11 +70,7 @@ impl ImageStore {
         if p.is_empty() || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(None);
         }
-        let hits: Vec<Digest> = self
-            .list()?
-            .into_iter()
-            .filter(|d| d.hex().starts_with(p))
-            .collect();
+        let hits: Vec<Digest> = self.list()?.into_iter().filter(|d| d.hex().starts_with(p)).collect();
         match hits.len() {
             0 => Ok(None),
             1 => Ok(hits.into_iter().next()),

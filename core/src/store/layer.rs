@@ -132,13 +132,9 @@ impl LayerStore {
             &self.dist.join("diffid-by-digest/sha256").join(blob.hex()),
             diff_id.as_str().as_bytes(),
         )?;
-        let meta =
-            serde_json::json!([{ "Digest": blob, "SourceRepository": repository, "HMAC": "" }]);
+        let meta = serde_json::json!([{ "Digest": blob, "SourceRepository": repository, "HMAC": "" }]);
         super::write_atomic(
-            &self
-                .dist
-                .join("v2metadata-by-diffid/sha256")
-                .join(diff_id.hex()),
+            &self.dist.join("v2metadata-by-diffid/sha256").join(diff_id.hex()),
             meta.to_string().as_bytes(),
         )
     }

@@ -50,9 +50,7 @@ impl Store {
     /// in which case leftovers of a crash may be cleared.
     pub fn open(root: &Path, driver: &str) -> Result<(Store, bool)> {
         fs::mkdir_private(root)?;
-        let root = root
-            .canonicalize()
-            .ctx(format!("resolving {}", root.display()))?;
+        let root = root.canonicalize().ctx(format!("resolving {}", root.display()))?;
         let image_dir = root.join("image").join(driver);
         for d in [
             root.join("tmp"),
@@ -69,8 +67,7 @@ impl Store {
             .open(root.join(".gantry.lock"))
             .ctx("opening the store lock")?;
         // Exclusive if nobody else is here; then downgrade to shared.
-        let alone =
-            rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok();
+        let alone = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok();
         if !alone {
             rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared)
                 .map_err(|e| crate::Error::io("locking the store", e.into()))?;
@@ -117,12 +114,7 @@ impl Store {
             .create(true)
             .truncate(false)
             .write(true)
-            .open(
-                self.root
-                    .join("image")
-                    .join(&self.driver)
-                    .join(".write.lock"),
-            )
+            .open(self.root.join("image").join(&self.driver).join(".write.lock"))
             .ctx("opening the write lock")?;
         rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| crate::Error::io("taking the write lock", e.into()))?;
@@ -132,8 +124,7 @@ impl Store {
     /// Records that driver layer `cache_id` is being staged, so a crash
     /// before it is committed leaves a trace the next start clears.
     pub fn mark_staging(&self, cache_id: &str) -> Result<()> {
-        File::create(self.root.join("tmp/staging").join(cache_id))
-            .ctx("marking a staging layer")?;
+        File::create(self.root.join("tmp/staging").join(cache_id)).ctx("marking a staging layer")?;
         Ok(())
     }
 

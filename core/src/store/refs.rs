@@ -36,13 +36,8 @@ impl RefStore {
     }
 
     fn save(&self, repos: Repos) -> Result<()> {
-        let f = File {
-            repositories: repos,
-        };
-        write_atomic(
-            &self.path,
-            serde_json::to_string(&f).expect("serialisable").as_bytes(),
-        )
+        let f = File { repositories: repos };
+        write_atomic(&self.path, serde_json::to_string(&f).expect("serialisable").as_bytes())
     }
 
     /// Every (reference, image) pair.

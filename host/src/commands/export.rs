@@ -36,8 +36,8 @@ pub fn run(ctx: &Context, image: &str, output: Option<&Path>) -> Result<ExitCode
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
-            let mut tmp = tempfile::NamedTempFile::new_in(parent)
-                .with_context(|| format!("creating {}", path.display()))?;
+            let mut tmp =
+                tempfile::NamedTempFile::new_in(parent).with_context(|| format!("creating {}", path.display()))?;
             std::io::copy(&mut tar, &mut tmp).context("writing the export")?;
             tmp.persist(path)
                 .map(|_| ())

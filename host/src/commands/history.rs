@@ -18,10 +18,7 @@ pub fn run(ctx: &Context, image: &str, no_trunc: bool) -> Result<ExitCode> {
     let mut sizes = layers.iter().map(|l| l.size);
     let mut rows = Vec::new();
     for h in &history {
-        let empty = h
-            .get("empty_layer")
-            .and_then(|e| e.as_bool())
-            .unwrap_or(false);
+        let empty = h.get("empty_layer").and_then(|e| e.as_bool()).unwrap_or(false);
         let size = if empty { 0 } else { sizes.next().unwrap_or(0) };
         let s = |k: &str| h.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
         rows.push((s("created"), s("created_by"), size, s("comment")));
@@ -37,19 +34,14 @@ pub fn run(ctx: &Context, image: &str, no_trunc: bool) -> Result<ExitCode> {
         } else {
             "<missing>".to_string()
         };
-        let age = parse_rfc3339(created)
-            .map(|t| human_age(now - t))
-            .unwrap_or_default();
+        let age = parse_rfc3339(created).map(|t| human_age(now - t)).unwrap_or_default();
         let by = by.replace('\t', " ");
         let by = if !no_trunc && by.chars().count() > 45 {
             format!("{}…", by.chars().take(44).collect::<String>())
         } else {
             by
         };
-        println!(
-            "{img:<12}   {age:<15}   {by:<45}   {:<9} {comment}",
-            human_size(*size)
-        );
+        println!("{img:<12}   {age:<15}   {by:<45}   {:<9} {comment}", human_size(*size));
     }
     Ok(ExitCode::SUCCESS)
 }

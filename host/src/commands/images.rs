@@ -28,11 +28,7 @@ pub fn run(ctx: &Context, format: Format, quiet: bool) -> Result<ExitCode> {
             .and_then(|c| c.as_str())
             .and_then(parse_rfc3339)
             .unwrap_or(0);
-        let refs: Vec<_> = all_refs
-            .iter()
-            .filter(|(_, i)| *i == id)
-            .map(|(r, _)| r)
-            .collect();
+        let refs: Vec<_> = all_refs.iter().filter(|(_, i)| *i == id).map(|(r, _)| r).collect();
         let digest_of = |name: &str| {
             refs.iter()
                 .find(|r| r.familiar_name() == name && r.digest.is_some())
@@ -52,21 +48,13 @@ pub fn run(ctx: &Context, format: Format, quiet: bool) -> Result<ExitCode> {
         };
         if tagged.is_empty() {
             match refs.first() {
-                Some(r) => rows.push(mk(
-                    r.familiar_name(),
-                    "<none>".into(),
-                    digest_of(&r.familiar_name()),
-                )),
+                Some(r) => rows.push(mk(r.familiar_name(), "<none>".into(), digest_of(&r.familiar_name()))),
                 None => rows.push(mk("<none>".into(), "<none>".into(), "<none>".into())),
             }
         }
         for r in tagged {
             let name = r.familiar_name();
-            rows.push(mk(
-                name.clone(),
-                r.tag.clone().unwrap_or_default(),
-                digest_of(&name),
-            ));
+            rows.push(mk(name.clone(), r.tag.clone().unwrap_or_default(), digest_of(&name)));
         }
     }
     rows.sort_by(|a, b| {
@@ -105,12 +93,7 @@ pub fn run(ctx: &Context, format: Format, quiet: bool) -> Result<ExitCode> {
             }
         }
         Format::Table => {
-            let w_repo = rows
-                .iter()
-                .map(|r| r.repository.len())
-                .max()
-                .unwrap_or(0)
-                .max(10);
+            let w_repo = rows.iter().map(|r| r.repository.len()).max().unwrap_or(0).max(10);
             let w_tag = rows.iter().map(|r| r.tag.len()).max().unwrap_or(0).max(3);
             println!(
                 "{:<w_repo$}   {:<w_tag$}   {:<12}   {:<15}   SIZE",

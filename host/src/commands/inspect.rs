@@ -26,12 +26,7 @@ pub fn run(ctx: &Context, images: &[String]) -> Result<ExitCode> {
         digests.sort();
         let raw = &config.raw;
         let get = |k: &str| raw.get(k).cloned().unwrap_or(Value::Null);
-        let str_or_empty = |k: &str| {
-            raw.get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or("")
-                .to_string()
-        };
+        let str_or_empty = |k: &str| raw.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
         let top = layers.last().expect("images have layers");
         let mut obj = json!({
             "Id": id,

@@ -39,11 +39,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     Err(e) => return Err(e.into()),
                 }
             }
-            Ok(if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
+            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         Command::Export { image, output } => export::run(&ctx, &image, output.as_deref()),
         Command::Fsck => fsck::run(&ctx),

@@ -10,12 +10,7 @@ use gantry_core::pull::{PullOptions, Puller, SharedDownloads};
 use gantry_core::Reference;
 use std::process::ExitCode;
 
-pub fn run(
-    ctx: &Context,
-    references: &[String],
-    platform: Option<&str>,
-    quiet: bool,
-) -> Result<ExitCode> {
+pub fn run(ctx: &Context, references: &[String], platform: Option<&str>, quiet: bool) -> Result<ExitCode> {
     let refs = references
         .iter()
         .map(|r| Reference::parse(r))
@@ -42,14 +37,13 @@ pub fn run(
         progress: &progress,
         options,
     };
-    let results: Vec<Result<gantry_core::pull::PullOutcome, gantry_core::Error>> =
-        std::thread::scope(|s| {
-            let handles: Vec<_> = refs.iter().map(|r| s.spawn(|| puller.pull(r))).collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("pull thread panicked"))
-                .collect()
-        });
+    let results: Vec<Result<gantry_core::pull::PullOutcome, gantry_core::Error>> = std::thread::scope(|s| {
+        let handles: Vec<_> = refs.iter().map(|r| s.spawn(|| puller.pull(r))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("pull thread panicked"))
+            .collect()
+    });
     let mut first_err = None;
     for (r, res) in refs.iter().zip(results) {
         match res {

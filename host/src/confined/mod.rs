@@ -42,18 +42,12 @@ pub fn components(rel: &str) -> io::Result<Vec<&str>> {
     Ok(out)
 }
 
-const DIR_FLAGS: OFlags = OFlags::RDONLY
-    .union(OFlags::DIRECTORY)
-    .union(OFlags::CLOEXEC);
+const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::CLOEXEC);
 
 /// Opens directory `rel` beneath `root`. With `follow`, links inside the
 /// tree are followed as long as they stay beneath it; without, any link fails.
 pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &[&str], follow: bool) -> io::Result<OwnedFd> {
-    let path = if rel.is_empty() {
-        ".".to_string()
-    } else {
-        rel.join("/")
-    };
+    let path = if rel.is_empty() { ".".to_string() } else { rel.join("/") };
     let mut how = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
     if !follow {
         how |= ResolveFlags::NO_SYMLINKS;
@@ -61,9 +55,9 @@ pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &[&str], follow: bool) -> io:
     rustix::fs::openat2(root, path.as_str(), DIR_FLAGS, Mode::empty(), how).map_err(|e| {
         let e = io::Error::from(e);
         match e.raw_os_error() {
-            Some(libc::EXDEV) | Some(libc::ELOOP) => invalid(format!(
-                "path {path:?} passes through a link that leaves its directory"
-            )),
+            Some(libc::EXDEV) | Some(libc::ELOOP) => {
+                invalid(format!("path {path:?} passes through a link that leaves its directory"))
+            }
             Some(libc::ENOTDIR) => invalid(format!("path {path:?} is not a directory")),
             _ => e,
         }
@@ -79,10 +73,7 @@ pub struct Home {
 impl Home {
     /// Opens (creating, 0700) the home at `path`.
     pub fn open(path: &Path) -> io::Result<Home> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(path)?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
         let fd = rustix::fs::open(path, DIR_FLAGS, Mode::empty())?;
         Ok(Home {
             fd,
@@ -166,9 +157,7 @@ impl Home {
             Mode::empty(),
         )?;
         let mut out = Vec::new();
-        std::fs::File::from(fd)
-            .take(limit + 1)
-            .read_to_end(&mut out)?;
+        std::fs::File::from(fd).take(limit + 1).read_to_end(&mut out)?;
         if out.len() as u64 > limit {
             return Err(invalid(format!("{rel:?} is larger than {limit} bytes")));
         }

@@ -177,10 +177,7 @@ fn differs(a: &Stat, b: &Stat, dir: bool) -> bool {
         || a.st_uid != b.st_uid
         || a.st_gid != b.st_gid
         || a.st_rdev != b.st_rdev
-        || (!dir
-            && (a.st_size != b.st_size
-                || a.st_mtime != b.st_mtime
-                || a.st_mtime_nsec != b.st_mtime_nsec))
+        || (!dir && (a.st_size != b.st_size || a.st_mtime != b.st_mtime || a.st_mtime_nsec != b.st_mtime_nsec))
 }
 
 /// What changed from `lower` to `upper`, parents before children.
@@ -220,11 +217,9 @@ fn diff_dirs(
         let ust = rustix::fs::statat(upper, n.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
         let is_dir = FileType::from_raw_mode(ust.st_mode) == FileType::Directory;
         let lst = match lower {
-            Some(l) if low.iter().any(|(x, _)| x == n) => Some(rustix::fs::statat(
-                l,
-                n.as_str(),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )?),
+            Some(l) if low.iter().any(|(x, _)| x == n) => {
+                Some(rustix::fs::statat(l, n.as_str(), AtFlags::SYMLINK_NOFOLLOW)?)
+            }
             _ => None,
         };
         match &lst {

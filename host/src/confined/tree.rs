@@ -52,12 +52,7 @@ pub(super) fn proc_path(dir: BorrowedFd<'_>, name: &str) -> String {
 /// Copies the extended attributes of `name` from one directory to another.
 pub(super) fn copy_xattrs(sd: BorrowedFd<'_>, dd: BorrowedFd<'_>, name: &str) -> io::Result<()> {
     for (k, v) in read_xattrs(sd, name)? {
-        rustix::fs::lsetxattr(
-            proc_path(dd, name),
-            k.as_str(),
-            &v,
-            rustix::fs::XattrFlags::empty(),
-        )?;
+        rustix::fs::lsetxattr(proc_path(dd, name), k.as_str(), &v, rustix::fs::XattrFlags::empty())?;
     }
     Ok(())
 }
@@ -92,12 +87,7 @@ pub(super) fn set_times(dir: BorrowedFd<'_>, name: &str, st: &rustix::fs::Stat) 
             tv_nsec: st.st_mtime_nsec as _,
         },
     };
-    Ok(rustix::fs::utimensat(
-        dir,
-        name,
-        &ts,
-        AtFlags::SYMLINK_NOFOLLOW,
-    )?)
+    Ok(rustix::fs::utimensat(dir, name, &ts, AtFlags::SYMLINK_NOFOLLOW)?)
 }
 
 /// Copies `src_name` in `src_parent` to `dst_name` in `dst_parent`, which
@@ -137,12 +127,7 @@ fn finish_meta(
     )
     .or_else(ignore_eperm)?;
     if chmod {
-        rustix::fs::chmodat(
-            dd,
-            name,
-            Mode::from_raw_mode(st.st_mode & 0o7777),
-            AtFlags::empty(),
-        )?;
+        rustix::fs::chmodat(dd, name, Mode::from_raw_mode(st.st_mode & 0o7777), AtFlags::empty())?;
     }
     let _ = sname;
     copy_xattrs(sd, dd, name).or_else(ignore_eperm)?;
@@ -191,11 +176,7 @@ fn copy_dir_contents(
                 let dst = rustix::fs::openat(
                     d,
                     name.as_str(),
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )?;
                 copy_data(&src, &dst, st.st_size as u64)?;
@@ -246,10 +227,7 @@ fn copy_data(src: &OwnedFd, dst: &OwnedFd, size: u64) -> io::Result<()> {
 
 /// Bytes of regular files below `dir` (each hard-linked file once).
 pub fn disk_usage(dir: BorrowedFd<'_>) -> io::Result<u64> {
-    fn walk(
-        d: BorrowedFd<'_>,
-        seen: &mut std::collections::HashSet<(u64, u64)>,
-    ) -> io::Result<u64> {
+    fn walk(d: BorrowedFd<'_>, seen: &mut std::collections::HashSet<(u64, u64)>) -> io::Result<u64> {
         let mut total = 0;
         for (name, _) in entries(d)? {
             let st = rustix::fs::statat(d, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
@@ -258,9 +236,7 @@ pub fn disk_usage(dir: BorrowedFd<'_>) -> io::Result<u64> {
                     let c = open_dir_beneath(d, &[&name], false)?;
                     total += walk(c.as_fd(), seen)?;
                 }
-                FileType::RegularFile if seen.insert((st.st_dev, st.st_ino)) => {
-                    total += st.st_size as u64
-                }
+                FileType::RegularFile if seen.insert((st.st_dev, st.st_ino)) => total += st.st_size as u64,
                 _ => {}
             }
         }

@@ -39,8 +39,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         let mut e = entry.map_err(as_invalid)?;
         let raw = e.path_bytes().into_owned();
         let path = String::from_utf8(raw).map_err(|_| invalid("tar entry name is not UTF-8"))?;
-        let comps =
-            components(&path).map_err(|err| invalid(format!("tar entry {path:?}: {err}")))?;
+        let comps = components(&path).map_err(|err| invalid(format!("tar entry {path:?}: {err}")))?;
         let Some((name, parents)) = comps.split_last() else {
             continue; // the root itself
         };
@@ -49,8 +48,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         if matches!(etype, tar::EntryType::XGlobalHeader) {
             continue;
         }
-        let parent = parent_dir(root, parents)
-            .map_err(|err| invalid(format!("tar entry {path:?}: {err}")))?;
+        let parent = parent_dir(root, parents).map_err(|err| invalid(format!("tar entry {path:?}: {err}")))?;
         let pd = parent.as_fd();
         if let Some(target) = name.strip_prefix(WH_PREFIX) {
             apply_whiteout(pd, parents, target, mode, &written)
@@ -92,11 +90,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
                 let fd = rustix::fs::openat(
                     pd,
                     *name,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )?;
                 let mut f = std::fs::File::from(fd);
@@ -121,10 +115,9 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
                     .link_name_bytes()
                     .ok_or_else(|| invalid(format!("hard link {path:?} has no target")))?
                     .into_owned();
-                let target =
-                    String::from_utf8(target).map_err(|_| invalid("link target is not UTF-8"))?;
-                let tc = components(&target)
-                    .map_err(|err| invalid(format!("hard link {path:?} -> {target:?}: {err}")))?;
+                let target = String::from_utf8(target).map_err(|_| invalid("link target is not UTF-8"))?;
+                let tc =
+                    components(&target).map_err(|err| invalid(format!("hard link {path:?} -> {target:?}: {err}")))?;
                 let (tname, tparents) = tc
                     .split_last()
                     .ok_or_else(|| invalid(format!("hard link {path:?} has an empty target")))?;
@@ -154,11 +147,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
                 };
                 rustix::fs::mknodat(pd, *name, ft, Mode::from_raw_mode(perm), dev)?;
             }
-            other => {
-                return Err(invalid(format!(
-                    "tar entry {path:?} has unsupported type {other:?}"
-                )))
-            }
+            other => return Err(invalid(format!("tar entry {path:?} has unsupported type {other:?}"))),
         }
         if euid_root || !is_dir {
             rustix::fs::chownat(
@@ -175,13 +164,8 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
             rustix::fs::chmodat(pd, *name, Mode::from_raw_mode(perm), AtFlags::empty())?;
         }
         for (k, v) in &xattrs {
-            rustix::fs::lsetxattr(
-                proc_path(pd, name),
-                k.as_str(),
-                v,
-                rustix::fs::XattrFlags::empty(),
-            )
-            .or_else(ignore_eperm)?;
+            rustix::fs::lsetxattr(proc_path(pd, name), k.as_str(), v, rustix::fs::XattrFlags::empty())
+                .or_else(ignore_eperm)?;
         }
         if !is_dir {
             set_mtime(pd, name, mtime)?;
@@ -237,12 +221,7 @@ fn set_mtime(dir: BorrowedFd<'_>, name: &str, mtime: u64) -> io::Result<()> {
         last_access: t,
         last_modification: t,
     };
-    Ok(rustix::fs::utimensat(
-        dir,
-        name,
-        &ts,
-        AtFlags::SYMLINK_NOFOLLOW,
-    )?)
+    Ok(rustix::fs::utimensat(dir, name, &ts, AtFlags::SYMLINK_NOFOLLOW)?)
 }
 
 fn apply_whiteout(
@@ -342,12 +321,7 @@ mod tests {
     fn run(tar: Vec<u8>) -> (tempfile::TempDir, io::Result<u64>) {
         let t = tempfile::tempdir().unwrap();
         std::fs::create_dir(t.path().join("root")).unwrap();
-        let fd = rustix::fs::open(
-            t.path().join("root"),
-            OFlags::RDONLY | OFlags::DIRECTORY,
-            Mode::empty(),
-        )
-        .unwrap();
+        let fd = rustix::fs::open(t.path().join("root"), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
         let r = unpack(fd.as_fd(), &tar[..], Whiteouts::Delete);
         (t, r)
     }
@@ -371,10 +345,7 @@ mod tests {
             let (t, r) = run(c);
             let err = r.expect_err(&format!("case {i} should fail"));
             assert_eq!(err.kind(), io::ErrorKind::InvalidData, "case {i}: {err}");
-            assert!(
-                !t.path().join("evil").exists()
-                    && !t.path().parent().unwrap().join("evil").exists()
-            );
+            assert!(!t.path().join("evil").exists() && !t.path().parent().unwrap().join("evil").exists());
         }
     }
 

@@ -53,9 +53,7 @@ impl WasmDriver {
                 home: Some(home.clone()),
                 make: Box::new(move |store| {
                     let d = pre.instantiate(&mut *store)?;
-                    Ok(d.gantry_plugin_driver()
-                        .call_init(&mut *store, &options)?
-                        .map(|()| d))
+                    Ok(d.gantry_plugin_driver().call_init(&mut *store, &options)?.map(|()| d))
                 }),
                 free: Default::default(),
             },
@@ -70,9 +68,8 @@ impl GraphDriver for WasmDriver {
     }
 
     fn create(&self, id: &str, parent: Option<&str>) -> Result<(), PluginError> {
-        self.pool.call("create", |s, d| {
-            d.gantry_plugin_driver().call_create(s, id, parent)
-        })
+        self.pool
+            .call("create", |s, d| d.gantry_plugin_driver().call_create(s, id, parent))
     }
 
     fn remove(&self, id: &str) -> Result<(), PluginError> {
@@ -81,9 +78,8 @@ impl GraphDriver for WasmDriver {
     }
 
     fn exists(&self, id: &str) -> Result<bool, PluginError> {
-        self.pool.call("exists", |s, d| {
-            Ok(Ok(d.gantry_plugin_driver().call_exists(s, id)?))
-        })
+        self.pool
+            .call("exists", |s, d| Ok(Ok(d.gantry_plugin_driver().call_exists(s, id)?)))
     }
 
     fn get(&self, id: &str) -> Result<PathBuf, PluginError> {
@@ -100,22 +96,14 @@ impl GraphDriver for WasmDriver {
     }
 
     fn put(&self, id: &str) -> Result<(), PluginError> {
-        self.pool
-            .call("put", |s, d| d.gantry_plugin_driver().call_put(s, id))
+        self.pool.call("put", |s, d| d.gantry_plugin_driver().call_put(s, id))
     }
 
-    fn apply_diff(
-        &self,
-        id: &str,
-        parent: Option<&str>,
-        diff: ByteStream,
-    ) -> Result<u64, PluginError> {
+    fn apply_diff(&self, id: &str, parent: Option<&str>, diff: ByteStream) -> Result<u64, PluginError> {
         self.pool.call("apply-diff", |s, d| {
             let own: Resource<HostStream> = s.data_mut().table.push(HostStream(diff))?;
             let borrow = Resource::<HostStream>::new_borrow(own.rep());
-            let r = d
-                .gantry_plugin_driver()
-                .call_apply_diff(&mut *s, id, parent, borrow)?;
+            let r = d.gantry_plugin_driver().call_apply_diff(&mut *s, id, parent, borrow)?;
             let mut rest = s.data_mut().table.delete(own)?;
             if r.is_ok() {
                 // The diffID covers the whole stream: read what the driver left.
@@ -138,8 +126,7 @@ impl GraphDriver for WasmDriver {
     }
 
     fn status(&self) -> Result<Vec<(String, String)>, PluginError> {
-        self.pool.call("status", |s, d| {
-            Ok(Ok(d.gantry_plugin_driver().call_status(s)?))
-        })
+        self.pool
+            .call("status", |s, d| Ok(Ok(d.gantry_plugin_driver().call_status(s)?)))
     }
 }

@@ -13,9 +13,7 @@ use wasmtime::component::Resource;
 pub(super) fn io_error(e: io::Error) -> WitError {
     match e.kind() {
         io::ErrorKind::NotFound => WitError::NotFound(e.to_string()),
-        io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput => {
-            WitError::Invalid(e.to_string())
-        }
+        io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput => WitError::Invalid(e.to_string()),
         io::ErrorKind::PermissionDenied => WitError::Denied(e.to_string()),
         io::ErrorKind::UnexpectedEof => WitError::Invalid(format!("truncated input: {e}")),
         _ => WitError::Internal(e.to_string()),
@@ -29,10 +27,7 @@ impl types::Host for Sandbox {}
 impl types::HostByteStream for Sandbox {
     fn read(&mut self, s: Resource<ByteStream>, len: u32) -> Result<Vec<u8>, WitError> {
         self.host(|me| {
-            let stream = me
-                .table
-                .get_mut(&s)
-                .map_err(|e| WitError::Internal(e.to_string()))?;
+            let stream = me.table.get_mut(&s).map_err(|e| WitError::Internal(e.to_string()))?;
             let mut buf = vec![0u8; len.min(MAX_READ) as usize];
             let n = loop {
                 match stream.0.read(&mut buf) {
@@ -126,12 +121,7 @@ impl fs::Host for Sandbox {
         self.fs(|h| h.symlink(&target, &path))
     }
 
-    fn unpack(
-        &mut self,
-        dir: String,
-        diff: Resource<ByteStream>,
-        mode: fs::WhiteoutMode,
-    ) -> Result<u64, WitError> {
+    fn unpack(&mut self, dir: String, diff: Resource<ByteStream>, mode: fs::WhiteoutMode) -> Result<u64, WitError> {
         let home = self.home()?;
         let mode = match mode {
             fs::WhiteoutMode::Delete => Whiteouts::Delete,
@@ -139,10 +129,7 @@ impl fs::Host for Sandbox {
         };
         self.host(|me| {
             let d = home.dir(&dir).map_err(io_error)?;
-            let stream = me
-                .table
-                .get_mut(&diff)
-                .map_err(|e| WitError::Internal(e.to_string()))?;
+            let stream = me.table.get_mut(&diff).map_err(|e| WitError::Internal(e.to_string()))?;
             confined::unpack(std::os::fd::AsFd::as_fd(&d), &mut stream.0, mode).map_err(io_error)
         })
     }
@@ -158,11 +145,7 @@ impl fs::Host for Sandbox {
         })
     }
 
-    fn pack_changes(
-        &mut self,
-        lower: String,
-        upper: String,
-    ) -> Result<Resource<ByteStream>, WitError> {
+    fn pack_changes(&mut self, lower: String, upper: String) -> Result<Resource<ByteStream>, WitError> {
         let home = self.home()?;
         self.host(|me| {
             let l = home.dir(&lower).map_err(io_error)?;
@@ -178,12 +161,7 @@ impl fs::Host for Sandbox {
         self.fs(|h| {
             let (sp, sn) = h.parent(&src)?;
             let (dp, dn) = h.parent(&dst)?;
-            confined::copy_tree(
-                std::os::fd::AsFd::as_fd(&sp),
-                sn,
-                std::os::fd::AsFd::as_fd(&dp),
-                dn,
-            )
+            confined::copy_tree(std::os::fd::AsFd::as_fd(&sp), sn, std::os::fd::AsFd::as_fd(&dp), dn)
         })
     }
 

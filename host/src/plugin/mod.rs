@@ -80,12 +80,7 @@ struct MemoryCap {
 }
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.cap {
             self.hit = true;
             return Ok(false);
@@ -93,12 +88,7 @@ impl ResourceLimiter for MemoryCap {
         Ok(true)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 1 << 16)
     }
 }
@@ -177,8 +167,7 @@ impl PluginHost {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
-        let engine = Engine::new(&config)
-            .map_err(|e| anyhow::anyhow!("starting the WebAssembly engine: {e}"))?;
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("starting the WebAssembly engine: {e}"))?;
         let weak = engine.weak();
         std::thread::spawn(move || loop {
             std::thread::sleep(TICK);
@@ -231,12 +220,7 @@ impl PluginHost {
 
     /// Reads the contract version a component was built against before
     /// instantiating it, and checks it exports `kind`.
-    fn check_contract(
-        &self,
-        name: &str,
-        c: &Component,
-        kind: &'static str,
-    ) -> Result<(), LoadError> {
+    fn check_contract(&self, name: &str, c: &Component, kind: &'static str) -> Result<(), LoadError> {
         let ty = c.component_type();
         let mut exports_kind = false;
         let names: Vec<String> = ty
@@ -251,10 +235,7 @@ impl PluginHost {
             .collect();
         for n in &names {
             if let Some(rest) = n.strip_prefix(&format!("{CONTRACT}/")) {
-                let found = rest
-                    .split_once('@')
-                    .map(|(_, v)| v)
-                    .unwrap_or("(unversioned)");
+                let found = rest.split_once('@').map(|(_, v)| v).unwrap_or("(unversioned)");
                 if found != CONTRACT_VERSION {
                     return Err(LoadError::Version {
                         name: name.to_string(),
@@ -352,10 +333,7 @@ impl<B> Pool<B> {
     fn crash(&self, store: &Store<Sandbox>, op: &str, trap: wasmtime::Error) -> PluginError {
         let s = store.data();
         let message = if s.timed_out {
-            format!(
-                "plugin {} ran past its CPU deadline of {:?} in {op}",
-                self.label, s.cpu
-            )
+            format!("plugin {} ran past its CPU deadline of {:?} in {op}", self.label, s.cpu)
         } else if s.limiter.hit {
             format!(
                 "plugin {} exceeded its memory limit of {} MiB in {op}",

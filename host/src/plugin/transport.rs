@@ -77,9 +77,7 @@ impl Transport for WasmTransport {
     fn probe(&self, ep: &Endpoint) -> Result<String, PluginError> {
         let ep = self.endpoint(ep);
         self.pool
-            .call("probe", |s, p| {
-                p.gantry_plugin_transport().call_probe(s, &ep)
-            })
+            .call("probe", |s, p| p.gantry_plugin_transport().call_probe(s, &ep))
             .map(|i| i.version)
     }
 
@@ -102,9 +100,7 @@ impl Transport for WasmTransport {
                 claimed_digest: m.claimed_digest,
                 bytes: m.bytes,
             },
-            wit::Resolved::V1Chain(c) => {
-                Resolved::V1Chain(c.into_iter().map(|i| (i.id, i.json)).collect())
-            }
+            wit::Resolved::V1Chain(c) => Resolved::V1Chain(c.into_iter().map(|i| (i.id, i.json)).collect()),
         })
     }
 
@@ -117,13 +113,9 @@ impl Transport for WasmTransport {
     ) -> Result<ByteStream, PluginError> {
         let ep = self.endpoint(ep);
         self.pool.call("open-blob", |s, p| {
-            let r = p.gantry_plugin_transport().call_open_blob(
-                &mut *s,
-                &ep,
-                repository,
-                digest.as_str(),
-                offset,
-            )?;
+            let r = p
+                .gantry_plugin_transport()
+                .call_open_blob(&mut *s, &ep, repository, digest.as_str(), offset)?;
             Ok(match r {
                 // Take the stream back from the guest: its bytes never enter it.
                 Ok(res) => Ok(s.data_mut().table.delete(res)?.0),
@@ -135,8 +127,7 @@ impl Transport for WasmTransport {
     fn list_tags(&self, ep: &Endpoint, repository: &str) -> Result<Vec<String>, PluginError> {
         let ep = self.endpoint(ep);
         self.pool.call("list-tags", |s, p| {
-            p.gantry_plugin_transport()
-                .call_list_tags(s, &ep, repository)
+            p.gantry_plugin_transport().call_list_tags(s, &ep, repository)
         })
     }
 }

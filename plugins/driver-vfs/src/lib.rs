@@ -20,12 +20,7 @@ use gantry::plugin::types::{ByteStream, Error};
 struct Vfs;
 
 fn check_id(id: &str) -> Result<(), Error> {
-    if !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
         Ok(())
     } else {
         Err(Error::Invalid(format!("invalid layer id {id:?}")))

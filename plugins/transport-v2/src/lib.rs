@@ -14,9 +14,7 @@ gantry_kit::wit_bindgen::generate!({
     runtime_path: "gantry_kit::wit_bindgen::rt",
 });
 
-use exports::gantry::plugin::transport::{
-    Credentials, Endpoint, Guest, Manifest, ProbeInfo, Resolved,
-};
+use exports::gantry::plugin::transport::{Credentials, Endpoint, Guest, Manifest, ProbeInfo, Resolved};
 use gantry::plugin::http::{send, Request, Response};
 use gantry::plugin::types::{ByteStream, Error};
 use std::cell::RefCell;
@@ -40,9 +38,7 @@ fn read_all(body: &ByteStream, limit: usize) -> Result<Vec<u8>, Error> {
         }
         out.extend_from_slice(&chunk);
         if out.len() > limit {
-            return Err(Error::Invalid(format!(
-                "response is larger than {limit} bytes"
-            )));
+            return Err(Error::Invalid(format!("response is larger than {limit} bytes")));
         }
     }
 }
@@ -108,15 +104,11 @@ fn status_error(status: u16, what: &str, body: &[u8]) -> Error {
 /// Fetches a bearer token for `scope` from the challenge's realm.
 fn fetch_token(ep: &Endpoint, params: &[(String, String)], scope: &str) -> Result<String, Error> {
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let realm =
-        get("realm").ok_or_else(|| Error::Unauthorized("token challenge has no realm".into()))?;
+    let realm = get("realm").ok_or_else(|| Error::Unauthorized("token challenge has no realm".into()))?;
     let mut url = realm.to_string();
     let mut sep = if url.contains('?') { '&' } else { '?' };
     if let Some(service) = get("service") {
-        url.push_str(&format!(
-            "{sep}service={}",
-            gantry_kit::query_escape(service)
-        ));
+        url.push_str(&format!("{sep}service={}", gantry_kit::query_escape(service)));
         sep = '&';
     }
     let scope = get("scope").unwrap_or(scope);
@@ -201,15 +193,11 @@ fn check_repository(repository: &str) -> Result<(), Error> {
         && repository
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b))
-        && !repository
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == "..");
+        && !repository.split('/').any(|c| c.is_empty() || c == "." || c == "..");
     if ok {
         Ok(())
     } else {
-        Err(Error::Invalid(format!(
-            "invalid repository name {repository:?}"
-        )))
+        Err(Error::Invalid(format!("invalid repository name {repository:?}")))
     }
 }
 
@@ -229,9 +217,7 @@ impl Guest for V2 {
     fn probe(ep: Endpoint) -> Result<ProbeInfo, Error> {
         let resp = request(&ep, "GET", format!("{}/v2/", ep.url), Vec::new(), "")?;
         match resp.status {
-            200 | 401 => Ok(ProbeInfo {
-                version: "v2".into(),
-            }),
+            200 | 401 => Ok(ProbeInfo { version: "v2".into() }),
             s => {
                 let body = read_all(&resp.body, 4096).unwrap_or_default();
                 Err(match status_error(s, "probing /v2/", &body) {
@@ -242,12 +228,7 @@ impl Guest for V2 {
         }
     }
 
-    fn resolve(
-        ep: Endpoint,
-        repository: String,
-        reference: String,
-        accept: Vec<String>,
-    ) -> Result<Resolved, Error> {
+    fn resolve(ep: Endpoint, repository: String, reference: String, accept: Vec<String>) -> Result<Resolved, Error> {
         check_repository(&repository)?;
         check_reference(&reference)?;
         let url = format!("{}/v2/{}/manifests/{}", ep.url, repository, reference);
@@ -284,12 +265,7 @@ impl Guest for V2 {
         }))
     }
 
-    fn open_blob(
-        ep: Endpoint,
-        repository: String,
-        digest: String,
-        offset: u64,
-    ) -> Result<ByteStream, Error> {
+    fn open_blob(ep: Endpoint, repository: String, digest: String, offset: u64) -> Result<ByteStream, Error> {
         check_repository(&repository)?;
         check_reference(&digest)?;
         let url = format!("{}/v2/{}/blobs/{}", ep.url, repository, digest);
@@ -328,20 +304,10 @@ impl Guest for V2 {
         let mut tags = Vec::new();
         let mut url = format!("{}/v2/{}/tags/list", ep.url, repository);
         for _ in 0..1000 {
-            let resp = request(
-                &ep,
-                "GET",
-                url.clone(),
-                Vec::new(),
-                &pull_scope(&repository),
-            )?;
+            let resp = request(&ep, "GET", url.clone(), Vec::new(), &pull_scope(&repository))?;
             let body = read_all(&resp.body, 16 << 20)?;
             if resp.status != 200 {
-                return Err(status_error(
-                    resp.status,
-                    &format!("tags of {repository}"),
-                    &body,
-                ));
+                return Err(status_error(resp.status, &format!("tags of {repository}"), &body));
             }
             let v: serde_json::Value = serde_json::from_slice(&body)
                 .map_err(|e| Error::Invalid(format!("tag list is not valid JSON: {e}")))?;

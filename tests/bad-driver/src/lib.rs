@@ -24,9 +24,7 @@ thread_local! {
 struct Bad;
 
 fn unsupported<T>() -> Result<T, Error> {
-    Err(Error::Unsupported(
-        "not implemented by the bad driver".into(),
-    ))
+    Err(Error::Unsupported("not implemented by the bad driver".into()))
 }
 
 impl Guest for Bad {
@@ -103,9 +101,7 @@ impl Guest for Bad {
                     got.push("wasi read /etc/passwd".into());
                 }
                 if got.is_empty() {
-                    Err(Error::Denied(
-                        "every attempt to leave the home was refused".into(),
-                    ))
+                    Err(Error::Denied("every attempt to leave the home was refused".into()))
                 } else {
                     // The test fails if the pull ever gets this far.
                     Ok(got.len() as u64)

@@ -38,7 +38,11 @@ fn demo(out: &Path, rootfs: &Path) {
     let base = add_dir(Layer::new(), rootfs, rootfs).tar();
     let top = Layer::new()
         .dir("etc", 0o755)
-        .file("etc/motd", 0o644, b"Pulled by gantry through a sandboxed v2 transport into a sandboxed vfs driver.\n")
+        .file(
+            "etc/motd",
+            0o644,
+            b"Pulled by gantry through a sandboxed v2 transport into a sandboxed vfs driver.\n",
+        )
         .tar();
     let mut layout = Layout::create(out);
     let (m, _) = layout.image(&Image::new(vec![base, top]));
@@ -49,7 +53,16 @@ fn demo(out: &Path, rootfs: &Path) {
 fn content(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let mut out = Vec::with_capacity(len);
-    let words: [&[u8]; 8] = [b"container ", b"layer ", b"\x00\x01\x02\x03", b"gantry ", b"sha256 ", b"\n", b"image ", b"registry "];
+    let words: [&[u8]; 8] = [
+        b"container ",
+        b"layer ",
+        b"\x00\x01\x02\x03",
+        b"gantry ",
+        b"sha256 ",
+        b"\n",
+        b"image ",
+        b"registry ",
+    ];
     while out.len() < len {
         x ^= x << 13;
         x ^= x >> 7;
@@ -73,7 +86,11 @@ fn bench(out: &Path) {
             layer = layer.dir(&format!("l{l}/d{d}"), 0o755);
             for f in 0..100 {
                 let n = 512 + ((l * 7919 + d * 104729 + f * 31) % 16384) as usize;
-                layer = layer.file(&format!("l{l}/d{d}/f{f}"), 0o644, &content(l * 100_000 + d * 1000 + f, n));
+                layer = layer.file(
+                    &format!("l{l}/d{d}/f{f}"),
+                    0o644,
+                    &content(l * 100_000 + d * 1000 + f, n),
+                );
             }
         }
         // ...and a few large ones.

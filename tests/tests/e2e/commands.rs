@@ -41,22 +41,14 @@ fn images_inspect_history_tag_rmi() {
         table.contains(&format!("{}/test/rich", reg.addr())) && table.contains(&id[7..19]),
         "{table}"
     );
-    let json: serde_json::Value = serde_json::from_str(
-        g.ok(&["images", "--format", "json"])
-            .lines()
-            .next()
-            .unwrap(),
-    )
-    .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(g.ok(&["images", "--format", "json"]).lines().next().unwrap()).unwrap();
     assert_eq!(json["Tag"], "v1");
     assert_eq!(json["ID"], &id[7..19]);
 
     let history = g.ok(&["history", &name]);
     assert_eq!(history.lines().count(), 5, "{history}");
-    assert!(
-        history.lines().nth(1).unwrap().starts_with(&id[7..19]),
-        "{history}"
-    );
+    assert!(history.lines().nth(1).unwrap().starts_with(&id[7..19]), "{history}");
     assert!(history.contains("<missing>"), "{history}");
 
     // Two names for one image: removing one only untags.
@@ -70,11 +62,7 @@ fn images_inspect_history_tag_rmi() {
     assert_eq!(out.trim(), "Untagged: other/name:latest");
     let out = g.ok(&["rmi", "third:v2"]);
     assert_eq!(out.trim(), "Untagged: third:v2");
-    let vfs_layers = || {
-        std::fs::read_dir(g.root_path().join("vfs/dir"))
-            .unwrap()
-            .count()
-    };
+    let vfs_layers = || std::fs::read_dir(g.root_path().join("vfs/dir")).unwrap().count();
     assert_eq!(vfs_layers(), 3);
     let out = g.ok(&["rmi", &name]);
     assert!(out.contains(&format!("Untagged: {name}")), "{out}");
@@ -101,12 +89,7 @@ fn fsck_reports_a_damaged_store() {
     g.ok(&["pull", &format!("{}/test/rich:v1", reg.addr())]);
     g.fsck_clean();
     let layerdb = g.root_path().join("image/vfs/layerdb/sha256");
-    let first = std::fs::read_dir(&layerdb)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let first = std::fs::read_dir(&layerdb).unwrap().next().unwrap().unwrap().path();
     let cache = std::fs::read_to_string(first.join("cache-id")).unwrap();
     std::fs::remove_dir_all(g.root_path().join("vfs/dir").join(cache.trim())).unwrap();
     let r = g.run(&["fsck"]);

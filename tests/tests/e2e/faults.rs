@@ -41,15 +41,13 @@ fn token_auth_with_credentials_from_docker_config() {
 
     let mut g = Gantry::new();
     let cfg = docker_config(&g, &proxy.addr(), "alice", "wrong");
-    g.env
-        .push(("DOCKER_CONFIG".into(), cfg.display().to_string()));
+    g.env.push(("DOCKER_CONFIG".into(), cfg.display().to_string()));
     g.ok(&["images"]);
     assert_refused(&g, &["pull", &name], "unauthorized");
 
     let mut g = Gantry::new();
     let cfg = docker_config(&g, &proxy.addr(), "alice", "s3cret");
-    g.env
-        .push(("DOCKER_CONFIG".into(), cfg.display().to_string()));
+    g.env.push(("DOCKER_CONFIG".into(), cfg.display().to_string()));
     g.ok(&["pull", &name]);
     assert!(proxy.seen.lock().unwrap().tokens_issued >= 1);
     g.fsck_clean();
@@ -73,10 +71,7 @@ fn redirected_blobs_never_carry_the_registry_token() {
     let g = Gantry::new();
     g.ok(&["pull", &format!("{}/test/rich:v1", proxy.addr())]);
     let seen = proxy.seen.lock().unwrap();
-    assert!(
-        seen.cdn_gets >= 4,
-        "config and layers came from the redirect target"
-    );
+    assert!(seen.cdn_gets >= 4, "config and layers came from the redirect target");
     assert!(
         seen.cdn_authorization.is_empty(),
         "token leaked: {:?}",
@@ -148,16 +143,8 @@ fn registry_errors_give_one_line_and_leave_the_store_alone() {
         &["pull", &format!("{}/test/control:nope", reg.addr())],
         "manifest for test/control:nope not found: manifest unknown",
     );
-    assert_refused(
-        &g,
-        &["pull", &format!("{}/test/absent:v1", reg.addr())],
-        "not found",
-    );
-    for (status, expect) in [
-        (500u16, "HTTP 500"),
-        (401, "unauthorized"),
-        (403, "HTTP 403"),
-    ] {
+    assert_refused(&g, &["pull", &format!("{}/test/absent:v1", reg.addr())], "not found");
+    for (status, expect) in [(500u16, "HTTP 500"), (401, "unauthorized"), (403, "HTTP 403")] {
         let proxy = Proxy::start(
             reg.port,
             Faults {
@@ -165,11 +152,7 @@ fn registry_errors_give_one_line_and_leave_the_store_alone() {
                 ..Default::default()
             },
         );
-        assert_refused(
-            &g,
-            &["pull", &format!("{}/test/control:v1", proxy.addr())],
-            expect,
-        );
+        assert_refused(&g, &["pull", &format!("{}/test/control:v1", proxy.addr())], expect);
     }
     let proxy = Proxy::start(
         reg.port,
@@ -183,14 +166,6 @@ fn registry_errors_give_one_line_and_leave_the_store_alone() {
         &["pull", &format!("{}/test/control:v1", proxy.addr())],
         "larger than 4 MiB",
     );
-    assert_refused(
-        &g,
-        &["pull", "Not/A/Valid:ref!"],
-        "invalid reference format",
-    );
-    assert_refused(
-        &g,
-        &["pull", "127.0.0.1:1/nothing/listens:here"],
-        "127.0.0.1:1",
-    );
+    assert_refused(&g, &["pull", "Not/A/Valid:ref!"], "invalid reference format");
+    assert_refused(&g, &["pull", "127.0.0.1:1/nothing/listens:here"], "127.0.0.1:1");
 }

@@ -79,9 +79,7 @@ fn hostile_layers_are_refused() {
                     }
                     gz
                 })),
-                ..Image::new(vec![Layer::new()
-                    .file("f", 0o644, &vec![9u8; 100_000])
-                    .tar()])
+                ..Image::new(vec![Layer::new().file("f", 0o644, &vec![9u8; 100_000]).tar()])
             },
             "layer sha256:",
         ),
@@ -95,32 +93,18 @@ fn hostile_layers_are_refused() {
                     );
                     gz[..gz.len() / 2].to_vec()
                 })),
-                ..Image::new(vec![Layer::new()
-                    .file("f", 0o644, &vec![5u8; 100_000])
-                    .tar()])
+                ..Image::new(vec![Layer::new().file("f", 0o644, &vec![5u8; 100_000]).tar()])
             },
             "layer sha256:",
         ),
     ];
     for (tag, img, expect) in cases {
         publish(&reg, "test/hostile", tag, &img);
-        let err = assert_refused(
-            &g,
-            &["pull", &format!("{}/test/hostile:{tag}", reg.addr())],
-            expect,
-        );
+        let err = assert_refused(&g, &["pull", &format!("{}/test/hostile:{tag}", reg.addr())], expect);
         eprintln!("{tag}: {err}");
     }
-    for name in [
-        "escaped-dotdot",
-        "escaped-abs",
-        "escaped-link",
-        "escaped-link2",
-    ] {
-        assert!(
-            !outside.join(name).exists(),
-            "{name} was written outside the root"
-        );
+    for name in ["escaped-dotdot", "escaped-abs", "escaped-link", "escaped-link2"] {
+        assert!(!outside.join(name).exists(), "{name} was written outside the root");
         assert!(
             !std::path::Path::new("/").join(name).exists(),
             "{name} was written at /"

@@ -103,11 +103,7 @@ fn picks_the_platform_from_a_manifest_list() {
         &["pull", "--platform", "linux/s390x", &name],
         "no matching manifest for linux/s390x",
     );
-    assert_refused(
-        &g,
-        &["pull", "--platform", "linux/z80", &name],
-        "invalid platform",
-    );
+    assert_refused(&g, &["pull", "--platform", "linux/z80", &name], "invalid platform");
 }
 
 #[test]
@@ -117,17 +113,9 @@ fn pulls_several_images_at_once_sharing_a_download() {
     }
     let reg = Registry::start();
     let proxy = gantry_tests::proxy::Proxy::start(reg.port, Default::default());
-    let base = Layer::new()
-        .file("shared", 0o644, &vec![3u8; 200_000])
-        .tar();
-    let a = Image::new(vec![
-        base.clone(),
-        Layer::new().file("a", 0o644, b"a").tar(),
-    ]);
-    let b = Image::new(vec![
-        base.clone(),
-        Layer::new().file("b", 0o644, b"b").tar(),
-    ]);
+    let base = Layer::new().file("shared", 0o644, &vec![3u8; 200_000]).tar();
+    let a = Image::new(vec![base.clone(), Layer::new().file("a", 0o644, b"a").tar()]);
+    let b = Image::new(vec![base.clone(), Layer::new().file("b", 0o644, b"b").tar()]);
     let (_pa, _, la) = publish(&reg, "test/a", "v1", &a);
     let (_pb, _, lb) = publish(&reg, "test/b", "v1", &b);
     assert_eq!(la[0].digest, lb[0].digest, "the base layer blob is shared");

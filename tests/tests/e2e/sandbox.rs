@@ -40,10 +40,7 @@ fn each_sandbox_limit_fails_cleanly_and_the_next_pull_works() {
             "plugin driver/bad trapped in apply-diff: panicked at tests/bad-driver/src/lib.rs",
         ),
         ("loop", "plugin driver/bad ran past its CPU deadline"),
-        (
-            "alloc",
-            "plugin driver/bad exceeded its memory limit of 32 MiB",
-        ),
+        ("alloc", "plugin driver/bad exceeded its memory limit of 32 MiB"),
         ("escape", "every attempt to leave the home was refused"),
     ] {
         // The bad driver runs on the same store root as the good one.
@@ -55,10 +52,7 @@ fn each_sandbox_limit_fails_cleanly_and_the_next_pull_works() {
             .join(format!("bad-{mode}-{}.toml", std::process::id()));
         std::fs::write(&config, bad_driver_config(mode)).unwrap();
         let mut c = std::process::Command::new(binary());
-        c.arg("--root")
-            .arg(g.root_path())
-            .arg("--config")
-            .arg(&config);
+        c.arg("--root").arg(g.root_path()).arg("--config").arg(&config);
         c.env("DOCKER_CONFIG", g.root_path().join("none"))
             .env("TMPDIR", g.tmpdir.path());
         let out = c.arg("pull").arg(&name).output().unwrap();
@@ -66,11 +60,7 @@ fn each_sandbox_limit_fails_cleanly_and_the_next_pull_works() {
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         eprintln!("{mode}: {}", err.trim());
         assert!(!out.status.success(), "{mode}: the pull should fail");
-        assert_eq!(
-            err.trim().lines().count(),
-            1,
-            "{mode}: one error line: {err}"
-        );
+        assert_eq!(err.trim().lines().count(), 1, "{mode}: one error line: {err}");
         assert!(err.contains(expect), "{mode}: expected {expect:?} in {err}");
         // The host and the store carry on: the next pull with the real driver works.
         g.ok(&["pull", &name]);

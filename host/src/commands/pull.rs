@@ -48,6 +48,16 @@ pub fn run(ctx: &Context, references: &[String], platform: Option<&str>, quiet: 
     for (r, res) in refs.iter().zip(results) {
         match res {
             Ok(o) => {
+                if std::env::var_os("GANTRY_TIMINGS").is_some() {
+                    let t = o.timings;
+                    eprintln!(
+                        "timings: total {:.3}s download {:.3}s (summed) create {:.3}s apply {:.3}s",
+                        t.total.as_secs_f64(),
+                        t.download.as_secs_f64(),
+                        t.create.as_secs_f64(),
+                        t.apply.as_secs_f64()
+                    );
+                }
                 if quiet {
                     println!("{r}");
                 } else {

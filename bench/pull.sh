@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Pull benchmark: a generated ~500 MiB image (six layers, thousands of small
+# files and a few large ones) from a local docker-registry, pulled by gantry
+# and, in the same run, by `skopeo copy … containers-storage:[vfs@…]`, both on
+# the vfs driver. Prints wall times, peak memory and ratios, and the floor of
+# `curl | sha256sum` + `igzip -dc | tar -x` on the same blobs.
+#
+# BENCH_DIR=DIR keeps the generated image between runs.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+bin=$(dirname "$here")/target/release
+for t in docker-registry skopeo curl igzip /usr/bin/time python3; do
+    command -v "$t" >/dev/null || { echo "bench: $t is required (apt-get install docker-registry skopeo curl isal time)" >&2; exit 1; }
+done
+work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/gantry-bench.XXXXXX")}
+mkdir -p "$work"
+reg=""
+cleanup() { [ -n "$reg" ] && kill "$reg" 2>/dev/null; rm -rf "$work/g" "$work/cs" "$work/floor" "$work/registry"; }
+trap cleanup EXIT
+
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat > "$work/registry.yml" <<YML
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $work/registry}}
+http: {addr: 127.0.0.1:$port}
+YML
+docker-registry serve "$work/registry.yml" >/dev/null 2>&1 &
+reg=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+
+[ -f "$work/layout/index.json" ] || "$bin/gen-image" bench "$work/layout"
+skopeo copy --quiet --dest-tls-verify=false "oci:$work/layout:bench" "docker://127.0.0.1:$port/bench:latest"
+ref="127.0.0.1:$port/bench:latest"
+base="http://127.0.0.1:$port/v2/bench"
+
+# measure NAME CMD...: wall seconds and peak RSS (KiB) of CMD.
+measure() {
+    local name=$1; shift
+    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+    /usr/bin/time -f "%e %M" -o "$work/$name.time" "$@"
+    read -r wall rss < "$work/$name.time"
+    printf -v "${name}_wall" '%s' "$wall"
+    printf -v "${name}_rss" '%s' "$rss"
+}
+
+# gantry
+rm -rf "$work/g"
+GANTRY_TIMINGS=1 measure gantry "$bin/gantry" --root "$work/g" pull -q "$ref" 2> "$work/gantry.err" >/dev/null
+timings=$(grep '^timings:' "$work/gantry.err" || true)
+create=$(sed -n 's/.* create \([0-9.]*\)s.*/\1/p' <<< "$timings")
+
+# skopeo into containers-storage with the vfs driver
+rm -rf "$work/cs"
+measure skopeo skopeo copy --quiet --src-tls-verify=false "docker://$ref" \
+    "containers-storage:[vfs@$work/cs/root+$work/cs/run]bench:latest"
+rm -rf "$work/cs"
+
+# floor: the same blobs through curl | sha256sum and igzip -dc | tar -x
+layers=$(curl -s -H 'Accept: application/vnd.oci.image.manifest.v1+json' "$base/manifests/latest" |
+    python3 -c 'import json,sys; print(" ".join(l["digest"] for l in json.load(sys.stdin)["layers"]))')
+rm -rf "$work/floor"; mkdir -p "$work/floor/blobs" "$work/floor/root"
+sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+t0=$(date +%s.%N)
+for d in $layers; do curl -s "$base/blobs/$d" | tee "$work/floor/blobs/${d#sha256:}" | sha256sum >/dev/null; done
+t1=$(date +%s.%N)
+for d in $layers; do igzip -dc "$work/floor/blobs/${d#sha256:}" | tar -x -C "$work/floor/root"; done
+t2=$(date +%s.%N)
+rm -rf "$work/floor"
+
+python3 - "$gantry_wall" "$gantry_rss" "$skopeo_wall" "$skopeo_rss" "$t0" "$t1" "$t2" "${create:-0}" <<'PY'
+import sys
+gw, gr, sw, sr, t0, t1, t2, create = map(float, sys.argv[1:])
+dl, inflate = t1 - t0, t2 - t1
+floor = dl + inflate
+stages = gw - create
+print(f"gantry pull         {gw:7.2f} s   peak {gr/1024:7.1f} MiB")
+print(f"skopeo copy (vfs)   {sw:7.2f} s   peak {sr/1024:7.1f} MiB")
+print(f"ratio gantry/skopeo {gw/sw:7.2f}      (target <= 0.50)")
+print(f"floor: curl|sha256sum {dl:.2f} s + igzip -dc|tar -x {inflate:.2f} s = {floor:.2f} s")
+print(f"gantry download+verify+inflate (pull minus vfs parent copies {create:.2f} s) {stages:.2f} s")
+print(f"ratio stages/floor  {stages/floor:7.2f}      (target <= 1.30)")
+PY
+echo "$timings"

@@ -152,6 +152,13 @@ pub struct Puller<'a> {
     pub options: PullOptions,
 }
 
+/// The endpoint, repository and clock of one pull attempt.
+struct Job<'j> {
+    ep: &'j Endpoint,
+    repo: &'j str,
+    clock: &'j Mutex<Timings>,
+}
+
 /// A layer applied to a staging driver layer, not yet committed.
 struct Staged {
     meta: LayerMeta,
@@ -288,7 +295,8 @@ impl Puller<'_> {
             }
         }
         let downloaded = !(missing.is_empty() && self.store.images.exists(&image_id));
-        let staged = self.fetch_and_apply(ep, repo, &image, &config, &chain_ids, &missing, clock)?;
+        let job = Job { ep, repo, clock };
+        let staged = self.fetch_and_apply(&job, &image, &config, &chain_ids, &missing)?;
         self.commit(reference, staged, &config_bytes, &manifest_digest)?;
         self.progress.line(&format!("Digest: {manifest_digest}"));
         Ok(PullOutcome {
@@ -319,14 +327,13 @@ impl Puller<'_> {
 
     fn fetch_and_apply(
         &self,
-        ep: &Endpoint,
-        repo: &str,
+        job: &Job<'_>,
         image: &ImageManifest,
         config: &ImageConfig,
         chain_ids: &[Digest],
         missing: &[usize],
-        clock: &Mutex<Timings>,
     ) -> Result<Vec<Staged>> {
+        let (ep, repo, clock) = (job.ep, job.repo, job.clock);
         let mut staged: Vec<Staged> = Vec::new();
         if missing.is_empty() {
             return Ok(staged);

@@ -76,8 +76,11 @@ pub struct PullOptions {
     /// The platform to pick from a manifest list; `None` means the host's.
     pub platform: Option<Platform>,
     pub max_concurrent_downloads: usize,
-    /// How many times a transient failure of one blob is retried.
+    /// How many times a transient failure of one blob download is retried
+    /// (resuming where it broke off).
     pub retries: u32,
+    /// How many times a transient failure of a manifest or config request is retried.
+    pub request_retries: u32,
     /// The first retry's wait; doubled each time.
     pub backoff: Duration,
 }
@@ -88,7 +91,8 @@ impl Default for PullOptions {
             platform: None,
             max_concurrent_downloads: 3,
             retries: 5,
-            backoff: Duration::from_millis(200),
+            request_retries: 2,
+            backoff: Duration::from_millis(100),
         }
     }
 }
@@ -199,7 +203,7 @@ impl Puller<'_> {
         let mut attempt = 0;
         loop {
             match f() {
-                Err(e) if e.is_transient() && attempt < self.options.retries => {
+                Err(e) if e.is_transient() && attempt < self.options.request_retries => {
                     attempt += 1;
                     std::thread::sleep(wait);
                     wait *= 2;
@@ -246,8 +250,9 @@ impl Puller<'_> {
     fn pull_from(&self, ep: &Endpoint, reference: &Reference, clock: &Mutex<Timings>) -> Result<PullOutcome> {
         let repo = &reference.path;
         let tag_or_digest = reference.registry_reference();
-        self.progress.line(&format!("{}: Pulling from {}", tag_or_digest, repo));
         let (parsed, mut manifest_digest) = self.resolve(ep, repo, &tag_or_digest)?;
+        // Said once the endpoint answered, so a fallback does not repeat it.
+        self.progress.line(&format!("{}: Pulling from {}", tag_or_digest, repo));
         let want_platform = self.options.platform.clone().unwrap_or_else(Platform::host);
         let image = match parsed {
             Parsed::Image(m) => m,

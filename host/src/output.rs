@@ -178,8 +178,14 @@ impl Progress for PullProgress {
     fn line(&self, text: &str) {
         match self {
             PullProgress::Quiet => {}
-            PullProgress::Bars { multi, .. } => {
-                let _ = multi.println(text);
+            PullProgress::Bars { multi, bars } => {
+                // Above the bars while they run; below them once all are done,
+                // so the closing lines come last, as Docker prints them.
+                if bars.lock().unwrap().values().all(|b| b.is_finished()) {
+                    println!("{text}");
+                } else {
+                    let _ = multi.println(text);
+                }
             }
             PullProgress::Lines { .. } => println!("{text}"),
         }

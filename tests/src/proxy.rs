@@ -17,6 +17,8 @@ pub struct Faults {
     pub basic_user: Option<(String, String)>,
     /// Cut the body of this blob after N bytes, the first time it is served.
     pub cut_blob: Option<(String, usize)>,
+    /// Send half of this blob, then hang without closing (for kill tests).
+    pub stall_blob: Option<String>,
     /// Serve this blob with one byte changed.
     pub corrupt_blob: Option<String>,
     /// Answer every blob request with a redirect to the CDN origin.
@@ -298,6 +300,18 @@ fn serve(
         if faults.corrupt_blob.as_deref() == Some(d.as_str()) && !body.is_empty() {
             let i = body.len() / 2;
             body[i] ^= 0xff;
+        }
+        if faults.stall_blob.as_deref() == Some(d.as_str()) {
+            let mut out = format!("HTTP/1.1 {status} X\r\n");
+            for (k, v) in &headers {
+                out.push_str(&format!("{k}: {v}\r\n"));
+            }
+            out.push_str("\r\n");
+            let _ = w.write_all(out.as_bytes());
+            let _ = w.write_all(&body[..body.len() / 2]);
+            let _ = w.flush();
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            return;
         }
         if let Some((cut, after)) = &faults.cut_blob {
             if cut == d && !cut_done.swap(true, Ordering::SeqCst) {

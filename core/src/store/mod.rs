@@ -51,6 +51,9 @@ impl Store {
     pub fn open(root: &Path, driver: &str) -> Result<(Store, bool)> {
         fs::mkdir_private(root)?;
         let root = root.canonicalize().ctx(format!("resolving {}", root.display()))?;
+        // The store holds other people's image contents: nobody else may look.
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .ctx(format!("making {} private", root.display()))?;
         let image_dir = root.join("image").join(driver);
         for d in [
             root.join("tmp"),

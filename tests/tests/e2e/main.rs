@@ -7,6 +7,7 @@ mod faults;
 mod hostile;
 mod pull;
 mod sandbox;
+mod store;
 
 use gantry_tests::gantry::Gantry;
 use gantry_tests::image::{Desc, Image, Layer, Layout};

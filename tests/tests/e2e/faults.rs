@@ -169,3 +169,49 @@ fn registry_errors_give_one_line_and_leave_the_store_alone() {
     assert_refused(&g, &["pull", "Not/A/Valid:ref!"], "invalid reference format");
     assert_refused(&g, &["pull", "127.0.0.1:1/nothing/listens:here"], "127.0.0.1:1");
 }
+
+#[test]
+fn mirrors_come_first_and_fall_back_to_the_registry() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    let (_p, manifest, _) = publish(&reg, "test/control", "v1", &control_image());
+    let config = |mirror: u16| {
+        format!(
+            "[transport]\ntype = \"v2\"\n[driver]\ntype = \"vfs\"\n[registries.\"{}\"]\nmirrors = [\"http://127.0.0.1:{mirror}\"]\n",
+            reg.addr()
+        )
+    };
+    // A mirror that has the image serves it.
+    let good = Proxy::start(reg.port, Faults::default());
+    let g = Gantry::new().with_config(&config(good.port));
+    g.ok(&["pull", &format!("{}/test/control:v1", reg.addr())]);
+    assert!(
+        !good.seen.lock().unwrap().blob_gets.is_empty(),
+        "the mirror served the blobs"
+    );
+    // A mirror that misses falls back to the registry; so does a dead one.
+    let missing = Proxy::start(
+        reg.port,
+        Faults {
+            manifest_status: Some(404),
+            ..Default::default()
+        },
+    );
+    let g = Gantry::new().with_config(&config(missing.port));
+    g.ok(&["pull", &format!("{}/test/control@{}", reg.addr(), manifest.digest)]);
+    assert!(missing.seen.lock().unwrap().blob_gets.is_empty());
+    let inspect: serde_json::Value =
+        serde_json::from_str(&g.ok(&["inspect", &format!("{}/test/control@{}", reg.addr(), manifest.digest)])).unwrap();
+    assert_eq!(inspect[0]["RepoTags"], serde_json::json!([]));
+    let dead = gantry_tests::registry::free_port();
+    let g = Gantry::new().with_config(&config(dead));
+    g.ok(&["pull", &format!("{}/test/control:v1", reg.addr())]);
+    g.fsck_clean();
+    // A digest that does not match what the registry serves is refused.
+    let wrong = format!("{}/test/control@sha256:{}", reg.addr(), "0".repeat(64));
+    let g = Gantry::new();
+    g.ok(&["images"]);
+    assert_refused(&g, &["pull", &wrong], "not found");
+}

@@ -17,7 +17,9 @@ pub mod platform;
 pub mod plugin;
 pub mod pull;
 pub mod reference;
+pub mod stage;
 pub mod store;
+pub mod tarsplit;
 pub mod verify;
 
 pub use digest::Digest;

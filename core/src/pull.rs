@@ -17,8 +17,8 @@ use crate::manifest::{self, Blob, ImageConfig, ImageManifest, Parsed};
 use crate::platform::Platform;
 use crate::plugin::{Credentials, Endpoint, GraphDriver, Resolved, Transport};
 use crate::reference::Reference;
-use crate::store::{random_id, LayerMeta, Store};
-use crate::verify::{decompress, HashingReader, LimitedReader};
+use crate::stage::{ImageCommit, Staging};
+use crate::store::{random_id, Store};
 use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::fs::File;
@@ -83,6 +83,8 @@ pub struct PullOptions {
     pub request_retries: u32,
     /// The first retry's wait; doubled each time.
     pub backoff: Duration,
+    /// The bound on one layer's uncompressed size.
+    pub max_layer_bytes: u64,
 }
 
 impl Default for PullOptions {
@@ -93,6 +95,7 @@ impl Default for PullOptions {
             retries: 5,
             request_retries: 2,
             backoff: Duration::from_millis(100),
+            max_layer_bytes: crate::stage::DEFAULT_MAX_LAYER_BYTES,
         }
     }
 }
@@ -159,14 +162,9 @@ pub struct Puller<'a> {
 /// The endpoint, repository and clock of one pull attempt.
 struct Job<'j> {
     ep: &'j Endpoint,
+    domain: &'j str,
     repo: &'j str,
     clock: &'j Mutex<Timings>,
-}
-
-/// A layer applied to a staging driver layer, not yet committed.
-struct Staged {
-    meta: LayerMeta,
-    blob: Digest,
 }
 
 impl Puller<'_> {
@@ -300,9 +298,21 @@ impl Puller<'_> {
             }
         }
         let downloaded = !(missing.is_empty() && self.store.images.exists(&image_id));
-        let job = Job { ep, repo, clock };
-        let staged = self.fetch_and_apply(&job, &image, &config, &chain_ids, &missing)?;
-        self.commit(reference, staged, &config_bytes, &manifest_digest)?;
+        let job = Job {
+            ep,
+            domain: &reference.domain,
+            repo,
+            clock,
+        };
+        let staging = self.fetch_and_apply(&job, &image, &config, &missing)?;
+        let mut refs = vec![reference.with_digest(manifest_digest.clone())];
+        if reference.tag.is_some() && reference.digest.is_none() {
+            refs.push(reference.clone());
+        }
+        staging.commit(&[ImageCommit {
+            config: &config_bytes,
+            refs,
+        }])?;
         self.progress.line(&format!("Digest: {manifest_digest}"));
         Ok(PullOutcome {
             image_id,
@@ -330,33 +340,29 @@ impl Puller<'_> {
         Ok(bytes)
     }
 
-    fn fetch_and_apply(
-        &self,
+    fn fetch_and_apply<'s>(
+        &'s self,
         job: &Job<'_>,
         image: &ImageManifest,
         config: &ImageConfig,
-        chain_ids: &[Digest],
         missing: &[usize],
-    ) -> Result<Vec<Staged>> {
+    ) -> Result<Staging<'s>> {
         let (ep, repo, clock) = (job.ep, job.repo, job.clock);
-        let mut staged: Vec<Staged> = Vec::new();
+        let mut staging = Staging::new(self.store, self.driver, self.options.max_layer_bytes);
+        let chain_ids = Digest::chain_ids(&config.diff_ids);
         if missing.is_empty() {
-            return Ok(staged);
+            return Ok(staging);
         }
         for &i in missing {
-            self.progress.layer(
-                image.layers[i].blob.digest.short(),
-                Status::Waiting,
-                0,
-                image.layers[i].blob.size,
-            );
+            let b = &image.layers[i].blob;
+            self.progress.layer(b.digest.short(), Status::Waiting, 0, b.size);
         }
         let results: Vec<Mutex<Option<Result<Arc<Spooled>>>>> = missing.iter().map(|_| Mutex::new(None)).collect();
         let ready = Condvar::new();
         let next = Mutex::new(0usize);
         let cancelled = std::sync::atomic::AtomicBool::new(false);
         let workers = self.options.max_concurrent_downloads.clamp(1, missing.len());
-        let outcome = std::thread::scope(|s| {
+        std::thread::scope(|s| {
             for _ in 0..workers {
                 s.spawn(|| loop {
                     let k = {
@@ -385,46 +391,18 @@ impl Puller<'_> {
                             g = ready.wait(g).unwrap();
                         }
                     };
-                    let parent = if i == 0 { None } else { Some(&chain_ids[i - 1]) };
-                    let parent_cache = match parent {
-                        None => None,
-                        Some(p) => Some(match staged.iter().find(|st| &st.meta.chain_id == p) {
-                            Some(st) => st.meta.cache_id.clone(),
-                            None => {
-                                self.store
-                                    .layers
-                                    .get(p)?
-                                    .ok_or_else(|| Error::Integrity(format!("parent layer {p} vanished")))?
-                                    .cache_id
-                            }
-                        }),
-                    };
                     let blob = &image.layers[i].blob;
-                    let cache_id = random_id();
-                    self.store.mark_staging(&cache_id)?;
-                    let meta = LayerMeta {
-                        chain_id: chain_ids[i].clone(),
-                        diff_id: config.diff_ids[i].clone(),
-                        parent: parent.cloned(),
-                        cache_id: cache_id.clone(),
-                        size: 0,
-                    };
-                    // Staged before applying, so a failure removes it too.
-                    staged.push(Staged {
-                        meta,
-                        blob: blob.digest.clone(),
-                    });
+                    let parent = if i == 0 { None } else { Some(&chain_ids[i - 1]) };
+                    let file = File::open(&spooled.path).map_err(|e| Error::io("opening a downloaded layer", e))?;
                     self.progress
                         .layer(blob.digest.short(), Status::Extracting, 0, blob.size);
-                    let size = self.apply(
-                        &spooled,
-                        blob,
+                    staging.apply(
+                        parent,
                         &config.diff_ids[i],
-                        &cache_id,
-                        parent_cache.as_deref(),
-                        clock,
+                        Box::new(file),
+                        blob.digest.as_str(),
+                        Some((blob.digest.clone(), format!("{}/{}", job.domain, repo))),
                     )?;
-                    staged.last_mut().expect("just pushed").meta.size = size;
                     self.progress
                         .layer(blob.digest.short(), Status::PullComplete, blob.size, blob.size);
                 }
@@ -434,107 +412,13 @@ impl Puller<'_> {
                 cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             out
-        });
-        if let Err(e) = outcome {
-            self.discard(&staged);
-            return Err(e);
-        }
-        Ok(staged)
-    }
-
-    fn apply(
-        &self,
-        spooled: &Spooled,
-        blob: &Blob,
-        want: &Digest,
-        cache_id: &str,
-        parent: Option<&str>,
-        clock: &Mutex<Timings>,
-    ) -> Result<u64> {
-        let t = std::time::Instant::now();
-        self.driver.create(cache_id, parent)?;
-        clock.lock().unwrap().create += t.elapsed();
-        let t = std::time::Instant::now();
-        let file = File::open(&spooled.path).map_err(|e| Error::io("opening a downloaded layer", e))?;
-        let inflated = decompress(file).map_err(|e| Error::Integrity(format!("layer {}: {e}", blob.digest)))?;
-        let (reader, state) = HashingReader::new(inflated);
-        // Decompress and hash on a second thread while the driver unpacks.
-        let (pipe, feeder) = pipelined(reader).map_err(|e| Error::io("starting a layer pipe", e))?;
-        let applied = self.driver.apply_diff(cache_id, parent, Box::new(pipe));
-        // A decompression failure is the cause of whatever the driver saw.
-        if let Err(e) = feeder.join().expect("layer feeder panicked") {
-            return Err(Error::Integrity(format!("layer {}: corrupt layer: {e}", blob.digest)));
-        }
-        let size = applied.map_err(|e| match e.class {
-            ErrorClass::Invalid => Error::Integrity(format!("layer {}: {}", blob.digest, e.message)),
-            _ => Error::Plugin(PluginError::new(
-                e.class,
-                format!("applying layer {}: {}", blob.digest, e.message),
-            )),
         })?;
-        clock.lock().unwrap().apply += t.elapsed();
-        let (got, _) = state.finish();
-        if &got != want {
-            return Err(Error::Integrity(format!(
-                "layer {}: diffID mismatch: the image config says {want}, the content is {got}",
-                blob.digest
-            )));
-        }
-        Ok(size)
-    }
-
-    /// Removes staged driver layers after a failure.
-    fn discard(&self, staged: &[Staged]) {
-        for st in staged.iter().rev() {
-            let _ = self.driver.remove(&st.meta.cache_id);
-            self.store.unmark_staging(&st.meta.cache_id);
-        }
-    }
-
-    /// Makes the pull visible: layers, then the image, then its references.
-    fn commit(
-        &self,
-        reference: &Reference,
-        staged: Vec<Staged>,
-        config: &[u8],
-        manifest_digest: &Digest,
-    ) -> Result<()> {
-        let _lock = self.store.write_lock()?;
-        let res = (|| -> Result<Digest> {
-            for st in &staged {
-                if !self.store.layers.commit(&st.meta)? {
-                    // Another pull committed the same layer first: keep theirs.
-                    let _ = self.driver.remove(&st.meta.cache_id);
-                }
-                self.store.unmark_staging(&st.meta.cache_id);
-                self.store
-                    .layers
-                    .record_blob(&st.blob, &st.meta.diff_id, &reference.name())?;
-            }
-            let id = self.store.images.put(config)?;
-            self.store.images.touch(&id, &now_rfc3339())?;
-            if reference.tag.is_some() && reference.digest.is_none() {
-                self.store.refs.set(reference, &id)?;
-            }
-            self.store
-                .refs
-                .set(&reference.with_digest(manifest_digest.clone()), &id)?;
-            Ok(id)
-        })();
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                // Staged layers not yet committed go; committed ones are
-                // unreferenced and cleared by the next exclusive start.
-                for st in &staged {
-                    if !self.store.layers.exists(&st.meta.chain_id) {
-                        let _ = self.driver.remove(&st.meta.cache_id);
-                        self.store.unmark_staging(&st.meta.cache_id);
-                    }
-                }
-                Err(e)
-            }
-        }
+        let t = *staging.times.lock().unwrap();
+        let mut c = clock.lock().unwrap();
+        c.create += t.create;
+        c.apply += t.apply;
+        drop(c);
+        Ok(staging)
     }
 
     /// Downloads one blob to a spooled file, shared with any other pull of
@@ -657,42 +541,6 @@ fn check_blob(blob: &Blob, size: u64, digest: &Digest) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Runs `r` on its own thread, writing into a pipe whose read end is
-/// returned. The thread ends with the stream's end or when the reader hangs up.
-fn pipelined<R: Read + Send + 'static>(
-    mut r: R,
-) -> std::io::Result<(std::io::PipeReader, std::thread::JoinHandle<std::io::Result<()>>)> {
-    let (rx, mut tx) = std::io::pipe()?;
-    // A larger pipe means fewer wake-ups between the two threads.
-    let _ = rustix::pipe::fcntl_setpipe_size(&tx, 1 << 20);
-    let h = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            let n = match r.read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            if let Err(e) = tx.write_all(&buf[..n]) {
-                // The consumer stopped reading: its own error is the one to report.
-                return if e.kind() == std::io::ErrorKind::BrokenPipe {
-                    Ok(())
-                } else {
-                    Err(e)
-                };
-            }
-        }
-    });
-    Ok((rx, h))
-}
-
-/// Wraps a decompressed layer so that it cannot write more than `limit`
-/// bytes: the bound on a decompression bomb.
-pub fn bounded(r: Box<dyn Read + Send>, limit: u64) -> Box<dyn Read + Send> {
-    Box::new(LimitedReader::new(r, limit, "layer"))
 }
 
 /// The current time as RFC 3339 in UTC with nanoseconds, like Docker writes.

@@ -80,8 +80,9 @@ impl LayerStore {
             .collect())
     }
 
-    /// Commits `meta` atomically. Returns false if the layer already existed.
-    pub fn commit(&self, meta: &LayerMeta) -> Result<bool> {
+    /// Commits `meta` with its tar-split record atomically. Returns false if
+    /// the layer already existed.
+    pub fn commit(&self, meta: &LayerMeta, tar_split: &[u8]) -> Result<bool> {
         let final_path = self.path(&meta.chain_id);
         if final_path.exists() {
             return Ok(false);
@@ -92,6 +93,7 @@ impl LayerStore {
             fs::write(ws.join("diff"), meta.diff_id.as_str())?;
             fs::write(ws.join("size"), meta.size.to_string())?;
             fs::write(ws.join("cache-id"), &meta.cache_id)?;
+            fs::write(ws.join("tar-split.json.gz"), tar_split)?;
             if let Some(p) = &meta.parent {
                 fs::write(ws.join("parent"), p.as_str())?;
             }
@@ -106,6 +108,11 @@ impl LayerStore {
         }
         res.ctx(format!("committing layer {}", meta.chain_id))?;
         Ok(true)
+    }
+
+    /// The tar-split record of a layer (see `tarsplit`).
+    pub fn tar_split(&self, chain: &Digest) -> Result<Vec<u8>> {
+        fs::read(self.path(chain).join("tar-split.json.gz")).ctx(format!("reading the tar-split of layer {chain}"))
     }
 
     /// Removes a layer's metadata (the driver's data is the caller's job).

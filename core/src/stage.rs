@@ -1,0 +1,228 @@
+//! Staging: layers applied to the driver but not yet visible, then
+//! committed together with their images, or discarded.
+//!
+//! Pull and load both go through here, so both verify the same way: the
+//! blob is decompressed (by its magic bytes), bounded in size, hashed to a
+//! diffID and split into a tar-split record on a feeder thread, while the
+//! driver unpacks it. A layer counts only if its diffID is the one the image
+//! config promised. Nothing becomes visible until [`Staging::commit`];
+//! dropping a `Staging` removes every layer it staged.
+
+use crate::digest::Digest;
+use crate::error::{Error, ErrorClass, PluginError, Result};
+use crate::plugin::GraphDriver;
+use crate::reference::Reference;
+use crate::store::{random_id, LayerMeta, Store};
+use crate::tarsplit::Splitter;
+use crate::verify::{decompress, HashingReader, LimitedReader};
+use std::io::{Read, Write};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The default bound on one layer's uncompressed size: a decompression bomb
+/// stops here.
+pub const DEFAULT_MAX_LAYER_BYTES: u64 = 64 << 30;
+
+/// Time spent per stage, for benchmarks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageTimes {
+    /// The driver creating layers on their parents (vfs: copies).
+    pub create: Duration,
+    /// Decompressing, hashing and unpacking.
+    pub apply: Duration,
+}
+
+struct Staged {
+    meta: LayerMeta,
+    tar_split: Vec<u8>,
+    /// The blob digest it came from and the repository, for distribution metadata.
+    source: Option<(Digest, String)>,
+}
+
+/// An image to make visible with its references.
+pub struct ImageCommit<'a> {
+    pub config: &'a [u8],
+    pub refs: Vec<Reference>,
+}
+
+pub struct Staging<'a> {
+    store: &'a Store,
+    driver: &'a dyn GraphDriver,
+    staged: Vec<Staged>,
+    max_layer_bytes: u64,
+    pub times: Mutex<StageTimes>,
+}
+
+impl<'a> Staging<'a> {
+    pub fn new(store: &'a Store, driver: &'a dyn GraphDriver, max_layer_bytes: u64) -> Staging<'a> {
+        Staging {
+            store,
+            driver,
+            staged: Vec::new(),
+            max_layer_bytes,
+            times: Mutex::new(StageTimes::default()),
+        }
+    }
+
+    /// Whether `chain` is present, committed or staged here.
+    pub fn has(&self, chain: &Digest) -> bool {
+        self.staged.iter().any(|s| &s.meta.chain_id == chain) || self.store.layers.exists(chain)
+    }
+
+    fn cache_id_of(&self, chain: &Digest) -> Result<String> {
+        if let Some(s) = self.staged.iter().find(|s| &s.meta.chain_id == chain) {
+            return Ok(s.meta.cache_id.clone());
+        }
+        Ok(self
+            .store
+            .layers
+            .get(chain)?
+            .ok_or_else(|| Error::Integrity(format!("parent layer {chain} vanished")))?
+            .cache_id)
+    }
+
+    /// Applies `blob` (a layer tar, compressed or not) as the layer whose
+    /// diffID must be `diff_id`, on top of `parent`. `label` names the layer
+    /// in errors.
+    pub fn apply(
+        &mut self,
+        parent: Option<&Digest>,
+        diff_id: &Digest,
+        blob: Box<dyn Read + Send>,
+        label: &str,
+        source: Option<(Digest, String)>,
+    ) -> Result<u64> {
+        let chain_id = Digest::chain(parent, diff_id);
+        let parent_cache = parent.map(|p| self.cache_id_of(p)).transpose()?;
+        let cache_id = random_id();
+        self.store.mark_staging(&cache_id)?;
+        // Staged before anything is written, so a failure removes it too.
+        self.staged.push(Staged {
+            meta: LayerMeta {
+                chain_id,
+                diff_id: diff_id.clone(),
+                parent: parent.cloned(),
+                cache_id: cache_id.clone(),
+                size: 0,
+            },
+            tar_split: Vec::new(),
+            source,
+        });
+        let t = Instant::now();
+        self.driver.create(&cache_id, parent_cache.as_deref())?;
+        self.times.lock().unwrap().create += t.elapsed();
+        let t = Instant::now();
+        let inflated = decompress(blob).map_err(|e| Error::Integrity(format!("layer {label}: {e}")))?;
+        let bounded = LimitedReader::new(inflated, self.max_layer_bytes, format!("layer {label}"));
+        let (hashed, hash) = HashingReader::new(bounded);
+        let (split, record) = Splitter::new(hashed);
+        // Decompress, hash and split on a second thread while the driver unpacks.
+        let (pipe, feeder) = pipelined(split).map_err(|e| Error::io("starting a layer pipe", e))?;
+        let applied = self
+            .driver
+            .apply_diff(&cache_id, parent_cache.as_deref(), Box::new(pipe));
+        // A decompression failure is the cause of whatever the driver saw.
+        if let Err(e) = feeder.join().expect("layer feeder panicked") {
+            return Err(Error::Integrity(format!("layer {label}: corrupt layer: {e}")));
+        }
+        let size = applied.map_err(|e| match e.class {
+            ErrorClass::Invalid => Error::Integrity(format!("layer {label}: {}", e.message)),
+            _ => Error::Plugin(PluginError::new(
+                e.class,
+                format!("applying layer {label}: {}", e.message),
+            )),
+        })?;
+        self.times.lock().unwrap().apply += t.elapsed();
+        let (got, _) = hash.finish();
+        if &got != diff_id {
+            return Err(Error::Integrity(format!(
+                "layer {label}: diffID mismatch: the image config says {diff_id}, the content is {got}"
+            )));
+        }
+        let st = self.staged.last_mut().expect("just pushed");
+        st.meta.size = size;
+        st.tar_split = record.lock().unwrap().encode();
+        Ok(size)
+    }
+
+    /// Makes everything visible: layers, then images, then references.
+    /// Returns the image IDs.
+    pub fn commit(mut self, images: &[ImageCommit<'_>]) -> Result<Vec<Digest>> {
+        let _lock = self.store.write_lock()?;
+        let staged = std::mem::take(&mut self.staged);
+        let res = (|| -> Result<Vec<Digest>> {
+            for st in &staged {
+                if !self.store.layers.commit(&st.meta, &st.tar_split)? {
+                    // Another process committed the same layer first: keep theirs.
+                    let _ = self.driver.remove(&st.meta.cache_id);
+                }
+                self.store.unmark_staging(&st.meta.cache_id);
+                if let Some((blob, repo)) = &st.source {
+                    self.store.layers.record_blob(blob, &st.meta.diff_id, repo)?;
+                }
+            }
+            let now = crate::pull::now_rfc3339();
+            let mut ids = Vec::new();
+            for img in images {
+                let id = self.store.images.put(img.config)?;
+                self.store.images.touch(&id, &now)?;
+                for r in &img.refs {
+                    self.store.refs.set(r, &id)?;
+                }
+                ids.push(id);
+            }
+            Ok(ids)
+        })();
+        if res.is_err() {
+            // Layers not yet committed go; committed ones are unreferenced
+            // and cleared by the next process alone on the store.
+            for st in &staged {
+                if !self.store.layers.exists(&st.meta.chain_id) {
+                    let _ = self.driver.remove(&st.meta.cache_id);
+                    self.store.unmark_staging(&st.meta.cache_id);
+                }
+            }
+        }
+        res
+    }
+}
+
+impl Drop for Staging<'_> {
+    /// Removes whatever was staged and not committed.
+    fn drop(&mut self) {
+        for st in self.staged.iter().rev() {
+            let _ = self.driver.remove(&st.meta.cache_id);
+            self.store.unmark_staging(&st.meta.cache_id);
+        }
+    }
+}
+
+/// Runs `r` on its own thread, writing into a pipe whose read end is
+/// returned. The thread ends with the stream's end or when the reader hangs up.
+fn pipelined<R: Read + Send + 'static>(
+    mut r: R,
+) -> std::io::Result<(std::io::PipeReader, std::thread::JoinHandle<std::io::Result<()>>)> {
+    let (rx, mut tx) = std::io::pipe()?;
+    // A larger pipe means fewer wake-ups between the two threads.
+    let _ = rustix::pipe::fcntl_setpipe_size(&tx, 1 << 20);
+    let h = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if let Err(e) = tx.write_all(&buf[..n]) {
+                // The consumer stopped reading: its own error is the one to report.
+                return if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    Ok(())
+                } else {
+                    Err(e)
+                };
+            }
+        }
+    });
+    Ok((rx, h))
+}

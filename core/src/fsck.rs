@@ -30,6 +30,9 @@ pub fn collect_garbage(store: &Store, driver: &dyn GraphDriver) -> Result<Vec<St
     for n in store.clear_tmp_blobs()? {
         cleared.push(format!("spooled download {n}"));
     }
+    for n in store.clear_load_spools()? {
+        cleared.push(format!("spooled archive {n}"));
+    }
     for n in store.layers.clear_tmp()? {
         cleared.push(format!("unfinished layer record {n}"));
     }

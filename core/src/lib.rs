@@ -7,16 +7,19 @@
 //! sandboxed plugins. It must never depend on wasmtime or on the host, and it
 //! never trusts a digest, size or path that a plugin hands it.
 
+pub mod archive;
 pub mod digest;
 pub mod endpoint;
 pub mod error;
 pub mod fsck;
 pub mod images;
+pub mod load;
 pub mod manifest;
 pub mod platform;
 pub mod plugin;
 pub mod pull;
 pub mod reference;
+pub mod save;
 pub mod stage;
 pub mod store;
 pub mod tarsplit;

@@ -398,7 +398,7 @@ impl Puller<'_> {
                         .layer(blob.digest.short(), Status::Extracting, 0, blob.size);
                     staging.apply(
                         parent,
-                        &config.diff_ids[i],
+                        Some(&config.diff_ids[i]),
                         Box::new(file),
                         blob.digest.as_str(),
                         Some((blob.digest.clone(), format!("{}/{}", job.domain, repo))),

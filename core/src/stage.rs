@@ -81,18 +81,20 @@ impl<'a> Staging<'a> {
             .cache_id)
     }
 
-    /// Applies `blob` (a layer tar, compressed or not) as the layer whose
-    /// diffID must be `diff_id`, on top of `parent`. `label` names the layer
-    /// in errors.
+    /// Applies `blob` (a layer tar, compressed or not) on top of `parent`.
+    /// Its diffID must be `expect` when given (legacy archives carry none).
+    /// `label` names the layer in errors. Returns the diffID and the size.
     pub fn apply(
         &mut self,
         parent: Option<&Digest>,
-        diff_id: &Digest,
-        blob: Box<dyn Read + Send>,
+        expect: Option<&Digest>,
+        blob: Box<dyn Read + Send + '_>,
         label: &str,
         source: Option<(Digest, String)>,
-    ) -> Result<u64> {
-        let chain_id = Digest::chain(parent, diff_id);
+    ) -> Result<(Digest, u64)> {
+        // Until the content is hashed, a legacy layer's diffID is unknown.
+        let diff_id = expect.cloned().unwrap_or_else(|| Digest::of(b""));
+        let chain_id = Digest::chain(parent, &diff_id);
         let parent_cache = parent.map(|p| self.cache_id_of(p)).transpose()?;
         let cache_id = random_id();
         self.store.mark_staging(&cache_id)?;
@@ -100,7 +102,7 @@ impl<'a> Staging<'a> {
         self.staged.push(Staged {
             meta: LayerMeta {
                 chain_id,
-                diff_id: diff_id.clone(),
+                diff_id,
                 parent: parent.cloned(),
                 cache_id: cache_id.clone(),
                 size: 0,
@@ -116,13 +118,18 @@ impl<'a> Staging<'a> {
         let bounded = LimitedReader::new(inflated, self.max_layer_bytes, format!("layer {label}"));
         let (hashed, hash) = HashingReader::new(bounded);
         let (split, record) = Splitter::new(hashed);
+        let (pipe, tx) = std::io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
+        // A larger pipe means fewer wake-ups between the two threads.
+        let _ = rustix::pipe::fcntl_setpipe_size(&tx, 1 << 20);
+        let driver = self.driver;
         // Decompress, hash and split on a second thread while the driver unpacks.
-        let (pipe, feeder) = pipelined(split).map_err(|e| Error::io("starting a layer pipe", e))?;
-        let applied = self
-            .driver
-            .apply_diff(&cache_id, parent_cache.as_deref(), Box::new(pipe));
+        let (applied, fed) = std::thread::scope(|s| {
+            let feeder = s.spawn(move || feed(split, tx));
+            let applied = driver.apply_diff(&cache_id, parent_cache.as_deref(), Box::new(pipe));
+            (applied, feeder.join().expect("layer feeder panicked"))
+        });
         // A decompression failure is the cause of whatever the driver saw.
-        if let Err(e) = feeder.join().expect("layer feeder panicked") {
+        if let Err(e) = fed {
             return Err(Error::Integrity(format!("layer {label}: corrupt layer: {e}")));
         }
         let size = applied.map_err(|e| match e.class {
@@ -134,15 +141,17 @@ impl<'a> Staging<'a> {
         })?;
         self.times.lock().unwrap().apply += t.elapsed();
         let (got, _) = hash.finish();
-        if &got != diff_id {
+        if let Some(want) = expect.filter(|want| *want != &got) {
             return Err(Error::Integrity(format!(
-                "layer {label}: diffID mismatch: the image config says {diff_id}, the content is {got}"
+                "layer {label}: diffID mismatch: the image config says {want}, the content is {got}"
             )));
         }
         let st = self.staged.last_mut().expect("just pushed");
+        st.meta.diff_id = got.clone();
+        st.meta.chain_id = Digest::chain(parent, &got);
         st.meta.size = size;
         st.tar_split = record.lock().unwrap().encode();
-        Ok(size)
+        Ok((got, size))
     }
 
     /// Makes everything visible: layers, then images, then references.
@@ -197,32 +206,23 @@ impl Drop for Staging<'_> {
     }
 }
 
-/// Runs `r` on its own thread, writing into a pipe whose read end is
-/// returned. The thread ends with the stream's end or when the reader hangs up.
-fn pipelined<R: Read + Send + 'static>(
-    mut r: R,
-) -> std::io::Result<(std::io::PipeReader, std::thread::JoinHandle<std::io::Result<()>>)> {
-    let (rx, mut tx) = std::io::pipe()?;
-    // A larger pipe means fewer wake-ups between the two threads.
-    let _ = rustix::pipe::fcntl_setpipe_size(&tx, 1 << 20);
-    let h = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            let n = match r.read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+/// Copies `r` into the pipe until the end, or until the reader hangs up.
+fn feed(mut r: impl Read, mut tx: std::io::PipeWriter) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if let Err(e) = tx.write_all(&buf[..n]) {
+            // The consumer stopped reading: its own error is the one to report.
+            return if e.kind() == std::io::ErrorKind::BrokenPipe {
+                Ok(())
+            } else {
+                Err(e)
             };
-            if let Err(e) = tx.write_all(&buf[..n]) {
-                // The consumer stopped reading: its own error is the one to report.
-                return if e.kind() == std::io::ErrorKind::BrokenPipe {
-                    Ok(())
-                } else {
-                    Err(e)
-                };
-            }
         }
-    });
-    Ok((rx, h))
+    }
 }

@@ -98,7 +98,7 @@ pub fn sniff(head: &[u8]) -> Compression {
 }
 
 /// Wraps a blob reader in the decompressor its first bytes call for.
-pub fn decompress<R: Read + Send + 'static>(r: R) -> io::Result<Box<dyn Read + Send>> {
+pub fn decompress<'r, R: Read + Send + 'r>(r: R) -> io::Result<Box<dyn Read + Send + 'r>> {
     let mut r = BufReader::with_capacity(256 << 10, r);
     let head = r.fill_buf()?;
     Ok(match sniff(head) {

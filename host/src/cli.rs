@@ -72,8 +72,34 @@ pub enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Load images from a `docker save` or OCI archive.
+    Load {
+        /// The archive (default: standard input).
+        #[arg(short, long)]
+        input: Option<PathBuf>,
+        /// Print only the `Loaded image` lines, no progress.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Save images to an archive.
+    Save {
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// The archive to write (default: standard output).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// `docker` (manifest.json, what `docker load` reads) or `oci` (an OCI image layout).
+        #[arg(long, value_enum, default_value_t = SaveFormat::Docker)]
+        format: SaveFormat,
+    },
     /// Check the store's consistency, clearing what a crash left behind.
     Fsck,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveFormat {
+    Docker,
+    Oci,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

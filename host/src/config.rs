@@ -31,6 +31,9 @@ pub struct Config {
     pub plugin_dir: Option<PathBuf>,
     /// A Docker-style `config.json` with registry credentials.
     pub auth_file: Option<PathBuf>,
+    /// The most one layer may hold uncompressed (a bound on decompression bombs).
+    #[serde(default = "max_layer")]
+    pub max_layer_size_mib: u64,
     pub transport: PluginConfig,
     pub driver: PluginConfig,
     #[serde(default)]
@@ -41,6 +44,10 @@ pub struct Config {
 
 fn three() -> usize {
     3
+}
+
+fn max_layer() -> u64 {
+    gantry_core::stage::DEFAULT_MAX_LAYER_BYTES >> 20
 }
 
 /// One plugin's table.

@@ -149,4 +149,22 @@ impl Store {
         }
         Ok(names)
     }
+
+    /// A fresh directory for spooling an archive read from a stream.
+    pub fn load_spool(&self) -> PathBuf {
+        self.root.join("tmp").join(format!("load-{}", &random_id()[..16]))
+    }
+
+    /// Removes load spools left by a crash. Only safe when alone.
+    pub fn clear_load_spools(&self) -> Result<Vec<String>> {
+        let tmp = self.root.join("tmp");
+        let names: Vec<String> = fs::list_names(&tmp)?
+            .into_iter()
+            .filter(|n| n.starts_with("load-"))
+            .collect();
+        for n in &names {
+            let _ = std::fs::remove_dir_all(tmp.join(n));
+        }
+        Ok(names)
+    }
 }

@@ -5,7 +5,9 @@ mod fsck;
 mod history;
 mod images;
 mod inspect;
+mod load;
 mod pull;
+mod save;
 
 use crate::cli::{Cli, Command};
 use crate::context::Context;
@@ -42,6 +44,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
         Command::Export { image, output } => export::run(&ctx, &image, output.as_deref()),
+        Command::Load { input, quiet } => load::run(&ctx, input.as_deref(), quiet),
+        Command::Save { images, output, format } => save::run(&ctx, &images, output.as_deref(), format),
         Command::Fsck => fsck::run(&ctx),
     }
 }

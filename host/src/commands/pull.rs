@@ -25,6 +25,7 @@ pub fn run(ctx: &Context, references: &[String], platform: Option<&str>, quiet: 
     let options = PullOptions {
         platform,
         max_concurrent_downloads: ctx.config.max_concurrent_downloads,
+        max_layer_bytes: ctx.config.max_layer_size_mib << 20,
         ..PullOptions::default()
     };
     let puller = Puller {

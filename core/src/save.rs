@@ -1,0 +1,217 @@
+//! Saving images as archives: Docker's `docker save` format or an OCI
+//! image layout, streamed, never staged whole on disk.
+//!
+//! Each layer is rebuilt byte for byte from its tar-split record and the
+//! layer's directory, so its digest is its diffID and the image ID survives
+//! a save/load round trip. The rebuilt stream is hashed as it is written; a
+//! layer whose files changed since it was unpacked fails the save.
+//! Layers are written uncompressed (media type `…layer.v1.tar`): gantry
+//! keeps no compressed originals to reproduce.
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::images::{layers_of, lookup};
+use crate::plugin::GraphDriver;
+use crate::reference::Reference;
+use crate::store::Store;
+use crate::tarsplit::{assemble, Record};
+use crate::verify::HashingReader;
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use serde_json::json;
+use std::collections::HashSet;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `manifest.json` with `Config`, `RepoTags`, `Layers` (plus OCI's
+    /// `index.json` and `oci-layout`, as Docker 25 writes them).
+    Docker,
+    /// An OCI image layout only.
+    Oci,
+}
+
+const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+
+struct Image {
+    id: Digest,
+    config: Vec<u8>,
+    layers: Vec<crate::store::LayerMeta>,
+    tags: Vec<Reference>,
+}
+
+fn header(size: u64) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(0o644);
+    h.set_size(size);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h
+}
+
+fn io_err(e: io::Error) -> Error {
+    Error::io("writing the archive", e)
+}
+
+/// Writes `names` (references or IDs) as an archive to `out`.
+pub fn save(
+    store: &Store,
+    driver: &dyn GraphDriver,
+    names: &[String],
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<()> {
+    // Group the names by image, keeping the tags that were asked for.
+    let mut images: Vec<Image> = Vec::new();
+    for n in names {
+        let id = lookup(store, n)?;
+        let tag = Reference::parse(n)
+            .ok()
+            .filter(|r| r.digest.is_none() && store.refs.get(r).ok().flatten().as_ref() == Some(&id));
+        if let Some(img) = images.iter_mut().find(|i| i.id == id) {
+            img.tags.extend(tag);
+            continue;
+        }
+        let (_, layers) = layers_of(store, &id)?;
+        images.push(Image {
+            config: store.images.get(&id)?,
+            id,
+            layers,
+            tags: tag.into_iter().collect(),
+        });
+    }
+    let mut b = tar::Builder::new(out);
+    let mut written: HashSet<Digest> = HashSet::new();
+    let put = |b: &mut tar::Builder<&mut dyn Write>, name: &str, data: &[u8]| -> Result<()> {
+        b.append_data(&mut header(data.len() as u64), name, data)
+            .map_err(io_err)
+    };
+    let mut docker_manifest = Vec::new();
+    let mut index = Vec::new();
+    for img in &images {
+        let config_name = format!("blobs/sha256/{}", img.id.hex());
+        if written.insert(img.id.clone()) {
+            put(&mut b, &config_name, &img.config)?;
+        }
+        let mut layer_names = Vec::new();
+        let mut descriptors = Vec::new();
+        for l in &img.layers {
+            let name = format!("blobs/sha256/{}", l.diff_id.hex());
+            let record = Record::decode(&store.layers.tar_split(&l.chain_id)?)?;
+            if written.insert(l.diff_id.clone()) {
+                write_layer(&mut b, driver, &name, l, &record)?;
+            }
+            descriptors.push(json!({"mediaType": LAYER_TYPE, "digest": l.diff_id, "size": record.tar_len()}));
+            layer_names.push(name);
+        }
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_TYPE,
+            "config": {"mediaType": CONFIG_TYPE, "digest": img.id, "size": img.config.len()},
+            "layers": descriptors,
+        }))
+        .expect("serialisable");
+        let manifest_digest = Digest::of(&manifest);
+        if written.insert(manifest_digest.clone()) {
+            put(&mut b, &format!("blobs/sha256/{}", manifest_digest.hex()), &manifest)?;
+        }
+        let descriptor = |tag: Option<&Reference>| {
+            let mut d = json!({"mediaType": MANIFEST_TYPE, "digest": manifest_digest, "size": manifest.len()});
+            if let Some(t) = tag {
+                d["annotations"] = json!({
+                    "io.containerd.image.name": t.to_string(),
+                    "org.opencontainers.image.ref.name": t.tag.clone().unwrap_or_default(),
+                });
+            }
+            d
+        };
+        if img.tags.is_empty() {
+            index.push(descriptor(None));
+        }
+        for t in &img.tags {
+            index.push(descriptor(Some(t)));
+        }
+        docker_manifest.push(json!({
+            "Config": config_name,
+            "RepoTags": img.tags.iter().map(|t| t.familiar_string()).collect::<Vec<_>>(),
+            "Layers": layer_names,
+        }));
+    }
+    put(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    put(
+        &mut b,
+        "index.json",
+        &serde_json::to_vec(
+            &json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": index}),
+        )
+        .expect("serialisable"),
+    )?;
+    if format == Format::Docker {
+        put(
+            &mut b,
+            "manifest.json",
+            &serde_json::to_vec(&docker_manifest).expect("serialisable"),
+        )?;
+    }
+    b.into_inner().map_err(io_err)?.flush().map_err(io_err)?;
+    Ok(())
+}
+
+/// Rebuilds one layer's tar into the archive, checking it hashes to its diffID.
+fn write_layer(
+    b: &mut tar::Builder<&mut dyn Write>,
+    driver: &dyn GraphDriver,
+    name: &str,
+    l: &crate::store::LayerMeta,
+    record: &Record,
+) -> Result<()> {
+    let dir = driver.get(&l.cache_id)?;
+    let root = rustix::fs::open(
+        &dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io(format!("opening layer {}", l.chain_id), e.into()))?;
+    let (rx, tx) = io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
+    let (hashed, hash) = HashingReader::new(rx);
+    let result = std::thread::scope(|s| {
+        let producer = s.spawn(move || {
+            let mut tx = tx;
+            let open = |n: &str| -> io::Result<Box<dyn Read>> {
+                // Inside the layer's directory only, and never through a link.
+                let fd = rustix::fs::openat2(
+                    root.as_fd(),
+                    n.trim_start_matches("./"),
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+                )?;
+                Ok(Box::new(std::fs::File::from(fd)))
+            };
+            assemble(record, open, &mut tx)
+        });
+        let written = b.append_data(&mut header(record.tar_len()), name, hashed);
+        let produced = producer.join().expect("layer producer panicked");
+        (written, produced)
+    });
+    let _ = driver.put(&l.cache_id);
+    if let Err(e) = result.1 {
+        return Err(Error::Integrity(format!(
+            "layer {}: cannot rebuild its tar: {e}",
+            l.diff_id
+        )));
+    }
+    result.0.map_err(io_err)?;
+    let (got, _) = hash.finish();
+    if got != l.diff_id {
+        return Err(Error::Integrity(format!(
+            "layer {}: its files changed since it was unpacked (the rebuilt tar is {got})",
+            l.diff_id
+        )));
+    }
+    Ok(())
+}

@@ -115,7 +115,11 @@ impl<'a> Staging<'a> {
         self.times.lock().unwrap().create += t.elapsed();
         let t = Instant::now();
         let inflated = decompress(blob).map_err(|e| Error::Integrity(format!("layer {label}: {e}")))?;
-        let bounded = LimitedReader::new(inflated, self.max_layer_bytes, format!("layer {label}"));
+        let bounded = LimitedReader::new(
+            inflated,
+            self.max_layer_bytes,
+            format!("layer {label}: its uncompressed size"),
+        );
         let (hashed, hash) = HashingReader::new(bounded);
         let (split, record) = Splitter::new(hashed);
         let (pipe, tx) = std::io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
@@ -129,8 +133,10 @@ impl<'a> Staging<'a> {
             (applied, feeder.join().expect("layer feeder panicked"))
         });
         // A decompression failure is the cause of whatever the driver saw.
-        if let Err(e) = fed {
-            return Err(Error::Integrity(format!("layer {label}: corrupt layer: {e}")));
+        match fed {
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => return Err(Error::Integrity(e.to_string())),
+            Err(e) => return Err(Error::Integrity(format!("layer {label}: corrupt layer: {e}"))),
+            Ok(()) => {}
         }
         let size = applied.map_err(|e| match e.class {
             ErrorClass::Invalid => Error::Integrity(format!("layer {label}: {}", e.message)),

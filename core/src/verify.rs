@@ -58,6 +58,7 @@ impl<R: Read> Read for HashingReader<R> {
 pub struct LimitedReader<R> {
     inner: R,
     left: u64,
+    limit: u64,
     what: String,
 }
 
@@ -66,6 +67,7 @@ impl<R: Read> LimitedReader<R> {
         LimitedReader {
             inner,
             left: limit,
+            limit,
             what: what.into(),
         }
     }
@@ -76,8 +78,12 @@ impl<R: Read> Read for LimitedReader<R> {
         let n = self.inner.read(buf)?;
         if n as u64 > self.left {
             return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} exceeds its size limit", self.what),
+                io::ErrorKind::FileTooLarge,
+                if self.limit.is_multiple_of(1 << 20) {
+                    format!("{} exceeds the limit of {} MiB", self.what, self.limit >> 20)
+                } else {
+                    format!("{} exceeds the limit of {} bytes", self.what, self.limit)
+                },
             ));
         }
         self.left -= n as u64;
@@ -135,6 +141,6 @@ mod tests {
         let err = LimitedReader::new(io::repeat(0).take(100), 10, "layer")
             .read_to_end(&mut out)
             .unwrap_err();
-        assert!(err.to_string().contains("size limit"));
+        assert_eq!(err.to_string(), "layer exceeds the limit of 10 bytes");
     }
 }

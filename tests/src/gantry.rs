@@ -87,6 +87,22 @@ impl Gantry {
         }
     }
 
+    /// Runs with `input` on standard input.
+    pub fn run_stdin(&self, args: &[&str], input: &Path) -> Run {
+        let mut c = Command::new(binary());
+        c.arg("--root").arg(self.root.path());
+        if let Some(cfg) = &self.config {
+            c.arg("--config").arg(cfg);
+        }
+        c.args(args).stdin(std::fs::File::open(input).unwrap());
+        c.env("DOCKER_CONFIG", self.root.path().join("no-docker-config"));
+        c.env("TMPDIR", self.tmpdir.path());
+        Run {
+            args: format!("{} < {}", args.join(" "), input.display()),
+            out: c.output().unwrap(),
+        }
+    }
+
     /// Runs and expects success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let r = self.run(args);

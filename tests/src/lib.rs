@@ -10,6 +10,7 @@
 //! - [`gantry`]: runs the built binary with a fresh `--root`;
 //! - [`tree`]: listings of a tar or a directory for file-by-file comparison.
 
+pub mod corpus;
 pub mod gantry;
 pub mod image;
 pub mod proxy;

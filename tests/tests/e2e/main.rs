@@ -2,6 +2,7 @@
 //! (Debian's `docker-registry`), filled with `skopeo copy` from OCI layouts
 //! the tests generate.
 
+mod archives;
 mod commands;
 mod faults;
 mod hostile;

@@ -1,0 +1,302 @@
+//! The hostile-archive corpus, written by a generator rather than checked
+//! in: one folder per case holding `archive.tar` and `expect` (a fragment of
+//! the one-line error `gantry load` must give). Adding a case adds an entry
+//! to [`cases`], nothing else.
+
+use crate::image::{compress, sha256, Compression, Layer};
+use serde_json::json;
+use std::path::Path;
+
+/// An archive entry written raw (names and links unchecked).
+pub enum Entry {
+    File(String, Vec<u8>),
+    Symlink(String, String),
+}
+
+/// Writes a tar of `entries`, bypassing the builder's name checks.
+pub fn tar_of(entries: &[Entry]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        let (name, data): (&str, &[u8]) = match e {
+            Entry::File(n, d) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(d.len() as u64);
+                (n, d)
+            }
+            Entry::Symlink(n, t) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                h.as_old_mut().linkname[..t.len()].copy_from_slice(t.as_bytes());
+                (n, &[])
+            }
+        };
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn config(diff_ids: &[String]) -> Vec<u8> {
+    json!({
+        "architecture": "amd64", "os": "linux", "created": "2023-11-14T22:13:20Z",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// A `docker save` archive of one image whose layers are `layers` (blob
+/// bytes as stored, with the diffIDs of `tars`), tagged `tag`.
+pub fn docker_archive(tars: &[Vec<u8>], blobs: &[Vec<u8>], tag: &str) -> Vec<Entry> {
+    let diff_ids: Vec<String> = tars.iter().map(|t| sha256(t)).collect();
+    let cfg = config(&diff_ids);
+    let cfg_name = format!("{}.json", &sha256(&cfg)[7..]);
+    let mut entries = vec![Entry::File(cfg_name.clone(), cfg)];
+    let mut names = Vec::new();
+    for (i, b) in blobs.iter().enumerate() {
+        let n = format!("layer{i}/layer.tar");
+        entries.push(Entry::File(n.clone(), b.clone()));
+        names.push(n);
+    }
+    let manifest = json!([{"Config": cfg_name, "RepoTags": [tag], "Layers": names}]);
+    entries.push(Entry::File("manifest.json".into(), manifest.to_string().into_bytes()));
+    entries
+}
+
+/// A good one-layer image: the tars and their stored blobs.
+pub fn good_layer() -> Vec<u8> {
+    Layer::new().dir("etc", 0o755).file("etc/ok", 0o644, b"ok\n").tar()
+}
+
+/// An OCI layout archive of one image with the given layer media type.
+pub fn oci_archive(tar: &[u8], media_type: &str, declared_size_delta: i64, tag: &str) -> Vec<Entry> {
+    let (blob, _) = compress(tar, Compression::Gzip);
+    let cfg = config(&[sha256(tar)]);
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(&cfg), "size": cfg.len()},
+        "layers": [{"mediaType": media_type, "digest": sha256(&blob), "size": blob.len() as i64 + declared_size_delta}],
+    })
+    .to_string()
+    .into_bytes();
+    let index = json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha256(&manifest), "size": manifest.len(),
+        "annotations": {"org.opencontainers.image.ref.name": tag},
+    }]});
+    vec![
+        Entry::File("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
+        Entry::File(format!("blobs/sha256/{}", &sha256(&cfg)[7..]), cfg),
+        Entry::File(format!("blobs/sha256/{}", &sha256(&manifest)[7..]), manifest),
+        Entry::File(format!("blobs/sha256/{}", &sha256(&blob)[7..]), blob),
+        Entry::File("index.json".into(), index.to_string().into_bytes()),
+    ]
+}
+
+fn hostile_layer(build: impl FnOnce(Layer) -> Layer) -> Vec<u8> {
+    build(Layer::new()).tar()
+}
+
+/// Every hostile case: (name, archive entries, expected error fragment).
+pub fn cases() -> Vec<(&'static str, Vec<Entry>, &'static str)> {
+    let good = good_layer();
+    let one = |tar: Vec<u8>| docker_archive(std::slice::from_ref(&tar), std::slice::from_ref(&tar), "hostile/x:1");
+    let mut out: Vec<(&'static str, Vec<Entry>, &'static str)> = Vec::new();
+
+    // Names in manifest.json.
+    let mut e = one(good.clone());
+    e.push(Entry::File(
+        "manifest.json.bad".into(),
+        json!([{"Config": "../evil.json", "RepoTags": [], "Layers": []}])
+            .to_string()
+            .into_bytes(),
+    ));
+    out.push(("config-dotdot", rename_manifest(e), "leaves the archive"));
+    let mut e = one(good.clone());
+    e.push(Entry::File(
+        "manifest.json.bad".into(),
+        json!([{"Config": "/etc/passwd", "RepoTags": [], "Layers": []}])
+            .to_string()
+            .into_bytes(),
+    ));
+    out.push(("config-absolute", rename_manifest(e), "is absolute"));
+    let mut e = one(good.clone());
+    e.push(Entry::File(
+        "manifest.json.bad".into(),
+        json!([{"Config": format!("{}.json", &sha256(&config(&[sha256(&good)]))[7..]), "RepoTags": [], "Layers": ["../../layer.tar"]}])
+            .to_string()
+            .into_bytes(),
+    ));
+    out.push(("layer-dotdot", rename_manifest(e), "leaves the archive"));
+    // Entries of the archive itself.
+    let mut e = one(good.clone());
+    e.push(Entry::File("../outside".into(), b"x".to_vec()));
+    out.push(("entry-dotdot", e, "leaves the archive"));
+    let mut e = one(good.clone());
+    e.push(Entry::File("layer0/layer.tar".into(), good.clone()));
+    out.push(("duplicate-names", e, "two entries named"));
+    let mut e = docker_archive(std::slice::from_ref(&good), &[], "hostile/x:1");
+    e.insert(
+        0,
+        Entry::Symlink("layer0/layer.tar".into(), "../../../etc/passwd".into()),
+    );
+    out.push((
+        "link-out-of-archive",
+        relayer(e, &["layer0/layer.tar"]),
+        "outside the archive",
+    ));
+    // Layers that escape.
+    out.push((
+        "layer-entry-dotdot",
+        one(hostile_layer(|l| {
+            l.raw(tar::EntryType::Regular, "../escaped-load", "", b"x")
+        })),
+        "leaves its directory",
+    ));
+    out.push((
+        "layer-entry-absolute",
+        one(hostile_layer(|l| {
+            l.raw(tar::EntryType::Regular, "/escaped-load", "", b"x")
+        })),
+        "absolute path",
+    ));
+    out.push((
+        "layer-symlink-same-layer",
+        one(hostile_layer(|l| {
+            l.symlink("up", "/")
+                .raw(tar::EntryType::Regular, "up/escaped-load", "", b"x")
+        })),
+        "passes through a link",
+    ));
+    let l1 = hostile_layer(|l| l.symlink("up", "../../../.."));
+    let l2 = hostile_layer(|l| l.raw(tar::EntryType::Regular, "up/escaped-load2", "", b"x"));
+    out.push((
+        "layer-symlink-earlier-layer",
+        docker_archive(&[l1.clone(), l2.clone()], &[l1, l2], "hostile/x:1"),
+        "passes through a link",
+    ));
+    out.push((
+        "layer-hardlink-out",
+        one(hostile_layer(|l| {
+            l.raw(tar::EntryType::Link, "hl", "../../etc/passwd", b"")
+        })),
+        "leaves its directory",
+    ));
+    // Lies about content.
+    out.push((
+        "layer-count-mismatch",
+        docker_archive(
+            &[good.clone(), good.clone()],
+            std::slice::from_ref(&good),
+            "hostile/x:1",
+        ),
+        "lists 2 layers but the archive has 1",
+    ));
+    let other = Layer::new().file("other", 0o644, b"other").tar();
+    out.push((
+        "wrong-diffid",
+        docker_archive(std::slice::from_ref(&other), std::slice::from_ref(&good), "hostile/x:1"),
+        "diffID mismatch",
+    ));
+    let (gz, _) = compress(&good, Compression::Gzip);
+    out.push((
+        "truncated-gzip",
+        docker_archive(
+            std::slice::from_ref(&good),
+            &[gz[..gz.len() / 2].to_vec()],
+            "hostile/x:1",
+        ),
+        "corrupt layer",
+    ));
+    let mut bad = gz.clone();
+    let n = bad.len();
+    for b in &mut bad[12..n - 10] {
+        *b ^= 0x5a;
+    }
+    out.push((
+        "corrupt-gzip",
+        docker_archive(std::slice::from_ref(&good), &[bad], "hostile/x:1"),
+        "corrupt layer",
+    ));
+    // 256 MiB of zeros in a ~250 KiB gzip: stopped by the configured cap.
+    let bomb = Layer::new().file("zeros", 0o644, &vec![0u8; 256 << 20]).tar();
+    let (bomb_gz, _) = compress(&bomb, Compression::Gzip);
+    out.push((
+        "decompression-bomb",
+        docker_archive(std::slice::from_ref(&bomb), &[bomb_gz], "hostile/x:1"),
+        "its uncompressed size exceeds the limit of 64 MiB",
+    ));
+    // Malformed documents.
+    let mut e = one(good.clone());
+    e.push(Entry::File("manifest.json.bad".into(), b"[{\"Config\": ".to_vec()));
+    out.push(("invalid-json", rename_manifest(e), "manifest.json is not valid"));
+    out.push((
+        "unknown-media-type",
+        oci_archive(&good, "application/x-evil", 0, "hostile/x:1"),
+        "unsupported layer media type",
+    ));
+    out.push((
+        "oci-size-mismatch",
+        oci_archive(&good, "application/vnd.oci.image.layer.v1.tar+gzip", 7, "hostile/x:1"),
+        "the descriptor says",
+    ));
+    out.push((
+        "not-an-image",
+        vec![Entry::File("hello.txt".into(), b"hi".to_vec())],
+        "not an image archive",
+    ));
+    out.push((
+        "bad-tag",
+        docker_archive(
+            std::slice::from_ref(&good),
+            std::slice::from_ref(&good),
+            "UPPER/Case:tag",
+        ),
+        "invalid tag",
+    ));
+    out
+}
+
+/// Drops the real manifest.json and renames `manifest.json.bad` into its place.
+fn rename_manifest(entries: Vec<Entry>) -> Vec<Entry> {
+    entries
+        .into_iter()
+        .filter(|e| !matches!(e, Entry::File(n, _) if n == "manifest.json"))
+        .map(|e| match e {
+            Entry::File(n, d) if n == "manifest.json.bad" => Entry::File("manifest.json".into(), d),
+            e => e,
+        })
+        .collect()
+}
+
+/// Points manifest.json's layers at `names`.
+fn relayer(entries: Vec<Entry>, names: &[&str]) -> Vec<Entry> {
+    entries
+        .into_iter()
+        .map(|e| match e {
+            Entry::File(n, d) if n == "manifest.json" => {
+                let mut m: serde_json::Value = serde_json::from_slice(&d).unwrap();
+                m[0]["Layers"] = json!(names);
+                Entry::File(n, m.to_string().into_bytes())
+            }
+            e => e,
+        })
+        .collect()
+}
+
+/// Writes the corpus: `dir/<case>/archive.tar` and `dir/<case>/expect`.
+pub fn write(dir: &Path) {
+    for (name, entries, expect) in cases() {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("archive.tar"), tar_of(&entries)).unwrap();
+        std::fs::write(d.join("expect"), expect).unwrap();
+    }
+}

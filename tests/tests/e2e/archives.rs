@@ -1,0 +1,275 @@
+//! load and save: round trips through real peers, the hostile corpus, the
+//! legacy format, and a load killed midway.
+
+use crate::{assert_export_matches_umoci, assert_refused};
+use gantry_tests::corpus;
+use gantry_tests::gantry::{binary, Gantry};
+use gantry_tests::image::{rich_layers, sha256, Image, Layer, Layout};
+use gantry_tests::require;
+use std::path::Path;
+use std::process::Command;
+
+fn skopeo(args: &[&str]) -> String {
+    let out = Command::new("skopeo").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn inspect(g: &Gantry, name: &str) -> serde_json::Value {
+    serde_json::from_str::<serde_json::Value>(&g.ok(&["inspect", name])).unwrap()[0].clone()
+}
+
+fn loaded_line(out: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with("Loaded image"))
+        .unwrap_or_else(|| panic!("no Loaded line in {out}"))
+        .to_string()
+}
+
+#[test]
+fn archives_round_trip_through_skopeo_and_gantry() {
+    if !(require("skopeo") && require("umoci")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let layout_dir = dir.path().join("layout");
+    let mut layout = Layout::create(&layout_dir);
+    let (m, _) = layout.image(&Image::new(rich_layers()));
+    layout.tag("v1", &m, None);
+    let oci = format!("oci:{}:v1", layout_dir.display());
+    let name = "example.com/test/rich:v1";
+
+    // skopeo writes both archive kinds; gantry loads them, from a file and from a pipe.
+    let docker_tar = dir.path().join("docker.tar");
+    let oci_tar = dir.path().join("oci.tar");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        &oci,
+        &format!("docker-archive:{}:{name}", docker_tar.display()),
+    ]);
+    skopeo(&[
+        "copy",
+        "--quiet",
+        &oci,
+        &format!("oci-archive:{}:{name}", oci_tar.display()),
+    ]);
+    let a = Gantry::new();
+    assert_eq!(
+        loaded_line(&a.ok(&["load", "-i", docker_tar.to_str().unwrap()])),
+        format!("Loaded image: {name}")
+    );
+    a.fsck_clean();
+    assert_export_matches_umoci(&a, name, &layout_dir, "v1");
+    let b = Gantry::new();
+    let r = b.run_stdin(&["load"], &oci_tar);
+    assert!(r.out.status.success(), "{}", r.stderr());
+    assert_eq!(loaded_line(&r.stdout()), format!("Loaded image: {name}"));
+    b.assert_tmpdir_untouched();
+    assert_export_matches_umoci(&b, name, &layout_dir, "v1");
+    let id = inspect(&a, name)["Id"].clone();
+    assert_eq!(inspect(&b, name)["Id"], id);
+    let diff_ids = inspect(&a, name)["RootFS"]["Layers"].clone();
+
+    // gantry's archive: skopeo reads it with the same layer digests.
+    let saved = dir.path().join("saved.tar");
+    a.ok(&["save", "-o", saved.to_str().unwrap(), name]);
+    let si: serde_json::Value =
+        serde_json::from_str(&skopeo(&["inspect", &format!("docker-archive:{}", saved.display())])).unwrap();
+    assert_eq!(si["Layers"], diff_ids);
+    let out_layout = dir.path().join("from-gantry");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        &format!("docker-archive:{}", saved.display()),
+        &format!("oci:{}:x", out_layout.display()),
+    ]);
+    let back: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--config",
+        &format!("oci:{}:x", out_layout.display()),
+    ]))
+    .unwrap();
+    assert_eq!(back["rootfs"]["diff_ids"], diff_ids);
+
+    // gantry save | gantry --root OTHER load: the same image ID.
+    let piped = dir.path().join("piped.tar");
+    let out = Command::new(binary())
+        .arg("--root")
+        .arg(a.root_path())
+        .args(["save", name])
+        .env("TMPDIR", a.tmpdir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&piped, out.stdout).unwrap();
+    let c = Gantry::new();
+    let r = c.run_stdin(&["load"], &piped);
+    assert!(r.out.status.success(), "{}", r.stderr());
+    assert_eq!(inspect(&c, name)["Id"], id);
+    c.fsck_clean();
+
+    // The OCI format: skopeo reads it, gantry loads it back to the same ID.
+    let oci_saved = dir.path().join("saved-oci.tar");
+    a.ok(&["save", "--format", "oci", "-o", oci_saved.to_str().unwrap(), name]);
+    skopeo(&[
+        "copy",
+        "--quiet",
+        &format!("oci-archive:{}", oci_saved.display()),
+        &format!("oci:{}:y", out_layout.display()),
+    ]);
+    let d = Gantry::new();
+    d.ok(&["load", "-i", oci_saved.to_str().unwrap()]);
+    assert_eq!(inspect(&d, name)["Id"], id);
+    // An untagged save loads as an ID.
+    let untagged = dir.path().join("untagged.tar");
+    a.ok(&["save", "-o", untagged.to_str().unwrap(), &id.as_str().unwrap()[7..19]]);
+    let e = Gantry::new();
+    assert_eq!(
+        loaded_line(&e.ok(&["load", "-i", untagged.to_str().unwrap()])),
+        format!("Loaded image ID: {}", id.as_str().unwrap())
+    );
+}
+
+#[test]
+fn hostile_archives_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus::write(dir.path());
+    // A layer may hold at most 64 MiB here, so the bomb case stops early.
+    let g =
+        Gantry::new().with_config("max_layer_size_mib = 64\n[transport]\ntype = \"v2\"\n[driver]\ntype = \"vfs\"\n");
+    // A good control first, so there is something to keep intact.
+    let control = dir.path().join("control.tar");
+    // Its layer differs from the corpus's, which would otherwise be skipped as present.
+    let good = Layer::new().file("control", 0o644, b"control\n").tar();
+    std::fs::write(
+        &control,
+        corpus::tar_of(&corpus::docker_archive(
+            std::slice::from_ref(&good),
+            std::slice::from_ref(&good),
+            "control/x:1",
+        )),
+    )
+    .unwrap();
+    assert_eq!(
+        g.ok(&["load", "-i", control.to_str().unwrap()]).trim(),
+        "Loaded image: control/x:1"
+    );
+    let mut cases: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 20);
+    for case in &cases {
+        let expect = std::fs::read_to_string(case.join("expect")).unwrap();
+        let archive = case.join("archive.tar");
+        let err = assert_refused(&g, &["load", "-i", archive.to_str().unwrap()], &expect);
+        eprintln!("{}: {err}", case.file_name().unwrap().to_string_lossy());
+    }
+    // The same refusals from standard input, where the archive is spooled.
+    for name in ["wrong-diffid", "layer-entry-dotdot", "duplicate-names", "corrupt-gzip"] {
+        let case = dir.path().join(name);
+        let expect = std::fs::read_to_string(case.join("expect")).unwrap();
+        let before = g.store_listing();
+        let r = g.run_stdin(&["load"], &case.join("archive.tar"));
+        assert!(!r.out.status.success());
+        assert!(r.stderr().contains(&expect), "{name}: {}", r.stderr());
+        assert_eq!(g.store_listing(), before, "{name}: the store changed");
+    }
+    for n in ["escaped-load", "escaped-load2"] {
+        assert!(!g.root_path().parent().unwrap().join(n).exists());
+        assert!(!Path::new("/").join(n).exists());
+    }
+    g.fsck_clean();
+    assert!(g.ok(&["images"]).contains("control/x"));
+}
+
+#[test]
+fn legacy_archives_with_a_repositories_file_load() {
+    let base = Layer::new().dir("etc", 0o755).file("etc/base", 0o644, b"base\n").tar();
+    let top = Layer::new().file("etc/top", 0o600, b"top\n").whiteout("etc/base").tar();
+    let (id1, id2) = ("1".repeat(64), "2".repeat(64));
+    let j1 = serde_json::json!({"id": id1, "created": "2015-01-01T00:00:00Z", "container_config": {"Cmd": ["/bin/sh", "-c", "#(nop) ADD base"]}, "os": "linux", "architecture": "amd64"});
+    let j2 = serde_json::json!({"id": id2, "parent": id1, "created": "2015-01-02T00:00:00Z", "container_config": {"Cmd": ["/bin/sh", "-c", "#(nop) ADD top"]}, "config": {"Cmd": ["/bin/sh"]}, "os": "linux", "architecture": "amd64"});
+    let entries = vec![
+        corpus::Entry::File(format!("{id1}/VERSION"), b"1.0".to_vec()),
+        corpus::Entry::File(format!("{id1}/json"), j1.to_string().into_bytes()),
+        corpus::Entry::File(format!("{id1}/layer.tar"), base.clone()),
+        corpus::Entry::File(format!("{id2}/VERSION"), b"1.0".to_vec()),
+        corpus::Entry::File(format!("{id2}/json"), j2.to_string().into_bytes()),
+        corpus::Entry::File(format!("{id2}/layer.tar"), top.clone()),
+        corpus::Entry::File(
+            "repositories".into(),
+            serde_json::json!({"legacy/app": {"v1": id2}}).to_string().into_bytes(),
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("legacy.tar");
+    std::fs::write(&f, corpus::tar_of(&entries)).unwrap();
+    let g = Gantry::new();
+    assert_eq!(
+        g.ok(&["load", "-i", f.to_str().unwrap()]).trim(),
+        "Loaded image: legacy/app:v1"
+    );
+    let i = inspect(&g, "legacy/app:v1");
+    assert_eq!(i["RootFS"]["Layers"], serde_json::json!([sha256(&base), sha256(&top)]));
+    assert_eq!(i["Config"]["Cmd"], serde_json::json!(["/bin/sh"]));
+    let history = g.ok(&["history", "legacy/app:v1"]);
+    assert!(history.contains("#(nop) ADD top"), "{history}");
+    let export = Command::new(binary())
+        .arg("--root")
+        .arg(g.root_path())
+        .args(["export", "legacy/app:v1"])
+        .output()
+        .unwrap();
+    let listing = gantry_tests::tree::of_tar(&export.stdout[..]);
+    assert!(
+        listing.contains_key("etc/top") && !listing.contains_key("etc/base"),
+        "{listing:?}"
+    );
+    g.fsck_clean();
+}
+
+#[test]
+fn a_load_killed_midway_is_cleared_by_the_next_run() {
+    let g = Gantry::new();
+    g.ok(&["images"]);
+    let before = g.store_listing();
+    let mut child = Command::new(binary())
+        .arg("--root")
+        .arg(g.root_path())
+        .arg("load")
+        .env("TMPDIR", g.tmpdir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Half an archive whose first entry is large enough to be spooled.
+    let big = Layer::new().file("big", 0o644, &vec![1u8; 4 << 20]).tar();
+    let tar = corpus::tar_of(&corpus::docker_archive(
+        std::slice::from_ref(&big),
+        std::slice::from_ref(&big),
+        "killed/x:1",
+    ));
+    let stdin = child.stdin.as_mut().unwrap();
+    std::io::Write::write_all(stdin, &tar[..tar.len() / 2]).unwrap();
+    let spool_seen = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::read_dir(g.root_path().join("tmp"))
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().starts_with("load-"))
+    });
+    assert!(spool_seen, "the load never spooled");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = g.ok(&["fsck"]);
+    assert!(out.contains("cleared: spooled archive"), "{out}");
+    assert_eq!(g.store_listing(), before);
+}

@@ -5,7 +5,8 @@
 # the vfs driver. Prints wall times, peak memory and ratios, and the floor of
 # `curl | sha256sum` + `igzip -dc | tar -x` on the same blobs.
 #
-# BENCH_DIR=DIR keeps the generated image between runs.
+# BENCH_DIR=DIR keeps the generated image between runs; BENCH_RUNS=N runs
+# each case N times (default 3) and reports the median.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$(dirname "$here")/target/release
@@ -34,25 +35,32 @@ skopeo copy --quiet --dest-tls-verify=false "oci:$work/layout:bench" "docker://1
 ref="127.0.0.1:$port/bench:latest"
 base="http://127.0.0.1:$port/v2/bench"
 
-# measure NAME CMD...: wall seconds and peak RSS (KiB) of CMD.
+# measure NAME CLEAN CMD...: the median wall seconds and peak RSS (KiB) of
+# BENCH_RUNS runs of CMD, each after removing CLEAN and with a cold cache;
+# the median run's stderr is kept in $work/NAME.err.
+runs=${BENCH_RUNS:-3}
 measure() {
-    local name=$1; shift
-    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-    /usr/bin/time -f "%e %M" -o "$work/$name.time" "$@"
-    read -r wall rss < "$work/$name.time"
+    local name=$1 clean=$2; shift 2
+    : > "$work/$name.runs"
+    for i in $(seq "$runs"); do
+        rm -rf "$clean"
+        sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+        /usr/bin/time -f "%e %M $i" -o "$work/$name.time" "$@" >/dev/null 2> "$work/$name.err.$i"
+        cat "$work/$name.time" >> "$work/$name.runs"
+    done
+    read -r wall rss i < <(sort -n "$work/$name.runs" | sed -n "$(( (runs + 1) / 2 ))p")
+    cp "$work/$name.err.$i" "$work/$name.err"
     printf -v "${name}_wall" '%s' "$wall"
     printf -v "${name}_rss" '%s' "$rss"
 }
 
 # gantry
-rm -rf "$work/g"
-GANTRY_TIMINGS=1 measure gantry "$bin/gantry" --root "$work/g" pull -q "$ref" 2> "$work/gantry.err" >/dev/null
+GANTRY_TIMINGS=1 measure gantry "$work/g" "$bin/gantry" --root "$work/g" pull -q "$ref"
 timings=$(grep '^timings:' "$work/gantry.err" || true)
 create=$(sed -n 's/.* create \([0-9.]*\)s.*/\1/p' <<< "$timings")
 
 # skopeo into containers-storage with the vfs driver
-rm -rf "$work/cs"
-measure skopeo skopeo copy --quiet --src-tls-verify=false "docker://$ref" \
+measure skopeo "$work/cs" skopeo copy --quiet --src-tls-verify=false "docker://$ref" \
     "containers-storage:[vfs@$work/cs/root+$work/cs/run]bench:latest"
 rm -rf "$work/cs"
 
@@ -74,8 +82,8 @@ gw, gr, sw, sr, t0, t1, t2, create = map(float, sys.argv[1:])
 dl, inflate = t1 - t0, t2 - t1
 floor = dl + inflate
 stages = gw - create
-print(f"gantry pull         {gw:7.2f} s   peak {gr/1024:7.1f} MiB")
-print(f"skopeo copy (vfs)   {sw:7.2f} s   peak {sr/1024:7.1f} MiB")
+print(f"gantry pull         {gw:7.2f} s   peak {gr/1024:7.1f} MiB   (median)")
+print(f"skopeo copy (vfs)   {sw:7.2f} s   peak {sr/1024:7.1f} MiB   (median)")
 print(f"ratio gantry/skopeo {gw/sw:7.2f}      (target <= 0.50)")
 print(f"floor: curl|sha256sum {dl:.2f} s + igzip -dc|tar -x {inflate:.2f} s = {floor:.2f} s")
 print(f"gantry download+verify+inflate (pull minus vfs parent copies {create:.2f} s) {stages:.2f} s")

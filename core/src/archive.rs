@@ -181,7 +181,8 @@ impl ArchiveIndex {
             spool: Some(spool.to_path_buf()),
         };
         let mut in_memory = 0u64;
-        let mut ar = tar::Archive::new(r);
+        let mut spool_buf = vec![0u8; 1 << 20];
+        let mut ar = tar::Archive::new(io::BufReader::with_capacity(1 << 20, r));
         for (n, e) in ar
             .entries()
             .map_err(|e| bad(format!("not a tar archive: {e}")))?
@@ -211,9 +212,17 @@ impl ArchiveIndex {
                     } else {
                         let path = spool.join(n.to_string());
                         let mut f = File::create(&path).ctx("spooling standard input")?;
-                        let copied = io::copy(&mut e, &mut f)
-                            .map_err(|err| bad(format!("corrupt archive at {name:?}: {err}")))?;
-                        f.flush().ctx("spooling standard input")?;
+                        let mut copied = 0u64;
+                        loop {
+                            let n = e
+                                .read(&mut spool_buf)
+                                .map_err(|err| bad(format!("corrupt archive at {name:?}: {err}")))?;
+                            if n == 0 {
+                                break;
+                            }
+                            f.write_all(&spool_buf[..n]).ctx("spooling standard input")?;
+                            copied += n as u64;
+                        }
                         Data::Spooled { path, size: copied }
                     }
                 }

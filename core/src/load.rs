@@ -52,6 +52,12 @@ pub struct Loaded {
     pub tags: Vec<Reference>,
 }
 
+/// A finished load: its images and where the time went.
+pub struct LoadOutcome {
+    pub images: Vec<Loaded>,
+    pub times: crate::stage::StageTimes,
+}
+
 pub struct Loader<'a> {
     pub store: &'a Store,
     pub driver: &'a dyn GraphDriver,
@@ -81,7 +87,7 @@ fn json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
 }
 
 impl Loader<'_> {
-    pub fn load(&self, ar: &ArchiveIndex) -> Result<Vec<Loaded>> {
+    pub fn load(&self, ar: &ArchiveIndex) -> Result<LoadOutcome> {
         let candidates = if ar.contains("manifest.json") {
             self.docker(ar)?
         } else if ar.contains("index.json") && ar.contains("oci-layout") {
@@ -109,12 +115,16 @@ impl Loader<'_> {
                 refs: c.tags.clone(),
             })
             .collect();
+        let times = *staging.times.lock().unwrap();
         let ids = staging.commit(&commits)?;
-        Ok(ids
-            .into_iter()
-            .zip(candidates)
-            .map(|(id, c)| Loaded { id, tags: c.tags })
-            .collect())
+        Ok(LoadOutcome {
+            images: ids
+                .into_iter()
+                .zip(candidates)
+                .map(|(id, c)| Loaded { id, tags: c.tags })
+                .collect(),
+            times,
+        })
     }
 
     /// Verifies and applies one image's layers; returns its config bytes.

@@ -39,7 +39,15 @@ pub fn run(ctx: &Context, input: Option<&Path>, quiet: bool) -> Result<ExitCode>
     };
     let loaded = loader.load(&archive)?;
     drop(archive);
-    for l in loaded {
+    if std::env::var_os("GANTRY_TIMINGS").is_some() {
+        let t = loaded.times;
+        eprintln!(
+            "timings: create {:.3}s apply {:.3}s",
+            t.create.as_secs_f64(),
+            t.apply.as_secs_f64()
+        );
+    }
+    for l in loaded.images {
         if l.tags.is_empty() {
             println!("Loaded image ID: {}", l.id);
         }

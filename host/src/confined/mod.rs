@@ -12,7 +12,7 @@ mod tree;
 mod unpack;
 
 pub use pack::{changes, pack, pack_changes, ChangeKind};
-pub use tree::{copy_tree, disk_usage, remove_tree};
+pub use tree::{copy_tree, disk_usage, remove_tree, CopyMode};
 pub use unpack::{unpack, Whiteouts};
 
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};

@@ -90,15 +90,27 @@ pub(super) fn set_times(dir: BorrowedFd<'_>, name: &str, st: &rustix::fs::Stat) 
     Ok(rustix::fs::utimensat(dir, name, &ts, AtFlags::SYMLINK_NOFOLLOW)?)
 }
 
+/// How [`copy_tree`] treats what is not a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMode {
+    /// Copy everything (a writable layer).
+    Copy,
+    /// Hard-link files, links and nodes to the source (a read-only layer:
+    /// `unpack` replaces an entry, never edits one in place, so sharing the
+    /// parent's inodes is safe and costs no data copy).
+    Share,
+}
+
 /// Copies `src_name` in `src_parent` to `dst_name` in `dst_parent`, which
-/// must not exist. Hard links within the tree stay hard links.
+/// must not exist. Directories are always created anew, with the source's
+/// owner, mode, xattrs and times; hard links within the tree stay hard links.
 pub fn copy_tree(
     src_parent: BorrowedFd<'_>,
     src_name: &str,
     dst_parent: BorrowedFd<'_>,
     dst_name: &str,
+    mode: CopyMode,
 ) -> io::Result<()> {
-    let mut links = HashMap::new();
     let st = rustix::fs::statat(src_parent, src_name, AtFlags::SYMLINK_NOFOLLOW)?;
     if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
         return Err(super::invalid(format!("{src_name:?} is not a directory")));
@@ -106,7 +118,12 @@ pub fn copy_tree(
     rustix::fs::mkdirat(dst_parent, dst_name, Mode::from_raw_mode(0o700))?;
     let s = open_dir_beneath(src_parent, &[src_name], false)?;
     let d = open_dir_beneath(dst_parent, &[dst_name], false)?;
-    copy_dir_contents(s.as_fd(), d.as_fd(), &mut links)?;
+    let mut c = Copier {
+        dst_root: d.as_fd(),
+        mode,
+        links: HashMap::new(),
+    };
+    c.dir(s.as_fd(), d.as_fd(), "")?;
     finish_meta(dst_parent, dst_name, src_parent, src_name, &st, true)
 }
 
@@ -144,68 +161,92 @@ pub(super) fn ignore_eperm(e: impl Into<io::Error>) -> io::Result<()> {
     }
 }
 
-fn copy_dir_contents(
-    s: BorrowedFd<'_>,
-    d: BorrowedFd<'_>,
-    links: &mut HashMap<(u64, u64), (OwnedFd, String)>,
-) -> io::Result<()> {
-    for (name, _) in entries(s)? {
-        let st = rustix::fs::statat(s, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
-        let ft = FileType::from_raw_mode(st.st_mode);
-        if ft != FileType::Directory && st.st_nlink > 1 {
-            if let Some((ldir, lname)) = links.get(&(st.st_dev, st.st_ino)) {
-                rustix::fs::linkat(ldir, lname.as_str(), d, name.as_str(), AtFlags::empty())?;
-                continue;
-            }
-        }
-        match ft {
-            FileType::Directory => {
+struct Copier<'r> {
+    dst_root: BorrowedFd<'r>,
+    mode: CopyMode,
+    /// Inodes already copied, and where (relative to the destination root).
+    links: HashMap<(u64, u64), String>,
+}
+
+impl Copier<'_> {
+    fn dir(&mut self, s: BorrowedFd<'_>, d: BorrowedFd<'_>, prefix: &str) -> io::Result<()> {
+        for (name, _) in entries(s)? {
+            let rel = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let st = rustix::fs::statat(s, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+            let ft = FileType::from_raw_mode(st.st_mode);
+            if ft == FileType::Directory {
                 rustix::fs::mkdirat(d, name.as_str(), Mode::from_raw_mode(0o700))?;
                 let sc = open_dir_beneath(s, &[&name], false)?;
                 let dc = open_dir_beneath(d, &[&name], false)?;
-                copy_dir_contents(sc.as_fd(), dc.as_fd(), links)?;
+                self.dir(sc.as_fd(), dc.as_fd(), &rel)?;
                 finish_meta(d, &name, s, &name, &st, true)?;
+                continue;
             }
-            FileType::RegularFile => {
-                let src = rustix::fs::openat(
-                    s,
-                    name.as_str(),
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )?;
-                let dst = rustix::fs::openat(
-                    d,
-                    name.as_str(),
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )?;
-                copy_data(&src, &dst, st.st_size as u64)?;
-                drop(dst);
-                finish_meta(d, &name, s, &name, &st, true)?;
+            if !matches!(
+                ft,
+                FileType::RegularFile
+                    | FileType::Symlink
+                    | FileType::CharacterDevice
+                    | FileType::BlockDevice
+                    | FileType::Fifo
+            ) {
+                continue; // sockets and unknown types are not layer content
             }
-            FileType::Symlink => {
-                let target = rustix::fs::readlinkat(s, name.as_str(), Vec::new())?;
-                rustix::fs::symlinkat(target.as_c_str(), d, name.as_str())?;
-                finish_meta(d, &name, s, &name, &st, false)?;
+            if self.mode == CopyMode::Share {
+                rustix::fs::linkat(s, name.as_str(), d, name.as_str(), AtFlags::empty())?;
+                continue;
             }
-            FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
-                rustix::fs::mknodat(
-                    d,
-                    name.as_str(),
-                    ft,
-                    Mode::from_raw_mode(st.st_mode & 0o7777),
-                    st.st_rdev,
-                )?;
-                finish_meta(d, &name, s, &name, &st, true)?;
+            if st.st_nlink > 1 {
+                if let Some(first) = self.links.get(&(st.st_dev, st.st_ino)) {
+                    let comps: Vec<&str> = first.split('/').collect();
+                    let (fname, parents) = comps.split_last().expect("non-empty");
+                    let fdir = open_dir_beneath(self.dst_root, parents, false)?;
+                    rustix::fs::linkat(&fdir, *fname, d, name.as_str(), AtFlags::empty())?;
+                    continue;
+                }
+                self.links.insert((st.st_dev, st.st_ino), rel.clone());
             }
-            _ => continue, // sockets and unknown types are not layer content
+            match ft {
+                FileType::RegularFile => {
+                    let src = rustix::fs::openat(
+                        s,
+                        name.as_str(),
+                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )?;
+                    let dst = rustix::fs::openat(
+                        d,
+                        name.as_str(),
+                        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::from_raw_mode(0o600),
+                    )?;
+                    copy_data(&src, &dst, st.st_size as u64)?;
+                    drop(dst);
+                    finish_meta(d, &name, s, &name, &st, true)?;
+                }
+                FileType::Symlink => {
+                    let target = rustix::fs::readlinkat(s, name.as_str(), Vec::new())?;
+                    rustix::fs::symlinkat(target.as_c_str(), d, name.as_str())?;
+                    finish_meta(d, &name, s, &name, &st, false)?;
+                }
+                _ => {
+                    rustix::fs::mknodat(
+                        d,
+                        name.as_str(),
+                        ft,
+                        Mode::from_raw_mode(st.st_mode & 0o7777),
+                        st.st_rdev,
+                    )?;
+                    finish_meta(d, &name, s, &name, &st, true)?;
+                }
+            }
         }
-        if ft != FileType::Directory && st.st_nlink > 1 {
-            let keep = rustix::io::fcntl_dupfd_cloexec(d, 0)?;
-            links.insert((st.st_dev, st.st_ino), (keep, name));
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Copies file contents in the kernel (reflink where the filesystem can,

@@ -80,6 +80,22 @@ impl Sandbox {
     }
 }
 
+impl Sandbox {
+    fn tree(&mut self, src: &str, dst: &str, mode: confined::CopyMode) -> Result<(), WitError> {
+        self.fs(|h| {
+            let (sp, sn) = h.parent(src)?;
+            let (dp, dn) = h.parent(dst)?;
+            confined::copy_tree(
+                std::os::fd::AsFd::as_fd(&sp),
+                sn,
+                std::os::fd::AsFd::as_fd(&dp),
+                dn,
+                mode,
+            )
+        })
+    }
+}
+
 fn change_kind(k: confined::ChangeKind) -> fs::ChangeKind {
     match k {
         confined::ChangeKind::Add => fs::ChangeKind::Add,
@@ -158,11 +174,11 @@ impl fs::Host for Sandbox {
     }
 
     fn copy_tree(&mut self, src: String, dst: String) -> Result<(), WitError> {
-        self.fs(|h| {
-            let (sp, sn) = h.parent(&src)?;
-            let (dp, dn) = h.parent(&dst)?;
-            confined::copy_tree(std::os::fd::AsFd::as_fd(&sp), sn, std::os::fd::AsFd::as_fd(&dp), dn)
-        })
+        self.tree(&src, &dst, confined::CopyMode::Copy)
+    }
+
+    fn share_tree(&mut self, src: String, dst: String) -> Result<(), WitError> {
+        self.tree(&src, &dst, confined::CopyMode::Share)
     }
 
     fn changes(&mut self, lower: String, upper: String) -> Result<Vec<fs::Change>, WitError> {

@@ -134,3 +134,32 @@ fn pulls_several_images_at_once_sharing_a_download() {
     drop(seen);
     g.fsck_clean();
 }
+
+#[test]
+fn a_child_layer_never_changes_the_parent_layers_it_shares_files_with() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    let layers = rich_layers();
+    // The parent image: the first two layers. The child's third layer
+    // rewrites bin/sh, which the vfs layers share by hard link.
+    let dir = tempfile::tempdir().unwrap();
+    let mut layout = Layout::create(dir.path());
+    let (parent, _) = layout.image(&Image::new(layers[..2].to_vec()));
+    let (child, _) = layout.image(&Image::new(layers.clone()));
+    layout.tag("parent", &parent, None);
+    layout.tag("child", &child, None);
+    reg.push(dir.path(), "parent", "test/family:parent");
+    reg.push(dir.path(), "child", "test/family:child");
+    let g = Gantry::new();
+    g.ok(&["pull", &format!("{}/test/family:child", reg.addr())]);
+    let out = g.ok(&["pull", &format!("{}/test/family:parent", reg.addr())]);
+    assert_eq!(out.matches("Already exists").count(), 2, "{out}");
+    assert_export_matches_umoci(&g, &format!("{}/test/family:parent", reg.addr()), dir.path(), "parent");
+    assert_export_matches_umoci(&g, &format!("{}/test/family:child", reg.addr()), dir.path(), "child");
+    // Removing the child leaves the parent whole.
+    g.ok(&["rmi", &format!("{}/test/family:child", reg.addr())]);
+    g.fsck_clean();
+    assert_export_matches_umoci(&g, &format!("{}/test/family:parent", reg.addr()), dir.path(), "parent");
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Load and save benchmark: the ~500 MiB benchmark image as a `docker save`
+# archive, loaded by gantry from a file and from a pipe, and, in the same
+# run, by `podman load` and `skopeo copy docker-archive:… containers-storage:`
+# on the same graph driver (vfs); then `gantry save` against `podman save`.
+# Prints wall times, peak memory and ratios.
+#
+# BENCH_DIR=DIR keeps the generated image between runs; BENCH_RUNS=N runs
+# each case N times (default 3) and reports the median.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+bin=$(dirname "$here")/target/release
+for t in skopeo podman /usr/bin/time python3; do
+    command -v "$t" >/dev/null || { echo "bench: $t is required (apt-get install skopeo podman time)" >&2; exit 1; }
+done
+work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/gantry-bench.XXXXXX")}
+mkdir -p "$work"
+cleanup() { rm -rf "$work/g" "$work/p" "$work/s" "$work/saved-g.tar" "$work/saved-p.tar"; }
+trap cleanup EXIT
+[ -f "$work/layout/index.json" ] || "$bin/gen-image" bench "$work/layout"
+[ -f "$work/bench.tar" ] || skopeo copy --quiet "oci:$work/layout:bench" "docker-archive:$work/bench.tar:bench:latest"
+echo "archive: $(du -m "$work/bench.tar" | cut -f1) MiB"
+
+# measure NAME CLEAN CMD...: the median wall seconds and peak RSS (KiB) of
+# BENCH_RUNS runs of CMD, each after removing CLEAN and with a cold cache.
+runs=${BENCH_RUNS:-3}
+measure() {
+    local name=$1 clean=$2; shift 2
+    : > "$work/$name.runs"
+    for _ in $(seq "$runs"); do
+        rm -rf "$clean"
+        sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+        /usr/bin/time -f "%e %M" -o "$work/$name.time" "$@" >/dev/null
+        cat "$work/$name.time" >> "$work/$name.runs"
+    done
+    echo "$name $(sort -n "$work/$name.runs" | sed -n "$(( (runs + 1) / 2 ))p")" >> "$work/results"
+}
+: > "$work/results"
+podman_vfs=(podman --root "$work/p/root" --runroot "$work/p/run" --storage-driver vfs)
+
+measure gantry_file "$work/g" "$bin/gantry" --root "$work/g" load -q -i "$work/bench.tar"
+measure gantry_pipe "$work/g" sh -c "exec \"$bin/gantry\" --root \"$work/g\" load -q < \"$work/bench.tar\""
+measure gantry_save "$work/saved-g.tar" "$bin/gantry" --root "$work/g" save -o "$work/saved-g.tar" bench:latest
+measure podman_file "$work/p" "${podman_vfs[@]}" load -q -i "$work/bench.tar"
+measure podman_pipe "$work/p" sh -c "exec ${podman_vfs[*]} load -q < \"$work/bench.tar\""
+measure podman_save "$work/saved-p.tar" "${podman_vfs[@]}" save -q -o "$work/saved-p.tar" bench:latest
+rm -rf "$work/p"
+measure skopeo_file "$work/s" skopeo copy --quiet "docker-archive:$work/bench.tar" "containers-storage:[vfs@$work/s/root+$work/s/run]bench:latest"
+measure skopeo_pipe "$work/s" sh -c "exec skopeo copy --quiet docker-archive:/dev/stdin \"containers-storage:[vfs@$work/s/root+$work/s/run]bench:latest\" < \"$work/bench.tar\""
+rm -rf "$work/s"
+
+python3 - "$work/results" <<'PY'
+import sys
+r = {}
+for line in open(sys.argv[1]):
+    name, wall, rss = line.split()
+    r[name] = (float(wall), float(rss) / 1024)
+for name, (w, m) in r.items():
+    print(f"{name:14s} {w:7.2f} s   peak {m:7.1f} MiB   (median)")
+faster_file = min(r["podman_file"][0], r["skopeo_file"][0])
+faster_pipe = min(r["podman_pipe"][0], r["skopeo_pipe"][0])
+print(f"load from a file: gantry/faster peer = {r['gantry_file'][0] / faster_file:.2f}  (target <= 0.50)")
+print(f"load from a pipe: gantry/faster peer = {r['gantry_pipe'][0] / faster_pipe:.2f}  (target <= 0.50)")
+print(f"save: gantry/podman = {r['gantry_save'][0] / r['podman_save'][0]:.2f}  (target <= 1.00)")
+PY

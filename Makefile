@@ -26,9 +26,10 @@ test: build
 demo: build
 	./examples/demo.sh
 
-## Pull benchmark against skopeo (needs ~3 GiB of disk).
+## Pull, load and save benchmarks against skopeo and podman (needs ~4 GiB of disk).
 bench: build
 	./bench/pull.sh
+	./bench/load.sh
 
 lint: deps
 	$(CARGO) fmt --all --check

@@ -15,20 +15,12 @@ for t in docker-registry skopeo curl igzip /usr/bin/time python3; do
 done
 work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/gantry-bench.XXXXXX")}
 mkdir -p "$work"
-reg=""
-cleanup() { [ -n "$reg" ] && kill "$reg" 2>/dev/null; rm -rf "$work/g" "$work/cs" "$work/floor" "$work/registry"; }
+registry_pid=""
+cleanup() { [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null; rm -rf "$work/g" "$work/cs" "$work/floor" "$work/registry"; }
 trap cleanup EXIT
-
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cat > "$work/registry.yml" <<YML
-version: 0.1
-log: {level: error, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $work/registry}}
-http: {addr: 127.0.0.1:$port}
-YML
-docker-registry serve "$work/registry.yml" >/dev/null 2>&1 &
-reg=$!
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+. "$(dirname "$here")/scripts/local-registry.sh"
+start_registry "$work/registry"
+port=$registry_port
 
 [ -f "$work/layout/index.json" ] || "$bin/gen-image" bench "$work/layout"
 skopeo copy --quiet --dest-tls-verify=false "oci:$work/layout:bench" "docker://127.0.0.1:$port/bench:latest"

@@ -6,20 +6,12 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$(dirname "$here")/target/release
 work=$(mktemp -d "${TMPDIR:-/tmp}/gantry-demo.XXXXXX")
-reg=""
-cleanup() { [ -n "$reg" ] && kill "$reg" 2>/dev/null; rm -rf "$work"; }
+registry_pid=""
+cleanup() { [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
-
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cat > "$work/registry.yml" <<YML
-version: 0.1
-log: {level: error, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $work/registry}}
-http: {addr: 127.0.0.1:$port}
-YML
-docker-registry serve "$work/registry.yml" >/dev/null 2>&1 &
-reg=$!
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+. "$(dirname "$here")/scripts/local-registry.sh"
+start_registry "$work/registry"
+port=$registry_port
 
 "$bin/gen-image" demo "$work/layout" "$here/demo-rootfs"
 skopeo copy --quiet --dest-tls-verify=false "oci:$work/layout:latest" "docker://127.0.0.1:$port/demo:latest"

@@ -25,19 +25,13 @@ impl WasmDriver {
         limits: Limits,
         options: Vec<(String, String)>,
     ) -> Result<Self, LoadError> {
-        let c = host.component(name, path)?;
-        host.check_contract(name, &c, "driver")?;
-        let link_err = |message: String| LoadError::Link {
+        let pre = host.prepare(name, path, "driver", |l| {
+            DriverPlugin::add_to_linker::<Sandbox, HasSelf<Sandbox>>(l, |s| s)
+        })?;
+        let pre = DriverPluginPre::new(pre).map_err(|e| LoadError::Link {
             name: name.to_string(),
-            message,
-        };
-        let mut linker = host.linker().map_err(link_err)?;
-        DriverPlugin::add_to_linker::<Sandbox, HasSelf<Sandbox>>(&mut linker, |s| s)
-            .map_err(|e| link_err(e.to_string()))?;
-        let pre = linker
-            .instantiate_pre(&c)
-            .map_err(|e| link_err(super::first_line(&e)))?;
-        let pre = DriverPluginPre::new(pre).map_err(|e| link_err(e.to_string()))?;
+            message: e.to_string(),
+        })?;
         let home = Arc::new(Home::open(home).map_err(|source| LoadError::Read {
             name: name.to_string(),
             path: home.display().to_string(),

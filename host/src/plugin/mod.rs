@@ -253,10 +253,25 @@ impl PluginHost {
         Ok(())
     }
 
-    fn linker(&self) -> Result<Linker<Sandbox>, String> {
-        let mut l = Linker::new(&self.engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut l).map_err(|e| e.to_string())?;
-        Ok(l)
+    /// Loads the component at `path`, checks it is a `kind` component of
+    /// this contract, and links it with WASI and its world's imports (`add`).
+    fn prepare(
+        &self,
+        name: &str,
+        path: &Path,
+        kind: &'static str,
+        add: impl FnOnce(&mut Linker<Sandbox>) -> wasmtime::Result<()>,
+    ) -> Result<wasmtime::component::InstancePre<Sandbox>, LoadError> {
+        let c = self.component(name, path)?;
+        self.check_contract(name, &c, kind)?;
+        let link_err = |message: String| LoadError::Link {
+            name: name.to_string(),
+            message,
+        };
+        let mut linker = Linker::new(&self.engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| link_err(e.to_string()))?;
+        add(&mut linker).map_err(|e| link_err(e.to_string()))?;
+        linker.instantiate_pre(&c).map_err(|e| link_err(first_line(&e)))
     }
 }
 

@@ -25,19 +25,13 @@ impl WasmTransport {
         limits: Limits,
         registries: Registries,
     ) -> Result<Self, LoadError> {
-        let c = host.component(name, path)?;
-        host.check_contract(name, &c, "transport")?;
-        let link_err = |message: String| LoadError::Link {
+        let pre = host.prepare(name, path, "transport", |l| {
+            TransportPlugin::add_to_linker::<Sandbox, HasSelf<Sandbox>>(l, |s| s)
+        })?;
+        let pre = TransportPluginPre::new(pre).map_err(|e| LoadError::Link {
             name: name.to_string(),
-            message,
-        };
-        let mut linker = host.linker().map_err(link_err)?;
-        TransportPlugin::add_to_linker::<Sandbox, HasSelf<Sandbox>>(&mut linker, |s| s)
-            .map_err(|e| link_err(e.to_string()))?;
-        let pre = linker
-            .instantiate_pre(&c)
-            .map_err(|e| link_err(super::first_line(&e)))?;
-        let pre = TransportPluginPre::new(pre).map_err(|e| link_err(e.to_string()))?;
+            message: e.to_string(),
+        })?;
         let http = Arc::new(HttpPolicy::new(registries));
         Ok(WasmTransport {
             name: name.to_string(),

@@ -1,6 +1,6 @@
 //! Registries that demand tokens, redirect, cut connections or send wrong bytes.
 
-use crate::{assert_refused, control_image, peers, publish};
+use crate::{assert_refused, control_image, control_store, peers, publish};
 use gantry_tests::gantry::Gantry;
 use gantry_tests::image::{rich_layers, Image};
 use gantry_tests::proxy::{Faults, Proxy};
@@ -131,13 +131,9 @@ fn wrong_bytes_are_rejected_and_nothing_is_registered() {
 
 #[test]
 fn registry_errors_give_one_line_and_leave_the_store_alone() {
-    if !peers() {
+    let Some((reg, g)) = control_store() else {
         return;
-    }
-    let reg = Registry::start();
-    publish(&reg, "test/control", "v1", &control_image());
-    let g = Gantry::new();
-    g.ok(&["pull", &format!("{}/test/control:v1", reg.addr())]);
+    };
     assert_refused(
         &g,
         &["pull", &format!("{}/test/control:nope", reg.addr())],

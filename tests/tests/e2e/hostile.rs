@@ -1,20 +1,14 @@
 //! Hostile images: layers that try to escape, lie about their diffID, or
 //! carry broken compression. Each is refused with nothing registered.
 
-use crate::{assert_refused, control_image, peers, publish};
-use gantry_tests::gantry::Gantry;
+use crate::{assert_refused, control_store, publish};
 use gantry_tests::image::{compress, Compression, Image, Layer};
-use gantry_tests::registry::Registry;
 
 #[test]
 fn hostile_layers_are_refused() {
-    if !peers() {
+    let Some((reg, g)) = control_store() else {
         return;
-    }
-    let reg = Registry::start();
-    publish(&reg, "test/control", "v1", &control_image());
-    let g = Gantry::new();
-    g.ok(&["pull", &format!("{}/test/control:v1", reg.addr())]);
+    };
     let outside = g.root_path().parent().unwrap().to_path_buf();
     let good = || Layer::new().file("ok", 0o644, b"ok").tar();
     let cases: Vec<(&str, Image, &str)> = vec![

@@ -46,6 +46,19 @@ pub fn control_image() -> Image {
         .tar()])
 }
 
+/// A registry holding the control image as `test/control:v1`, and a store
+/// that pulled it; `None` (a skip that says why) when the peers are missing.
+pub fn control_store() -> Option<(Registry, Gantry)> {
+    if !peers() {
+        return None;
+    }
+    let reg = Registry::start();
+    publish(&reg, "test/control", "v1", &control_image());
+    let g = Gantry::new();
+    g.ok(&["pull", &format!("{}/test/control:v1", reg.addr())]);
+    Some((reg, g))
+}
+
 /// Runs a command that must fail with one line containing `expect`, and
 /// checks the store is exactly as before and still consistent.
 pub fn assert_refused(g: &Gantry, args: &[&str], expect: &str) -> String {

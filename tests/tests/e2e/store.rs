@@ -1,7 +1,7 @@
 //! The store under stress: a process killed mid-pull, private directories,
 //! and plugins built against another contract version.
 
-use crate::{control_image, peers, publish};
+use crate::{control_image, control_store, peers, publish};
 use gantry_tests::gantry::{binary, Gantry};
 use gantry_tests::image::{rich_layers, Image};
 use gantry_tests::proxy::{Faults, Proxy};
@@ -66,13 +66,9 @@ fn a_pull_killed_midway_leaves_nothing_visible_and_the_next_run_clears_it() {
 
 #[test]
 fn store_directories_are_private() {
-    if !peers() {
+    let Some((_reg, g)) = control_store() else {
         return;
-    }
-    let reg = Registry::start();
-    publish(&reg, "test/control", "v1", &control_image());
-    let g = Gantry::new();
-    g.ok(&["pull", &format!("{}/test/control:v1", reg.addr())]);
+    };
     for d in [
         "",
         "image",

@@ -1,0 +1,22 @@
+# Sourced by the demo and the benchmarks: start_registry DIR starts Debian's
+# docker-registry on a free 127.0.0.1 port with its storage in DIR, sets
+# $registry_port and $registry_pid, and waits until it accepts connections.
+start_registry() {
+    local dir=$1
+    registry_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    mkdir -p "$dir"
+    cat > "$dir/registry.yml" <<YML
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $dir/data}}
+http: {addr: 127.0.0.1:$registry_port}
+YML
+    docker-registry serve "$dir/registry.yml" >/dev/null 2>&1 &
+    registry_pid=$!
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$registry_port") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "docker-registry did not start" >&2
+    return 1
+}

@@ -127,7 +127,14 @@ pub struct Timings {
 /// the same blob at once fetch it once and both use the spooled file.
 #[derive(Default)]
 pub struct SharedDownloads {
-    inflight: Mutex<HashMap<Digest, Weak<Slot>>>,
+    blobs: Mutex<HashMap<Digest, Shared>>,
+}
+
+/// A blob some pull of this process is downloading, or has downloaded and
+/// still holds (verified, spooled): either way, nobody fetches it again.
+enum Shared {
+    InFlight(Weak<Slot>),
+    Done(Weak<Spooled>),
 }
 
 #[derive(Default)]
@@ -424,23 +431,39 @@ impl Puller<'_> {
     /// Downloads one blob to a spooled file, shared with any other pull of
     /// this process that needs it at the same time.
     fn download(&self, ep: &Endpoint, repo: &str, blob: &Blob) -> Result<Arc<Spooled>> {
-        let (slot, leader) = {
-            let mut m = self.downloads.inflight.lock().unwrap();
-            match m.get(&blob.digest).and_then(Weak::upgrade) {
-                Some(s) => (s, false),
-                None => {
-                    let s = Arc::new(Slot::default());
-                    m.insert(blob.digest.clone(), Arc::downgrade(&s));
-                    (s, true)
+        let slot = {
+            let mut m = self.downloads.blobs.lock().unwrap();
+            match m.get(&blob.digest) {
+                Some(Shared::Done(w)) => {
+                    if let Some(spooled) = w.upgrade() {
+                        self.progress
+                            .layer(blob.digest.short(), Status::DownloadComplete, blob.size, blob.size);
+                        return Ok(spooled);
+                    }
+                    None
                 }
+                Some(Shared::InFlight(w)) => w.upgrade(),
+                None => None,
             }
+            .map(|s| (s, false))
+            .unwrap_or_else(|| {
+                let s = Arc::new(Slot::default());
+                m.insert(blob.digest.clone(), Shared::InFlight(Arc::downgrade(&s)));
+                (s, true)
+            })
         };
+        let (slot, leader) = slot;
         if leader {
             let r = self.download_now(ep, repo, blob).map(Arc::new);
             let shared = r.as_ref().map(Arc::clone).map_err(to_plugin_error);
+            let mut m = self.downloads.blobs.lock().unwrap();
+            match &r {
+                Ok(spooled) => m.insert(blob.digest.clone(), Shared::Done(Arc::downgrade(spooled))),
+                Err(_) => m.remove(&blob.digest),
+            };
+            drop(m);
             *slot.done.lock().unwrap() = Some(shared);
             slot.cv.notify_all();
-            self.downloads.inflight.lock().unwrap().remove(&blob.digest);
             return r;
         }
         let mut g = slot.done.lock().unwrap();

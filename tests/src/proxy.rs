@@ -19,6 +19,8 @@ pub struct Faults {
     pub cut_blob: Option<(String, usize)>,
     /// Send half of this blob, then hang without closing (for kill tests).
     pub stall_blob: Option<String>,
+    /// Wait this long before answering for this blob.
+    pub delay_blob: Option<(String, std::time::Duration)>,
     /// Serve this blob with one byte changed.
     pub corrupt_blob: Option<String>,
     /// Answer every blob request with a redirect to the CDN origin.
@@ -283,6 +285,11 @@ fn serve(
             g.range_requests += 1;
         }
         drop(g);
+        if let Some((slow, wait)) = &faults.delay_blob {
+            if slow == d {
+                std::thread::sleep(*wait);
+            }
+        }
         if faults.redirect_blobs {
             let loc = format!("http://127.0.0.2:{cdn_port}/cdn{}", req.path);
             respond(&mut w, 307, &[("Location".into(), loc)], b"");

@@ -112,13 +112,20 @@ fn pulls_several_images_at_once_sharing_a_download() {
         return;
     }
     let reg = Registry::start();
-    let proxy = gantry_tests::proxy::Proxy::start(reg.port, Default::default());
     let base = Layer::new().file("shared", 0o644, &vec![3u8; 200_000]).tar();
     let a = Image::new(vec![base.clone(), Layer::new().file("a", 0o644, b"a").tar()]);
     let b = Image::new(vec![base.clone(), Layer::new().file("b", 0o644, b"b").tar()]);
     let (_pa, _, la) = publish(&reg, "test/a", "v1", &a);
     let (_pb, _, lb) = publish(&reg, "test/b", "v1", &b);
     assert_eq!(la[0].digest, lb[0].digest, "the base layer blob is shared");
+    // The shared blob is slow, so both pulls surely want it at once.
+    let proxy = gantry_tests::proxy::Proxy::start(
+        reg.port,
+        gantry_tests::proxy::Faults {
+            delay_blob: Some((la[0].digest.clone(), std::time::Duration::from_millis(700))),
+            ..Default::default()
+        },
+    );
     let g = Gantry::new();
     g.ok(&[
         "pull",

@@ -182,7 +182,7 @@ impl Loader<'_> {
                     )));
                 }
             }
-            self.progress.layer(&id, Status::PullComplete, size, size);
+            self.progress.layer(&id, Status::LoadingLayer, size, size);
             parent = Some(Digest::chain(parent.as_ref(), &diff_id));
             diff_ids.push(diff_id);
         }
@@ -410,7 +410,8 @@ impl Read for Counting<'_> {
         let before = self.done >> 20;
         self.done += n as u64;
         if self.done >> 20 != before {
-            self.progress.layer(&self.id, Status::Extracting, self.done, self.total);
+            self.progress
+                .layer(&self.id, Status::LoadingLayer, self.done, self.total);
         }
         Ok(n)
     }

@@ -38,6 +38,8 @@ pub enum Status {
     DownloadComplete,
     Extracting,
     PullComplete,
+    /// `load`: a layer being read from an archive and applied.
+    LoadingLayer,
 }
 
 impl Status {
@@ -52,6 +54,7 @@ impl Status {
             Status::DownloadComplete => "Download complete",
             Status::Extracting => "Extracting",
             Status::PullComplete => "Pull complete",
+            Status::LoadingLayer => "Loading layer",
         }
     }
 }

@@ -165,6 +165,13 @@ impl Progress for PullProgress {
                         bar.set_length(total.max(1));
                         bar.set_position(current);
                     }
+                    Status::LoadingLayer => {
+                        bar.set_length(total.max(1));
+                        bar.set_position(current);
+                        if current >= total {
+                            bar.finish();
+                        }
+                    }
                     Status::PullComplete | Status::AlreadyExists => {
                         bar.set_style(ProgressStyle::with_template("{prefix}: {msg}").expect("valid template"));
                         bar.finish_with_message(status.docker_text());

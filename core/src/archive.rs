@@ -37,12 +37,20 @@ enum Data {
     /// A symbolic or hard link to another entry (a clean archive path).
     Link(String),
     Dir,
+    /// Consumed as it streamed by the reader's hook (a layer applied in order).
+    Taken,
 }
+
+/// Offered each large entry of a stream before it is spooled: given the
+/// entry's name, the index so far, and its data, it may consume the data
+/// and return true, or leave it untouched and return false.
+pub type TakeHook<'h> = dyn FnMut(&str, &ArchiveIndex, &mut dyn Read) -> Result<bool> + 'h;
 
 pub struct ArchiveIndex {
     file: Option<Arc<File>>,
     entries: HashMap<String, Data>,
     spool: Option<PathBuf>,
+    spooled: u64,
 }
 
 impl Drop for ArchiveIndex {
@@ -165,12 +173,19 @@ impl ArchiveIndex {
             file: Some(file),
             entries,
             spool: None,
+            spooled: 0,
         })
     }
 
     /// Reads an archive from a stream, spooling what is large into `spool`
     /// (a fresh directory, removed when the index is dropped).
     pub fn from_stream(r: impl Read, spool: &Path) -> Result<ArchiveIndex> {
+        Self::from_stream_with(r, spool, &mut |_, _, _| Ok(false))
+    }
+
+    /// Like [`from_stream`](Self::from_stream), offering each large entry to
+    /// `take` first: what it consumes is never spooled.
+    pub fn from_stream_with(r: impl Read, spool: &Path, take: &mut TakeHook<'_>) -> Result<ArchiveIndex> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .create(spool)
@@ -179,6 +194,7 @@ impl ArchiveIndex {
             file: None,
             entries: HashMap::new(),
             spool: Some(spool.to_path_buf()),
+            spooled: 0,
         };
         let mut in_memory = 0u64;
         let mut spool_buf = vec![0u8; 1 << 20];
@@ -209,6 +225,8 @@ impl ArchiveIndex {
                             .map_err(|err| bad(format!("corrupt archive at {name:?}: {err}")))?;
                         in_memory += size;
                         Data::Memory(Arc::new(buf))
+                    } else if take(&name, &index, &mut e)? {
+                        Data::Taken
                     } else {
                         let path = spool.join(n.to_string());
                         let mut f = File::create(&path).ctx("spooling standard input")?;
@@ -223,6 +241,7 @@ impl ArchiveIndex {
                             f.write_all(&spool_buf[..n]).ctx("spooling standard input")?;
                             copied += n as u64;
                         }
+                        index.spooled += copied;
                         Data::Spooled { path, size: copied }
                     }
                 }
@@ -244,6 +263,11 @@ impl ArchiveIndex {
             }
         }
         Err(bad(format!("archive link {name:?} loops")))
+    }
+
+    /// How many bytes of a stream had to be spooled to disk.
+    pub fn spooled(&self) -> u64 {
+        self.spooled
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -269,6 +293,7 @@ impl ArchiveIndex {
             })),
             Data::Memory(b) => Ok(Box::new(io::Cursor::new(SharedBytes(b.clone())))),
             Data::Spooled { path, .. } => Ok(Box::new(File::open(path).ctx("reading a spooled entry")?)),
+            Data::Taken => Err(bad(format!("archive entry {name:?} was consumed as it streamed"))),
             _ => Err(bad(format!("archive entry {name:?} is not a file"))),
         }
     }

@@ -56,6 +56,8 @@ pub struct Loaded {
 pub struct LoadOutcome {
     pub images: Vec<Loaded>,
     pub times: crate::stage::StageTimes,
+    /// Bytes of a streamed archive that arrived out of order and were spooled.
+    pub spooled: u64,
 }
 
 pub struct Loader<'a> {
@@ -87,26 +89,128 @@ fn json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
 }
 
 impl Loader<'_> {
+    /// Loads an indexed archive (a file, read in place).
     pub fn load(&self, ar: &ArchiveIndex) -> Result<LoadOutcome> {
-        let candidates = if ar.contains("manifest.json") {
-            self.docker(ar)?
+        let mut staging = Staging::new(self.store, self.driver, self.max_layer_bytes);
+        self.finish(ar, &mut staging)
+            .and_then(|(candidates, configs)| Self::commit(staging, candidates, configs))
+    }
+
+    /// Loads an archive from a stream. A layer that arrives when its image
+    /// and every layer below it are already known is applied as it streams;
+    /// only what comes out of order (Docker and skopeo write manifest.json
+    /// last) is spooled into `spool`.
+    pub fn load_stream(&self, r: impl Read, spool: &std::path::Path) -> Result<LoadOutcome> {
+        let mut staging = Staging::new(self.store, self.driver, self.max_layer_bytes);
+        let mut plan: Option<(Vec<Candidate>, Vec<usize>, Vec<Option<Digest>>)> = None;
+        let ar = ArchiveIndex::from_stream_with(r, spool, &mut |name, partial, data| {
+            if plan.is_none() {
+                // Only once the documents naming the images have arrived.
+                let known = partial.contains("manifest.json")
+                    || (partial.contains("index.json") && partial.contains("oci-layout"));
+                if let Some(c) = known.then(|| self.candidates(partial, true).ok()).flatten() {
+                    let n = c.len();
+                    plan = Some((c, vec![0; n], vec![None; n]));
+                }
+            }
+            let Some((cands, next, parents)) = plan.as_mut() else {
+                return Ok(false);
+            };
+            let Some(ci) = (0..cands.len()).find(|&i| cands[i].layers.get(next[i]).is_some_and(|l| l.name == name))
+            else {
+                return Ok(false);
+            };
+            let c = &cands[ci];
+            let k = next[ci];
+            let ConfigSource::Bytes(config) = &c.config else {
+                return Ok(false);
+            };
+            let diff_ids = ImageConfig::parse(config)?.diff_ids;
+            let Some(want) = diff_ids.get(k) else {
+                return Ok(false);
+            };
+            let parent = parents[ci].clone();
+            let chain = Digest::chain(parent.as_ref(), want);
+            if !staging.has(&chain) {
+                self.apply_streamed(&mut staging, data, &c.layers[k], parent.as_ref(), want)?;
+            }
+            // Every image waiting for this same layer moves on.
+            for i in 0..cands.len() {
+                if cands[i].layers.get(next[i]).is_some_and(|l| l.name == name) && parents[i] == parent {
+                    next[i] += 1;
+                    parents[i] = Some(chain.clone());
+                }
+            }
+            Ok(true)
+        })?;
+        let spooled = ar.spooled();
+        let result = self.finish(&ar, &mut staging);
+        drop(ar);
+        let mut outcome = result.and_then(|(candidates, configs)| Self::commit(staging, candidates, configs))?;
+        outcome.spooled = spooled;
+        Ok(outcome)
+    }
+
+    /// Applies a layer from a stream that cannot leave this thread: the
+    /// bytes go through a pipe to a thread that applies them.
+    fn apply_streamed(
+        &self,
+        staging: &mut Staging<'_>,
+        data: &mut dyn Read,
+        l: &LayerSource,
+        parent: Option<&Digest>,
+        want: &Digest,
+    ) -> Result<()> {
+        let (rx, mut tx) = std::io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
+        std::thread::scope(|s| {
+            let applier = s.spawn(move || self.apply_one(staging, Box::new(rx), None, l, parent, Some(want)));
+            let mut buf = vec![0u8; 1 << 20];
+            let copied = (|| -> std::io::Result<()> {
+                loop {
+                    let n = data.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    std::io::Write::write_all(&mut tx, &buf[..n])?;
+                }
+            })();
+            drop(tx);
+            let applied = applier.join().expect("layer applier panicked");
+            // The applier's error explains a broken pipe; a read error stands alone.
+            applied?;
+            copied.map_err(|e| invalid(format!("corrupt archive at {:?}: {e}", l.name)))
+        })
+    }
+
+    /// Finds the images of an archive (`planning`: of a stream still arriving).
+    fn candidates(&self, ar: &ArchiveIndex, planning: bool) -> Result<Vec<Candidate>> {
+        if ar.contains("manifest.json") {
+            self.docker(ar, planning)
         } else if ar.contains("index.json") && ar.contains("oci-layout") {
-            self.oci(ar)?
+            self.oci(ar)
         } else if ar.contains("repositories") {
-            self.legacy(ar)?
+            self.legacy(ar)
         } else {
-            return Err(invalid(
+            Err(invalid(
                 "not an image archive: it has no manifest.json, no OCI index.json and no repositories file".into(),
-            ));
-        };
+            ))
+        }
+    }
+
+    /// Stages every image of the archive; returns them with their configs.
+    fn finish(&self, ar: &ArchiveIndex, staging: &mut Staging<'_>) -> Result<(Vec<Candidate>, Vec<Vec<u8>>)> {
+        let candidates = self.candidates(ar, false)?;
         if candidates.is_empty() {
             return Err(invalid("the archive holds no image".into()));
         }
-        let mut staging = Staging::new(self.store, self.driver, self.max_layer_bytes);
         let mut configs = Vec::new();
         for c in &candidates {
-            configs.push(self.stage(ar, c, &mut staging)?);
+            configs.push(self.stage(ar, c, staging)?);
         }
+        Ok((candidates, configs))
+    }
+
+    fn commit(staging: Staging<'_>, candidates: Vec<Candidate>, configs: Vec<Vec<u8>>) -> Result<LoadOutcome> {
         let commits: Vec<ImageCommit<'_>> = candidates
             .iter()
             .zip(&configs)
@@ -124,7 +228,48 @@ impl Loader<'_> {
                 .map(|(id, c)| Loaded { id, tags: c.tags })
                 .collect(),
             times,
+            spooled: 0,
         })
+    }
+
+    /// Applies one layer blob, checking the declared blob size and digest
+    /// (OCI) and the diffID. Returns the diffID.
+    fn apply_one<'b>(
+        &'b self,
+        staging: &mut Staging<'_>,
+        blob: Box<dyn Read + Send + 'b>,
+        size: Option<u64>,
+        l: &LayerSource,
+        parent: Option<&Digest>,
+        want: Option<&Digest>,
+    ) -> Result<Digest> {
+        let total = size.or(l.blob.as_ref().map(|b| b.1)).unwrap_or(0);
+        let id = short(&l.name).to_string();
+        let counted = Counting {
+            inner: blob,
+            done: 0,
+            total,
+            id: id.clone(),
+            progress: self.progress,
+        };
+        let (hashed, blob_hash) = HashingReader::new(counted);
+        let (diff_id, _) = staging.apply(parent, want, Box::new(hashed), &l.name, None)?;
+        let (got, read) = blob_hash.finish();
+        if let Some((digest, declared)) = &l.blob {
+            if read != *declared {
+                return Err(Error::Integrity(format!(
+                    "blob {}: the descriptor says {declared} bytes, the archive holds {read}",
+                    l.name
+                )));
+            }
+            if &got != digest {
+                return Err(Error::Integrity(format!(
+                    "blob {digest}: digest mismatch: the content is {got}"
+                )));
+            }
+        }
+        self.progress.layer(&id, Status::LoadingLayer, read, read);
+        Ok(diff_id)
     }
 
     /// Verifies and applies one image's layers; returns its config bytes.
@@ -164,25 +309,14 @@ impl Loader<'_> {
                     )));
                 }
             }
-            let id = short(&l.name).to_string();
-            let counted = Counting {
-                inner: ar.open(&l.name)?,
-                done: 0,
-                total: size,
-                id: id.clone(),
-                progress: self.progress,
-            };
-            let (hashed, blob_hash) = HashingReader::new(counted);
-            let (diff_id, _) = staging.apply(parent.as_ref(), want.as_ref(), Box::new(hashed), &l.name, None)?;
-            if let Some((digest, _)) = &l.blob {
-                let (got, _) = blob_hash.finish();
-                if &got != digest {
-                    return Err(Error::Integrity(format!(
-                        "blob {digest}: digest mismatch: the content is {got}"
-                    )));
-                }
-            }
-            self.progress.layer(&id, Status::LoadingLayer, size, size);
+            let diff_id = self.apply_one(
+                staging,
+                ar.open(&l.name)?,
+                Some(size),
+                l,
+                parent.as_ref(),
+                want.as_ref(),
+            )?;
             parent = Some(Digest::chain(parent.as_ref(), &diff_id));
             diff_ids.push(diff_id);
         }
@@ -205,7 +339,9 @@ impl Loader<'_> {
             .collect()
     }
 
-    fn docker(&self, ar: &ArchiveIndex) -> Result<Vec<Candidate>> {
+    /// The images of a `manifest.json`. While planning a stream, layers
+    /// that have not arrived yet are expected, not missing.
+    fn docker(&self, ar: &ArchiveIndex, planning: bool) -> Result<Vec<Candidate>> {
         let entries: Vec<DockerEntry> = json(&ar.read_small("manifest.json", MAX_JSON)?, "manifest.json")?;
         let mut out = Vec::new();
         for e in entries {
@@ -214,7 +350,7 @@ impl Loader<'_> {
             let mut layers = Vec::new();
             for l in &e.layers {
                 let name = clean(l).map_err(|err| invalid(format!("manifest.json: {err}")))?;
-                if !ar.contains(&name) {
+                if !planning && !ar.contains(&name) {
                     let foreign = e.layer_sources.as_ref().is_some_and(|s| !s.is_empty());
                     return Err(if foreign {
                         Error::InvalidManifest(format!("layer {name:?} is a foreign layer, which is not supported"))
@@ -397,7 +533,7 @@ fn short(name: &str) -> &str {
 
 /// Reports how far a layer has been read.
 struct Counting<'p> {
-    inner: Box<dyn Read + Send>,
+    inner: Box<dyn Read + Send + 'p>,
     done: u64,
     total: u64,
     id: String,

@@ -102,9 +102,6 @@ pub fn save(
         for l in &img.layers {
             let name = format!("blobs/sha256/{}", l.diff_id.hex());
             let record = Record::decode(&store.layers.tar_split(&l.chain_id)?)?;
-            if written.insert(l.diff_id.clone()) {
-                write_layer(&mut b, driver, &name, l, &record)?;
-            }
             descriptors.push(json!({"mediaType": LAYER_TYPE, "digest": l.diff_id, "size": record.tar_len()}));
             layer_names.push(name);
         }
@@ -156,6 +153,17 @@ pub fn save(
             "manifest.json",
             &serde_json::to_vec(&docker_manifest).expect("serialisable"),
         )?;
+    }
+    // Layers last, in the order they stack: a reader that streams the
+    // archive knows every image before the first layer arrives, and can
+    // apply each layer as it comes instead of spooling it.
+    for img in &images {
+        for l in &img.layers {
+            if written.insert(l.diff_id.clone()) {
+                let record = Record::decode(&store.layers.tar_split(&l.chain_id)?)?;
+                write_layer(&mut b, driver, &format!("blobs/sha256/{}", l.diff_id.hex()), l, &record)?;
+            }
+        }
     }
     b.into_inner().map_err(io_err)?.flush().map_err(io_err)?;
     Ok(())

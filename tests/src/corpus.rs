@@ -247,6 +247,24 @@ pub fn cases() -> Vec<(&'static str, Vec<Entry>, &'static str)> {
         oci_archive(&good, "application/vnd.oci.image.layer.v1.tar+gzip", 7, "hostile/x:1"),
         "the descriptor says",
     ));
+    // With its documents first, a stream applies layers as they come: the
+    // same checks must hold there.
+    out.push((
+        "streamed-layer-dotdot",
+        documents_first(one(hostile_layer(|l| {
+            l.raw(tar::EntryType::Regular, "../escaped-load", "", b"x")
+        }))),
+        "leaves its directory",
+    ));
+    out.push((
+        "streamed-wrong-diffid",
+        documents_first(docker_archive(
+            std::slice::from_ref(&other),
+            std::slice::from_ref(&good),
+            "hostile/x:1",
+        )),
+        "diffID mismatch",
+    ));
     out.push((
         "not-an-image",
         vec![Entry::File("hello.txt".into(), b"hi".to_vec())],
@@ -262,6 +280,15 @@ pub fn cases() -> Vec<(&'static str, Vec<Entry>, &'static str)> {
         "invalid tag",
     ));
     out
+}
+
+/// Puts manifest.json and the configs before the layers.
+fn documents_first(mut entries: Vec<Entry>) -> Vec<Entry> {
+    entries.sort_by_key(|e| match e {
+        Entry::File(n, _) if n.ends_with(".json") => 0,
+        _ => 1,
+    });
+    entries
 }
 
 /// Drops the real manifest.json and renames `manifest.json.bad` into its place.

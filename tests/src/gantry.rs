@@ -97,6 +97,9 @@ impl Gantry {
         c.args(args).stdin(std::fs::File::open(input).unwrap());
         c.env("DOCKER_CONFIG", self.root.path().join("no-docker-config"));
         c.env("TMPDIR", self.tmpdir.path());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
         Run {
             args: format!("{} < {}", args.join(" "), input.display()),
             out: c.output().unwrap(),

@@ -13,21 +13,6 @@ use std::path::Path;
 use std::process::ExitCode;
 
 pub fn run(ctx: &Context, input: Option<&Path>, quiet: bool) -> Result<ExitCode> {
-    let archive = match input {
-        Some(p) => {
-            let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-            ArchiveIndex::from_file(f)?
-        }
-        None => {
-            let stdin = std::io::stdin();
-            if stdin.is_terminal() {
-                anyhow::bail!(
-                    "requested load from stdin, but stdin is empty (hint: gantry load -i FILE, or pipe an archive in)"
-                );
-            }
-            ArchiveIndex::from_stream(stdin.lock(), &ctx.store.load_spool())?
-        }
-    };
     // Bars on a terminal; otherwise only the result lines, as `docker load`.
     let progress = PullProgress::new(quiet || !std::io::stdout().is_terminal());
     let loader = Loader {
@@ -37,14 +22,28 @@ pub fn run(ctx: &Context, input: Option<&Path>, quiet: bool) -> Result<ExitCode>
         max_layer_bytes: ctx.config.max_layer_size_mib << 20,
         platform: Platform::host(),
     };
-    let loaded = loader.load(&archive)?;
-    drop(archive);
+    let loaded = match input {
+        Some(p) => {
+            let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+            loader.load(&ArchiveIndex::from_file(f)?)?
+        }
+        None => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                anyhow::bail!(
+                    "requested load from stdin, but stdin is empty (hint: gantry load -i FILE, or pipe an archive in)"
+                );
+            }
+            loader.load_stream(stdin, &ctx.store.load_spool())?
+        }
+    };
     if std::env::var_os("GANTRY_TIMINGS").is_some() {
         let t = loaded.times;
         eprintln!(
-            "timings: create {:.3}s apply {:.3}s",
+            "timings: create {:.3}s apply {:.3}s spooled {} bytes",
             t.create.as_secs_f64(),
-            t.apply.as_secs_f64()
+            t.apply.as_secs_f64(),
+            loaded.spooled
         );
     }
     for l in loaded.images {

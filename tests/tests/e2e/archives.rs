@@ -173,7 +173,14 @@ fn hostile_archives_are_refused() {
         eprintln!("{}: {err}", case.file_name().unwrap().to_string_lossy());
     }
     // The same refusals from standard input, where the archive is spooled.
-    for name in ["wrong-diffid", "layer-entry-dotdot", "duplicate-names", "corrupt-gzip"] {
+    for name in [
+        "wrong-diffid",
+        "layer-entry-dotdot",
+        "duplicate-names",
+        "corrupt-gzip",
+        "streamed-layer-dotdot",
+        "streamed-wrong-diffid",
+    ] {
         let case = dir.path().join(name);
         let expect = std::fs::read_to_string(case.join("expect")).unwrap();
         let before = g.store_listing();
@@ -272,4 +279,55 @@ fn a_load_killed_midway_is_cleared_by_the_next_run() {
     let out = g.ok(&["fsck"]);
     assert!(out.contains("cleared: spooled archive"), "{out}");
     assert_eq!(g.store_listing(), before);
+}
+
+#[test]
+fn a_stream_is_spooled_only_where_it_comes_out_of_order() {
+    // Layers above the in-memory threshold, in an archive with manifest.json last.
+    let l1 = Layer::new().file("a", 0o644, &vec![1u8; 3 << 20]).tar();
+    let l2 = Layer::new().file("b", 0o644, &vec![2u8; 3 << 20]).tar();
+    let dir = tempfile::tempdir().unwrap();
+    let last = dir.path().join("manifest-last.tar");
+    std::fs::write(
+        &last,
+        corpus::tar_of(&corpus::docker_archive(
+            &[l1.clone(), l2.clone()],
+            &[l1, l2],
+            "stream/x:1",
+        )),
+    )
+    .unwrap();
+    let spooled = |r: &gantry_tests::gantry::Run| -> u64 {
+        let line = r
+            .stderr()
+            .lines()
+            .find(|l| l.starts_with("timings:"))
+            .unwrap_or_default()
+            .to_string();
+        line.split("spooled ")
+            .nth(1)
+            .and_then(|x| x.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no spool figure in {line:?}"))
+    };
+    let mut a = Gantry::new();
+    a.env.push(("GANTRY_TIMINGS".into(), "1".into()));
+    let r = a.run_stdin(&["load"], &last);
+    assert!(r.out.status.success(), "{}", r.stderr());
+    assert!(
+        spooled(&r) >= 6 << 20,
+        "manifest.json came last: both layers wait on disk ({})",
+        spooled(&r)
+    );
+    // gantry's own archive names its images first: its layers apply as they stream.
+    let saved = dir.path().join("saved.tar");
+    a.ok(&["save", "-o", saved.to_str().unwrap(), "stream/x:1"]);
+    let mut b = Gantry::new();
+    b.env.push(("GANTRY_TIMINGS".into(), "1".into()));
+    let r = b.run_stdin(&["load"], &saved);
+    assert!(r.out.status.success(), "{}", r.stderr());
+    assert_eq!(spooled(&r), 0);
+    assert_eq!(inspect(&a, "stream/x:1")["Id"], inspect(&b, "stream/x:1")["Id"]);
+    b.fsck_clean();
+    b.assert_tmpdir_untouched();
 }

@@ -46,6 +46,14 @@ struct LayerSource {
     blob: Option<(Digest, u64)>,
 }
 
+/// While a stream arrives: the images it holds, and for each the next layer
+/// it needs and the chain below it.
+struct StreamPlan {
+    images: Vec<Candidate>,
+    next: Vec<usize>,
+    parents: Vec<Option<Digest>>,
+}
+
 /// What a load made visible.
 pub struct Loaded {
     pub id: Digest,
@@ -102,7 +110,7 @@ impl Loader<'_> {
     /// last) is spooled into `spool`.
     pub fn load_stream(&self, r: impl Read, spool: &std::path::Path) -> Result<LoadOutcome> {
         let mut staging = Staging::new(self.store, self.driver, self.max_layer_bytes);
-        let mut plan: Option<(Vec<Candidate>, Vec<usize>, Vec<Option<Digest>>)> = None;
+        let mut plan: Option<StreamPlan> = None;
         let ar = ArchiveIndex::from_stream_with(r, spool, &mut |name, partial, data| {
             if plan.is_none() {
                 // Only once the documents naming the images have arrived.
@@ -110,10 +118,19 @@ impl Loader<'_> {
                     || (partial.contains("index.json") && partial.contains("oci-layout"));
                 if let Some(c) = known.then(|| self.candidates(partial, true).ok()).flatten() {
                     let n = c.len();
-                    plan = Some((c, vec![0; n], vec![None; n]));
+                    plan = Some(StreamPlan {
+                        images: c,
+                        next: vec![0; n],
+                        parents: vec![None; n],
+                    });
                 }
             }
-            let Some((cands, next, parents)) = plan.as_mut() else {
+            let Some(StreamPlan {
+                images: cands,
+                next,
+                parents,
+            }) = plan.as_mut()
+            else {
                 return Ok(false);
             };
             let Some(ci) = (0..cands.len()).find(|&i| cands[i].layers.get(next[i]).is_some_and(|l| l.name == name))

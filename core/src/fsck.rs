@@ -111,6 +111,16 @@ pub fn check(store: &Store, driver: &dyn GraphDriver) -> Result<Report> {
                         r.problems.push(format!("layer {c}: parent {p} is missing"));
                     }
                 }
+                // `save` rebuilds the layer's tar from this record.
+                match store
+                    .layers
+                    .tar_split(&c)
+                    .and_then(|b| crate::tarsplit::Record::decode(&b))
+                {
+                    Ok(record) if record.tar_len() > 0 => {}
+                    Ok(_) => r.problems.push(format!("layer {c}: its tar-split record is empty")),
+                    Err(e) => r.problems.push(format!("layer {c}: {e}")),
+                }
                 match driver.exists(&m.cache_id) {
                     Ok(true) => {}
                     Ok(false) => r

@@ -92,6 +92,7 @@ fn fsck_reports_a_damaged_store() {
     let first = std::fs::read_dir(&layerdb).unwrap().next().unwrap().unwrap().path();
     let cache = std::fs::read_to_string(first.join("cache-id")).unwrap();
     std::fs::remove_dir_all(g.root_path().join("vfs/dir").join(cache.trim())).unwrap();
+    std::fs::remove_file(first.join("tar-split.json.gz")).unwrap();
     let r = g.run(&["fsck"]);
     assert!(!r.out.status.success());
     assert!(
@@ -99,4 +100,5 @@ fn fsck_reports_a_damaged_store() {
         "{}",
         r.stdout()
     );
+    assert!(r.stdout().contains("reading the tar-split"), "{}", r.stdout());
 }

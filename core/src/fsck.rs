@@ -12,7 +12,8 @@ use crate::error::Result;
 use crate::images::{layers_in_use, release_layer};
 use crate::manifest::ImageConfig;
 use crate::plugin::GraphDriver;
-use crate::store::Store;
+use crate::store::{Store, SWEEP_PREFIX};
+use std::collections::HashSet;
 
 /// What a check found.
 #[derive(Debug, Default)]
@@ -36,13 +37,20 @@ pub fn collect_garbage(store: &Store, driver: &dyn GraphDriver) -> Result<Vec<St
     for n in store.layers.clear_tmp()? {
         cleared.push(format!("unfinished layer record {n}"));
     }
-    for id in store.staging_leftovers()? {
-        let in_use = store
-            .layers
-            .list()?
-            .iter()
-            .any(|c| store.layers.get(c).ok().flatten().is_some_and(|m| m.cache_id == id));
-        if !in_use {
+    let leftovers = store.staging_leftovers()?;
+    if leftovers.is_empty() {
+        // Unreferenced layers arise only inside a marked window: nothing
+        // crashed, so there is nothing to sweep (and no config to read).
+        return Ok(cleared);
+    }
+    let committed: HashSet<String> = store
+        .layers
+        .list()?
+        .iter()
+        .filter_map(|c| store.layers.get(c).ok().flatten().map(|m| m.cache_id))
+        .collect();
+    for id in leftovers {
+        if !id.starts_with(SWEEP_PREFIX) && !committed.contains(&id) {
             let _ = driver.remove(&id);
             cleared.push(format!("staging layer {id}"));
         }

@@ -101,6 +101,8 @@ pub fn remove(store: &Store, driver: &dyn GraphDriver, s: &str, force: bool) -> 
         out.push(format!("Untagged: {}", r.familiar_string()));
     }
     let (_, layers) = layers_of(store, &id)?;
+    // From here until the layers are released, a crash leaves them unreferenced.
+    let sweep = store.mark_sweep()?;
     store.images.delete(&id)?;
     out.push(format!("Deleted: {id}"));
     let needed = layers_in_use(store)?;
@@ -110,6 +112,7 @@ pub fn remove(store: &Store, driver: &dyn GraphDriver, s: &str, force: bool) -> 
             out.push(format!("Deleted: {}", l.chain_id));
         }
     }
+    store.unmark_staging(&sweep);
     Ok(out)
 }
 

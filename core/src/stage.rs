@@ -171,7 +171,6 @@ impl<'a> Staging<'a> {
                     // Another process committed the same layer first: keep theirs.
                     let _ = self.driver.remove(&st.meta.cache_id);
                 }
-                self.store.unmark_staging(&st.meta.cache_id);
                 if let Some((blob, repo)) = &st.source {
                     self.store.layers.record_blob(blob, &st.meta.diff_id, repo)?;
                 }
@@ -186,11 +185,16 @@ impl<'a> Staging<'a> {
                 }
                 ids.push(id);
             }
+            // Markers stay until the images are visible: a crash before this
+            // leaves committed but unreferenced layers for the next sweep.
+            for st in &staged {
+                self.store.unmark_staging(&st.meta.cache_id);
+            }
             Ok(ids)
         })();
         if res.is_err() {
-            // Layers not yet committed go; committed ones are unreferenced
-            // and cleared by the next process alone on the store.
+            // Layers not yet committed go; committed ones keep their markers,
+            // so the next process alone on the store sweeps them.
             for st in &staged {
                 if !self.store.layers.exists(&st.meta.chain_id) {
                     let _ = self.driver.remove(&st.meta.cache_id);

@@ -30,6 +30,9 @@ use crate::error::{IoContext, Result};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+/// Staging markers with this prefix name no driver layer, only a window to sweep.
+pub const SWEEP_PREFIX: &str = "sweep-";
+
 /// Handle to one store root for one graph driver.
 pub struct Store {
     root: PathBuf,
@@ -129,6 +132,14 @@ impl Store {
     pub fn mark_staging(&self, cache_id: &str) -> Result<()> {
         File::create(self.root.join("tmp/staging").join(cache_id)).ctx("marking a staging layer")?;
         Ok(())
+    }
+
+    /// Marks a window (removing an image, then its layers) in which a crash
+    /// would leave unreferenced layers; returns the marker to unmark.
+    pub fn mark_sweep(&self) -> Result<String> {
+        let name = format!("{SWEEP_PREFIX}{}", &random_id()[..16]);
+        self.mark_staging(&name)?;
+        Ok(name)
     }
 
     pub fn unmark_staging(&self, cache_id: &str) {

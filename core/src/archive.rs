@@ -10,6 +10,7 @@
 //! trusts what the archive says about its contents; the loader verifies.
 
 use crate::error::{Error, IoContext, Result};
+use crate::path::Unsafe;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -67,21 +68,12 @@ fn bad(msg: String) -> Error {
 
 /// Cleans an archive path: no absolute names, no `..`, no empty result.
 pub fn clean(raw: &str) -> Result<String> {
-    if raw.starts_with('/') {
-        return Err(bad(format!("archive name {raw:?} is absolute")));
+    match crate::path::components(raw) {
+        Err(Unsafe::Absolute) => Err(bad(format!("archive name {raw:?} is absolute"))),
+        Err(Unsafe::Climbs) => Err(bad(format!("archive name {raw:?} leaves the archive"))),
+        Ok(parts) if parts.is_empty() => Err(bad(format!("archive name {raw:?} names nothing"))),
+        Ok(parts) => Ok(parts.join("/")),
     }
-    let mut parts = Vec::new();
-    for c in raw.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => return Err(bad(format!("archive name {raw:?} leaves the archive"))),
-            c => parts.push(c),
-        }
-    }
-    if parts.is_empty() {
-        return Err(bad(format!("archive name {raw:?} names nothing")));
-    }
-    Ok(parts.join("/"))
 }
 
 /// Resolves a link target relative to the directory of `from`, inside the archive.

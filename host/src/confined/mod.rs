@@ -15,6 +15,7 @@ pub use pack::{changes, pack, pack_changes, ChangeKind};
 pub use tree::{copy_tree, disk_usage, remove_tree, CopyMode};
 pub use unpack::{unpack, Whiteouts};
 
+use gantry_core::path::Unsafe;
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -26,20 +27,12 @@ pub fn invalid(msg: impl Into<String>) -> io::Error {
 }
 
 /// Splits a relative path into clean components, refusing absolute paths and
-/// `..`. `.` and empty components are dropped.
+/// `..` (the core's rule for untrusted names).
 pub fn components(rel: &str) -> io::Result<Vec<&str>> {
-    if rel.starts_with('/') {
-        return Err(invalid(format!("absolute path {rel:?} is not allowed")));
-    }
-    let mut out = Vec::new();
-    for c in rel.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => return Err(invalid(format!("path {rel:?} leaves its directory"))),
-            c => out.push(c),
-        }
-    }
-    Ok(out)
+    gantry_core::path::components(rel).map_err(|e| match e {
+        Unsafe::Absolute => invalid(format!("absolute path {rel:?} is not allowed")),
+        Unsafe::Climbs => invalid(format!("path {rel:?} leaves its directory")),
+    })
 }
 
 const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::CLOEXEC);

@@ -49,10 +49,10 @@ pub(super) fn proc_path(dir: BorrowedFd<'_>, name: &str) -> String {
     format!("/proc/self/fd/{}/{}", dir.as_raw_fd(), name)
 }
 
-/// Copies the extended attributes of `name` from one directory to another.
-pub(super) fn copy_xattrs(sd: BorrowedFd<'_>, dd: BorrowedFd<'_>, name: &str) -> io::Result<()> {
-    for (k, v) in read_xattrs(sd, name)? {
-        rustix::fs::lsetxattr(proc_path(dd, name), k.as_str(), &v, rustix::fs::XattrFlags::empty())?;
+/// Copies the extended attributes of `sname` in `sd` to `dname` in `dd`.
+fn copy_xattrs(sd: BorrowedFd<'_>, sname: &str, dd: BorrowedFd<'_>, dname: &str) -> io::Result<()> {
+    for (k, v) in read_xattrs(sd, sname)? {
+        rustix::fs::lsetxattr(proc_path(dd, dname), k.as_str(), &v, rustix::fs::XattrFlags::empty())?;
     }
     Ok(())
 }
@@ -146,8 +146,7 @@ fn finish_meta(
     if chmod {
         rustix::fs::chmodat(dd, name, Mode::from_raw_mode(st.st_mode & 0o7777), AtFlags::empty())?;
     }
-    let _ = sname;
-    copy_xattrs(sd, dd, name).or_else(ignore_eperm)?;
+    copy_xattrs(sd, sname, dd, name).or_else(ignore_eperm)?;
     set_times(dd, name, st)
 }
 
@@ -284,4 +283,31 @@ pub fn disk_usage(dir: BorrowedFd<'_>) -> io::Result<u64> {
         Ok(total)
     }
     walk(dir, &mut Default::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copied_tree_keeps_the_top_directory_xattrs_under_its_new_name() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("a/src/sub")).unwrap();
+        std::fs::create_dir_all(t.path().join("b")).unwrap();
+        let src = t.path().join("a/src");
+        if rustix::fs::setxattr(&src, "user.gantry", b"top", rustix::fs::XattrFlags::empty()).is_err() {
+            eprintln!("skipped: this filesystem has no user xattrs");
+            return;
+        }
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY;
+        let a = rustix::fs::open(t.path().join("a"), flags, Mode::empty()).unwrap();
+        let b = rustix::fs::open(t.path().join("b"), flags, Mode::empty()).unwrap();
+        for (mode, name) in [(CopyMode::Copy, "copied"), (CopyMode::Share, "shared")] {
+            copy_tree(a.as_fd(), "src", b.as_fd(), name, mode).unwrap();
+            let mut v = [0u8; 16];
+            let n = rustix::fs::getxattr(t.path().join("b").join(name), "user.gantry", &mut v[..]).unwrap();
+            assert_eq!(&v[..n], b"top", "{mode:?}");
+            assert!(t.path().join("b").join(name).join("sub").is_dir());
+        }
+    }
 }

@@ -111,30 +111,31 @@ pub fn cases() -> Vec<(&'static str, Vec<Entry>, &'static str)> {
     let mut out: Vec<(&'static str, Vec<Entry>, &'static str)> = Vec::new();
 
     // Names in manifest.json.
-    let mut e = one(good.clone());
-    e.push(Entry::File(
-        "manifest.json.bad".into(),
-        json!([{"Config": "../evil.json", "RepoTags": [], "Layers": []}])
-            .to_string()
-            .into_bytes(),
+    out.push((
+        "config-dotdot",
+        with_manifest(
+            one(good.clone()),
+            json!([{"Config": "../evil.json", "RepoTags": [], "Layers": []}])
+                .to_string()
+                .into_bytes(),
+        ),
+        "leaves the archive",
     ));
-    out.push(("config-dotdot", rename_manifest(e), "leaves the archive"));
-    let mut e = one(good.clone());
-    e.push(Entry::File(
-        "manifest.json.bad".into(),
-        json!([{"Config": "/etc/passwd", "RepoTags": [], "Layers": []}])
-            .to_string()
-            .into_bytes(),
+    out.push((
+        "config-absolute",
+        with_manifest(
+            one(good.clone()),
+            json!([{"Config": "/etc/passwd", "RepoTags": [], "Layers": []}])
+                .to_string()
+                .into_bytes(),
+        ),
+        "is absolute",
     ));
-    out.push(("config-absolute", rename_manifest(e), "is absolute"));
-    let mut e = one(good.clone());
-    e.push(Entry::File(
-        "manifest.json.bad".into(),
-        json!([{"Config": format!("{}.json", &sha256(&config(&[sha256(&good)]))[7..]), "RepoTags": [], "Layers": ["../../layer.tar"]}])
-            .to_string()
-            .into_bytes(),
+    out.push((
+        "layer-dotdot",
+        with_manifest(one(good.clone()), json!([{"Config": format!("{}.json", &sha256(&config(&[sha256(&good)]))[7..]), "RepoTags": [], "Layers": ["../../layer.tar"]}]).to_string().into_bytes()),
+        "leaves the archive",
     ));
-    out.push(("layer-dotdot", rename_manifest(e), "leaves the archive"));
     // Entries of the archive itself.
     let mut e = one(good.clone());
     e.push(Entry::File("../outside".into(), b"x".to_vec()));
@@ -234,9 +235,11 @@ pub fn cases() -> Vec<(&'static str, Vec<Entry>, &'static str)> {
         "its uncompressed size exceeds the limit of 64 MiB",
     ));
     // Malformed documents.
-    let mut e = one(good.clone());
-    e.push(Entry::File("manifest.json.bad".into(), b"[{\"Config\": ".to_vec()));
-    out.push(("invalid-json", rename_manifest(e), "manifest.json is not valid"));
+    out.push((
+        "invalid-json",
+        with_manifest(one(good.clone()), b"[{\"Config\": ".to_vec()),
+        "manifest.json is not valid",
+    ));
     out.push((
         "unknown-media-type",
         oci_archive(&good, "application/x-evil", 0, "hostile/x:1"),
@@ -291,13 +294,12 @@ fn documents_first(mut entries: Vec<Entry>) -> Vec<Entry> {
     entries
 }
 
-/// Drops the real manifest.json and renames `manifest.json.bad` into its place.
-fn rename_manifest(entries: Vec<Entry>) -> Vec<Entry> {
+/// Replaces the contents of manifest.json.
+fn with_manifest(entries: Vec<Entry>, manifest: Vec<u8>) -> Vec<Entry> {
     entries
         .into_iter()
-        .filter(|e| !matches!(e, Entry::File(n, _) if n == "manifest.json"))
         .map(|e| match e {
-            Entry::File(n, d) if n == "manifest.json.bad" => Entry::File("manifest.json".into(), d),
+            Entry::File(n, _) if n == "manifest.json" => Entry::File(n, manifest.clone()),
             e => e,
         })
         .collect()
@@ -305,17 +307,15 @@ fn rename_manifest(entries: Vec<Entry>) -> Vec<Entry> {
 
 /// Points manifest.json's layers at `names`.
 fn relayer(entries: Vec<Entry>, names: &[&str]) -> Vec<Entry> {
-    entries
-        .into_iter()
-        .map(|e| match e {
-            Entry::File(n, d) if n == "manifest.json" => {
-                let mut m: serde_json::Value = serde_json::from_slice(&d).unwrap();
-                m[0]["Layers"] = json!(names);
-                Entry::File(n, m.to_string().into_bytes())
-            }
-            e => e,
+    let mut m: serde_json::Value = entries
+        .iter()
+        .find_map(|e| match e {
+            Entry::File(n, d) if n == "manifest.json" => serde_json::from_slice(d).ok(),
+            _ => None,
         })
-        .collect()
+        .expect("a manifest.json");
+    m[0]["Layers"] = json!(names);
+    with_manifest(entries, m.to_string().into_bytes())
 }
 
 /// Writes the corpus: `dir/<case>/archive.tar` and `dir/<case>/expect`.

@@ -24,6 +24,7 @@ pub mod save;
 pub mod stage;
 pub mod store;
 pub mod tarsplit;
+pub mod text;
 pub mod verify;
 
 pub use digest::Digest;

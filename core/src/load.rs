@@ -25,6 +25,17 @@ use std::collections::HashMap;
 use std::io::Read;
 
 const MAX_JSON: u64 = 8 << 20;
+/// The most images one archive may describe (manifest.json entries, index
+/// descriptors, legacy tags).
+pub const MAX_ARCHIVE_IMAGES: usize = 1024;
+/// How deep indexes may nest inside an OCI layout.
+const MAX_INDEX_NESTING: usize = 4;
+
+fn too_many_images(what: &str, n: usize) -> Error {
+    invalid(format!(
+        "{what} describes {n} images, more than the limit of {MAX_ARCHIVE_IMAGES}"
+    ))
+}
 
 /// One image found in an archive.
 struct Candidate {
@@ -73,6 +84,8 @@ pub struct Loader<'a> {
     pub driver: &'a dyn GraphDriver,
     pub progress: &'a dyn Progress,
     pub max_layer_bytes: u64,
+    /// The most layers one image may have.
+    pub max_depth: usize,
     /// The platform picked from an OCI index with several.
     pub platform: Platform,
 }
@@ -295,6 +308,9 @@ impl Loader<'_> {
             ConfigSource::Bytes(b) => Some(ImageConfig::parse(b)?.diff_ids),
             ConfigSource::Legacy(_) => None,
         };
+        if c.layers.len() > self.max_depth {
+            return Err(crate::stage::too_deep(c.layers.len(), self.max_depth));
+        }
         if let Some(d) = &expected {
             if d.len() != c.layers.len() {
                 return Err(invalid(format!(
@@ -360,6 +376,9 @@ impl Loader<'_> {
     /// that have not arrived yet are expected, not missing.
     fn docker(&self, ar: &ArchiveIndex, planning: bool) -> Result<Vec<Candidate>> {
         let entries: Vec<DockerEntry> = json(&ar.read_small("manifest.json", MAX_JSON)?, "manifest.json")?;
+        if entries.len() > MAX_ARCHIVE_IMAGES {
+            return Err(too_many_images("manifest.json", entries.len()));
+        }
         let mut out = Vec::new();
         for e in entries {
             let config_name = clean(&e.config).map_err(|err| invalid(format!("manifest.json: {err}")))?;
@@ -406,6 +425,9 @@ impl Loader<'_> {
             .get("manifests")
             .and_then(|m| m.as_array())
             .ok_or_else(|| invalid("index.json has no manifests".into()))?;
+        if manifests.len() > MAX_ARCHIVE_IMAGES {
+            return Err(too_many_images("index.json", manifests.len()));
+        }
         let mut out = Vec::new();
         for d in manifests {
             let s = |k: &str| d.get(k).and_then(|v| v.as_str()).unwrap_or("");
@@ -427,7 +449,8 @@ impl Loader<'_> {
             let mut bytes = self.blob(ar, &digest, size, manifest::MAX_MANIFEST_BYTES as u64)?;
             let mut media_type = s("mediaType").to_string();
             // An index inside the layout: pick this machine's platform.
-            for _ in 0..4 {
+            let mut found = false;
+            for _ in 0..MAX_INDEX_NESTING {
                 match manifest::parse(&media_type, &bytes)? {
                     Parsed::Image(m) => {
                         let config =
@@ -445,6 +468,7 @@ impl Loader<'_> {
                             layers,
                             tags,
                         });
+                        found = true;
                         break;
                     }
                     Parsed::List(entries) => {
@@ -455,6 +479,11 @@ impl Loader<'_> {
                     }
                 }
             }
+            if !found {
+                return Err(invalid(format!(
+                    "index.json: indexes nest deeper than {MAX_INDEX_NESTING} levels"
+                )));
+            }
         }
         Ok(out)
     }
@@ -463,6 +492,10 @@ impl Loader<'_> {
         let repos: HashMap<String, HashMap<String, String>> =
             json(&ar.read_small("repositories", MAX_JSON)?, "the repositories file")?;
         let mut by_id: HashMap<String, Vec<Reference>> = HashMap::new();
+        let n: usize = repos.values().map(|t| t.len()).sum();
+        if n > MAX_ARCHIVE_IMAGES {
+            return Err(too_many_images("the repositories file", n));
+        }
         for (repo, tags) in &repos {
             for (tag, id) in tags {
                 let r = self.tags(&[format!("{repo}:{tag}")])?;
@@ -479,8 +512,11 @@ impl Loader<'_> {
                 if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return Err(invalid(format!("invalid legacy image id {id:?}")));
                 }
-                if chain.len() > 127 {
-                    return Err(invalid("the legacy image chain is too long or loops".into()));
+                if chain.len() >= self.max_depth {
+                    return Err(invalid(format!(
+                        "the legacy image chain is longer than the limit of {} layers (max_layer_depth), or loops",
+                        self.max_depth
+                    )));
                 }
                 let v: serde_json::Value =
                     json(&ar.read_small(&format!("{id}/json"), MAX_JSON)?, "a legacy image json")?;

@@ -110,6 +110,13 @@ pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
     } else {
         media_type
     };
+    // CVE-2021-41190: a document that is both a manifest and an index means
+    // different things to different readers; refuse it whatever it claims.
+    if value.get("manifests").is_some() && (value.get("layers").is_some() || value.get("config").is_some()) {
+        return Err(Error::InvalidManifest(
+            "manifest carries both \"manifests\" and \"layers\"/\"config\" (ambiguous, CVE-2021-41190)".into(),
+        ));
+    }
     if !inner.is_empty() && inner != media_type {
         return Err(Error::InvalidManifest(format!(
             "manifest declares media type {inner:?} but was served as {media_type:?}"
@@ -255,5 +262,16 @@ mod tests {
         assert!(parse(OCI_MANIFEST, &manifest("application/x-evil")).is_err());
         assert!(parse(DOCKER_MANIFEST, &manifest("application/vnd.oci.image.layer.v1.tar")).is_err());
         assert!(parse(OCI_MANIFEST, &vec![b' '; MAX_MANIFEST_BYTES + 1]).is_err());
+    }
+
+    #[test]
+    fn refuses_a_manifest_that_is_also_an_index() {
+        let mut v: serde_json::Value = serde_json::from_slice(&manifest("application/vnd.oci.image.layer.v1.tar")).unwrap();
+        v["manifests"] = serde_json::json!([]);
+        let bytes = v.to_string().into_bytes();
+        for declared in [OCI_MANIFEST, OCI_INDEX, ""] {
+            let e = parse(declared, &bytes).unwrap_err().to_string();
+            assert!(e.contains("CVE-2021-41190"), "{e}");
+        }
     }
 }

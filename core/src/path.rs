@@ -30,6 +30,60 @@ pub fn components(raw: &str) -> Result<Vec<&str>, Unsafe> {
     Ok(out)
 }
 
+/// Opens regular file `rel` beneath the directory `root` for reading,
+/// without following any link and without opening anything else: the name
+/// is first opened `O_PATH` (which has no effect on a device, FIFO or
+/// socket), checked with `fstat`, and only a regular file is reopened for
+/// reading, through its `/proc/self/fd` entry, so the inode checked is the
+/// inode read.
+pub fn open_regular_beneath(root: std::os::fd::BorrowedFd<'_>, rel: &str) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use std::os::fd::AsRawFd;
+    let comps = components(rel).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {}", crate::text::quote_bytes(rel.as_bytes()), e.describe()),
+        )
+    })?;
+    let clean = if comps.is_empty() { ".".to_string() } else { comps.join("/") };
+    let handle = rustix::fs::openat2(
+        root,
+        clean.as_str(),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    let st = rustix::fs::fstat(&handle)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} is not a regular file",
+                crate::text::quote_bytes(rel.as_bytes())
+            ),
+        ));
+    }
+    let fd = rustix::fs::open(
+        format!("/proc/self/fd/{}", handle.as_raw_fd()).as_str(),
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let again = rustix::fs::fstat(&fd)?;
+    if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
+        return Err(std::io::Error::other("a file changed while it was being opened"));
+    }
+    Ok(std::fs::File::from(fd))
+}
+
+impl Unsafe {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Unsafe::Absolute => "an absolute name is not allowed",
+            Unsafe::Climbs => "the name leaves its directory",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

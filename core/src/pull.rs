@@ -88,6 +88,8 @@ pub struct PullOptions {
     pub backoff: Duration,
     /// The bound on one layer's uncompressed size.
     pub max_layer_bytes: u64,
+    /// The most layers one image may have.
+    pub max_depth: usize,
 }
 
 impl Default for PullOptions {
@@ -99,6 +101,7 @@ impl Default for PullOptions {
             request_retries: 2,
             backoff: Duration::from_millis(100),
             max_layer_bytes: crate::stage::DEFAULT_MAX_LAYER_BYTES,
+            max_depth: crate::stage::DEFAULT_MAX_DEPTH,
         }
     }
 }
@@ -157,6 +160,17 @@ impl Drop for Spooled {
     }
 }
 
+/// The host whose credentials an endpoint gets: the registry's domain for
+/// the registry itself, the mirror's `host[:port]` for a mirror.
+pub fn credential_host(ep: &Endpoint, domain: &str) -> String {
+    if !ep.mirror {
+        return domain.to_string();
+    }
+    let rest = ep.url.split_once("://").map(|(_, r)| r).unwrap_or(&ep.url);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority).to_string()
+}
+
 /// A pull with its collaborators.
 pub struct Puller<'a> {
     pub store: &'a Store,
@@ -183,7 +197,9 @@ impl Puller<'_> {
         let mut last: Option<Error> = None;
         let started = std::time::Instant::now();
         for mut ep in pull_endpoints(&reference.domain, self.registries) {
-            ep.credentials = (self.credentials)(&reference.domain);
+            // Credentials by the endpoint's own host: a mirror never sees the
+            // registry's, and the registry never sees a mirror's.
+            ep.credentials = (self.credentials)(&credential_host(&ep, &reference.domain));
             let clock = Mutex::new(Timings::default());
             match self.pull_from(&ep, reference, &clock) {
                 Ok(mut o) => {
@@ -282,6 +298,9 @@ impl Puller<'_> {
         }
         let config_bytes = self.fetch_small(ep, repo, &image.config)?;
         let config = ImageConfig::parse(&config_bytes)?;
+        if image.layers.len() > self.options.max_depth {
+            return Err(crate::stage::too_deep(image.layers.len(), self.options.max_depth));
+        }
         if config.diff_ids.len() != image.layers.len() {
             return Err(Error::InvalidManifest(format!(
                 "image config lists {} layers but the manifest has {}",

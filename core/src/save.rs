@@ -16,7 +16,7 @@ use crate::reference::Reference;
 use crate::store::Store;
 use crate::tarsplit::{assemble, Record};
 use crate::verify::HashingReader;
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::{Mode, OFlags};
 use serde_json::json;
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
@@ -190,15 +190,9 @@ fn write_layer(
         let producer = s.spawn(move || {
             let mut tx = tx;
             let open = |n: &str| -> io::Result<Box<dyn Read>> {
-                // Inside the layer's directory only, and never through a link.
-                let fd = rustix::fs::openat2(
-                    root.as_fd(),
-                    n.trim_start_matches("./"),
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-                )?;
-                Ok(Box::new(std::fs::File::from(fd)))
+                // A regular file inside the layer's directory only: never
+                // through a link, never a device, FIFO or socket.
+                Ok(Box::new(crate::path::open_regular_beneath(root.as_fd(), n)?))
             };
             assemble(record, open, &mut tx)
         });

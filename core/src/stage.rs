@@ -23,6 +23,18 @@ use std::time::{Duration, Instant};
 /// stops here.
 pub const DEFAULT_MAX_LAYER_BYTES: u64 = 64 << 30;
 
+/// The default bound on how many layers one image may stack (Docker's
+/// overlay2 stops at 128 too): a 1,000-layer image costs time and store
+/// entries out of all proportion to its content.
+pub const DEFAULT_MAX_DEPTH: usize = 128;
+
+/// The error for an image deeper than `max` layers.
+pub fn too_deep(layers: usize, max: usize) -> Error {
+    Error::InvalidManifest(format!(
+        "the image has {layers} layers, more than the limit of {max} (max_layer_depth)"
+    ))
+}
+
 /// Time spent per stage, for benchmarks.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StageTimes {

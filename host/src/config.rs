@@ -34,6 +34,14 @@ pub struct Config {
     /// The most one layer may hold uncompressed (a bound on decompression bombs).
     #[serde(default = "max_layer")]
     pub max_layer_size_mib: u64,
+    /// The most layers one image may stack (Docker's overlay2 limit).
+    #[serde(default = "max_depth")]
+    pub max_layer_depth: usize,
+    /// Whether a commit waits until layer contents and metadata are on disk
+    /// (fsync), so power loss never leaves a committed layer with empty
+    /// files. Hosts that prefer speed may turn it off.
+    #[serde(default = "yes")]
+    pub durable: bool,
     pub transport: PluginConfig,
     pub driver: PluginConfig,
     #[serde(default)]
@@ -44,6 +52,14 @@ pub struct Config {
 
 fn three() -> usize {
     3
+}
+
+fn max_depth() -> usize {
+    gantry_core::stage::DEFAULT_MAX_DEPTH
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn max_layer() -> u64 {
@@ -73,6 +89,12 @@ pub struct LimitsConfig {
     pub memory_mib: usize,
     #[serde(default = "cpu")]
     pub cpu_seconds: f64,
+    /// Time one call may take in all, host work it started included.
+    #[serde(default = "wall")]
+    pub wall_seconds: f64,
+    /// Host-owned handles (streams) one instance may hold at once.
+    #[serde(default = "handles")]
+    pub handles: usize,
 }
 
 fn memory() -> usize {
@@ -81,12 +103,20 @@ fn memory() -> usize {
 fn cpu() -> f64 {
     10.0
 }
+fn wall() -> f64 {
+    300.0
+}
+fn handles() -> usize {
+    64
+}
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             memory_mib: memory(),
             cpu_seconds: cpu(),
+            wall_seconds: wall(),
+            handles: handles(),
         }
     }
 }
@@ -96,6 +126,8 @@ impl LimitsConfig {
         crate::plugin::Limits {
             memory_bytes: self.memory_mib << 20,
             cpu: std::time::Duration::from_secs_f64(self.cpu_seconds),
+            wall: std::time::Duration::from_secs_f64(self.wall_seconds),
+            handles: self.handles,
         }
     }
 }
@@ -112,6 +144,16 @@ impl Config {
         let c: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {}", e.message()))?;
         if c.max_concurrent_downloads == 0 {
             bail!("{origin}: max_concurrent_downloads must be at least 1");
+        }
+        if c.max_layer_depth == 0 {
+            bail!("{origin}: max_layer_depth must be at least 1");
+        }
+        let tables = [Some(c.limits), c.transport.limits, c.driver.limits];
+        for l in tables.into_iter().flatten() {
+            let seconds_ok = |v: f64| v.is_finite() && v > 0.0 && v <= 86400.0;
+            if !seconds_ok(l.cpu_seconds) || !seconds_ok(l.wall_seconds) || l.handles == 0 || l.memory_mib == 0 {
+                bail!("{origin}: limits: cpu_seconds and wall_seconds must be between 0 and 86400, memory_mib and handles at least 1");
+            }
         }
         for (name, r) in &c.registries {
             for m in &r.mirrors {

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
                     line.push_str(&c);
                 }
             }
-            eprintln!("error: {}", line.replace('\n', " "));
+            eprintln!("error: {}", gantry_core::text::escape_line(&line));
             ExitCode::FAILURE
         }
     }

@@ -10,6 +10,9 @@ pub struct Gantry {
     pub tmpdir: tempfile::TempDir,
     pub config: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    /// The test's own directory: `root`, `tmpdir` and the scratch space
+    /// live inside it, so a test never touches a shared path. Dropped last.
+    work: tempfile::TempDir,
 }
 
 /// The binary next to the test executable (`target/<profile>/gantry`).
@@ -56,12 +59,21 @@ impl Default for Gantry {
 
 impl Gantry {
     pub fn new() -> Gantry {
+        let work = tempfile::tempdir().unwrap();
+        std::fs::create_dir(work.path().join("scratch")).unwrap();
         Gantry {
-            root: tempfile::tempdir().unwrap(),
-            tmpdir: tempfile::tempdir().unwrap(),
+            root: tempfile::tempdir_in(work.path()).unwrap(),
+            tmpdir: tempfile::tempdir_in(work.path()).unwrap(),
             config: None,
             env: Vec::new(),
+            work,
         }
+    }
+
+    /// A directory of the test's own for configs, exports and canaries,
+    /// outside the store root and `TMPDIR`.
+    pub fn scratch(&self) -> PathBuf {
+        self.work.path().join("scratch")
     }
 
     pub fn root_path(&self) -> &Path {
@@ -126,10 +138,7 @@ impl Gantry {
 
     /// Writes a config file from `toml` and uses it.
     pub fn with_config(mut self, toml: &str) -> Gantry {
-        let p = self.root.path().join("..").join(format!(
-            "{}.toml",
-            self.root.path().file_name().unwrap().to_string_lossy()
-        ));
+        let p = self.scratch().join("gantry.toml");
         std::fs::write(&p, toml).unwrap();
         self.config = Some(p);
         self

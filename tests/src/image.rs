@@ -78,6 +78,16 @@ impl Layer {
         self
     }
 
+    /// A block (`block`) or character device node.
+    pub fn device(mut self, path: &str, block: bool, major: u32, minor: u32) -> Self {
+        let kind = if block { tar::EntryType::Block } else { tar::EntryType::Char };
+        let mut h = header(kind, 0o600, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        self.b.append_data(&mut h, path, std::io::empty()).unwrap();
+        self
+    }
+
     /// `.wh.NAME` in `dir`: deletes NAME from lower layers.
     pub fn whiteout(self, path: &str) -> Self {
         let (dir, name) = path

@@ -25,6 +25,10 @@ pub struct Faults {
     pub corrupt_blob: Option<String>,
     /// Answer every blob request with a redirect to the CDN origin.
     pub redirect_blobs: bool,
+    /// The host the CDN listens on (default the registry's own, 127.0.0.1,
+    /// on another port: another origin on the same machine). Another
+    /// loopback address plays an internal service the registry points at.
+    pub cdn_host: Option<String>,
     /// Answer every manifest request with this status.
     pub manifest_status: Option<u16>,
     /// Serve manifests padded to this many bytes.
@@ -45,6 +49,7 @@ pub struct Seen {
 pub struct Proxy {
     pub port: u16,
     pub cdn_port: u16,
+    cdn_host: String,
     pub seen: Arc<Mutex<Seen>>,
     stop: Arc<AtomicBool>,
 }
@@ -156,7 +161,8 @@ impl Proxy {
     pub fn start(upstream: u16, faults: Faults) -> Proxy {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let cdn = TcpListener::bind("127.0.0.2:0").unwrap();
+        let cdn_host = faults.cdn_host.clone().unwrap_or_else(|| "127.0.0.1".into());
+        let cdn = TcpListener::bind((cdn_host.as_str(), 0)).unwrap();
         let cdn_port = cdn.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Seen::default()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -199,7 +205,8 @@ impl Proxy {
                     }
                     let Ok(s) = s else { continue };
                     let (seen, faults, cut_done) = (seen.clone(), faults.clone(), cut_done.clone());
-                    std::thread::spawn(move || serve(s, port, cdn_port, upstream, &faults, &seen, &cut_done));
+                    let cdn = format!("{}:{cdn_port}", faults.cdn_host.as_deref().unwrap_or("127.0.0.1"));
+                    std::thread::spawn(move || serve(s, port, &cdn, upstream, &faults, &seen, &cut_done));
                 }
             });
         }
@@ -207,6 +214,7 @@ impl Proxy {
         Proxy {
             port,
             cdn_port,
+            cdn_host,
             seen,
             stop,
         }
@@ -220,7 +228,7 @@ impl Proxy {
 fn serve(
     s: TcpStream,
     port: u16,
-    cdn_port: u16,
+    cdn: &str,
     upstream: u16,
     faults: &Faults,
     seen: &Mutex<Seen>,
@@ -291,7 +299,7 @@ fn serve(
             }
         }
         if faults.redirect_blobs {
-            let loc = format!("http://127.0.0.2:{cdn_port}/cdn{}", req.path);
+            let loc = format!("http://{cdn}/cdn{}", req.path);
             respond(&mut w, 307, &[("Location".into(), loc)], b"");
             return;
         }
@@ -344,6 +352,6 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = TcpStream::connect(("127.0.0.1", self.port));
-        let _ = TcpStream::connect(("127.0.0.2", self.cdn_port));
+        let _ = TcpStream::connect((self.cdn_host.as_str(), self.cdn_port));
     }
 }

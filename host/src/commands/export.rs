@@ -14,15 +14,21 @@ use std::process::ExitCode;
 pub fn run(ctx: &Context, image: &str, output: Option<&Path>) -> Result<ExitCode> {
     let id = lookup(&ctx.store, image)?;
     let (_, layers) = layers_of(&ctx.store, &id)?;
-    let top = layers.last().expect("images have layers");
-    let dir = ctx.driver.get(&top.cache_id)?;
-    let fd = rustix::fs::open(
-        &dir,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .with_context(|| format!("opening layer {}", top.chain_id))?;
-    let mut tar = confined::pack(fd)?;
+    // An image with no layers exports as an empty tar.
+    let top = layers.last();
+    let mut tar: Box<dyn std::io::Read> = match top {
+        None => Box::new(std::io::Cursor::new(vec![0u8; 1024])),
+        Some(top) => {
+            let dir = ctx.driver.get(&top.cache_id)?;
+            let fd = rustix::fs::open(
+                &dir,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .with_context(|| format!("opening layer {}", top.chain_id))?;
+            Box::new(confined::pack(fd)?)
+        }
+    };
     let result = match output {
         None => {
             let mut out = std::io::stdout().lock();
@@ -44,7 +50,9 @@ pub fn run(ctx: &Context, image: &str, output: Option<&Path>) -> Result<ExitCode
                 .with_context(|| format!("writing {}", path.display()))
         }
     };
-    ctx.driver.put(&top.cache_id)?;
+    if let Some(top) = top {
+        ctx.driver.put(&top.cache_id)?;
+    }
     result?;
     Ok(ExitCode::SUCCESS)
 }

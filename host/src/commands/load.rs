@@ -20,6 +20,7 @@ pub fn run(ctx: &Context, input: Option<&Path>, quiet: bool) -> Result<ExitCode>
         driver: &ctx.driver,
         progress: &progress,
         max_layer_bytes: ctx.config.max_layer_size_mib << 20,
+        max_depth: ctx.config.max_layer_depth,
         platform: Platform::host(),
     };
     let loaded = match input {

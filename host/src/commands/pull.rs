@@ -26,6 +26,7 @@ pub fn run(ctx: &Context, references: &[String], platform: Option<&str>, quiet: 
         platform,
         max_concurrent_downloads: ctx.config.max_concurrent_downloads,
         max_layer_bytes: ctx.config.max_layer_size_mib << 20,
+        max_depth: ctx.config.max_layer_depth,
         ..PullOptions::default()
     };
     let puller = Puller {

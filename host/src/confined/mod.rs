@@ -140,33 +140,40 @@ impl Home {
         Ok(rustix::fs::renameat(&sp, sn, &dp, dn)?)
     }
 
+    /// Reads regular file `rel` (never a device, FIFO, socket or link).
     pub fn read_file(&self, rel: &str, limit: u64) -> io::Result<Vec<u8>> {
         use std::io::Read;
         let (p, n) = self.parent(rel)?;
-        let fd = rustix::fs::openat(
-            &p,
-            n,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
+        let f = gantry_core::path::open_regular_beneath(p.as_fd(), n)?;
         let mut out = Vec::new();
-        std::fs::File::from(fd).take(limit + 1).read_to_end(&mut out)?;
+        f.take(limit + 1).read_to_end(&mut out)?;
         if out.len() as u64 > limit {
             return Err(invalid(format!("{rel:?} is larger than {limit} bytes")));
         }
         Ok(out)
     }
 
+    /// Replaces `rel` with a new regular file holding `data`: written to a
+    /// fresh name beside it and renamed over it, so whatever was there (a
+    /// device node, a FIFO, an inode shared with a parent layer) is never
+    /// opened, let alone truncated.
     pub fn write_file(&self, rel: &str, data: &[u8], mode: u32) -> io::Result<()> {
         use std::io::Write;
         let (p, n) = self.parent(rel)?;
+        let tmp = format!(".gantry-write-{}", &gantry_core::store::random_id()[..16]);
         let fd = rustix::fs::openat(
             &p,
-            n,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(mode),
         )?;
-        std::fs::File::from(fd).write_all(data)
+        let res = std::fs::File::from(fd)
+            .write_all(data)
+            .and_then(|()| Ok(rustix::fs::renameat(&p, tmp.as_str(), &p, n)?));
+        if res.is_err() {
+            let _ = rustix::fs::unlinkat(&p, tmp.as_str(), AtFlags::empty());
+        }
+        res
     }
 
     pub fn list_dir(&self, rel: &str) -> io::Result<Vec<String>> {

@@ -3,7 +3,7 @@
 
 use super::open_dir_beneath;
 use super::tree::{list, read_xattrs};
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+use rustix::fs::{AtFlags, FileType, Stat};
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -23,7 +23,7 @@ pub struct Change {
 }
 
 /// Packs directory `root` as a tar stream.
-pub fn pack(root: OwnedFd) -> io::Result<io::PipeReader> {
+pub fn pack(root: OwnedFd) -> io::Result<PackReader> {
     spawn_writer(move |b| {
         let mut links = HashMap::new();
         walk_pack(b, root.as_fd(), "", &mut links)
@@ -31,7 +31,7 @@ pub fn pack(root: OwnedFd) -> io::Result<io::PipeReader> {
 }
 
 /// Packs what changed from `lower` to `upper`, with `.wh.` files for deletions.
-pub fn pack_changes(lower: OwnedFd, upper: OwnedFd) -> io::Result<io::PipeReader> {
+pub fn pack_changes(lower: OwnedFd, upper: OwnedFd) -> io::Result<PackReader> {
     let list = changes(lower.as_fd(), upper.as_fd())?;
     spawn_writer(move |b| {
         let mut links = HashMap::new();
@@ -64,19 +64,41 @@ pub fn pack_changes(lower: OwnedFd, upper: OwnedFd) -> io::Result<io::PipeReader
     })
 }
 
+/// The read end of a tar being written on a thread. The writer's error,
+/// if it had one, is this reader's error at the end: a failed pack is never
+/// a short tar that looks complete.
+pub struct PackReader {
+    pipe: io::PipeReader,
+    writer: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl io::Read for PackReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.pipe.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            if let Some(w) = self.writer.take() {
+                w.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("the pack writer panicked")))?;
+            }
+        }
+        Ok(n)
+    }
+}
+
 fn spawn_writer(
     f: impl FnOnce(&mut tar::Builder<io::PipeWriter>) -> io::Result<()> + Send + 'static,
-) -> io::Result<io::PipeReader> {
+) -> io::Result<PackReader> {
     let (r, w) = io::pipe()?;
-    std::thread::spawn(move || {
+    let writer = std::thread::spawn(move || {
         let mut b = tar::Builder::new(w);
         b.mode(tar::HeaderMode::Complete);
-        // A failure closes the pipe early; the reader sees a truncated tar.
-        if f(&mut b).is_ok() {
-            let _ = b.finish();
-        }
+        f(&mut b)?;
+        b.finish()
     });
-    Ok(r)
+    Ok(PackReader {
+        pipe: r,
+        writer: Some(writer),
+    })
 }
 
 fn walk_pack<W: Write>(
@@ -141,13 +163,11 @@ fn append_entry<W: Write>(
         FileType::RegularFile => {
             h.set_entry_type(tar::EntryType::Regular);
             h.set_size(st.st_size as u64);
-            let fd = rustix::fs::openat(
-                dir,
-                name,
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
-            b.append_data(&mut h, rel, std::fs::File::from(fd))?;
+            let f = gantry_core::path::open_regular_beneath(dir, name)?;
+            if f.metadata()?.len() != st.st_size as u64 {
+                return Err(super::invalid(format!("{rel:?} changed while it was being packed")));
+            }
+            b.append_data(&mut h, rel, f)?;
         }
         FileType::Symlink => {
             h.set_entry_type(tar::EntryType::Symlink);

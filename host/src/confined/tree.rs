@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 fn entries(dir: BorrowedFd<'_>) -> io::Result<Vec<(String, FileType)>> {
+    crate::plugin::check_deadline()?;
     let mut out = Vec::new();
     for e in rustix::fs::Dir::read_from(dir)? {
         let e = e?;
@@ -33,6 +34,7 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &str) -> io::Result<()> {
     if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
         let d = open_dir_beneath(parent, &[name], false)?;
         for (n, _) in entries(d.as_fd())? {
+            crate::plugin::check_deadline()?;
             remove_tree(d.as_fd(), &n)?;
         }
         rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?;
@@ -170,6 +172,7 @@ struct Copier<'r> {
 impl Copier<'_> {
     fn dir(&mut self, s: BorrowedFd<'_>, d: BorrowedFd<'_>, prefix: &str) -> io::Result<()> {
         for (name, _) in entries(s)? {
+            crate::plugin::check_deadline()?;
             let rel = if prefix.is_empty() {
                 name.clone()
             } else {
@@ -270,6 +273,7 @@ pub fn disk_usage(dir: BorrowedFd<'_>) -> io::Result<u64> {
     fn walk(d: BorrowedFd<'_>, seen: &mut std::collections::HashSet<(u64, u64)>) -> io::Result<u64> {
         let mut total = 0;
         for (name, _) in entries(d)? {
+            crate::plugin::check_deadline()?;
             let st = rustix::fs::statat(d, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
             match FileType::from_raw_mode(st.st_mode) {
                 FileType::Directory => {

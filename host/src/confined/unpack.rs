@@ -26,6 +26,31 @@ pub enum Whiteouts {
 const WH_PREFIX: &str = ".wh.";
 const WH_OPAQUE: &str = ".wh..wh..opq";
 
+/// Extended attributes namespaces that belong to overlayfs: set from a tar
+/// they could redirect lookups into other layers or fake whiteouts, so a
+/// layer carrying one is refused.
+const OVERLAY_XATTRS: &[&str] = &["trusted.overlay.", "user.overlay."];
+
+/// The `SCHILY.xattr.*` attributes of an entry, refusing overlay's own.
+fn layer_xattrs<R: Read>(e: &mut tar::Entry<'_, R>) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    if let Some(exts) = e.pax_extensions().map_err(as_invalid)? {
+        for x in exts {
+            let x = x.map_err(as_invalid)?;
+            let Ok(k) = x.key() else { continue };
+            if let Some(k) = k.strip_prefix("SCHILY.xattr.") {
+                if OVERLAY_XATTRS.iter().any(|p| k.starts_with(p)) {
+                    return Err(invalid(format!(
+                        "it carries the overlay attribute {k:?}, which only a driver may set"
+                    )));
+                }
+                out.push((k.to_string(), x.value_bytes().to_vec()));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Unpacks the tar stream `r` into the directory `root`. Returns the size of
 /// the content written (regular file bytes), as Docker reports a layer size.
 pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result<u64> {
@@ -36,6 +61,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
     let mut buf = vec![0u8; 1 << 20];
     let euid_root = rustix::process::geteuid().is_root();
     for entry in ar.entries()? {
+        crate::plugin::check_deadline()?;
         let mut e = entry.map_err(as_invalid)?;
         let raw = e.path_bytes().into_owned();
         let path = String::from_utf8(raw).map_err(|_| invalid("tar entry name is not UTF-8"))?;
@@ -61,23 +87,13 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         let gid = hdr.gid().map_err(as_invalid)?;
         let mtime = hdr.mtime().map_err(as_invalid)?;
         let is_dir = etype.is_dir();
+        let xattrs = layer_xattrs(&mut e).map_err(|err| invalid(format!("tar entry {path:?}: {err}")))?;
         match rustix::fs::statat(pd, *name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) if is_dir && FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
             Ok(_) => remove_tree(pd, name)?,
             Err(rustix::io::Errno::NOENT) => {}
             Err(err) => return Err(err.into()),
         }
-        let xattrs: Vec<(String, Vec<u8>)> = match e.pax_extensions().map_err(as_invalid)? {
-            Some(exts) => exts
-                .filter_map(|x| x.ok())
-                .filter_map(|x| {
-                    let k = x.key().ok()?;
-                    k.strip_prefix("SCHILY.xattr.")
-                        .map(|k| (k.to_string(), x.value_bytes().to_vec()))
-                })
-                .collect(),
-            None => Vec::new(),
-        };
         match etype {
             tar::EntryType::Directory => {
                 match rustix::fs::mkdirat(pd, *name, Mode::from_raw_mode(0o700)) {
@@ -95,6 +111,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
                 )?;
                 let mut f = std::fs::File::from(fd);
                 loop {
+                    crate::plugin::check_deadline()?;
                     let n = e.read(&mut buf).map_err(as_invalid)?;
                     if n == 0 {
                         break;
@@ -318,10 +335,13 @@ mod tests {
         b.append(&h, &[][..]).unwrap();
     }
 
+    /// Unpacks into `<tmp>/a/b/root`, so that every escape the cases try
+    /// (one or two levels up) would land inside the test's own directory.
     fn run(tar: Vec<u8>) -> (tempfile::TempDir, io::Result<u64>) {
         let t = tempfile::tempdir().unwrap();
-        std::fs::create_dir(t.path().join("root")).unwrap();
-        let fd = rustix::fs::open(t.path().join("root"), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        std::fs::create_dir_all(t.path().join("a/b/root")).unwrap();
+        std::os::unix::fs::symlink("a/b/root", t.path().join("root")).unwrap();
+        let fd = rustix::fs::open(t.path().join("a/b/root"), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
         let r = unpack(fd.as_fd(), &tar[..], Whiteouts::Delete);
         (t, r)
     }
@@ -345,7 +365,9 @@ mod tests {
             let (t, r) = run(c);
             let err = r.expect_err(&format!("case {i} should fail"));
             assert_eq!(err.kind(), io::ErrorKind::InvalidData, "case {i}: {err}");
-            assert!(!t.path().join("evil").exists() && !t.path().parent().unwrap().join("evil").exists());
+            for d in ["a/b", "a", ""] {
+                assert!(!t.path().join(d).join("evil").exists(), "case {i} wrote {d}/evil");
+            }
         }
     }
 

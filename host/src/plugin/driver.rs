@@ -113,7 +113,7 @@ impl GraphDriver for WasmDriver {
         self.pool.call("diff", |s, d| {
             let r = d.gantry_plugin_driver().call_diff(&mut *s, id, parent)?;
             Ok(match r {
-                Ok(res) => Ok(s.data_mut().table.delete(res)?.0),
+                Ok(res) => Ok(s.data_mut().take_stream(res)?.0),
                 Err(e) => Err(e),
             })
         })

@@ -16,6 +16,7 @@ pub(super) fn io_error(e: io::Error) -> WitError {
         io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput => WitError::Invalid(e.to_string()),
         io::ErrorKind::PermissionDenied => WitError::Denied(e.to_string()),
         io::ErrorKind::UnexpectedEof => WitError::Invalid(format!("truncated input: {e}")),
+        io::ErrorKind::TimedOut => WitError::Internal(e.to_string()),
         _ => WitError::Internal(e.to_string()),
     }
 }
@@ -41,7 +42,7 @@ impl types::HostByteStream for Sandbox {
     }
 
     fn drop(&mut self, s: Resource<ByteStream>) -> wasmtime::Result<()> {
-        self.table.delete(s)?;
+        self.take_stream(s)?;
         Ok(())
     }
 }
@@ -53,11 +54,12 @@ impl http::Host for Sandbox {
                 .http
                 .clone()
                 .ok_or_else(|| WitError::Denied("this plugin has no network access".into()))?;
-            let resp = policy.send(&req.method, &req.url, req.headers)?;
-            let body = me
-                .table
-                .push(ByteStream(resp.body))
-                .map_err(|e| WitError::Internal(e.to_string()))?;
+            let scope = me
+                .http_scope
+                .as_mut()
+                .ok_or_else(|| WitError::Denied("no endpoint is open for this call".into()))?;
+            let resp = policy.send(scope, &req.method, &req.url, req.headers)?;
+            let body = me.push_stream(ByteStream(resp.body))?;
             Ok(http::Response {
                 status: resp.status,
                 headers: resp.headers,
@@ -155,9 +157,7 @@ impl fs::Host for Sandbox {
         self.host(|me| {
             let d = home.dir(&dir).map_err(io_error)?;
             let r = confined::pack(d).map_err(io_error)?;
-            me.table
-                .push(ByteStream(Box::new(r)))
-                .map_err(|e| WitError::Internal(e.to_string()))
+            me.push_stream(ByteStream(Box::new(r)))
         })
     }
 
@@ -167,9 +167,7 @@ impl fs::Host for Sandbox {
             let l = home.dir(&lower).map_err(io_error)?;
             let u = home.dir(&upper).map_err(io_error)?;
             let r = confined::pack_changes(l, u).map_err(io_error)?;
-            me.table
-                .push(ByteStream(Box::new(r)))
-                .map_err(|e| WitError::Internal(e.to_string()))
+            me.push_stream(ByteStream(Box::new(r)))
         })
     }
 

@@ -2,13 +2,22 @@
 //! version, compiles each once (caching the artefact under the store root),
 //! and runs every call in a sandbox.
 //!
-//! The sandbox of a plugin instance: a memory cap (a `ResourceLimiter`), a
-//! CPU deadline (epoch interruption, counting only time spent in the guest),
-//! WASI with no preopened directory, no sockets and no environment, and
-//! only the capabilities its world imports — `http` filtered to the
-//! endpoints the core asked for, or `fs` confined to the driver's home. A
-//! trap, a timeout or a refused allocation fails that one call with a clear
-//! error and throws the instance away; the host and the store carry on.
+//! The sandbox of a plugin instance:
+//! - a memory cap on the sum of all its memories and tables, and caps on
+//!   how many instances, memories and tables it may make (a `ResourceLimiter`);
+//! - a CPU deadline per call (epoch interruption, counting time in the guest,
+//!   including time it sleeps through WASI clocks; a sleep is cut short at
+//!   the deadline, so a sleeping guest cannot outlast it);
+//! - a wall-clock deadline per call, which also bounds the host work the
+//!   guest starts: every host call checks it on entry, and long host
+//!   operations (unpack, copy, changes, disk usage) check it as they go;
+//! - a cap on live host-owned handles (streams, packs, HTTP bodies);
+//! - WASI with no preopened directory, no sockets and no environment, and
+//!   only the capabilities its world imports — `http` filtered per call and
+//!   per hop, or `fs` confined to the driver's home.
+//!
+//! A trap, a deadline or a limit fails that one call with a clear error and
+//! throws the instance away; the host and the store carry on.
 
 pub mod bindings;
 mod driver;
@@ -60,9 +69,14 @@ pub enum LoadError {
 /// Sandbox limits of every instance of one plugin.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// All linear memories and tables of an instance together.
     pub memory_bytes: usize,
-    /// Guest time one call may use.
+    /// Guest time one call may use (computing or sleeping).
     pub cpu: Duration,
+    /// Time one call may take in all, host work it started included.
+    pub wall: Duration,
+    /// Host-owned handles (streams) an instance may hold at once.
+    pub handles: usize,
 }
 
 impl Default for Limits {
@@ -70,26 +84,101 @@ impl Default for Limits {
         Limits {
             memory_bytes: 64 << 20,
             cpu: Duration::from_secs(10),
+            wall: Duration::from_secs(300),
+            handles: 64,
         }
     }
 }
 
+/// Core instances, memories and tables one plugin instance may create: a
+/// component built by the kit needs a handful.
+const MAX_CORE_INSTANCES: usize = 32;
+const MAX_MEMORIES: usize = 8;
+const MAX_TABLES: usize = 32;
+/// What one table element is counted as against the memory cap.
+const TABLE_ELEMENT_BYTES: usize = 16;
+
+/// The memory cap, counted over every memory and table of the instance.
 struct MemoryCap {
     cap: usize,
+    /// Bytes of all memories and tables as they stand.
+    total: usize,
     hit: bool,
 }
 
-impl ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.cap {
+impl MemoryCap {
+    fn grow(&mut self, current: usize, desired: usize) -> bool {
+        let next = self.total.saturating_sub(current).saturating_add(desired);
+        if next > self.cap {
             self.hit = true;
-            return Ok(false);
+            return false;
         }
-        Ok(true)
+        self.total = next;
+        true
+    }
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(self.grow(current, desired))
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 1 << 16)
+    fn table_growing(&mut self, current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(self.grow(
+            current.saturating_mul(TABLE_ELEMENT_BYTES),
+            desired.saturating_mul(TABLE_ELEMENT_BYTES),
+        ))
+    }
+
+    fn instances(&self) -> usize {
+        MAX_CORE_INSTANCES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+}
+
+/// Which deadline a call ran past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    Cpu,
+    Wall,
+}
+
+/// The monotonic clock a guest sees: nanoseconds since its sandbox was
+/// made. The host knows its epoch, so it can bound a guest's sleep.
+#[derive(Clone, Copy)]
+struct SandboxClock(Instant);
+
+impl wasmtime_wasi::HostMonotonicClock for SandboxClock {
+    fn resolution(&self) -> u64 {
+        1
+    }
+    fn now(&self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+}
+
+thread_local! {
+    /// The wall-clock deadline of the plugin call this thread is serving,
+    /// while it does host work for it.
+    static HOST_DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Fails once the plugin call this thread is working for is past its
+/// wall-clock deadline; long host operations call it as they go.
+pub fn check_deadline() -> std::io::Result<()> {
+    match HOST_DEADLINE.get() {
+        Some(d) if Instant::now() > d => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the plugin call ran past its wall-clock deadline",
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -103,11 +192,18 @@ pub struct Sandbox {
     http: Option<Arc<HttpPolicy>>,
     /// For drivers: the only directory they may touch.
     home: Option<Arc<Home>>,
+    clock: SandboxClock,
     call_start: Instant,
     /// Time spent in host functions during the current call (not guest CPU).
     host_time: Duration,
-    cpu: Duration,
-    timed_out: bool,
+    limits: Limits,
+    timed_out: Option<Cut>,
+    /// Host-owned handles the guest holds now.
+    handles: usize,
+    /// A limit the current call ran into (the call fails with it).
+    limit_hit: Option<String>,
+    /// For transports: what the current call may reach over HTTP.
+    pub(crate) http_scope: Option<crate::http::CallScope>,
 }
 
 impl WasiView for Sandbox {
@@ -122,9 +218,11 @@ impl WasiView for Sandbox {
 impl Sandbox {
     fn new(limits: Limits, http: Option<Arc<HttpPolicy>>, home: Option<Arc<Home>>) -> Sandbox {
         let stderr = MemoryOutputPipe::new(16 << 10);
+        let clock = SandboxClock(Instant::now());
         // No preopens, no env, no args, no network: WASI only for std's needs.
         let wasi = WasiCtxBuilder::new()
             .stderr(stderr.clone())
+            .monotonic_clock(clock)
             .allow_tcp(false)
             .allow_udp(false)
             .build();
@@ -133,25 +231,121 @@ impl Sandbox {
             table: ResourceTable::new(),
             limiter: MemoryCap {
                 cap: limits.memory_bytes,
+                total: 0,
                 hit: false,
             },
             stderr,
             http,
             home,
+            clock,
             call_start: Instant::now(),
             host_time: Duration::ZERO,
-            cpu: limits.cpu,
-            timed_out: false,
+            limits,
+            timed_out: None,
+            handles: 0,
+            limit_hit: None,
+            http_scope: None,
         }
     }
 
-    /// Runs host work, keeping its time out of the guest's CPU budget.
-    fn host<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+    /// The deadline the current call is past, if any.
+    fn past_deadline(&self) -> Option<Cut> {
+        let wall = self.call_start.elapsed();
+        if wall > self.limits.wall {
+            Some(Cut::Wall)
+        } else if wall.saturating_sub(self.host_time) > self.limits.cpu {
+            Some(Cut::Cpu)
+        } else {
+            None
+        }
+    }
+
+    /// How long the guest may still sleep in this call.
+    fn sleep_left(&self) -> Duration {
+        let wall = self.call_start.elapsed();
+        let guest = wall.saturating_sub(self.host_time);
+        (self.limits.cpu.saturating_sub(guest)).min(self.limits.wall.saturating_sub(wall))
+    }
+
+    /// Runs host work for the guest: refused once the call is past its
+    /// deadline, bounded by the wall-clock deadline while it runs, and kept
+    /// out of the guest's CPU budget.
+    fn host<R>(&mut self, f: impl FnOnce(&mut Self) -> Result<R, WitError>) -> Result<R, WitError> {
+        if let Some(cut) = self.past_deadline() {
+            self.timed_out = Some(cut);
+            return Err(WitError::Internal("the plugin call is past its deadline".into()));
+        }
         let t = Instant::now();
+        let before = HOST_DEADLINE.replace(Some(self.call_start + self.limits.wall));
         let r = f(self);
+        HOST_DEADLINE.set(before);
         self.host_time += t.elapsed();
+        if r.is_err() && self.call_start.elapsed() > self.limits.wall {
+            self.timed_out = Some(Cut::Wall);
+        }
         r
     }
+
+    /// Hands a host-owned stream to the guest, within the handle cap.
+    pub(crate) fn push_stream(&mut self, s: ByteStream) -> Result<wasmtime::component::Resource<ByteStream>, WitError> {
+        if self.handles >= self.limits.handles {
+            let msg = format!("holds more than {} open handles", self.limits.handles);
+            self.limit_hit = Some(msg.clone());
+            return Err(WitError::Denied(format!("the plugin {msg}")));
+        }
+        let r = self.table.push(s).map_err(|e| WitError::Internal(e.to_string()))?;
+        self.handles += 1;
+        Ok(r)
+    }
+
+    /// Takes a stream back from the guest (or drops it).
+    pub(crate) fn take_stream(
+        &mut self,
+        r: wasmtime::component::Resource<ByteStream>,
+    ) -> wasmtime::Result<ByteStream> {
+        let s = self.table.delete(r)?;
+        self.handles = self.handles.saturating_sub(1);
+        Ok(s)
+    }
+}
+
+/// A sleep the host cut to the call's deadline.
+struct Sleep(tokio::time::Instant);
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::Pollable for Sleep {
+    async fn ready(&mut self) {
+        tokio::time::sleep_until(self.0).await
+    }
+}
+
+/// The WASI clock package this host links, whose sleeps it bounds.
+const WASI_MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
+
+/// Replaces WASI's `subscribe-duration` and `subscribe-instant` with
+/// versions that end no later than the call's deadline: a guest blocked in
+/// a sleep is not interruptible by epochs, so its sleep must not outlast
+/// the deadline. The time slept counts as the guest's.
+fn bound_sleeps(linker: &mut Linker<Sandbox>) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::DynPollable;
+    fn sleep(s: &mut Sandbox, nanos: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        let d = Duration::from_nanos(nanos).min(s.sleep_left());
+        let r = s.table.push(Sleep(tokio::time::Instant::now() + d))?;
+        wasmtime_wasi::p2::subscribe(&mut s.table, r)
+    }
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance(WASI_MONOTONIC_CLOCK)?;
+    clock.func_wrap("subscribe-duration", |mut cx, (nanos,): (u64,)| {
+        Ok((sleep(cx.data_mut(), nanos)?,))
+    })?;
+    clock.func_wrap("subscribe-instant", |mut cx, (when,): (u64,)| {
+        let s = cx.data_mut();
+        let now = wasmtime_wasi::HostMonotonicClock::now(&s.clock);
+        Ok((sleep(s, when.saturating_sub(now))?,))
+    })?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 /// Shared engine, with a ticker driving epoch deadlines.
@@ -270,6 +464,7 @@ impl PluginHost {
         };
         let mut linker = Linker::new(&self.engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| link_err(e.to_string()))?;
+        bound_sleeps(&mut linker).map_err(|e| link_err(e.to_string()))?;
         add(&mut linker).map_err(|e| link_err(e.to_string()))?;
         linker.instantiate_pre(&c).map_err(|e| link_err(first_line(&e)))
     }
@@ -297,9 +492,8 @@ impl<B> Pool<B> {
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_callback(|mut ctx| {
             let s = ctx.data_mut();
-            let guest = s.call_start.elapsed().saturating_sub(s.host_time);
-            if guest > s.cpu {
-                s.timed_out = true;
+            if let Some(cut) = s.past_deadline() {
+                s.timed_out = Some(cut);
                 return Err(wasmtime::Trap::Interrupt.into());
             }
             Ok(UpdateDeadline::Continue(1))
@@ -312,7 +506,9 @@ impl<B> Pool<B> {
         let s = store.data_mut();
         s.call_start = Instant::now();
         s.host_time = Duration::ZERO;
-        s.timed_out = false;
+        s.timed_out = None;
+        s.limit_hit = None;
+        s.http_scope = None;
         store.set_epoch_deadline(1);
     }
 
@@ -337,7 +533,13 @@ impl<B> Pool<B> {
         };
         Self::begin(&mut store);
         match f(&mut store, &inst) {
+            // A call that ran into a deadline or a limit fails with it, whatever
+            // the guest made of the error it got, and its instance goes.
+            Ok(_) if store.data().timed_out.is_some() || store.data().limit_hit.is_some() => {
+                Err(self.crash(&store, op, wasmtime::Trap::Interrupt.into()))
+            }
             Ok(r) => {
+                store.data_mut().http_scope = None;
                 self.free.lock().unwrap().push((store, inst));
                 r.map_err(|e| wit_error(&self.label, e))
             }
@@ -347,8 +549,18 @@ impl<B> Pool<B> {
 
     fn crash(&self, store: &Store<Sandbox>, op: &str, trap: wasmtime::Error) -> PluginError {
         let s = store.data();
-        let message = if s.timed_out {
-            format!("plugin {} ran past its CPU deadline of {:?} in {op}", self.label, s.cpu)
+        let message = if s.timed_out == Some(Cut::Cpu) {
+            format!(
+                "plugin {} ran past its CPU deadline of {:?} in {op}",
+                self.label, s.limits.cpu
+            )
+        } else if s.timed_out == Some(Cut::Wall) {
+            format!(
+                "plugin {} ran past its wall-clock deadline of {:?} in {op}",
+                self.label, s.limits.wall
+            )
+        } else if let Some(limit) = &s.limit_hit {
+            format!("plugin {} {limit} in {op}", self.label)
         } else if s.limiter.hit {
             format!(
                 "plugin {} exceeded its memory limit of {} MiB in {op}",

@@ -3,7 +3,7 @@
 use super::bindings::transport::exports::gantry::plugin::transport as wit;
 use super::bindings::transport::{TransportPlugin, TransportPluginPre};
 use super::{Limits, LoadError, PluginHost, Pool, Sandbox};
-use crate::http::HttpPolicy;
+use crate::http::{CallScope, HttpPolicy};
 use gantry_core::endpoint::Registries;
 use gantry_core::plugin::{ByteStream, Endpoint, Resolved, Transport};
 use gantry_core::{Digest, PluginError};
@@ -14,7 +14,6 @@ use wasmtime::component::HasSelf;
 pub struct WasmTransport {
     name: String,
     pool: Pool<TransportPlugin>,
-    http: Arc<HttpPolicy>,
 }
 
 impl WasmTransport {
@@ -39,18 +38,15 @@ impl WasmTransport {
                 label: format!("transport/{name}"),
                 engine: host.engine.clone(),
                 limits,
-                http: Some(http.clone()),
+                http: Some(http),
                 home: None,
                 make: Box::new(move |store| Ok(Ok(pre.instantiate(store)?))),
                 free: Default::default(),
             },
-            http,
         })
     }
 
     fn endpoint(&self, ep: &Endpoint) -> wit::Endpoint {
-        // The core asked for this endpoint: the plugin may reach it.
-        self.http.allow(&ep.url);
         wit::Endpoint {
             url: ep.url.clone(),
             mirror: ep.mirror,
@@ -71,7 +67,10 @@ impl Transport for WasmTransport {
     fn probe(&self, ep: &Endpoint) -> Result<String, PluginError> {
         let ep = self.endpoint(ep);
         self.pool
-            .call("probe", |s, p| p.gantry_plugin_transport().call_probe(s, &ep))
+            .call("probe", |s, p| {
+                open_scope(s, &ep);
+                p.gantry_plugin_transport().call_probe(s, &ep)
+            })
             .map(|i| i.version)
     }
 
@@ -85,6 +84,7 @@ impl Transport for WasmTransport {
         let ep = self.endpoint(ep);
         let accept: Vec<String> = accept.iter().map(|s| s.to_string()).collect();
         let r = self.pool.call("resolve", |s, p| {
+            open_scope(s, &ep);
             p.gantry_plugin_transport()
                 .call_resolve(s, &ep, repository, reference, &accept)
         })?;
@@ -107,12 +107,13 @@ impl Transport for WasmTransport {
     ) -> Result<ByteStream, PluginError> {
         let ep = self.endpoint(ep);
         self.pool.call("open-blob", |s, p| {
+            open_scope(s, &ep);
             let r = p
                 .gantry_plugin_transport()
                 .call_open_blob(&mut *s, &ep, repository, digest.as_str(), offset)?;
             Ok(match r {
                 // Take the stream back from the guest: its bytes never enter it.
-                Ok(res) => Ok(s.data_mut().table.delete(res)?.0),
+                Ok(res) => Ok(s.data_mut().take_stream(res)?.0),
                 Err(e) => Err(e),
             })
         })
@@ -121,7 +122,14 @@ impl Transport for WasmTransport {
     fn list_tags(&self, ep: &Endpoint, repository: &str) -> Result<Vec<String>, PluginError> {
         let ep = self.endpoint(ep);
         self.pool.call("list-tags", |s, p| {
+            open_scope(s, &ep);
             p.gantry_plugin_transport().call_list_tags(s, &ep, repository)
         })
     }
+}
+
+/// Opens the one endpoint the core asked this call to use: the only place
+/// (with the realm it names) the guest may reach during the call.
+fn open_scope(s: &mut wasmtime::Store<Sandbox>, ep: &wit::Endpoint) {
+    s.data_mut().http_scope = Some(CallScope::pull(&ep.url));
 }

@@ -2,9 +2,15 @@
 //!
 //! Its `mode` option picks what `apply-diff` does: `trap` panics, `loop`
 //! spins forever, `alloc` allocates without end, `escape` tries to read and
-//! write files outside its home (through the host's `fs` and through WASI)
-//! and reports success only if it managed to. Everything else behaves
-//! enough like a driver for a pull to reach `apply-diff`.
+//! write files outside its home (through the host's `fs` and through WASI),
+//! `device` writes and reads through a device node the layer carries
+//! (`disk`), `fifo` reads a FIFO the layer carries (`pipe`), `sleep` sleeps
+//! an hour, `host-loop` calls the host's tree operations without end,
+//! `handles` opens packs and never reads them, `truncate` writes a file
+//! that shares its inode with another layer's. Every mode reports success
+//! only if the attack got through; the tests expect each call to fail.
+//! Everything else behaves enough like a driver for a pull to reach
+//! `apply-diff`.
 
 gantry_kit::wit_bindgen::generate!({
     path: "../../wit",
@@ -66,8 +72,54 @@ impl Guest for Bad {
         Vec::new()
     }
 
-    fn apply_diff(_id: String, _parent: Option<String>, _diff: &ByteStream) -> Result<u64, Error> {
+    fn apply_diff(id: String, _parent: Option<String>, diff: &ByteStream) -> Result<u64, Error> {
+        let layer = format!("dir/{id}");
         match MODE.with(|m| m.borrow().clone()).as_str() {
+            "device" => {
+                fs::unpack(&layer, diff, fs::WhiteoutMode::Delete)?;
+                // Writing replaces the name; it must never write the device.
+                fs::write_file(&format!("{layer}/disk"), b"PWNED-BY-THE-DRIVER", 0o600)?;
+                // Reading a device must be refused, not read.
+                let got = fs::read_file(&format!("{layer}/disk2"))?;
+                Ok(got.len() as u64)
+            }
+            "fifo" => {
+                fs::unpack(&layer, diff, fs::WhiteoutMode::Delete)?;
+                let got = fs::read_file(&format!("{layer}/pipe"))?;
+                Ok(got.len() as u64)
+            }
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Ok(0)
+            }
+            "host-loop" => {
+                fs::unpack(&layer, diff, fs::WhiteoutMode::Delete)?;
+                let mut n = 0u64;
+                loop {
+                    n += fs::disk_usage(&layer)?;
+                    let copy = format!("dir/copy-{}", n % 2);
+                    fs::remove_all(&copy)?;
+                    fs::copy_tree(&layer, &copy)?;
+                }
+            }
+            "handles" => {
+                let mut kept = Vec::new();
+                loop {
+                    kept.push(fs::pack("dir")?);
+                }
+            }
+            "truncate" => {
+                fs::unpack(&layer, diff, fs::WhiteoutMode::Delete)?;
+                let twin = format!("dir/{id}-twin");
+                fs::share_tree(&layer, &twin)?;
+                fs::write_file(&format!("{twin}/etc/control"), b"EDITED", 0o644)?;
+                let original = fs::read_file(&format!("{layer}/etc/control"))?;
+                if original == b"EDITED" {
+                    Ok(1)
+                } else {
+                    Err(Error::Denied("write-file left the shared inode intact".into()))
+                }
+            }
             "trap" => panic!("deliberate trap in apply-diff"),
             "loop" => {
                 let mut x: u64 = 0;

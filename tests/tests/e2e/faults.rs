@@ -8,10 +8,7 @@ use gantry_tests::registry::Registry;
 
 fn docker_config(g: &Gantry, host: &str, user: &str, pass: &str) -> std::path::PathBuf {
     use base64::Engine as _;
-    let dir = g.tmpdir.path().join("..").join(format!(
-        "dockercfg-{}",
-        g.root_path().file_name().unwrap().to_string_lossy()
-    ));
+    let dir = g.scratch().join("dockercfg");
     std::fs::create_dir_all(&dir).unwrap();
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
     std::fs::write(

@@ -9,7 +9,7 @@ fn hostile_layers_are_refused() {
     let Some((reg, g)) = control_store() else {
         return;
     };
-    let outside = g.root_path().parent().unwrap().to_path_buf();
+    let outside = g.root_path().parent().unwrap().to_path_buf(); // the test's own directory
     let good = || Layer::new().file("ok", 0o644, b"ok").tar();
     let cases: Vec<(&str, Image, &str)> = vec![
         (

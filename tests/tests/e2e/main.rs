@@ -80,11 +80,7 @@ pub fn assert_export_matches_umoci(g: &Gantry, image: &str, layout: &Path, tag: 
     if !require("umoci") {
         return;
     }
-    let out = g
-        .tmpdir
-        .path()
-        .join("..")
-        .join(format!("export-{}-{tag}.tar", std::process::id()));
+    let out = g.scratch().join(format!("export-{tag}.tar"));
     g.ok(&["export", image, "-o", out.to_str().unwrap()]);
     let ours = tree::of_tar(std::fs::File::open(&out).unwrap());
     std::fs::remove_file(&out).unwrap();

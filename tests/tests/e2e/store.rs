@@ -107,12 +107,7 @@ fn a_plugin_built_against_another_contract_is_refused_by_name() {
     }
     assert!(n > 0);
     let g = Gantry::new();
-    let file = g
-        .tmpdir
-        .path()
-        .parent()
-        .unwrap()
-        .join(format!("future-{}.wasm", std::process::id()));
+    let file = g.scratch().join("future.wasm");
     std::fs::write(&file, patched).unwrap();
     let g = g.with_config(&format!(
         "[transport]\ntype = \"v2\"\n[driver]\ntype = \"vfs\"\npath = \"{}\"\n",

@@ -610,3 +610,40 @@ fn wit_error(label: &str, e: WitError) -> PluginError {
 }
 
 use std::os::unix::fs::DirBuilderExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A component whose every memory is under the cap but whose memories
+    /// together are over it: the cap counts them all.
+    #[test]
+    fn the_memory_cap_counts_every_memory_of_an_instance() {
+        let engine = Engine::new(Config::new().wasm_component_model(true)).unwrap();
+        let limits = Limits {
+            memory_bytes: 64 << 20,
+            ..Limits::default()
+        };
+        let instantiate = |copies: usize, pages: usize| {
+            let mut text = format!("(component (core module $m (memory {pages}))");
+            for i in 0..copies {
+                text.push_str(&format!(" (core instance $i{i} (instantiate $m))"));
+            }
+            text.push(')');
+            let c = Component::new(&engine, wat::parse_str(&text).unwrap()).unwrap();
+            let mut store = Store::new(&engine, Sandbox::new(limits, None, None));
+            store.limiter(|s| &mut s.limiter);
+            let r = Linker::<Sandbox>::new(&engine).instantiate(&mut store, &c).map(|_| ());
+            (r, store.data().limiter.hit)
+        };
+        // 200 pages = 12.5 MiB per memory.
+        let (ok, hit) = instantiate(4, 200);
+        assert!(ok.is_ok() && !hit, "four memories fit: {ok:?}");
+        let (err, hit) = instantiate(6, 200);
+        assert!(err.is_err() && hit, "six memories of 12.5 MiB are over 64 MiB");
+        let (ok, _) = instantiate(MAX_MEMORIES, 1);
+        assert!(ok.is_ok(), "{ok:?}");
+        let (err, hit) = instantiate(MAX_MEMORIES + 1, 1);
+        assert!(err.is_err() && !hit, "more memories than allowed, however small");
+    }
+}

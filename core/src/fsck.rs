@@ -31,6 +31,9 @@ pub fn collect_garbage(store: &Store, driver: &dyn GraphDriver) -> Result<Vec<St
     for n in store.clear_tmp_blobs()? {
         cleared.push(format!("spooled download {n}"));
     }
+    for n in store.clear_tar_split_spools()? {
+        cleared.push(format!("spooled tar-split record {n}"));
+    }
     for n in store.clear_load_spools()? {
         cleared.push(format!("spooled archive {n}"));
     }
@@ -120,12 +123,8 @@ pub fn check(store: &Store, driver: &dyn GraphDriver) -> Result<Report> {
                     }
                 }
                 // `save` rebuilds the layer's tar from this record.
-                match store
-                    .layers
-                    .tar_split(&c)
-                    .and_then(|b| crate::tarsplit::Record::decode(&b))
-                {
-                    Ok(record) if record.tar_len() > 0 => {}
+                match store.layers.tar_split(&c).and_then(|r| r.tar_len()) {
+                    Ok(len) if len > 0 => {}
                     Ok(_) => r.problems.push(format!("layer {c}: its tar-split record is empty")),
                     Err(e) => r.problems.push(format!("layer {c}: {e}")),
                 }

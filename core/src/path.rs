@@ -30,25 +30,41 @@ pub fn components(raw: &str) -> Result<Vec<&str>, Unsafe> {
     Ok(out)
 }
 
+/// [`components`] of a name that is bytes (Linux names need not be UTF-8).
+pub fn components_bytes(raw: &[u8]) -> Result<Vec<&[u8]>, Unsafe> {
+    if raw.first() == Some(&b'/') {
+        return Err(Unsafe::Absolute);
+    }
+    let mut out = Vec::new();
+    for c in raw.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err(Unsafe::Climbs),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
 /// Opens regular file `rel` beneath the directory `root` for reading,
 /// without following any link and without opening anything else: the name
 /// is first opened `O_PATH` (which has no effect on a device, FIFO or
 /// socket), checked with `fstat`, and only a regular file is reopened for
 /// reading, through its `/proc/self/fd` entry, so the inode checked is the
 /// inode read.
-pub fn open_regular_beneath(root: std::os::fd::BorrowedFd<'_>, rel: &str) -> std::io::Result<std::fs::File> {
+pub fn open_regular_beneath(root: std::os::fd::BorrowedFd<'_>, rel: &[u8]) -> std::io::Result<std::fs::File> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
     use std::os::fd::AsRawFd;
-    let comps = components(rel).map_err(|e| {
+    let comps = components_bytes(rel).map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("{}: {}", crate::text::quote_bytes(rel.as_bytes()), e.describe()),
+            format!("{}: {}", crate::text::quote_bytes(rel), e.describe()),
         )
     })?;
-    let clean = if comps.is_empty() { ".".to_string() } else { comps.join("/") };
+    let clean: Vec<u8> = if comps.is_empty() { b".".to_vec() } else { comps.join(&b'/') };
     let handle = rustix::fs::openat2(
         root,
-        clean.as_str(),
+        clean.as_slice(),
         OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
         ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
@@ -59,7 +75,7 @@ pub fn open_regular_beneath(root: std::os::fd::BorrowedFd<'_>, rel: &str) -> std
             std::io::ErrorKind::InvalidData,
             format!(
                 "{} is not a regular file",
-                crate::text::quote_bytes(rel.as_bytes())
+                crate::text::quote_bytes(rel)
             ),
         ));
     }
@@ -94,5 +110,7 @@ mod tests {
         assert_eq!(components("/etc"), Err(Unsafe::Absolute));
         assert_eq!(components("a/../b"), Err(Unsafe::Climbs));
         assert_eq!(components(""), Ok(vec![]));
+        assert_eq!(components_bytes(b"a/\xff/./b"), Ok(vec![&b"a"[..], &b"\xff"[..], &b"b"[..]]));
+        assert_eq!(components_bytes(b"x/../y"), Err(Unsafe::Climbs));
     }
 }

@@ -14,7 +14,7 @@ use crate::images::{layers_of, lookup};
 use crate::plugin::GraphDriver;
 use crate::reference::Reference;
 use crate::store::Store;
-use crate::tarsplit::{assemble, Record};
+use crate::tarsplit::assemble;
 use crate::verify::HashingReader;
 use rustix::fs::{Mode, OFlags};
 use serde_json::json;
@@ -101,8 +101,8 @@ pub fn save(
         let mut descriptors = Vec::new();
         for l in &img.layers {
             let name = format!("blobs/sha256/{}", l.diff_id.hex());
-            let record = Record::decode(&store.layers.tar_split(&l.chain_id)?)?;
-            descriptors.push(json!({"mediaType": LAYER_TYPE, "digest": l.diff_id, "size": record.tar_len()}));
+            let tar_len = store.layers.tar_split(&l.chain_id)?.tar_len()?;
+            descriptors.push(json!({"mediaType": LAYER_TYPE, "digest": l.diff_id, "size": tar_len}));
             layer_names.push(name);
         }
         let manifest = serde_json::to_vec(&json!({
@@ -160,8 +160,7 @@ pub fn save(
     for img in &images {
         for l in &img.layers {
             if written.insert(l.diff_id.clone()) {
-                let record = Record::decode(&store.layers.tar_split(&l.chain_id)?)?;
-                write_layer(&mut b, driver, &format!("blobs/sha256/{}", l.diff_id.hex()), l, &record)?;
+                write_layer(&mut b, store, driver, &format!("blobs/sha256/{}", l.diff_id.hex()), l)?;
             }
         }
     }
@@ -172,11 +171,13 @@ pub fn save(
 /// Rebuilds one layer's tar into the archive, checking it hashes to its diffID.
 fn write_layer(
     b: &mut tar::Builder<&mut dyn Write>,
+    store: &Store,
     driver: &dyn GraphDriver,
     name: &str,
     l: &crate::store::LayerMeta,
-    record: &Record,
 ) -> Result<()> {
+    let tar_len = store.layers.tar_split(&l.chain_id)?.tar_len()?;
+    let record = store.layers.tar_split(&l.chain_id)?;
     let dir = driver.get(&l.cache_id)?;
     let root = rustix::fs::open(
         &dir,
@@ -189,14 +190,14 @@ fn write_layer(
     let result = std::thread::scope(|s| {
         let producer = s.spawn(move || {
             let mut tx = tx;
-            let open = |n: &str| -> io::Result<Box<dyn Read>> {
+            let open = |n: &[u8]| -> io::Result<Box<dyn Read>> {
                 // A regular file inside the layer's directory only: never
                 // through a link, never a device, FIFO or socket.
                 Ok(Box::new(crate::path::open_regular_beneath(root.as_fd(), n)?))
             };
             assemble(record, open, &mut tx)
         });
-        let written = b.append_data(&mut header(record.tar_len()), name, hashed);
+        let written = b.append_data(&mut header(tar_len), name, hashed);
         let produced = producer.join().expect("layer producer panicked");
         (written, produced)
     });

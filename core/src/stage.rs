@@ -13,7 +13,7 @@ use crate::error::{Error, ErrorClass, PluginError, Result};
 use crate::plugin::GraphDriver;
 use crate::reference::Reference;
 use crate::store::{random_id, LayerMeta, Store};
-use crate::tarsplit::Splitter;
+use crate::tarsplit::{RecordWriter, Splitter};
 use crate::verify::{decompress, HashingReader, LimitedReader};
 use std::io::{Read, Write};
 use std::sync::Mutex;
@@ -46,7 +46,8 @@ pub struct StageTimes {
 
 struct Staged {
     meta: LayerMeta,
-    tar_split: Vec<u8>,
+    /// The tar-split record, spooled beside the layer store until commit.
+    tar_split: std::path::PathBuf,
     /// The blob digest it came from and the repository, for distribution metadata.
     source: Option<(Digest, String)>,
 }
@@ -119,9 +120,15 @@ impl<'a> Staging<'a> {
                 cache_id: cache_id.clone(),
                 size: 0,
             },
-            tar_split: Vec::new(),
+            tar_split: self.store.tar_split_spool(),
             source,
         });
+        let record_path = self.staged.last().expect("just pushed").tar_split.clone();
+        let record_file = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&record_path)
+            .map_err(|e| Error::io("spooling a tar-split record", e))?;
         let t = Instant::now();
         self.driver.create(&cache_id, parent_cache.as_deref())?;
         self.times.lock().unwrap().create += t.elapsed();
@@ -133,7 +140,10 @@ impl<'a> Staging<'a> {
             format!("layer {label}: its uncompressed size"),
         );
         let (hashed, hash) = HashingReader::new(bounded);
-        let (split, record) = Splitter::new(hashed);
+        let (split, record) = Splitter::new(
+            hashed,
+            RecordWriter::new(Box::new(std::io::BufWriter::with_capacity(256 << 10, record_file))),
+        );
         let (pipe, tx) = std::io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
         // A larger pipe means fewer wake-ups between the two threads.
         let _ = rustix::pipe::fcntl_setpipe_size(&tx, 1 << 20);
@@ -164,11 +174,15 @@ impl<'a> Staging<'a> {
                 "layer {label}: diffID mismatch: the image config says {want}, the content is {got}"
             )));
         }
+        record
+            .lock()
+            .unwrap()
+            .finish()
+            .map_err(|e| Error::io("writing the tar-split record", e))?;
         let st = self.staged.last_mut().expect("just pushed");
         st.meta.diff_id = got.clone();
         st.meta.chain_id = Digest::chain(parent, &got);
         st.meta.size = size;
-        st.tar_split = record.lock().unwrap().encode();
         Ok((got, size))
     }
 
@@ -182,6 +196,7 @@ impl<'a> Staging<'a> {
                 if !self.store.layers.commit(&st.meta, &st.tar_split)? {
                     // Another process committed the same layer first: keep theirs.
                     let _ = self.driver.remove(&st.meta.cache_id);
+                    let _ = std::fs::remove_file(&st.tar_split);
                 }
                 if let Some((blob, repo)) = &st.source {
                     self.store.layers.record_blob(blob, &st.meta.diff_id, repo)?;
@@ -208,6 +223,7 @@ impl<'a> Staging<'a> {
             // Layers not yet committed go; committed ones keep their markers,
             // so the next process alone on the store sweeps them.
             for st in &staged {
+                let _ = std::fs::remove_file(&st.tar_split);
                 if !self.store.layers.exists(&st.meta.chain_id) {
                     let _ = self.driver.remove(&st.meta.cache_id);
                     self.store.unmark_staging(&st.meta.cache_id);
@@ -222,6 +238,7 @@ impl Drop for Staging<'_> {
     /// Removes whatever was staged and not committed.
     fn drop(&mut self) {
         for st in self.staged.iter().rev() {
+            let _ = std::fs::remove_file(&st.tar_split);
             let _ = self.driver.remove(&st.meta.cache_id);
             self.store.unmark_staging(&st.meta.cache_id);
         }

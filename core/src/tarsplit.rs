@@ -8,10 +8,25 @@
 //! file contents from the unpacked directory, so `save` writes the very tar
 //! whose digest is the layer's diffID. The core checks that digest again
 //! while saving; a record is a hint, never trusted.
+//!
+//! Memory stays bounded whatever the input: the record is streamed as
+//! gzip-compressed JSON lines into a file as the tar passes ([`RecordWriter`]),
+//! raw bytes in pieces of at most [`RAW_PIECE`] (so gigabytes of trailing
+//! data or padding are never held), extension records (PAX, GNU long names)
+//! are refused above [`MAX_EXTENSION`] (Go's archive/tar limit), and a record
+//! is read back one line at a time ([`RecordReader`]). Names are bytes: one
+//! that is not UTF-8 is kept in `name_b64`.
 
 use crate::error::{Error, Result};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::sync::{Arc, Mutex};
+
+/// The largest PAX or GNU long-name record accepted (as Go's archive/tar).
+pub const MAX_EXTENSION: u64 = 1 << 20;
+/// Raw bytes are recorded in pieces of at most this many.
+pub const RAW_PIECE: usize = 64 << 10;
+/// The longest line a record may have when read back.
+const MAX_LINE: usize = 4 * RAW_PIECE;
 
 /// One piece of a tar stream.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -23,7 +38,52 @@ pub enum Segment {
         data: Vec<u8>,
     },
     /// The contents of regular file `name`, `size` bytes long.
-    File { name: String, size: u64 },
+    File {
+        /// The name, when it is UTF-8 (lossy otherwise, for people).
+        name: String,
+        /// The exact name, when it is not UTF-8.
+        #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_b64")]
+        name_b64: Option<Vec<u8>>,
+        size: u64,
+    },
+}
+
+impl Segment {
+    fn file(name: Vec<u8>, size: u64) -> Segment {
+        match String::from_utf8(name) {
+            Ok(name) => Segment::File {
+                name,
+                name_b64: None,
+                size,
+            },
+            Err(e) => Segment::File {
+                name: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+                name_b64: Some(e.into_bytes()),
+                size,
+            },
+        }
+    }
+
+    /// The exact name of a `File` segment.
+    pub fn name_bytes(&self) -> Option<&[u8]> {
+        match self {
+            Segment::File { name_b64: Some(b), .. } => Some(b),
+            Segment::File { name, .. } => Some(name.as_bytes()),
+            Segment::Raw { .. } => None,
+        }
+    }
+
+    /// How many bytes of the tar this segment stands for.
+    pub fn len(&self) -> u64 {
+        match self {
+            Segment::Raw { data } => data.len() as u64,
+            Segment::File { size, .. } => *size,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 mod b64 {
@@ -36,6 +96,137 @@ mod b64 {
         base64::engine::general_purpose::STANDARD
             .decode(s)
             .map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_b64 {
+    pub fn serialize<S: serde::Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => super::b64::serialize(b, s),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        super::b64::deserialize(d).map(Some)
+    }
+}
+
+/// Writes a record as gzip-compressed JSON lines while a tar passes.
+pub struct RecordWriter {
+    gz: Option<flate2::write::GzEncoder<Box<dyn Write + Send>>>,
+    pending: Vec<u8>,
+    tar_len: u64,
+    error: Option<io::Error>,
+}
+
+impl RecordWriter {
+    pub fn new(out: Box<dyn Write + Send>) -> RecordWriter {
+        RecordWriter {
+            gz: Some(flate2::write::GzEncoder::new(out, flate2::Compression::fast())),
+            pending: Vec::new(),
+            tar_len: 0,
+            error: None,
+        }
+    }
+
+    fn emit(&mut self, s: &Segment) {
+        if self.error.is_some() {
+            return;
+        }
+        let gz = self.gz.as_mut().expect("not finished");
+        let r = serde_json::to_writer(&mut *gz, s)
+            .map_err(io::Error::other)
+            .and_then(|()| gz.write_all(b"\n"));
+        if let Err(e) = r {
+            self.error = Some(e);
+        }
+    }
+
+    fn flush_raw(&mut self) {
+        if !self.pending.is_empty() {
+            let data = std::mem::take(&mut self.pending);
+            self.emit(&Segment::Raw { data });
+        }
+    }
+
+    fn raw(&mut self, mut b: &[u8]) {
+        self.tar_len += b.len() as u64;
+        while !b.is_empty() {
+            let take = (RAW_PIECE - self.pending.len()).min(b.len());
+            self.pending.extend_from_slice(&b[..take]);
+            b = &b[take..];
+            if self.pending.len() == RAW_PIECE {
+                self.flush_raw();
+            }
+        }
+    }
+
+    fn file(&mut self, name: Vec<u8>, size: u64) {
+        self.flush_raw();
+        self.tar_len += size;
+        self.emit(&Segment::file(name, size));
+    }
+
+    /// Ends the record; returns the length of the tar it rebuilds.
+    pub fn finish(&mut self) -> io::Result<u64> {
+        self.flush_raw();
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        if let Some(gz) = self.gz.take() {
+            gz.finish()?.flush()?;
+        }
+        Ok(self.tar_len)
+    }
+}
+
+/// Reads a record back, one segment at a time.
+pub struct RecordReader<R: Read> {
+    lines: io::BufReader<flate2::read::GzDecoder<R>>,
+    line: Vec<u8>,
+}
+
+fn corrupt(e: impl std::fmt::Display) -> Error {
+    Error::Integrity(format!("tar-split record is corrupt: {e}"))
+}
+
+impl<R: Read> RecordReader<R> {
+    pub fn new(r: R) -> RecordReader<R> {
+        RecordReader {
+            lines: io::BufReader::new(flate2::read::GzDecoder::new(r)),
+            line: Vec::new(),
+        }
+    }
+
+    /// The next segment, or `None` at the end.
+    pub fn next_segment(&mut self) -> Result<Option<Segment>> {
+        loop {
+            self.line.clear();
+            let n = (&mut self.lines)
+                .take(MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut self.line)
+                .map_err(corrupt)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            if self.line.len() > MAX_LINE {
+                return Err(corrupt("a line is too long"));
+            }
+            let text = self.line.trim_ascii();
+            if text.is_empty() {
+                continue;
+            }
+            return serde_json::from_slice(text).map(Some).map_err(corrupt);
+        }
+    }
+
+    /// The length of the tar the record rebuilds (reads it to the end).
+    pub fn tar_len(mut self) -> Result<u64> {
+        let mut n = 0u64;
+        while let Some(s) = self.next_segment()? {
+            n += s.len();
+        }
+        Ok(n)
     }
 }
 
@@ -52,76 +243,19 @@ enum State {
     Tail,
 }
 
-/// The record being built, shared with whoever reads it after the stream ends.
-#[derive(Default)]
-pub struct Record {
-    segments: Vec<Segment>,
-}
-
-impl Record {
-    fn raw(&mut self, b: &[u8]) {
-        if b.is_empty() {
-            return;
-        }
-        if let Some(Segment::Raw { data }) = self.segments.last_mut() {
-            data.extend_from_slice(b);
-        } else {
-            self.segments.push(Segment::Raw { data: b.to_vec() });
-        }
-    }
-
-    pub fn segments(&self) -> &[Segment] {
-        &self.segments
-    }
-
-    /// The record as gzip-compressed JSON lines.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        for s in &self.segments {
-            serde_json::to_writer(&mut gz, s).expect("serialisable");
-            gz.write_all(b"\n").expect("in memory");
-        }
-        gz.finish().expect("in memory")
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Record> {
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(bytes)
-            .read_to_string(&mut text)
-            .map_err(|e| Error::Integrity(format!("tar-split record is corrupt: {e}")))?;
-        let segments = text
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(|l| serde_json::from_str(l).map_err(|e| Error::Integrity(format!("tar-split record is corrupt: {e}"))))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Record { segments })
-    }
-
-    /// The length of the tar the record rebuilds.
-    pub fn tar_len(&self) -> u64 {
-        self.segments
-            .iter()
-            .map(|s| match s {
-                Segment::Raw { data } => data.len() as u64,
-                Segment::File { size, .. } => *size,
-            })
-            .sum()
-    }
-}
-
 /// Passes a tar stream through, recording its [`Segment`]s.
 pub struct Splitter<R> {
     inner: R,
     state: State,
     header: Vec<u8>,
     /// A name set by a PAX `path` or GNU long-name record for the next entry.
-    next_name: Option<String>,
-    record: Arc<Mutex<Record>>,
+    next_name: Option<Vec<u8>>,
+    record: Arc<Mutex<RecordWriter>>,
 }
 
 impl<R: Read> Splitter<R> {
-    pub fn new(inner: R) -> (Self, Arc<Mutex<Record>>) {
-        let record = Arc::new(Mutex::new(Record::default()));
+    pub fn new(inner: R, record: RecordWriter) -> (Self, Arc<Mutex<RecordWriter>>) {
+        let record = Arc::new(Mutex::new(record));
         (
             Splitter {
                 inner,
@@ -134,7 +268,7 @@ impl<R: Read> Splitter<R> {
         )
     }
 
-    fn consume(&mut self, mut b: &[u8]) {
+    fn consume(&mut self, mut b: &[u8]) -> io::Result<()> {
         let record = self.record.clone();
         let mut rec = record.lock().unwrap();
         while !b.is_empty() {
@@ -142,7 +276,7 @@ impl<R: Read> Splitter<R> {
             match &mut self.state {
                 State::Tail => {
                     rec.raw(b);
-                    return;
+                    return Ok(());
                 }
                 State::Header => {
                     let take = (512 - self.header.len()).min(b.len());
@@ -192,66 +326,63 @@ impl<R: Read> Splitter<R> {
                 }
             }
             if header_done {
-                let (state, file) = self.parse_header();
-                if let Some(f) = file {
-                    rec.segments.push(f);
-                }
-                self.state = state;
+                self.state = self.parse_header(&mut rec)?;
                 self.header.clear();
             }
         }
+        Ok(())
     }
 
     /// Reads the header just collected and says what follows it.
-    fn parse_header(&mut self) -> (State, Option<Segment>) {
+    fn parse_header(&mut self, rec: &mut RecordWriter) -> io::Result<State> {
         let h = &self.header;
         if h.iter().all(|b| *b == 0) {
-            return (State::Tail, None);
+            return Ok(State::Tail);
         }
         let Some(size) = parse_size(&h[124..136]) else {
-            return (State::Tail, None);
+            return Ok(State::Tail);
         };
         let typeflag = h[156];
-        match typeflag {
-            b'x' | b'g' | b'L' | b'K' => (
+        Ok(match typeflag {
+            b'x' | b'g' | b'L' | b'K' => {
+                if size > MAX_EXTENSION {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("a tar extension record of {size} bytes is larger than the limit of {MAX_EXTENSION}"),
+                    ));
+                }
                 State::Meta {
                     left: size,
                     kind: typeflag,
                     buf: Vec::new(),
-                },
-                None,
-            ),
+                }
+            }
             b'0' | 0 | b'7' if size > 0 => {
                 let name = self.next_name.take().unwrap_or_else(|| ustar_name(h));
-                (
-                    State::Payload {
-                        left: size,
-                        pad: pad_of(size),
-                    },
-                    Some(Segment::File { name, size }),
-                )
+                rec.file(name, size);
+                State::Payload {
+                    left: size,
+                    pad: pad_of(size),
+                }
             }
             _ => {
                 self.next_name = None;
                 let data = size + pad_of(size);
                 // Other entries with data (rare) are kept verbatim.
-                (
-                    if data > 0 {
-                        State::Pad { left: data }
-                    } else {
-                        State::Header
-                    },
-                    None,
-                )
+                if data > 0 {
+                    State::Pad { left: data }
+                } else {
+                    State::Header
+                }
             }
-        }
+        })
     }
 }
 
 impl<R: Read> Read for Splitter<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.consume(&buf[..n]);
+        self.consume(&buf[..n])?;
         Ok(n)
     }
 }
@@ -282,36 +413,36 @@ fn parse_size(f: &[u8]) -> Option<u64> {
     u64::from_str_radix(&s, 8).ok()
 }
 
-fn cstr(f: &[u8]) -> String {
-    String::from_utf8_lossy(&f[..f.iter().position(|b| *b == 0).unwrap_or(f.len())]).into_owned()
+fn cstr(f: &[u8]) -> &[u8] {
+    &f[..f.iter().position(|b| *b == 0).unwrap_or(f.len())]
 }
 
-fn ustar_name(h: &[u8]) -> String {
+fn ustar_name(h: &[u8]) -> Vec<u8> {
     let name = cstr(&h[0..100]);
     let is_ustar = &h[257..262] == b"ustar";
-    let prefix = if is_ustar { cstr(&h[345..500]) } else { String::new() };
+    let prefix = if is_ustar { cstr(&h[345..500]) } else { &[][..] };
     if prefix.is_empty() {
-        name
+        name.to_vec()
     } else {
-        format!("{prefix}/{name}")
+        [prefix, b"/", name].concat()
     }
 }
 
-fn extension_name(kind: u8, data: &[u8]) -> Option<String> {
+fn extension_name(kind: u8, data: &[u8]) -> Option<Vec<u8>> {
     match kind {
-        b'L' => Some(cstr(data)),
+        b'L' => Some(cstr(data).to_vec()),
         b'x' => {
             // "<len> path=<value>\n" records.
             let mut rest = data;
             while !rest.is_empty() {
                 let sp = rest.iter().position(|b| *b == b' ')?;
                 let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
-                if len == 0 || len > rest.len() {
+                if len == 0 || len > rest.len() || sp + 1 > len {
                     return None;
                 }
                 let rec = &rest[sp + 1..len];
                 if let Some(v) = rec.strip_prefix(b"path=") {
-                    return Some(String::from_utf8_lossy(v.strip_suffix(b"\n").unwrap_or(v)).into_owned());
+                    return Some(v.strip_suffix(b"\n").unwrap_or(v).to_vec());
                 }
                 rest = &rest[len..];
             }
@@ -322,17 +453,19 @@ fn extension_name(kind: u8, data: &[u8]) -> Option<String> {
 }
 
 /// Rebuilds the tar of a record, reading file contents through `open`
-/// (which resolves a name inside the layer's directory).
-pub fn assemble(
-    record: &Record,
-    mut open: impl FnMut(&str) -> io::Result<Box<dyn Read>>,
+/// (which resolves a name, as bytes, inside the layer's directory).
+pub fn assemble<R: Read>(
+    mut record: RecordReader<R>,
+    mut open: impl FnMut(&[u8]) -> io::Result<Box<dyn Read>>,
     out: &mut dyn Write,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; 256 << 10];
-    for s in &record.segments {
-        match s {
+    let bad = |e: Error| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+    while let Some(s) = record.next_segment().map_err(bad)? {
+        match &s {
             Segment::Raw { data } => out.write_all(data)?,
-            Segment::File { name, size } => {
+            Segment::File { size, .. } => {
+                let name = s.name_bytes().expect("a file segment");
                 let mut f = open(name)?.take(*size);
                 let mut copied = 0u64;
                 loop {
@@ -346,7 +479,10 @@ pub fn assemble(
                 if copied != *size {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!("{name}: the layer's file is shorter than its tar entry"),
+                        format!(
+                            "{}: the layer's file is shorter than its tar entry",
+                            crate::text::quote_bytes(name)
+                        ),
                     ));
                 }
             }
@@ -377,46 +513,101 @@ mod tests {
         let mut h = tar::Header::new_ustar();
         h.set_size(512);
         b.append_data(&mut h, "placeholder", &vec![1u8; 512][..]).unwrap();
+        b.append_pax_extensions([("path", &b"bytes/\xff\xfe"[..])]).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(3);
+        b.append_data(&mut h, "placeholder2", &b"raw"[..]).unwrap();
         b.into_inner().unwrap()
+    }
+
+    /// A `Write` into memory that the test can read after the writer is gone.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn split(tar: &[u8]) -> (Vec<u8>, io::Result<u64>, Vec<u8>) {
+        let out = Shared::default();
+        let (mut s, rec) = Splitter::new(tar, RecordWriter::new(Box::new(out.clone())));
+        let mut passed = Vec::new();
+        // Odd read sizes cross every boundary.
+        let mut buf = [0u8; 77];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => passed.extend_from_slice(&buf[..n]),
+                Err(e) => return (passed, Err(e), Vec::new()),
+            }
+        }
+        let len = rec.lock().unwrap().finish();
+        let bytes = out.0.lock().unwrap().clone();
+        (passed, len, bytes)
     }
 
     #[test]
     fn records_and_rebuilds_byte_for_byte() {
         let tar = sample();
-        let (mut s, rec) = Splitter::new(&tar[..]);
-        let mut passed = Vec::new();
-        // Odd read sizes cross every boundary.
-        let mut buf = [0u8; 77];
-        loop {
-            let n = s.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            passed.extend_from_slice(&buf[..n]);
-        }
+        let (passed, len, record) = split(&tar);
         assert_eq!(passed, tar);
-        let rec = Record::decode(&rec.lock().unwrap().encode()).unwrap();
-        let files: Vec<_> = rec
-            .segments()
-            .iter()
-            .filter_map(|s| match s {
-                Segment::File { name, size } => Some((name.clone(), *size)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(files[0], ("short".to_string(), 5));
-        assert_eq!(files[1], (format!("{}/file", "d".repeat(150)), 1000));
-        assert_eq!(files[2], ("pax/named/file".to_string(), 512));
-        assert_eq!(rec.tar_len(), tar.len() as u64);
-        let contents = |n: &str| -> io::Result<Box<dyn Read>> {
+        assert_eq!(len.unwrap(), tar.len() as u64);
+        let mut r = RecordReader::new(&record[..]);
+        let mut files = Vec::new();
+        while let Some(s) = r.next_segment().unwrap() {
+            if let Segment::File { size, .. } = &s {
+                files.push((s.name_bytes().unwrap().to_vec(), *size));
+            }
+        }
+        assert_eq!(files[0], (b"short".to_vec(), 5));
+        assert_eq!(files[1], (format!("{}/file", "d".repeat(150)).into_bytes(), 1000));
+        assert_eq!(files[2], (b"pax/named/file".to_vec(), 512));
+        assert_eq!(files[3], (b"bytes/\xff\xfe".to_vec(), 3));
+        assert_eq!(RecordReader::new(&record[..]).tar_len().unwrap(), tar.len() as u64);
+        let contents = |n: &[u8]| -> io::Result<Box<dyn Read>> {
             Ok(Box::new(io::Cursor::new(match n {
-                "short" => b"hello".to_vec(),
-                "pax/named/file" => vec![1u8; 512],
+                b"short" => b"hello".to_vec(),
+                b"pax/named/file" => vec![1u8; 512],
+                b"bytes/\xff\xfe" => b"raw".to_vec(),
                 _ => vec![7u8; 1000],
             })))
         };
         let mut out = Vec::new();
-        assemble(&rec, contents, &mut out).unwrap();
+        assemble(RecordReader::new(&record[..]), contents, &mut out).unwrap();
         assert_eq!(out, tar);
+    }
+
+    #[test]
+    fn trailing_data_is_streamed_not_held() {
+        // A valid tar, then 64 MiB of zeros: the record compresses them as it
+        // goes, in bounded pieces, and rebuilds them exactly.
+        let mut tar = sample();
+        tar.extend(std::iter::repeat_n(0u8, 64 << 20));
+        let (passed, len, record) = split(&tar);
+        assert_eq!(passed.len(), tar.len());
+        assert_eq!(len.unwrap(), tar.len() as u64);
+        assert!(record.len() < 1 << 20, "the record is {} bytes", record.len());
+        let mut r = RecordReader::new(&record[..]);
+        while let Some(s) = r.next_segment().unwrap() {
+            assert!(s.len() <= RAW_PIECE as u64 || matches!(s, Segment::File { .. }));
+        }
+    }
+
+    #[test]
+    fn refuses_an_oversized_extension_record() {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(MAX_EXTENSION + 1);
+        h.set_cksum();
+        let mut tar = h.as_bytes().to_vec();
+        tar.extend(std::iter::repeat_n(b'a', 4096));
+        let (_, r, _) = split(&tar);
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("extension record"), "{e}");
     }
 }

@@ -80,9 +80,11 @@ impl LayerStore {
             .collect())
     }
 
-    /// Commits `meta` with its tar-split record atomically. Returns false if
-    /// the layer already existed.
-    pub fn commit(&self, meta: &LayerMeta, tar_split: &[u8]) -> Result<bool> {
+    /// Commits `meta` with its tar-split record (spooled at `tar_split`,
+    /// moved into place) atomically. Every file and the directories are
+    /// synced before the layer is visible. Returns false if the layer
+    /// already existed.
+    pub fn commit(&self, meta: &LayerMeta, tar_split: &Path) -> Result<bool> {
         let final_path = self.path(&meta.chain_id);
         if final_path.exists() {
             return Ok(false);
@@ -90,16 +92,22 @@ impl LayerStore {
         let ws = self.tmp.join(format!("write-set-{}", random_id()));
         let res = (|| -> std::io::Result<()> {
             fs::create_dir(&ws)?;
-            fs::write(ws.join("diff"), meta.diff_id.as_str())?;
-            fs::write(ws.join("size"), meta.size.to_string())?;
-            fs::write(ws.join("cache-id"), &meta.cache_id)?;
-            fs::write(ws.join("tar-split.json.gz"), tar_split)?;
+            let mut files = vec![
+                ("diff", meta.diff_id.as_str().to_string()),
+                ("size", meta.size.to_string()),
+                ("cache-id", meta.cache_id.clone()),
+            ];
             if let Some(p) = &meta.parent {
-                fs::write(ws.join("parent"), p.as_str())?;
+                files.push(("parent", p.as_str().to_string()));
             }
-            for f in ["diff", "size", "cache-id"] {
-                fs::File::open(ws.join(f))?.sync_all()?;
+            for (name, text) in &files {
+                let mut f = fs::File::create_new(ws.join(name))?;
+                std::io::Write::write_all(&mut f, text.as_bytes())?;
+                f.sync_all()?;
             }
+            fs::rename(tar_split, ws.join("tar-split.json.gz"))?;
+            fs::File::open(ws.join("tar-split.json.gz"))?.sync_all()?;
+            fs::File::open(&ws)?.sync_all()?;
             fs::rename(&ws, &final_path)?;
             fs::File::open(&self.dir)?.sync_all()
         })();
@@ -110,9 +118,11 @@ impl LayerStore {
         Ok(true)
     }
 
-    /// The tar-split record of a layer (see `tarsplit`).
-    pub fn tar_split(&self, chain: &Digest) -> Result<Vec<u8>> {
-        fs::read(self.path(chain).join("tar-split.json.gz")).ctx(format!("reading the tar-split of layer {chain}"))
+    /// The tar-split record of a layer (see `tarsplit`), to read as it streams.
+    pub fn tar_split(&self, chain: &Digest) -> Result<crate::tarsplit::RecordReader<std::io::BufReader<fs::File>>> {
+        let f = fs::File::open(self.path(chain).join("tar-split.json.gz"))
+            .ctx(format!("reading the tar-split of layer {chain}"))?;
+        Ok(crate::tarsplit::RecordReader::new(std::io::BufReader::new(f)))
     }
 
     /// Removes a layer's metadata (the driver's data is the caller's job).

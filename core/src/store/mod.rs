@@ -62,6 +62,7 @@ impl Store {
             root.join("tmp"),
             root.join("tmp/staging"),
             root.join("tmp/blobs"),
+            root.join("tmp/tar-split"),
             image_dir.clone(),
         ] {
             fs::mkdir_private(&d)?;
@@ -149,6 +150,22 @@ impl Store {
     /// Driver layers whose staging never finished (left by a crash).
     pub fn staging_leftovers(&self) -> Result<Vec<String>> {
         fs::list_names(&self.root.join("tmp/staging"))
+    }
+
+    /// A fresh name for spooling a layer's tar-split record until the layer
+    /// is committed (the commit moves it into the layer store).
+    pub fn tar_split_spool(&self) -> PathBuf {
+        self.root.join("tmp/tar-split").join(random_id())
+    }
+
+    /// Removes tar-split records a crash left uncommitted. Only safe when alone.
+    pub fn clear_tar_split_spools(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("tmp/tar-split");
+        let names = fs::list_names(&dir)?;
+        for n in &names {
+            let _ = std::fs::remove_file(dir.join(n));
+        }
+        Ok(names)
     }
 
     /// Removes spooled downloads left by a crash. Only safe when alone.

@@ -144,7 +144,7 @@ impl Home {
     pub fn read_file(&self, rel: &str, limit: u64) -> io::Result<Vec<u8>> {
         use std::io::Read;
         let (p, n) = self.parent(rel)?;
-        let f = gantry_core::path::open_regular_beneath(p.as_fd(), n)?;
+        let f = gantry_core::path::open_regular_beneath(p.as_fd(), n.as_bytes())?;
         let mut out = Vec::new();
         f.take(limit + 1).read_to_end(&mut out)?;
         if out.len() as u64 > limit {

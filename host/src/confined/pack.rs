@@ -163,7 +163,7 @@ fn append_entry<W: Write>(
         FileType::RegularFile => {
             h.set_entry_type(tar::EntryType::Regular);
             h.set_size(st.st_size as u64);
-            let f = gantry_core::path::open_regular_beneath(dir, name)?;
+            let f = gantry_core::path::open_regular_beneath(dir, name.as_bytes())?;
             if f.metadata()?.len() != st.st_size as u64 {
                 return Err(super::invalid(format!("{rel:?} changed while it was being packed")));
             }

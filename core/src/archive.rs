@@ -23,6 +23,9 @@ const SMALL: u64 = 1 << 20;
 /// Total bytes of small entries kept in memory before spooling the rest.
 const MEMORY_BUDGET: u64 = 32 << 20;
 const MAX_LINKS: usize = 16;
+/// The most entries an image archive may have (what 1,024 images of 128
+/// layers need, with room to spare).
+const MAX_ENTRIES: usize = 1 << 18;
 
 #[derive(Clone)]
 enum Data {
@@ -102,6 +105,9 @@ fn join_link(from: &str, target: &str, hard: bool) -> Result<String> {
 
 impl ArchiveIndex {
     fn insert(entries: &mut HashMap<String, Data>, name: String, data: Data) -> Result<()> {
+        if entries.len() >= MAX_ENTRIES {
+            return Err(bad(format!("the archive has more than {MAX_ENTRIES} entries")));
+        }
         if let Some(old) = entries.get(&name) {
             if matches!((old, &data), (Data::Dir, Data::Dir)) {
                 return Ok(());
@@ -136,7 +142,9 @@ impl ArchiveIndex {
         let file = Arc::new(file);
         let mut entries = HashMap::new();
         {
-            let mut ar = tar::Archive::new(&*file);
+            // The guard refuses oversized extension records before the tar
+            // parser would read them whole.
+            let mut ar = tar::Archive::new(crate::tarsplit::Splitter::guard(&*file));
             for e in ar.entries().map_err(|e| bad(format!("not a tar archive: {e}")))? {
                 let e = e.map_err(|e| bad(format!("corrupt archive: {e}")))?;
                 let name = match Self::entry_name(&e) {
@@ -190,7 +198,10 @@ impl ArchiveIndex {
         };
         let mut in_memory = 0u64;
         let mut spool_buf = vec![0u8; 1 << 20];
-        let mut ar = tar::Archive::new(io::BufReader::with_capacity(1 << 20, r));
+        let mut ar = tar::Archive::new(crate::tarsplit::Splitter::guard(io::BufReader::with_capacity(
+            1 << 20,
+            r,
+        )));
         for (n, e) in ar
             .entries()
             .map_err(|e| bad(format!("not a tar archive: {e}")))?

@@ -472,7 +472,7 @@ impl Loader<'_> {
                         break;
                     }
                     Parsed::List(entries) => {
-                        let chosen = manifest::select(&entries, &self.platform)?;
+                        let chosen = manifest::select_nested(&entries, &self.platform)?;
                         digest = chosen.digest.to_string();
                         media_type = chosen.media_type.clone();
                         bytes = self.blob(ar, &digest, chosen.size, manifest::MAX_MANIFEST_BYTES as u64)?;

@@ -183,6 +183,21 @@ pub fn select(entries: &[(Blob, String, String, Option<String>)], want: &Platfor
         .ok_or_else(|| Error::NoMatchingPlatform(want.to_string()))
 }
 
+/// Like [`select`], but an entry may itself be an index (an OCI layout may
+/// nest them; the caller bounds the depth).
+pub fn select_nested(entries: &[(Blob, String, String, Option<String>)], want: &Platform) -> Result<Blob> {
+    select(entries, want).or_else(|_| {
+        entries
+            .iter()
+            .find(|(b, os, arch, variant)| {
+                matches!(b.media_type.as_str(), OCI_INDEX | DOCKER_LIST)
+                    && (os.is_empty() || want.matches(os, arch, variant.as_deref()))
+            })
+            .map(|e| e.0.clone())
+            .ok_or_else(|| Error::NoMatchingPlatform(want.to_string()))
+    })
+}
+
 fn is_manifest_type(t: &str) -> bool {
     t == DOCKER_MANIFEST || t == OCI_MANIFEST
 }
@@ -266,7 +281,8 @@ mod tests {
 
     #[test]
     fn refuses_a_manifest_that_is_also_an_index() {
-        let mut v: serde_json::Value = serde_json::from_slice(&manifest("application/vnd.oci.image.layer.v1.tar")).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&manifest("application/vnd.oci.image.layer.v1.tar")).unwrap();
         v["manifests"] = serde_json::json!([]);
         let bytes = v.to_string().into_bytes();
         for declared in [OCI_MANIFEST, OCI_INDEX, ""] {

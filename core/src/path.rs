@@ -61,7 +61,11 @@ pub fn open_regular_beneath(root: std::os::fd::BorrowedFd<'_>, rel: &[u8]) -> st
             format!("{}: {}", crate::text::quote_bytes(rel), e.describe()),
         )
     })?;
-    let clean: Vec<u8> = if comps.is_empty() { b".".to_vec() } else { comps.join(&b'/') };
+    let clean: Vec<u8> = if comps.is_empty() {
+        b".".to_vec()
+    } else {
+        comps.join(&b'/')
+    };
     let handle = rustix::fs::openat2(
         root,
         clean.as_slice(),
@@ -73,10 +77,7 @@ pub fn open_regular_beneath(root: std::os::fd::BorrowedFd<'_>, rel: &[u8]) -> st
     if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!(
-                "{} is not a regular file",
-                crate::text::quote_bytes(rel)
-            ),
+            format!("{} is not a regular file", crate::text::quote_bytes(rel)),
         ));
     }
     let fd = rustix::fs::open(
@@ -110,7 +111,10 @@ mod tests {
         assert_eq!(components("/etc"), Err(Unsafe::Absolute));
         assert_eq!(components("a/../b"), Err(Unsafe::Climbs));
         assert_eq!(components(""), Ok(vec![]));
-        assert_eq!(components_bytes(b"a/\xff/./b"), Ok(vec![&b"a"[..], &b"\xff"[..], &b"b"[..]]));
+        assert_eq!(
+            components_bytes(b"a/\xff/./b"),
+            Ok(vec![&b"a"[..], &b"\xff"[..], &b"b"[..]])
+        );
         assert_eq!(components_bytes(b"x/../y"), Err(Unsafe::Climbs));
     }
 }

@@ -168,7 +168,11 @@ pub fn credential_host(ep: &Endpoint, domain: &str) -> String {
     }
     let rest = ep.url.split_once("://").map(|(_, r)| r).unwrap_or(&ep.url);
     let authority = rest.split('/').next().unwrap_or(rest);
-    authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority).to_string()
+    authority
+        .rsplit_once('@')
+        .map(|(_, h)| h)
+        .unwrap_or(authority)
+        .to_string()
 }
 
 /// A pull with its collaborators.

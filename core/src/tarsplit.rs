@@ -129,11 +129,21 @@ impl RecordWriter {
         }
     }
 
+    /// A writer that keeps nothing.
+    fn discard() -> RecordWriter {
+        RecordWriter {
+            gz: None,
+            pending: Vec::new(),
+            tar_len: 0,
+            error: None,
+        }
+    }
+
     fn emit(&mut self, s: &Segment) {
         if self.error.is_some() {
             return;
         }
-        let gz = self.gz.as_mut().expect("not finished");
+        let Some(gz) = self.gz.as_mut() else { return };
         let r = serde_json::to_writer(&mut *gz, s)
             .map_err(io::Error::other)
             .and_then(|()| gz.write_all(b"\n"));
@@ -151,6 +161,9 @@ impl RecordWriter {
 
     fn raw(&mut self, mut b: &[u8]) {
         self.tar_len += b.len() as u64;
+        if self.gz.is_none() {
+            return;
+        }
         while !b.is_empty() {
             let take = (RAW_PIECE - self.pending.len()).min(b.len());
             self.pending.extend_from_slice(&b[..take]);
@@ -250,7 +263,8 @@ pub struct Splitter<R> {
     header: Vec<u8>,
     /// A name set by a PAX `path` or GNU long-name record for the next entry.
     next_name: Option<Vec<u8>>,
-    record: Arc<Mutex<RecordWriter>>,
+    /// Where segments go; `None` for a guard that only checks the stream.
+    record: Option<Arc<Mutex<RecordWriter>>>,
 }
 
 impl<R: Read> Splitter<R> {
@@ -262,15 +276,32 @@ impl<R: Read> Splitter<R> {
                 state: State::Header,
                 header: Vec::with_capacity(512),
                 next_name: None,
-                record: record.clone(),
+                record: Some(record.clone()),
             },
             record,
         )
     }
 
-    fn consume(&mut self, mut b: &[u8]) -> io::Result<()> {
-        let record = self.record.clone();
-        let mut rec = record.lock().unwrap();
+    /// A pass-through that records nothing and only enforces the limits
+    /// (extension records): for tars parsed elsewhere, such as archives.
+    pub fn guard(inner: R) -> Self {
+        Splitter {
+            inner,
+            state: State::Header,
+            header: Vec::with_capacity(512),
+            next_name: None,
+            record: None,
+        }
+    }
+
+    fn consume(&mut self, b: &[u8]) -> io::Result<()> {
+        match self.record.clone() {
+            Some(record) => self.consume_into(b, &mut record.lock().unwrap()),
+            None => self.consume_into(b, &mut RecordWriter::discard()),
+        }
+    }
+
+    fn consume_into(&mut self, mut b: &[u8], rec: &mut RecordWriter) -> io::Result<()> {
         while !b.is_empty() {
             let mut header_done = false;
             match &mut self.state {
@@ -326,7 +357,7 @@ impl<R: Read> Splitter<R> {
                 }
             }
             if header_done {
-                self.state = self.parse_header(&mut rec)?;
+                self.state = self.parse_header(rec)?;
                 self.header.clear();
             }
         }

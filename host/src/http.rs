@@ -189,7 +189,10 @@ impl HttpPolicy {
                 "plain HTTP to {} is not allowed (only loopback or registries marked insecure)",
                 escape_line(&domain_of(u))
             ))),
-            s => Err(WitError::Denied(format!("URL scheme {} is not allowed", escape_line(s)))),
+            s => Err(WitError::Denied(format!(
+                "URL scheme {} is not allowed",
+                escape_line(s)
+            ))),
         }
     }
 
@@ -214,8 +217,7 @@ impl HttpPolicy {
         url: &str,
         mut headers: Vec<(String, String)>,
     ) -> Result<HttpResponse, WitError> {
-        let mut u = url::Url::parse(url)
-            .map_err(|e| WitError::Invalid(format!("bad URL {}: {e}", redact_url(url))))?;
+        let mut u = url::Url::parse(url).map_err(|e| WitError::Invalid(format!("bad URL {}: {e}", redact_url(url))))?;
         if !scope.methods.contains(&method) {
             return Err(WitError::Denied(format!(
                 "HTTP method {} is not allowed in this call",
@@ -347,21 +349,38 @@ mod tests {
     fn refuses_other_origins_methods_headers_and_plain_http() {
         let p = HttpPolicy::new(Registries::new());
         let mut scope = CallScope::pull("http://127.0.0.1:1");
-        let e = p.send(&mut scope, "GET", "http://127.0.0.2:1/v2/", vec![]).err().unwrap();
+        let e = p
+            .send(&mut scope, "GET", "http://127.0.0.2:1/v2/", vec![])
+            .err()
+            .unwrap();
         assert!(matches!(e, WitError::Denied(_)), "{e:?}");
-        let e = p.send(&mut scope, "DELETE", "http://127.0.0.1:1/v2/", vec![]).err().unwrap();
+        let e = p
+            .send(&mut scope, "DELETE", "http://127.0.0.1:1/v2/", vec![])
+            .err()
+            .unwrap();
         assert!(matches!(&e, WitError::Denied(m) if m.contains("DELETE")), "{e:?}");
-        let e = p.send(&mut scope, "POST", "http://127.0.0.1:1/v2/", vec![]).err().unwrap();
+        let e = p
+            .send(&mut scope, "POST", "http://127.0.0.1:1/v2/", vec![])
+            .err()
+            .unwrap();
         assert!(matches!(&e, WitError::Denied(m) if m.contains("realm")), "{e:?}");
         for h in ["Host", "transfer-encoding", "Connection", "Proxy-Foo"] {
             let e = p
-                .send(&mut scope, "GET", "http://127.0.0.1:1/v2/", vec![(h.into(), "x".into())])
+                .send(
+                    &mut scope,
+                    "GET",
+                    "http://127.0.0.1:1/v2/",
+                    vec![(h.into(), "x".into())],
+                )
                 .err()
                 .unwrap();
             assert!(matches!(&e, WitError::Denied(m) if m.contains(h)), "{e:?}");
         }
         let mut scope = CallScope::pull("http://example.com");
-        let e = p.send(&mut scope, "GET", "http://example.com/v2/", vec![]).err().unwrap();
+        let e = p
+            .send(&mut scope, "GET", "http://example.com/v2/", vec![])
+            .err()
+            .unwrap();
         assert!(matches!(e, WitError::Denied(m) if m.contains("plain HTTP")));
         assert_eq!(
             realm_of(r#"Bearer realm="http://a:1/t",service="x""#).as_deref(),
@@ -371,7 +390,17 @@ mod tests {
 
     #[test]
     fn tells_public_addresses_from_internal_ones() {
-        for a in ["127.0.0.2", "10.1.2.3", "169.254.169.254", "192.168.0.1", "100.64.0.1", "::1", "fd00::2", "::ffff:127.0.0.1", "0.0.0.0"] {
+        for a in [
+            "127.0.0.2",
+            "10.1.2.3",
+            "169.254.169.254",
+            "192.168.0.1",
+            "100.64.0.1",
+            "::1",
+            "fd00::2",
+            "::ffff:127.0.0.1",
+            "0.0.0.0",
+        ] {
             assert!(!is_public(a.parse().unwrap()), "{a}");
         }
         for a in ["1.1.1.1", "2606:4700::1111", "8.8.8.8"] {
@@ -379,12 +408,23 @@ mod tests {
         }
         let scope = CallScope::pull("https://registry.example");
         let p = HttpPolicy::new(Registries::new());
-        for u in ["https://127.0.0.1:2375/", "https://localhost/", "https://[::1]/", "https://169.254.169.254/"] {
+        for u in [
+            "https://127.0.0.1:2375/",
+            "https://localhost/",
+            "https://[::1]/",
+            "https://169.254.169.254/",
+        ] {
             assert!(p.check_hop(&scope, &url::Url::parse(u).unwrap()).is_err(), "{u}");
         }
-        assert!(p.check_hop(&scope, &url::Url::parse("https://cdn.example/x").unwrap()).is_ok());
+        assert!(p
+            .check_hop(&scope, &url::Url::parse("https://cdn.example/x").unwrap())
+            .is_ok());
         let local = CallScope::pull("http://127.0.0.1:5000");
-        assert!(p.check_hop(&local, &url::Url::parse("http://127.0.0.1:9000/x").unwrap()).is_ok());
-        assert!(p.check_hop(&local, &url::Url::parse("http://127.0.0.2:9000/x").unwrap()).is_err());
+        assert!(p
+            .check_hop(&local, &url::Url::parse("http://127.0.0.1:9000/x").unwrap())
+            .is_ok());
+        assert!(p
+            .check_hop(&local, &url::Url::parse("http://127.0.0.2:9000/x").unwrap())
+            .is_err());
     }
 }

@@ -11,12 +11,49 @@ use std::path::Path;
 pub enum Entry {
     File(String, Vec<u8>),
     Symlink(String, String),
+    /// Blocks written verbatim (a multiple of 512 bytes).
+    Raw(Vec<u8>),
+}
+
+/// A tar extension record header (`kind` b'x' for PAX, b'L' for a GNU long
+/// name) claiming `size` bytes, followed by that many bytes of `fill`.
+pub fn extension_record(kind: u8, size: usize, fill: u8) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_size(size as u64);
+    h.set_mode(0o644);
+    h.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend(std::iter::repeat_n(fill, size));
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// Bytes that look random and hold every terminal control (a deterministic
+/// generator: the corpus is the same on every run).
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    out[..9].copy_from_slice(b"\x1b[31m\n\r\x07\x9b");
+    out
 }
 
 /// Writes a tar of `entries`, bypassing the builder's name checks.
 pub fn tar_of(entries: &[Entry]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for e in entries {
+        if let Entry::Raw(blocks) = e {
+            b.get_mut().extend_from_slice(blocks);
+            continue;
+        }
         let mut h = tar::Header::new_gnu();
         h.set_mode(0o644);
         h.set_uid(0);
@@ -34,6 +71,7 @@ pub fn tar_of(entries: &[Entry]) -> Vec<u8> {
                 h.as_old_mut().linkname[..t.len()].copy_from_slice(t.as_bytes());
                 (n, &[])
             }
+            Entry::Raw(_) => unreachable!("written above"),
         };
         h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
         h.set_cksum();
@@ -268,6 +306,59 @@ pub fn cases() -> Vec<(&'static str, Vec<Entry>, &'static str)> {
         )),
         "diffID mismatch",
     ));
+    // Extension records beyond 1 MiB, in a layer and in the archive itself:
+    // refused before anything reads them whole.
+    let mut pax = extension_record(b'x', 8 << 20, b'a');
+    pax.extend_from_slice(&good);
+    let (pax_blob, _) = compress(&pax, Compression::Zstd);
+    out.push((
+        "layer-pax-oversized",
+        docker_archive(std::slice::from_ref(&pax), &[pax_blob], "hostile/x:1"),
+        "larger than the limit of 1048576",
+    ));
+    let mut e = one(good.clone());
+    e.insert(0, Entry::Raw(extension_record(b'L', 8 << 20, b'n')));
+    out.push(("archive-longname-oversized", e, "larger than the limit of 1048576"));
+    // A layer of noise: the error quotes none of it raw.
+    out.push(("layer-noise", one(noise(64 << 10)), "corrupt layer"));
+    // Deeper than the layer limit.
+    let tiny: Vec<Vec<u8>> = (0..129)
+        .map(|i| Layer::new().file(&format!("f{i}"), 0o644, b"x").tar())
+        .collect();
+    out.push((
+        "too-many-layers",
+        docker_archive(&tiny, &tiny, "hostile/x:1"),
+        "129 layers, more than the limit of 128",
+    ));
+    // More images than an archive may describe.
+    let cfg_name = format!("{}.json", &sha256(&config(&[sha256(&good)]))[7..]);
+    let many: Vec<serde_json::Value> = (0..1025)
+        .map(|_| json!({"Config": cfg_name, "RepoTags": [], "Layers": ["layer0/layer.tar"]}))
+        .collect();
+    out.push((
+        "too-many-images",
+        with_manifest(one(good.clone()), serde_json::to_vec(&many).unwrap()),
+        "more than the limit of 1024",
+    ));
+    // CVE-2021-41190: a manifest that is also an index.
+    out.push((
+        "manifest-and-index",
+        ambiguous_manifest(oci_archive(
+            &good,
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            0,
+            "hostile/x:1",
+        )),
+        "CVE-2021-41190",
+    ));
+    out.push((
+        "index-nested-too-deep",
+        nested_index(
+            oci_archive(&good, "application/vnd.oci.image.layer.v1.tar+gzip", 0, "hostile/x:1"),
+            5,
+        ),
+        "nest deeper than 4",
+    ));
     out.push((
         "not-an-image",
         vec![Entry::File("hello.txt".into(), b"hi".to_vec())],
@@ -283,6 +374,84 @@ pub fn cases() -> Vec<(&'static str, Vec<Entry>, &'static str)> {
         "invalid tag",
     ));
     out
+}
+
+/// Adds `"manifests": []` to the image manifest of an OCI archive (and
+/// renames its blob to the new digest).
+fn ambiguous_manifest(entries: Vec<Entry>) -> Vec<Entry> {
+    rewrite_manifest(entries, |m| {
+        m["manifests"] = json!([]);
+    })
+}
+
+/// Rewrites the image manifest of an OCI archive made by [`oci_archive`].
+fn rewrite_manifest(entries: Vec<Entry>, f: impl Fn(&mut serde_json::Value)) -> Vec<Entry> {
+    let mut out = Vec::new();
+    let mut old_digest = String::new();
+    let mut new_manifest = Vec::new();
+    for e in &entries {
+        if let Entry::File(n, d) = e {
+            if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(d) {
+                if v.get("layers").is_some() {
+                    old_digest = sha256(d);
+                    f(&mut v);
+                    new_manifest = v.to_string().into_bytes();
+                    let _ = n;
+                }
+            }
+        }
+    }
+    for e in entries {
+        match e {
+            Entry::File(n, _) if n.ends_with(&old_digest[7..]) => out.push(Entry::File(
+                format!("blobs/sha256/{}", &sha256(&new_manifest)[7..]),
+                new_manifest.clone(),
+            )),
+            Entry::File(n, d) if n == "index.json" => {
+                let text = String::from_utf8(d)
+                    .unwrap()
+                    .replace(&old_digest, &sha256(&new_manifest));
+                let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                v["manifests"][0]["size"] = json!(new_manifest.len());
+                out.push(Entry::File(n, v.to_string().into_bytes()));
+            }
+            e => out.push(e),
+        }
+    }
+    out
+}
+
+/// Wraps the image of an OCI archive in `depth` nested indexes.
+fn nested_index(mut entries: Vec<Entry>, depth: usize) -> Vec<Entry> {
+    let pos = entries
+        .iter()
+        .position(|e| matches!(e, Entry::File(n, _) if n == "index.json"))
+        .unwrap();
+    let Entry::File(_, top) = entries.remove(pos) else {
+        unreachable!()
+    };
+    let top: serde_json::Value = serde_json::from_slice(&top).unwrap();
+    let mut desc = top["manifests"][0].clone();
+    let annotations = desc.as_object_mut().unwrap().remove("annotations");
+    desc["platform"] = json!({"os": "linux", "architecture": std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64")});
+    for _ in 0..depth {
+        let idx =
+            json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [desc]})
+                .to_string()
+                .into_bytes();
+        desc = json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json", "digest": sha256(&idx), "size": idx.len(),
+            "platform": desc["platform"].clone(),
+        });
+        entries.push(Entry::File(format!("blobs/sha256/{}", &sha256(&idx)[7..]), idx));
+    }
+    desc.as_object_mut().unwrap().remove("platform");
+    if let Some(a) = annotations {
+        desc["annotations"] = a;
+    }
+    let index = json!({"schemaVersion": 2, "manifests": [desc]});
+    entries.push(Entry::File("index.json".into(), index.to_string().into_bytes()));
+    entries
 }
 
 /// Puts manifest.json and the configs before the layers.

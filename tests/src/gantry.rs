@@ -118,6 +118,42 @@ impl Gantry {
         }
     }
 
+    /// Runs and returns the run with gantry's peak resident memory in KiB
+    /// (its `VmHWM`). GNU time forks gantry from its own small process and
+    /// reports `ru_maxrss` from `wait4`: measured from the test process
+    /// itself, the figure would include the test's own memory, which a
+    /// child shares until it execs.
+    pub fn run_peak(&self, args: &[&str]) -> (Run, u64) {
+        let report = self.work.path().join("peak-kib");
+        let mut c = Command::new("/usr/bin/time");
+        c.arg("-f").arg("%M").arg("-o").arg(&report).arg(binary());
+        c.arg("--root").arg(self.root.path());
+        if let Some(cfg) = &self.config {
+            c.arg("--config").arg(cfg);
+        }
+        c.args(args).stdin(Stdio::null());
+        c.env("DOCKER_CONFIG", self.root.path().join("no-docker-config"));
+        c.env("TMPDIR", self.tmpdir.path());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        let out = c.output().expect("running /usr/bin/time (Debian package time)");
+        let text = std::fs::read_to_string(&report).unwrap();
+        // On failure GNU time writes "Command exited with non-zero status N" first.
+        let peak = text
+            .lines()
+            .filter_map(|l| l.trim().parse::<u64>().ok())
+            .next_back()
+            .unwrap_or_else(|| panic!("no peak in {text:?}"));
+        (
+            Run {
+                args: args.join(" "),
+                out,
+            },
+            peak,
+        )
+    }
+
     /// Runs and expects success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let r = self.run(args);

@@ -80,7 +80,11 @@ impl Layer {
 
     /// A block (`block`) or character device node.
     pub fn device(mut self, path: &str, block: bool, major: u32, minor: u32) -> Self {
-        let kind = if block { tar::EntryType::Block } else { tar::EntryType::Char };
+        let kind = if block {
+            tar::EntryType::Block
+        } else {
+            tar::EntryType::Char
+        };
         let mut h = header(kind, 0o600, 0);
         h.set_device_major(major).unwrap();
         h.set_device_minor(minor).unwrap();

@@ -9,7 +9,6 @@
 use super::tree::{ignore_eperm, list, proc_path, remove_tree};
 use super::{components, invalid, open_dir_beneath};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
-use std::collections::HashSet;
 use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 
@@ -55,8 +54,8 @@ fn layer_xattrs<R: Read>(e: &mut tar::Entry<'_, R>) -> io::Result<Vec<(String, V
 /// the content written (regular file bytes), as Docker reports a layer size.
 pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result<u64> {
     let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 20, r));
-    let mut written: HashSet<String> = HashSet::new();
-    let mut dir_times: Vec<(String, u64)> = Vec::new();
+    let mut written = Written::default();
+    let mut dir_times = DirTimes::default();
     let mut size = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     let euid_root = rustix::process::geteuid().is_root();
@@ -77,7 +76,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         let parent = parent_dir(root, parents).map_err(|err| invalid(format!("tar entry {path:?}: {err}")))?;
         let pd = parent.as_fd();
         if let Some(target) = name.strip_prefix(WH_PREFIX) {
-            apply_whiteout(pd, parents, target, mode, &written)
+            apply_whiteout(pd, parents, target, mode, &mut written)
                 .map_err(|err| io::Error::new(err.kind(), format!("whiteout {path:?}: {err}")))?;
             continue;
         }
@@ -146,7 +145,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
                         format!("hard link {path:?} -> {target:?}: {err}"),
                     )
                 })?;
-                written.insert(clean);
+                written.insert(&clean);
                 continue; // a hard link shares its target's metadata
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
@@ -187,19 +186,75 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         if !is_dir {
             set_mtime(pd, name, mtime)?;
         }
-        written.insert(clean);
+        written.insert(&clean);
     }
     // Directory times last: their contents changed them while unpacking.
-    for (dir, mtime) in dir_times.iter().rev() {
+    for (dir, mtime) in dir_times.iter_rev() {
+        crate::plugin::check_deadline()?;
         let comps: Vec<&str> = dir.split('/').collect();
         let (name, parents) = comps.split_last().expect("non-empty");
         if let Ok(p) = open_dir_beneath(root, parents, true) {
-            let _ = set_mtime(p.as_fd(), name, *mtime);
+            let _ = set_mtime(p.as_fd(), name, mtime);
         }
     }
     // Read what follows the end-of-archive marker so the whole stream is hashed.
     io::copy(&mut ar.into_inner(), &mut io::sink())?;
     Ok(size)
+}
+
+/// The paths this layer wrote, for opaque whiteouts (which keep them), as
+/// 64-bit keyed hashes in a plain vector: a million entries cost 8 MiB, not
+/// the 80 MiB their names would. The key is random per process, so
+/// collisions cannot be aimed at, and a chance one among a million names is
+/// about 1 in 10^7. Sorted only when an opaque whiteout asks (rare).
+#[derive(Default)]
+struct Written {
+    keys: Vec<u64>,
+    sorted: usize,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Written {
+    fn key(&self, path: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, path)
+    }
+
+    fn insert(&mut self, path: &str) {
+        let k = self.key(path);
+        self.keys.push(k);
+    }
+
+    fn contains(&mut self, path: &str) -> bool {
+        if self.sorted != self.keys.len() {
+            self.keys.sort_unstable();
+            self.keys.dedup();
+            self.sorted = self.keys.len();
+        }
+        self.keys.binary_search(&self.key(path)).is_ok()
+    }
+}
+
+/// Directories and their times, packed into one buffer (a directory costs
+/// its name plus 16 bytes).
+#[derive(Default)]
+struct DirTimes {
+    names: String,
+    entries: Vec<(usize, u64)>,
+}
+
+impl DirTimes {
+    fn push(&mut self, (dir, mtime): (String, u64)) {
+        self.names.push_str(&dir);
+        self.entries.push((self.names.len(), mtime));
+    }
+
+    fn iter_rev(&self) -> impl Iterator<Item = (&str, u64)> {
+        (0..self.entries.len()).rev().map(|i| {
+            let start = if i == 0 { 0 } else { self.entries[i - 1].0 };
+            let (end, mtime) = self.entries[i];
+            (&self.names[start..end], mtime)
+        })
+    }
 }
 
 /// A parse or decompression failure of the layer is bad input, not a host fault.
@@ -246,7 +301,7 @@ fn apply_whiteout(
     parents: &[&str],
     target: &str,
     mode: Whiteouts,
-    written: &HashSet<String>,
+    written: &mut Written,
 ) -> io::Result<()> {
     let opaque = format!("{WH_PREFIX}{target}") == WH_OPAQUE;
     match (mode, opaque) {
@@ -341,7 +396,12 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(t.path().join("a/b/root")).unwrap();
         std::os::unix::fs::symlink("a/b/root", t.path().join("root")).unwrap();
-        let fd = rustix::fs::open(t.path().join("a/b/root"), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let fd = rustix::fs::open(
+            t.path().join("a/b/root"),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
         let r = unpack(fd.as_fd(), &tar[..], Whiteouts::Delete);
         (t, r)
     }

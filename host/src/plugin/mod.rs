@@ -299,10 +299,7 @@ impl Sandbox {
     }
 
     /// Takes a stream back from the guest (or drops it).
-    pub(crate) fn take_stream(
-        &mut self,
-        r: wasmtime::component::Resource<ByteStream>,
-    ) -> wasmtime::Result<ByteStream> {
+    pub(crate) fn take_stream(&mut self, r: wasmtime::component::Resource<ByteStream>) -> wasmtime::Result<ByteStream> {
         let s = self.table.delete(r)?;
         self.handles = self.handles.saturating_sub(1);
         Ok(s)

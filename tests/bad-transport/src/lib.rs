@@ -43,12 +43,20 @@ impl Guest for Bad {
         match mode {
             // A forged Host header: another virtual host behind the same address.
             "host-header" => {
-                get(format!("{base}/v2/"), vec![("Host".into(), "internal.example".into())], "GET")?;
+                get(
+                    format!("{base}/v2/"),
+                    vec![("Host".into(), "internal.example".into())],
+                    "GET",
+                )?;
                 breached("the Host header was sent")
             }
             // Request smuggling through framing headers.
             "transfer-encoding" => {
-                get(format!("{base}/v2/"), vec![("Transfer-Encoding".into(), "chunked".into())], "GET")?;
+                get(
+                    format!("{base}/v2/"),
+                    vec![("Transfer-Encoding".into(), "chunked".into())],
+                    "GET",
+                )?;
                 breached("the Transfer-Encoding header was sent")
             }
             // A write during a pull.

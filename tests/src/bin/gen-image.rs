@@ -13,8 +13,9 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("demo") if args.len() == 4 => demo(Path::new(&args[2]), Path::new(&args[3])),
         Some("bench") if args.len() == 3 => bench(Path::new(&args[2])),
+        Some("corpus") if args.len() == 3 => gantry_tests::corpus::write(Path::new(&args[2])),
         _ => {
-            eprintln!("usage: gen-image demo OUT ROOTFS | gen-image bench OUT");
+            eprintln!("usage: gen-image demo OUT ROOTFS | gen-image bench OUT | gen-image corpus OUT");
             std::process::exit(2);
         }
     }

@@ -6,6 +6,7 @@ mod archives;
 mod commands;
 mod faults;
 mod hostile;
+mod memory;
 mod pull;
 mod sandbox;
 mod store;

@@ -124,14 +124,23 @@ fn each_driver_attack_fails_cleanly_and_the_next_pull_works() {
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
     let canary = Canary::new(&g.scratch());
-    let special = |layer: Layer| Image::new(vec![layer.dir("etc", 0o755).file("etc/control", 0o644, b"control\n").tar()]);
+    let special = |layer: Layer| {
+        Image::new(vec![layer
+            .dir("etc", 0o755)
+            .file("etc/control", 0o644, b"control\n")
+            .tar()])
+    };
     if let Some(c) = &canary {
         let (major, minor) = c.major_minor();
         publish(
             &reg,
             "test/special",
             "device",
-            &special(Layer::new().device("disk", true, major, minor).device("disk2", true, major, minor)),
+            &special(
+                Layer::new()
+                    .device("disk", true, major, minor)
+                    .device("disk2", true, major, minor),
+            ),
         );
     }
     publish(&reg, "test/special", "fifo", &special(Layer::new().fifo("pipe")));
@@ -143,11 +152,27 @@ fn each_driver_attack_fails_cleanly_and_the_next_pull_works() {
             "plugin driver/bad trapped in apply-diff: panicked at tests/bad-driver/src/lib.rs",
         ),
         ("loop", name.clone(), "plugin driver/bad ran past its CPU deadline"),
-        ("alloc", name.clone(), "plugin driver/bad exceeded its memory limit of 32 MiB"),
+        (
+            "alloc",
+            name.clone(),
+            "plugin driver/bad exceeded its memory limit of 32 MiB",
+        ),
         ("escape", name.clone(), "every attempt to leave the home was refused"),
-        ("sleep", name.clone(), "plugin driver/bad ran past its CPU deadline of 1s"),
-        ("host-loop", name.clone(), "plugin driver/bad ran past its wall-clock deadline of 3s"),
-        ("handles", name.clone(), "plugin driver/bad holds more than 16 open handles"),
+        (
+            "sleep",
+            name.clone(),
+            "plugin driver/bad ran past its CPU deadline of 1s",
+        ),
+        (
+            "host-loop",
+            name.clone(),
+            "plugin driver/bad ran past its wall-clock deadline of 3s",
+        ),
+        (
+            "handles",
+            name.clone(),
+            "plugin driver/bad holds more than 16 open handles",
+        ),
         ("truncate", name.clone(), "write-file left the shared inode intact"),
         (
             "fifo",
@@ -207,7 +232,14 @@ fn each_transport_attack_is_refused_by_the_host() {
         ("sleep", "plugin transport/bad ran past its CPU deadline of 1s"),
     ] {
         let before = g.store_listing();
-        pull_fails(&g, &config, "transport", &format!("{}/attack/{mode}:v1", reg.addr()), expect, within);
+        pull_fails(
+            &g,
+            &config,
+            "transport",
+            &format!("{}/attack/{mode}:v1", reg.addr()),
+            expect,
+            within,
+        );
         assert_eq!(before, g.store_listing(), "{mode}: the store changed");
         g.ok(&["pull", &name]);
         g.fsck_clean();

@@ -46,10 +46,15 @@ measure() {
     printf -v "${name}_rss" '%s' "$rss"
 }
 
-# gantry
+# gantry (durable commits, the default)
 GANTRY_TIMINGS=1 measure gantry "$work/g" "$bin/gantry" --root "$work/g" pull -q "$ref"
 timings=$(grep '^timings:' "$work/gantry.err" || true)
 create=$(sed -n 's/.* create \([0-9.]*\)s.*/\1/p' <<< "$timings")
+
+# gantry with `durable = false`: what the syncs of a durable commit cost
+printf 'durable = false\n[transport]\ntype = "v2"\n[driver]\ntype = "vfs"\n' > "$work/fast.toml"
+measure fast "$work/g" "$bin/gantry" --root "$work/g" --config "$work/fast.toml" pull -q "$ref"
+rm -rf "$work/g"
 
 # skopeo into containers-storage with the vfs driver
 measure skopeo "$work/cs" skopeo copy --quiet --src-tls-verify=false "docker://$ref" \
@@ -68,15 +73,16 @@ for d in $layers; do igzip -dc "$work/floor/blobs/${d#sha256:}" | tar -x -C "$wo
 t2=$(date +%s.%N)
 rm -rf "$work/floor"
 
-python3 - "$gantry_wall" "$gantry_rss" "$skopeo_wall" "$skopeo_rss" "$t0" "$t1" "$t2" "${create:-0}" <<'PY'
+python3 - "$gantry_wall" "$gantry_rss" "$skopeo_wall" "$skopeo_rss" "$t0" "$t1" "$t2" "${create:-0}" "$fast_wall" <<'PY'
 import sys
-gw, gr, sw, sr, t0, t1, t2, create = map(float, sys.argv[1:])
+gw, gr, sw, sr, t0, t1, t2, create, fw = map(float, sys.argv[1:])
 dl, inflate = t1 - t0, t2 - t1
 floor = dl + inflate
 stages = gw - create
 print(f"gantry pull         {gw:7.2f} s   peak {gr/1024:7.1f} MiB   (median)")
 print(f"skopeo copy (vfs)   {sw:7.2f} s   peak {sr/1024:7.1f} MiB   (median)")
 print(f"ratio gantry/skopeo {gw/sw:7.2f}      (target <= 0.50)")
+print(f"gantry, durable = false {fw:7.2f} s: durable commits cost {gw - fw:+.2f} s ({(gw / fw - 1) * 100:+.1f} %)")
 print(f"floor: curl|sha256sum {dl:.2f} s + igzip -dc|tar -x {inflate:.2f} s = {floor:.2f} s")
 print(f"gantry download+verify+inflate (pull minus vfs parent copies {create:.2f} s) {stages:.2f} s")
 print(f"ratio stages/floor  {stages/floor:7.2f}      (target <= 1.30)")

@@ -31,6 +31,9 @@ pub fn collect_garbage(store: &Store, driver: &dyn GraphDriver) -> Result<Vec<St
     for n in store.clear_tmp_blobs()? {
         cleared.push(format!("spooled download {n}"));
     }
+    for n in store.clear_leases()? {
+        cleared.push(format!("layer lease {n}"));
+    }
     for n in store.clear_tar_split_spools()? {
         cleared.push(format!("spooled tar-split record {n}"));
     }

@@ -70,15 +70,16 @@ pub fn remove(store: &Store, driver: &dyn GraphDriver, s: &str, force: bool) -> 
         .and_then(|r| store.refs.get(&r).ok().flatten().map(|id| (r, id)));
     let id = match by_ref {
         Some((r, id)) => {
-            store.refs.remove(&r)?;
-            out.push(format!("Untagged: {}", r.familiar_string()));
             // Removing a tag removes the image only when nothing else names it
             // (digest references of the same repository go with it).
             let remaining = store.refs.refs_of(&id)?;
             let only_digests_of_same_repo = remaining
                 .iter()
+                .filter(|o| **o != r)
                 .all(|o| o.tag.is_none() && o.familiar_name() == r.familiar_name());
             if !only_digests_of_same_repo {
+                store.refs.remove(&r)?;
+                out.push(format!("Untagged: {}", r.familiar_string()));
                 return Ok(out);
             }
             id
@@ -96,33 +97,66 @@ pub fn remove(store: &Store, driver: &dyn GraphDriver, s: &str, force: bool) -> 
             id
         }
     };
-    for r in store.refs.refs_of(&id)? {
+    // Everything that can fail on reading is read before anything changes.
+    let (_, layers) = layers_of(store, &id)?;
+    let mut needed = layers_in_use_except(store, Some(&id))?;
+    let mut refs = store.refs.refs_of(&id)?;
+    // The reference asked for is reported first, as Docker does.
+    if let Ok(asked) = Reference::parse(s) {
+        refs.sort_by_key(|r| *r != asked);
+    }
+    for r in refs {
         store.refs.remove(&r)?;
         out.push(format!("Untagged: {}", r.familiar_string()));
     }
-    let (_, layers) = layers_of(store, &id)?;
     // From here until the layers are released, a crash leaves them unreferenced.
     let sweep = store.mark_sweep()?;
     store.images.delete(&id)?;
     out.push(format!("Deleted: {id}"));
-    let needed = layers_in_use(store)?;
+    // Images committed meanwhile (the write lock keeps them out, but be sure).
+    needed.extend(layers_in_use(store)?);
+    let mut kept_for_later = false;
     for l in layers.iter().rev() {
         if !needed.contains(&l.chain_id) && store.layers.exists(&l.chain_id) {
+            if store.leased(&l.chain_id)? || kept_for_later {
+                // A pull or load is building on it (or on a layer above it);
+                // if that fails, the sweep marker left below lets the next
+                // process alone on the store release it.
+                kept_for_later = true;
+                continue;
+            }
             release_layer(store, driver, l)?;
             out.push(format!("Deleted: {}", l.chain_id));
         }
     }
-    store.unmark_staging(&sweep);
+    if !kept_for_later {
+        store.unmark_staging(&sweep);
+    }
     Ok(out)
 }
 
-/// Every chainID some stored image needs.
+/// Every chainID some stored image needs. An image whose config cannot be
+/// read or parsed fails the call: its layers must not look unused.
 pub fn layers_in_use(store: &Store) -> Result<HashSet<Digest>> {
+    layers_in_use_except(store, None)
+}
+
+fn layers_in_use_except(store: &Store, except: Option<&Digest>) -> Result<HashSet<Digest>> {
     let mut needed = HashSet::new();
     for id in store.images.list()? {
-        if let Ok(config) = ImageConfig::parse(&store.images.get(&id)?) {
-            needed.extend(Digest::chain_ids(&config.diff_ids));
+        if Some(&id) == except {
+            continue;
         }
+        let config = store
+            .images
+            .get(&id)
+            .and_then(|b| ImageConfig::parse(&b))
+            .map_err(|e| {
+                Error::Integrity(format!(
+                    "image {id}: its config is unreadable ({e}); refusing to release layers (see gantry fsck)"
+                ))
+            })?;
+        needed.extend(Digest::chain_ids(&config.diff_ids));
     }
     Ok(needed)
 }

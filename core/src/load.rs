@@ -161,7 +161,7 @@ impl Loader<'_> {
             };
             let parent = parents[ci].clone();
             let chain = Digest::chain(parent.as_ref(), want);
-            if !staging.has(&chain) {
+            if !staging.reuse(&chain)? {
                 self.apply_streamed(&mut staging, data, &c.layers[k], parent.as_ref(), want)?;
             }
             // Every image waiting for this same layer moves on.
@@ -326,7 +326,7 @@ impl Loader<'_> {
             let want = expected.as_ref().map(|d| d[i].clone());
             if let Some(w) = &want {
                 let chain = Digest::chain(parent.as_ref(), w);
-                if staging.has(&chain) {
+                if staging.reuse(&chain)? {
                     self.progress.layer(short(&l.name), Status::AlreadyExists, 0, 0);
                     diff_ids.push(w.clone());
                     parent = Some(chain);

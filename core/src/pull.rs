@@ -322,9 +322,10 @@ impl Puller<'_> {
         }
         let chain_ids = Digest::chain_ids(&config.diff_ids);
         let image_id = Digest::of(&config_bytes);
+        let mut staging = Staging::new(self.store, self.driver, self.options.max_layer_bytes);
         let mut missing = Vec::new();
         for (i, l) in image.layers.iter().enumerate() {
-            if self.store.layers.exists(&chain_ids[i]) {
+            if staging.reuse(&chain_ids[i])? {
                 self.progress.layer(l.blob.digest.short(), Status::AlreadyExists, 0, 0);
             } else {
                 missing.push(i);
@@ -337,7 +338,7 @@ impl Puller<'_> {
             repo,
             clock,
         };
-        let staging = self.fetch_and_apply(&job, &image, &config, &missing)?;
+        let staging = self.fetch_and_apply(&job, &image, &config, &missing, staging)?;
         let mut refs = vec![reference.with_digest(manifest_digest.clone())];
         if reference.tag.is_some() && reference.digest.is_none() {
             refs.push(reference.clone());
@@ -379,9 +380,9 @@ impl Puller<'_> {
         image: &ImageManifest,
         config: &ImageConfig,
         missing: &[usize],
+        mut staging: Staging<'s>,
     ) -> Result<Staging<'s>> {
         let (ep, repo, clock) = (job.ep, job.repo, job.clock);
-        let mut staging = Staging::new(self.store, self.driver, self.options.max_layer_bytes);
         let chain_ids = Digest::chain_ids(&config.diff_ids);
         if missing.is_empty() {
             return Ok(staging);

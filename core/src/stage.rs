@@ -62,6 +62,8 @@ pub struct Staging<'a> {
     store: &'a Store,
     driver: &'a dyn GraphDriver,
     staged: Vec<Staged>,
+    /// Committed layers this staging builds on, kept from release until it ends.
+    leases: Vec<crate::store::Lease>,
     max_layer_bytes: u64,
     pub times: Mutex<StageTimes>,
 }
@@ -72,14 +74,27 @@ impl<'a> Staging<'a> {
             store,
             driver,
             staged: Vec::new(),
+            leases: Vec::new(),
             max_layer_bytes,
             times: Mutex::new(StageTimes::default()),
         }
     }
 
-    /// Whether `chain` is present, committed or staged here.
-    pub fn has(&self, chain: &Digest) -> bool {
-        self.staged.iter().any(|s| &s.meta.chain_id == chain) || self.store.layers.exists(chain)
+    /// Whether `chain` is present, staged here or committed; a committed
+    /// layer is leased until this staging ends, so a concurrent `rmi` in
+    /// any process cannot release it while it is being built on.
+    pub fn reuse(&mut self, chain: &Digest) -> Result<bool> {
+        if self.staged.iter().any(|s| &s.meta.chain_id == chain) {
+            return Ok(true);
+        }
+        let _lock = self.store.write_lock()?;
+        let lease = self.store.lease(chain)?;
+        if self.store.layers.exists(chain) {
+            self.leases.push(lease);
+            Ok(true)
+        } else {
+            Ok(false)
+        }
     }
 
     fn cache_id_of(&self, chain: &Digest) -> Result<String> {
@@ -191,9 +206,17 @@ impl<'a> Staging<'a> {
     pub fn commit(mut self, images: &[ImageCommit<'_>]) -> Result<Vec<Digest>> {
         let _lock = self.store.write_lock()?;
         let staged = std::mem::take(&mut self.staged);
+        let durable = self.store.durable();
+        if durable && !staged.is_empty() {
+            // Layer contents reach the disk before any record names them.
+            if let Err(e) = self.store.sync_driver_data() {
+                self.staged = staged;
+                return Err(e);
+            }
+        }
         let res = (|| -> Result<Vec<Digest>> {
             for st in &staged {
-                if !self.store.layers.commit(&st.meta, &st.tar_split)? {
+                if !self.store.layers.commit(&st.meta, &st.tar_split, durable)? {
                     // Another process committed the same layer first: keep theirs.
                     let _ = self.driver.remove(&st.meta.cache_id);
                     let _ = std::fs::remove_file(&st.tar_split);

@@ -21,6 +21,7 @@ impl Context {
         let config = Config::load(config_path)?;
         let driver_path = config.plugin_path("driver", &config.driver)?;
         let (store, alone) = Store::open(root, &config.driver.kind).context("opening the store")?;
+        store.set_durable(config.durable);
         let host = PluginHost::new(&store.root().join("plugins-cache"))?;
         let limits = config.driver.limits.unwrap_or(config.limits).to_limits();
         let options = config.driver.options.clone().into_iter().collect();

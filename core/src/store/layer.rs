@@ -84,7 +84,7 @@ impl LayerStore {
     /// moved into place) atomically. Every file and the directories are
     /// synced before the layer is visible. Returns false if the layer
     /// already existed.
-    pub fn commit(&self, meta: &LayerMeta, tar_split: &Path) -> Result<bool> {
+    pub fn commit(&self, meta: &LayerMeta, tar_split: &Path, durable: bool) -> Result<bool> {
         let final_path = self.path(&meta.chain_id);
         if final_path.exists() {
             return Ok(false);
@@ -103,13 +103,20 @@ impl LayerStore {
             for (name, text) in &files {
                 let mut f = fs::File::create_new(ws.join(name))?;
                 std::io::Write::write_all(&mut f, text.as_bytes())?;
-                f.sync_all()?;
+                if durable {
+                    f.sync_all()?;
+                }
             }
             fs::rename(tar_split, ws.join("tar-split.json.gz"))?;
-            fs::File::open(ws.join("tar-split.json.gz"))?.sync_all()?;
-            fs::File::open(&ws)?.sync_all()?;
+            if durable {
+                fs::File::open(ws.join("tar-split.json.gz"))?.sync_all()?;
+                fs::File::open(&ws)?.sync_all()?;
+            }
             fs::rename(&ws, &final_path)?;
-            fs::File::open(&self.dir)?.sync_all()
+            if durable {
+                fs::File::open(&self.dir)?.sync_all()?;
+            }
+            Ok(())
         })();
         if res.is_err() {
             let _ = fs::remove_dir_all(&ws);

@@ -40,7 +40,18 @@ pub struct Store {
     pub layers: LayerStore,
     pub images: ImageStore,
     pub refs: RefStore,
+    /// Whether commits wait for layer contents and records to reach the disk.
+    durable: std::sync::atomic::AtomicBool,
     _process_lock: File,
+}
+
+/// A lease on a layer (see [`Store::lease`]), given back when dropped.
+pub struct Lease(PathBuf);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Held while a store is being changed (register, tag, remove): serialises
@@ -63,6 +74,7 @@ impl Store {
             root.join("tmp/staging"),
             root.join("tmp/blobs"),
             root.join("tmp/tar-split"),
+            root.join("tmp/leases"),
             image_dir.clone(),
         ] {
             fs::mkdir_private(&d)?;
@@ -85,6 +97,7 @@ impl Store {
             refs: RefStore::new(image_dir.join("repositories.json")),
             root,
             driver: driver.to_string(),
+            durable: std::sync::atomic::AtomicBool::new(true),
             _process_lock: lock,
         };
         Ok((store, alone))
@@ -95,6 +108,30 @@ impl Store {
     pub fn share(&self) -> Result<()> {
         rustix::fs::flock(&self._process_lock, rustix::fs::FlockOperation::LockShared)
             .map_err(|e| crate::Error::io("locking the store", e.into()))
+    }
+
+    /// Makes commits durable (the default) or not: without, a power loss may
+    /// leave a committed layer whose files are empty (a crash of gantry alone
+    /// never does).
+    pub fn set_durable(&self, durable: bool) {
+        self.durable.store(durable, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn durable(&self) -> bool {
+        self.durable.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Flushes the file system holding the driver's data (`syncfs`), so
+    /// the contents of layers about to be committed are on disk first.
+    pub fn sync_driver_data(&self) -> Result<()> {
+        let home = self.driver_home();
+        let fd = rustix::fs::open(
+            &home,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| crate::Error::io(format!("opening {}", home.display()), e.into()))?;
+        rustix::fs::syncfs(&fd).map_err(|e| crate::Error::io("syncing layer contents", e.into()))
     }
 
     pub fn root(&self) -> &Path {
@@ -150,6 +187,37 @@ impl Store {
     /// Driver layers whose staging never finished (left by a crash).
     pub fn staging_leftovers(&self) -> Result<Vec<String>> {
         fs::list_names(&self.root.join("tmp/staging"))
+    }
+
+    /// Takes a lease on layer `chain`: while it is held, no `rmi` or
+    /// clean-up releases the layer. Take it under the write lock and check
+    /// the layer exists after, so a release either came first (the layer
+    /// is gone, and the caller fetches it) or sees the lease.
+    pub fn lease(&self, chain: &crate::Digest) -> Result<Lease> {
+        let path = self
+            .root
+            .join("tmp/leases")
+            .join(format!("{}-{}", chain.hex(), &random_id()[..16]));
+        File::create(&path).ctx("taking a layer lease")?;
+        Ok(Lease(path))
+    }
+
+    /// Whether anyone holds a lease on layer `chain`.
+    pub fn leased(&self, chain: &crate::Digest) -> Result<bool> {
+        let prefix = format!("{}-", chain.hex());
+        Ok(fs::list_names(&self.root.join("tmp/leases"))?
+            .iter()
+            .any(|n| n.starts_with(&prefix)))
+    }
+
+    /// Removes leases a crash left. Only safe when alone.
+    pub fn clear_leases(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("tmp/leases");
+        let names = fs::list_names(&dir)?;
+        for n in &names {
+            let _ = std::fs::remove_file(dir.join(n));
+        }
+        Ok(names)
     }
 
     /// A fresh name for spooling a layer's tar-split record until the layer

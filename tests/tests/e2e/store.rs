@@ -128,3 +128,123 @@ fn a_plugin_built_against_another_contract_is_refused_by_name() {
     let err = g.fails(&["images"]);
     assert!(err.contains("is not a driver component"), "{err}");
 }
+
+/// `rmi` of an image while another process pulls an image that builds on
+/// its layer: the pull holds a lease on the layer it reuses, so `rmi`
+/// untags and deletes the image but leaves the layer, and both end whole.
+#[test]
+fn rmi_while_a_pull_builds_on_its_layer_keeps_the_store_whole() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    let base = gantry_tests::image::Layer::new()
+        .dir("etc", 0o755)
+        .file("etc/base", 0o644, b"base\n")
+        .tar();
+    let top = gantry_tests::image::Layer::new()
+        .file("etc/top", 0o644, &vec![7u8; 200_000])
+        .tar();
+    publish(&reg, "test/a", "v1", &Image::new(vec![base.clone()]));
+    let (_p, _, layers) = publish(&reg, "test/b", "v1", &Image::new(vec![base, top]));
+    let proxy = Proxy::start(
+        reg.port,
+        Faults {
+            delay_blob: Some((layers[1].digest.clone(), Duration::from_millis(1500))),
+            ..Default::default()
+        },
+    );
+    let a = format!("{}/test/a:v1", reg.addr());
+    let b = format!("{}/test/b:v1", proxy.addr());
+    let g = Gantry::new();
+    let mut first_export = None;
+    for round in 0..3 {
+        g.ok(&["pull", &a]);
+        let gets_before = proxy
+            .seen
+            .lock()
+            .unwrap()
+            .blob_gets
+            .get(&layers[1].digest)
+            .copied()
+            .unwrap_or(0);
+        let child = std::process::Command::new(binary())
+            .arg("--root")
+            .arg(g.root_path())
+            .args(["pull", &b])
+            .env("TMPDIR", g.tmpdir.path())
+            .env("DOCKER_CONFIG", g.scratch().join("none"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The pull has decided to reuse the base layer once it asks for the top one.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while proxy
+            .seen
+            .lock()
+            .unwrap()
+            .blob_gets
+            .get(&layers[1].digest)
+            .copied()
+            .unwrap_or(0)
+            == gets_before
+        {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the pull never asked for the top layer"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = g.ok(&["rmi", &a]);
+        assert!(out.contains("Untagged"), "round {round}: {out}");
+        let pulled = child.wait_with_output().unwrap();
+        assert!(
+            pulled.status.success(),
+            "round {round}: the pull failed: {}",
+            String::from_utf8_lossy(&pulled.stderr)
+        );
+        g.fsck_clean();
+        let file = g.scratch().join(format!("b-{round}.tar"));
+        g.ok(&["export", &b, "-o", file.to_str().unwrap()]);
+        let listing = gantry_tests::tree::of_tar(std::fs::File::open(&file).unwrap());
+        match &first_export {
+            None => first_export = Some(listing),
+            Some(first) => gantry_tests::tree::assert_same(first, &listing, "export of test/b"),
+        }
+        g.ok(&["rmi", &b]);
+        g.fsck_clean();
+    }
+    let listing = g.store_listing();
+    assert!(
+        !listing
+            .iter()
+            .any(|l| l.len() > "image/vfs/layerdb/sha256/".len() && l.starts_with("image/vfs/layerdb/sha256/")),
+        "layers were left behind: {listing:?}"
+    );
+}
+
+/// An image whose config cannot be read makes `rmi` stop before it
+/// changes anything, instead of treating that image's layers as unused.
+#[test]
+fn rmi_stops_on_an_unreadable_config_and_changes_nothing() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    let base = gantry_tests::image::Layer::new().file("base", 0o644, b"base\n").tar();
+    let top = gantry_tests::image::Layer::new().file("top", 0o644, b"top\n").tar();
+    publish(&reg, "test/a", "v1", &Image::new(vec![base.clone()]));
+    publish(&reg, "test/b", "v1", &Image::new(vec![base, top]));
+    let g = Gantry::new();
+    g.ok(&["pull", &format!("{}/test/a:v1", reg.addr())]);
+    g.ok(&["pull", &format!("{}/test/b:v1", reg.addr())]);
+    let v: serde_json::Value = serde_json::from_str(&g.ok(&["inspect", &format!("{}/test/b:v1", reg.addr())])).unwrap();
+    let id_b = v[0]["Id"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+    let config = g.root_path().join("image/vfs/imagedb/content/sha256").join(&id_b);
+    std::fs::write(&config, b"{ not json").unwrap();
+    let before = g.store_listing();
+    let err = g.fails(&["rmi", &format!("{}/test/a:v1", reg.addr())]);
+    assert!(err.contains("refusing to release layers"), "{err}");
+    assert_eq!(before, g.store_listing(), "rmi changed the store");
+}

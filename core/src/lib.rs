@@ -20,6 +20,7 @@ pub mod platform;
 pub mod plugin;
 pub mod pull;
 pub mod reference;
+pub mod repair;
 pub mod save;
 pub mod stage;
 pub mod store;

@@ -154,6 +154,17 @@ pub struct Spooled {
     path: PathBuf,
 }
 
+impl Spooled {
+    /// Opens the spooled blob for reading.
+    pub fn open(&self) -> std::io::Result<File> {
+        File::open(&self.path)
+    }
+}
+
+/// The size of a blob fetched by digest alone (repairs): only the digest
+/// and the layer bound are checked.
+const UNKNOWN_SIZE: u64 = u64::MAX;
+
 impl Drop for Spooled {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
@@ -221,6 +232,34 @@ impl Puller<'_> {
             }
         }
         Err(last.unwrap_or_else(|| Error::Config(format!("no endpoint for {}", reference.domain))))
+    }
+
+    /// Fetches blob `digest` of `source` (`domain/repository`, as the
+    /// distribution metadata records it) by digest alone, trying the
+    /// registry's endpoints in turn. For repairs: the size is not known,
+    /// so it is bounded by the layer limit; the digest is checked.
+    pub fn fetch_blob(&self, source: &str, digest: &Digest) -> Result<Spooled> {
+        let r = Reference::parse(source)?;
+        let blob = Blob {
+            digest: digest.clone(),
+            size: UNKNOWN_SIZE,
+            media_type: String::new(),
+        };
+        let mut last: Option<Error> = None;
+        for mut ep in pull_endpoints(&r.domain, self.registries) {
+            ep.credentials = (self.credentials)(&credential_host(&ep, &r.domain));
+            match self.download_now(&ep, &r.path, &blob) {
+                Ok(s) => return Ok(s),
+                Err(Error::Plugin(e)) if e.allows_fallback(ep.mirror) => {
+                    last = Some(Error::Plugin(PluginError::new(
+                        e.class,
+                        format!("{}: {}", ep.url, e.message),
+                    )))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Config(format!("no endpoint for {}", r.domain))))
     }
 
     fn retrying<T>(
@@ -525,6 +564,12 @@ impl Puller<'_> {
                         Ok(0) => break PluginError::new(ErrorClass::Internal, "end"),
                         Ok(n) => {
                             got += n as u64;
+                            if blob.size == UNKNOWN_SIZE && got > self.options.max_layer_bytes {
+                                return Err(Error::Integrity(format!(
+                                    "blob {}: larger than the layer limit of {} bytes",
+                                    blob.digest, self.options.max_layer_bytes
+                                )));
+                            }
                             if got > blob.size {
                                 return Err(Error::Integrity(format!(
                                     "blob {}: registry sent more than the {} bytes the manifest declares",
@@ -578,7 +623,7 @@ fn to_plugin_error(e: &Error) -> PluginError {
 }
 
 fn check_blob(blob: &Blob, size: u64, digest: &Digest) -> Result<()> {
-    if size != blob.size {
+    if size != blob.size && blob.size != UNKNOWN_SIZE {
         return Err(Error::Integrity(format!(
             "blob {}: size mismatch: the manifest says {} bytes, got {size}",
             blob.digest, blob.size

@@ -177,6 +177,18 @@ fn write_layer(
     l: &crate::store::LayerMeta,
 ) -> Result<()> {
     let tar_len = store.layers.tar_split(&l.chain_id)?.tar_len()?;
+    rebuild_layer(store, driver, l, &mut |r| b.append_data(&mut header(tar_len), name, r))
+}
+
+/// Rebuilds layer `l`'s tar from its tar-split record and its directory,
+/// handing the stream to `consume`, and checks it hashes to the layer's
+/// diffID: the basis of `save` and of `fsck --verify-content`.
+pub fn rebuild_layer(
+    store: &Store,
+    driver: &dyn GraphDriver,
+    l: &crate::store::LayerMeta,
+    consume: &mut dyn FnMut(&mut dyn Read) -> io::Result<()>,
+) -> Result<()> {
     let record = store.layers.tar_split(&l.chain_id)?;
     let dir = driver.get(&l.cache_id)?;
     let root = rustix::fs::open(
@@ -186,7 +198,7 @@ fn write_layer(
     )
     .map_err(|e| Error::io(format!("opening layer {}", l.chain_id), e.into()))?;
     let (rx, tx) = io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
-    let (hashed, hash) = HashingReader::new(rx);
+    let (mut hashed, hash) = HashingReader::new(rx);
     let result = std::thread::scope(|s| {
         let producer = s.spawn(move || {
             let mut tx = tx;
@@ -197,9 +209,11 @@ fn write_layer(
             };
             assemble(record, open, &mut tx)
         });
-        let written = b.append_data(&mut header(tar_len), name, hashed);
+        let consumed = consume(&mut hashed);
+        // Whatever the consumer left is read, so the producer never blocks.
+        let _ = io::copy(&mut hashed, &mut io::sink());
         let produced = producer.join().expect("layer producer panicked");
-        (written, produced)
+        (consumed, produced)
     });
     let _ = driver.put(&l.cache_id);
     if let Err(e) = result.1 {

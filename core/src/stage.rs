@@ -257,6 +257,35 @@ impl<'a> Staging<'a> {
     }
 }
 
+impl Staging<'_> {
+    /// For repairs: every staged layer re-applies the diff of a committed
+    /// layer of the same chainID; each is switched to its new data in turn
+    /// (parents first, as they were staged), and its old data removed.
+    /// Returns the chainIDs switched.
+    pub fn replace(mut self) -> Result<Vec<Digest>> {
+        let _lock = self.store.write_lock()?;
+        if self.store.durable() {
+            self.store.sync_driver_data()?;
+        }
+        let mut done = Vec::new();
+        while !self.staged.is_empty() {
+            let st = self.staged.remove(0);
+            match self.store.layers.replace_data(&st.meta, &st.tar_split) {
+                Ok(old) => {
+                    let _ = self.driver.remove(&old);
+                    self.store.unmark_staging(&st.meta.cache_id);
+                    done.push(st.meta.chain_id);
+                }
+                Err(e) => {
+                    self.staged.insert(0, st);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(done)
+    }
+}
+
 impl Drop for Staging<'_> {
     /// Removes whatever was staged and not committed.
     fn drop(&mut self) {

@@ -93,7 +93,17 @@ pub enum Command {
         format: SaveFormat,
     },
     /// Check the store's consistency, clearing what a crash left behind.
-    Fsck,
+    Fsck {
+        /// Also rebuild every layer's tar from its files and check it
+        /// against its diffID (reads every layer).
+        #[arg(long)]
+        verify_content: bool,
+        /// Repair what can be: drop what nothing references, fetch damaged
+        /// layers again from the registry they came from (implies
+        /// --verify-content).
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

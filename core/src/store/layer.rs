@@ -163,6 +163,44 @@ impl LayerStore {
         )
     }
 
+    /// Where a diffID's compressed blob came from: (blob digest, source
+    /// repository as `domain/path`), from Docker's v2 metadata.
+    pub fn blob_sources(&self, diff_id: &Digest) -> Vec<(Digest, String)> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Entry {
+            digest: String,
+            source_repository: String,
+        }
+        let Ok(bytes) = fs::read(self.dist.join("v2metadata-by-diffid/sha256").join(diff_id.hex())) else {
+            return Vec::new();
+        };
+        let entries: Vec<Entry> = serde_json::from_slice(&bytes).unwrap_or_default();
+        entries
+            .into_iter()
+            .filter_map(|e| Some((e.digest.parse().ok()?, e.source_repository)))
+            .collect()
+    }
+
+    /// Points committed layer `meta.chain_id` at new driver data
+    /// (`meta.cache_id`) with its tar-split record: for repairs, where the
+    /// same diff was applied again. The record is written first (it is the
+    /// same diff, so either record describes either copy), then the
+    /// cache-id is replaced by a rename, the one step that switches.
+    /// Returns the old cache id.
+    pub fn replace_data(&self, meta: &LayerMeta, tar_split: &Path) -> Result<String> {
+        let dir = self.path(&meta.chain_id);
+        let old = read_text(&dir.join("cache-id"))?;
+        let res = (|| -> std::io::Result<()> {
+            fs::File::open(tar_split)?.sync_all()?;
+            fs::rename(tar_split, dir.join("tar-split.json.gz"))?;
+            super::write_atomic(&dir.join("cache-id"), meta.cache_id.as_bytes()).map_err(std::io::Error::other)?;
+            fs::File::open(&dir)?.sync_all()
+        })();
+        res.ctx(format!("replacing the data of layer {}", meta.chain_id))?;
+        Ok(old)
+    }
+
     /// The diffID a blob digest is known to give, if recorded.
     pub fn diff_id_of_blob(&self, blob: &Digest) -> Option<Digest> {
         read_text(&self.dist.join("diffid-by-digest/sha256").join(blob.hex()))

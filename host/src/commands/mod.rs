@@ -46,6 +46,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { image, output } => export::run(&ctx, &image, output.as_deref()),
         Command::Load { input, quiet } => load::run(&ctx, input.as_deref(), quiet),
         Command::Save { images, output, format } => save::run(&ctx, &images, output.as_deref(), format),
-        Command::Fsck => fsck::run(&ctx),
+        Command::Fsck { verify_content, repair } => fsck::run(&ctx, verify_content, repair),
     }
 }

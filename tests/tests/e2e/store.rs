@@ -248,3 +248,90 @@ fn rmi_stops_on_an_unreadable_config_and_changes_nothing() {
     assert!(err.contains("refusing to release layers"), "{err}");
     assert_eq!(before, g.store_listing(), "rmi changed the store");
 }
+
+/// Flips one byte in a file of `layer_file` (a path inside layer dirs).
+fn flip_a_byte(g: &Gantry, rel: &str) -> usize {
+    let mut flipped = 0;
+    let mut seen = std::collections::HashSet::new();
+    for d in std::fs::read_dir(g.root_path().join("vfs/dir")).unwrap() {
+        let p = d.unwrap().path().join(rel);
+        if let Ok(md) = std::fs::symlink_metadata(&p) {
+            use std::os::unix::fs::MetadataExt;
+            if md.is_file() && seen.insert(md.ino()) {
+                let mut b = std::fs::read(&p).unwrap();
+                b[0] ^= 0x20;
+                // In place, as bit rot would: the inode stays the same.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, &b))
+                    .unwrap();
+                flipped += 1;
+            }
+        }
+    }
+    flipped
+}
+
+#[test]
+fn fsck_finds_a_flipped_byte_and_repair_fetches_the_layer_again() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    let base = gantry_tests::image::Layer::new()
+        .dir("etc", 0o755)
+        .file("etc/base", 0o644, b"base layer file\n")
+        .tar();
+    let top = gantry_tests::image::Layer::new()
+        .file("etc/top", 0o644, b"top layer file\n")
+        .tar();
+    publish(&reg, "test/r", "v1", &Image::new(vec![base, top]));
+    let name = format!("{}/test/r:v1", reg.addr());
+    let g = Gantry::new();
+    g.ok(&["pull", &name]);
+    let good = g.scratch().join("good.tar");
+    g.ok(&["export", &name, "-o", good.to_str().unwrap()]);
+    let good = gantry_tests::tree::of_tar(std::fs::File::open(&good).unwrap());
+
+    // Bit rot in the base layer's file (shared by hard link with the top
+    // layer's tree) and in the top layer's own file.
+    assert!(flip_a_byte(&g, "etc/base") >= 1);
+    assert!(flip_a_byte(&g, "etc/top") >= 1);
+    // A plain fsck checks records, not contents; --verify-content rehashes.
+    g.fsck_clean();
+    let r = g.run(&["fsck", "--verify-content"]);
+    assert!(!r.out.status.success(), "the damage went unnoticed: {}", r.stdout());
+    assert_eq!(
+        r.stdout().matches("its files changed since it was unpacked").count(),
+        2,
+        "{}",
+        r.stdout()
+    );
+
+    let out = g.ok(&["fsck", "--repair"]);
+    assert!(out.contains("repaired: layer"), "{out}");
+    assert!(out.contains("store is consistent"), "{out}");
+    g.ok(&["fsck", "--verify-content"]);
+    let fixed = g.scratch().join("fixed.tar");
+    g.ok(&["export", &name, "-o", fixed.to_str().unwrap()]);
+    let fixed = gantry_tests::tree::of_tar(std::fs::File::open(&fixed).unwrap());
+    gantry_tests::tree::assert_same(&good, &fixed, "export after repair");
+
+    // A layer that came from an archive has no registry to come from: the
+    // repair says which image to load again, and fails.
+    let saved = g.scratch().join("saved.tar");
+    g.ok(&["save", "-o", saved.to_str().unwrap(), &name]);
+    let h = Gantry::new();
+    h.ok(&["load", "-i", saved.to_str().unwrap()]);
+    assert!(flip_a_byte(&h, "etc/top") >= 1);
+    let r = h.run(&["fsck", "--repair"]);
+    assert!(!r.out.status.success());
+    assert!(
+        r.stdout().contains("cannot repair: layer")
+            && r.stdout().contains("pull or load again: ")
+            && r.stdout().contains("test/r:v1"),
+        "{}",
+        r.stdout()
+    );
+}

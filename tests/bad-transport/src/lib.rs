@@ -87,9 +87,11 @@ impl Guest for Bad {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
                 breached("slept an hour")
             }
-            // The credentials the core handed this endpoint, for the test to see.
+            // The credentials the core handed this endpoint, for the test to
+            // see: `invalid` stops the endpoint loop there, `not-found` lets
+            // it go on past a mirror.
             "credentials" => match ep.credentials {
-                Some(c) => Err(Error::Denied(format!(
+                Some(c) => Err(Error::Invalid(format!(
                     "endpoint {} got credentials of {}",
                     ep.url, c.username
                 ))),

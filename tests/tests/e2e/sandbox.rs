@@ -247,3 +247,55 @@ fn each_transport_attack_is_refused_by_the_host() {
     assert!(service.accept().is_err(), "the internal service was reached");
     g.assert_tmpdir_untouched();
 }
+
+/// Credentials go to each endpoint by its own host: a mirror never gets the
+/// registry's, and the registry never gets a mirror's.
+#[test]
+fn credentials_go_by_each_endpoint_s_own_host() {
+    use base64::Engine as _;
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    // Nothing listens there: the transport only reports what it was handed.
+    let mirror_port = gantry_tests::registry::free_port();
+    let mirror = format!("127.0.0.1:{mirror_port}");
+    let g = Gantry::new();
+    let config = format!(
+        "[transport]\ntype = \"bad\"\npath = \"{}\"\n\n[driver]\ntype = \"vfs\"\n\n{LIMITS}\n[registries.\"{}\"]\nmirrors = [\"http://{mirror}\"]\n",
+        component("gantry_bad_transport").display(),
+        reg.addr()
+    );
+    for (host, user, expect_endpoint) in [
+        (reg.addr(), "registry-user", format!("https://{}", reg.addr())),
+        (mirror.clone(), "mirror-user", format!("http://{mirror}")),
+    ] {
+        let dir = g.scratch().join(format!("docker-{user}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:secret"));
+        std::fs::write(
+            dir.join("config.json"),
+            format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
+        )
+        .unwrap();
+        let file = g.scratch().join("creds.toml");
+        std::fs::write(&file, &config).unwrap();
+        let out = std::process::Command::new(binary())
+            .arg("--root")
+            .arg(g.root_path())
+            .arg("--config")
+            .arg(&file)
+            .args(["pull", &format!("{}/attack/credentials:v1", reg.addr())])
+            .env("DOCKER_CONFIG", &dir)
+            .env("TMPDIR", g.tmpdir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{user}: {}", err.trim());
+        assert!(!out.status.success());
+        assert!(
+            err.contains(&format!("endpoint {expect_endpoint} got credentials of {user}")),
+            "{user}: {err}"
+        );
+    }
+}

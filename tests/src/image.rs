@@ -116,6 +116,16 @@ impl Layer {
         self
     }
 
+    /// An entry whose name and link target are raw bytes (not UTF-8, say).
+    pub fn raw_bytes(mut self, kind: tar::EntryType, name: &[u8], link: &[u8], data: &[u8]) -> Self {
+        let mut h = header(kind, 0o644, data.len() as u64);
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+        h.set_cksum();
+        self.b.append(&h, data).unwrap();
+        self
+    }
+
     pub fn tar(self) -> Vec<u8> {
         self.b.into_inner().unwrap()
     }

@@ -17,8 +17,10 @@ pub use unpack::{unpack, Whiteouts};
 
 use gantry_core::path::Unsafe;
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// An `io::Error` for hostile or malformed input.
@@ -37,21 +39,53 @@ pub fn components(rel: &str) -> io::Result<Vec<&str>> {
 
 const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::CLOEXEC);
 
+/// The components of a name that is bytes (names in a layer need not be
+/// UTF-8), refusing absolute names and `..`.
+pub fn components_os(rel: &[u8]) -> io::Result<Vec<&OsStr>> {
+    let shown = gantry_core::text::quote_bytes(rel);
+    match gantry_core::path::components_bytes(rel) {
+        Ok(c) => Ok(c.into_iter().map(OsStr::from_bytes).collect()),
+        Err(Unsafe::Absolute) => Err(invalid(format!("absolute path {shown} is not allowed"))),
+        Err(Unsafe::Climbs) => Err(invalid(format!("path {shown} leaves its directory"))),
+    }
+}
+
+/// `prefix/name`, or `name` at the top.
+pub(crate) fn join_rel(prefix: &OsStr, name: &OsStr) -> OsString {
+    if prefix.is_empty() {
+        return name.to_os_string();
+    }
+    let mut out = prefix.to_os_string();
+    out.push("/");
+    out.push(name);
+    out
+}
+
+/// Components joined with `/` (`.` for none).
+fn joined<S: AsRef<OsStr>>(rel: &[S]) -> Vec<u8> {
+    if rel.is_empty() {
+        return b".".to_vec();
+    }
+    let parts: Vec<&[u8]> = rel.iter().map(|c| c.as_ref().as_bytes()).collect();
+    parts.join(&b'/')
+}
+
 /// Opens directory `rel` beneath `root`. With `follow`, links inside the
 /// tree are followed as long as they stay beneath it; without, any link fails.
-pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &[&str], follow: bool) -> io::Result<OwnedFd> {
-    let path = if rel.is_empty() { ".".to_string() } else { rel.join("/") };
+pub fn open_dir_beneath<S: AsRef<OsStr>>(root: BorrowedFd<'_>, rel: &[S], follow: bool) -> io::Result<OwnedFd> {
+    let path = joined(rel);
     let mut how = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
     if !follow {
         how |= ResolveFlags::NO_SYMLINKS;
     }
-    rustix::fs::openat2(root, path.as_str(), DIR_FLAGS, Mode::empty(), how).map_err(|e| {
+    rustix::fs::openat2(root, path.as_slice(), DIR_FLAGS, Mode::empty(), how).map_err(|e| {
         let e = io::Error::from(e);
+        let shown = gantry_core::text::quote_bytes(&path);
         match e.raw_os_error() {
             Some(libc::EXDEV) | Some(libc::ELOOP) => {
-                invalid(format!("path {path:?} passes through a link that leaves its directory"))
+                invalid(format!("path {shown} passes through a link that leaves its directory"))
             }
-            Some(libc::ENOTDIR) => invalid(format!("path {path:?} is not a directory")),
+            Some(libc::ENOTDIR) => invalid(format!("path {shown} is not a directory")),
             _ => e,
         }
     })
@@ -111,7 +145,7 @@ impl Home {
 
     pub fn remove_all(&self, rel: &str) -> io::Result<()> {
         let (parent, name) = self.parent(rel)?;
-        match remove_tree(parent.as_fd(), name) {
+        match remove_tree(parent.as_fd(), OsStr::new(name)) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r,
         }

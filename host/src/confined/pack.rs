@@ -1,12 +1,16 @@
 //! Native packing: a directory (or the changes between two) as a tar stream,
 //! produced on a thread into a pipe so it never sits whole in memory.
 
+use super::join_rel;
 use super::open_dir_beneath;
 use super::tree::{list, read_xattrs};
 use rustix::fs::{AtFlags, FileType, Stat};
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeKind {
@@ -15,10 +19,11 @@ pub enum ChangeKind {
     Delete,
 }
 
-/// One difference between two trees; `path` is relative, without a leading `/`.
+/// One difference between two trees; `path` is relative, without a leading
+/// `/`, and bytes (names need not be UTF-8).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
-    pub path: String,
+    pub path: OsString,
     pub kind: ChangeKind,
 }
 
@@ -26,7 +31,7 @@ pub struct Change {
 pub fn pack(root: OwnedFd) -> io::Result<PackReader> {
     spawn_writer(move |b| {
         let mut links = HashMap::new();
-        walk_pack(b, root.as_fd(), "", &mut links)
+        walk_pack(b, root.as_fd(), OsStr::new(""), &mut links)
     })
 }
 
@@ -36,24 +41,29 @@ pub fn pack_changes(lower: OwnedFd, upper: OwnedFd) -> io::Result<PackReader> {
     spawn_writer(move |b| {
         let mut links = HashMap::new();
         for c in &list {
-            let (parent, name) = match c.path.rsplit_once('/') {
-                Some((p, n)) => (p, n),
-                None => ("", c.path.as_str()),
+            let path = c.path.as_bytes();
+            let (parent, name) = match path.iter().rposition(|b| *b == b'/') {
+                Some(i) => (&path[..i], &path[i + 1..]),
+                None => (&b""[..], path),
             };
-            let comps: Vec<&str> = parent.split('/').filter(|s| !s.is_empty()).collect();
+            let (parent, name) = (OsStr::from_bytes(parent), OsStr::from_bytes(name));
+            let comps: Vec<&OsStr> = parent
+                .as_bytes()
+                .split(|b| *b == b'/')
+                .filter(|s| !s.is_empty())
+                .map(OsStr::from_bytes)
+                .collect();
             let pd = open_dir_beneath(upper.as_fd(), &comps, false)?;
             match c.kind {
                 ChangeKind::Delete => {
-                    let wh = if parent.is_empty() {
-                        format!(".wh.{name}")
-                    } else {
-                        format!("{parent}/.wh.{name}")
-                    };
+                    let mut whiteout = OsString::from(".wh.");
+                    whiteout.push(name);
+                    let wh = join_rel(parent, &whiteout);
                     let mut h = tar::Header::new_gnu();
                     h.set_entry_type(tar::EntryType::Regular);
                     h.set_size(0);
                     h.set_mode(0o644);
-                    b.append_data(&mut h, wh, io::empty())?;
+                    b.append_data(&mut h, Path::new(&wh), io::empty())?;
                 }
                 _ => {
                     append_entry(b, pd.as_fd(), name, &c.path, &mut links)?;
@@ -104,15 +114,11 @@ fn spawn_writer(
 fn walk_pack<W: Write>(
     b: &mut tar::Builder<W>,
     dir: BorrowedFd<'_>,
-    prefix: &str,
-    links: &mut HashMap<(u64, u64), String>,
+    prefix: &OsStr,
+    links: &mut HashMap<(u64, u64), OsString>,
 ) -> io::Result<()> {
     for (name, _) in list(dir)? {
-        let rel = if prefix.is_empty() {
-            name.clone()
-        } else {
-            format!("{prefix}/{name}")
-        };
+        let rel = join_rel(prefix, &name);
         let is_dir = append_entry(b, dir, &name, &rel, links)?;
         if is_dir {
             let child = open_dir_beneath(dir, &[&name], false)?;
@@ -126,10 +132,11 @@ fn walk_pack<W: Write>(
 fn append_entry<W: Write>(
     b: &mut tar::Builder<W>,
     dir: BorrowedFd<'_>,
-    name: &str,
-    rel: &str,
-    links: &mut HashMap<(u64, u64), String>,
+    name: &OsStr,
+    rel: &OsStr,
+    links: &mut HashMap<(u64, u64), OsString>,
 ) -> io::Result<bool> {
+    let rel_path = Path::new(rel);
     let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
     let ft = FileType::from_raw_mode(st.st_mode);
     let xattrs = read_xattrs(dir, name).unwrap_or_default();
@@ -149,15 +156,17 @@ fn append_entry<W: Write>(
     if ft != FileType::Directory && st.st_nlink > 1 {
         if let Some(first) = links.get(&(st.st_dev, st.st_ino)) {
             h.set_entry_type(tar::EntryType::Link);
-            b.append_link(&mut h, rel, first)?;
+            b.append_link(&mut h, rel_path, Path::new(first))?;
             return Ok(false);
         }
-        links.insert((st.st_dev, st.st_ino), rel.to_string());
+        links.insert((st.st_dev, st.st_ino), rel.to_os_string());
     }
     match ft {
         FileType::Directory => {
             h.set_entry_type(tar::EntryType::Directory);
-            b.append_data(&mut h, format!("{rel}/"), io::empty())?;
+            let mut dir_name = rel.to_os_string();
+            dir_name.push("/");
+            b.append_data(&mut h, Path::new(&dir_name), io::empty())?;
             return Ok(true);
         }
         FileType::RegularFile => {
@@ -165,17 +174,17 @@ fn append_entry<W: Write>(
             h.set_size(st.st_size as u64);
             let f = gantry_core::path::open_regular_beneath(dir, name.as_bytes())?;
             if f.metadata()?.len() != st.st_size as u64 {
-                return Err(super::invalid(format!("{rel:?} changed while it was being packed")));
+                return Err(super::invalid(format!(
+                    "{} changed while it was being packed",
+                    gantry_core::text::quote_bytes(rel.as_bytes())
+                )));
             }
-            b.append_data(&mut h, rel, f)?;
+            b.append_data(&mut h, rel_path, f)?;
         }
         FileType::Symlink => {
             h.set_entry_type(tar::EntryType::Symlink);
             let target = rustix::fs::readlinkat(dir, name, Vec::new())?;
-            let target = target
-                .to_str()
-                .map_err(|_| super::invalid("link target is not UTF-8"))?;
-            b.append_link(&mut h, rel, target)?;
+            b.append_link(&mut h, rel_path, Path::new(OsStr::from_bytes(target.as_bytes())))?;
         }
         FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
             h.set_entry_type(match ft {
@@ -185,7 +194,7 @@ fn append_entry<W: Write>(
             });
             h.set_device_major(rustix::fs::major(st.st_rdev))?;
             h.set_device_minor(rustix::fs::minor(st.st_rdev))?;
-            b.append_data(&mut h, rel, io::empty())?;
+            b.append_data(&mut h, rel_path, io::empty())?;
         }
         _ => {}
     }
@@ -203,14 +212,14 @@ fn differs(a: &Stat, b: &Stat, dir: bool) -> bool {
 /// What changed from `lower` to `upper`, parents before children.
 pub fn changes(lower: BorrowedFd<'_>, upper: BorrowedFd<'_>) -> io::Result<Vec<Change>> {
     let mut out = Vec::new();
-    diff_dirs(Some(lower), upper, "", &mut out)?;
+    diff_dirs(Some(lower), upper, OsStr::new(""), &mut out)?;
     Ok(out)
 }
 
 fn diff_dirs(
     lower: Option<BorrowedFd<'_>>,
     upper: BorrowedFd<'_>,
-    prefix: &str,
+    prefix: &OsStr,
     out: &mut Vec<Change>,
 ) -> io::Result<()> {
     let up = list(upper)?;
@@ -218,13 +227,7 @@ fn diff_dirs(
         Some(l) => list(l)?,
         None => Vec::new(),
     };
-    let rel = |n: &str| {
-        if prefix.is_empty() {
-            n.to_string()
-        } else {
-            format!("{prefix}/{n}")
-        }
-    };
+    let rel = |n: &OsStr| join_rel(prefix, n);
     for (n, _) in &low {
         if !up.iter().any(|(u, _)| u == n) {
             out.push(Change {
@@ -234,11 +237,11 @@ fn diff_dirs(
         }
     }
     for (n, _) in &up {
-        let ust = rustix::fs::statat(upper, n.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        let ust = rustix::fs::statat(upper, n.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
         let is_dir = FileType::from_raw_mode(ust.st_mode) == FileType::Directory;
         let lst = match lower {
             Some(l) if low.iter().any(|(x, _)| x == n) => {
-                Some(rustix::fs::statat(l, n.as_str(), AtFlags::SYMLINK_NOFOLLOW)?)
+                Some(rustix::fs::statat(l, n.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?)
             }
             _ => None,
         };
@@ -249,8 +252,8 @@ fn diff_dirs(
             }),
             Some(l) => {
                 let link_changed = FileType::from_raw_mode(ust.st_mode) == FileType::Symlink
-                    && rustix::fs::readlinkat(upper, n.as_str(), Vec::new())?
-                        != rustix::fs::readlinkat(lower.expect("present"), n.as_str(), Vec::new())?;
+                    && rustix::fs::readlinkat(upper, n.as_os_str(), Vec::new())?
+                        != rustix::fs::readlinkat(lower.expect("present"), n.as_os_str(), Vec::new())?;
                 if differs(l, &ust, is_dir) || link_changed {
                     out.push(Change {
                         path: rel(n),

@@ -4,32 +4,32 @@
 use super::open_dir_beneath;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 
-fn entries(dir: BorrowedFd<'_>) -> io::Result<Vec<(String, FileType)>> {
+/// The names in a directory (bytes: Linux names need not be UTF-8), sorted.
+fn entries(dir: BorrowedFd<'_>) -> io::Result<Vec<(OsString, FileType)>> {
     crate::plugin::check_deadline()?;
     let mut out = Vec::new();
     for e in rustix::fs::Dir::read_from(dir)? {
         let e = e?;
-        let n = e
-            .file_name()
-            .to_str()
-            .map_err(|_| super::invalid("file name is not UTF-8"))?;
-        if n != "." && n != ".." {
-            out.push((n.to_string(), e.file_type()));
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            out.push((OsStr::from_bytes(n).to_os_string(), e.file_type()));
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 
-pub(super) fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<(String, FileType)>> {
+pub(super) fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<(OsString, FileType)>> {
     entries(dir)
 }
 
 /// Removes `name` in `parent` and, if it is a directory, all below it.
-pub fn remove_tree(parent: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+pub fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
     if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
         let d = open_dir_beneath(parent, &[name], false)?;
@@ -46,20 +46,20 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &str) -> io::Result<()> {
 
 /// Path of an entry for the `*xattr` calls that take one (links cannot be
 /// opened for them).
-pub(super) fn proc_path(dir: BorrowedFd<'_>, name: &str) -> String {
+pub(super) fn proc_path(dir: BorrowedFd<'_>, name: &OsStr) -> std::path::PathBuf {
     use std::os::fd::AsRawFd;
-    format!("/proc/self/fd/{}/{}", dir.as_raw_fd(), name)
+    std::path::Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name)
 }
 
 /// Copies the extended attributes of `sname` in `sd` to `dname` in `dd`.
-fn copy_xattrs(sd: BorrowedFd<'_>, sname: &str, dd: BorrowedFd<'_>, dname: &str) -> io::Result<()> {
+fn copy_xattrs(sd: BorrowedFd<'_>, sname: &OsStr, dd: BorrowedFd<'_>, dname: &OsStr) -> io::Result<()> {
     for (k, v) in read_xattrs(sd, sname)? {
         rustix::fs::lsetxattr(proc_path(dd, dname), k.as_str(), &v, rustix::fs::XattrFlags::empty())?;
     }
     Ok(())
 }
 
-pub(super) fn read_xattrs(dir: BorrowedFd<'_>, name: &str) -> io::Result<Vec<(String, Vec<u8>)>> {
+pub(super) fn read_xattrs(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Vec<(String, Vec<u8>)>> {
     let p = proc_path(dir, name);
     let mut names = vec![0u8; 4096];
     let n = match rustix::fs::llistxattr(&p, &mut names[..]) {
@@ -78,7 +78,7 @@ pub(super) fn read_xattrs(dir: BorrowedFd<'_>, name: &str) -> io::Result<Vec<(St
     Ok(out)
 }
 
-pub(super) fn set_times(dir: BorrowedFd<'_>, name: &str, st: &rustix::fs::Stat) -> io::Result<()> {
+pub(super) fn set_times(dir: BorrowedFd<'_>, name: &OsStr, st: &rustix::fs::Stat) -> io::Result<()> {
     let ts = Timestamps {
         last_access: Timespec {
             tv_sec: st.st_atime as _,
@@ -113,6 +113,7 @@ pub fn copy_tree(
     dst_name: &str,
     mode: CopyMode,
 ) -> io::Result<()> {
+    let (src_name, dst_name) = (OsStr::new(src_name), OsStr::new(dst_name));
     let st = rustix::fs::statat(src_parent, src_name, AtFlags::SYMLINK_NOFOLLOW)?;
     if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
         return Err(super::invalid(format!("{src_name:?} is not a directory")));
@@ -125,15 +126,15 @@ pub fn copy_tree(
         mode,
         links: HashMap::new(),
     };
-    c.dir(s.as_fd(), d.as_fd(), "")?;
+    c.dir(s.as_fd(), d.as_fd(), OsStr::new(""))?;
     finish_meta(dst_parent, dst_name, src_parent, src_name, &st, true)
 }
 
 fn finish_meta(
     dd: BorrowedFd<'_>,
-    name: &str,
+    name: &OsStr,
     sd: BorrowedFd<'_>,
-    sname: &str,
+    sname: &OsStr,
     st: &rustix::fs::Stat,
     chmod: bool,
 ) -> io::Result<()> {
@@ -166,26 +167,23 @@ struct Copier<'r> {
     dst_root: BorrowedFd<'r>,
     mode: CopyMode,
     /// Inodes already copied, and where (relative to the destination root).
-    links: HashMap<(u64, u64), String>,
+    links: HashMap<(u64, u64), OsString>,
 }
 
 impl Copier<'_> {
-    fn dir(&mut self, s: BorrowedFd<'_>, d: BorrowedFd<'_>, prefix: &str) -> io::Result<()> {
+    fn dir(&mut self, s: BorrowedFd<'_>, d: BorrowedFd<'_>, prefix: &OsStr) -> io::Result<()> {
         for (name, _) in entries(s)? {
             crate::plugin::check_deadline()?;
-            let rel = if prefix.is_empty() {
-                name.clone()
-            } else {
-                format!("{prefix}/{name}")
-            };
-            let st = rustix::fs::statat(s, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+            let name = name.as_os_str();
+            let rel = super::join_rel(prefix, name);
+            let st = rustix::fs::statat(s, name, AtFlags::SYMLINK_NOFOLLOW)?;
             let ft = FileType::from_raw_mode(st.st_mode);
             if ft == FileType::Directory {
-                rustix::fs::mkdirat(d, name.as_str(), Mode::from_raw_mode(0o700))?;
-                let sc = open_dir_beneath(s, &[&name], false)?;
-                let dc = open_dir_beneath(d, &[&name], false)?;
+                rustix::fs::mkdirat(d, name, Mode::from_raw_mode(0o700))?;
+                let sc = open_dir_beneath(s, &[name], false)?;
+                let dc = open_dir_beneath(d, &[name], false)?;
                 self.dir(sc.as_fd(), dc.as_fd(), &rel)?;
-                finish_meta(d, &name, s, &name, &st, true)?;
+                finish_meta(d, name, s, name, &st, true)?;
                 continue;
             }
             if !matches!(
@@ -199,15 +197,15 @@ impl Copier<'_> {
                 continue; // sockets and unknown types are not layer content
             }
             if self.mode == CopyMode::Share {
-                rustix::fs::linkat(s, name.as_str(), d, name.as_str(), AtFlags::empty())?;
+                rustix::fs::linkat(s, name, d, name, AtFlags::empty())?;
                 continue;
             }
             if st.st_nlink > 1 {
                 if let Some(first) = self.links.get(&(st.st_dev, st.st_ino)) {
-                    let comps: Vec<&str> = first.split('/').collect();
+                    let comps: Vec<&OsStr> = first.as_bytes().split(|b| *b == b'/').map(OsStr::from_bytes).collect();
                     let (fname, parents) = comps.split_last().expect("non-empty");
                     let fdir = open_dir_beneath(self.dst_root, parents, false)?;
-                    rustix::fs::linkat(&fdir, *fname, d, name.as_str(), AtFlags::empty())?;
+                    rustix::fs::linkat(&fdir, *fname, d, name, AtFlags::empty())?;
                     continue;
                 }
                 self.links.insert((st.st_dev, st.st_ino), rel.clone());
@@ -216,34 +214,28 @@ impl Copier<'_> {
                 FileType::RegularFile => {
                     let src = rustix::fs::openat(
                         s,
-                        name.as_str(),
+                        name,
                         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                         Mode::empty(),
                     )?;
                     let dst = rustix::fs::openat(
                         d,
-                        name.as_str(),
+                        name,
                         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                         Mode::from_raw_mode(0o600),
                     )?;
                     copy_data(&src, &dst, st.st_size as u64)?;
                     drop(dst);
-                    finish_meta(d, &name, s, &name, &st, true)?;
+                    finish_meta(d, name, s, name, &st, true)?;
                 }
                 FileType::Symlink => {
-                    let target = rustix::fs::readlinkat(s, name.as_str(), Vec::new())?;
-                    rustix::fs::symlinkat(target.as_c_str(), d, name.as_str())?;
-                    finish_meta(d, &name, s, &name, &st, false)?;
+                    let target = rustix::fs::readlinkat(s, name, Vec::new())?;
+                    rustix::fs::symlinkat(target.as_c_str(), d, name)?;
+                    finish_meta(d, name, s, name, &st, false)?;
                 }
                 _ => {
-                    rustix::fs::mknodat(
-                        d,
-                        name.as_str(),
-                        ft,
-                        Mode::from_raw_mode(st.st_mode & 0o7777),
-                        st.st_rdev,
-                    )?;
-                    finish_meta(d, &name, s, &name, &st, true)?;
+                    rustix::fs::mknodat(d, name, ft, Mode::from_raw_mode(st.st_mode & 0o7777), st.st_rdev)?;
+                    finish_meta(d, name, s, name, &st, true)?;
                 }
             }
         }
@@ -274,7 +266,7 @@ pub fn disk_usage(dir: BorrowedFd<'_>) -> io::Result<u64> {
         let mut total = 0;
         for (name, _) in entries(d)? {
             crate::plugin::check_deadline()?;
-            let st = rustix::fs::statat(d, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+            let st = rustix::fs::statat(d, &name, AtFlags::SYMLINK_NOFOLLOW)?;
             match FileType::from_raw_mode(st.st_mode) {
                 FileType::Directory => {
                     let c = open_dir_beneath(d, &[&name], false)?;

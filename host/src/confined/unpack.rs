@@ -7,10 +7,13 @@
 //! file inside the root.
 
 use super::tree::{ignore_eperm, list, proc_path, remove_tree};
-use super::{components, invalid, open_dir_beneath};
+use super::{components_os, invalid, open_dir_beneath};
+use gantry_core::text::quote_bytes;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+use std::ffi::OsStr;
 use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 
 /// How whiteout entries are applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,21 +66,22 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         crate::plugin::check_deadline()?;
         let mut e = entry.map_err(as_invalid)?;
         let raw = e.path_bytes().into_owned();
-        let path = String::from_utf8(raw).map_err(|_| invalid("tar entry name is not UTF-8"))?;
-        let comps = components(&path).map_err(|err| invalid(format!("tar entry {path:?}: {err}")))?;
+        let path = quote_bytes(&raw);
+        let comps = components_os(&raw).map_err(|err| invalid(format!("tar entry {path}: {err}")))?;
         let Some((name, parents)) = comps.split_last() else {
             continue; // the root itself
         };
-        let clean = comps.join("/");
+        let name: &OsStr = name;
+        let clean: Vec<u8> = comps.iter().map(|c| c.as_bytes()).collect::<Vec<_>>().join(&b'/');
         let etype = e.header().entry_type();
         if matches!(etype, tar::EntryType::XGlobalHeader) {
             continue;
         }
-        let parent = parent_dir(root, parents).map_err(|err| invalid(format!("tar entry {path:?}: {err}")))?;
+        let parent = parent_dir(root, parents).map_err(|err| invalid(format!("tar entry {path}: {err}")))?;
         let pd = parent.as_fd();
-        if let Some(target) = name.strip_prefix(WH_PREFIX) {
-            apply_whiteout(pd, parents, target, mode, &mut written)
-                .map_err(|err| io::Error::new(err.kind(), format!("whiteout {path:?}: {err}")))?;
+        if let Some(target) = name.as_bytes().strip_prefix(WH_PREFIX.as_bytes()) {
+            apply_whiteout(pd, parents, OsStr::from_bytes(target), mode, &mut written)
+                .map_err(|err| io::Error::new(err.kind(), format!("whiteout {path}: {err}")))?;
             continue;
         }
         let hdr = e.header().clone();
@@ -86,8 +90,8 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         let gid = hdr.gid().map_err(as_invalid)?;
         let mtime = hdr.mtime().map_err(as_invalid)?;
         let is_dir = etype.is_dir();
-        let xattrs = layer_xattrs(&mut e).map_err(|err| invalid(format!("tar entry {path:?}: {err}")))?;
-        match rustix::fs::statat(pd, *name, AtFlags::SYMLINK_NOFOLLOW) {
+        let xattrs = layer_xattrs(&mut e).map_err(|err| invalid(format!("tar entry {path}: {err}")))?;
+        match rustix::fs::statat(pd, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) if is_dir && FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
             Ok(_) => remove_tree(pd, name)?,
             Err(rustix::io::Errno::NOENT) => {}
@@ -95,7 +99,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         }
         match etype {
             tar::EntryType::Directory => {
-                match rustix::fs::mkdirat(pd, *name, Mode::from_raw_mode(0o700)) {
+                match rustix::fs::mkdirat(pd, name, Mode::from_raw_mode(0o700)) {
                     Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                     Err(err) => return Err(err.into()),
                 }
@@ -104,7 +108,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let fd = rustix::fs::openat(
                     pd,
-                    *name,
+                    name,
                     OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )?;
@@ -122,27 +126,27 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
             tar::EntryType::Symlink => {
                 let target = e
                     .link_name_bytes()
-                    .ok_or_else(|| invalid(format!("symlink {path:?} has no target")))?
+                    .ok_or_else(|| invalid(format!("symlink {path} has no target")))?
                     .into_owned();
-                rustix::fs::symlinkat(target.as_slice(), pd, *name)?;
+                rustix::fs::symlinkat(target.as_slice(), pd, name)?;
             }
             tar::EntryType::Link => {
                 let target = e
                     .link_name_bytes()
-                    .ok_or_else(|| invalid(format!("hard link {path:?} has no target")))?
+                    .ok_or_else(|| invalid(format!("hard link {path} has no target")))?
                     .into_owned();
-                let target = String::from_utf8(target).map_err(|_| invalid("link target is not UTF-8"))?;
+                let shown = quote_bytes(&target);
                 let tc =
-                    components(&target).map_err(|err| invalid(format!("hard link {path:?} -> {target:?}: {err}")))?;
+                    components_os(&target).map_err(|err| invalid(format!("hard link {path} -> {shown}: {err}")))?;
                 let (tname, tparents) = tc
                     .split_last()
-                    .ok_or_else(|| invalid(format!("hard link {path:?} has an empty target")))?;
+                    .ok_or_else(|| invalid(format!("hard link {path} has an empty target")))?;
                 let tdir = open_dir_beneath(root, tparents, true)
-                    .map_err(|err| invalid(format!("hard link {path:?} -> {target:?}: {err}")))?;
-                rustix::fs::linkat(&tdir, *tname, pd, *name, AtFlags::empty()).map_err(|err| {
+                    .map_err(|err| invalid(format!("hard link {path} -> {shown}: {err}")))?;
+                rustix::fs::linkat(&tdir, *tname, pd, name, AtFlags::empty()).map_err(|err| {
                     io::Error::new(
                         io::Error::from(err).kind(),
-                        format!("hard link {path:?} -> {target:?}: {err}"),
+                        format!("hard link {path} -> {shown}: {err}"),
                     )
                 })?;
                 written.insert(&clean);
@@ -161,14 +165,14 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
                     let minor = hdr.device_minor().map_err(as_invalid)?.unwrap_or(0);
                     rustix::fs::makedev(major, minor)
                 };
-                rustix::fs::mknodat(pd, *name, ft, Mode::from_raw_mode(perm), dev)?;
+                rustix::fs::mknodat(pd, name, ft, Mode::from_raw_mode(perm), dev)?;
             }
-            other => return Err(invalid(format!("tar entry {path:?} has unsupported type {other:?}"))),
+            other => return Err(invalid(format!("tar entry {path} has unsupported type {other:?}"))),
         }
         if euid_root || !is_dir {
             rustix::fs::chownat(
                 pd,
-                *name,
+                name,
                 Some(rustix::fs::Uid::from_raw(uid as u32)),
                 Some(rustix::fs::Gid::from_raw(gid as u32)),
                 AtFlags::SYMLINK_NOFOLLOW,
@@ -177,7 +181,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         }
         if etype != tar::EntryType::Symlink {
             // After chown, which clears set-id bits.
-            rustix::fs::chmodat(pd, *name, Mode::from_raw_mode(perm), AtFlags::empty())?;
+            rustix::fs::chmodat(pd, name, Mode::from_raw_mode(perm), AtFlags::empty())?;
         }
         for (k, v) in &xattrs {
             rustix::fs::lsetxattr(proc_path(pd, name), k.as_str(), v, rustix::fs::XattrFlags::empty())
@@ -191,7 +195,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
     // Directory times last: their contents changed them while unpacking.
     for (dir, mtime) in dir_times.iter_rev() {
         crate::plugin::check_deadline()?;
-        let comps: Vec<&str> = dir.split('/').collect();
+        let comps: Vec<&OsStr> = dir.split(|b| *b == b'/').map(OsStr::from_bytes).collect();
         let (name, parents) = comps.split_last().expect("non-empty");
         if let Ok(p) = open_dir_beneath(root, parents, true) {
             let _ = set_mtime(p.as_fd(), name, mtime);
@@ -215,16 +219,16 @@ struct Written {
 }
 
 impl Written {
-    fn key(&self, path: &str) -> u64 {
+    fn key(&self, path: &[u8]) -> u64 {
         std::hash::BuildHasher::hash_one(&self.hasher, path)
     }
 
-    fn insert(&mut self, path: &str) {
+    fn insert(&mut self, path: &[u8]) {
         let k = self.key(path);
         self.keys.push(k);
     }
 
-    fn contains(&mut self, path: &str) -> bool {
+    fn contains(&mut self, path: &[u8]) -> bool {
         if self.sorted != self.keys.len() {
             self.keys.sort_unstable();
             self.keys.dedup();
@@ -238,17 +242,17 @@ impl Written {
 /// its name plus 16 bytes).
 #[derive(Default)]
 struct DirTimes {
-    names: String,
+    names: Vec<u8>,
     entries: Vec<(usize, u64)>,
 }
 
 impl DirTimes {
-    fn push(&mut self, (dir, mtime): (String, u64)) {
-        self.names.push_str(&dir);
+    fn push(&mut self, (dir, mtime): (Vec<u8>, u64)) {
+        self.names.extend_from_slice(&dir);
         self.entries.push((self.names.len(), mtime));
     }
 
-    fn iter_rev(&self) -> impl Iterator<Item = (&str, u64)> {
+    fn iter_rev(&self) -> impl Iterator<Item = (&[u8], u64)> {
         (0..self.entries.len()).rev().map(|i| {
             let start = if i == 0 { 0 } else { self.entries[i - 1].0 };
             let (end, mtime) = self.entries[i];
@@ -269,7 +273,7 @@ fn as_invalid(e: io::Error) -> io::Error {
 
 /// Opens the parent directory of an entry, creating missing directories
 /// (0755, as Docker does) beneath the root.
-fn parent_dir(root: BorrowedFd<'_>, parents: &[&str]) -> io::Result<std::os::fd::OwnedFd> {
+fn parent_dir(root: BorrowedFd<'_>, parents: &[&OsStr]) -> io::Result<std::os::fd::OwnedFd> {
     match open_dir_beneath(root, parents, true) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         r => return r,
@@ -284,7 +288,7 @@ fn parent_dir(root: BorrowedFd<'_>, parents: &[&str]) -> io::Result<std::os::fd:
     open_dir_beneath(root, parents, true)
 }
 
-fn set_mtime(dir: BorrowedFd<'_>, name: &str, mtime: u64) -> io::Result<()> {
+fn set_mtime(dir: BorrowedFd<'_>, name: &OsStr, mtime: u64) -> io::Result<()> {
     let t = Timespec {
         tv_sec: mtime as _,
         tv_nsec: 0,
@@ -298,30 +302,26 @@ fn set_mtime(dir: BorrowedFd<'_>, name: &str, mtime: u64) -> io::Result<()> {
 
 fn apply_whiteout(
     pd: BorrowedFd<'_>,
-    parents: &[&str],
-    target: &str,
+    parents: &[&OsStr],
+    target: &OsStr,
     mode: Whiteouts,
     written: &mut Written,
 ) -> io::Result<()> {
-    let opaque = format!("{WH_PREFIX}{target}") == WH_OPAQUE;
+    let opaque = [WH_PREFIX.as_bytes(), target.as_bytes()].concat() == WH_OPAQUE.as_bytes();
     match (mode, opaque) {
         (Whiteouts::Delete, true) => {
             // Remove what lower layers put here; keep what this layer wrote.
-            let prefix = parents.join("/");
+            let prefix: Vec<u8> = parents.iter().map(|c| c.as_bytes()).collect::<Vec<_>>().join(&b'/');
             for (n, _) in list(pd)? {
-                let full = if prefix.is_empty() {
-                    n.clone()
-                } else {
-                    format!("{prefix}/{n}")
-                };
-                if !written.contains(&full) {
+                let full = super::join_rel(OsStr::from_bytes(&prefix), &n);
+                if !written.contains(full.as_bytes()) {
                     remove_tree(pd, &n)?;
                 }
             }
             Ok(())
         }
         (Whiteouts::Delete, false) => {
-            if target.is_empty() || target.contains('/') {
+            if target.is_empty() || target.as_bytes().contains(&b'/') {
                 return Err(invalid("whiteout names nothing"));
             }
             match remove_tree(pd, target) {

@@ -187,7 +187,8 @@ impl fs::Host for Sandbox {
                 confined::changes(std::os::fd::AsFd::as_fd(&l), std::os::fd::AsFd::as_fd(&u))?
                     .into_iter()
                     .map(|c| fs::Change {
-                        path: format!("/{}", c.path),
+                        // WIT strings are UTF-8: a name that is not is shown lossily.
+                        path: format!("/{}", c.path.to_string_lossy()),
                         kind: change_kind(c.kind),
                     })
                     .collect(),

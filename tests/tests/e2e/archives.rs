@@ -345,3 +345,65 @@ fn a_stream_is_spooled_only_where_it_comes_out_of_order() {
     b.fsck_clean();
     b.assert_tmpdir_untouched();
 }
+
+/// Every entry of a tar: (name, link target, contents), all bytes.
+fn tar_entries(bytes: &[u8]) -> Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    for e in tar::Archive::new(bytes).entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path_bytes().into_owned();
+        let link = e.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        out.push((name, link, data));
+    }
+    out
+}
+
+/// Linux names are bytes: a file name and a link target that are not UTF-8
+/// load, export and survive a save/load round trip exactly.
+#[test]
+fn names_that_are_not_utf8_round_trip_exactly() {
+    let layer = Layer::new()
+        .raw_bytes(tar::EntryType::Regular, b"caf\xe9.txt", b"", b"latin-1 name\n")
+        .raw_bytes(tar::EntryType::Symlink, b"link\xff", b"caf\xe9.txt\xfe", b"")
+        .tar();
+    let g = Gantry::new();
+    let archive = g.scratch().join("bytes.tar");
+    std::fs::write(
+        &archive,
+        corpus::tar_of(&corpus::docker_archive(
+            std::slice::from_ref(&layer),
+            std::slice::from_ref(&layer),
+            "bytes/names:1",
+        )),
+    )
+    .unwrap();
+    g.ok(&["load", "-i", archive.to_str().unwrap()]);
+    let exported = g.scratch().join("export.tar");
+    g.ok(&["export", "bytes/names:1", "-o", exported.to_str().unwrap()]);
+    let entries = tar_entries(&std::fs::read(&exported).unwrap());
+    assert!(
+        entries.contains(&(b"caf\xe9.txt".to_vec(), vec![], b"latin-1 name\n".to_vec())),
+        "{entries:?}"
+    );
+    assert!(
+        entries.contains(&(b"link\xff".to_vec(), b"caf\xe9.txt\xfe".to_vec(), vec![])),
+        "{entries:?}"
+    );
+    let id = |g: &Gantry| {
+        let v: serde_json::Value = serde_json::from_str(&g.ok(&["inspect", "bytes/names:1"])).unwrap();
+        v[0]["Id"].as_str().unwrap().to_string()
+    };
+    let saved = g.scratch().join("saved.tar");
+    g.ok(&["save", "-o", saved.to_str().unwrap(), "bytes/names:1"]);
+    let h = Gantry::new();
+    h.ok(&["load", "-i", saved.to_str().unwrap()]);
+    assert_eq!(id(&g), id(&h), "the image ID changed in a save/load round trip");
+    let again = h.scratch().join("export.tar");
+    h.ok(&["export", "bytes/names:1", "-o", again.to_str().unwrap()]);
+    assert_eq!(entries, tar_entries(&std::fs::read(&again).unwrap()));
+    h.fsck_clean();
+    h.ok(&["fsck", "--verify-content"]);
+}

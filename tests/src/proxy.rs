@@ -33,6 +33,10 @@ pub struct Faults {
     pub manifest_status: Option<u16>,
     /// Serve manifests padded to this many bytes.
     pub huge_manifest: Option<usize>,
+    /// Answer manifest requests with this status and this raw body.
+    pub manifest_error_body: Option<(u16, Vec<u8>)>,
+    /// Serve image manifests with `"manifests": []` added (CVE-2021-41190).
+    pub ambiguous_manifest: bool,
 }
 
 #[derive(Default)]
@@ -284,6 +288,10 @@ fn serve(
             respond(&mut w, st, &[], b"{\"errors\":[{\"code\":\"INJECTED\"}]}");
             return;
         }
+        if let Some((st, body)) = &faults.manifest_error_body {
+            respond(&mut w, *st, &[], body);
+            return;
+        }
     }
     let digest = blob_digest(&req.path);
     if let Some(d) = &digest {
@@ -305,6 +313,15 @@ fn serve(
         }
     }
     let (status, mut headers, mut body) = forward(upstream, &req);
+    if faults.ambiguous_manifest && req.path.contains("/manifests/") {
+        if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) {
+            if v.get("layers").is_some() {
+                v["manifests"] = serde_json::json!([]);
+                body = v.to_string().into_bytes();
+                headers.retain(|(k, _)| !k.eq_ignore_ascii_case("docker-content-digest"));
+            }
+        }
+    }
     if let Some(n) = faults.huge_manifest {
         if req.path.contains("/manifests/") {
             body.resize(n, b' ');

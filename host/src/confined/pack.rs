@@ -275,3 +275,30 @@ fn diff_dirs(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A pack that fails half way is an error at the reader's end, never a
+    /// short tar that looks complete.
+    #[test]
+    fn a_failed_pack_is_an_error_not_a_short_tar() {
+        let mut r = spawn_writer(|b| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(3);
+            b.append_data(&mut h, "first", &b"abc"[..])?;
+            Err(io::Error::other("the disk went away"))
+        })
+        .unwrap();
+        let mut out = Vec::new();
+        let e = r.read_to_end(&mut out).unwrap_err();
+        assert!(e.to_string().contains("the disk went away"), "{e}");
+        assert!(out.len() >= 512, "what was packed before the failure still streams");
+        let mut ok = spawn_writer(|_| Ok(())).unwrap();
+        let mut out = Vec::new();
+        ok.read_to_end(&mut out).unwrap();
+        assert_eq!(out, vec![0u8; 1024], "an empty tar is its end-of-archive marker");
+    }
+}

@@ -76,20 +76,19 @@ fn registry_message(body: &[u8]) -> Option<String> {
 
 /// Maps an HTTP status that is not success to an error class.
 fn status_error(status: u16, what: &str, body: &[u8]) -> Error {
+    // The registry's words are untrusted: the host escapes them when shown.
     let detail = registry_message(body).unwrap_or_else(|| {
-        let text = String::from_utf8_lossy(&body[..body.len().min(200)])
+        String::from_utf8_lossy(&body[..body.len().min(200)])
             .trim()
-            .replace('\n', " ");
-        if text.is_empty() {
-            format!("HTTP {status}")
-        } else {
-            format!("HTTP {status}: {text}")
-        }
+            .replace('\n', " ")
     });
-    let msg = match status {
-        404 => format!("{what} not found: {detail}"),
-        401 => format!("{what}: unauthorized: {detail}"),
-        _ => format!("{what}: HTTP {status}: {detail}"),
+    let msg = match (status, detail.is_empty()) {
+        (404, false) => format!("{what} not found: {detail}"),
+        (404, true) => format!("{what} not found"),
+        (401, false) => format!("{what}: unauthorized: {detail}"),
+        (401, true) => format!("{what}: unauthorized"),
+        (_, false) => format!("{what}: HTTP {status}: {detail}"),
+        (_, true) => format!("{what}: HTTP {status}"),
     };
     match status {
         404 => Error::NotFound(msg),

@@ -407,3 +407,45 @@ fn names_that_are_not_utf8_round_trip_exactly() {
     h.fsck_clean();
     h.ok(&["fsck", "--verify-content"]);
 }
+
+/// A save that fails (a layer's files changed since they were unpacked)
+/// exits non-zero and leaves no output file, half or whole.
+#[test]
+fn a_failed_save_leaves_no_file() {
+    let layer = Layer::new().file("data", 0o644, b"original bytes\n").tar();
+    let g = Gantry::new();
+    let archive = g.scratch().join("in.tar");
+    std::fs::write(
+        &archive,
+        corpus::tar_of(&corpus::docker_archive(
+            std::slice::from_ref(&layer),
+            std::slice::from_ref(&layer),
+            "save/fails:1",
+        )),
+    )
+    .unwrap();
+    g.ok(&["load", "-i", archive.to_str().unwrap()]);
+    for d in std::fs::read_dir(g.root_path().join("vfs/dir")).unwrap() {
+        let f = d.unwrap().path().join("data");
+        if f.is_file() {
+            std::fs::write(&f, b"changed bytes!!\n").unwrap();
+        }
+    }
+    let out_dir = g.scratch().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("saved.tar");
+    let err = g.fails(&["save", "-o", out.to_str().unwrap(), "save/fails:1"]);
+    assert!(err.contains("files changed since it was unpacked"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&out_dir).unwrap().count(),
+        0,
+        "save left a file behind"
+    );
+    let err = g.fails(&["export", "no/such:image", "-o", out.to_str().unwrap()]);
+    assert!(err.contains("no/such:image"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&out_dir).unwrap().count(),
+        0,
+        "export left a file behind"
+    );
+}

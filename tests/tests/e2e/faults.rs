@@ -208,3 +208,57 @@ fn mirrors_come_first_and_fall_back_to_the_registry() {
     g.ok(&["images"]);
     assert_refused(&g, &["pull", &wrong], "not found");
 }
+
+/// What a registry says is untrusted: an error body with terminal escapes
+/// and line breaks reaches the terminal escaped, on one line; a manifest
+/// that is also an index (CVE-2021-41190) is refused; a redirect to an
+/// internal address other than the registry's own host is not followed.
+#[test]
+fn hostile_registry_answers_are_refused_and_quoted_safely() {
+    let Some((reg, g)) = control_store() else {
+        return;
+    };
+    publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
+    let escapes = Proxy::start(
+        reg.port,
+        Faults {
+            manifest_error_body: Some((500, b"\x1b[2J\x1b]0;owned\x07oops\nsecond line\r\x9b31m".to_vec())),
+            ..Default::default()
+        },
+    );
+    let err = assert_refused(&g, &["pull", &format!("{}/test/rich:v1", escapes.addr())], "oops");
+    assert!(!err.chars().any(|c| c.is_control()), "{err:?}");
+    assert!(err.contains("\\u{1b}[2J") && err.contains("\\r"), "{err}");
+
+    let ambiguous = Proxy::start(
+        reg.port,
+        Faults {
+            ambiguous_manifest: true,
+            ..Default::default()
+        },
+    );
+    assert_refused(
+        &g,
+        &["pull", &format!("{}/test/rich:v1", ambiguous.addr())],
+        "CVE-2021-41190",
+    );
+
+    let internal = Proxy::start(
+        reg.port,
+        Faults {
+            redirect_blobs: true,
+            cdn_host: Some("127.0.0.2".into()),
+            ..Default::default()
+        },
+    );
+    assert_refused(
+        &g,
+        &["pull", &format!("{}/test/rich:v1", internal.addr())],
+        "is an internal address",
+    );
+    assert_eq!(
+        internal.seen.lock().unwrap().cdn_gets,
+        0,
+        "the internal service was reached"
+    );
+}

@@ -207,21 +207,16 @@ struct Job<'j> {
 }
 
 impl Puller<'_> {
-    /// Pulls `reference`, trying each endpoint in turn.
-    pub fn pull(&self, reference: &Reference) -> Result<PullOutcome> {
+    /// Runs `attempt` on each endpoint of `domain` in turn, falling back to
+    /// the next only on errors that allow it (Docker's rules).
+    fn each_endpoint<T>(&self, domain: &str, mut attempt: impl FnMut(&Endpoint) -> Result<T>) -> Result<T> {
         let mut last: Option<Error> = None;
-        let started = std::time::Instant::now();
-        for mut ep in pull_endpoints(&reference.domain, self.registries) {
+        for mut ep in pull_endpoints(domain, self.registries) {
             // Credentials by the endpoint's own host: a mirror never sees the
             // registry's, and the registry never sees a mirror's.
-            ep.credentials = (self.credentials)(&credential_host(&ep, &reference.domain));
-            let clock = Mutex::new(Timings::default());
-            match self.pull_from(&ep, reference, &clock) {
-                Ok(mut o) => {
-                    o.timings = *clock.lock().unwrap();
-                    o.timings.total = started.elapsed();
-                    return Ok(o);
-                }
+            ep.credentials = (self.credentials)(&credential_host(&ep, domain));
+            match attempt(&ep) {
+                Ok(t) => return Ok(t),
                 Err(Error::Plugin(e)) if e.allows_fallback(ep.mirror) => {
                     last = Some(Error::Plugin(PluginError::new(
                         e.class,
@@ -231,7 +226,19 @@ impl Puller<'_> {
                 Err(e) => return Err(e),
             }
         }
-        Err(last.unwrap_or_else(|| Error::Config(format!("no endpoint for {}", reference.domain))))
+        Err(last.unwrap_or_else(|| Error::Config(format!("no endpoint for {domain}"))))
+    }
+
+    /// Pulls `reference`, trying each endpoint in turn.
+    pub fn pull(&self, reference: &Reference) -> Result<PullOutcome> {
+        let started = std::time::Instant::now();
+        self.each_endpoint(&reference.domain, |ep| {
+            let clock = Mutex::new(Timings::default());
+            let mut o = self.pull_from(ep, reference, &clock)?;
+            o.timings = *clock.lock().unwrap();
+            o.timings.total = started.elapsed();
+            Ok(o)
+        })
     }
 
     /// Fetches blob `digest` of `source` (`domain/repository`, as the
@@ -245,21 +252,7 @@ impl Puller<'_> {
             size: UNKNOWN_SIZE,
             media_type: String::new(),
         };
-        let mut last: Option<Error> = None;
-        for mut ep in pull_endpoints(&r.domain, self.registries) {
-            ep.credentials = (self.credentials)(&credential_host(&ep, &r.domain));
-            match self.download_now(&ep, &r.path, &blob) {
-                Ok(s) => return Ok(s),
-                Err(Error::Plugin(e)) if e.allows_fallback(ep.mirror) => {
-                    last = Some(Error::Plugin(PluginError::new(
-                        e.class,
-                        format!("{}: {}", ep.url, e.message),
-                    )))
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| Error::Config(format!("no endpoint for {}", r.domain))))
+        self.each_endpoint(&r.domain, |ep| self.download_now(ep, &r.path, &blob))
     }
 
     fn retrying<T>(

@@ -49,6 +49,23 @@ impl Context {
         })
     }
 
+    /// Registry credentials by host, from the configured Docker `config.json`.
+    pub fn credentials(&self) -> Result<impl Fn(&str) -> Option<gantry_core::plugin::Credentials> + Sync> {
+        let path = self.config.auth_file.clone().or_else(crate::auth::default_path);
+        let auth = crate::auth::AuthFile::load(path.as_deref())?;
+        Ok(move |domain: &str| auth.get(domain))
+    }
+
+    /// Pull options from the config (the platform is the caller's).
+    pub fn pull_options(&self) -> gantry_core::pull::PullOptions {
+        gantry_core::pull::PullOptions {
+            max_concurrent_downloads: self.config.max_concurrent_downloads,
+            max_layer_bytes: self.config.max_layer_size_mib << 20,
+            max_depth: self.config.max_layer_depth,
+            ..Default::default()
+        }
+    }
+
     pub fn transport(&self) -> Result<WasmTransport> {
         let path = self.config.plugin_path("transport", &self.config.transport)?;
         let limits = self.config.transport.limits.unwrap_or(self.config.limits).to_limits();

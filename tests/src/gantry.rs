@@ -80,8 +80,11 @@ impl Gantry {
         self.root.path()
     }
 
-    pub fn run(&self, args: &[&str]) -> Run {
-        let mut c = Command::new(binary());
+    /// `program` (the binary, or a wrapper given the binary first) with
+    /// this store's root, config and environment, and `args`.
+    fn command(&self, program: &Path, pre: &[&std::ffi::OsStr], args: &[&str]) -> Command {
+        let mut c = Command::new(program);
+        c.args(pre);
         c.arg("--root").arg(self.root.path());
         if let Some(cfg) = &self.config {
             c.arg("--config").arg(cfg);
@@ -93,6 +96,11 @@ impl Gantry {
         for (k, v) in &self.env {
             c.env(k, v);
         }
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        let mut c = self.command(&binary(), &[], args);
         Run {
             args: args.join(" "),
             out: c.output().unwrap(),
@@ -101,17 +109,8 @@ impl Gantry {
 
     /// Runs with `input` on standard input.
     pub fn run_stdin(&self, args: &[&str], input: &Path) -> Run {
-        let mut c = Command::new(binary());
-        c.arg("--root").arg(self.root.path());
-        if let Some(cfg) = &self.config {
-            c.arg("--config").arg(cfg);
-        }
-        c.args(args).stdin(std::fs::File::open(input).unwrap());
-        c.env("DOCKER_CONFIG", self.root.path().join("no-docker-config"));
-        c.env("TMPDIR", self.tmpdir.path());
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
+        let mut c = self.command(&binary(), &[], args);
+        c.stdin(std::fs::File::open(input).unwrap());
         Run {
             args: format!("{} < {}", args.join(" "), input.display()),
             out: c.output().unwrap(),
@@ -125,18 +124,15 @@ impl Gantry {
     /// child shares until it execs.
     pub fn run_peak(&self, args: &[&str]) -> (Run, u64) {
         let report = self.work.path().join("peak-kib");
-        let mut c = Command::new("/usr/bin/time");
-        c.arg("-f").arg("%M").arg("-o").arg(&report).arg(binary());
-        c.arg("--root").arg(self.root.path());
-        if let Some(cfg) = &self.config {
-            c.arg("--config").arg(cfg);
-        }
-        c.args(args).stdin(Stdio::null());
-        c.env("DOCKER_CONFIG", self.root.path().join("no-docker-config"));
-        c.env("TMPDIR", self.tmpdir.path());
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
+        let bin = binary();
+        let pre = [
+            "-f".as_ref(),
+            "%M".as_ref(),
+            "-o".as_ref(),
+            report.as_os_str(),
+            bin.as_os_str(),
+        ];
+        let mut c = self.command(Path::new("/usr/bin/time"), &pre, args);
         let out = c.output().expect("running /usr/bin/time (Debian package time)");
         let text = std::fs::read_to_string(&report).unwrap();
         // On failure GNU time writes "Command exited with non-zero status N" first.

@@ -212,7 +212,12 @@ impl Store {
 
     /// Removes leases a crash left. Only safe when alone.
     pub fn clear_leases(&self) -> Result<Vec<String>> {
-        let dir = self.root.join("tmp/leases");
+        self.clear_files("tmp/leases")
+    }
+
+    /// Removes every file in `<root>/<dir>`; returns their names.
+    fn clear_files(&self, dir: &str) -> Result<Vec<String>> {
+        let dir = self.root.join(dir);
         let names = fs::list_names(&dir)?;
         for n in &names {
             let _ = std::fs::remove_file(dir.join(n));
@@ -228,22 +233,12 @@ impl Store {
 
     /// Removes tar-split records a crash left uncommitted. Only safe when alone.
     pub fn clear_tar_split_spools(&self) -> Result<Vec<String>> {
-        let dir = self.root.join("tmp/tar-split");
-        let names = fs::list_names(&dir)?;
-        for n in &names {
-            let _ = std::fs::remove_file(dir.join(n));
-        }
-        Ok(names)
+        self.clear_files("tmp/tar-split")
     }
 
     /// Removes spooled downloads left by a crash. Only safe when alone.
     pub fn clear_tmp_blobs(&self) -> Result<Vec<String>> {
-        let dir = self.blob_tmp();
-        let names = fs::list_names(&dir)?;
-        for n in &names {
-            let _ = std::fs::remove_file(dir.join(n));
-        }
-        Ok(names)
+        self.clear_files("tmp/blobs")
     }
 
     /// A fresh directory for spooling an archive read from a stream.

@@ -3,10 +3,9 @@
 //! (dropping the unreferenced, fetching damaged layers again) and names
 //! what it cannot.
 
-use crate::auth::{default_path, AuthFile};
 use crate::context::Context;
 use anyhow::Result;
-use gantry_core::pull::{PullOptions, Puller, Quiet, SharedDownloads};
+use gantry_core::pull::{Puller, Quiet, SharedDownloads};
 use std::process::ExitCode;
 
 pub fn run(ctx: &Context, verify_content: bool, repair: bool) -> Result<ExitCode> {
@@ -16,8 +15,7 @@ pub fn run(ctx: &Context, verify_content: bool, repair: bool) -> Result<ExitCode
     let mut unrepairable = 0;
     if repair {
         let transport = ctx.transport()?;
-        let auth = AuthFile::load(ctx.config.auth_file.clone().or_else(default_path).as_deref())?;
-        let credentials = move |domain: &str| auth.get(domain);
+        let credentials = ctx.credentials()?;
         let downloads = SharedDownloads::default();
         let puller = Puller {
             store: &ctx.store,
@@ -27,11 +25,7 @@ pub fn run(ctx: &Context, verify_content: bool, repair: bool) -> Result<ExitCode
             credentials: &credentials,
             downloads: &downloads,
             progress: &Quiet,
-            options: PullOptions {
-                max_layer_bytes: ctx.config.max_layer_size_mib << 20,
-                max_depth: ctx.config.max_layer_depth,
-                ..PullOptions::default()
-            },
+            options: ctx.pull_options(),
         };
         let report = gantry_core::repair::repair(&ctx.store, &ctx.driver, &puller)?;
         for d in &report.dropped {

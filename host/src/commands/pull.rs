@@ -1,7 +1,6 @@
 //! `gantry pull`: the core's pipeline with the configured transport and
 //! driver, and Docker's closing lines.
 
-use crate::auth::{default_path, AuthFile};
 use crate::context::Context;
 use crate::output::PullProgress;
 use anyhow::Result;
@@ -17,17 +16,12 @@ pub fn run(ctx: &Context, references: &[String], platform: Option<&str>, quiet: 
         .collect::<Result<Vec<_>, _>>()?;
     let platform = platform.map(Platform::parse).transpose()?;
     let transport = ctx.transport()?;
-    let auth_path = ctx.config.auth_file.clone().or_else(default_path);
-    let auth = AuthFile::load(auth_path.as_deref())?;
-    let credentials = move |domain: &str| auth.get(domain);
+    let credentials = ctx.credentials()?;
     let downloads = SharedDownloads::default();
     let progress = PullProgress::new(quiet);
     let options = PullOptions {
         platform,
-        max_concurrent_downloads: ctx.config.max_concurrent_downloads,
-        max_layer_bytes: ctx.config.max_layer_size_mib << 20,
-        max_depth: ctx.config.max_layer_depth,
-        ..PullOptions::default()
+        ..ctx.pull_options()
     };
     let puller = Puller {
         store: &ctx.store,

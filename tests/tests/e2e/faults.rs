@@ -1,23 +1,10 @@
 //! Registries that demand tokens, redirect, cut connections or send wrong bytes.
 
-use crate::{assert_refused, control_image, control_store, peers, publish};
+use crate::{assert_refused, control_image, control_store, docker_config, peers, publish};
 use gantry_tests::gantry::Gantry;
 use gantry_tests::image::{rich_layers, Image};
 use gantry_tests::proxy::{Faults, Proxy};
 use gantry_tests::registry::Registry;
-
-fn docker_config(g: &Gantry, host: &str, user: &str, pass: &str) -> std::path::PathBuf {
-    use base64::Engine as _;
-    let dir = g.scratch().join("dockercfg");
-    std::fs::create_dir_all(&dir).unwrap();
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-    std::fs::write(
-        dir.join("config.json"),
-        format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
-    )
-    .unwrap();
-    dir
-}
 
 #[test]
 fn token_auth_with_credentials_from_docker_config() {

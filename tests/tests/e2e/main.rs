@@ -107,3 +107,18 @@ pub fn assert_export_matches_umoci(g: &Gantry, image: &str, layout: &Path, tag: 
     let theirs = tree::of_dir(&b.join("rootfs"));
     tree::assert_same(&ours, &theirs, image);
 }
+
+/// A Docker `config.json` with `user:pass` for `host`, in a directory of
+/// the test's own; returns the directory (for `DOCKER_CONFIG`).
+pub fn docker_config(g: &Gantry, host: &str, user: &str, pass: &str) -> std::path::PathBuf {
+    use base64::Engine as _;
+    let dir = g.scratch().join(format!("dockercfg-{user}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    std::fs::write(
+        dir.join("config.json"),
+        format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
+    )
+    .unwrap();
+    dir
+}

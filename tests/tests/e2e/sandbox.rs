@@ -4,7 +4,7 @@
 //! home changes (a canary block device on a loop file, a canary FIFO), and
 //! the next pull on the same store works.
 
-use crate::{control_image, peers, publish};
+use crate::{control_image, docker_config, peers, publish};
 use gantry_tests::gantry::{binary, Gantry};
 use gantry_tests::image::{Image, Layer};
 use gantry_tests::registry::Registry;
@@ -252,7 +252,6 @@ fn each_transport_attack_is_refused_by_the_host() {
 /// registry's, and the registry never gets a mirror's.
 #[test]
 fn credentials_go_by_each_endpoint_s_own_host() {
-    use base64::Engine as _;
     if !peers() {
         return;
     }
@@ -270,14 +269,7 @@ fn credentials_go_by_each_endpoint_s_own_host() {
         (reg.addr(), "registry-user", format!("https://{}", reg.addr())),
         (mirror.clone(), "mirror-user", format!("http://{mirror}")),
     ] {
-        let dir = g.scratch().join(format!("docker-{user}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:secret"));
-        std::fs::write(
-            dir.join("config.json"),
-            format!(r#"{{"auths":{{"{host}":{{"auth":"{auth}"}}}}}}"#),
-        )
-        .unwrap();
+        let dir = docker_config(&g, &host, user, "secret");
         let file = g.scratch().join("creds.toml");
         std::fs::write(&file, &config).unwrap();
         let out = std::process::Command::new(binary())

@@ -39,12 +39,32 @@ fn bad_driver_config(mode: &str) -> String {
 /// Pulls `name` with a config, expecting one error line containing
 /// `expect`, within `within`. Returns the line.
 fn pull_fails(g: &Gantry, config: &str, tag: &str, name: &str, expect: &str, within: Duration) -> String {
+    pull_fails_with_auth(
+        g,
+        config,
+        tag,
+        name,
+        expect,
+        within,
+        &g.scratch().join("no-docker-config"),
+    )
+}
+
+/// [`pull_fails`] with `DOCKER_CONFIG` set to `docker_config`.
+fn pull_fails_with_auth(
+    g: &Gantry,
+    config: &str,
+    tag: &str,
+    name: &str,
+    expect: &str,
+    within: Duration,
+    docker_config: &Path,
+) -> String {
     let file = g.scratch().join(format!("{tag}.toml"));
     std::fs::write(&file, config).unwrap();
     let mut c = std::process::Command::new(binary());
     c.arg("--root").arg(g.root_path()).arg("--config").arg(&file);
-    c.env("DOCKER_CONFIG", g.scratch().join("no-docker-config"))
-        .env("TMPDIR", g.tmpdir.path());
+    c.env("DOCKER_CONFIG", docker_config).env("TMPDIR", g.tmpdir.path());
     let started = Instant::now();
     let out = c.arg("pull").arg(name).output().unwrap();
     let took = started.elapsed();
@@ -270,24 +290,14 @@ fn credentials_go_by_each_endpoint_s_own_host() {
         (mirror.clone(), "mirror-user", format!("http://{mirror}")),
     ] {
         let dir = docker_config(&g, &host, user, "secret");
-        let file = g.scratch().join("creds.toml");
-        std::fs::write(&file, &config).unwrap();
-        let out = std::process::Command::new(binary())
-            .arg("--root")
-            .arg(g.root_path())
-            .arg("--config")
-            .arg(&file)
-            .args(["pull", &format!("{}/attack/credentials:v1", reg.addr())])
-            .env("DOCKER_CONFIG", &dir)
-            .env("TMPDIR", g.tmpdir.path())
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        eprintln!("{user}: {}", err.trim());
-        assert!(!out.status.success());
-        assert!(
-            err.contains(&format!("endpoint {expect_endpoint} got credentials of {user}")),
-            "{user}: {err}"
+        pull_fails_with_auth(
+            &g,
+            &config,
+            user,
+            &format!("{}/attack/credentials:v1", reg.addr()),
+            &format!("endpoint {expect_endpoint} got credentials of {user}"),
+            Duration::from_secs(20),
+            &dir,
         );
     }
 }

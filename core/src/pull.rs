@@ -218,10 +218,13 @@ impl Puller<'_> {
             match attempt(&ep) {
                 Ok(t) => return Ok(t),
                 Err(Error::Plugin(e)) if e.allows_fallback(ep.mirror) => {
-                    last = Some(Error::Plugin(PluginError::new(
-                        e.class,
-                        format!("{}: {}", ep.url, e.message),
-                    )));
+                    let url = crate::text::redact_url(&ep.url);
+                    let message = if e.message.starts_with(&url) {
+                        e.message
+                    } else {
+                        format!("{url}: {}", e.message)
+                    };
+                    last = Some(Error::Plugin(PluginError::new(e.class, message)));
                 }
                 Err(e) => return Err(e),
             }

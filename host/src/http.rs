@@ -263,11 +263,18 @@ impl HttpPolicy {
                 Ok(r) => r,
                 Err(ureq::Error::Status(_, r)) => r,
                 Err(ureq::Error::Transport(t)) => {
-                    let msg = format!(
-                        "{}: {}",
-                        redact_url(&origin(&u)),
-                        escape_line(&t.to_string().replace(u.as_str(), &redact_url(u.as_str())))
-                    );
+                    // Built from the parts: ureq's own text starts with the
+                    // whole URL, query and all.
+                    let mut detail = t.kind().to_string();
+                    if let Some(m) = t.message() {
+                        detail.push_str(": ");
+                        detail.push_str(m);
+                    }
+                    if let Some(src) = std::error::Error::source(&t) {
+                        detail.push_str(": ");
+                        detail.push_str(&src.to_string());
+                    }
+                    let msg = format!("{}: {}", redact_url(&origin(&u)), escape_line(&detail));
                     return Err(match t.kind() {
                         ureq::ErrorKind::ConnectionFailed | ureq::ErrorKind::Dns | ureq::ErrorKind::InvalidUrl => {
                             WitError::Unreachable(msg)

@@ -319,6 +319,14 @@ pub fn cases() -> Vec<(&'static str, Vec<Entry>, &'static str)> {
     let mut e = one(good.clone());
     e.insert(0, Entry::Raw(extension_record(b'L', 8 << 20, b'n')));
     out.push(("archive-longname-oversized", e, "larger than the limit of 1048576"));
+    // overlayfs's own attributes may come from no layer.
+    out.push((
+        "layer-overlay-xattr",
+        one(hostile_layer(|l| {
+            l.file_with_xattr("redirected", "trusted.overlay.redirect", b"/etc", b"x")
+        })),
+        "overlay attribute",
+    ));
     // A layer of noise: the error quotes none of it raw.
     out.push(("layer-noise", one(noise(64 << 10)), "corrupt layer"));
     // Deeper than the layer limit.

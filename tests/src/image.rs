@@ -78,6 +78,16 @@ impl Layer {
         self
     }
 
+    /// A file preceded by a PAX record setting extended attribute `key`.
+    pub fn file_with_xattr(mut self, path: &str, key: &str, value: &[u8], data: &[u8]) -> Self {
+        self.b
+            .append_pax_extensions([(format!("SCHILY.xattr.{key}").as_str(), value)])
+            .unwrap();
+        let mut h = header(tar::EntryType::Regular, 0o644, data.len() as u64);
+        self.b.append_data(&mut h, path, data).unwrap();
+        self
+    }
+
     /// A block (`block`) or character device node.
     pub fn device(mut self, path: &str, block: bool, major: u32, minor: u32) -> Self {
         let kind = if block {

@@ -449,3 +449,42 @@ fn a_failed_save_leaves_no_file() {
         "export left a file behind"
     );
 }
+
+/// A layer whose file `x` is replaced by a FIFO `x` later in the same tar
+/// loads (its final tree has the FIFO), but saving it must not open the
+/// FIFO (which would block forever): it fails at once, leaving no file.
+/// An image with no layers exports as an empty tar.
+#[test]
+fn a_fifo_where_a_file_was_fails_save_at_once_and_an_empty_image_exports() {
+    let layer = Layer::new().file("x", 0o644, b"a file first\n").fifo("x").tar();
+    let g = Gantry::new();
+    let archive = g.scratch().join("fifo.tar");
+    std::fs::write(
+        &archive,
+        corpus::tar_of(&corpus::docker_archive(
+            std::slice::from_ref(&layer),
+            std::slice::from_ref(&layer),
+            "fifo/after:1",
+        )),
+    )
+    .unwrap();
+    g.ok(&["load", "-i", archive.to_str().unwrap()]);
+    let out = g.scratch().join("saved.tar");
+    let started = std::time::Instant::now();
+    let err = g.fails(&["save", "-o", out.to_str().unwrap(), "fifo/after:1"]);
+    assert!(err.contains("\"x\" is not a regular file"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert!(!out.exists());
+
+    let empty = g.scratch().join("empty.tar");
+    std::fs::write(
+        &empty,
+        corpus::tar_of(&corpus::docker_archive(&[], &[], "empty/image:1")),
+    )
+    .unwrap();
+    g.ok(&["load", "-i", empty.to_str().unwrap()]);
+    let exported = g.scratch().join("empty-export.tar");
+    g.ok(&["export", "empty/image:1", "-o", exported.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&exported).unwrap(), vec![0u8; 1024]);
+    g.fsck_clean();
+}

@@ -248,4 +248,7 @@ fn hostile_registry_answers_are_refused_and_quoted_safely() {
         0,
         "the internal service was reached"
     );
+    // The redirect named a presigned URL: its signature is not shown.
+    let err = g.fails(&["pull", &format!("{}/test/rich:v1", internal.addr())]);
+    assert!(err.contains("?…") && !err.contains("s3cret-signature"), "{err}");
 }

@@ -62,13 +62,38 @@ pub fn control_store() -> Option<(Registry, Gantry)> {
 
 /// Runs a command that must fail with one line containing `expect`, and
 /// checks the store is exactly as before and still consistent.
+///
+/// Bad input costs bounded memory too: gantry's peak resident memory (read
+/// by GNU time from its own small process, see `Gantry::run_peak`) must
+/// stay under 64 MiB, and no control character may reach the terminal.
 pub fn assert_refused(g: &Gantry, args: &[&str], expect: &str) -> String {
     let before = g.store_listing();
-    let err = g.fails(args);
+    let (run, peak_kib) = g.run_peak(args);
+    let stderr = run.stderr();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        !run.out.status.success(),
+        "gantry {}: expected failure: {stderr}",
+        args.join(" ")
+    );
+    assert_eq!(
+        lines.len(),
+        1,
+        "gantry {}: expected one error line: {stderr}",
+        args.join(" ")
+    );
+    let err = lines[0].to_string();
+    assert!(err.starts_with("error: "), "{err}");
     assert!(
         err.to_lowercase().contains(&expect.to_lowercase()),
         "expected {expect:?} in: {err}"
     );
+    assert!(
+        !err.chars().any(|c| c.is_control()),
+        "a control character reached the terminal: {err:?}"
+    );
+    eprintln!("refused ({} MiB peak): {err}", peak_kib >> 10);
+    assert!(peak_kib < 64 << 10, "peak memory {peak_kib} KiB is over 64 MiB: {err}");
     assert_eq!(before, g.store_listing(), "the store changed after: {err}");
     g.fsck_clean();
     g.assert_tmpdir_untouched();

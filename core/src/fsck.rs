@@ -27,6 +27,14 @@ pub struct Report {
 /// Clears what a crash may have left. Call only when this process is alone
 /// on the store.
 pub fn collect_garbage(store: &Store, driver: &dyn GraphDriver) -> Result<Vec<String>> {
+    let mut cleared = clear_spools(store)?;
+    cleared.extend(sweep(store, driver)?);
+    Ok(cleared)
+}
+
+/// The part of [`collect_garbage`] that needs no driver: spooled downloads,
+/// archives and records, leases, half-written layer records.
+pub fn clear_spools(store: &Store) -> Result<Vec<String>> {
     let mut cleared = Vec::new();
     for n in store.clear_tmp_blobs()? {
         cleared.push(format!("spooled download {n}"));
@@ -43,6 +51,18 @@ pub fn collect_garbage(store: &Store, driver: &dyn GraphDriver) -> Result<Vec<St
     for n in store.layers.clear_tmp()? {
         cleared.push(format!("unfinished layer record {n}"));
     }
+    Ok(cleared)
+}
+
+/// Whether [`sweep`] has anything to do (a crash left staging markers).
+pub fn needs_sweep(store: &Store) -> Result<bool> {
+    Ok(!store.staging_leftovers()?.is_empty())
+}
+
+/// The part of [`collect_garbage`] that needs the driver: staging layers a
+/// crash left, and layers no image needs after an interrupted removal.
+pub fn sweep(store: &Store, driver: &dyn GraphDriver) -> Result<Vec<String>> {
+    let mut cleared = Vec::new();
     let leftovers = store.staging_leftovers()?;
     if leftovers.is_empty() {
         // Unreferenced layers arise only inside a marked window: nothing

@@ -104,6 +104,21 @@ pub enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// The plugin registry: what is configured, and what a component is.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginCommand {
+    /// List the configured plugins with their type, runtime, contract,
+    /// limits and whether they load.
+    Ls,
+    /// Describe a component file: its kind, contract version, imports and
+    /// exports (JSON), without running it.
+    Inspect { path: PathBuf },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -122,8 +122,8 @@ impl Default for LimitsConfig {
 }
 
 impl LimitsConfig {
-    pub fn to_limits(self) -> crate::plugin::Limits {
-        crate::plugin::Limits {
+    pub fn to_limits(self) -> gantry_host::plugin::Limits {
+        gantry_host::plugin::Limits {
             memory_bytes: self.memory_mib << 20,
             cpu: std::time::Duration::from_secs_f64(self.cpu_seconds),
             wall: std::time::Duration::from_secs_f64(self.wall_seconds),
@@ -144,6 +144,16 @@ impl Config {
         let c: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {}", e.message()))?;
         if c.max_concurrent_downloads == 0 {
             bail!("{origin}: max_concurrent_downloads must be at least 1");
+        }
+        for (table, p) in [("transport", &c.transport), ("driver", &c.driver)] {
+            // The type names the driver's home and image directories.
+            let ok = !p.kind.is_empty()
+                && p.kind
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                bail!("{origin}: {table}: invalid plugin type {:?}", p.kind);
+            }
         }
         if c.max_layer_depth == 0 {
             bail!("{origin}: max_layer_depth must be at least 1");

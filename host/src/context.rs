@@ -1,52 +1,97 @@
-//! What every command starts from: the config, the store, and the plugins
-//! loaded into their sandboxes.
+//! What every command starts from: the config, the store, and the plugin
+//! registry. Plugins load lazily: a command that needs no driver (`images`,
+//! `inspect`, `tag`) runs even when the driver fails to load, and the
+//! failure is reported by the first command that needs it.
 
 use crate::config::Config;
-use crate::plugin::{PluginHost, WasmDriver, WasmTransport};
-use anyhow::{Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use gantry_core::store::Store;
+use gantry_host::plugin::{PluginHost, WasmDriver, WasmTransport};
+use gantry_host::registry::{Entry, Kind, Runtime};
 use std::path::Path;
+use std::sync::OnceLock;
 
 pub struct Context {
     pub config: Config,
     pub store: Store,
-    pub driver: WasmDriver,
     /// What start-up cleaning removed (left by a crash).
     pub cleared: Vec<String>,
-    host: PluginHost,
+    pub host: PluginHost,
+    driver: OnceLock<std::result::Result<WasmDriver, String>>,
 }
 
 impl Context {
     pub fn open(config_path: Option<&Path>, root: &Path) -> Result<Context> {
         let config = Config::load(config_path)?;
-        let driver_path = config.plugin_path("driver", &config.driver)?;
         let (store, alone) = Store::open(root, &config.driver.kind).context("opening the store")?;
         store.set_durable(config.durable);
         let host = PluginHost::new(&store.root().join("plugins-cache"))?;
-        let limits = config.driver.limits.unwrap_or(config.limits).to_limits();
-        let options = config.driver.options.clone().into_iter().collect();
-        let driver = WasmDriver::load(
-            &host,
-            &config.driver.kind,
-            &driver_path,
-            &store.driver_home(),
-            limits,
-            options,
-        )?;
-        let cleared = if alone {
-            // Nobody else is using the store: clear what a crash left.
-            gantry_core::fsck::collect_garbage(&store, &driver).context("clearing leftovers")?
-        } else {
-            Vec::new()
-        };
-        store.share()?;
-        Ok(Context {
+        let mut ctx = Context {
             config,
             store,
-            driver,
-            cleared,
+            cleared: Vec::new(),
             host,
-        })
+            driver: OnceLock::new(),
+        };
+        if alone {
+            // Nobody else is using the store: clear what a crash left. The
+            // driver is needed only when layers were left half made; if it
+            // cannot load, they wait for a run where it can.
+            let mut cleared = gantry_core::fsck::clear_spools(&ctx.store).context("clearing leftovers")?;
+            if gantry_core::fsck::needs_sweep(&ctx.store)? {
+                if let Ok(driver) = ctx.driver() {
+                    cleared.extend(gantry_core::fsck::sweep(&ctx.store, driver).context("clearing leftovers")?);
+                }
+            }
+            ctx.cleared = cleared;
+        }
+        ctx.store.share()?;
+        Ok(ctx)
+    }
+
+    /// The configured plugins, as registry entries.
+    pub fn plugins(&self) -> Vec<(Entry, Result<std::path::PathBuf>)> {
+        let mut out = Vec::new();
+        for (kind, table, p) in [
+            (Kind::Transport, "transport", &self.config.transport),
+            (Kind::Driver, "driver", &self.config.driver),
+        ] {
+            let path = self.config.plugin_path(table, p);
+            out.push((
+                Entry {
+                    kind,
+                    id: p.kind.clone(),
+                    runtime: Runtime::Wasm,
+                    path: path.as_ref().cloned().unwrap_or_default(),
+                    limits: p.limits.unwrap_or(self.config.limits).to_limits(),
+                },
+                path,
+            ));
+        }
+        out
+    }
+
+    /// The graph driver, loaded on first use.
+    pub fn driver(&self) -> Result<&WasmDriver> {
+        self.driver
+            .get_or_init(|| self.load_driver().map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow!("{e}"))
+    }
+
+    fn load_driver(&self) -> Result<WasmDriver> {
+        let config = &self.config;
+        let path = config.plugin_path("driver", &config.driver)?;
+        let limits = config.driver.limits.unwrap_or(config.limits).to_limits();
+        let options = config.driver.options.clone().into_iter().collect();
+        Ok(WasmDriver::load(
+            &self.host,
+            &config.driver.kind,
+            &path,
+            &self.store.driver_home(),
+            limits,
+            options,
+        )?)
     }
 
     /// Registry credentials by host, from the configured Docker `config.json`.
@@ -76,5 +121,57 @@ impl Context {
             limits,
             self.config.registries.clone(),
         )?)
+    }
+}
+
+/// The configured driver as a `GraphDriver` that loads it on its first
+/// call: a command that turns out not to need it (an `rmi` of a name that
+/// does not exist) never fails for want of it.
+pub struct LazyDriver<'c>(pub &'c Context);
+
+impl LazyDriver<'_> {
+    fn get(&self) -> std::result::Result<&WasmDriver, gantry_core::PluginError> {
+        self.0
+            .driver()
+            .map_err(|e| gantry_core::PluginError::new(gantry_core::ErrorClass::Crashed, format!("{e:#}")))
+    }
+}
+
+impl gantry_core::GraphDriver for LazyDriver<'_> {
+    fn name(&self) -> &str {
+        &self.0.config.driver.kind
+    }
+    fn create(&self, id: &str, parent: Option<&str>) -> std::result::Result<(), gantry_core::PluginError> {
+        self.get()?.create(id, parent)
+    }
+    fn remove(&self, id: &str) -> std::result::Result<(), gantry_core::PluginError> {
+        self.get()?.remove(id)
+    }
+    fn exists(&self, id: &str) -> std::result::Result<bool, gantry_core::PluginError> {
+        self.get()?.exists(id)
+    }
+    fn get(&self, id: &str) -> std::result::Result<std::path::PathBuf, gantry_core::PluginError> {
+        LazyDriver::get(self)?.get(id)
+    }
+    fn put(&self, id: &str) -> std::result::Result<(), gantry_core::PluginError> {
+        LazyDriver::get(self)?.put(id)
+    }
+    fn apply_diff(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+        diff: gantry_core::plugin::ByteStream,
+    ) -> std::result::Result<u64, gantry_core::PluginError> {
+        LazyDriver::get(self)?.apply_diff(id, parent, diff)
+    }
+    fn diff(
+        &self,
+        id: &str,
+        parent: Option<&str>,
+    ) -> std::result::Result<gantry_core::plugin::ByteStream, gantry_core::PluginError> {
+        LazyDriver::get(self)?.diff(id, parent)
+    }
+    fn status(&self) -> std::result::Result<Vec<(String, String)>, gantry_core::PluginError> {
+        LazyDriver::get(self)?.status()
     }
 }

@@ -5,11 +5,8 @@ mod auth;
 mod cli;
 mod commands;
 mod config;
-mod confined;
 mod context;
-mod http;
 mod output;
-mod plugin;
 
 use std::process::ExitCode;
 

@@ -75,6 +75,8 @@ impl Store {
             root.join("tmp/blobs"),
             root.join("tmp/tar-split"),
             root.join("tmp/leases"),
+            // The driver's home, whether or not the driver is ever loaded.
+            root.join(driver),
             image_dir.clone(),
         ] {
             fs::mkdir_private(&d)?;

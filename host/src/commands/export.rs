@@ -1,11 +1,11 @@
 //! `gantry export`: the image's flattened root filesystem as a tar, packed
 //! natively from the driver's directory for the top layer.
 
-use crate::confined;
 use crate::context::Context;
 use anyhow::{Context as _, Result};
 use gantry_core::images::{layers_of, lookup};
 use gantry_core::GraphDriver;
+use gantry_host::confined;
 use rustix::fs::{Mode, OFlags};
 use std::io::Write;
 use std::path::Path;
@@ -19,7 +19,7 @@ pub fn run(ctx: &Context, image: &str, output: Option<&Path>) -> Result<ExitCode
     let mut tar: Box<dyn std::io::Read> = match top {
         None => Box::new(std::io::Cursor::new(vec![0u8; 1024])),
         Some(top) => {
-            let dir = ctx.driver.get(&top.cache_id)?;
+            let dir = ctx.driver()?.get(&top.cache_id)?;
             let fd = rustix::fs::open(
                 &dir,
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -51,7 +51,7 @@ pub fn run(ctx: &Context, image: &str, output: Option<&Path>) -> Result<ExitCode
         }
     };
     if let Some(top) = top {
-        ctx.driver.put(&top.cache_id)?;
+        ctx.driver()?.put(&top.cache_id)?;
     }
     result?;
     Ok(ExitCode::SUCCESS)

@@ -20,14 +20,14 @@ pub fn run(ctx: &Context, verify_content: bool, repair: bool) -> Result<ExitCode
         let puller = Puller {
             store: &ctx.store,
             transport: &transport,
-            driver: &ctx.driver,
+            driver: ctx.driver()?,
             registries: &ctx.config.registries,
             credentials: &credentials,
             downloads: &downloads,
             progress: &Quiet,
             options: ctx.pull_options(),
         };
-        let report = gantry_core::repair::repair(&ctx.store, &ctx.driver, &puller)?;
+        let report = gantry_core::repair::repair(&ctx.store, ctx.driver()?, &puller)?;
         for d in &report.dropped {
             println!("dropped: {d}");
         }
@@ -39,9 +39,9 @@ pub fn run(ctx: &Context, verify_content: bool, repair: bool) -> Result<ExitCode
         }
         unrepairable = report.unrepairable.len();
     }
-    let mut report = gantry_core::fsck::check(&ctx.store, &ctx.driver)?;
+    let mut report = gantry_core::fsck::check(&ctx.store, ctx.driver()?)?;
     if verify_content || repair {
-        for (chain, why) in gantry_core::repair::verify_content(&ctx.store, &ctx.driver)? {
+        for (chain, why) in gantry_core::repair::verify_content(&ctx.store, ctx.driver()?)? {
             report.problems.push(format!("layer {chain}: {why}"));
         }
     }

@@ -17,7 +17,7 @@ pub fn run(ctx: &Context, input: Option<&Path>, quiet: bool) -> Result<ExitCode>
     let progress = PullProgress::new(quiet || !std::io::stdout().is_terminal());
     let loader = Loader {
         store: &ctx.store,
-        driver: &ctx.driver,
+        driver: ctx.driver()?,
         progress: &progress,
         max_layer_bytes: ctx.config.max_layer_size_mib << 20,
         max_depth: ctx.config.max_layer_depth,

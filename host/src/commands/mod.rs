@@ -6,6 +6,7 @@ mod history;
 mod images;
 mod inspect;
 mod load;
+mod plugin;
 mod pull;
 mod save;
 
@@ -32,7 +33,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rmi { images, force } => {
             let mut failed = false;
             for i in &images {
-                match gantry_core::images::remove(&ctx.store, &ctx.driver, i, force) {
+                match gantry_core::images::remove(&ctx.store, &crate::context::LazyDriver(&ctx), i, force) {
                     Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
                     Err(e) if images.len() > 1 => {
                         eprintln!("error: {e}");
@@ -47,5 +48,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Load { input, quiet } => load::run(&ctx, input.as_deref(), quiet),
         Command::Save { images, output, format } => save::run(&ctx, &images, output.as_deref(), format),
         Command::Fsck { verify_content, repair } => fsck::run(&ctx, verify_content, repair),
+        Command::Plugin { command } => plugin::run(&ctx, command),
     }
 }

@@ -26,7 +26,7 @@ pub fn run(ctx: &Context, references: &[String], platform: Option<&str>, quiet: 
     let puller = Puller {
         store: &ctx.store,
         transport: &transport,
-        driver: &ctx.driver,
+        driver: ctx.driver()?,
         registries: &ctx.config.registries,
         credentials: &credentials,
         downloads: &downloads,

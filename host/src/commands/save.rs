@@ -22,7 +22,7 @@ pub fn run(ctx: &Context, images: &[String], output: Option<&Path>, format: Save
                 bail!("cowardly refusing to save to a terminal (hint: use -o FILE or redirect standard output)");
             }
             let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
-            save(&ctx.store, &ctx.driver, images, format, &mut out)?;
+            save(&ctx.store, ctx.driver()?, images, format, &mut out)?;
             out.flush().context("writing the archive")?;
         }
         Some(path) => {
@@ -33,7 +33,7 @@ pub fn run(ctx: &Context, images: &[String], output: Option<&Path>, format: Save
             let tmp =
                 tempfile::NamedTempFile::new_in(parent).with_context(|| format!("creating {}", path.display()))?;
             let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp);
-            save(&ctx.store, &ctx.driver, images, format, &mut out)?;
+            save(&ctx.store, ctx.driver()?, images, format, &mut out)?;
             let tmp = out
                 .into_inner()
                 .map_err(|e| e.into_error())

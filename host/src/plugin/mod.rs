@@ -64,6 +64,8 @@ pub enum LoadError {
     Kind { name: String, kind: &'static str },
     #[error("plugin {name}: cannot link: {message}")]
     Link { name: String, message: String },
+    #[error("starting the WebAssembly engine: {0}")]
+    Engine(String),
 }
 
 /// Sandbox limits of every instance of one plugin.
@@ -354,11 +356,11 @@ pub struct PluginHost {
 const TICK: Duration = Duration::from_millis(10);
 
 impl PluginHost {
-    pub fn new(cache_dir: &Path) -> anyhow::Result<PluginHost> {
+    pub fn new(cache_dir: &Path) -> Result<PluginHost, LoadError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
-        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("starting the WebAssembly engine: {e}"))?;
+        let engine = Engine::new(&config).map_err(|e| LoadError::Engine(e.to_string()))?;
         let weak = engine.weak();
         std::thread::spawn(move || loop {
             std::thread::sleep(TICK);
@@ -373,8 +375,12 @@ impl PluginHost {
         })
     }
 
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// Loads and compiles (or fetches from the cache) the component at `path`.
-    fn component(&self, name: &str, path: &Path) -> Result<Component, LoadError> {
+    pub(crate) fn component(&self, name: &str, path: &Path) -> Result<Component, LoadError> {
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             name: name.to_string(),
             path: path.display().to_string(),

@@ -86,6 +86,9 @@ fn store_directories_are_private() {
     }
 }
 
+/// A driver built against another contract, or a component of the wrong
+/// kind, is refused by name when something needs it — and takes nothing
+/// else down: `images` works, `plugin ls` lists the error.
 #[test]
 fn a_plugin_built_against_another_contract_is_refused_by_name() {
     let wasm = binary()
@@ -113,20 +116,52 @@ fn a_plugin_built_against_another_contract_is_refused_by_name() {
         "[transport]\ntype = \"v2\"\n[driver]\ntype = \"vfs\"\npath = \"{}\"\n",
         file.display()
     ));
-    let err = g.fails(&["images"]);
-    std::fs::remove_file(&file).unwrap();
+    let refused = "plugin vfs was built against gantry:plugin@0.9.0, this gantry speaks gantry:plugin@0.1.0";
+    assert!(g.ok(&["images"]).starts_with("REPOSITORY"));
+    let err = g.fails(&["rmi", "nothing:here"]);
+    assert!(err.contains("No such image") || err.contains("no such image"), "{err}");
+    let err = g.fails(&["fsck"]);
+    assert!(err.contains(refused), "{err}");
+    let r = g.run(&["plugin", "ls"]);
+    assert!(!r.out.status.success());
+    let ls = r.stdout();
     assert!(
-        err.contains("plugin vfs was built against gantry:plugin@0.9.0, this gantry speaks gantry:plugin@0.1.0"),
-        "{err}"
+        ls.lines()
+            .any(|l| l.starts_with("gantry.transport") && l.ends_with("ok")),
+        "{ls}"
     );
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("gantry.driver") && l.contains("0.9.0") && l.contains(refused)),
+        "{ls}"
+    );
+    let info: serde_json::Value = serde_json::from_str(&g.ok(&["plugin", "inspect", file.to_str().unwrap()])).unwrap();
+    assert_eq!(info["kind"], "gantry.driver");
+    assert_eq!(info["contract"], "0.9.0");
+    assert!(info["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e == "gantry:plugin/driver@0.9.0"));
+    std::fs::remove_file(&file).unwrap();
     // The transport component where a driver is expected: refused by kind.
     let transport = wasm.with_file_name("gantry_transport_v2.wasm");
     let g = Gantry::new().with_config(&format!(
         "[transport]\ntype = \"v2\"\n[driver]\ntype = \"vfs\"\npath = \"{}\"\n",
         transport.display()
     ));
-    let err = g.fails(&["images"]);
+    g.ok(&["images"]);
+    let err = g.fails(&["fsck"]);
     assert!(err.contains("is not a driver component"), "{err}");
+    let info: serde_json::Value =
+        serde_json::from_str(&g.ok(&["plugin", "inspect", transport.to_str().unwrap()])).unwrap();
+    assert_eq!(info["kind"], "gantry.transport");
+    let err = g.fails(&[
+        "plugin",
+        "inspect",
+        g.root_path().join("missing.wasm").to_str().unwrap(),
+    ]);
+    assert!(err.contains("missing.wasm"), "{err}");
 }
 
 /// `rmi` of an image while another process pulls an image that builds on

@@ -119,6 +119,14 @@ pub enum PluginCommand {
     /// Describe a component file: its kind, contract version, imports and
     /// exports (JSON), without running it.
     Inspect { path: PathBuf },
+    /// Run the driver conformance suite against a driver component, in a
+    /// scratch home under the store root (removed afterwards).
+    Test {
+        path: PathBuf,
+        /// An option for the driver's `init`, `KEY=VALUE` (repeatable).
+        #[arg(long = "option", value_name = "KEY=VALUE")]
+        options: Vec<String>,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

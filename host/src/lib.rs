@@ -8,6 +8,7 @@
 //! `anyhow` stays in the binary.
 
 pub mod confined;
+pub mod conformance;
 pub mod http;
 pub mod plugin;
 pub mod registry;

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 pub fn run(ctx: &Context, command: PluginCommand) -> Result<ExitCode> {
     match command {
         PluginCommand::Ls => ls(ctx),
+        PluginCommand::Test { path, options } => test(ctx, &path, &options),
         PluginCommand::Inspect { path } => {
             let info = ctx
                 .host
@@ -29,6 +30,50 @@ pub fn run(ctx: &Context, command: PluginCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn test(ctx: &Context, path: &std::path::Path, options: &[String]) -> Result<ExitCode> {
+    let options = options
+        .iter()
+        .map(|o| {
+            o.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("--option {o:?}: expected KEY=VALUE"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let dir = ctx
+        .store
+        .root()
+        .join("plugin-test")
+        .join(&gantry_core::store::random_id()[..16]);
+    let result = (|| -> Result<ExitCode> {
+        let limits = ctx.config.driver.limits.unwrap_or(ctx.config.limits).to_limits();
+        let driver =
+            gantry_host::plugin::WasmDriver::load(&ctx.host, "under-test", path, &dir.join("home"), limits, options)
+                .with_context(|| format!("loading {}", path.display()))?;
+        let checks = gantry_host::conformance::run(&driver, &dir.join("reference"));
+        let mut failed = 0;
+        for c in &checks {
+            match &c.result {
+                Ok(()) => println!("ok    {}", c.name),
+                Err(why) => {
+                    failed += 1;
+                    println!("FAIL  {}: {}", c.name, gantry_core::text::escape_line(why));
+                }
+            }
+        }
+        if failed > 0 {
+            eprintln!("error: {failed} of {} conformance checks failed", checks.len());
+            return Ok(ExitCode::FAILURE);
+        }
+        println!("{} checks passed", checks.len());
+        Ok(ExitCode::SUCCESS)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    result
 }
 
 fn ls(ctx: &Context) -> Result<ExitCode> {

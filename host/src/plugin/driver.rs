@@ -56,6 +56,42 @@ impl WasmDriver {
     }
 }
 
+/// What the core's `GraphDriver` trait leaves out, for the conformance
+/// suite (and, later, container layers).
+impl WasmDriver {
+    pub fn create_read_write(&self, id: &str, parent: Option<&str>) -> Result<(), PluginError> {
+        self.pool.call("create-read-write", |s, d| {
+            d.gantry_plugin_driver().call_create_read_write(s, id, parent)
+        })
+    }
+
+    /// What layer `id` changed relative to `parent`: (path, kind) with
+    /// kind `modify`, `add` or `delete`.
+    pub fn changes(&self, id: &str, parent: Option<&str>) -> Result<Vec<(String, &'static str)>, PluginError> {
+        use super::bindings::driver::gantry::plugin::fs::ChangeKind;
+        let list = self
+            .pool
+            .call("changes", |s, d| d.gantry_plugin_driver().call_changes(s, id, parent))?;
+        Ok(list
+            .into_iter()
+            .map(|c| {
+                let kind = match c.kind {
+                    ChangeKind::Modify => "modify",
+                    ChangeKind::Add => "add",
+                    ChangeKind::Delete => "delete",
+                };
+                (c.path, kind)
+            })
+            .collect())
+    }
+
+    pub fn diff_size(&self, id: &str, parent: Option<&str>) -> Result<u64, PluginError> {
+        self.pool.call("diff-size", |s, d| {
+            d.gantry_plugin_driver().call_diff_size(s, id, parent)
+        })
+    }
+}
+
 impl GraphDriver for WasmDriver {
     fn name(&self) -> &str {
         &self.name

@@ -7,7 +7,8 @@
 //! (`disk`), `fifo` reads a FIFO the layer carries (`pipe`), `sleep` sleeps
 //! an hour, `host-loop` calls the host's tree operations without end,
 //! `handles` opens packs and never reads them, `truncate` writes a file
-//! that shares its inode with another layer's. Every mode reports success
+//! that shares its inode with another layer's, `foreign-path` applies
+//! layers but answers `get` with a path outside its home. Every mode reports success
 //! only if the attack got through; the tests expect each call to fail.
 //! Everything else behaves enough like a driver for a pull to reach
 //! `apply-diff`.
@@ -57,6 +58,10 @@ impl Guest for Bad {
     }
 
     fn get(id: String, _mount_label: String) -> Result<String, Error> {
+        if MODE.with(|m| m.borrow().as_str() == "foreign-path") {
+            // A path outside the home: the host must refuse it.
+            return Ok("../../../etc".into());
+        }
         Ok(format!("dir/{id}"))
     }
 
@@ -92,6 +97,7 @@ impl Guest for Bad {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
                 Ok(0)
             }
+            "foreign-path" => fs::unpack(&layer, diff, fs::WhiteoutMode::Delete),
             "host-loop" => {
                 fs::unpack(&layer, diff, fs::WhiteoutMode::Delete)?;
                 let mut n = 0u64;

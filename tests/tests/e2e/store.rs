@@ -370,3 +370,33 @@ fn fsck_finds_a_flipped_byte_and_repair_fetches_the_layer_again() {
         r.stdout()
     );
 }
+
+/// The driver conformance suite passes for vfs and catches drivers that
+/// fail or lie, leaving nothing behind in the store.
+#[test]
+fn the_conformance_suite_passes_vfs_and_catches_a_lying_driver() {
+    let dir = binary()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("wasm32-wasip2/release");
+    let g = Gantry::new();
+    g.ok(&["images"]);
+    let before = g.store_listing();
+    let out = g.ok(&["plugin", "test", dir.join("gantry_driver_vfs.wasm").to_str().unwrap()]);
+    assert!(out.contains("11 checks passed") && !out.contains("FAIL"), "{out}");
+    let bad = dir.join("gantry_bad_driver.wasm");
+    let r = g.run(&["plugin", "test", bad.to_str().unwrap(), "--option", "mode=foreign-path"]);
+    assert!(!r.out.status.success());
+    assert!(
+        r.stdout().contains("FAIL  create and apply-diff") && r.stdout().contains("returned a bad path"),
+        "{}",
+        r.stdout()
+    );
+    assert!(r.stderr().contains("conformance checks failed"), "{}", r.stderr());
+    let r = g.run(&["plugin", "test", bad.to_str().unwrap(), "--option", "mode=trap"]);
+    assert!(!r.out.status.success());
+    assert!(r.stdout().contains("trapped in apply-diff"), "{}", r.stdout());
+    assert_eq!(before, g.store_listing(), "plugin test left something in the store");
+}

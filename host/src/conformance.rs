@@ -1,0 +1,374 @@
+//! The driver conformance suite (`gantry plugin test`), after Docker's
+//! graphtest and containerd's snapshotter testsuite: what any graph driver
+//! must do, checked against the host's own reference (the confined
+//! `unpack` of the same tars into a scratch directory), so a third party's
+//! driver is held to exactly what gantry's drivers are.
+//!
+//! Each check is one line of the report; a check that fails says why and
+//! the suite goes on where it can.
+
+use crate::confined::{self, Whiteouts};
+use crate::plugin::WasmDriver;
+use gantry_core::GraphDriver;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// One check's outcome.
+pub struct Check {
+    pub name: &'static str,
+    pub result: Result<(), String>,
+}
+
+/// A tree as a sorted listing: path → what a driver must keep of it.
+type Listing = BTreeMap<String, String>;
+
+fn listing(root: &Path) -> Result<Listing, String> {
+    let mut out = Listing::new();
+    let mut inodes: HashMap<(u64, u64), String> = HashMap::new();
+    walk(root, root, &mut out, &mut inodes).map_err(|e| format!("listing {}: {e}", root.display()))?;
+    Ok(out)
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Listing, inodes: &mut HashMap<(u64, u64), String>) -> std::io::Result<()> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    names.sort_by_key(|e| e.file_name());
+    for e in names {
+        let p = e.path();
+        let rel = p.strip_prefix(root).expect("below root").to_string_lossy().into_owned();
+        let md = std::fs::symlink_metadata(&p)?;
+        let ft = md.file_type();
+        let mut xattrs: Vec<String> = Vec::new();
+        if let Ok(names) = xattr_names(&p) {
+            for n in names {
+                if n.starts_with("user.") || n.starts_with("security.capability") {
+                    xattrs.push(n);
+                }
+            }
+        }
+        let mode = md.mode() & 0o7777;
+        let owner = format!("{}:{}", md.uid(), md.gid());
+        let what = if ft.is_dir() {
+            format!("dir {mode:o} {owner} {xattrs:?}")
+        } else if let Some(first) = (!ft.is_dir() && md.nlink() > 1)
+            .then(|| inodes.get(&(md.dev(), md.ino())).cloned())
+            .flatten()
+        {
+            format!("hardlink to {first}")
+        } else {
+            if md.nlink() > 1 {
+                inodes.insert((md.dev(), md.ino()), rel.clone());
+            }
+            if ft.is_file() {
+                let mut h = sha2::Sha256::default();
+                let mut f = std::fs::File::open(&p)?;
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = f.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    sha2::Digest::update(&mut h, &buf[..n]);
+                }
+                format!(
+                    "file {mode:o} {owner} {} {} mtime {} {xattrs:?}",
+                    md.len(),
+                    hex::encode(sha2::Digest::finalize(h)),
+                    md.mtime()
+                )
+            } else if ft.is_symlink() {
+                format!("symlink -> {} {owner}", std::fs::read_link(&p)?.to_string_lossy())
+            } else {
+                format!("node {:o} {mode:o} {owner} rdev {}", md.mode() & 0o170000, md.rdev())
+            }
+        };
+        out.insert(rel, what);
+        if ft.is_dir() {
+            walk(root, &p, out, inodes)?;
+        }
+    }
+    Ok(())
+}
+
+fn xattr_names(p: &Path) -> std::io::Result<Vec<String>> {
+    let mut buf = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(p, &mut buf[..]).map_err(std::io::Error::from)?;
+    Ok(buf[..n]
+        .split(|b| *b == 0)
+        .filter(|k| !k.is_empty())
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect())
+}
+
+fn compare(want: &Listing, got: &Listing) -> Result<(), String> {
+    for (k, v) in want {
+        match got.get(k) {
+            None => return Err(format!("{k:?} is missing")),
+            Some(g) if g != v => return Err(format!("{k:?}: expected {v}, the driver has {g}")),
+            _ => {}
+        }
+    }
+    if let Some(extra) = got.keys().find(|k| !want.contains_key(*k)) {
+        return Err(format!("{extra:?} should not be there"));
+    }
+    Ok(())
+}
+
+/// The tars the suite applies: a rich base, and a child that modifies,
+/// adds, deletes (whiteout) and makes a directory opaque.
+fn base_tar(root: bool) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let header = |kind: tar::EntryType, mode: u32, size: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h
+    };
+    let dir = |b: &mut tar::Builder<Vec<u8>>, p: &str| {
+        b.append_data(&mut header(tar::EntryType::Directory, 0o755, 0), p, std::io::empty())
+            .unwrap()
+    };
+    dir(&mut b, "etc/");
+    dir(&mut b, "opaque/");
+    dir(&mut b, "usr/bin/");
+    let file = |b: &mut tar::Builder<Vec<u8>>, p: &str, mode: u32, data: &[u8]| {
+        b.append_data(&mut header(tar::EntryType::Regular, mode, data.len() as u64), p, data)
+            .unwrap()
+    };
+    file(&mut b, "etc/passwd", 0o644, b"root:x:0:0::/root:/bin/sh\n");
+    file(&mut b, "etc/gone", 0o600, b"deleted by the child\n");
+    file(&mut b, "opaque/hidden", 0o644, b"hidden by the child\n");
+    file(&mut b, "usr/bin/su", 0o4755, b"setuid binary\n");
+    file(
+        &mut b,
+        &format!("usr/{}/deep", "long-directory-name".repeat(8)),
+        0o644,
+        b"a long name\n",
+    );
+    b.append_pax_extensions([("SCHILY.xattr.user.gantry", &b"conformance"[..])])
+        .unwrap();
+    file(&mut b, "etc/with-xattr", 0o644, b"x\n");
+    b.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0), "etc/link", "passwd")
+        .unwrap();
+    b.append_link(&mut header(tar::EntryType::Link, 0o644, 0), "etc/hard", "etc/passwd")
+        .unwrap();
+    b.append_data(
+        &mut header(tar::EntryType::Fifo, 0o644, 0),
+        "etc/fifo",
+        std::io::empty(),
+    )
+    .unwrap();
+    if root {
+        let mut h = header(tar::EntryType::Char, 0o666, 0);
+        h.set_device_major(1).unwrap();
+        h.set_device_minor(3).unwrap();
+        b.append_data(&mut h, "etc/null", std::io::empty()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn child_tar() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |p: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_100);
+        b.append_data(&mut h, p, data).unwrap();
+    };
+    add("etc/passwd", b"root:x:0:0::/root:/bin/bash\n");
+    add("etc/.wh.gone", b"");
+    add("opaque/.wh..wh..opq", b"");
+    add("opaque/new", b"the only file left here\n");
+    add("added", b"new in the child\n");
+    b.into_inner().unwrap()
+}
+
+fn layer_tar(i: usize) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    let data = format!("layer {i}\n");
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(data.len() as u64);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    b.append_data(&mut h, format!("layers/{i}"), data.as_bytes()).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// The bytes of the regular files in a tar: what `apply-diff` returns.
+fn regular_bytes(tar: &[u8]) -> u64 {
+    let mut ar = tar::Archive::new(tar);
+    ar.entries()
+        .expect("a tar the suite built")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.header().entry_type() == tar::EntryType::Regular)
+        .map(|e| e.size())
+        .sum()
+}
+
+/// The reference: the host's own unpack of `tars`, in order, into `dir`.
+fn reference(dir: &Path, tars: &[&[u8]]) -> Result<Listing, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let fd = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| e.to_string())?;
+    for t in tars {
+        confined::unpack(std::os::fd::AsFd::as_fd(&fd), *t, Whiteouts::Delete).map_err(|e| e.to_string())?;
+    }
+    listing(dir)
+}
+
+/// What `get` shows of layer `id`.
+fn view(d: &WasmDriver, id: &str) -> Result<Listing, String> {
+    let p: PathBuf = d.get(id).map_err(|e| e.to_string())?;
+    let l = listing(&p);
+    d.put(id).map_err(|e| format!("put: {e}"))?;
+    l
+}
+
+/// Runs the suite against `d`, using `scratch` (an empty directory outside
+/// the driver's home) for the reference trees.
+pub fn run(d: &WasmDriver, scratch: &Path) -> Vec<Check> {
+    let root = rustix::process::geteuid().is_root();
+    let (base, child) = (base_tar(root), child_tar());
+    let mut out = Vec::new();
+    let mut check = |name: &'static str, f: &mut dyn FnMut() -> Result<(), String>| {
+        let result = f();
+        let ok = result.is_ok();
+        out.push(Check { name, result });
+        ok
+    };
+    let e = |e: gantry_core::PluginError| e.to_string();
+    let apply = |id: &str, parent: Option<&str>, tar: &[u8]| -> Result<u64, String> {
+        d.create(id, parent).map_err(e)?;
+        d.apply_diff(id, parent, Box::new(std::io::Cursor::new(tar.to_vec())))
+            .map_err(e)
+    };
+    let base_ok = check(
+        "create and apply-diff a rich tree (files, dirs, links, hard links, fifo, devices, xattrs, setuid, long names)",
+        &mut || {
+            let size = apply("conf-base", None, &base)?;
+            let want = regular_bytes(&base);
+            if size != want {
+                return Err(format!("apply-diff said {size} bytes, the regular files hold {want}"));
+            }
+            if !d.exists("conf-base").map_err(e)? {
+                return Err("exists says no after create".into());
+            }
+            compare(&reference(&scratch.join("base"), &[&base])?, &view(d, "conf-base")?)
+        },
+    );
+    if !base_ok {
+        return out;
+    }
+    check("a child layer applies whiteouts and opaque directories", &mut || {
+        apply("conf-child", Some("conf-base"), &child)?;
+        compare(
+            &reference(&scratch.join("child"), &[&base, &child])?,
+            &view(d, "conf-child")?,
+        )
+    });
+    check("the parent is unchanged by its child", &mut || {
+        compare(&reference(&scratch.join("base2"), &[&base])?, &view(d, "conf-base")?)
+    });
+    check("diff round-trips through apply-diff to the same tree", &mut || {
+        let mut tar = Vec::new();
+        d.diff("conf-child", Some("conf-base"))
+            .map_err(e)?
+            .read_to_end(&mut tar)
+            .map_err(|e| e.to_string())?;
+        apply("conf-round", Some("conf-base"), &tar)?;
+        compare(&view(d, "conf-child")?, &view(d, "conf-round")?)
+    });
+    check("changes lists what the child changed", &mut || {
+        let mut got = d.changes("conf-child", Some("conf-base")).map_err(e)?;
+        got.sort();
+        for want in [
+            ("/added", "add"),
+            ("/etc/gone", "delete"),
+            ("/etc/passwd", "modify"),
+            ("/opaque/hidden", "delete"),
+            ("/opaque/new", "add"),
+        ] {
+            if !got.iter().any(|(p, k)| p == want.0 && *k == want.1) {
+                return Err(format!("{} ({}) is not in {got:?}", want.0, want.1));
+            }
+        }
+        Ok(())
+    });
+    check("diff-size is the size of what changed", &mut || {
+        let n = d.diff_size("conf-child", Some("conf-base")).map_err(e)?;
+        if n == 0 {
+            return Err("diff-size is 0".into());
+        }
+        Ok(())
+    });
+    check("a writable layer is a copy its parent never sees", &mut || {
+        d.create_read_write("conf-rw", Some("conf-base")).map_err(e)?;
+        let p = d.get("conf-rw").map_err(e)?;
+        let r = std::fs::write(p.join("etc/passwd"), b"edited in place\n").map_err(|e| e.to_string());
+        d.put("conf-rw").map_err(e)?;
+        r?;
+        compare(&reference(&scratch.join("base3"), &[&base])?, &view(d, "conf-base")?)
+    });
+    check("thirty layers deep", &mut || {
+        let tars: Vec<Vec<u8>> = (0..30).map(layer_tar).collect();
+        let mut parent: Option<String> = None;
+        for (i, t) in tars.iter().enumerate() {
+            let id = format!("conf-deep-{i}");
+            apply(&id, parent.as_deref(), t)?;
+            parent = Some(id);
+        }
+        let refs: Vec<&[u8]> = tars.iter().map(|t| t.as_slice()).collect();
+        compare(&reference(&scratch.join("deep"), &refs)?, &view(d, "conf-deep-29")?)
+    });
+    check("concurrent get and put", &mut || {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| -> Result<(), String> {
+                        for _ in 0..10 {
+                            d.get("conf-base").map_err(e)?;
+                            d.put("conf-base").map_err(e)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| h.join().expect("thread"))
+        })
+    });
+    check(
+        "get of a layer that does not exist fails",
+        &mut || match d.get("conf-missing") {
+            Ok(p) => Err(format!("it returned {}", p.display())),
+            Err(_) => Ok(()),
+        },
+    );
+    check("remove, and exists says so", &mut || {
+        let mut ids: Vec<String> = (0..30).rev().map(|i| format!("conf-deep-{i}")).collect();
+        ids.extend(["conf-round", "conf-rw", "conf-child", "conf-base"].map(String::from));
+        for id in &ids {
+            d.remove(id).map_err(e)?;
+            if d.exists(id).map_err(e)? {
+                return Err(format!("{id} still exists after remove"));
+            }
+        }
+        Ok(())
+    });
+    out
+}

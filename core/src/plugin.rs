@@ -7,7 +7,6 @@
 use crate::digest::Digest;
 use crate::error::PluginError;
 use std::io::Read;
-use std::path::PathBuf;
 
 /// A stream of bytes owned by the host side.
 pub type ByteStream = Box<dyn Read + Send>;
@@ -73,9 +72,11 @@ pub trait GraphDriver: Send + Sync {
     fn create(&self, id: &str, parent: Option<&str>) -> Result<(), PluginError>;
     fn remove(&self, id: &str) -> Result<(), PluginError>;
     fn exists(&self, id: &str) -> Result<bool, PluginError>;
-    /// The host path of layer `id`'s full root filesystem. The host resolved
-    /// it beneath the driver's home.
-    fn get(&self, id: &str) -> Result<PathBuf, PluginError>;
+    /// Layer `id`'s full root filesystem, as a directory handle the host
+    /// opened beneath the driver's home without following links: callers
+    /// read through it (`openat`), never by reopening a path the driver
+    /// could change meanwhile.
+    fn get(&self, id: &str) -> Result<std::os::fd::OwnedFd, PluginError>;
     fn put(&self, id: &str) -> Result<(), PluginError>;
     /// Applies a tar stream to `id`, reading it to its end. Returns the size
     /// of the content written. The caller verifies the diffID of the stream.

@@ -16,7 +16,6 @@ use crate::reference::Reference;
 use crate::store::Store;
 use crate::tarsplit::assemble;
 use crate::verify::HashingReader;
-use rustix::fs::{Mode, OFlags};
 use serde_json::json;
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
@@ -190,13 +189,7 @@ pub fn rebuild_layer(
     consume: &mut dyn FnMut(&mut dyn Read) -> io::Result<()>,
 ) -> Result<()> {
     let record = store.layers.tar_split(&l.chain_id)?;
-    let dir = driver.get(&l.cache_id)?;
-    let root = rustix::fs::open(
-        &dir,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io(format!("opening layer {}", l.chain_id), e.into()))?;
+    let root = driver.get(&l.cache_id)?;
     let (rx, tx) = io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
     let (mut hashed, hash) = HashingReader::new(rx);
     let result = std::thread::scope(|s| {

@@ -232,10 +232,16 @@ fn reference(dir: &Path, tars: &[&[u8]]) -> Result<Listing, String> {
     listing(dir)
 }
 
+/// The path of an open directory, for walking it with `std::fs`.
+fn fd_path(fd: &std::os::fd::OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 /// What `get` shows of layer `id`.
 fn view(d: &WasmDriver, id: &str) -> Result<Listing, String> {
-    let p: PathBuf = d.get(id).map_err(|e| e.to_string())?;
-    let l = listing(&p);
+    let fd = d.get(id).map_err(|e| e.to_string())?;
+    let l = listing(&fd_path(&fd));
     d.put(id).map_err(|e| format!("put: {e}"))?;
     l
 }
@@ -319,8 +325,8 @@ pub fn run(d: &WasmDriver, scratch: &Path) -> Vec<Check> {
     });
     check("a writable layer is a copy its parent never sees", &mut || {
         d.create_read_write("conf-rw", Some("conf-base")).map_err(e)?;
-        let p = d.get("conf-rw").map_err(e)?;
-        let r = std::fs::write(p.join("etc/passwd"), b"edited in place\n").map_err(|e| e.to_string());
+        let fd = d.get("conf-rw").map_err(e)?;
+        let r = std::fs::write(fd_path(&fd).join("etc/passwd"), b"edited in place\n").map_err(|e| e.to_string());
         d.put("conf-rw").map_err(e)?;
         r?;
         compare(&reference(&scratch.join("base3"), &[&base])?, &view(d, "conf-base")?)
@@ -355,7 +361,7 @@ pub fn run(d: &WasmDriver, scratch: &Path) -> Vec<Check> {
     check(
         "get of a layer that does not exist fails",
         &mut || match d.get("conf-missing") {
-            Ok(p) => Err(format!("it returned {}", p.display())),
+            Ok(_) => Err("it returned a directory".into()),
             Err(_) => Ok(()),
         },
     );

@@ -150,7 +150,7 @@ impl gantry_core::GraphDriver for LazyDriver<'_> {
     fn exists(&self, id: &str) -> std::result::Result<bool, gantry_core::PluginError> {
         self.get()?.exists(id)
     }
-    fn get(&self, id: &str) -> std::result::Result<std::path::PathBuf, gantry_core::PluginError> {
+    fn get(&self, id: &str) -> std::result::Result<std::os::fd::OwnedFd, gantry_core::PluginError> {
         LazyDriver::get(self)?.get(id)
     }
     fn put(&self, id: &str) -> std::result::Result<(), gantry_core::PluginError> {

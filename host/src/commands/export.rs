@@ -6,7 +6,6 @@ use anyhow::{Context as _, Result};
 use gantry_core::images::{layers_of, lookup};
 use gantry_core::GraphDriver;
 use gantry_host::confined;
-use rustix::fs::{Mode, OFlags};
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
@@ -19,14 +18,8 @@ pub fn run(ctx: &Context, image: &str, output: Option<&Path>) -> Result<ExitCode
     let mut tar: Box<dyn std::io::Read> = match top {
         None => Box::new(std::io::Cursor::new(vec![0u8; 1024])),
         Some(top) => {
-            let dir = ctx.driver()?.get(&top.cache_id)?;
-            let fd = rustix::fs::open(
-                &dir,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .with_context(|| format!("opening layer {}", top.chain_id))?;
-            Box::new(confined::pack(fd)?)
+            let fd = ctx.driver()?.get(&top.cache_id)?;
+            Box::new(confined::pack(fd).with_context(|| format!("packing layer {}", top.chain_id))?)
         }
     };
     let result = match output {

@@ -21,7 +21,7 @@ use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// An `io::Error` for hostile or malformed input.
 pub fn invalid(msg: impl Into<String>) -> io::Error {
@@ -94,7 +94,6 @@ pub fn open_dir_beneath<S: AsRef<OsStr>>(root: BorrowedFd<'_>, rel: &[S], follow
 /// A driver's home: the only directory it may touch.
 pub struct Home {
     fd: OwnedFd,
-    path: PathBuf,
 }
 
 impl Home {
@@ -102,10 +101,7 @@ impl Home {
     pub fn open(path: &Path) -> io::Result<Home> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
         let fd = rustix::fs::open(path, DIR_FLAGS, Mode::empty())?;
-        Ok(Home {
-            fd,
-            path: path.to_path_buf(),
-        })
+        Ok(Home { fd })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -122,13 +118,6 @@ impl Home {
         let c = components(rel)?;
         let (name, parents) = c.split_last().ok_or_else(|| invalid("empty path"))?;
         Ok((open_dir_beneath(self.fd(), parents, false)?, name))
-    }
-
-    /// The host path of directory `rel`, after checking it resolves beneath
-    /// the home without links.
-    pub fn host_path(&self, rel: &str) -> io::Result<PathBuf> {
-        self.dir(rel)?;
-        Ok(self.path.join(components(rel)?.join("/")))
     }
 
     pub fn mkdir_all(&self, rel: &str, mode: u32) -> io::Result<()> {

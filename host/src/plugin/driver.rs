@@ -5,7 +5,7 @@ use super::{ByteStream as HostStream, Limits, LoadError, PluginHost, Pool, Sandb
 use crate::confined::Home;
 use gantry_core::plugin::{ByteStream, GraphDriver};
 use gantry_core::{ErrorClass, PluginError};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use wasmtime::component::{HasSelf, Resource};
 
@@ -112,12 +112,13 @@ impl GraphDriver for WasmDriver {
             .call("exists", |s, d| Ok(Ok(d.gantry_plugin_driver().call_exists(s, id)?)))
     }
 
-    fn get(&self, id: &str) -> Result<PathBuf, PluginError> {
+    fn get(&self, id: &str) -> Result<std::os::fd::OwnedFd, PluginError> {
         let rel = self
             .pool
             .call("get", |s, d| d.gantry_plugin_driver().call_get(s, id, ""))?;
-        // Resolved by the host, beneath the home, without links.
-        self.home.host_path(&rel).map_err(|e| {
+        // Opened by the host, beneath the home, without links: the handle
+        // is what callers read through.
+        self.home.dir(&rel).map_err(|e| {
             PluginError::new(
                 ErrorClass::Invalid,
                 format!("driver {} returned a bad path {rel:?}: {e}", self.name),

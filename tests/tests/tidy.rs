@@ -101,3 +101,30 @@ fn every_source_file_says_what_it_is_for() {
         .collect();
     assert!(missing.is_empty(), "files without a //! line: {missing:?}");
 }
+
+/// The contract version is written in the WIT package line, the host's
+/// `CONTRACT_VERSION`, the kit's, and the docs; they must all agree.
+#[test]
+fn the_contract_version_is_the_same_everywhere() {
+    let root = workspace_root();
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let wit = read("wit/types.wit");
+    let version = wit
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("package gantry:plugin@"))
+        .and_then(|v| v.strip_suffix(';'))
+        .expect("a package line in wit/types.wit")
+        .to_string();
+    let constant = format!("pub const CONTRACT_VERSION: &str = \"{version}\";");
+    for file in ["host/src/plugin/mod.rs", "plugins/kit/src/lib.rs"] {
+        assert!(read(file).contains(&constant), "{file} does not say {constant}");
+    }
+    for doc in ["README.md", "ARCHITECTURE.md"] {
+        let text = read(doc);
+        for (i, _) in text.match_indices("gantry:plugin@") {
+            let rest = &text[i + "gantry:plugin@".len()..];
+            let v: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+            assert_eq!(v.trim_end_matches('.'), version, "{doc} names gantry:plugin@{v}");
+        }
+    }
+}

@@ -371,6 +371,37 @@ fn fsck_finds_a_flipped_byte_and_repair_fetches_the_layer_again() {
     );
 }
 
+/// `fsck --repair` drops what nothing references: a reference to an image
+/// that is gone, and the layers only that image needed.
+#[test]
+fn repair_drops_dangling_references_and_unreferenced_layers() {
+    let Some((reg, g)) = control_store() else {
+        return;
+    };
+    let other = gantry_tests::image::Layer::new().file("other", 0o644, b"other\n").tar();
+    publish(&reg, "test/other", "v1", &Image::new(vec![other]));
+    let name = format!("{}/test/other:v1", reg.addr());
+    g.ok(&["pull", &name]);
+    let v: serde_json::Value = serde_json::from_str(&g.ok(&["inspect", &name])).unwrap();
+    let id = v[0]["Id"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+    // The image's config vanishes (a damaged disk): its tag dangles and its
+    // layer is needed by nothing.
+    std::fs::remove_file(g.root_path().join("image/vfs/imagedb/content/sha256").join(&id)).unwrap();
+    let r = g.run(&["fsck"]);
+    assert!(!r.out.status.success());
+    assert!(r.stdout().contains("is missing"), "{}", r.stdout());
+    let out = g.ok(&["fsck", "--repair"]);
+    assert!(
+        out.contains("dropped: reference") && out.contains("test/other:v1"),
+        "{out}"
+    );
+    assert!(out.contains("dropped: unreferenced layer"), "{out}");
+    assert!(out.contains("store is consistent"), "{out}");
+    // The control image is whole.
+    g.ok(&["fsck", "--verify-content"]);
+    assert!(g.ok(&["images"]).contains("test/control"));
+}
+
 /// The driver conformance suite passes for vfs and catches drivers that
 /// fail or lie, leaving nothing behind in the store.
 #[test]

@@ -189,11 +189,21 @@ impl<'a> Staging<'a> {
                 "layer {label}: diffID mismatch: the image config says {want}, the content is {got}"
             )));
         }
+        let mut record = record.lock().unwrap();
         record
-            .lock()
-            .unwrap()
             .finish()
             .map_err(|e| Error::io("writing the tar-split record", e))?;
+        // The size is the core's own count of the stream, not the driver's word.
+        let counted = record.file_bytes();
+        if counted != size {
+            return Err(Error::Plugin(PluginError::new(
+                ErrorClass::Invalid,
+                format!(
+                    "driver {} said it applied {size} bytes of layer {label}, whose files hold {counted}",
+                    self.driver.name()
+                ),
+            )));
+        }
         let st = self.staged.last_mut().expect("just pushed");
         st.meta.diff_id = got.clone();
         st.meta.chain_id = Digest::chain(parent, &got);

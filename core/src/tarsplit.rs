@@ -116,6 +116,8 @@ pub struct RecordWriter {
     gz: Option<flate2::write::GzEncoder<Box<dyn Write + Send>>>,
     pending: Vec<u8>,
     tar_len: u64,
+    /// Bytes of regular-file contents: what applying the tar writes.
+    file_bytes: u64,
     error: Option<io::Error>,
 }
 
@@ -125,6 +127,7 @@ impl RecordWriter {
             gz: Some(flate2::write::GzEncoder::new(out, flate2::Compression::fast())),
             pending: Vec::new(),
             tar_len: 0,
+            file_bytes: 0,
             error: None,
         }
     }
@@ -135,6 +138,7 @@ impl RecordWriter {
             gz: None,
             pending: Vec::new(),
             tar_len: 0,
+            file_bytes: 0,
             error: None,
         }
     }
@@ -177,7 +181,18 @@ impl RecordWriter {
     fn file(&mut self, name: Vec<u8>, size: u64) {
         self.flush_raw();
         self.tar_len += size;
+        // A whiteout's contents (normally none) are never written.
+        let base = name.rsplit(|b| *b == b'/').next().unwrap_or(&name);
+        if !base.starts_with(b".wh.") {
+            self.file_bytes += size;
+        }
         self.emit(&Segment::file(name, size));
+    }
+
+    /// The bytes of regular-file contents seen so far (a layer's size, as
+    /// Docker counts it).
+    pub fn file_bytes(&self) -> u64 {
+        self.file_bytes
     }
 
     /// Ends the record; returns the length of the tar it rebuilds.

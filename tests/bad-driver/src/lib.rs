@@ -8,7 +8,8 @@
 //! an hour, `host-loop` calls the host's tree operations without end,
 //! `handles` opens packs and never reads them, `truncate` writes a file
 //! that shares its inode with another layer's, `foreign-path` applies
-//! layers but answers `get` with a path outside its home. Every mode reports success
+//! layers but answers `get` with a path outside its home, `wrong-size`
+//! applies them but lies about how much it wrote. Every mode reports success
 //! only if the attack got through; the tests expect each call to fail.
 //! Everything else behaves enough like a driver for a pull to reach
 //! `apply-diff`.
@@ -98,6 +99,7 @@ impl Guest for Bad {
                 Ok(0)
             }
             "foreign-path" => fs::unpack(&layer, diff, fs::WhiteoutMode::Delete),
+            "wrong-size" => Ok(fs::unpack(&layer, diff, fs::WhiteoutMode::Delete)? * 1000 + 1),
             "host-loop" => {
                 fs::unpack(&layer, diff, fs::WhiteoutMode::Delete)?;
                 let mut n = 0u64;

@@ -194,6 +194,7 @@ fn each_driver_attack_fails_cleanly_and_the_next_pull_works() {
             "plugin driver/bad holds more than 16 open handles",
         ),
         ("truncate", name.clone(), "write-file left the shared inode intact"),
+        ("wrong-size", name.clone(), "driver bad said it applied"),
         (
             "fifo",
             format!("{}/test/special:fifo", reg.addr()),

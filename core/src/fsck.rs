@@ -24,16 +24,9 @@ pub struct Report {
     pub cleared: Vec<String>,
 }
 
-/// Clears what a crash may have left. Call only when this process is alone
-/// on the store.
-pub fn collect_garbage(store: &Store, driver: &dyn GraphDriver) -> Result<Vec<String>> {
-    let mut cleared = clear_spools(store)?;
-    cleared.extend(sweep(store, driver)?);
-    Ok(cleared)
-}
-
-/// The part of [`collect_garbage`] that needs no driver: spooled downloads,
-/// archives and records, leases, half-written layer records.
+/// Clears what a crash may have left that needs no driver: spooled
+/// downloads, archives and records, leases, half-written layer records.
+/// Call only when this process is alone on the store.
 pub fn clear_spools(store: &Store) -> Result<Vec<String>> {
     let mut cleared = Vec::new();
     for n in store.clear_tmp_blobs()? {
@@ -59,8 +52,9 @@ pub fn needs_sweep(store: &Store) -> Result<bool> {
     Ok(!store.staging_leftovers()?.is_empty())
 }
 
-/// The part of [`collect_garbage`] that needs the driver: staging layers a
-/// crash left, and layers no image needs after an interrupted removal.
+/// Clears what a crash left that needs the driver: staging layers, and
+/// layers no image needs after an interrupted removal. Call only when
+/// alone on the store.
 pub fn sweep(store: &Store, driver: &dyn GraphDriver) -> Result<Vec<String>> {
     let mut cleared = Vec::new();
     let leftovers = store.staging_leftovers()?;

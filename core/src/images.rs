@@ -99,7 +99,7 @@ pub fn remove(store: &Store, driver: &dyn GraphDriver, s: &str, force: bool) -> 
     };
     // Everything that can fail on reading is read before anything changes.
     let (_, layers) = layers_of(store, &id)?;
-    let mut needed = layers_in_use_except(store, Some(&id))?;
+    let needed = layers_in_use_except(store, Some(&id))?;
     let mut refs = store.refs.refs_of(&id)?;
     // The reference asked for is reported first, as Docker does.
     if let Ok(asked) = Reference::parse(s) {
@@ -113,8 +113,6 @@ pub fn remove(store: &Store, driver: &dyn GraphDriver, s: &str, force: bool) -> 
     let sweep = store.mark_sweep()?;
     store.images.delete(&id)?;
     out.push(format!("Deleted: {id}"));
-    // Images committed meanwhile (the write lock keeps them out, but be sure).
-    needed.extend(layers_in_use(store)?);
     let mut kept_for_later = false;
     for l in layers.iter().rev() {
         if !needed.contains(&l.chain_id) && store.layers.exists(&l.chain_id) {

@@ -30,27 +30,32 @@ pub struct RepairReport {
 
 /// Every committed layer, parents before children.
 fn layers_bottom_up(store: &Store) -> Result<Vec<LayerMeta>> {
-    let mut all: Vec<LayerMeta> = Vec::new();
+    let mut left: Vec<LayerMeta> = Vec::new();
     for c in store.layers.list()? {
-        if let Some(m) = store.layers.get(&c)? {
-            all.push(m);
-        }
+        left.extend(store.layers.get(&c)?);
     }
-    let depth = |m: &LayerMeta, all: &[LayerMeta]| {
-        let mut d = 0;
-        let mut cur = m.parent.clone();
-        while let Some(p) = cur {
-            d += 1;
-            cur = all.iter().find(|x| x.chain_id == p).and_then(|x| x.parent.clone());
-            if d > all.len() {
-                break;
-            }
+    left.sort_by(|a, b| a.chain_id.as_str().cmp(b.chain_id.as_str()));
+    // Repeatedly take the layers whose parent is placed (or absent from
+    // the store, which fsck reports on its own).
+    let present: HashSet<Digest> = left.iter().map(|l| l.chain_id.clone()).collect();
+    let mut placed: HashSet<Digest> = HashSet::new();
+    let mut out = Vec::new();
+    while !left.is_empty() {
+        let (ready, rest): (Vec<_>, Vec<_>) = left.into_iter().partition(|l| {
+            l.parent
+                .as_ref()
+                .is_none_or(|p| placed.contains(p) || !present.contains(p))
+        });
+        if ready.is_empty() {
+            // A parent cycle cannot come from chainIDs; keep the rest as is.
+            out.extend(rest);
+            break;
         }
-        d
-    };
-    let mut keyed: Vec<(usize, LayerMeta)> = all.iter().map(|m| (depth(m, &all), m.clone())).collect();
-    keyed.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.chain_id.as_str().cmp(b.1.chain_id.as_str())));
-    Ok(keyed.into_iter().map(|(_, m)| m).collect())
+        placed.extend(ready.iter().map(|l| l.chain_id.clone()));
+        out.extend(ready);
+        left = rest;
+    }
+    Ok(out)
 }
 
 /// Layers whose rebuilt tar does not hash to their diffID, with why.

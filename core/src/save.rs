@@ -89,6 +89,9 @@ pub fn save(
         b.append_data(&mut header(data.len() as u64), name, data)
             .map_err(io_err)
     };
+    // Each layer's tar length, read once from its record for the manifest
+    // and used again when the layer is written.
+    let mut tar_lens: std::collections::HashMap<Digest, u64> = std::collections::HashMap::new();
     let mut docker_manifest = Vec::new();
     let mut index = Vec::new();
     for img in &images {
@@ -100,7 +103,11 @@ pub fn save(
         let mut descriptors = Vec::new();
         for l in &img.layers {
             let name = format!("blobs/sha256/{}", l.diff_id.hex());
-            let tar_len = store.layers.tar_split(&l.chain_id)?.tar_len()?;
+            let tar_len = match tar_lens.get(&l.diff_id) {
+                Some(n) => *n,
+                None => store.layers.tar_split(&l.chain_id)?.tar_len()?,
+            };
+            tar_lens.insert(l.diff_id.clone(), tar_len);
             descriptors.push(json!({"mediaType": LAYER_TYPE, "digest": l.diff_id, "size": tar_len}));
             layer_names.push(name);
         }
@@ -159,7 +166,8 @@ pub fn save(
     for img in &images {
         for l in &img.layers {
             if written.insert(l.diff_id.clone()) {
-                write_layer(&mut b, store, driver, &format!("blobs/sha256/{}", l.diff_id.hex()), l)?;
+                let name = format!("blobs/sha256/{}", l.diff_id.hex());
+                write_layer(&mut b, store, driver, &name, l, tar_lens[&l.diff_id])?;
             }
         }
     }
@@ -174,8 +182,8 @@ fn write_layer(
     driver: &dyn GraphDriver,
     name: &str,
     l: &crate::store::LayerMeta,
+    tar_len: u64,
 ) -> Result<()> {
-    let tar_len = store.layers.tar_split(&l.chain_id)?.tar_len()?;
     rebuild_layer(store, driver, l, &mut |r| b.append_data(&mut header(tar_len), name, r))
 }
 

@@ -138,11 +138,7 @@ impl<'a> Staging<'a> {
             tar_split: self.store.tar_split_spool(),
             source,
         });
-        let record_path = self.staged.last().expect("just pushed").tar_split.clone();
-        let record_file = std::fs::File::options()
-            .write(true)
-            .create_new(true)
-            .open(&record_path)
+        let record_file = std::fs::File::create_new(&self.staged.last().expect("just pushed").tar_split)
             .map_err(|e| Error::io("spooling a tar-split record", e))?;
         let t = Instant::now();
         self.driver.create(&cache_id, parent_cache.as_deref())?;
@@ -215,15 +211,9 @@ impl<'a> Staging<'a> {
     /// Returns the image IDs.
     pub fn commit(mut self, images: &[ImageCommit<'_>]) -> Result<Vec<Digest>> {
         let _lock = self.store.write_lock()?;
-        let staged = std::mem::take(&mut self.staged);
+        self.sync_layer_data()?;
         let durable = self.store.durable();
-        if durable && !staged.is_empty() {
-            // Layer contents reach the disk before any record names them.
-            if let Err(e) = self.store.sync_driver_data() {
-                self.staged = staged;
-                return Err(e);
-            }
-        }
+        let staged = std::mem::take(&mut self.staged);
         let res = (|| -> Result<Vec<Digest>> {
             for st in &staged {
                 if !self.store.layers.commit(&st.meta, &st.tar_split, durable)? {
@@ -265,18 +255,23 @@ impl<'a> Staging<'a> {
         }
         res
     }
-}
 
-impl Staging<'_> {
+    /// With durable commits, layer contents reach the disk before any
+    /// record names them.
+    fn sync_layer_data(&self) -> Result<()> {
+        if self.store.durable() && !self.staged.is_empty() {
+            self.store.sync_driver_data()?;
+        }
+        Ok(())
+    }
+
     /// For repairs: every staged layer re-applies the diff of a committed
     /// layer of the same chainID; each is switched to its new data in turn
     /// (parents first, as they were staged), and its old data removed.
     /// Returns the chainIDs switched.
     pub fn replace(mut self) -> Result<Vec<Digest>> {
         let _lock = self.store.write_lock()?;
-        if self.store.durable() {
-            self.store.sync_driver_data()?;
-        }
+        self.sync_layer_data()?;
         let mut done = Vec::new();
         while !self.staged.is_empty() {
             let st = self.staged.remove(0);

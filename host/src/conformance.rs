@@ -117,18 +117,31 @@ fn compare(want: &Listing, got: &Listing) -> Result<(), String> {
 
 /// The tars the suite applies: a rich base, and a child that modifies,
 /// adds, deletes (whiteout) and makes a directory opaque.
+/// A header owned by root with a fixed time, as the suite's tars use.
+fn header(kind: tar::EntryType, mode: u32, size: u64, mtime: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(mtime);
+    h
+}
+
+/// Appends regular file `p` holding `data`.
+fn add_file(b: &mut tar::Builder<Vec<u8>>, p: &str, mode: u32, data: &[u8], mtime: u64) {
+    b.append_data(
+        &mut header(tar::EntryType::Regular, mode, data.len() as u64, mtime),
+        p,
+        data,
+    )
+    .unwrap()
+}
+
 fn base_tar(root: bool) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    let header = |kind: tar::EntryType, mode: u32, size: u64| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(size);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        h
-    };
+    let header = |kind: tar::EntryType, mode: u32, size: u64| header(kind, mode, size, 1_700_000_000);
     let dir = |b: &mut tar::Builder<Vec<u8>>, p: &str| {
         b.append_data(&mut header(tar::EntryType::Directory, 0o755, 0), p, std::io::empty())
             .unwrap()
@@ -136,10 +149,8 @@ fn base_tar(root: bool) -> Vec<u8> {
     dir(&mut b, "etc/");
     dir(&mut b, "opaque/");
     dir(&mut b, "usr/bin/");
-    let file = |b: &mut tar::Builder<Vec<u8>>, p: &str, mode: u32, data: &[u8]| {
-        b.append_data(&mut header(tar::EntryType::Regular, mode, data.len() as u64), p, data)
-            .unwrap()
-    };
+    let file =
+        |b: &mut tar::Builder<Vec<u8>>, p: &str, mode: u32, data: &[u8]| add_file(b, p, mode, data, 1_700_000_000);
     file(&mut b, "etc/passwd", 0o644, b"root:x:0:0::/root:/bin/sh\n");
     file(&mut b, "etc/gone", 0o600, b"deleted by the child\n");
     file(&mut b, "opaque/hidden", 0o644, b"hidden by the child\n");
@@ -174,16 +185,7 @@ fn base_tar(root: bool) -> Vec<u8> {
 
 fn child_tar() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    let mut add = |p: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(0o644);
-        h.set_size(data.len() as u64);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_100);
-        b.append_data(&mut h, p, data).unwrap();
-    };
+    let mut add = |p: &str, data: &[u8]| add_file(&mut b, p, 0o644, data, 1_700_000_100);
     add("etc/passwd", b"root:x:0:0::/root:/bin/bash\n");
     add("etc/.wh.gone", b"");
     add("opaque/.wh..wh..opq", b"");
@@ -194,15 +196,13 @@ fn child_tar() -> Vec<u8> {
 
 fn layer_tar(i: usize) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    let data = format!("layer {i}\n");
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mode(0o644);
-    h.set_size(data.len() as u64);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(1_700_000_000);
-    b.append_data(&mut h, format!("layers/{i}"), data.as_bytes()).unwrap();
+    add_file(
+        &mut b,
+        &format!("layers/{i}"),
+        0o644,
+        format!("layer {i}\n").as_bytes(),
+        1_700_000_000,
+    );
     b.into_inner().unwrap()
 }
 

@@ -101,6 +101,29 @@ impl Context {
         Ok(move |domain: &str| auth.get(domain))
     }
 
+    /// Runs `f` with a `Puller` wired to the configured transport, driver,
+    /// registries and credentials.
+    pub fn with_puller<R>(
+        &self,
+        progress: &dyn gantry_core::pull::Progress,
+        options: gantry_core::pull::PullOptions,
+        f: impl FnOnce(&gantry_core::pull::Puller<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let transport = self.transport()?;
+        let credentials = self.credentials()?;
+        let downloads = gantry_core::pull::SharedDownloads::default();
+        f(&gantry_core::pull::Puller {
+            store: &self.store,
+            transport: &transport,
+            driver: self.driver()?,
+            registries: &self.config.registries,
+            credentials: &credentials,
+            downloads: &downloads,
+            progress,
+            options,
+        })
+    }
+
     /// Pull options from the config (the platform is the caller's).
     pub fn pull_options(&self) -> gantry_core::pull::PullOptions {
         gantry_core::pull::PullOptions {

@@ -36,15 +36,13 @@ const MAX_REDIRECTS: usize = 10;
 /// Methods a pull may use: reads, and `POST` for an OAuth2 token.
 const PULL_METHODS: &[&str] = &["GET", "HEAD", "POST"];
 
-/// Headers the host owns: framing, connection management and the target.
+/// Headers the host owns (with every `proxy-*` one): framing, connection
+/// management and the target.
 /// A guest setting one could smuggle a request or reach another virtual host.
 const HOST_OWNED_HEADERS: &[&str] = &[
     "host",
     "connection",
     "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
     "transfer-encoding",
     "te",
     "trailer",

@@ -5,7 +5,7 @@
 
 use crate::context::Context;
 use anyhow::Result;
-use gantry_core::pull::{Puller, Quiet, SharedDownloads};
+use gantry_core::pull::Quiet;
 use std::process::ExitCode;
 
 pub fn run(ctx: &Context, verify_content: bool, repair: bool) -> Result<ExitCode> {
@@ -14,20 +14,9 @@ pub fn run(ctx: &Context, verify_content: bool, repair: bool) -> Result<ExitCode
     }
     let mut unrepairable = 0;
     if repair {
-        let transport = ctx.transport()?;
-        let credentials = ctx.credentials()?;
-        let downloads = SharedDownloads::default();
-        let puller = Puller {
-            store: &ctx.store,
-            transport: &transport,
-            driver: ctx.driver()?,
-            registries: &ctx.config.registries,
-            credentials: &credentials,
-            downloads: &downloads,
-            progress: &Quiet,
-            options: ctx.pull_options(),
-        };
-        let report = gantry_core::repair::repair(&ctx.store, ctx.driver()?, &puller)?;
+        let report = ctx.with_puller(&Quiet, ctx.pull_options(), |puller| {
+            Ok(gantry_core::repair::repair(&ctx.store, ctx.driver()?, puller)?)
+        })?;
         for d in &report.dropped {
             println!("dropped: {d}");
         }

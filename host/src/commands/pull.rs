@@ -5,7 +5,7 @@ use crate::context::Context;
 use crate::output::PullProgress;
 use anyhow::Result;
 use gantry_core::platform::Platform;
-use gantry_core::pull::{PullOptions, Puller, SharedDownloads};
+use gantry_core::pull::PullOptions;
 use gantry_core::Reference;
 use std::process::ExitCode;
 
@@ -15,31 +15,21 @@ pub fn run(ctx: &Context, references: &[String], platform: Option<&str>, quiet: 
         .map(|r| Reference::parse(r))
         .collect::<Result<Vec<_>, _>>()?;
     let platform = platform.map(Platform::parse).transpose()?;
-    let transport = ctx.transport()?;
-    let credentials = ctx.credentials()?;
-    let downloads = SharedDownloads::default();
     let progress = PullProgress::new(quiet);
     let options = PullOptions {
         platform,
         ..ctx.pull_options()
     };
-    let puller = Puller {
-        store: &ctx.store,
-        transport: &transport,
-        driver: ctx.driver()?,
-        registries: &ctx.config.registries,
-        credentials: &credentials,
-        downloads: &downloads,
-        progress: &progress,
-        options,
-    };
-    let results: Vec<Result<gantry_core::pull::PullOutcome, gantry_core::Error>> = std::thread::scope(|s| {
-        let handles: Vec<_> = refs.iter().map(|r| s.spawn(|| puller.pull(r))).collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("pull thread panicked"))
-            .collect()
-    });
+    let results: Vec<Result<gantry_core::pull::PullOutcome, gantry_core::Error>> =
+        ctx.with_puller(&progress, options, |puller| {
+            Ok(std::thread::scope(|s| {
+                let handles: Vec<_> = refs.iter().map(|r| s.spawn(|| puller.pull(r))).collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("pull thread panicked"))
+                    .collect()
+            }))
+        })?;
     let mut first_err = None;
     for (r, res) in refs.iter().zip(results) {
         match res {

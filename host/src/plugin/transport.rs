@@ -2,7 +2,7 @@
 
 use super::bindings::transport::exports::gantry::plugin::transport as wit;
 use super::bindings::transport::{TransportPlugin, TransportPluginPre};
-use super::{Limits, LoadError, PluginHost, Pool, Sandbox};
+use super::{Limits, LoadError, PluginHost, Pool, Sandbox, WitError};
 use crate::http::{CallScope, HttpPolicy};
 use gantry_core::endpoint::Registries;
 use gantry_core::plugin::{ByteStream, Endpoint, Resolved, Transport};
@@ -46,6 +46,26 @@ impl WasmTransport {
         })
     }
 
+    /// Runs `op` with the one endpoint the core asked this call to use
+    /// opened: the only place (with the realm it names) the guest may reach
+    /// during the call.
+    fn call<R>(
+        &self,
+        op: &str,
+        ep: &Endpoint,
+        f: impl FnOnce(
+            &mut wasmtime::Store<Sandbox>,
+            &TransportPlugin,
+            &wit::Endpoint,
+        ) -> wasmtime::Result<Result<R, WitError>>,
+    ) -> Result<R, PluginError> {
+        let ep = self.endpoint(ep);
+        self.pool.call(op, |s, p| {
+            s.data_mut().http_scope = Some(CallScope::pull(&ep.url));
+            f(s, p, &ep)
+        })
+    }
+
     fn endpoint(&self, ep: &Endpoint) -> wit::Endpoint {
         wit::Endpoint {
             url: ep.url.clone(),
@@ -65,12 +85,7 @@ impl Transport for WasmTransport {
     }
 
     fn probe(&self, ep: &Endpoint) -> Result<String, PluginError> {
-        let ep = self.endpoint(ep);
-        self.pool
-            .call("probe", |s, p| {
-                open_scope(s, &ep);
-                p.gantry_plugin_transport().call_probe(s, &ep)
-            })
+        self.call("probe", ep, |s, p, ep| p.gantry_plugin_transport().call_probe(s, ep))
             .map(|i| i.version)
     }
 
@@ -81,12 +96,10 @@ impl Transport for WasmTransport {
         reference: &str,
         accept: &[&str],
     ) -> Result<Resolved, PluginError> {
-        let ep = self.endpoint(ep);
         let accept: Vec<String> = accept.iter().map(|s| s.to_string()).collect();
-        let r = self.pool.call("resolve", |s, p| {
-            open_scope(s, &ep);
+        let r = self.call("resolve", ep, |s, p, ep| {
             p.gantry_plugin_transport()
-                .call_resolve(s, &ep, repository, reference, &accept)
+                .call_resolve(s, ep, repository, reference, &accept)
         })?;
         Ok(match r {
             wit::Resolved::Manifest(m) => Resolved::Manifest {
@@ -105,12 +118,10 @@ impl Transport for WasmTransport {
         digest: &Digest,
         offset: u64,
     ) -> Result<ByteStream, PluginError> {
-        let ep = self.endpoint(ep);
-        self.pool.call("open-blob", |s, p| {
-            open_scope(s, &ep);
+        self.call("open-blob", ep, |s, p, ep| {
             let r = p
                 .gantry_plugin_transport()
-                .call_open_blob(&mut *s, &ep, repository, digest.as_str(), offset)?;
+                .call_open_blob(&mut *s, ep, repository, digest.as_str(), offset)?;
             Ok(match r {
                 // Take the stream back from the guest: its bytes never enter it.
                 Ok(res) => Ok(s.data_mut().take_stream(res)?.0),
@@ -120,16 +131,8 @@ impl Transport for WasmTransport {
     }
 
     fn list_tags(&self, ep: &Endpoint, repository: &str) -> Result<Vec<String>, PluginError> {
-        let ep = self.endpoint(ep);
-        self.pool.call("list-tags", |s, p| {
-            open_scope(s, &ep);
-            p.gantry_plugin_transport().call_list_tags(s, &ep, repository)
+        self.call("list-tags", ep, |s, p, ep| {
+            p.gantry_plugin_transport().call_list_tags(s, ep, repository)
         })
     }
-}
-
-/// Opens the one endpoint the core asked this call to use: the only place
-/// (with the realm it names) the guest may reach during the call.
-fn open_scope(s: &mut wasmtime::Store<Sandbox>, ep: &wit::Endpoint) {
-    s.data_mut().http_scope = Some(CallScope::pull(&ep.url));
 }

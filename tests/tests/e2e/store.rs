@@ -164,6 +164,17 @@ fn a_plugin_built_against_another_contract_is_refused_by_name() {
     assert!(err.contains("missing.wasm"), "{err}");
 }
 
+/// A base layer with `etc/base` and a top layer with `etc/top`.
+fn base_and_top(base: &[u8], top: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    (
+        gantry_tests::image::Layer::new()
+            .dir("etc", 0o755)
+            .file("etc/base", 0o644, base)
+            .tar(),
+        gantry_tests::image::Layer::new().file("etc/top", 0o644, top).tar(),
+    )
+}
+
 /// `rmi` of an image while another process pulls an image that builds on
 /// its layer: the pull holds a lease on the layer it reuses, so `rmi`
 /// untags and deletes the image but leaves the layer, and both end whole.
@@ -173,13 +184,7 @@ fn rmi_while_a_pull_builds_on_its_layer_keeps_the_store_whole() {
         return;
     }
     let reg = Registry::start();
-    let base = gantry_tests::image::Layer::new()
-        .dir("etc", 0o755)
-        .file("etc/base", 0o644, b"base\n")
-        .tar();
-    let top = gantry_tests::image::Layer::new()
-        .file("etc/top", 0o644, &vec![7u8; 200_000])
-        .tar();
+    let (base, top) = base_and_top(b"base\n", &vec![7u8; 200_000]);
     publish(&reg, "test/a", "v1", &Image::new(vec![base.clone()]));
     let (_p, _, layers) = publish(&reg, "test/b", "v1", &Image::new(vec![base, top]));
     let proxy = Proxy::start(
@@ -314,13 +319,7 @@ fn fsck_finds_a_flipped_byte_and_repair_fetches_the_layer_again() {
         return;
     }
     let reg = Registry::start();
-    let base = gantry_tests::image::Layer::new()
-        .dir("etc", 0o755)
-        .file("etc/base", 0o644, b"base layer file\n")
-        .tar();
-    let top = gantry_tests::image::Layer::new()
-        .file("etc/top", 0o644, b"top layer file\n")
-        .tar();
+    let (base, top) = base_and_top(b"base layer file\n", b"top layer file\n");
     publish(&reg, "test/r", "v1", &Image::new(vec![base, top]));
     let name = format!("{}/test/r:v1", reg.addr());
     let g = Gantry::new();

@@ -2,7 +2,8 @@
 //!
 //! Each plugin owns one table and its implementation is picked by `type`;
 //! an unknown key anywhere is an error, not silently ignored. With no file
-//! the built-in default below applies (v2 transport, vfs driver).
+//! the built-in default below applies (v2 transport; the driver `auto`:
+//! overlay2 where the kernel allows it, else vfs, as Docker chooses).
 
 use anyhow::{bail, Context, Result};
 use gantry_core::endpoint::Registries;
@@ -18,7 +19,7 @@ max_concurrent_downloads = 3
 type = "v2"
 
 [driver]
-type = "vfs"
+type = "auto"
 "#;
 
 #[derive(Debug, Deserialize)]
@@ -70,7 +71,8 @@ fn max_layer() -> u64 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
-    /// The implementation: `v2`, `vfs`, or a third party's name.
+    /// The implementation: `v2`, `overlay2`, `vfs`, `auto` (drivers: overlay2
+    /// where it works, else vfs), or a third party's name.
     #[serde(rename = "type")]
     pub kind: String,
     /// The component file; default `<plugin_dir>/gantry_<table>_<type>.wasm`.
@@ -235,7 +237,7 @@ mod tests {
     fn default_parses_and_unknown_keys_fail() {
         let c = Config::load(None).unwrap();
         assert_eq!(c.transport.kind, "v2");
-        assert_eq!(c.driver.kind, "vfs");
+        assert_eq!(c.driver.kind, "auto");
         let t = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(t.path(), format!("{DEFAULT}\nbogus = 1\n")).unwrap();
         let e = Config::load(Some(t.path())).unwrap_err().to_string();

@@ -22,7 +22,14 @@ pub struct Context {
 
 impl Context {
     pub fn open(config_path: Option<&Path>, root: &Path) -> Result<Context> {
-        let config = Config::load(config_path)?;
+        let mut config = Config::load(config_path)?;
+        if config.driver.kind == "auto" {
+            let choice = gantry_host::drivers::choose(root).map_err(|e| anyhow!(e))?;
+            if let Some(notice) = &choice.notice {
+                eprintln!("gantry: {notice}");
+            }
+            config.driver.kind = choice.driver;
+        }
         let (store, alone) = Store::open(root, &config.driver.kind).context("opening the store")?;
         store.set_durable(config.durable);
         let host = PluginHost::new(&store.root().join("plugins-cache"))?;
@@ -37,6 +44,9 @@ impl Context {
             // Nobody else is using the store: clear what a crash left. The
             // driver is needed only when layers were left half made; if it
             // cannot load, they wait for a run where it can.
+            // Mounts a killed process left in the driver's home.
+            gantry_host::confined::clear_stale_mounts(&ctx.store.driver_home())
+                .context("clearing mounts left behind")?;
             let mut cleared = gantry_core::fsck::clear_spools(&ctx.store).context("clearing leftovers")?;
             if gantry_core::fsck::needs_sweep(&ctx.store)? {
                 if let Ok(driver) = ctx.driver() {

@@ -9,6 +9,7 @@
 
 pub mod confined;
 pub mod conformance;
+pub mod drivers;
 pub mod http;
 pub mod plugin;
 pub mod registry;

@@ -58,7 +58,27 @@ impl Default for Gantry {
 }
 
 impl Gantry {
+    /// A store with the built-in config (the driver `auto`), or, when
+    /// `GANTRY_TEST_DRIVER` is set, with that driver forced: the suite runs
+    /// once per driver.
     pub fn new() -> Gantry {
+        let g = Gantry::bare();
+        match std::env::var("GANTRY_TEST_DRIVER") {
+            Ok(d) if !d.is_empty() => g.with_driver(&d),
+            _ => g,
+        }
+    }
+
+    /// The driver the suite runs with: `GANTRY_TEST_DRIVER`, else `auto`.
+    pub fn test_driver() -> String {
+        std::env::var("GANTRY_TEST_DRIVER")
+            .ok()
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| "auto".into())
+    }
+
+    /// A store with the built-in config whatever `GANTRY_TEST_DRIVER` says.
+    pub fn bare() -> Gantry {
         let work = tempfile::tempdir().unwrap();
         std::fs::create_dir(work.path().join("scratch")).unwrap();
         Gantry {
@@ -70,6 +90,11 @@ impl Gantry {
         }
     }
 
+    /// Uses graph driver `driver` (v2 transport, default limits).
+    pub fn with_driver(self, driver: &str) -> Gantry {
+        self.with_config(&format!("[transport]\ntype = \"v2\"\n[driver]\ntype = \"{driver}\"\n"))
+    }
+
     /// A directory of the test's own for configs, exports and canaries,
     /// outside the store root and `TMPDIR`.
     pub fn scratch(&self) -> PathBuf {
@@ -78,6 +103,37 @@ impl Gantry {
 
     pub fn root_path(&self) -> &Path {
         self.root.path()
+    }
+
+    /// The graph driver this store holds layers with: `overlay2` or `vfs`.
+    pub fn driver(&self) -> &'static str {
+        if self.root.path().join("image/overlay2").is_dir() {
+            "overlay2"
+        } else {
+            "vfs"
+        }
+    }
+
+    /// `image/<driver>/` + `rel`: the image store of this store's driver.
+    pub fn image_dir(&self, rel: &str) -> PathBuf {
+        self.root.path().join("image").join(self.driver()).join(rel)
+    }
+
+    /// Each layer's own files, one directory per layer: `vfs/dir/<id>`
+    /// (a full tree) or `overlay2/<id>/diff` (what the layer changed).
+    pub fn layer_dirs(&self) -> Vec<PathBuf> {
+        let (base, leaf) = match self.driver() {
+            "overlay2" => (self.root.path().join("overlay2"), "diff"),
+            _ => (self.root.path().join("vfs/dir"), ""),
+        };
+        let mut out: Vec<PathBuf> = std::fs::read_dir(&base)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        out.retain(|p| p.file_name().is_some_and(|n| n != "l"));
+        out.sort();
+        out.into_iter()
+            .map(|p| if leaf.is_empty() { p } else { p.join(leaf) })
+            .collect()
     }
 
     /// `program` (the binary, or a wrapper given the binary first) with

@@ -7,11 +7,13 @@
 //! paths additionally refuse to follow any link at all. Raw path operations
 //! (`std::fs` on joined paths) have no place here.
 
+mod mount;
 mod pack;
 mod tree;
 mod unpack;
 
-pub use pack::{changes, pack, pack_changes, ChangeKind};
+pub use mount::{clear_stale_mounts, probe_overlay, OverlaySpec, MAX_LOWERS};
+pub use pack::{changes, pack, pack_changes, pack_upper, ChangeKind};
 pub use tree::{copy_tree, disk_usage, remove_tree, CopyMode};
 pub use unpack::{unpack, Whiteouts};
 
@@ -94,6 +96,14 @@ pub fn open_dir_beneath<S: AsRef<OsStr>>(root: BorrowedFd<'_>, rel: &[S], follow
 /// A driver's home: the only directory it may touch.
 pub struct Home {
     fd: OwnedFd,
+    /// The overlay mounts made for this home's driver.
+    mounts: mount::Mounts,
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        self.mounts.clear(self.fd.as_fd());
+    }
 }
 
 impl Home {
@@ -101,7 +111,31 @@ impl Home {
     pub fn open(path: &Path) -> io::Result<Home> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
         let fd = rustix::fs::open(path, DIR_FLAGS, Mode::empty())?;
-        Ok(Home { fd })
+        Ok(Home {
+            fd,
+            mounts: mount::Mounts::default(),
+        })
+    }
+
+    /// Mounts an overlay the driver asked for (see [`mount`](self::mount)).
+    pub fn mount_overlay(&self, spec: &OverlaySpec) -> io::Result<()> {
+        self.mounts.mount_overlay(self.fd(), spec)
+    }
+
+    /// Lets go of one user of the mount at `target`.
+    pub fn unmount(&self, target: &str) -> io::Result<()> {
+        self.mounts.unmount(self.fd(), target)
+    }
+
+    /// Refuses to touch `rel` while one of this home's mounts is beneath it.
+    fn check_unmounted(&self, rel: &str) -> io::Result<()> {
+        if self.mounts.any_beneath(rel)? {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{rel:?} holds a mount; unmount it first"),
+            ));
+        }
+        Ok(())
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -133,6 +167,7 @@ impl Home {
     }
 
     pub fn remove_all(&self, rel: &str) -> io::Result<()> {
+        self.check_unmounted(rel)?;
         let (parent, name) = self.parent(rel)?;
         match remove_tree(parent.as_fd(), OsStr::new(name)) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -158,6 +193,8 @@ impl Home {
     }
 
     pub fn rename(&self, src: &str, dst: &str) -> io::Result<()> {
+        self.check_unmounted(src)?;
+        self.check_unmounted(dst)?;
         let (sp, sn) = self.parent(src)?;
         let (dp, dn) = self.parent(dst)?;
         Ok(rustix::fs::renameat(&sp, sn, &dp, dn)?)

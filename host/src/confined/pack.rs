@@ -27,12 +27,37 @@ pub struct Change {
     pub kind: ChangeKind,
 }
 
+/// How a packed tree spells deletions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    /// A plain tree: every entry as it is.
+    Plain,
+    /// An overlay upper directory: 0/0 character devices are whiteouts and
+    /// `trusted.overlay.opaque=y` marks an opaque directory; both become the
+    /// layer format's `.wh.` files, as Docker's overlay2 `Diff` writes them.
+    Upper,
+}
+
 /// Packs directory `root` as a tar stream.
 pub fn pack(root: OwnedFd) -> io::Result<PackReader> {
     spawn_writer(move |b| {
         let mut links = HashMap::new();
-        walk_pack(b, root.as_fd(), OsStr::new(""), &mut links)
+        walk_pack(b, root.as_fd(), OsStr::new(""), &mut links, Flavor::Plain)
     })
+}
+
+/// Packs an overlay upper directory as a layer tar (see [`Flavor::Upper`]).
+pub fn pack_upper(root: OwnedFd) -> io::Result<PackReader> {
+    spawn_writer(move |b| {
+        let mut links = HashMap::new();
+        walk_pack(b, root.as_fd(), OsStr::new(""), &mut links, Flavor::Upper)
+    })
+}
+
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+fn is_overlay_xattr(k: &str) -> bool {
+    k.starts_with("trusted.overlay.") || k.starts_with("user.overlay.")
 }
 
 /// Packs what changed from `lower` to `upper`, with `.wh.` files for deletions.
@@ -66,7 +91,7 @@ pub fn pack_changes(lower: OwnedFd, upper: OwnedFd) -> io::Result<PackReader> {
                     b.append_data(&mut h, Path::new(&wh), io::empty())?;
                 }
                 _ => {
-                    append_entry(b, pd.as_fd(), name, &c.path, &mut links)?;
+                    append_entry(b, pd.as_fd(), name, &c.path, &mut links, Flavor::Plain)?;
                 }
             }
         }
@@ -116,13 +141,15 @@ fn walk_pack<W: Write>(
     dir: BorrowedFd<'_>,
     prefix: &OsStr,
     links: &mut HashMap<(u64, u64), OsString>,
+    flavor: Flavor,
 ) -> io::Result<()> {
     for (name, _) in list(dir)? {
+        crate::plugin::check_deadline()?;
         let rel = join_rel(prefix, &name);
-        let is_dir = append_entry(b, dir, &name, &rel, links)?;
+        let is_dir = append_entry(b, dir, &name, &rel, links, flavor)?;
         if is_dir {
             let child = open_dir_beneath(dir, &[&name], false)?;
-            walk_pack(b, child.as_fd(), &rel, links)?;
+            walk_pack(b, child.as_fd(), &rel, links, flavor)?;
         }
     }
     Ok(())
@@ -135,11 +162,39 @@ fn append_entry<W: Write>(
     name: &OsStr,
     rel: &OsStr,
     links: &mut HashMap<(u64, u64), OsString>,
+    flavor: Flavor,
 ) -> io::Result<bool> {
     let rel_path = Path::new(rel);
     let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
     let ft = FileType::from_raw_mode(st.st_mode);
-    let xattrs = read_xattrs(dir, name).unwrap_or_default();
+    let mut xattrs = read_xattrs(dir, name).unwrap_or_default();
+    let mut opaque = false;
+    if flavor == Flavor::Upper {
+        if ft == FileType::CharacterDevice && st.st_rdev == 0 {
+            // A whiteout: the layer format's empty `.wh.NAME` file.
+            let (parent, leaf) = match rel.as_bytes().iter().rposition(|c| *c == b'/') {
+                Some(i) => (&rel.as_bytes()[..i], &rel.as_bytes()[i + 1..]),
+                None => (&b""[..], rel.as_bytes()),
+            };
+            let mut wh = OsString::from(".wh.");
+            wh.push(OsStr::from_bytes(leaf));
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o600);
+            h.set_uid(st.st_uid as u64);
+            h.set_gid(st.st_gid as u64);
+            h.set_mtime(st.st_mtime.max(0) as u64);
+            h.set_size(0);
+            b.append_data(
+                &mut h,
+                Path::new(&join_rel(OsStr::from_bytes(parent), &wh)),
+                io::empty(),
+            )?;
+            return Ok(false);
+        }
+        opaque = ft == FileType::Directory && xattrs.iter().any(|(k, v)| k == OPAQUE_XATTR && v == b"y");
+        xattrs.retain(|(k, _)| !is_overlay_xattr(k));
+    }
     if !xattrs.is_empty() {
         let pax: Vec<(String, Vec<u8>)> = xattrs
             .into_iter()
@@ -167,6 +222,17 @@ fn append_entry<W: Write>(
             let mut dir_name = rel.to_os_string();
             dir_name.push("/");
             b.append_data(&mut h, Path::new(&dir_name), io::empty())?;
+            if opaque {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(st.st_mode & 0o777);
+                h.set_uid(st.st_uid as u64);
+                h.set_gid(st.st_gid as u64);
+                h.set_mtime(st.st_mtime.max(0) as u64);
+                h.set_size(0);
+                let wh = join_rel(rel, OsStr::new(".wh..wh..opq"));
+                b.append_data(&mut h, Path::new(&wh), io::empty())?;
+            }
             return Ok(true);
         }
         FileType::RegularFile => {

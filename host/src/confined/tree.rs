@@ -33,6 +33,13 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
     if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
         let d = open_dir_beneath(parent, &[name], false)?;
+        // Never into another filesystem: a mount point's contents are not the tree's.
+        if rustix::fs::fstat(&d)?.st_dev != rustix::fs::fstat(parent)?.st_dev {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{} is a mount point", gantry_core::text::quote_bytes(name.as_bytes())),
+            ));
+        }
         for (n, _) in entries(d.as_fd())? {
             crate::plugin::check_deadline()?;
             remove_tree(d.as_fd(), &n)?;

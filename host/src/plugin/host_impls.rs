@@ -199,4 +199,27 @@ impl fs::Host for Sandbox {
     fn disk_usage(&mut self, dir: String) -> Result<u64, WitError> {
         self.fs(|h| confined::disk_usage(std::os::fd::AsFd::as_fd(&h.dir(&dir)?)))
     }
+
+    fn mount_overlay(&mut self, m: fs::OverlayMount) -> Result<(), WitError> {
+        let spec = confined::OverlaySpec {
+            target: m.target,
+            lowers: m.lowers,
+            upper: m.upper,
+            work: m.work,
+        };
+        self.fs(|h| h.mount_overlay(&spec))
+    }
+
+    fn unmount(&mut self, target: String) -> Result<(), WitError> {
+        self.fs(|h| h.unmount(&target))
+    }
+
+    fn pack_upper(&mut self, dir: String) -> Result<Resource<ByteStream>, WitError> {
+        let home = self.home()?;
+        self.host(|me| {
+            let d = home.dir(&dir).map_err(io_error)?;
+            let r = confined::pack_upper(d).map_err(io_error)?;
+            me.push_stream(ByteStream(Box::new(r)))
+        })
+    }
 }

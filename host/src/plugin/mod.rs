@@ -42,7 +42,30 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// The contract this host speaks.
 pub const CONTRACT: &str = "gantry:plugin";
-pub const CONTRACT_VERSION: &str = "0.1.0";
+/// The contract's version, read from the WIT package line at build time.
+pub const CONTRACT_VERSION: &str = env!("GANTRY_CONTRACT_VERSION");
+/// The oldest version still loaded: the oldest frozen `wit/since_v*/`.
+pub const CONTRACT_OLDEST: &str = env!("GANTRY_CONTRACT_OLDEST");
+
+/// Whether a guest built against contract `version` loads in this host.
+///
+/// Versions on the host's 0.x track (or, from 1.0, its major) only add
+/// imports the guest may ignore, so wasmtime links an older guest to the
+/// newer host interfaces by semver: no conversion is needed on the track.
+/// A guest newer than the host, older than the oldest frozen version, or on
+/// another track is refused before it is instantiated.
+pub fn contract_accepts(version: &str) -> bool {
+    fn parse(v: &str) -> Option<(u64, u64, u64)> {
+        let mut it = v.split('.').map(|n| n.parse::<u64>().ok());
+        let r = (it.next()??, it.next()??, it.next()??);
+        it.next().is_none().then_some(r)
+    }
+    let (Some(v), Some(lo), Some(hi)) = (parse(version), parse(CONTRACT_OLDEST), parse(CONTRACT_VERSION)) else {
+        return false;
+    };
+    let track = |x: (u64, u64, u64)| if x.0 == 0 { (0, x.1) } else { (x.0, 0) };
+    track(v) == track(hi) && lo <= v && v <= hi
+}
 
 /// A host-owned stream handed to a guest as a `byte-stream` resource.
 pub struct ByteStream(pub Box<dyn Read + Send>);
@@ -58,7 +81,7 @@ pub enum LoadError {
     },
     #[error("plugin {name}: not a valid component: {message}")]
     Compile { name: String, message: String },
-    #[error("plugin {name} was built against {CONTRACT}@{found}, this gantry speaks {CONTRACT}@{CONTRACT_VERSION}")]
+    #[error("plugin {name} was built against {CONTRACT}@{found}, this gantry loads {CONTRACT}@{CONTRACT_OLDEST} to {CONTRACT_VERSION}")]
     Version { name: String, found: String },
     #[error("plugin {name} is not a {kind} component (it exports no {CONTRACT}/{kind})")]
     Kind { name: String, kind: &'static str },
@@ -433,7 +456,7 @@ impl PluginHost {
         for n in &names {
             if let Some(rest) = n.strip_prefix(&format!("{CONTRACT}/")) {
                 let found = rest.split_once('@').map(|(_, v)| v).unwrap_or("(unversioned)");
-                if found != CONTRACT_VERSION {
+                if !contract_accepts(found) {
                     return Err(LoadError::Version {
                         name: name.to_string(),
                         found: found.to_string(),

@@ -7,9 +7,12 @@
 //! its native fast paths (`copy-tree`, `unpack`, `pack`), so layer bytes
 //! never cross into this component and it cannot touch anything outside
 //! its home.
+//!
+//! It is built against the frozen contract `wit/since_v0.1.0/` on purpose:
+//! it needs nothing newer, and it keeps an old guest loading in every build.
 
 gantry_kit::wit_bindgen::generate!({
-    path: "../../wit",
+    path: "../../wit/since_v0.1.0",
     world: "driver-plugin",
     runtime_path: "gantry_kit::wit_bindgen::rt",
 });

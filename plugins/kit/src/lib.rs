@@ -13,7 +13,8 @@
 pub use wit_bindgen;
 
 /// The version of the `gantry:plugin` WIT package this kit was built with.
-pub const CONTRACT_VERSION: &str = "0.1.0";
+/// Read from the WIT package line at build time.
+pub const CONTRACT_VERSION: &str = env!("GANTRY_CONTRACT_VERSION");
 
 /// Parses an HTTP authentication challenge such as
 /// `Bearer realm="https://auth.example/token",service="registry",scope="repository:a:pull"`

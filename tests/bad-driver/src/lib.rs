@@ -9,7 +9,10 @@
 //! `handles` opens packs and never reads them, `truncate` writes a file
 //! that shares its inode with another layer's, `foreign-path` applies
 //! layers but answers `get` with a path outside its home, `wrong-size`
-//! applies them but lies about how much it wrote. Every mode reports success
+//! applies them but lies about how much it wrote, `mount` tries overlay
+//! mounts of `/`, of paths outside its home and through links out of it,
+//! and removing a directory that holds a mount, `mount-leak` makes a good
+//! mount and then traps without unmounting it. Every mode reports success
 //! only if the attack got through; the tests expect each call to fail.
 //! Everything else behaves enough like a driver for a pull to reach
 //! `apply-diff`.
@@ -127,6 +130,76 @@ impl Guest for Bad {
                 } else {
                     Err(Error::Denied("write-file left the shared inode intact".into()))
                 }
+            }
+            "mount" => {
+                fs::unpack(&layer, diff, fs::WhiteoutMode::Delete)?;
+                let _ = fs::symlink("/", "dir/to-root");
+                let _ = fs::symlink("/etc", "dir/to-etc");
+                fs::mkdir_all("dir/m", 0o700)?;
+                let m = |target: &str, lowers: &[&str], upper: Option<&str>| fs::OverlayMount {
+                    target: target.into(),
+                    lowers: lowers.iter().map(|l| l.to_string()).collect(),
+                    upper: upper.map(str::to_string),
+                    work: upper.map(|_| "dir/work".to_string()),
+                };
+                let _ = fs::mkdir_all("dir/work", 0o700);
+                fs::mkdir_all("dir/low", 0o700)?;
+                let attempts = [
+                    ("mount of /", m("/", &[&layer, "dir/low"], None)),
+                    ("mount over the home", m("", &[&layer, "dir/low"], None)),
+                    ("mount over the home (.)", m(".", &[&layer, "dir/low"], None)),
+                    ("mount outside the home", m("../..", &[&layer, "dir/low"], None)),
+                    ("mount through a link", m("dir/to-root/tmp", &[&layer, "dir/low"], None)),
+                    ("lower /", m("dir/m", &["/"], None)),
+                    ("lower /etc", m("dir/m", &["/etc", &layer], None)),
+                    ("lower outside", m("dir/m", &["../../..", &layer], None)),
+                    ("lower through a link", m("dir/m", &["dir/to-etc", "dir/low"], None)),
+                    (
+                        "lower through a link below",
+                        m("dir/m", &["dir/to-root/etc", "dir/low"], None),
+                    ),
+                    ("upper through a link", m("dir/m", &[&layer], Some("dir/to-root/tmp"))),
+                ];
+                let mut got = Vec::new();
+                for (what, spec) in &attempts {
+                    if fs::mount_overlay(spec).is_ok() {
+                        got.push(what.to_string());
+                    }
+                }
+                // A good mount, then the directory holding it may not be removed
+                // (that would delete through the mount) nor renamed.
+                fs::mount_overlay(&m("dir/m", &[&layer, "dir/low"], None))?;
+                if fs::remove_all("dir/m").is_ok() || fs::remove_all("dir").is_ok() {
+                    got.push("removed a directory holding a mount".into());
+                }
+                if fs::rename("dir/m", "dir/moved").is_ok() {
+                    got.push("renamed a mount point".into());
+                }
+                // Stacking another mount on or in it is refused too.
+                if fs::mount_overlay(&m("dir/m", &["dir/low", &layer], None)).is_ok() {
+                    got.push("mounted other directories on a mounted target".into());
+                }
+                if fs::unmount("dir/never-mounted").is_ok() {
+                    got.push("unmounted what it never mounted".into());
+                }
+                fs::unmount("dir/m")?;
+                if got.is_empty() {
+                    Err(Error::Denied("every hostile mount was refused".into()))
+                } else {
+                    Ok(got.len() as u64)
+                }
+            }
+            "mount-leak" => {
+                fs::unpack(&layer, diff, fs::WhiteoutMode::Delete)?;
+                fs::mkdir_all("dir/leak", 0o700)?;
+                fs::mkdir_all("dir/low", 0o700)?;
+                fs::mount_overlay(&fs::OverlayMount {
+                    target: "dir/leak".into(),
+                    lowers: vec![layer.clone(), "dir/low".into()],
+                    upper: None,
+                    work: None,
+                })?;
+                panic!("deliberate trap with a mount held")
             }
             "trap" => panic!("deliberate trap in apply-diff"),
             "loop" => {

@@ -140,8 +140,10 @@ fn hostile_archives_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     corpus::write(dir.path());
     // A layer may hold at most 64 MiB here, so the bomb case stops early.
-    let g =
-        Gantry::new().with_config("max_layer_size_mib = 64\n[transport]\ntype = \"v2\"\n[driver]\ntype = \"vfs\"\n");
+    let g = Gantry::new().with_config(&format!(
+        "max_layer_size_mib = 64\n[transport]\ntype = \"v2\"\n[driver]\ntype = \"{}\"\n",
+        Gantry::test_driver()
+    ));
     // A good control first, so there is something to keep intact.
     let control = dir.path().join("control.tar");
     // Its layer differs from the corpus's, which would otherwise be skipped as present.
@@ -169,6 +171,12 @@ fn hostile_archives_are_refused() {
     for case in &cases {
         let expect = std::fs::read_to_string(case.join("expect")).unwrap();
         let archive = case.join("archive.tar");
+        if case.ends_with("layer-symlink-earlier-layer") && g.driver() == "overlay2" {
+            // Harmless on overlay2: the later layer's `up/` is a directory of
+            // its own, hiding the earlier layer's link (see hostile.rs).
+            g.ok(&["load", "-i", archive.to_str().unwrap()]);
+            continue;
+        }
         let err = assert_refused(&g, &["load", "-i", archive.to_str().unwrap()], &expect);
         eprintln!("{}: {err}", case.file_name().unwrap().to_string_lossy());
     }
@@ -413,8 +421,8 @@ fn a_failed_save_leaves_no_file() {
     )
     .unwrap();
     g.ok(&["load", "-i", archive.to_str().unwrap()]);
-    for d in std::fs::read_dir(g.root_path().join("vfs/dir")).unwrap() {
-        let f = d.unwrap().path().join("data");
+    for d in g.layer_dirs() {
+        let f = d.join("data");
         if f.is_file() {
             std::fs::write(&f, b"changed bytes!!\n").unwrap();
         }

@@ -62,8 +62,8 @@ fn images_inspect_history_tag_rmi() {
     assert_eq!(out.trim(), "Untagged: other/name:latest");
     let out = g.ok(&["rmi", "third:v2"]);
     assert_eq!(out.trim(), "Untagged: third:v2");
-    let vfs_layers = || std::fs::read_dir(g.root_path().join("vfs/dir")).unwrap().count();
-    assert_eq!(vfs_layers(), 3);
+    let layers = || g.layer_dirs().len();
+    assert_eq!(layers(), 3);
     let out = g.ok(&["rmi", &name]);
     assert!(out.contains(&format!("Untagged: {name}")), "{out}");
     assert!(out.contains(&format!("Deleted: {id}")), "{out}");
@@ -72,7 +72,7 @@ fn images_inspect_history_tag_rmi() {
         4,
         "the image and its three layers: {out}"
     );
-    assert_eq!(vfs_layers(), 0);
+    assert_eq!(layers(), 0);
     g.fsck_clean();
     let err = g.fails(&["inspect", &name]);
     assert!(err.contains("no such image"), "{err}");
@@ -88,10 +88,14 @@ fn fsck_reports_a_damaged_store() {
     let g = Gantry::new();
     g.ok(&["pull", &format!("{}/test/rich:v1", reg.addr())]);
     g.fsck_clean();
-    let layerdb = g.root_path().join("image/vfs/layerdb/sha256");
+    let layerdb = g.image_dir("layerdb/sha256");
     let first = std::fs::read_dir(&layerdb).unwrap().next().unwrap().unwrap().path();
     let cache = std::fs::read_to_string(first.join("cache-id")).unwrap();
-    std::fs::remove_dir_all(g.root_path().join("vfs/dir").join(cache.trim())).unwrap();
+    let data = match g.driver() {
+        "overlay2" => g.root_path().join("overlay2").join(cache.trim()),
+        _ => g.root_path().join("vfs/dir").join(cache.trim()),
+    };
+    std::fs::remove_dir_all(data).unwrap();
     std::fs::remove_file(first.join("tar-split.json.gz")).unwrap();
     let r = g.run(&["fsck"]);
     assert!(!r.out.status.success());

@@ -159,7 +159,7 @@ fn mirrors_come_first_and_fall_back_to_the_registry() {
     let (_p, manifest, _) = publish(&reg, "test/control", "v1", &control_image());
     let config = |mirror: u16| {
         format!(
-            "[transport]\ntype = \"v2\"\n[driver]\ntype = \"vfs\"\n[registries.\"{}\"]\nmirrors = [\"http://127.0.0.1:{mirror}\"]\n",
+            "[transport]\ntype = \"v2\"\n[driver]\ntype = \"auto\"\n[registries.\"{}\"]\nmirrors = [\"http://127.0.0.1:{mirror}\"]\n",
             reg.addr()
         )
     };

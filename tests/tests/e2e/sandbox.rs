@@ -126,6 +126,17 @@ impl Drop for Canary {
     }
 }
 
+/// Mount points at or below `dir`, from this process's mount table.
+fn mounts_beneath(dir: &Path) -> Vec<String> {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|p| Path::new(p).starts_with(&dir))
+        .collect()
+}
+
 #[test]
 fn each_driver_attack_fails_cleanly_and_the_next_pull_works() {
     if !peers() {
@@ -194,6 +205,12 @@ fn each_driver_attack_fails_cleanly_and_the_next_pull_works() {
             "plugin driver/bad holds more than 16 open handles",
         ),
         ("truncate", name.clone(), "write-file left the shared inode intact"),
+        ("mount", name.clone(), "every hostile mount was refused"),
+        (
+            "mount-leak",
+            name.clone(),
+            "plugin driver/bad trapped in apply-diff: panicked at tests/bad-driver/src/lib.rs",
+        ),
         ("wrong-size", name.clone(), "driver bad said it applied"),
         (
             "fifo",
@@ -211,6 +228,12 @@ fn each_driver_attack_fails_cleanly_and_the_next_pull_works() {
     for (mode, image, expect) in cases {
         // The bad driver runs on the same store root as the good one.
         pull_fails(&g, &bad_driver_config(mode), mode, &image, expect, within);
+        // Whatever the driver mounted is gone with the process that made it.
+        assert_eq!(
+            mounts_beneath(g.root_path()),
+            Vec::<String>::new(),
+            "{mode}: mounts left behind"
+        );
         // The host and the store carry on: the next pull with the real driver works.
         g.ok(&["pull", &name]);
         g.fsck_clean();
@@ -240,7 +263,7 @@ fn each_transport_attack_is_refused_by_the_host() {
     let port = service.local_addr().unwrap().port();
     service.set_nonblocking(true).unwrap();
     let config = format!(
-        "[transport]\ntype = \"bad\"\npath = \"{}\"\n\n[driver]\ntype = \"vfs\"\n\n{LIMITS}",
+        "[transport]\ntype = \"bad\"\npath = \"{}\"\n\n[driver]\ntype = \"auto\"\n\n{LIMITS}",
         component("gantry_bad_transport").display()
     );
     let within = Duration::from_secs(20);
@@ -282,7 +305,7 @@ fn credentials_go_by_each_endpoint_s_own_host() {
     let mirror = format!("127.0.0.1:{mirror_port}");
     let g = Gantry::new();
     let config = format!(
-        "[transport]\ntype = \"bad\"\npath = \"{}\"\n\n[driver]\ntype = \"vfs\"\n\n{LIMITS}\n[registries.\"{}\"]\nmirrors = [\"http://{mirror}\"]\n",
+        "[transport]\ntype = \"bad\"\npath = \"{}\"\n\n[driver]\ntype = \"auto\"\n\n{LIMITS}\n[registries.\"{}\"]\nmirrors = [\"http://{mirror}\"]\n",
         component("gantry_bad_transport").display(),
         reg.addr()
     );

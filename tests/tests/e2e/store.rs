@@ -52,7 +52,9 @@ fn a_pull_killed_midway_leaves_nothing_visible_and_the_next_run_clears_it() {
         "the kill should have left a spooled download behind"
     );
     assert!(
-        leftovers.iter().all(|l| l.starts_with("tmp/") || l.starts_with("vfs/")),
+        leftovers
+            .iter()
+            .all(|l| l.starts_with("tmp/") || l.starts_with(&format!("{}/", g.driver()))),
         "{leftovers:?}"
     );
     // Nothing is visible, and the next run clears what the kill left.
@@ -69,19 +71,25 @@ fn store_directories_are_private() {
     let Some((_reg, g)) = control_store() else {
         return;
     };
-    for d in [
-        "",
-        "image",
-        "image/vfs",
-        "image/vfs/layerdb",
-        "image/vfs/imagedb",
-        "tmp",
-        "tmp/blobs",
-        "vfs",
-        "vfs/dir",
-        "plugins-cache",
-    ] {
-        let mode = std::fs::metadata(g.root_path().join(d)).unwrap().permissions().mode() & 0o777;
+    let driver = g.driver();
+    let mut dirs = vec![
+        String::new(),
+        "image".into(),
+        format!("image/{driver}"),
+        format!("image/{driver}/layerdb"),
+        format!("image/{driver}/imagedb"),
+        "tmp".into(),
+        "tmp/blobs".into(),
+        driver.into(),
+        "plugins-cache".into(),
+    ];
+    dirs.push(if driver == "vfs" {
+        "vfs/dir".into()
+    } else {
+        "overlay2/l".into()
+    });
+    for d in dirs {
+        let mode = std::fs::metadata(g.root_path().join(&d)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700, "{d:?} has mode {mode:o}");
     }
 }
@@ -116,7 +124,7 @@ fn a_plugin_built_against_another_contract_is_refused_by_name() {
         "[transport]\ntype = \"v2\"\n[driver]\ntype = \"vfs\"\npath = \"{}\"\n",
         file.display()
     ));
-    let refused = "plugin vfs was built against gantry:plugin@0.9.0, this gantry speaks gantry:plugin@0.1.0";
+    let refused = "plugin vfs was built against gantry:plugin@0.9.0, this gantry loads gantry:plugin@0.1.0 to 0.1.1";
     assert!(g.ok(&["images"]).starts_with("REPOSITORY"));
     let err = g.fails(&["rmi", "nothing:here"]);
     assert!(err.contains("No such image") || err.contains("no such image"), "{err}");
@@ -259,7 +267,7 @@ fn rmi_while_a_pull_builds_on_its_layer_keeps_the_store_whole() {
     assert!(
         !listing
             .iter()
-            .any(|l| l.len() > "image/vfs/layerdb/sha256/".len() && l.starts_with("image/vfs/layerdb/sha256/")),
+            .any(|l| l.starts_with(&format!("image/{}/layerdb/sha256/", g.driver())) && !l.ends_with("sha256/")),
         "layers were left behind: {listing:?}"
     );
 }
@@ -281,7 +289,7 @@ fn rmi_stops_on_an_unreadable_config_and_changes_nothing() {
     g.ok(&["pull", &format!("{}/test/b:v1", reg.addr())]);
     let v: serde_json::Value = serde_json::from_str(&g.ok(&["inspect", &format!("{}/test/b:v1", reg.addr())])).unwrap();
     let id_b = v[0]["Id"].as_str().unwrap().trim_start_matches("sha256:").to_string();
-    let config = g.root_path().join("image/vfs/imagedb/content/sha256").join(&id_b);
+    let config = g.image_dir("imagedb/content/sha256").join(&id_b);
     std::fs::write(&config, b"{ not json").unwrap();
     let before = g.store_listing();
     let err = g.fails(&["rmi", &format!("{}/test/a:v1", reg.addr())]);
@@ -293,8 +301,8 @@ fn rmi_stops_on_an_unreadable_config_and_changes_nothing() {
 fn flip_a_byte(g: &Gantry, rel: &str) -> usize {
     let mut flipped = 0;
     let mut seen = std::collections::HashSet::new();
-    for d in std::fs::read_dir(g.root_path().join("vfs/dir")).unwrap() {
-        let p = d.unwrap().path().join(rel);
+    for d in g.layer_dirs() {
+        let p = d.join(rel);
         if let Ok(md) = std::fs::symlink_metadata(&p) {
             use std::os::unix::fs::MetadataExt;
             if md.is_file() && seen.insert(md.ino()) {
@@ -385,7 +393,7 @@ fn repair_drops_dangling_references_and_unreferenced_layers() {
     let id = v[0]["Id"].as_str().unwrap().trim_start_matches("sha256:").to_string();
     // The image's config vanishes (a damaged disk): its tag dangles and its
     // layer is needed by nothing.
-    std::fs::remove_file(g.root_path().join("image/vfs/imagedb/content/sha256").join(&id)).unwrap();
+    std::fs::remove_file(g.image_dir("imagedb/content/sha256").join(&id)).unwrap();
     let r = g.run(&["fsck"]);
     assert!(!r.out.status.success());
     assert!(r.stdout().contains("is missing"), "{}", r.stdout());

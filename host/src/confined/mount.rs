@@ -1,0 +1,302 @@
+//! Overlay mounts a driver asks for, made by the host from directory handles.
+//!
+//! A driver never hands the kernel a path or an option string. The host
+//! opens every directory itself beneath the driver's home (the target and
+//! upper without following any link, lowers following links only while they
+//! stay in the home, as `l/<short id>` links do), then builds the mount with
+//! the new mount API from those handles (`fsconfig` with `lowerdir+`,
+//! `upperdir`, `workdir` given as file descriptors). So there is no option
+//! string to overflow a page (Docker's reason for relative paths and a
+//! chdir'd helper process) and no path a driver could swap between the check
+//! and the mount. Every mount is `nosuid,nodev`, read-only without an upper.
+//!
+//! Mounts are counted per target: the first user mounts, the last one's
+//! `unmount` unmounts. What a process leaves mounted when it ends (a crash,
+//! a kill) is unmounted by the next process alone on the store
+//! ([`clear_stale_mounts`]), and by this table's `Drop` otherwise.
+
+use super::{components, invalid, open_dir_beneath};
+use rustix::fs::{AtFlags, StatxFlags};
+use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Overlayfs refuses more lower layers than this.
+pub const MAX_LOWERS: usize = 500;
+
+/// What a driver asked to mount; paths relative to its home.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlaySpec {
+    pub target: String,
+    pub lowers: Vec<String>,
+    pub upper: Option<String>,
+    pub work: Option<String>,
+}
+
+struct Entry {
+    spec: OverlaySpec,
+    users: usize,
+    mnt_id: u64,
+}
+
+/// The mounts one home made, by target.
+#[derive(Default)]
+pub struct Mounts {
+    table: Mutex<HashMap<String, Entry>>,
+}
+
+fn denied(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, msg.into())
+}
+
+fn mnt_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)?.stx_mnt_id)
+}
+
+/// A driver path in one spelling (`a/./b/` is `a/b`), so one target is one key.
+fn canonical(rel: &str) -> io::Result<String> {
+    Ok(components(rel)?.join("/"))
+}
+
+impl Mounts {
+    /// Mounts `spec` beneath `home` (or adds a user to the same mount).
+    pub fn mount_overlay(&self, home: BorrowedFd<'_>, spec: &OverlaySpec) -> io::Result<()> {
+        let target = canonical(&spec.target)?;
+        if target.is_empty() {
+            return Err(denied("a mount over the driver's home is not allowed"));
+        }
+        let spec = OverlaySpec {
+            target: target.clone(),
+            lowers: spec.lowers.iter().map(|l| canonical(l)).collect::<io::Result<_>>()?,
+            upper: spec.upper.as_deref().map(canonical).transpose()?,
+            work: spec.work.as_deref().map(canonical).transpose()?,
+        };
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = table.get_mut(&target) {
+            if e.spec != spec {
+                return Err(denied(format!("{target:?} is already mounted with other directories")));
+            }
+            e.users += 1;
+            return Ok(());
+        }
+        let least = if spec.upper.is_some() { 1 } else { 2 };
+        if spec.lowers.len() < least || spec.lowers.len() > MAX_LOWERS {
+            return Err(invalid(format!(
+                "an overlay mount takes {least} to {MAX_LOWERS} lower directories (2 without an upper), not {}",
+                spec.lowers.len()
+            )));
+        }
+        if spec.upper.is_some() != spec.work.is_some() {
+            return Err(invalid("an upper directory needs a work directory, and only then"));
+        }
+        let home_mnt = mnt_id(home)?;
+        // Every directory lives on the home's own mount: never inside a
+        // mount made earlier (no stacking, no overlay of an overlay).
+        let open = |rel: &str, follow: bool| -> io::Result<OwnedFd> {
+            let fd = open_dir_beneath(home, &components(rel)?, follow)?;
+            if rel.is_empty() || mnt_id(fd.as_fd())? != home_mnt {
+                return Err(denied(format!("{rel:?} is not a directory of the driver's home")));
+            }
+            Ok(fd)
+        };
+        let target_fd = open(&target, false)?;
+        let lowers = spec
+            .lowers
+            .iter()
+            .map(|l| open(l, true))
+            .collect::<io::Result<Vec<_>>>()?;
+        let upper = spec.upper.as_deref().map(|u| open(u, false)).transpose()?;
+        let work = spec.work.as_deref().map(|w| open(w, false)).transpose()?;
+
+        let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+        let mount_err = |what: &str, e: rustix::io::Errno| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("overlay mount at {target:?}: {what}: {e}"),
+            )
+        };
+        rustix::mount::fsconfig_set_string(&fs, "source", "overlay").map_err(|e| mount_err("source", e))?;
+        for l in &lowers {
+            rustix::mount::fsconfig_set_fd(&fs, "lowerdir+", l).map_err(|e| mount_err("lowerdir", e))?;
+        }
+        if let (Some(u), Some(w)) = (&upper, &work) {
+            rustix::mount::fsconfig_set_fd(&fs, "upperdir", u).map_err(|e| mount_err("upperdir", e))?;
+            rustix::mount::fsconfig_set_fd(&fs, "workdir", w).map_err(|e| mount_err("workdir", e))?;
+        }
+        // Layers are shared between images: no index binding them to one mount.
+        rustix::mount::fsconfig_set_string(&fs, "index", "off").map_err(|e| mount_err("index", e))?;
+        rustix::mount::fsconfig_create(&fs).map_err(|e| mount_err("create", e))?;
+        let mut attrs = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
+        if upper.is_none() {
+            attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY;
+        }
+        let mnt =
+            rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(|e| mount_err("fsmount", e))?;
+        rustix::mount::move_mount(
+            &mnt,
+            "",
+            &target_fd,
+            "",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+        )
+        .map_err(|e| mount_err("attaching", e))?;
+        let id = mnt_id(mnt.as_fd())?;
+        table.insert(
+            target,
+            Entry {
+                spec,
+                users: 1,
+                mnt_id: id,
+            },
+        );
+        Ok(())
+    }
+
+    /// Lets go of one user of the mount at `target`.
+    pub fn unmount(&self, home: BorrowedFd<'_>, target: &str) -> io::Result<()> {
+        let target = canonical(target)?;
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = table.get_mut(&target) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("nothing is mounted at {target:?} by this driver"),
+            ));
+        };
+        if e.users > 1 {
+            e.users -= 1;
+            return Ok(());
+        }
+        let id = e.mnt_id;
+        table.remove(&target);
+        detach(home, &target, id)
+    }
+
+    /// Whether a mount of this table is at or below `rel`.
+    pub fn any_beneath(&self, rel: &str) -> io::Result<bool> {
+        let rel = canonical(rel)?;
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(table
+            .keys()
+            .any(|t| rel.is_empty() || t == &rel || t.starts_with(&format!("{rel}/"))))
+    }
+
+    /// Unmounts everything still mounted (deepest first).
+    pub fn clear(&self, home: BorrowedFd<'_>) {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<(String, u64)> = table.drain().map(|(t, e)| (t, e.mnt_id)).collect();
+        all.sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
+        for (t, id) in all {
+            let _ = detach(home, &t, id);
+        }
+    }
+}
+
+/// Unmounts the mount `id` at `rel` beneath `home`: the target is opened
+/// without links and must be that mount's root, so a driver that swapped a
+/// directory for a link cannot make the host unmount anything else.
+fn detach(home: BorrowedFd<'_>, rel: &str, id: u64) -> io::Result<()> {
+    let fd = open_dir_beneath(home, &components(rel)?, false)?;
+    if mnt_id(fd.as_fd())? != id {
+        return Err(denied(format!("{rel:?} is no longer the mount this driver made")));
+    }
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    Ok(rustix::mount::unmount(path.as_str(), UnmountFlags::DETACH)?)
+}
+
+/// Unmounts whatever is mounted beneath `home` (a directory this process
+/// owns): mounts a process that ended without unmounting left behind. Call
+/// only when no other process uses the store.
+pub fn clear_stale_mounts(home: &Path) -> io::Result<usize> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let Ok(home) = home.canonicalize() else {
+        return Ok(0);
+    };
+    let prefix = format!("{}/", home.display());
+    let mut found: Vec<(String, u64)> = Vec::new();
+    for line in info.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let (Some(id), Some(point)) = (f.first(), f.get(4)) else {
+            continue;
+        };
+        let point = unescape_mountinfo(point);
+        if let (Some(rel), Ok(id)) = (point.strip_prefix(&prefix), id.parse::<u64>()) {
+            found.push((rel.to_string(), id));
+        }
+    }
+    if found.is_empty() {
+        return Ok(0);
+    }
+    let home_fd = rustix::fs::open(&home, super::DIR_FLAGS, rustix::fs::Mode::empty())?;
+    found.sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
+    let mut n = 0;
+    for (rel, _) in found {
+        // Stacked mounts show one line each: take the top one until none is left.
+        while let Ok(fd) = open_dir_beneath(home_fd.as_fd(), &components(&rel)?, false) {
+            let id = mnt_id(fd.as_fd())?;
+            if id == mnt_id(home_fd.as_fd())? || detach(home_fd.as_fd(), &rel, id).is_err() {
+                break;
+            }
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// `/proc/self/mountinfo` escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether this process can make an overlay mount the way the overlay2
+/// driver does, in a scratch directory under `dir`: root (or
+/// `CAP_SYS_ADMIN`), an overlay-capable kernel with layers given as file
+/// descriptors (Linux 6.13), and a backing filesystem overlay accepts as an
+/// upper layer. The error says which.
+pub fn probe_overlay(dir: &Path) -> io::Result<()> {
+    let scratch = tempfile::Builder::new().prefix(".overlay-probe-").tempdir_in(dir)?;
+    for d in ["lower1", "lower2", "upper", "work", "merged"] {
+        std::fs::create_dir(scratch.path().join(d))?;
+    }
+    std::fs::write(scratch.path().join("lower2/f"), b"")?;
+    let home = rustix::fs::open(scratch.path(), super::DIR_FLAGS, rustix::fs::Mode::empty())?;
+    let mounts = Mounts::default();
+    let spec = OverlaySpec {
+        target: "merged".into(),
+        lowers: vec!["lower1".into(), "lower2".into()],
+        upper: Some("upper".into()),
+        work: Some("work".into()),
+    };
+    mounts.mount_overlay(home.as_fd(), &spec)?;
+    let seen = scratch.path().join("merged/f").exists();
+    mounts.unmount(home.as_fd(), "merged")?;
+    if !seen {
+        return Err(io::Error::other("an overlay mount did not show its lower layer"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mount_points() {
+        assert_eq!(unescape_mountinfo(r"/a\040b\134c"), "/a b\\c");
+        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
+    }
+}

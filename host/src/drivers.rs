@@ -1,0 +1,73 @@
+//! Which graph driver a store uses when the config says `auto`, by Docker's
+//! rule: the driver the store already holds layers for; otherwise overlay2
+//! where the kernel and privileges allow it (probed by making a real
+//! overlay mount in a scratch directory of the store); otherwise vfs, with a
+//! line saying why.
+
+use std::path::Path;
+
+/// The drivers `auto` chooses between, in order of preference.
+pub const AUTO: [&str; 2] = ["overlay2", "vfs"];
+
+/// What `auto` resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    pub driver: String,
+    /// Why overlay2 was not chosen, when the probe failed.
+    pub notice: Option<String>,
+}
+
+fn holds_layers(root: &Path, driver: &str) -> bool {
+    std::fs::read_dir(root.join("image").join(driver).join("layerdb/sha256"))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+}
+
+/// Resolves `auto` for the store at `root`.
+pub fn choose(root: &Path) -> Result<Choice, String> {
+    let used: Vec<&str> = AUTO
+        .iter()
+        .copied()
+        .filter(|d| root.join("image").join(d).is_dir())
+        .collect();
+    let prior: Vec<&str> = match used.as_slice() {
+        [one] => vec![one],
+        _ => used.iter().copied().filter(|d| holds_layers(root, d)).collect(),
+    };
+    match prior.as_slice() {
+        [one] => {
+            return Ok(Choice {
+                driver: one.to_string(),
+                notice: None,
+            })
+        }
+        [] => {}
+        many => {
+            return Err(format!(
+                "the store holds layers of more than one driver ({}); choose one with [driver] type",
+                many.join(", ")
+            ))
+        }
+    }
+    let scratch = root.join("tmp");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&scratch)
+        .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
+    Ok(match crate::confined::probe_overlay(&scratch) {
+        Ok(()) => Choice {
+            driver: "overlay2".into(),
+            notice: None,
+        },
+        Err(e) => Choice {
+            driver: "vfs".into(),
+            notice: Some(format!(
+                "overlay2 is not available here ({}); using vfs",
+                gantry_core::text::escape_line(&e.to_string())
+            )),
+        },
+    })
+}
+
+use std::os::unix::fs::DirBuilderExt;

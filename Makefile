@@ -18,9 +18,11 @@ plugins: deps
 build: plugins
 	$(CARGO) build --release
 
-## Every test: unit tests, the tidy test, end-to-end tests against real peers.
+## Every test: unit tests, the tidy test, end-to-end tests against real peers
+## (with the default driver, overlay2 where the machine allows it, then again with vfs).
 test: build
 	$(CARGO) test --release
+	GANTRY_TEST_DRIVER=vfs $(CARGO) test --release --test e2e
 
 ## Build everything, start a registry on 127.0.0.1 with the example image, pull it.
 demo: build

@@ -66,8 +66,10 @@ impl Layer {
         self
     }
 
-    pub fn hardlink(mut self, path: &str, target: &str) -> Self {
-        let mut h = header(tar::EntryType::Link, 0o644, 0);
+    /// A hard link to `target`, its header carrying `mode` (a real tar
+    /// writer records the shared inode's mode, which the runtimes apply).
+    pub fn hardlink(mut self, path: &str, target: &str, mode: u32) -> Self {
+        let mut h = header(tar::EntryType::Link, mode, 0);
         self.b.append_link(&mut h, path, target).unwrap();
         self
     }
@@ -329,7 +331,7 @@ pub fn rich_layers() -> Vec<Vec<u8>> {
         .dir("var/tmp", 0o1777)
         .symlink("bin/ash", "sh")
         .symlink("etc/abs-link", "/etc/passwd")
-        .hardlink("bin/sh-hard", "bin/sh")
+        .hardlink("bin/sh-hard", "bin/sh", 0o755)
         .file("gone.txt", 0o644, b"deleted by layer 2\n")
         .fifo("var/fifo")
         .tar();

@@ -102,10 +102,11 @@ fn every_source_file_says_what_it_is_for() {
     assert!(missing.is_empty(), "files without a //! line: {missing:?}");
 }
 
-/// The contract version is written in the WIT package line, the host's
-/// `CONTRACT_VERSION`, the kit's, and the docs; they must all agree.
+/// The contract version is stated once, in the WIT package line: the host
+/// and the kit read it at build time (no literal of their own), and the
+/// docs name that version only.
 #[test]
-fn the_contract_version_is_the_same_everywhere() {
+fn the_contract_version_is_stated_once() {
     let root = workspace_root();
     let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
     let wit = read("wit/types.wit");
@@ -115,9 +116,12 @@ fn the_contract_version_is_the_same_everywhere() {
         .and_then(|v| v.strip_suffix(';'))
         .expect("a package line in wit/types.wit")
         .to_string();
-    let constant = format!("pub const CONTRACT_VERSION: &str = \"{version}\";");
     for file in ["host/src/plugin/mod.rs", "plugins/kit/src/lib.rs"] {
-        assert!(read(file).contains(&constant), "{file} does not say {constant}");
+        let text = read(file);
+        assert!(
+            text.contains("pub const CONTRACT_VERSION: &str = env!(\"GANTRY_CONTRACT_VERSION\");"),
+            "{file} must read the version from the WIT"
+        );
     }
     for doc in ["README.md", "ARCHITECTURE.md"] {
         let text = read(doc);
@@ -126,5 +130,32 @@ fn the_contract_version_is_the_same_everywhere() {
             let v: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
             assert_eq!(v.trim_end_matches('.'), version, "{doc} names gantry:plugin@{v}");
         }
+    }
+}
+
+/// A released contract is frozen: `wit/since_v<version>/` never changes,
+/// so guests built against it keep loading. (A new version gets a new
+/// directory and a new line here.)
+#[test]
+fn released_contracts_are_frozen() {
+    let root = workspace_root();
+    let frozen = [(
+        "wit/since_v0.1.0/types.wit",
+        "5f94c606ddf6f39b7fb0e61e50fb652fc5b2ab1a5241fa58547c268fd0b1fef9",
+    )];
+    let dirs: Vec<String> = std::fs::read_dir(root.join("wit"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("since_v"))
+        .collect();
+    assert_eq!(
+        dirs.len(),
+        frozen.len(),
+        "every wit/since_v*/ has a pinned digest: {dirs:?}"
+    );
+    for (file, digest) in frozen {
+        let bytes = std::fs::read(root.join(file)).unwrap();
+        let got = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        assert_eq!(got, digest, "{file} changed: a released contract is frozen");
     }
 }

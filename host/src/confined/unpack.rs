@@ -149,8 +149,16 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
                         format!("hard link {path} -> {shown}: {err}"),
                     )
                 })?;
-                written.insert(&clean);
-                continue; // a hard link shares its target's metadata
+                let target_clean: Vec<u8> = tc.iter().map(|c| c.as_bytes()).collect::<Vec<_>>().join(&b'/');
+                if !written.contains(&target_clean) {
+                    // A file of an earlier layer (a vfs layer shares its
+                    // parent's inodes): its metadata is not this layer's to change.
+                    written.insert(&clean);
+                    continue;
+                }
+                // As Docker and containers/storage apply it: the link's own
+                // header sets the owner, mode, attributes and time of the
+                // inode it shares with its target.
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 let ft = match etype {
@@ -179,7 +187,13 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
             )
             .or_else(ignore_eperm)?;
         }
-        if etype != tar::EntryType::Symlink {
+        // A link has no mode of its own, and chmod would follow it: never
+        // for a symlink, nor for a hard link to one.
+        let is_link = etype == tar::EntryType::Symlink
+            || (etype == tar::EntryType::Link
+                && FileType::from_raw_mode(rustix::fs::statat(pd, name, AtFlags::SYMLINK_NOFOLLOW)?.st_mode)
+                    == FileType::Symlink);
+        if !is_link {
             // After chown, which clears set-id bits.
             rustix::fs::chmodat(pd, name, Mode::from_raw_mode(perm), AtFlags::empty())?;
         }
@@ -228,13 +242,16 @@ impl Written {
         self.keys.push(k);
     }
 
+    /// A binary search of the sorted part and a scan of what was added
+    /// since, sorted again once that grows: hard links ask once each.
     fn contains(&mut self, path: &[u8]) -> bool {
-        if self.sorted != self.keys.len() {
+        if self.keys.len() - self.sorted > 4096.max(self.sorted / 8) {
             self.keys.sort_unstable();
             self.keys.dedup();
             self.sorted = self.keys.len();
         }
-        self.keys.binary_search(&self.key(path)).is_ok()
+        let k = self.key(path);
+        self.keys[..self.sorted].binary_search(&k).is_ok() || self.keys[self.sorted..].contains(&k)
     }
 }
 
@@ -429,6 +446,41 @@ mod tests {
                 assert!(!t.path().join(d).join("evil").exists(), "case {i} wrote {d}/evil");
             }
         }
+    }
+
+    /// A hard link's header sets the mode of the inode it shares with its
+    /// target (as Docker and containers/storage apply it), but never through
+    /// a symlink, and never for a file of an earlier layer.
+    #[test]
+    fn hard_link_headers_apply_to_their_own_inode_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let target = outside.path().to_str().unwrap().to_string();
+        let (t, r) = run(tar_of(|b| {
+            file(b, "f", b"data");
+            link(b, tar::EntryType::Link, "f-link", "f");
+            link(b, tar::EntryType::Symlink, "sym", &target);
+            link(b, tar::EntryType::Link, "sym-link", "sym");
+        }));
+        r.unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let root = t.path().join("a/b/root");
+        assert_eq!(
+            mode(&root.join("f")),
+            0o777,
+            "the link's header mode applies to the inode"
+        );
+        assert_eq!(mode(outside.path()), 0o600, "chmod followed a hard link to a symlink");
+
+        // A file an earlier layer left (vfs shares it with the parent) keeps its mode.
+        let t2 = tempfile::tempdir().unwrap();
+        std::fs::write(t2.path().join("old"), b"parent").unwrap();
+        std::fs::set_permissions(t2.path().join("old"), std::fs::Permissions::from_mode(0o640)).unwrap();
+        let fd = rustix::fs::open(t2.path(), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let tar = tar_of(|b| link(b, tar::EntryType::Link, "new", "old"));
+        unpack(fd.as_fd(), &mut &tar[..], Whiteouts::Delete).unwrap();
+        assert_eq!(mode(&t2.path().join("old")), 0o640);
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod commands;
 mod faults;
 mod hostile;
 mod memory;
+mod overlay2;
 mod pull;
 mod sandbox;
 mod store;

@@ -37,3 +37,4 @@ lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
 	$(CARGO) clippy --release --target wasm32-wasip2 $(PLUGINS) -- -D warnings
+	cd examples/driver-quota && $(CARGO) fmt --check && CARGO_TARGET_DIR=../../target/example-build $(CARGO) clippy --release --locked --target wasm32-wasip2 -- -D warnings

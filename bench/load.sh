@@ -2,7 +2,8 @@
 # Load and save benchmark: the ~500 MiB benchmark image as a `docker save`
 # archive, loaded by gantry from a file and from a pipe, and, in the same
 # run, by `podman load` and `skopeo copy docker-archive:… containers-storage:`
-# on the same graph driver (vfs); then `gantry save` against `podman save`.
+# on the same graph driver (vfs, then overlay2/overlay as root); then
+# `gantry save` against `podman save`.
 # Prints wall times, peak memory and ratios.
 #
 # BENCH_DIR=DIR keeps the generated image between runs; BENCH_RUNS=N runs
@@ -37,10 +38,19 @@ measure() {
 }
 : > "$work/results"
 podman_vfs=(podman --root "$work/p/root" --runroot "$work/p/run" --storage-driver vfs)
+printf '[transport]\ntype = "v2"\n[driver]\ntype = "vfs"\n' > "$work/vfs.toml"
+printf '[transport]\ntype = "v2"\n[driver]\ntype = "overlay2"\n' > "$work/overlay2.toml"
 
-measure gantry_file "$work/g" "$bin/gantry" --root "$work/g" load -q -i "$work/bench.tar"
-measure gantry_pipe "$work/g" sh -c "exec \"$bin/gantry\" --root \"$work/g\" load -q < \"$work/bench.tar\""
-measure gantry_save "$work/saved-g.tar" "$bin/gantry" --root "$work/g" save -o "$work/saved-g.tar" bench:latest
+if [ "$(id -u)" -eq 0 ]; then
+    measure gantry_file_overlay2 "$work/g" "$bin/gantry" --root "$work/g" --config "$work/overlay2.toml" load -q -i "$work/bench.tar"
+    measure gantry_save_overlay2 "$work/saved-g.tar" "$bin/gantry" --root "$work/g" --config "$work/overlay2.toml" save -o "$work/saved-g.tar" bench:latest
+    rm -rf "$work/g"
+    measure podman_file_overlay "$work/p" podman --root "$work/p/root" --runroot "$work/p/run" --storage-driver overlay load -q -i "$work/bench.tar"
+    rm -rf "$work/p"
+fi
+measure gantry_file "$work/g" "$bin/gantry" --root "$work/g" --config "$work/vfs.toml" load -q -i "$work/bench.tar"
+measure gantry_pipe "$work/g" sh -c "exec \"$bin/gantry\" --root \"$work/g\" --config \"$work/vfs.toml\" load -q < \"$work/bench.tar\""
+measure gantry_save "$work/saved-g.tar" "$bin/gantry" --root "$work/g" --config "$work/vfs.toml" save -o "$work/saved-g.tar" bench:latest
 measure podman_file "$work/p" "${podman_vfs[@]}" load -q -i "$work/bench.tar"
 measure podman_pipe "$work/p" sh -c "exec ${podman_vfs[*]} load -q < \"$work/bench.tar\""
 measure podman_save "$work/saved-p.tar" "${podman_vfs[@]}" save -q -o "$work/saved-p.tar" bench:latest
@@ -62,4 +72,7 @@ faster_pipe = min(r["podman_pipe"][0], r["skopeo_pipe"][0])
 print(f"load from a file: gantry/faster peer = {r['gantry_file'][0] / faster_file:.2f}  (target <= 0.50)")
 print(f"load from a pipe: gantry/faster peer = {r['gantry_pipe'][0] / faster_pipe:.2f}  (target <= 0.50)")
 print(f"save: gantry/podman = {r['gantry_save'][0] / r['podman_save'][0]:.2f}  (target <= 1.00)")
+if "gantry_file_overlay2" in r:
+    print(f"load from a file, overlay2: gantry/podman overlay = {r['gantry_file_overlay2'][0] / r['podman_file_overlay'][0]:.2f}  (target <= 0.50)")
+    print(f"save from overlay2: gantry/podman (vfs) = {r['gantry_save_overlay2'][0] / r['podman_save'][0]:.2f}")
 PY

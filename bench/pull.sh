@@ -1,67 +1,107 @@
 #!/usr/bin/env bash
-# Pull benchmark: a generated ~500 MiB image (six layers, thousands of small
-# files and a few large ones) from a local docker-registry, pulled by gantry
-# and, in the same run, by `skopeo copy … containers-storage:[vfs@…]`, both on
-# the vfs driver. Prints wall times, peak memory and ratios, and the floor of
-# `curl | sha256sum` + `igzip -dc | tar -x` on the same blobs.
+# Pull benchmark, three image shapes from a local docker-registry, each
+# pulled in the same run by:
+#   gantry (overlay2 and vfs), containerd (`ctr images pull`, overlayfs
+#   snapshotter), podman (`--storage-driver overlay`), and, for the six-layer
+#   image, skopeo into containers-storage with vfs.
+# Shapes: `bench` (~500 MiB in six layers: thousands of small files and a
+# few large ones), `rootfs` (one layer of a Debian system's own files, about
+# 50 MB gzipped), `tiny` (60 layers of a few small files).
+# Prints wall times (median of BENCH_RUNS, default 3, each from a cold page
+# cache), peak memory and ratios, the cost of durable commits, and for the
+# six-layer image the floor of `curl | sha256sum` + `igzip -dc | tar -x`.
 #
-# BENCH_DIR=DIR keeps the generated image between runs; BENCH_RUNS=N runs
-# each case N times (default 3) and reports the median.
+# BENCH_DIR=DIR keeps the generated images between runs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$(dirname "$here")/target/release
-for t in docker-registry skopeo curl igzip /usr/bin/time python3; do
-    command -v "$t" >/dev/null || { echo "bench: $t is required (apt-get install docker-registry skopeo curl isal time)" >&2; exit 1; }
+for t in docker-registry skopeo curl igzip containerd ctr podman /usr/bin/time python3; do
+    command -v "$t" >/dev/null || {
+        echo "bench: $t is required (apt-get install docker-registry skopeo curl isal containerd podman time)" >&2
+        exit 1
+    }
 done
+[ "$(id -u)" -eq 0 ] || { echo "bench: run as root (overlay mounts, containerd)" >&2; exit 1; }
 work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/gantry-bench.XXXXXX")}
 mkdir -p "$work"
-registry_pid=""
-cleanup() { [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null; rm -rf "$work/g" "$work/cs" "$work/floor" "$work/registry"; }
+registry_pid="" containerd_pid=""
+cleanup() {
+    [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null
+    [ -n "$containerd_pid" ] && kill "$containerd_pid" 2>/dev/null && wait "$containerd_pid" 2>/dev/null
+    rm -rf "$work/g" "$work/cs" "$work/pm" "$work/floor" "$work/registry" "$work/ctd"
+}
 trap cleanup EXIT
 . "$(dirname "$here")/scripts/local-registry.sh"
 start_registry "$work/registry"
 port=$registry_port
 
-[ -f "$work/layout/index.json" ] || "$bin/gen-image" bench "$work/layout"
-skopeo copy --quiet --dest-tls-verify=false "oci:$work/layout:bench" "docker://127.0.0.1:$port/bench:latest"
-ref="127.0.0.1:$port/bench:latest"
-base="http://127.0.0.1:$port/v2/bench"
+# containerd with its own root, state and socket, no CRI.
+mkdir -p "$work/ctd"
+cat > "$work/ctd/config.toml" <<TOML
+version = 2
+root = "$work/ctd/root"
+state = "$work/ctd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$work/ctd/sock"
+TOML
+containerd --config "$work/ctd/config.toml" > "$work/ctd/log" 2>&1 &
+containerd_pid=$!
+for _ in $(seq 100); do [ -S "$work/ctd/sock" ] && break; sleep 0.1; done
+ctr=(ctr -a "$work/ctd/sock" -n bench)
+
+for shape in bench rootfs tiny; do
+    [ -f "$work/$shape/index.json" ] || "$bin/gen-image" "$shape" "$work/$shape"
+    skopeo copy --quiet --dest-tls-verify=false "oci:$work/$shape:$shape" "docker://127.0.0.1:$port/$shape:latest"
+done
 
 # measure NAME CLEAN CMD...: the median wall seconds and peak RSS (KiB) of
-# BENCH_RUNS runs of CMD, each after removing CLEAN and with a cold cache;
-# the median run's stderr is kept in $work/NAME.err.
+# BENCH_RUNS runs of CMD, each after the shell command CLEAN and with a cold
+# cache; the median run's stderr is kept in $work/NAME.err.
 runs=${BENCH_RUNS:-3}
+: > "$work/results"
 measure() {
     local name=$1 clean=$2; shift 2
     : > "$work/$name.runs"
     for i in $(seq "$runs"); do
-        rm -rf "$clean"
+        eval "$clean"
         sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
         /usr/bin/time -f "%e %M $i" -o "$work/$name.time" "$@" >/dev/null 2> "$work/$name.err.$i"
         cat "$work/$name.time" >> "$work/$name.runs"
     done
     read -r wall rss i < <(sort -n "$work/$name.runs" | sed -n "$(( (runs + 1) / 2 ))p")
     cp "$work/$name.err.$i" "$work/$name.err"
-    printf -v "${name}_wall" '%s' "$wall"
-    printf -v "${name}_rss" '%s' "$rss"
+    echo "$name $wall $rss" >> "$work/results"
 }
 
-# gantry (durable commits, the default)
-GANTRY_TIMINGS=1 measure gantry "$work/g" "$bin/gantry" --root "$work/g" pull -q "$ref"
-timings=$(grep '^timings:' "$work/gantry.err" || true)
-create=$(sed -n 's/.* create \([0-9.]*\)s.*/\1/p' <<< "$timings")
-
-# gantry with `durable = false`: what the syncs of a durable commit cost
-printf 'durable = false\n[transport]\ntype = "v2"\n[driver]\ntype = "vfs"\n' > "$work/fast.toml"
-measure fast "$work/g" "$bin/gantry" --root "$work/g" --config "$work/fast.toml" pull -q "$ref"
+config() { printf '%s[transport]\ntype = "v2"\n[driver]\ntype = "%s"\n' "${2:-}" "$1" > "$work/$1${2:+-fast}.toml"; }
+config overlay2; config vfs; config overlay2 'durable = false
+'
+for shape in bench rootfs tiny; do
+    ref="127.0.0.1:$port/$shape:latest"
+    measure "$shape.gantry_overlay2" 'rm -rf "$work/g"' \
+        "$bin/gantry" --root "$work/g" --config "$work/overlay2.toml" pull -q "$ref"
+    measure "$shape.gantry_vfs" 'rm -rf "$work/g"' \
+        "$bin/gantry" --root "$work/g" --config "$work/vfs.toml" pull -q "$ref"
+    rm -rf "$work/g"
+    measure "$shape.containerd" '"${ctr[@]}" images rm --sync "$ref" >/dev/null 2>&1 || true' \
+        "${ctr[@]}" images pull --plain-http --snapshotter overlayfs "$ref"
+    "${ctr[@]}" images rm --sync "$ref" >/dev/null 2>&1 || true
+    measure "$shape.podman" 'rm -rf "$work/pm"' \
+        podman --root "$work/pm/root" --runroot "$work/pm/run" --storage-driver overlay \
+        --events-backend none pull -q --tls-verify=false "docker://$ref"
+    rm -rf "$work/pm"
+done
+ref="127.0.0.1:$port/bench:latest"
+measure bench.gantry_overlay2_fast 'rm -rf "$work/g"' \
+    "$bin/gantry" --root "$work/g" --config "$work/overlay2-fast.toml" pull -q "$ref"
 rm -rf "$work/g"
-
-# skopeo into containers-storage with the vfs driver
-measure skopeo "$work/cs" skopeo copy --quiet --src-tls-verify=false "docker://$ref" \
+measure bench.skopeo_vfs 'rm -rf "$work/cs"' skopeo copy --quiet --src-tls-verify=false "docker://$ref" \
     "containers-storage:[vfs@$work/cs/root+$work/cs/run]bench:latest"
 rm -rf "$work/cs"
 
-# floor: the same blobs through curl | sha256sum and igzip -dc | tar -x
+# floor: the six-layer image's blobs through curl | sha256sum and igzip -dc | tar -x
+base="http://127.0.0.1:$port/v2/bench"
 layers=$(curl -s -H 'Accept: application/vnd.oci.image.manifest.v1+json' "$base/manifests/latest" |
     python3 -c 'import json,sys; print(" ".join(l["digest"] for l in json.load(sys.stdin)["layers"]))')
 rm -rf "$work/floor"; mkdir -p "$work/floor/blobs" "$work/floor/root"
@@ -73,18 +113,31 @@ for d in $layers; do igzip -dc "$work/floor/blobs/${d#sha256:}" | tar -x -C "$wo
 t2=$(date +%s.%N)
 rm -rf "$work/floor"
 
-python3 - "$gantry_wall" "$gantry_rss" "$skopeo_wall" "$skopeo_rss" "$t0" "$t1" "$t2" "${create:-0}" "$fast_wall" <<'PY'
+python3 - "$work/results" "$t0" "$t1" "$t2" <<'PY'
 import sys
-gw, gr, sw, sr, t0, t1, t2, create, fw = map(float, sys.argv[1:])
+r = {}
+for line in open(sys.argv[1]):
+    name, wall, rss = line.split()
+    r[name] = (float(wall), float(rss) / 1024)
+t0, t1, t2 = map(float, sys.argv[2:])
+targets = {"bench": 0.40, "rootfs": 0.35, "tiny": 0.35}
+for shape in ["bench", "rootfs", "tiny"]:
+    print(f"== {shape}")
+    for tool in ["gantry_overlay2", "gantry_vfs", "containerd", "podman", "gantry_overlay2_fast", "skopeo_vfs"]:
+        if f"{shape}.{tool}" in r:
+            w, m = r[f"{shape}.{tool}"]
+            print(f"  {tool:22s} {w:7.2f} s   peak {m:7.1f} MiB")
+    g, c, p = r[f"{shape}.gantry_overlay2"][0], r[f"{shape}.containerd"][0], r[f"{shape}.podman"][0]
+    print(f"  gantry overlay2 / containerd {g / c:5.2f}   (target <= {targets[shape]:.2f})")
+    print(f"  gantry overlay2 / podman     {g / p:5.2f}")
+    print(f"  gantry vfs / containerd      {r[f'{shape}.gantry_vfs'][0] / c:5.2f}")
+    print(f"  gantry overlay2 peak memory  {r[f'{shape}.gantry_overlay2'][1]:5.1f} MiB   (target < 64)")
+g = r["bench.gantry_overlay2"][0]
+fast = r["bench.gantry_overlay2_fast"][0]
 dl, inflate = t1 - t0, t2 - t1
 floor = dl + inflate
-stages = gw - create
-print(f"gantry pull         {gw:7.2f} s   peak {gr/1024:7.1f} MiB   (median)")
-print(f"skopeo copy (vfs)   {sw:7.2f} s   peak {sr/1024:7.1f} MiB   (median)")
-print(f"ratio gantry/skopeo {gw/sw:7.2f}      (target <= 0.50)")
-print(f"gantry, durable = false {fw:7.2f} s: durable commits cost {gw - fw:+.2f} s ({(gw / fw - 1) * 100:+.1f} %)")
-print(f"floor: curl|sha256sum {dl:.2f} s + igzip -dc|tar -x {inflate:.2f} s = {floor:.2f} s")
-print(f"gantry download+verify+inflate (pull minus vfs parent copies {create:.2f} s) {stages:.2f} s")
-print(f"ratio stages/floor  {stages/floor:7.2f}      (target <= 1.30)")
+print(f"== bench: durable commits cost {g - fast:+.2f} s ({(g / fast - 1) * 100:+.1f} %) over durable = false")
+print(f"== bench: floor curl|sha256sum {dl:.2f} s + igzip -dc|tar -x {inflate:.2f} s = {floor:.2f} s")
+print(f"   gantry overlay2 / floor {g / floor:5.2f}   (target <= 1.30)")
+print(f"   gantry vfs / skopeo vfs {r['bench.gantry_vfs'][0] / r['bench.skopeo_vfs'][0]:5.2f}")
 PY
-echo "$timings"

@@ -2,7 +2,7 @@
 //! it is stated once, in the WIT.
 
 fn main() {
-    let wit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../wit/types.wit");
+    let wit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("wit/types.wit");
     println!("cargo:rerun-if-changed={}", wit.display());
     let text = std::fs::read_to_string(&wit).unwrap_or_else(|e| panic!("reading {}: {e}", wit.display()));
     let version = text

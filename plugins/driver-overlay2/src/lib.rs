@@ -18,16 +18,9 @@
 //! import (`mount-overlay`, `unmount`), which opens every directory beneath
 //! the driver's home and counts users per mount. Layer bytes never cross
 //! into the component: `unpack` and `pack-upper` are the host's fast paths.
+//! Written against `gantry-kit`'s `Driver` trait, as a third party would.
 
-gantry_kit::wit_bindgen::generate!({
-    path: "../../wit",
-    world: "driver-plugin",
-    runtime_path: "gantry_kit::wit_bindgen::rt",
-});
-
-use exports::gantry::plugin::driver::Guest;
-use gantry::plugin::fs::{self, Change, OverlayMount, WhiteoutMode};
-use gantry::plugin::types::{ByteStream, Error};
+use gantry_kit::driver::{fs, ByteStream, Change, Driver, Error, OverlayMount, WhiteoutMode};
 
 /// Docker's limit on the layers below one layer (overlay2 `maxDepth`).
 const MAX_DEPTH: usize = 128;
@@ -146,7 +139,7 @@ fn make(id: &str, parent: Option<String>, read_only: bool) -> Result<(), Error> 
     Ok(())
 }
 
-impl Guest for Overlay2 {
+impl Driver for Overlay2 {
     fn init(_options: Vec<(String, String)>) -> Result<(), Error> {
         fs::mkdir_all("l", 0o700)
     }
@@ -277,4 +270,4 @@ fn check_parent(id: &str, parent: Option<&str>) -> Result<(), Error> {
     Ok(())
 }
 
-export!(Overlay2);
+gantry_kit::export_driver!(Overlay2);

@@ -1,16 +1,25 @@
-//! gantry-kit: what a gantry plugin author needs on the guest side.
+//! gantry-kit: what a gantry plugin author needs on the guest side, and
+//! the only dependency a plugin needs.
 //!
-//! It re-exports `wit-bindgen` (so a plugin generates its bindings from
-//! `wit/` with `gantry_kit::wit_bindgen::generate!`), names the contract
-//! version the plugin is built against, and holds small helpers every
-//! transport needs. It must never grow host-side code: plugins depend on
-//! the kit and the WIT contract only, never on the core or the host.
+//! - [`driver`]: the [`driver::Driver`] trait (a default for every method)
+//!   and [`export_driver!`]; [`transport`]: [`transport::Transport`] and
+//!   [`export_transport!`]. Their bindings are generated from the WIT that
+//!   ships inside this crate (`wit/`, the contract; released versions frozen
+//!   under `wit/since_v<version>/`), so a plugin outside this repository
+//!   builds with `cargo build --target wasm32-wasip2` alone.
+//! - `wit_bindgen`, re-exported, for a plugin that generates its own
+//!   bindings (say, against a frozen older contract).
+//! - Small helpers every transport needs.
 //!
-//! The contract version is stamped into every component by the WIT package
-//! itself: each import and export is named `gantry:plugin/<iface>@<version>`,
-//! which the host reads before instantiating and refuses on a mismatch.
+//! It must never grow host-side code: plugins depend on the kit only, never
+//! on the core or the host. The contract version is stamped into every
+//! component by the WIT package itself (`gantry:plugin/<iface>@<version>`),
+//! which the host reads before instantiating.
 
 pub use wit_bindgen;
+
+pub mod driver;
+pub mod transport;
 
 /// The version of the `gantry:plugin` WIT package this kit was built with.
 /// Read from the WIT package line at build time.

@@ -3,6 +3,9 @@
 //! ```text
 //! gen-image demo  OUT_LAYOUT ROOTFS_DIR   # one layer from a directory, tagged "latest"
 //! gen-image bench OUT_LAYOUT              # ~500 MiB in six layers, tagged "bench"
+//! gen-image rootfs OUT_LAYOUT             # one layer: a Debian system's own /usr and /etc
+//!                                         # (about 110 MiB, like a distribution base image)
+//! gen-image tiny OUT_LAYOUT               # 60 layers of a few small files each
 //! ```
 
 use gantry_tests::image::{Image, Layer, Layout};
@@ -13,9 +16,11 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("demo") if args.len() == 4 => demo(Path::new(&args[2]), Path::new(&args[3])),
         Some("bench") if args.len() == 3 => bench(Path::new(&args[2])),
+        Some("rootfs") if args.len() == 3 => rootfs(Path::new(&args[2])),
+        Some("tiny") if args.len() == 3 => tiny(Path::new(&args[2])),
         Some("corpus") if args.len() == 3 => gantry_tests::corpus::write(Path::new(&args[2])),
         _ => {
-            eprintln!("usage: gen-image demo OUT ROOTFS | gen-image bench OUT | gen-image corpus OUT");
+            eprintln!("usage: gen-image demo OUT ROOTFS | gen-image bench|rootfs|tiny|corpus OUT");
             std::process::exit(2);
         }
     }
@@ -105,4 +110,71 @@ fn bench(out: &Path) {
     let mut layout = Layout::create(out);
     let (m, _) = layout.image(&Image::new(layers));
     layout.tag("bench", &m, None);
+}
+
+/// One layer of this machine's own system files (binaries, libraries,
+/// configuration), links and modes kept: the shape of a distribution base
+/// image. Stops adding files at about 105 MiB (near 50 MB gzipped, like Debian's base image).
+fn rootfs(out: &Path) {
+    const BUDGET: u64 = 105 << 20;
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.mode(tar::HeaderMode::Deterministic);
+    let mut used = 0u64;
+    fn walk(b: &mut tar::Builder<Vec<u8>>, dir: &Path, used: &mut u64, budget: u64) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        let mut entries: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for p in entries {
+            let Ok(md) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let rel = p.strip_prefix("/").unwrap();
+            if md.is_dir() {
+                let _ = b.append_path_with_name(&p, rel);
+                walk(b, &p, used, budget);
+            } else if (md.is_symlink() || (md.is_file() && *used + md.len() <= budget))
+                && b.append_path_with_name(&p, rel).is_ok()
+                && md.is_file()
+            {
+                *used += md.len();
+            }
+        }
+    }
+    for d in [
+        "/etc",
+        "/usr/bin",
+        "/usr/sbin",
+        "/usr/lib",
+        "/usr/share/perl5",
+        "/usr/share/zoneinfo",
+    ] {
+        let p = Path::new(d);
+        if p.is_dir() {
+            b.append_path_with_name(p, p.strip_prefix("/").unwrap()).unwrap();
+            walk(&mut b, p, &mut used, BUDGET);
+        }
+    }
+    let layer = b.into_inner().unwrap();
+    eprintln!("rootfs image: 1 layer, {} MiB uncompressed", layer.len() >> 20);
+    let mut layout = Layout::create(out);
+    let (m, _) = layout.image(&Image::new(vec![layer]));
+    layout.tag("rootfs", &m, None);
+}
+
+/// 60 layers of a few small files each: per-layer overhead, not bytes.
+fn tiny(out: &Path) {
+    let layers: Vec<Vec<u8>> = (0..60u64)
+        .map(|l| {
+            Layer::new()
+                .dir(&format!("layer{l}"), 0o755)
+                .file(&format!("layer{l}/a"), 0o644, &content(l, 200))
+                .file(&format!("layer{l}/b"), 0o644, &content(l + 1000, 3000))
+                .file(&format!("layer{l}/c"), 0o755, &content(l + 2000, 100))
+                .tar()
+        })
+        .collect();
+    let mut layout = Layout::create(out);
+    let (m, _) = layout.image(&Image::new(layers));
+    layout.tag("tiny", &m, None);
 }

@@ -6,6 +6,7 @@ mod archives;
 mod commands;
 mod faults;
 mod hostile;
+mod kit;
 mod memory;
 mod overlay2;
 mod pull;

@@ -14,9 +14,11 @@ deps:
 plugins: deps
 	$(CARGO) build --release --target wasm32-wasip2 $(PLUGINS)
 
-## The gantry binary, the core and the test harness (one shared target dir).
+## The gantry binary, the core and the test harness (one shared target dir),
+## and overlay2's native build (the trusted fast path, a shared library).
 build: plugins
 	$(CARGO) build --release
+	$(CARGO) build --release -p gantry-driver-overlay2 --features native
 
 ## Every test: unit tests, the tidy test, end-to-end tests against real peers
 ## (with the default driver, overlay2 where the machine allows it, then again with vfs).
@@ -37,4 +39,5 @@ lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
 	$(CARGO) clippy --release --target wasm32-wasip2 $(PLUGINS) -- -D warnings
+	$(CARGO) clippy --release -p gantry-driver-overlay2 --features native -- -D warnings
 	cd examples/driver-quota && $(CARGO) fmt --check && CARGO_TARGET_DIR=../../target/example-build $(CARGO) clippy --release --locked --target wasm32-wasip2 -- -D warnings

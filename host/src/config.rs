@@ -43,12 +43,20 @@ pub struct Config {
     /// files. Hosts that prefer speed may turn it off.
     #[serde(default = "yes")]
     pub durable: bool,
+    /// Whether plugins with `runtime = "native"` may load: they run in
+    /// gantry's process with its privileges, outside any sandbox.
+    #[serde(default)]
+    pub allow_native_plugins: bool,
     pub transport: PluginConfig,
     pub driver: PluginConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
     pub registries: Registries,
+}
+
+fn wasm() -> String {
+    "wasm".into()
 }
 
 fn three() -> usize {
@@ -75,8 +83,13 @@ pub struct PluginConfig {
     /// where it works, else vfs), or a third party's name.
     #[serde(rename = "type")]
     pub kind: String,
-    /// The component file; default `<plugin_dir>/gantry_<table>_<type>.wasm`.
+    /// The component file; default `<plugin_dir>/gantry_<table>_<type>.wasm`
+    /// (`lib…so` for a native plugin, which must name its `path`).
     pub path: Option<PathBuf>,
+    /// `wasm` (a sandboxed component, the default) or `native` (a trusted
+    /// shared library; needs `allow_native_plugins = true`, drivers only).
+    #[serde(default = "wasm")]
+    pub runtime: String,
     /// Options handed to the plugin's `init` (drivers).
     #[serde(default)]
     pub options: BTreeMap<String, String>,
@@ -155,6 +168,18 @@ impl Config {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             if !ok {
                 bail!("{origin}: {table}: invalid plugin type {:?}", p.kind);
+            }
+        }
+        for (table, p) in [("transport", &c.transport), ("driver", &c.driver)] {
+            match p.runtime.as_str() {
+                "wasm" => {}
+                "native" if table == "driver" => {
+                    if p.path.is_none() {
+                        bail!("{origin}: driver: a native driver needs its path");
+                    }
+                }
+                "native" => bail!("{origin}: {table}: only drivers may be native"),
+                other => bail!("{origin}: {table}: unknown runtime {other:?} (wasm or native)"),
             }
         }
         if c.max_layer_depth == 0 {

@@ -8,7 +8,7 @@
 //! the suite goes on where it can.
 
 use crate::confined::{self, Whiteouts};
-use crate::plugin::WasmDriver;
+use crate::plugin::AnyDriver;
 use gantry_core::GraphDriver;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -239,7 +239,7 @@ fn fd_path(fd: &std::os::fd::OwnedFd) -> PathBuf {
 }
 
 /// What `get` shows of layer `id`.
-fn view(d: &WasmDriver, id: &str) -> Result<Listing, String> {
+fn view(d: &AnyDriver, id: &str) -> Result<Listing, String> {
     let fd = d.get(id).map_err(|e| e.to_string())?;
     let l = listing(&fd_path(&fd));
     d.put(id).map_err(|e| format!("put: {e}"))?;
@@ -248,7 +248,7 @@ fn view(d: &WasmDriver, id: &str) -> Result<Listing, String> {
 
 /// Runs the suite against `d`, using `scratch` (an empty directory outside
 /// the driver's home) for the reference trees.
-pub fn run(d: &WasmDriver, scratch: &Path) -> Vec<Check> {
+pub fn run(d: &AnyDriver, scratch: &Path) -> Vec<Check> {
     let root = rustix::process::geteuid().is_root();
     let (base, child) = (base_tar(root), child_tar());
     let mut out = Vec::new();

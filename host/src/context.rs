@@ -6,7 +6,7 @@
 use crate::config::Config;
 use anyhow::{anyhow, Context as _, Result};
 use gantry_core::store::Store;
-use gantry_host::plugin::{PluginHost, WasmDriver, WasmTransport};
+use gantry_host::plugin::{AnyDriver, NativeDriver, PluginHost, WasmDriver, WasmTransport};
 use gantry_host::registry::{Entry, Kind, Runtime};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -17,7 +17,7 @@ pub struct Context {
     /// What start-up cleaning removed (left by a crash).
     pub cleared: Vec<String>,
     pub host: PluginHost,
-    driver: OnceLock<std::result::Result<WasmDriver, String>>,
+    driver: OnceLock<std::result::Result<AnyDriver, String>>,
 }
 
 impl Context {
@@ -71,7 +71,11 @@ impl Context {
                 Entry {
                     kind,
                     id: p.kind.clone(),
-                    runtime: Runtime::Wasm,
+                    runtime: if p.runtime == "native" {
+                        Runtime::Native
+                    } else {
+                        Runtime::Wasm
+                    },
                     path: path.as_ref().cloned().unwrap_or_default(),
                     limits: p.limits.unwrap_or(self.config.limits).to_limits(),
                 },
@@ -82,26 +86,35 @@ impl Context {
     }
 
     /// The graph driver, loaded on first use.
-    pub fn driver(&self) -> Result<&WasmDriver> {
+    pub fn driver(&self) -> Result<&AnyDriver> {
         self.driver
             .get_or_init(|| self.load_driver().map_err(|e| format!("{e:#}")))
             .as_ref()
             .map_err(|e| anyhow!("{e}"))
     }
 
-    fn load_driver(&self) -> Result<WasmDriver> {
+    fn load_driver(&self) -> Result<AnyDriver> {
         let config = &self.config;
         let path = config.plugin_path("driver", &config.driver)?;
         let limits = config.driver.limits.unwrap_or(config.limits).to_limits();
         let options = config.driver.options.clone().into_iter().collect();
-        Ok(WasmDriver::load(
+        if config.driver.runtime == "native" {
+            return Ok(AnyDriver::Native(NativeDriver::load(
+                &config.driver.kind,
+                &path,
+                &self.store.driver_home(),
+                options,
+                config.allow_native_plugins,
+            )?));
+        }
+        Ok(AnyDriver::Wasm(WasmDriver::load(
             &self.host,
             &config.driver.kind,
             &path,
             &self.store.driver_home(),
             limits,
             options,
-        )?)
+        )?))
     }
 
     /// Registry credentials by host, from the configured Docker `config.json`.
@@ -163,7 +176,7 @@ impl Context {
 pub struct LazyDriver<'c>(pub &'c Context);
 
 impl LazyDriver<'_> {
-    fn get(&self) -> std::result::Result<&WasmDriver, gantry_core::PluginError> {
+    fn get(&self) -> std::result::Result<&AnyDriver, gantry_core::PluginError> {
         self.0
             .driver()
             .map_err(|e| gantry_core::PluginError::new(gantry_core::ErrorClass::Crashed, format!("{e:#}")))

@@ -37,12 +37,15 @@ impl Kind {
 pub enum Runtime {
     /// A WebAssembly component in the sandbox.
     Wasm,
+    /// A trusted shared library, in gantry's own process (no sandbox).
+    Native,
 }
 
 impl Runtime {
     pub fn as_str(self) -> &'static str {
         match self {
             Runtime::Wasm => "wasm",
+            Runtime::Native => "native",
         }
     }
 }

@@ -11,4 +11,12 @@ fn main() {
         .and_then(|v| v.strip_suffix(';'))
         .expect("a `package gantry:plugin@X;` line");
     println!("cargo:rustc-env=GANTRY_CONTRACT_VERSION={version}");
+    // `gantry_native`: the `native` feature on a native target builds the
+    // native C ABI instead of the component bindings.
+    println!("cargo::rustc-check-cfg=cfg(gantry_native)");
+    let native = std::env::var_os("CARGO_FEATURE_NATIVE").is_some();
+    let wasm = std::env::var("CARGO_CFG_TARGET_FAMILY").is_ok_and(|f| f.split(',').any(|x| x == "wasm"));
+    if native && !wasm {
+        println!("cargo:rustc-cfg=gantry_native");
+    }
 }

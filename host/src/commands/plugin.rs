@@ -13,6 +13,19 @@ pub fn run(ctx: &Context, command: PluginCommand) -> Result<ExitCode> {
     match command {
         PluginCommand::Ls => ls(ctx),
         PluginCommand::Test { path, options } => test(ctx, &path, &options),
+        PluginCommand::Inspect { path } if gantry_host::plugin::is_native(&path) => {
+            let (abi, contract, kind) = gantry_host::plugin::describe_native(&path, ctx.config.allow_native_plugins)
+                .with_context(|| format!("inspecting {}", path.display()))?;
+            let v = serde_json::json!({
+                "path": path,
+                "runtime": "native",
+                "abi": abi,
+                "kind": format!("gantry.{kind}"),
+                "contract": contract,
+            });
+            println!("{}", serde_json::to_string_pretty(&v).expect("serialisable"));
+            Ok(ExitCode::SUCCESS)
+        }
         PluginCommand::Inspect { path } => {
             let info = ctx
                 .host
@@ -48,9 +61,24 @@ fn test(ctx: &Context, path: &std::path::Path, options: &[String]) -> Result<Exi
         .join(&gantry_core::store::random_id()[..16]);
     let result = (|| -> Result<ExitCode> {
         let limits = ctx.config.driver.limits.unwrap_or(ctx.config.limits).to_limits();
-        let driver =
-            gantry_host::plugin::WasmDriver::load(&ctx.host, "under-test", path, &dir.join("home"), limits, options)
-                .with_context(|| format!("loading {}", path.display()))?;
+        let home = dir.join("home");
+        let driver = if gantry_host::plugin::is_native(path) {
+            gantry_host::plugin::AnyDriver::Native(
+                gantry_host::plugin::NativeDriver::load(
+                    "under-test",
+                    path,
+                    &home,
+                    options,
+                    ctx.config.allow_native_plugins,
+                )
+                .with_context(|| format!("loading {}", path.display()))?,
+            )
+        } else {
+            gantry_host::plugin::AnyDriver::Wasm(
+                gantry_host::plugin::WasmDriver::load(&ctx.host, "under-test", path, &home, limits, options)
+                    .with_context(|| format!("loading {}", path.display()))?,
+            )
+        };
         let checks = gantry_host::conformance::run(&driver, &dir.join("reference"));
         let mut failed = 0;
         for c in &checks {

@@ -19,12 +19,16 @@
 //! A trap, a deadline or a limit fails that one call with a clear error and
 //! throws the instance away; the host and the store carry on.
 
+mod any;
 pub mod bindings;
 mod driver;
 mod host_impls;
+mod native;
 mod transport;
 
+pub use any::AnyDriver;
 pub use driver::WasmDriver;
+pub use native::{describe_native, is_native, NativeDriver, NativeLoadError};
 pub use transport::WasmTransport;
 
 use crate::confined::Home;

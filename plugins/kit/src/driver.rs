@@ -9,6 +9,7 @@
 //! `copy-tree`, …) keep layer bytes on the host side.
 
 /// The generated bindings of the `driver-plugin` world.
+#[cfg(not(gantry_native))]
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
@@ -21,9 +22,19 @@ pub mod bindings {
     });
 }
 
+#[cfg(not(gantry_native))]
 pub use bindings::gantry::plugin::fs;
+#[cfg(not(gantry_native))]
 pub use bindings::gantry::plugin::fs::{Change, ChangeKind, OverlayMount, WhiteoutMode};
+#[cfg(not(gantry_native))]
 pub use bindings::gantry::plugin::types::{ByteStream, Error};
+
+/// The same API over the native C ABI (feature `native`, a non-wasm target).
+#[cfg(gantry_native)]
+#[doc(hidden)]
+pub mod native;
+#[cfg(gantry_native)]
+pub use native::{fs, ByteStream, Change, ChangeKind, Error, OverlayMount, WhiteoutMode};
 
 fn not_implemented<T>(what: &str) -> Result<T, Error> {
     Err(Error::Unsupported(format!("{what} is not implemented")))
@@ -104,6 +115,7 @@ pub trait Driver {
 #[doc(hidden)]
 pub struct DriverExport<T>(core::marker::PhantomData<T>);
 
+#[cfg(not(gantry_native))]
 impl<T: Driver> bindings::exports::gantry::plugin::driver::Guest for DriverExport<T> {
     fn init(options: Vec<(String, String)>) -> Result<(), Error> {
         T::init(options)
@@ -147,11 +159,47 @@ impl<T: Driver> bindings::exports::gantry::plugin::driver::Guest for DriverExpor
 }
 
 /// Exports a type implementing [`Driver`] as the component's driver:
-/// `gantry_kit::export_driver!(MyDriver);` once, at the crate's root.
+/// `gantry_kit::export_driver!(MyDriver);` once, at the crate's root. With
+/// the kit's `native` feature on a native target, the same line exports the
+/// native ABI's symbols instead (see `gantry-native-abi`).
+#[cfg(not(gantry_native))]
 #[macro_export]
 macro_rules! export_driver {
     ($t:ty) => {
         type __GantryKitDriverExport = $crate::driver::DriverExport<$t>;
         $crate::driver::bindings::export_world!(__GantryKitDriverExport with_types_in $crate::driver::bindings);
+    };
+}
+
+/// Exports a type implementing [`Driver`] through the native C ABI.
+#[cfg(gantry_native)]
+#[macro_export]
+macro_rules! export_driver {
+    ($t:ty) => {
+        #[no_mangle]
+        pub extern "C" fn gantry_native_abi() -> u32 {
+            $crate::native_abi::ABI_VERSION
+        }
+        #[no_mangle]
+        pub extern "C" fn gantry_native_contract() -> *const ::std::ffi::c_char {
+            $crate::driver::native::CONTRACT.as_ptr()
+        }
+        #[no_mangle]
+        pub extern "C" fn gantry_native_kind() -> *const ::std::ffi::c_char {
+            c"driver".as_ptr()
+        }
+        /// # Safety
+        /// Called by the gantry host only, with the arguments the native ABI names.
+        #[no_mangle]
+        pub unsafe extern "C" fn gantry_native_driver_call(
+            host: *const $crate::native_abi::HostTable,
+            req: *const u8,
+            len: usize,
+            sink: *mut ::std::ffi::c_void,
+            sink_fn: $crate::native_abi::SinkFn,
+        ) {
+            // SAFETY: forwarded from the host under the ABI's contract.
+            unsafe { $crate::driver::native::dispatch::<$t>(host, req, len, sink, sink_fn) }
+        }
     };
 }

@@ -18,7 +18,13 @@
 
 pub use wit_bindgen;
 
+/// The native C ABI, for the `native` build of a driver.
+#[cfg(gantry_native)]
+#[doc(hidden)]
+pub use gantry_native_abi as native_abi;
+
 pub mod driver;
+#[cfg(not(gantry_native))]
 pub mod transport;
 
 /// The version of the `gantry:plugin` WIT package this kit was built with.

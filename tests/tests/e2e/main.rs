@@ -8,6 +8,7 @@ mod faults;
 mod hostile;
 mod kit;
 mod memory;
+mod native;
 mod overlay2;
 mod pull;
 mod sandbox;

@@ -1,0 +1,93 @@
+//! Native plugins, the trusted fast path: overlay2 built as a shared
+//! library from the same source (`--features native`) passes the
+//! conformance suite and pulls the same tree as its component; it loads
+//! only with the config's consent, and a library without gantry's ABI stamp
+//! is refused before anything in it is called.
+
+use crate::{peers, publish};
+use gantry_tests::gantry::{binary, Gantry};
+use gantry_tests::image::{rich_layers, Image};
+use gantry_tests::registry::Registry;
+use gantry_tests::{is_root, tree};
+use std::path::PathBuf;
+
+fn native_overlay2() -> PathBuf {
+    let so = binary().parent().unwrap().join("libgantry_driver_overlay2.so");
+    assert!(
+        so.is_file(),
+        "{} is missing: build it with `make build` (cargo build --release -p gantry-driver-overlay2 --features native)",
+        so.display()
+    );
+    so
+}
+
+fn config(so: &std::path::Path, allow: bool) -> String {
+    format!(
+        "allow_native_plugins = {allow}\n[transport]\ntype = \"v2\"\n[driver]\ntype = \"overlay2\"\nruntime = \"native\"\npath = \"{}\"\n",
+        so.display()
+    )
+}
+
+#[test]
+fn native_overlay2_passes_conformance_only_with_consent_and_pulls_what_the_component_pulls() {
+    if !is_root() {
+        eprintln!("skipped: overlay2 needs root");
+        return;
+    }
+    let so = native_overlay2();
+    // Without consent nothing of it runs: not the suite, not a pull.
+    let g = Gantry::bare().with_config(&config(&so, false));
+    let r = g.run(&["plugin", "test", so.to_str().unwrap()]);
+    assert!(!r.out.status.success());
+    assert!(r.stderr().contains("native plugins are off"), "{}", r.stderr());
+    assert!(
+        g.ok(&["images"]).starts_with("REPOSITORY"),
+        "a refused driver takes nothing else down"
+    );
+    let ls = g.run(&["plugin", "ls"]);
+    assert!(
+        ls.stdout()
+            .lines()
+            .any(|l| l.starts_with("gantry.driver") && l.contains("native") && l.contains("native plugins are off")),
+        "{}",
+        ls.stdout()
+    );
+
+    let g = Gantry::bare().with_config(&config(&so, true));
+    let out = g.ok(&["plugin", "test", so.to_str().unwrap()]);
+    assert!(out.contains("11 checks passed") && !out.contains("FAIL"), "{out}");
+    let inspect = g.ok(&["plugin", "inspect", so.to_str().unwrap()]);
+    assert!(
+        inspect.contains("\"runtime\": \"native\"") && inspect.contains("gantry.driver"),
+        "{inspect}"
+    );
+    // A shared library that is not a gantry plugin: refused by its missing stamp.
+    let libz = ["/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib/x86_64-linux-gnu/libz.so.1"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file());
+    if let Some(libz) = libz {
+        let r = g.run(&["plugin", "test", libz.to_str().unwrap()]);
+        assert!(!r.out.status.success());
+        assert!(r.stderr().contains("has no gantry_native_abi"), "{}", r.stderr());
+    }
+
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
+    let name = format!("{}/test/rich:v1", reg.addr());
+    g.ok(&["pull", &name]);
+    g.fsck_clean();
+    let component = Gantry::bare().with_driver("overlay2");
+    component.ok(&["pull", &name]);
+    let export = |g: &Gantry| {
+        let out = g.scratch().join("export.tar");
+        g.ok(&["export", &name, "-o", out.to_str().unwrap()]);
+        tree::of_tar(std::fs::File::open(&out).unwrap())
+    };
+    tree::assert_same(&export(&g), &export(&component), "native against component overlay2");
+    g.ok(&["rmi", &name]);
+    g.fsck_clean();
+}

@@ -38,8 +38,9 @@ measure() {
 }
 : > "$work/results"
 podman_vfs=(podman --root "$work/p/root" --runroot "$work/p/run" --storage-driver vfs)
-printf '[transport]\ntype = "v2"\n[driver]\ntype = "vfs"\n' > "$work/vfs.toml"
-printf '[transport]\ntype = "v2"\n[driver]\ntype = "overlay2"\n' > "$work/overlay2.toml"
+# Plugins compile once per machine (as after an install), not once per fresh store.
+printf 'plugin_cache_dir = "%s"\n[transport]\ntype = "v2"\n[driver]\ntype = "vfs"\n' "$work/plugin-cache" > "$work/vfs.toml"
+printf 'plugin_cache_dir = "%s"\n[transport]\ntype = "v2"\n[driver]\ntype = "overlay2"\n' "$work/plugin-cache" > "$work/overlay2.toml"
 
 if [ "$(id -u)" -eq 0 ]; then
     measure gantry_file_overlay2 "$work/g" "$bin/gantry" --root "$work/g" --config "$work/overlay2.toml" load -q -i "$work/bench.tar"

@@ -74,7 +74,8 @@ measure() {
     echo "$name $wall $rss" >> "$work/results"
 }
 
-config() { printf '%s[transport]\ntype = "v2"\n[driver]\ntype = "%s"\n' "${2:-}" "$1" > "$work/$1${2:+-fast}.toml"; }
+# Plugins compile once per machine (as after an install), not once per fresh store.
+config() { printf 'plugin_cache_dir = "%s"\n%s[transport]\ntype = "v2"\n[driver]\ntype = "%s"\n' "$work/plugin-cache" "${2:-}" "$1" > "$work/$1${2:+-fast}.toml"; }
 config overlay2; config vfs; config overlay2 'durable = false
 '
 for shape in bench rootfs tiny; do

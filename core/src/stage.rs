@@ -209,21 +209,42 @@ impl<'a> Staging<'a> {
 
     /// Makes everything visible: layers, then images, then references.
     /// Returns the image IDs.
+    ///
+    /// Durable commits cost two flushes however many layers there are:
+    /// every layer's record is written to a write-set first, one `syncfs`
+    /// puts those and the layers' contents on disk, then each is published
+    /// by rename and one directory sync makes the renames durable.
     pub fn commit(mut self, images: &[ImageCommit<'_>]) -> Result<Vec<Digest>> {
         let _lock = self.store.write_lock()?;
-        self.sync_layer_data()?;
         let durable = self.store.durable();
         let staged = std::mem::take(&mut self.staged);
         let res = (|| -> Result<Vec<Digest>> {
+            let mut prepared = Vec::new();
+            let mut taken = Vec::new();
             for st in &staged {
-                if !self.store.layers.commit(&st.meta, &st.tar_split, durable)? {
+                match self.store.layers.prepare(&st.meta, &st.tar_split)? {
+                    Some(p) => prepared.push((p, &st.meta.cache_id)),
                     // Another process committed the same layer first: keep theirs.
-                    let _ = self.driver.remove(&st.meta.cache_id);
-                    let _ = std::fs::remove_file(&st.tar_split);
+                    None => taken.push(st),
                 }
                 if let Some((blob, repo)) = &st.source {
                     self.store.layers.record_blob(blob, &st.meta.diff_id, repo)?;
                 }
+            }
+            if durable && !staged.is_empty() {
+                self.store.sync_all_data()?;
+            }
+            for (p, cache_id) in prepared {
+                if !self.store.layers.publish(p)? {
+                    let _ = self.driver.remove(cache_id);
+                }
+            }
+            if durable && !staged.is_empty() {
+                self.store.layers.sync_published()?;
+            }
+            for st in taken {
+                let _ = self.driver.remove(&st.meta.cache_id);
+                let _ = std::fs::remove_file(&st.tar_split);
             }
             let now = crate::pull::now_rfc3339();
             let mut ids = Vec::new();

@@ -30,6 +30,9 @@ pub struct Config {
     pub max_concurrent_downloads: usize,
     /// Where plugin components are looked up by type.
     pub plugin_dir: Option<PathBuf>,
+    /// Where compiled components are kept (default `<root>/plugins-cache`);
+    /// a directory shared by stores compiles each plugin once per machine.
+    pub plugin_cache_dir: Option<PathBuf>,
     /// A Docker-style `config.json` with registry credentials.
     pub auth_file: Option<PathBuf>,
     /// The most one layer may hold uncompressed (a bound on decompression bombs).

@@ -32,7 +32,11 @@ impl Context {
         }
         let (store, alone) = Store::open(root, &config.driver.kind).context("opening the store")?;
         store.set_durable(config.durable);
-        let host = PluginHost::new(&store.root().join("plugins-cache"))?;
+        let cache = config
+            .plugin_cache_dir
+            .clone()
+            .unwrap_or_else(|| store.root().join("plugins-cache"));
+        let host = PluginHost::new(&cache)?;
         let mut ctx = Context {
             config,
             store,

@@ -33,6 +33,22 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     res.ctx(format!("writing {}", path.display()))
 }
 
+/// `write_atomic` without the syncs: the caller makes it durable (a commit's
+/// one flush of the file system).
+pub fn write_atomic_unsynced(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("store paths have a parent");
+    let tmp = dir.join(format!(".tmp-{}", random_id()));
+    let res = (|| -> std::io::Result<()> {
+        let mut f = File::options().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(data)?;
+        fs::rename(&tmp, path)
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res.ctx(format!("writing {}", path.display()))
+}
+
 /// 64 random hex digits, like Docker's cache ids.
 pub fn random_id() -> String {
     let mut b = [0u8; 32];

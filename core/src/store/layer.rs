@@ -80,14 +80,15 @@ impl LayerStore {
             .collect())
     }
 
-    /// Commits `meta` with its tar-split record (spooled at `tar_split`,
-    /// moved into place) atomically. Every file and the directories are
-    /// synced before the layer is visible. Returns false if the layer
-    /// already existed.
-    pub fn commit(&self, meta: &LayerMeta, tar_split: &Path, durable: bool) -> Result<bool> {
+    /// Writes `meta` and its tar-split record (spooled at `tar_split`,
+    /// moved in) into a write-set beside the layer store, not yet visible
+    /// and not yet synced: a commit prepares every layer, makes them all
+    /// durable with one flush, then publishes each by rename. `None` when
+    /// the layer already exists.
+    pub fn prepare(&self, meta: &LayerMeta, tar_split: &Path) -> Result<Option<Prepared>> {
         let final_path = self.path(&meta.chain_id);
         if final_path.exists() {
-            return Ok(false);
+            return Ok(None);
         }
         let ws = self.tmp.join(format!("write-set-{}", random_id()));
         let res = (|| -> std::io::Result<()> {
@@ -103,26 +104,51 @@ impl LayerStore {
             for (name, text) in &files {
                 let mut f = fs::File::create_new(ws.join(name))?;
                 std::io::Write::write_all(&mut f, text.as_bytes())?;
-                if durable {
-                    f.sync_all()?;
-                }
             }
-            fs::rename(tar_split, ws.join("tar-split.json.gz"))?;
-            if durable {
-                fs::File::open(ws.join("tar-split.json.gz"))?.sync_all()?;
-                fs::File::open(&ws)?.sync_all()?;
-            }
-            fs::rename(&ws, &final_path)?;
-            if durable {
-                fs::File::open(&self.dir)?.sync_all()?;
-            }
-            Ok(())
+            fs::rename(tar_split, ws.join("tar-split.json.gz"))
         })();
         if res.is_err() {
             let _ = fs::remove_dir_all(&ws);
         }
         res.ctx(format!("committing layer {}", meta.chain_id))?;
+        Ok(Some(Prepared {
+            ws,
+            final_path,
+            chain_id: meta.chain_id.clone(),
+        }))
+    }
+
+    /// Makes a prepared layer visible (an atomic rename). Returns false if
+    /// another process published the same layer first.
+    pub fn publish(&self, p: Prepared) -> Result<bool> {
+        if p.final_path.exists() {
+            return Ok(false);
+        }
+        fs::rename(&p.ws, &p.final_path).ctx(format!("committing layer {}", p.chain_id))?;
         Ok(true)
+    }
+
+    /// Makes the renames of `publish` durable.
+    pub fn sync_published(&self) -> Result<()> {
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .ctx("syncing the layer store")
+    }
+
+    /// Prepares, syncs and publishes one layer (see `prepare`). Returns
+    /// false if the layer already existed.
+    pub fn commit(&self, meta: &LayerMeta, tar_split: &Path, durable: bool) -> Result<bool> {
+        let Some(p) = self.prepare(meta, tar_split)? else {
+            return Ok(false);
+        };
+        if durable {
+            super::sync_fs_of(&self.dir)?;
+        }
+        let published = self.publish(p)?;
+        if durable {
+            self.sync_published()?;
+        }
+        Ok(published)
     }
 
     /// The tar-split record of a layer (see `tarsplit`), to read as it streams.
@@ -151,13 +177,16 @@ impl LayerStore {
 
     /// Records which blob digest gave which diffID (Docker's distribution
     /// metadata), so later pulls and pushes can skip work.
+    ///
+    /// Written atomically but not synced: a commit records blobs before its
+    /// one flush, which makes them durable with the layers.
     pub fn record_blob(&self, blob: &Digest, diff_id: &Digest, repository: &str) -> Result<()> {
-        super::write_atomic(
+        super::fs::write_atomic_unsynced(
             &self.dist.join("diffid-by-digest/sha256").join(blob.hex()),
             diff_id.as_str().as_bytes(),
         )?;
         let meta = serde_json::json!([{ "Digest": blob, "SourceRepository": repository, "HMAC": "" }]);
-        super::write_atomic(
+        super::fs::write_atomic_unsynced(
             &self.dist.join("v2metadata-by-diffid/sha256").join(diff_id.hex()),
             meta.to_string().as_bytes(),
         )
@@ -206,5 +235,21 @@ impl LayerStore {
         read_text(&self.dist.join("diffid-by-digest/sha256").join(blob.hex()))
             .ok()
             .and_then(|s| s.parse().ok())
+    }
+}
+
+/// A layer written to its write-set, waiting to be published.
+pub struct Prepared {
+    ws: PathBuf,
+    final_path: PathBuf,
+    chain_id: Digest,
+}
+
+impl Drop for Prepared {
+    /// A write-set never published (a commit that failed half way) goes.
+    fn drop(&mut self) {
+        if self.ws.exists() {
+            let _ = fs::remove_dir_all(&self.ws);
+        }
     }
 }

@@ -126,14 +126,23 @@ impl Store {
     /// Flushes the file system holding the driver's data (`syncfs`), so
     /// the contents of layers about to be committed are on disk first.
     pub fn sync_driver_data(&self) -> Result<()> {
-        let home = self.driver_home();
-        let fd = rustix::fs::open(
-            &home,
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(|e| crate::Error::io(format!("opening {}", home.display()), e.into()))?;
-        rustix::fs::syncfs(&fd).map_err(|e| crate::Error::io("syncing layer contents", e.into()))
+        sync_fs_of(&self.driver_home())
+    }
+
+    /// Flushes the driver's data and the store's own records, each file
+    /// system once (`syncfs`; one call when they share one): what a commit
+    /// wrote so far reaches the disk before anything is published.
+    pub fn sync_all_data(&self) -> Result<()> {
+        self.sync_driver_data()?;
+        let dev = |p: &Path| {
+            std::fs::metadata(p)
+                .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+                .ok()
+        };
+        if dev(&self.driver_home()) != dev(&self.root) {
+            sync_fs_of(&self.root)?;
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -260,4 +269,15 @@ impl Store {
         }
         Ok(names)
     }
+}
+
+/// `syncfs` of the file system holding `dir`.
+pub(crate) fn sync_fs_of(dir: &Path) -> Result<()> {
+    let fd = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| crate::Error::io(format!("opening {}", dir.display()), e.into()))?;
+    rustix::fs::syncfs(&fd).map_err(|e| crate::Error::io(format!("syncing {}", dir.display()), e.into()))
 }

@@ -445,3 +445,47 @@ fn the_conformance_suite_passes_vfs_and_overlay2_and_catches_a_lying_driver() {
     assert!(r.stdout().contains("trapped in apply-diff"), "{}", r.stdout());
     assert_eq!(before, g.store_listing(), "plugin test left something in the store");
 }
+
+/// Compiled plugins go where `plugin_cache_dir` says, shared by stores:
+/// a second store compiles nothing.
+#[test]
+fn compiled_plugins_are_kept_in_the_configured_cache() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    publish(&reg, "test/control", "v1", &control_image());
+    let name = format!("{}/test/control:v1", reg.addr());
+    let cache = tempfile::tempdir().unwrap();
+    let config = format!(
+        "plugin_cache_dir = \"{}\"\n[transport]\ntype = \"v2\"\n[driver]\ntype = \"{}\"\n",
+        cache.path().display(),
+        Gantry::test_driver()
+    );
+    let a = Gantry::bare().with_config(&config);
+    a.ok(&["pull", &name]);
+    let compiled = || {
+        let mut v: Vec<_> = std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name(), e.metadata().unwrap().modified().unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let first = compiled();
+    assert_eq!(
+        first
+            .iter()
+            .filter(|(n, _)| n.to_string_lossy().ends_with(".cwasm"))
+            .count(),
+        2,
+        "{first:?}"
+    );
+    assert!(!a.root_path().join("plugins-cache").exists());
+    let b = Gantry::bare().with_config(&config);
+    b.ok(&["pull", &name]);
+    assert_eq!(first, compiled(), "the second store compiled again");
+}

@@ -30,10 +30,12 @@ test: build
 demo: build
 	./examples/demo.sh
 
-## Pull, load and save benchmarks against skopeo and podman (needs ~4 GiB of disk).
+## Pull, load and save benchmarks against containerd, podman and skopeo, and
+## the sandbox's cost (root; needs ~4 GiB of disk).
 bench: build
 	./bench/pull.sh
 	./bench/load.sh
+	./bench/sandbox.sh
 
 lint: deps
 	$(CARGO) fmt --all --check

@@ -25,3 +25,20 @@ pub mod driver {
 }
 
 pub use transport::gantry::plugin::types::Error as WitError;
+
+/// A native plugin's error is the same variant on the wire.
+impl From<gantry_native_abi::WireError> for WitError {
+    fn from(e: gantry_native_abi::WireError) -> Self {
+        use gantry_native_abi::WireError as W;
+        match e {
+            W::NotFound(m) => WitError::NotFound(m),
+            W::Unauthorized(m) => WitError::Unauthorized(m),
+            W::Denied(m) => WitError::Denied(m),
+            W::Unsupported(m) => WitError::Unsupported(m),
+            W::Unreachable(m) => WitError::Unreachable(m),
+            W::Transient(m) => WitError::Transient(m),
+            W::Invalid(m) => WitError::Invalid(m),
+            W::Internal(m) => WitError::Internal(m),
+        }
+    }
+}

@@ -625,7 +625,7 @@ fn first_line(e: &impl std::fmt::Display) -> String {
 }
 
 /// A guest's typed error as the core's.
-fn wit_error(label: &str, e: WitError) -> PluginError {
+pub(crate) fn wit_error(label: &str, e: WitError) -> PluginError {
     let (class, m) = match e {
         WitError::NotFound(m) => (ErrorClass::NotFound, m),
         WitError::Unauthorized(m) => (ErrorClass::Unauthorized, m),

@@ -347,17 +347,7 @@ fn load_error(e: NativeLoadError) -> PluginError {
 }
 
 fn wire_error(label: &str, e: WireError) -> PluginError {
-    let (class, m) = match e {
-        WireError::NotFound(m) => (ErrorClass::NotFound, m),
-        WireError::Unauthorized(m) => (ErrorClass::Unauthorized, m),
-        WireError::Denied(m) => (ErrorClass::Denied, m),
-        WireError::Unsupported(m) => (ErrorClass::Unsupported, m),
-        WireError::Unreachable(m) => (ErrorClass::Unreachable, m),
-        WireError::Transient(m) => (ErrorClass::Transient, m),
-        WireError::Invalid(m) => (ErrorClass::Invalid, m),
-        WireError::Internal(m) => (ErrorClass::Internal, format!("native plugin {label}: {m}")),
-    };
-    PluginError::new(class, m)
+    super::wit_error(label, e.into())
 }
 
 fn io_wire(e: io::Error) -> WireError {

@@ -22,48 +22,8 @@ thread_local! {
     static HOST: Cell<*const HostTable> = const { Cell::new(std::ptr::null()) };
 }
 
-/// The WIT `error` variant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Error {
-    NotFound(String),
-    Unauthorized(String),
-    Denied(String),
-    Unsupported(String),
-    Unreachable(String),
-    Transient(String),
-    Invalid(String),
-    Internal(String),
-}
-
-impl From<WireError> for Error {
-    fn from(e: WireError) -> Self {
-        match e {
-            WireError::NotFound(m) => Error::NotFound(m),
-            WireError::Unauthorized(m) => Error::Unauthorized(m),
-            WireError::Denied(m) => Error::Denied(m),
-            WireError::Unsupported(m) => Error::Unsupported(m),
-            WireError::Unreachable(m) => Error::Unreachable(m),
-            WireError::Transient(m) => Error::Transient(m),
-            WireError::Invalid(m) => Error::Invalid(m),
-            WireError::Internal(m) => Error::Internal(m),
-        }
-    }
-}
-
-impl From<Error> for WireError {
-    fn from(e: Error) -> Self {
-        match e {
-            Error::NotFound(m) => WireError::NotFound(m),
-            Error::Unauthorized(m) => WireError::Unauthorized(m),
-            Error::Denied(m) => WireError::Denied(m),
-            Error::Unsupported(m) => WireError::Unsupported(m),
-            Error::Unreachable(m) => WireError::Unreachable(m),
-            Error::Transient(m) => WireError::Transient(m),
-            Error::Invalid(m) => WireError::Invalid(m),
-            Error::Internal(m) => WireError::Internal(m),
-        }
-    }
-}
+/// The WIT `error` variant: the wire's own, the same cases by the same names.
+pub use gantry_native_abi::WireError as Error;
 
 /// A host-owned stream, by handle.
 #[derive(Debug)]
@@ -147,7 +107,6 @@ fn fs_call(call: FsCall) -> Result<FsReply, Error> {
     };
     serde_json::from_slice::<Result<FsReply, WireError>>(&out)
         .map_err(|e| Error::Internal(format!("a reply from the host: {e}")))?
-        .map_err(Error::from)
 }
 
 fn change_of(c: WireChange) -> Change {
@@ -351,7 +310,7 @@ pub unsafe fn dispatch<T: Driver>(
     let reply: Result<DriverReply, WireError> = match serde_json::from_slice::<DriverCall>(bytes) {
         Err(e) => Err(WireError::Invalid(format!("a call the driver cannot read: {e}"))),
         Ok(call) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run::<T>(call))) {
-            Ok(r) => r.map_err(WireError::from),
+            Ok(r) => r,
             Err(p) => {
                 let why = p
                     .downcast_ref::<&str>()

@@ -278,3 +278,59 @@ fn the_overlay2_layout_matches_what_podman_writes() {
         .args(["--storage-driver", "overlay", "system", "reset", "-f"])
         .output();
 }
+
+fn mounts_under(dir: &Path) -> usize {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|p| Path::new(p).starts_with(&dir))
+        .count()
+}
+
+/// A process killed while it holds a mount (an export blocked on a full
+/// pipe) leaves it mounted; the next process alone on the store unmounts it.
+#[test]
+fn a_mount_left_by_a_killed_process_is_cleared_by_the_next_one() {
+    if !peers() || !overlay_here() {
+        return;
+    }
+    let reg = Registry::start();
+    publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
+    let name = format!("{}/test/rich:v1", reg.addr());
+    let g = Gantry::bare().with_driver("overlay2");
+    g.ok(&["pull", &name]);
+    let config = g.scratch().join("gantry.toml");
+    let mut child = Command::new(gantry_tests::gantry::binary())
+        .arg("--root")
+        .arg(g.root_path())
+        .arg("--config")
+        .arg(&config)
+        .args(["export", &name])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Nobody reads the pipe: the export blocks with the top layer mounted.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while mounts_under(g.root_path()) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export never mounted its layer"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL: no clean-up runs
+    child.wait().unwrap();
+    assert_eq!(
+        mounts_under(g.root_path()),
+        1,
+        "the killed process's mount is still there"
+    );
+    g.ok(&["images"]);
+    assert_eq!(mounts_under(g.root_path()), 0, "the next process alone cleared it");
+    g.fsck_clean();
+    let out = g.scratch().join("again.tar");
+    g.ok(&["export", &name, "-o", out.to_str().unwrap()]);
+}

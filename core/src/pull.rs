@@ -171,6 +171,106 @@ impl Drop for Spooled {
     }
 }
 
+/// A download as it happens, so the layer can be applied while its bytes
+/// arrive instead of after: the downloader reports each write, a restart
+/// from zero (a registry that cannot resume) and the end, and a [`Follow`]
+/// reads the spool file up to what was written.
+#[derive(Default)]
+struct Live {
+    state: Mutex<LiveState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct LiveState {
+    path: Option<PathBuf>,
+    written: u64,
+    /// Bumped when the download starts over; a follower must too.
+    generation: u32,
+    /// `Some(true)` once the blob is complete and its digest verified.
+    done: Option<bool>,
+}
+
+impl Live {
+    fn update(&self, f: impl FnOnce(&mut LiveState)) {
+        f(&mut self.state.lock().unwrap());
+        self.cv.notify_all();
+    }
+
+    /// The download ended: verified (with its file) or failed.
+    fn finish(&self, r: &Result<Arc<Spooled>>) {
+        self.update(|st| match r {
+            Ok(spooled) => {
+                if st.path.as_ref() != Some(&spooled.path) {
+                    // Another pull's download, shared: the whole file is there.
+                    st.path = Some(spooled.path.clone());
+                    st.written = std::fs::metadata(&spooled.path).map(|m| m.len()).unwrap_or(0);
+                    st.generation += 1;
+                }
+                st.done = Some(true);
+            }
+            Err(_) => st.done = Some(false),
+        });
+    }
+}
+
+/// Reads a download as it is written. It ends only once the download is
+/// complete and its digest verified; if the download fails or starts over,
+/// it fails. `retry` is raised then, and whenever it had to wait for bytes:
+/// an apply that fails after waiting on the network (the driver call's wall
+/// deadline counts the wait) is done again from the finished file, and a
+/// failed download reports its own error.
+struct Follow<'a> {
+    live: &'a Live,
+    file: Option<File>,
+    pos: u64,
+    generation: u32,
+    retry: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Follow<'_> {
+    fn interrupted(&self, why: &str) -> std::io::Error {
+        self.retry.store(true, std::sync::atomic::Ordering::Relaxed);
+        std::io::Error::other(why.to_string())
+    }
+}
+
+impl Read for Follow<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let (avail, done, path) = {
+            let mut st = self.live.state.lock().unwrap();
+            loop {
+                if st.generation != self.generation {
+                    return Err(self.interrupted("the download started over"));
+                }
+                if st.done == Some(false) {
+                    return Err(self.interrupted("the download failed"));
+                }
+                if st.path.is_some() && (st.written > self.pos || st.done == Some(true)) {
+                    break;
+                }
+                self.retry.store(true, std::sync::atomic::Ordering::Relaxed);
+                st = self.live.cv.wait(st).unwrap();
+            }
+            (st.written - self.pos, st.done == Some(true), st.path.clone())
+        };
+        if avail == 0 && done {
+            return Ok(0);
+        }
+        if self.file.is_none() {
+            self.file = Some(File::open(path.expect("known"))?);
+        }
+        let want = buf.len().min(usize::try_from(avail).unwrap_or(usize::MAX));
+        let n = self.file.as_mut().expect("opened").read(&mut buf[..want])?;
+        // Bytes read after a restart would belong to the new download.
+        if self.live.state.lock().unwrap().generation != self.generation {
+            return Err(self.interrupted("the download started over"));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 /// The host whose credentials an endpoint gets: the registry's domain for
 /// the registry itself, the mirror's `host[:port]` for a mirror.
 pub fn credential_host(ep: &Endpoint, domain: &str) -> String {
@@ -255,7 +355,7 @@ impl Puller<'_> {
             size: UNKNOWN_SIZE,
             media_type: String::new(),
         };
-        self.each_endpoint(&r.domain, |ep| self.download_now(ep, &r.path, &blob))
+        self.each_endpoint(&r.domain, |ep| self.download_now(ep, &r.path, &blob, None))
     }
 
     fn retrying<T>(
@@ -427,6 +527,7 @@ impl Puller<'_> {
             self.progress.layer(b.digest.short(), Status::Waiting, 0, b.size);
         }
         let results: Vec<Mutex<Option<Result<Arc<Spooled>>>>> = missing.iter().map(|_| Mutex::new(None)).collect();
+        let lives: Vec<Live> = missing.iter().map(|_| Live::default()).collect();
         let ready = Condvar::new();
         let next = Mutex::new(0usize);
         let cancelled = std::sync::atomic::AtomicBool::new(false);
@@ -443,35 +544,65 @@ impl Puller<'_> {
                         *n - 1
                     };
                     let t = std::time::Instant::now();
-                    let r = self.download(ep, repo, &image.layers[missing[k]].blob);
+                    let r = self.download(ep, repo, &image.layers[missing[k]].blob, Some(&lives[k]));
                     clock.lock().unwrap().download += t.elapsed();
+                    lives[k].finish(&r);
                     *results[k].lock().unwrap() = Some(r);
                     ready.notify_all();
                 });
             }
             let out = (|| -> Result<()> {
                 for (k, &i) in missing.iter().enumerate() {
-                    let spooled = {
+                    let finished = || -> Result<Arc<Spooled>> {
                         let mut g = results[k].lock().unwrap();
                         loop {
                             if let Some(r) = g.take() {
-                                break r?;
+                                break r;
                             }
                             g = ready.wait(g).unwrap();
                         }
                     };
                     let blob = &image.layers[i].blob;
                     let parent = if i == 0 { None } else { Some(&chain_ids[i - 1]) };
-                    let file = File::open(&spooled.path).map_err(|e| Error::io("opening a downloaded layer", e))?;
+                    let source = || Some((blob.digest.clone(), format!("{}/{}", job.domain, repo)));
                     self.progress
                         .layer(blob.digest.short(), Status::Extracting, 0, blob.size);
-                    staging.apply(
+                    // Applied as it downloads; it ends only on a verified blob.
+                    let retry = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let follow = Follow {
+                        live: &lives[k],
+                        file: None,
+                        pos: 0,
+                        generation: 0,
+                        retry: retry.clone(),
+                    };
+                    let applied = staging.apply(
                         parent,
                         Some(&config.diff_ids[i]),
-                        Box::new(file),
+                        Box::new(follow),
                         blob.digest.as_str(),
-                        Some((blob.digest.clone(), format!("{}/{}", job.domain, repo))),
-                    )?;
+                        source(),
+                    );
+                    match applied {
+                        Ok(_) => {}
+                        Err(_) if retry.load(std::sync::atomic::Ordering::Relaxed) => {
+                            // The download failed (its own error says why),
+                            // started over, or kept the apply waiting: apply
+                            // again from the finished file.
+                            staging.discard_last();
+                            let spooled = finished()?;
+                            let file =
+                                File::open(&spooled.path).map_err(|e| Error::io("opening a downloaded layer", e))?;
+                            staging.apply(
+                                parent,
+                                Some(&config.diff_ids[i]),
+                                Box::new(file),
+                                blob.digest.as_str(),
+                                source(),
+                            )?;
+                        }
+                        Err(e) => return Err(e),
+                    }
                     self.progress
                         .layer(blob.digest.short(), Status::PullComplete, blob.size, blob.size);
                 }
@@ -492,7 +623,7 @@ impl Puller<'_> {
 
     /// Downloads one blob to a spooled file, shared with any other pull of
     /// this process that needs it at the same time.
-    fn download(&self, ep: &Endpoint, repo: &str, blob: &Blob) -> Result<Arc<Spooled>> {
+    fn download(&self, ep: &Endpoint, repo: &str, blob: &Blob, live: Option<&Live>) -> Result<Arc<Spooled>> {
         let slot = {
             let mut m = self.downloads.blobs.lock().unwrap();
             match m.get(&blob.digest) {
@@ -516,7 +647,7 @@ impl Puller<'_> {
         };
         let (slot, leader) = slot;
         if leader {
-            let r = self.download_now(ep, repo, blob).map(Arc::new);
+            let r = self.download_now(ep, repo, blob, live).map(Arc::new);
             let shared = r.as_ref().map(Arc::clone).map_err(to_plugin_error);
             let mut m = self.downloads.blobs.lock().unwrap();
             match &r {
@@ -539,7 +670,7 @@ impl Puller<'_> {
         }
     }
 
-    fn download_now(&self, ep: &Endpoint, repo: &str, blob: &Blob) -> Result<Spooled> {
+    fn download_now(&self, ep: &Endpoint, repo: &str, blob: &Blob, live: Option<&Live>) -> Result<Spooled> {
         let short = blob.digest.short();
         let spooled = Spooled {
             path: self
@@ -548,6 +679,12 @@ impl Puller<'_> {
                 .join(format!("{}-{}", blob.digest.hex(), &random_id()[..8])),
         };
         let mut file = File::create(&spooled.path).map_err(|e| Error::io("creating a download file", e))?;
+        let report = |f: &dyn Fn(&mut LiveState)| {
+            if let Some(l) = live {
+                l.update(f);
+            }
+        };
+        report(&|st| st.path = Some(spooled.path.clone()));
         let mut hasher = Sha256::new();
         let mut got: u64 = 0;
         let mut attempt = 0;
@@ -575,6 +712,7 @@ impl Puller<'_> {
                             hasher.update(&buf[..n]);
                             file.write_all(&buf[..n])
                                 .map_err(|e| Error::io("writing a download", e))?;
+                            report(&|st| st.written = got);
                             self.progress.layer(short, Status::Downloading, got, blob.size);
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -587,6 +725,10 @@ impl Puller<'_> {
                     // The registry cannot resume: start over.
                     got = 0;
                     hasher = Sha256::new();
+                    report(&|st| {
+                        st.generation += 1;
+                        st.written = 0;
+                    });
                     file.set_len(0).map_err(|e| Error::io("truncating a download", e))?;
                     std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))
                         .map_err(|e| Error::io("rewinding a download", e))?;
@@ -608,7 +750,6 @@ impl Puller<'_> {
         }
         self.progress.layer(short, Status::VerifyingChecksum, got, blob.size);
         check_blob(blob, got, &Digest::from_hasher(hasher))?;
-        file.sync_data().ok();
         self.progress.layer(short, Status::DownloadComplete, got, blob.size);
         Ok(spooled)
     }

@@ -207,6 +207,16 @@ impl<'a> Staging<'a> {
         Ok((got, size))
     }
 
+    /// Removes the layer the last `apply` staged (it failed, and the caller
+    /// applies it again).
+    pub fn discard_last(&mut self) {
+        if let Some(st) = self.staged.pop() {
+            let _ = std::fs::remove_file(&st.tar_split);
+            let _ = self.driver.remove(&st.meta.cache_id);
+            self.store.unmark_staging(&st.meta.cache_id);
+        }
+    }
+
     /// Makes everything visible: layers, then images, then references.
     /// Returns the image IDs.
     ///

@@ -21,6 +21,9 @@ pub struct Faults {
     pub stall_blob: Option<String>,
     /// Wait this long before answering for this blob.
     pub delay_blob: Option<(String, std::time::Duration)>,
+    /// Forward blob requests without their `Range` header: a registry that
+    /// cannot resume (answers 200 with the whole blob).
+    pub ignore_range: bool,
     /// Serve this blob with one byte changed.
     pub corrupt_blob: Option<String>,
     /// Answer every blob request with a redirect to the CDN origin.
@@ -58,6 +61,7 @@ pub struct Proxy {
     stop: Arc<AtomicBool>,
 }
 
+#[derive(Clone)]
 struct Req {
     method: String,
     path: String,
@@ -313,7 +317,13 @@ fn serve(
             return;
         }
     }
-    let (status, mut headers, mut body) = forward(upstream, &req);
+    let (status, mut headers, mut body) = if faults.ignore_range {
+        let mut plain = req.clone();
+        plain.headers.retain(|(k, _)| !k.eq_ignore_ascii_case("range"));
+        forward(upstream, &plain)
+    } else {
+        forward(upstream, &req)
+    };
     if faults.ambiguous_manifest && req.path.contains("/manifests/") {
         if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) {
             if v.get("layers").is_some() {

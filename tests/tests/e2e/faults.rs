@@ -89,6 +89,36 @@ fn a_cut_connection_is_resumed_with_a_range_request() {
     g.fsck_clean();
 }
 
+/// A registry that cannot resume: the cut download starts over from zero
+/// while its layer is being applied from the bytes that arrived; the apply
+/// starts over too, from the finished download, and the image is whole.
+#[test]
+fn a_download_that_starts_over_is_applied_again_from_the_finished_blob() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    let (_p, _, layers) = publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
+    let big = layers.iter().max_by_key(|l| l.size).unwrap().clone();
+    let proxy = Proxy::start(
+        reg.port,
+        Faults {
+            cut_blob: Some((big.digest.clone(), big.size / 2)),
+            ignore_range: true,
+            ..Default::default()
+        },
+    );
+    let g = Gantry::new();
+    let name = format!("{}/test/rich:v1", proxy.addr());
+    g.ok(&["pull", &name]);
+    let seen = proxy.seen.lock().unwrap();
+    assert_eq!(seen.blob_gets[&big.digest], 3, "cut, refused range, whole again");
+    drop(seen);
+    g.fsck_clean();
+    g.ok(&["fsck", "--verify-content"]);
+    crate::assert_export_matches_umoci(&g, &name, _p.dir.path(), "v1");
+}
+
 #[test]
 fn wrong_bytes_are_rejected_and_nothing_is_registered() {
     if !peers() {

@@ -6,17 +6,11 @@
 //! ranged blob requests — over the host's `http` import. It trusts nothing
 //! and is trusted with nothing: the host filters where it may connect, keeps
 //! blob bodies on the host side, follows redirects without forwarding the
-//! token, and verifies every digest this component reports.
+//! token, and verifies every digest this component reports. Written
+//! against `gantry-kit`'s `Transport` trait.
 
-gantry_kit::wit_bindgen::generate!({
-    path: "../../wit",
-    world: "transport-plugin",
-    runtime_path: "gantry_kit::wit_bindgen::rt",
-});
-
-use exports::gantry::plugin::transport::{Credentials, Endpoint, Guest, Manifest, ProbeInfo, Resolved};
-use gantry::plugin::http::{send, Request, Response};
-use gantry::plugin::types::{ByteStream, Error};
+use gantry_kit::transport::http::{send, Request, Response};
+use gantry_kit::transport::{ByteStream, Credentials, Endpoint, Error, Manifest, ProbeInfo, Resolved, Transport};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -212,7 +206,7 @@ fn check_reference(reference: &str) -> Result<(), Error> {
     }
 }
 
-impl Guest for V2 {
+impl Transport for V2 {
     fn probe(ep: Endpoint) -> Result<ProbeInfo, Error> {
         let resp = request(&ep, "GET", format!("{}/v2/", ep.url), Vec::new(), "")?;
         match resp.status {
@@ -326,4 +320,4 @@ impl Guest for V2 {
     }
 }
 
-export!(V2);
+gantry_kit::export_transport!(V2);

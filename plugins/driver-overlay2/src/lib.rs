@@ -133,7 +133,10 @@ fn make(id: &str, parent: Option<String>, read_only: bool) -> Result<(), Error> 
     }
     if let (Some(p), Some(lower)) = (&parent, lower) {
         fs::mkdir_all(&path(id, "work")?, 0o700)?;
-        fs::write_file(&path(p, "committed")?, b"", 0o600)?;
+        // Docker marks the parent read-only here; an image layer already is.
+        if !fs::exists(&path(p, "committed")?)? {
+            fs::write_file(&path(p, "committed")?, b"", 0o600)?;
+        }
         fs::write_file(&path(id, "lower")?, lower.as_bytes(), 0o644)?;
     }
     Ok(())

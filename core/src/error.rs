@@ -18,8 +18,11 @@ pub enum ErrorClass {
     Transient,
     Invalid,
     Internal,
-    /// The plugin trapped, ran past its deadline or its memory cap.
+    /// The plugin trapped, ran past its CPU deadline or its memory cap.
     Crashed,
+    /// The plugin call ran past its wall-clock deadline (time spent waiting
+    /// counts: a caller that fed it slowly may try again).
+    TimedOut,
     /// Bytes did not match the digest or size they were promised to have.
     Integrity,
 }

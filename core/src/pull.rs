@@ -216,21 +216,22 @@ impl Live {
 
 /// Reads a download as it is written. It ends only once the download is
 /// complete and its digest verified; if the download fails or starts over,
-/// it fails. `retry` is raised then, and whenever it had to wait for bytes:
-/// an apply that fails after waiting on the network (the driver call's wall
-/// deadline counts the wait) is done again from the finished file, and a
-/// failed download reports its own error.
+/// it fails and raises `interrupted`: the layer is applied again from the
+/// finished file, or the download's own error is reported. `waited` says it
+/// had to wait for bytes: a driver call that then ran past its wall-clock
+/// deadline (the wait counts) is tried again from the finished file too.
 struct Follow<'a> {
     live: &'a Live,
     file: Option<File>,
     pos: u64,
     generation: u32,
-    retry: Arc<std::sync::atomic::AtomicBool>,
+    interrupted: Arc<std::sync::atomic::AtomicBool>,
+    waited: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Follow<'_> {
     fn interrupted(&self, why: &str) -> std::io::Error {
-        self.retry.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.interrupted.store(true, std::sync::atomic::Ordering::Relaxed);
         std::io::Error::other(why.to_string())
     }
 }
@@ -249,7 +250,7 @@ impl Read for Follow<'_> {
                 if st.path.is_some() && (st.written > self.pos || st.done == Some(true)) {
                     break;
                 }
-                self.retry.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.waited.store(true, std::sync::atomic::Ordering::Relaxed);
                 st = self.live.cv.wait(st).unwrap();
             }
             (st.written - self.pos, st.done == Some(true), st.path.clone())
@@ -568,13 +569,15 @@ impl Puller<'_> {
                     self.progress
                         .layer(blob.digest.short(), Status::Extracting, 0, blob.size);
                     // Applied as it downloads; it ends only on a verified blob.
-                    let retry = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let waited = Arc::new(std::sync::atomic::AtomicBool::new(false));
                     let follow = Follow {
                         live: &lives[k],
                         file: None,
                         pos: 0,
                         generation: 0,
-                        retry: retry.clone(),
+                        interrupted: interrupted.clone(),
+                        waited: waited.clone(),
                     };
                     let applied = staging.apply(
                         parent,
@@ -585,10 +588,14 @@ impl Puller<'_> {
                     );
                     match applied {
                         Ok(_) => {}
-                        Err(_) if retry.load(std::sync::atomic::Ordering::Relaxed) => {
+                        Err(e)
+                            if interrupted.load(std::sync::atomic::Ordering::Relaxed)
+                                || (waited.load(std::sync::atomic::Ordering::Relaxed)
+                                    && matches!(&e, Error::Plugin(p) if p.class == ErrorClass::TimedOut)) =>
+                        {
                             // The download failed (its own error says why),
-                            // started over, or kept the apply waiting: apply
-                            // again from the finished file.
+                            // started over, or kept the driver call waiting
+                            // past its deadline: apply again from the file.
                             staging.discard_last();
                             let spooled = finished()?;
                             let file =

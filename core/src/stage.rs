@@ -66,6 +66,9 @@ pub struct Staging<'a> {
     leases: Vec<crate::store::Lease>,
     max_layer_bytes: u64,
     pub times: Mutex<StageTimes>,
+    /// A flush of the driver's file system started after a layer applied,
+    /// so a durable commit finds most of the data already on disk.
+    early_flush: Option<std::thread::JoinHandle<()>>,
 }
 
 impl<'a> Staging<'a> {
@@ -77,7 +80,24 @@ impl<'a> Staging<'a> {
             leases: Vec::new(),
             max_layer_bytes,
             times: Mutex::new(StageTimes::default()),
+            early_flush: None,
         }
+    }
+
+    /// With durable commits: starts writing what the layers applied so far
+    /// to disk, in the background, while the next layers download and
+    /// apply (one flush at a time). The commit's own flush still decides.
+    fn flush_early(&mut self) {
+        if !self.store.durable() || self.early_flush.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let home = self.store.driver_home();
+        self.early_flush = std::thread::Builder::new()
+            .name("early-flush".into())
+            .spawn(move || {
+                let _ = crate::store::sync_fs_of(&home);
+            })
+            .ok();
     }
 
     /// Whether `chain` is present, staged here or committed; a committed
@@ -204,6 +224,7 @@ impl<'a> Staging<'a> {
         st.meta.diff_id = got.clone();
         st.meta.chain_id = Digest::chain(parent, &got);
         st.meta.size = size;
+        self.flush_early();
         Ok((got, size))
     }
 

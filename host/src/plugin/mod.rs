@@ -607,7 +607,12 @@ impl<B> Pool<B> {
                 None => format!("plugin {} trapped in {op}: {code}", self.label),
             }
         };
-        PluginError::new(ErrorClass::Crashed, message)
+        let class = if s.timed_out == Some(Cut::Wall) {
+            ErrorClass::TimedOut
+        } else {
+            ErrorClass::Crashed
+        };
+        PluginError::new(class, message)
     }
 }
 

@@ -41,3 +41,15 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Mount points at or below `dir`, from this process's mount table (what
+/// gantry mounted in the same namespace shows here too).
+pub fn mounts_under(dir: &std::path::Path) -> Vec<String> {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|p| std::path::Path::new(p).starts_with(&dir))
+        .collect()
+}

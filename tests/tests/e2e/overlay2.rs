@@ -178,9 +178,10 @@ fn an_overlay2_pull_mounts_to_the_same_tree_as_export_and_umoci() {
     tree::assert_same(&exported, &seen, "export against the kernel's mount of the layout");
     assert_export_matches_umoci(&g, &name, published.dir.path(), "v1");
     // gantry's own mounts are gone when it exits.
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let root = g.root_path().canonicalize().unwrap();
-    assert!(!info.contains(root.to_str().unwrap()), "a mount was left behind");
+    assert!(
+        gantry_tests::mounts_under(g.root_path()).is_empty(),
+        "a mount was left behind"
+    );
     g.ok(&["rmi", &name]);
     assert!(layers_of_home(&home).is_empty());
     assert_eq!(
@@ -279,16 +280,6 @@ fn the_overlay2_layout_matches_what_podman_writes() {
         .output();
 }
 
-fn mounts_under(dir: &Path) -> usize {
-    let dir = dir.canonicalize().unwrap();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|p| Path::new(p).starts_with(&dir))
-        .count()
-}
-
 /// A process killed while it holds a mount (an export blocked on a full
 /// pipe) leaves it mounted; the next process alone on the store unmounts it.
 #[test]
@@ -314,7 +305,7 @@ fn a_mount_left_by_a_killed_process_is_cleared_by_the_next_one() {
         .unwrap();
     // Nobody reads the pipe: the export blocks with the top layer mounted.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while mounts_under(g.root_path()) == 0 {
+    while gantry_tests::mounts_under(g.root_path()).is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
             "the export never mounted its layer"
@@ -324,12 +315,16 @@ fn a_mount_left_by_a_killed_process_is_cleared_by_the_next_one() {
     child.kill().unwrap(); // SIGKILL: no clean-up runs
     child.wait().unwrap();
     assert_eq!(
-        mounts_under(g.root_path()),
+        gantry_tests::mounts_under(g.root_path()).len(),
         1,
         "the killed process's mount is still there"
     );
     g.ok(&["images"]);
-    assert_eq!(mounts_under(g.root_path()), 0, "the next process alone cleared it");
+    assert_eq!(
+        gantry_tests::mounts_under(g.root_path()).len(),
+        0,
+        "the next process alone cleared it"
+    );
     g.fsck_clean();
     let out = g.scratch().join("again.tar");
     g.ok(&["export", &name, "-o", out.to_str().unwrap()]);

@@ -126,17 +126,6 @@ impl Drop for Canary {
     }
 }
 
-/// Mount points at or below `dir`, from this process's mount table.
-fn mounts_beneath(dir: &Path) -> Vec<String> {
-    let dir = dir.canonicalize().unwrap();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|p| Path::new(p).starts_with(&dir))
-        .collect()
-}
-
 #[test]
 fn each_driver_attack_fails_cleanly_and_the_next_pull_works() {
     if !peers() {
@@ -230,7 +219,7 @@ fn each_driver_attack_fails_cleanly_and_the_next_pull_works() {
         pull_fails(&g, &bad_driver_config(mode), mode, &image, expect, within);
         // Whatever the driver mounted is gone with the process that made it.
         assert_eq!(
-            mounts_beneath(g.root_path()),
+            gantry_tests::mounts_under(g.root_path()),
             Vec::<String>::new(),
             "{mode}: mounts left behind"
         );

@@ -90,6 +90,9 @@ pub struct PullOptions {
     pub max_layer_bytes: u64,
     /// The most layers one image may have.
     pub max_depth: usize,
+    /// How long a mirror that could not be reached (or kept failing) is
+    /// skipped, across processes, instead of being waited on at every pull.
+    pub mirror_backoff: Duration,
 }
 
 impl Default for PullOptions {
@@ -102,6 +105,7 @@ impl Default for PullOptions {
             backoff: Duration::from_millis(100),
             max_layer_bytes: crate::stage::DEFAULT_MAX_LAYER_BYTES,
             max_depth: crate::stage::DEFAULT_MAX_DEPTH,
+            mirror_backoff: Duration::from_secs(30),
         }
     }
 }
@@ -309,14 +313,40 @@ struct Job<'j> {
 
 impl Puller<'_> {
     /// Runs `attempt` on each endpoint of `domain` in turn, falling back to
-    /// the next only on errors that allow it (Docker's rules).
+    /// the next only on errors that allow it (Docker's rules). A mirror that
+    /// could not be reached or kept failing is skipped for `mirror_backoff`,
+    /// remembered in the store, so later pulls do not wait on it again.
     fn each_endpoint<T>(&self, domain: &str, mut attempt: impl FnMut(&Endpoint) -> Result<T>) -> Result<T> {
         let mut last: Option<Error> = None;
+        let now = std::time::SystemTime::now();
         for mut ep in pull_endpoints(domain, self.registries) {
+            if ep.mirror
+                && self
+                    .store
+                    .mirror_skipped_until(&ep.url)
+                    .is_some_and(|until| now < until)
+            {
+                continue;
+            }
             // Credentials by the endpoint's own host: a mirror never sees the
             // registry's, and the registry never sees a mirror's.
             ep.credentials = (self.credentials)(&credential_host(&ep, domain));
-            match attempt(&ep) {
+            let result = attempt(&ep);
+            if ep.mirror {
+                match &result {
+                    Err(Error::Plugin(e))
+                        if matches!(
+                            e.class,
+                            ErrorClass::Unreachable | ErrorClass::Transient | ErrorClass::TimedOut
+                        ) =>
+                    {
+                        self.store.skip_mirror(&ep.url, now + self.options.mirror_backoff)
+                    }
+                    Err(_) => {}
+                    Ok(_) => self.store.mirror_answered(&ep.url),
+                }
+            }
+            match result {
                 Ok(t) => return Ok(t),
                 Err(Error::Plugin(e)) if e.allows_fallback(ep.mirror) => {
                     let url = crate::text::redact_url(&ep.url);

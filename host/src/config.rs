@@ -38,6 +38,10 @@ pub struct Config {
     /// The most one layer may hold uncompressed (a bound on decompression bombs).
     #[serde(default = "max_layer")]
     pub max_layer_size_mib: u64,
+    /// How long a mirror that could not be reached or kept failing is
+    /// skipped (remembered in the store across processes).
+    #[serde(default = "thirty")]
+    pub mirror_backoff_seconds: u64,
     /// The most layers one image may stack (Docker's overlay2 limit).
     #[serde(default = "max_depth")]
     pub max_layer_depth: usize,
@@ -60,6 +64,10 @@ pub struct Config {
 
 fn wasm() -> String {
     "wasm".into()
+}
+
+fn thirty() -> u64 {
+    30
 }
 
 fn three() -> usize {

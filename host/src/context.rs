@@ -157,6 +157,7 @@ impl Context {
             max_concurrent_downloads: self.config.max_concurrent_downloads,
             max_layer_bytes: self.config.max_layer_size_mib << 20,
             max_depth: self.config.max_layer_depth,
+            mirror_backoff: std::time::Duration::from_secs(self.config.mirror_backoff_seconds),
             ..Default::default()
         }
     }

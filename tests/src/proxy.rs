@@ -51,6 +51,8 @@ pub struct Seen {
     /// Authorization headers that reached the CDN origin.
     pub cdn_authorization: Vec<String>,
     pub cdn_gets: usize,
+    /// Every request the proxy read.
+    pub requests: usize,
 }
 
 pub struct Proxy {
@@ -245,6 +247,7 @@ fn serve(
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut w = s;
     let Some(req) = read_req(&mut r) else { return };
+    seen.lock().unwrap().requests += 1;
     if req.path.starts_with("/token") {
         if let Some((u, p)) = &faults.basic_user {
             use base64::Engine as _;

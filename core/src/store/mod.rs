@@ -75,6 +75,8 @@ impl Store {
             root.join("tmp/blobs"),
             root.join("tmp/tar-split"),
             root.join("tmp/leases"),
+            // Mirrors that failed, and until when they are skipped.
+            root.join("mirrors"),
             // The driver's home, whether or not the driver is ever loaded.
             root.join(driver),
             image_dir.clone(),
@@ -280,4 +282,35 @@ pub(crate) fn sync_fs_of(dir: &Path) -> Result<()> {
     )
     .map_err(|e| crate::Error::io(format!("opening {}", dir.display()), e.into()))?;
     rustix::fs::syncfs(&fd).map_err(|e| crate::Error::io(format!("syncing {}", dir.display()), e.into()))
+}
+
+/// Which mirrors are skipped for a while after failing, remembered across
+/// processes: one file per mirror (named by a hash of its URL) holding the
+/// Unix time until which it is skipped.
+impl Store {
+    fn mirror_file(&self, url: &str) -> PathBuf {
+        let key = crate::digest::Digest::of(url.as_bytes());
+        self.root.join("mirrors").join(&key.hex()[..32])
+    }
+
+    /// Until when the mirror at `url` is skipped, if it is.
+    pub fn mirror_skipped_until(&self, url: &str) -> Option<std::time::SystemTime> {
+        let text = std::fs::read_to_string(self.mirror_file(url)).ok()?;
+        let secs: u64 = text.trim().parse().ok()?;
+        Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+    }
+
+    /// Skips the mirror at `url` until `until` (it just failed).
+    pub fn skip_mirror(&self, url: &str, until: std::time::SystemTime) {
+        let secs = until
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() + 1)
+            .unwrap_or(0);
+        let _ = fs::write_atomic_unsynced(&self.mirror_file(url), secs.to_string().as_bytes());
+    }
+
+    /// The mirror at `url` answered: it is not skipped any more.
+    pub fn mirror_answered(&self, url: &str) {
+        let _ = std::fs::remove_file(self.mirror_file(url));
+    }
 }

@@ -230,6 +230,49 @@ fn mirrors_come_first_and_fall_back_to_the_registry() {
 /// and line breaks reaches the terminal escaped, on one line; a manifest
 /// that is also an index (CVE-2021-41190) is refused; a redirect to an
 /// internal address other than the registry's own host is not followed.
+/// A mirror that keeps failing is skipped for a while, remembered in the
+/// store across processes, instead of being waited on at every pull; once
+/// the while is over it is tried again.
+#[test]
+fn a_failing_mirror_is_skipped_for_a_while() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    publish(&reg, "test/control", "v1", &control_image());
+    let failing = Proxy::start(
+        reg.port,
+        Faults {
+            manifest_status: Some(503),
+            ..Default::default()
+        },
+    );
+    let g = Gantry::new().with_config(&format!(
+        "mirror_backoff_seconds = 3\n[transport]\ntype = \"v2\"\n[driver]\ntype = \"{}\"\n[registries.\"{}\"]\nmirrors = [\"http://127.0.0.1:{}\"]\n",
+        Gantry::test_driver(),
+        reg.addr(),
+        failing.port
+    ));
+    let name = format!("{}/test/control:v1", reg.addr());
+    let asked = || failing.seen.lock().unwrap().requests;
+    let started = std::time::Instant::now();
+    g.ok(&["pull", &name]);
+    let first = asked();
+    assert!(first >= 1, "the mirror was tried first");
+    // A second process, within the while: the mirror is not asked at all.
+    g.ok(&["pull", &name]);
+    assert_eq!(asked(), first, "a mirror that just failed was asked again");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "the test machine is too slow for its window"
+    );
+    // After it, the mirror is tried again.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    g.ok(&["pull", &name]);
+    assert!(asked() > first, "the mirror was never tried again");
+    g.fsck_clean();
+}
+
 #[test]
 fn hostile_registry_answers_are_refused_and_quoted_safely() {
     let Some((reg, g)) = control_store() else {

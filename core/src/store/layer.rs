@@ -135,22 +135,6 @@ impl LayerStore {
             .ctx("syncing the layer store")
     }
 
-    /// Prepares, syncs and publishes one layer (see `prepare`). Returns
-    /// false if the layer already existed.
-    pub fn commit(&self, meta: &LayerMeta, tar_split: &Path, durable: bool) -> Result<bool> {
-        let Some(p) = self.prepare(meta, tar_split)? else {
-            return Ok(false);
-        };
-        if durable {
-            super::sync_fs_of(&self.dir)?;
-        }
-        let published = self.publish(p)?;
-        if durable {
-            self.sync_published()?;
-        }
-        Ok(published)
-    }
-
     /// The tar-split record of a layer (see `tarsplit`), to read as it streams.
     pub fn tar_split(&self, chain: &Digest) -> Result<crate::tarsplit::RecordReader<std::io::BufReader<fs::File>>> {
         let f = fs::File::open(self.path(chain).join("tar-split.json.gz"))

@@ -13,7 +13,7 @@ mod tree;
 mod unpack;
 
 pub use mount::{clear_stale_mounts, probe_overlay, OverlaySpec, MAX_LOWERS};
-pub use pack::{changes, pack, pack_changes, pack_upper, ChangeKind};
+pub use pack::{changes, pack, pack_changes, pack_upper, ChangeKind, PackReader};
 pub use tree::{copy_tree, disk_usage, remove_tree, CopyMode};
 pub use unpack::{unpack, Whiteouts};
 
@@ -254,6 +254,65 @@ impl Home {
         let (p, n) = self.parent(rel)?;
         Ok(rustix::fs::symlinkat(target, &p, n)?)
     }
+
+    // The fast paths of the `fs` capability, one implementation for
+    // components (`plugin::host_impls`) and native plugins (`plugin::native`).
+
+    /// Copies tree `src` to `dst` (which must not exist), or shares its files by hard link.
+    pub fn copy_tree(&self, src: &str, dst: &str, mode: CopyMode) -> io::Result<()> {
+        let (sp, sn) = self.parent(src)?;
+        let (dp, dn) = self.parent(dst)?;
+        copy_tree(sp.as_fd(), sn, dp.as_fd(), dn, mode)
+    }
+
+    /// What changed from `lower` to `upper`, each path as the driver
+    /// contract shows it: `/` and the name (lossy where it is not UTF-8).
+    pub fn changes(&self, lower: &str, upper: &str) -> io::Result<Vec<(String, ChangeKind)>> {
+        let (l, u) = (self.dir(lower)?, self.dir(upper)?);
+        Ok(changes(l.as_fd(), u.as_fd())?
+            .into_iter()
+            .map(|c| (format!("/{}", c.path.to_string_lossy()), c.kind))
+            .collect())
+    }
+
+    /// The bytes of regular files below `dir`, hard links counted once.
+    pub fn disk_usage(&self, dir: &str) -> io::Result<u64> {
+        disk_usage(self.dir(dir)?.as_fd())
+    }
+
+    /// Unpacks the tar stream `diff` into `dir`.
+    pub fn unpack(&self, dir: &str, diff: impl io::Read, mode: Whiteouts) -> io::Result<u64> {
+        unpack(self.dir(dir)?.as_fd(), diff, mode)
+    }
+
+    /// `dir` as a tar stream.
+    pub fn pack(&self, dir: &str) -> io::Result<PackReader> {
+        pack(self.dir(dir)?)
+    }
+
+    /// An overlay upper directory as a layer tar.
+    pub fn pack_upper(&self, dir: &str) -> io::Result<PackReader> {
+        pack_upper(self.dir(dir)?)
+    }
+
+    /// What changed from `lower` to `upper` as a layer tar.
+    pub fn pack_changes(&self, lower: &str, upper: &str) -> io::Result<PackReader> {
+        pack_changes(self.dir(lower)?, self.dir(upper)?)
+    }
+}
+
+/// Reads up to `len` bytes (at most 1 MiB) from a host-owned stream, as a
+/// plugin's `read` of it does; empty at the end.
+pub fn read_chunk(stream: &mut dyn io::Read, len: u32) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let n = loop {
+        match stream.read(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => break r?,
+        }
+    };
+    buf.truncate(n);
+    Ok(buf)
 }
 
 use std::os::unix::fs::DirBuilderExt;

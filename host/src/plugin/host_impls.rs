@@ -6,7 +6,7 @@ use super::bindings::transport::gantry::plugin::{http, types};
 use super::bindings::WitError;
 use super::{ByteStream, Sandbox};
 use crate::confined::{self, Whiteouts};
-use std::io::{self, Read};
+use std::io;
 use wasmtime::component::Resource;
 
 /// An I/O error as the guest sees it.
@@ -21,23 +21,13 @@ pub(super) fn io_error(e: io::Error) -> WitError {
     }
 }
 
-const MAX_READ: u32 = 1 << 20;
-
 impl types::Host for Sandbox {}
 
 impl types::HostByteStream for Sandbox {
     fn read(&mut self, s: Resource<ByteStream>, len: u32) -> Result<Vec<u8>, WitError> {
         self.host(|me| {
             let stream = me.table.get_mut(&s).map_err(|e| WitError::Internal(e.to_string()))?;
-            let mut buf = vec![0u8; len.min(MAX_READ) as usize];
-            let n = loop {
-                match stream.0.read(&mut buf) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    r => break r.map_err(|e| WitError::Transient(e.to_string()))?,
-                }
-            };
-            buf.truncate(n);
-            Ok(buf)
+            confined::read_chunk(&mut stream.0, len).map_err(|e| WitError::Transient(e.to_string()))
         })
     }
 
@@ -82,27 +72,25 @@ impl Sandbox {
     }
 }
 
-impl Sandbox {
-    fn tree(&mut self, src: &str, dst: &str, mode: confined::CopyMode) -> Result<(), WitError> {
-        self.fs(|h| {
-            let (sp, sn) = h.parent(src)?;
-            let (dp, dn) = h.parent(dst)?;
-            confined::copy_tree(
-                std::os::fd::AsFd::as_fd(&sp),
-                sn,
-                std::os::fd::AsFd::as_fd(&dp),
-                dn,
-                mode,
-            )
-        })
-    }
-}
-
 fn change_kind(k: confined::ChangeKind) -> fs::ChangeKind {
     match k {
         confined::ChangeKind::Add => fs::ChangeKind::Add,
         confined::ChangeKind::Modify => fs::ChangeKind::Modify,
         confined::ChangeKind::Delete => fs::ChangeKind::Delete,
+    }
+}
+
+impl Sandbox {
+    /// A tar stream the host made, handed to the guest as a handle.
+    fn packed(
+        &mut self,
+        make: impl FnOnce(&confined::Home) -> io::Result<confined::PackReader>,
+    ) -> Result<Resource<ByteStream>, WitError> {
+        let home = self.home()?;
+        self.host(|me| {
+            let r = make(&home).map_err(io_error)?;
+            me.push_stream(ByteStream(Box::new(r)))
+        })
     }
 }
 
@@ -146,58 +134,41 @@ impl fs::Host for Sandbox {
             fs::WhiteoutMode::Overlay => Whiteouts::Overlay,
         };
         self.host(|me| {
-            let d = home.dir(&dir).map_err(io_error)?;
             let stream = me.table.get_mut(&diff).map_err(|e| WitError::Internal(e.to_string()))?;
-            confined::unpack(std::os::fd::AsFd::as_fd(&d), &mut stream.0, mode).map_err(io_error)
+            home.unpack(&dir, &mut stream.0, mode).map_err(io_error)
         })
     }
 
     fn pack(&mut self, dir: String) -> Result<Resource<ByteStream>, WitError> {
-        let home = self.home()?;
-        self.host(|me| {
-            let d = home.dir(&dir).map_err(io_error)?;
-            let r = confined::pack(d).map_err(io_error)?;
-            me.push_stream(ByteStream(Box::new(r)))
-        })
+        self.packed(|h| h.pack(&dir))
     }
 
     fn pack_changes(&mut self, lower: String, upper: String) -> Result<Resource<ByteStream>, WitError> {
-        let home = self.home()?;
-        self.host(|me| {
-            let l = home.dir(&lower).map_err(io_error)?;
-            let u = home.dir(&upper).map_err(io_error)?;
-            let r = confined::pack_changes(l, u).map_err(io_error)?;
-            me.push_stream(ByteStream(Box::new(r)))
-        })
+        self.packed(|h| h.pack_changes(&lower, &upper))
     }
 
     fn copy_tree(&mut self, src: String, dst: String) -> Result<(), WitError> {
-        self.tree(&src, &dst, confined::CopyMode::Copy)
+        self.fs(|h| h.copy_tree(&src, &dst, confined::CopyMode::Copy))
     }
 
     fn share_tree(&mut self, src: String, dst: String) -> Result<(), WitError> {
-        self.tree(&src, &dst, confined::CopyMode::Share)
+        self.fs(|h| h.copy_tree(&src, &dst, confined::CopyMode::Share))
     }
 
     fn changes(&mut self, lower: String, upper: String) -> Result<Vec<fs::Change>, WitError> {
         self.fs(|h| {
-            let l = h.dir(&lower)?;
-            let u = h.dir(&upper)?;
-            Ok(
-                confined::changes(std::os::fd::AsFd::as_fd(&l), std::os::fd::AsFd::as_fd(&u))?
-                    .into_iter()
-                    .map(|c| fs::Change {
-                        // WIT strings are UTF-8: a name that is not is shown lossily.
-                        path: format!("/{}", c.path.to_string_lossy()),
-                        kind: change_kind(c.kind),
-                    })
-                    .collect(),
-            )
+            Ok(h.changes(&lower, &upper)?
+                .into_iter()
+                .map(|(path, kind)| fs::Change {
+                    path,
+                    kind: change_kind(kind),
+                })
+                .collect())
         })
     }
 
     fn disk_usage(&mut self, dir: String) -> Result<u64, WitError> {
-        self.fs(|h| confined::disk_usage(std::os::fd::AsFd::as_fd(&h.dir(&dir)?)))
+        self.fs(|h| h.disk_usage(&dir))
     }
 
     fn mount_overlay(&mut self, m: fs::OverlayMount) -> Result<(), WitError> {
@@ -215,11 +186,6 @@ impl fs::Host for Sandbox {
     }
 
     fn pack_upper(&mut self, dir: String) -> Result<Resource<ByteStream>, WitError> {
-        let home = self.home()?;
-        self.host(|me| {
-            let d = home.dir(&dir).map_err(io_error)?;
-            let r = confined::pack_upper(d).map_err(io_error)?;
-            me.push_stream(ByteStream(Box::new(r)))
-        })
+        self.packed(|h| h.pack_upper(&dir))
     }
 }

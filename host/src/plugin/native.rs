@@ -24,7 +24,6 @@ use gantry_native_abi::{
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::io::{self, Read};
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 
@@ -365,7 +364,8 @@ fn io_wire(e: io::Error) -> WireError {
 fn fs(state: &HostState, call: FsCall) -> Result<FsReply, WireError> {
     let h = &state.home;
     let unit = |r: io::Result<()>| r.map(|()| FsReply::Unit).map_err(io_wire);
-    let stream = |r: io::Result<Box<dyn Read + Send>>| r.map(|s| FsReply::Stream(state.push(s))).map_err(io_wire);
+    let stream =
+        |r: io::Result<confined::PackReader>| r.map(|s| FsReply::Stream(state.push(Box::new(s)))).map_err(io_wire);
     match call {
         FsCall::MkdirAll { path, mode } => unit(h.mkdir_all(&path, mode & 0o7777)),
         FsCall::RemoveAll { path } => unit(h.remove_all(&path)),
@@ -377,32 +377,24 @@ fn fs(state: &HostState, call: FsCall) -> Result<FsReply, WireError> {
         FsCall::Symlink { target, path } => unit(h.symlink(&target, &path)),
         FsCall::Unpack { dir, diff, overlay } => {
             let mode = if overlay { Whiteouts::Overlay } else { Whiteouts::Delete };
-            let d = h.dir(&dir).map_err(io_wire)?;
             let mut streams = state.streams.lock().unwrap_or_else(|p| p.into_inner());
             let s = streams
                 .get_mut(&diff)
                 .ok_or_else(|| WireError::NotFound(format!("no stream {diff}")))?;
-            confined::unpack(d.as_fd(), s, mode).map(FsReply::Size).map_err(io_wire)
+            h.unpack(&dir, s, mode).map(FsReply::Size).map_err(io_wire)
         }
-        FsCall::Pack { dir } => stream(h.dir(&dir).and_then(confined::pack).map(|r| Box::new(r) as _)),
-        FsCall::PackUpper { dir } => stream(h.dir(&dir).and_then(confined::pack_upper).map(|r| Box::new(r) as _)),
-        FsCall::PackChanges { lower, upper } => stream(
-            h.dir(&lower)
-                .and_then(|l| Ok((l, h.dir(&upper)?)))
-                .and_then(|(l, u)| confined::pack_changes(l, u))
-                .map(|r| Box::new(r) as _),
-        ),
-        FsCall::CopyTree { src, dst } => unit(tree(h, &src, &dst, confined::CopyMode::Copy)),
-        FsCall::ShareTree { src, dst } => unit(tree(h, &src, &dst, confined::CopyMode::Share)),
+        FsCall::Pack { dir } => stream(h.pack(&dir)),
+        FsCall::PackUpper { dir } => stream(h.pack_upper(&dir)),
+        FsCall::PackChanges { lower, upper } => stream(h.pack_changes(&lower, &upper)),
+        FsCall::CopyTree { src, dst } => unit(h.copy_tree(&src, &dst, confined::CopyMode::Copy)),
+        FsCall::ShareTree { src, dst } => unit(h.copy_tree(&src, &dst, confined::CopyMode::Share)),
         FsCall::Changes { lower, upper } => {
-            let l = h.dir(&lower).map_err(io_wire)?;
-            let u = h.dir(&upper).map_err(io_wire)?;
-            let list = confined::changes(l.as_fd(), u.as_fd()).map_err(io_wire)?;
+            let list = h.changes(&lower, &upper).map_err(io_wire)?;
             Ok(FsReply::Changes(
                 list.into_iter()
-                    .map(|c| WireChange {
-                        path: format!("/{}", c.path.to_string_lossy()),
-                        kind: match c.kind {
+                    .map(|(path, kind)| WireChange {
+                        path,
+                        kind: match kind {
                             confined::ChangeKind::Add => "add",
                             confined::ChangeKind::Modify => "modify",
                             confined::ChangeKind::Delete => "delete",
@@ -412,11 +404,7 @@ fn fs(state: &HostState, call: FsCall) -> Result<FsReply, WireError> {
                     .collect(),
             ))
         }
-        FsCall::DiskUsage { dir } => h
-            .dir(&dir)
-            .and_then(|d| confined::disk_usage(d.as_fd()))
-            .map(FsReply::Size)
-            .map_err(io_wire),
+        FsCall::DiskUsage { dir } => h.disk_usage(&dir).map(FsReply::Size).map_err(io_wire),
         FsCall::MountOverlay {
             target,
             lowers,
@@ -434,27 +422,15 @@ fn fs(state: &HostState, call: FsCall) -> Result<FsReply, WireError> {
             let s = streams
                 .get_mut(&handle)
                 .ok_or_else(|| WireError::NotFound(format!("no stream {handle}")))?;
-            let mut buf = vec![0u8; len.min(1 << 20) as usize];
-            let n = loop {
-                match s.read(&mut buf) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    r => break r.map_err(|e| WireError::Transient(e.to_string()))?,
-                }
-            };
-            buf.truncate(n);
-            Ok(FsReply::Bytes(buf))
+            confined::read_chunk(s, len)
+                .map(FsReply::Bytes)
+                .map_err(|e| WireError::Transient(e.to_string()))
         }
         FsCall::StreamDrop { handle } => {
             state.take(handle);
             Ok(FsReply::Unit)
         }
     }
-}
-
-fn tree(h: &Home, src: &str, dst: &str, mode: confined::CopyMode) -> io::Result<()> {
-    let (sp, sn) = h.parent(src)?;
-    let (dp, dn) = h.parent(dst)?;
-    confined::copy_tree(sp.as_fd(), sn, dp.as_fd(), dn, mode)
 }
 
 /// The `fs_call` of the host table.

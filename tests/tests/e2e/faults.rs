@@ -65,21 +65,29 @@ fn redirected_blobs_never_carry_the_registry_token() {
     g.fsck_clean();
 }
 
-#[test]
-fn a_cut_connection_is_resumed_with_a_range_request() {
-    if !peers() {
-        return;
-    }
+/// The rich image in a registry, behind a proxy that cuts its largest blob
+/// half way the first time (and, with `ignore_range`, cannot resume).
+fn rich_behind_a_cut(ignore_range: bool) -> (Registry, crate::Published, gantry_tests::image::Desc, Proxy) {
     let reg = Registry::start();
-    let (_p, _, layers) = publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
+    let (p, _, layers) = publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
     let big = layers.iter().max_by_key(|l| l.size).unwrap().clone();
     let proxy = Proxy::start(
         reg.port,
         Faults {
             cut_blob: Some((big.digest.clone(), big.size / 2)),
+            ignore_range,
             ..Default::default()
         },
     );
+    (reg, p, big, proxy)
+}
+
+#[test]
+fn a_cut_connection_is_resumed_with_a_range_request() {
+    if !peers() {
+        return;
+    }
+    let (_reg, _p, big, proxy) = rich_behind_a_cut(false);
     let g = Gantry::new();
     g.ok(&["pull", &format!("{}/test/rich:v1", proxy.addr())]);
     let seen = proxy.seen.lock().unwrap();
@@ -97,17 +105,7 @@ fn a_download_that_starts_over_is_applied_again_from_the_finished_blob() {
     if !peers() {
         return;
     }
-    let reg = Registry::start();
-    let (_p, _, layers) = publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
-    let big = layers.iter().max_by_key(|l| l.size).unwrap().clone();
-    let proxy = Proxy::start(
-        reg.port,
-        Faults {
-            cut_blob: Some((big.digest.clone(), big.size / 2)),
-            ignore_range: true,
-            ..Default::default()
-        },
-    );
+    let (_reg, _p, big, proxy) = rich_behind_a_cut(true);
     let g = Gantry::new();
     let name = format!("{}/test/rich:v1", proxy.addr());
     g.ok(&["pull", &name]);

@@ -140,6 +140,16 @@ fn mount_top(home: &Path, at: &Path) -> Mounted {
     Mounted(at.to_path_buf())
 }
 
+/// The rich image in a registry, pulled by a store forced to overlay2.
+fn rich_pulled_with_overlay2() -> (Registry, crate::Published, Gantry, String) {
+    let reg = Registry::start();
+    let (published, _, _) = publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
+    let name = format!("{}/test/rich:v1", reg.addr());
+    let g = Gantry::bare().with_driver("overlay2");
+    g.ok(&["pull", &name]);
+    (reg, published, g, name)
+}
+
 /// A pull with overlay2 writes Docker's layout; the kernel mounts it as it
 /// lies, and that tree equals `export` (read through gantry's own mount)
 /// and `umoci unpack` of the same image, file by file. Whiteouts are 0/0
@@ -149,11 +159,7 @@ fn an_overlay2_pull_mounts_to_the_same_tree_as_export_and_umoci() {
     if !peers() || !overlay_here() {
         return;
     }
-    let reg = Registry::start();
-    let (published, _, _) = publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
-    let name = format!("{}/test/rich:v1", reg.addr());
-    let g = Gantry::bare().with_driver("overlay2");
-    g.ok(&["pull", &name]);
+    let (_reg, published, g, name) = rich_pulled_with_overlay2();
     assert_eq!(g.driver(), "overlay2");
     let home = g.root_path().join("overlay2");
     let layers = layers_of_home(&home);
@@ -228,11 +234,7 @@ fn the_overlay2_layout_matches_what_podman_writes() {
     if !peers() || !overlay_here() || !require("podman") {
         return;
     }
-    let reg = Registry::start();
-    publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
-    let name = format!("{}/test/rich:v1", reg.addr());
-    let g = Gantry::bare().with_driver("overlay2");
-    g.ok(&["pull", &name]);
+    let (_reg, _published, g, name) = rich_pulled_with_overlay2();
     let podman_root = g.scratch().join("podman-root");
     let podman_run = g.scratch().join("podman-run");
     let st = Command::new("podman")
@@ -287,11 +289,7 @@ fn a_mount_left_by_a_killed_process_is_cleared_by_the_next_one() {
     if !peers() || !overlay_here() {
         return;
     }
-    let reg = Registry::start();
-    publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
-    let name = format!("{}/test/rich:v1", reg.addr());
-    let g = Gantry::bare().with_driver("overlay2");
-    g.ok(&["pull", &name]);
+    let (_reg, _published, g, name) = rich_pulled_with_overlay2();
     let config = g.scratch().join("gantry.toml");
     let mut child = Command::new(gantry_tests::gantry::binary())
         .arg("--root")

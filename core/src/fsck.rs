@@ -44,6 +44,9 @@ pub fn clear_spools(store: &Store) -> Result<Vec<String>> {
     for n in store.layers.clear_tmp()? {
         cleared.push(format!("unfinished layer record {n}"));
     }
+    for n in store.content.clear_ingest()? {
+        cleared.push(format!("unfinished blob {n}"));
+    }
     Ok(cleared)
 }
 

@@ -112,6 +112,7 @@ pub fn remove(store: &Store, driver: &dyn GraphDriver, s: &str, force: bool) -> 
     // From here until the layers are released, a crash leaves them unreferenced.
     let sweep = store.mark_sweep()?;
     store.images.delete(&id)?;
+    store.content.forget_image(&id)?;
     out.push(format!("Deleted: {id}"));
     let mut kept_for_later = false;
     for l in layers.iter().rev() {
@@ -130,6 +131,8 @@ pub fn remove(store: &Store, driver: &dyn GraphDriver, s: &str, force: bool) -> 
     if !kept_for_later {
         store.unmark_staging(&sweep);
     }
+    // Blobs only this image used; a failure here leaves them for the next.
+    let _ = store.content.collect();
     Ok(out)
 }
 

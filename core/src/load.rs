@@ -247,6 +247,7 @@ impl Loader<'_> {
             .map(|(c, cfg)| ImageCommit {
                 config: cfg,
                 refs: c.tags.clone(),
+                content: None,
             })
             .collect();
         let times = *staging.times.lock().unwrap();

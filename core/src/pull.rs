@@ -18,7 +18,7 @@ use crate::platform::Platform;
 use crate::plugin::{Credentials, Endpoint, GraphDriver, Resolved, Transport};
 use crate::reference::Reference;
 use crate::stage::{ImageCommit, Staging};
-use crate::store::{random_id, Store};
+use crate::store::{random_id, ImageContent, Store};
 use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::fs::File;
@@ -131,6 +131,14 @@ pub struct Timings {
     pub apply: Duration,
     /// Summed wall time of the blob downloads (they overlap).
     pub download: Duration,
+}
+
+/// A manifest as the registry served it, verified and parsed.
+struct Fetched {
+    parsed: Parsed,
+    digest: Digest,
+    media_type: String,
+    bytes: Vec<u8>,
 }
 
 /// Blob downloads shared by every pull of this process: two pulls that need
@@ -407,7 +415,7 @@ impl Puller<'_> {
         }
     }
 
-    fn resolve(&self, ep: &Endpoint, repo: &str, reference: &str) -> Result<(Parsed, Digest)> {
+    fn resolve(&self, ep: &Endpoint, repo: &str, reference: &str) -> Result<Fetched> {
         let resolved = self.retrying(|| self.transport.resolve(ep, repo, reference, manifest::ACCEPT))?;
         let Resolved::Manifest {
             media_type,
@@ -438,25 +446,36 @@ impl Puller<'_> {
                 )));
             }
         }
-        Ok((manifest::parse(&media_type, &bytes)?, digest))
+        Ok(Fetched {
+            parsed: manifest::parse(&media_type, &bytes)?,
+            digest,
+            media_type,
+            bytes,
+        })
     }
 
     fn pull_from(&self, ep: &Endpoint, reference: &Reference, clock: &Mutex<Timings>) -> Result<PullOutcome> {
         let repo = &reference.path;
         let tag_or_digest = reference.registry_reference();
-        let (parsed, mut manifest_digest) = self.resolve(ep, repo, &tag_or_digest)?;
+        let first = self.resolve(ep, repo, &tag_or_digest)?;
+        let mut manifest_digest = first.digest.clone();
         // Said once the endpoint answered, so a fallback does not repeat it.
         self.progress.line(&format!("{}: Pulling from {}", tag_or_digest, repo));
         let want_platform = self.options.platform.clone().unwrap_or_else(Platform::host);
-        let image = match parsed {
-            Parsed::Image(m) => m,
-            Parsed::List(entries) => {
-                let chosen = manifest::select(&entries, &want_platform)?;
-                let (parsed, d) = self.resolve(ep, repo, chosen.digest.as_str())?;
+        // Kept as served, for the content store: the image manifest and the
+        // list it was chosen from.
+        let (image, kept_manifest, kept_index) = match first.parsed {
+            Parsed::Image(m) => (m, (first.digest, first.media_type, first.bytes), None),
+            Parsed::List(ref entries) => {
+                let chosen = manifest::select(entries, &want_platform)?;
                 // For a pull by tag, Docker records the list's digest.
-                let _ = d;
-                match parsed {
-                    Parsed::Image(m) => m,
+                let second = self.resolve(ep, repo, chosen.digest.as_str())?;
+                match second.parsed {
+                    Parsed::Image(m) => (
+                        m,
+                        (second.digest, second.media_type, second.bytes),
+                        Some((first.digest, first.media_type, first.bytes)),
+                    ),
                     Parsed::List(_) => {
                         return Err(Error::InvalidManifest("a manifest list points at another list".into()));
                     }
@@ -489,6 +508,23 @@ impl Puller<'_> {
         let chain_ids = Digest::chain_ids(&config.diff_ids);
         let image_id = Digest::of(&config_bytes);
         let mut staging = Staging::new(self.store, self.driver, self.options.max_layer_bytes);
+        let content = self.store.keep_content().then(|| {
+            staging.keep_bytes(&kept_manifest.0, kept_manifest.2.clone());
+            if let Some((d, _, bytes)) = &kept_index {
+                staging.keep_bytes(d, bytes.clone());
+            }
+            staging.keep_bytes(&image.config.digest, config_bytes.clone());
+            ImageContent {
+                manifest: kept_manifest.0.clone(),
+                manifest_type: kept_manifest.1.clone(),
+                index: kept_index.as_ref().map(|(d, _, _)| d.clone()),
+                index_type: kept_index.as_ref().map(|(_, t, _)| t.clone()),
+                blobs: std::iter::once(&image.config.digest)
+                    .chain(image.layers.iter().map(|l| &l.blob.digest))
+                    .cloned()
+                    .collect(),
+            }
+        });
         let mut missing = Vec::new();
         for (i, l) in image.layers.iter().enumerate() {
             if staging.reuse(&chain_ids[i])? {
@@ -512,6 +548,7 @@ impl Puller<'_> {
         staging.commit(&[ImageCommit {
             config: &config_bytes,
             refs,
+            content,
         }])?;
         self.progress.line(&format!("Digest: {manifest_digest}"));
         Ok(PullOutcome {
@@ -617,7 +654,12 @@ impl Puller<'_> {
                         source(),
                     );
                     match applied {
-                        Ok(_) => {}
+                        Ok(_) => {
+                            if self.store.keep_content() {
+                                let spooled = finished()?;
+                                staging.keep_file(&blob.digest, spooled.path.clone(), Box::new(spooled));
+                            }
+                        }
                         Err(e)
                             if interrupted.load(std::sync::atomic::Ordering::Relaxed)
                                 || (waited.load(std::sync::atomic::Ordering::Relaxed)
@@ -637,6 +679,9 @@ impl Puller<'_> {
                                 blob.digest.as_str(),
                                 source(),
                             )?;
+                            if self.store.keep_content() {
+                                staging.keep_file(&blob.digest, spooled.path.clone(), Box::new(spooled));
+                            }
                         }
                         Err(e) => return Err(e),
                     }

@@ -176,7 +176,14 @@ fn split_domain(name: &str) -> (Option<String>, &str) {
     }
 }
 
-fn valid_tag(t: &str) -> bool {
+/// Whether `name` is a repository path a registry accepts: components of
+/// `[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*` joined by `/`, at most 255 bytes.
+pub fn valid_repository(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && name.split('/').all(valid_path_component)
+}
+
+/// Whether `t` is a valid tag: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn valid_tag(t: &str) -> bool {
     let b = t.as_bytes();
     !b.is_empty()
         && b.len() <= 128

@@ -145,7 +145,7 @@ pub fn repair(store: &Store, driver: &dyn GraphDriver, puller: &Puller<'_>) -> R
             redo.push(l.clone());
         }
     }
-    let mut staging = Staging::new(store, driver, puller.options.max_layer_bytes);
+    let mut staging = Staging::for_repair(store, driver, puller.options.max_layer_bytes);
     let mut broken: HashSet<Digest> = HashSet::new();
     for l in &redo {
         if l.parent.as_ref().is_some_and(|p| broken.contains(p)) {

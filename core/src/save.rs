@@ -5,8 +5,10 @@
 //! layer's directory, so its digest is its diffID and the image ID survives
 //! a save/load round trip. The rebuilt stream is hashed as it is written; a
 //! layer whose files changed since it was unpacked fails the save.
-//! Layers are written uncompressed (media type `…layer.v1.tar`): gantry
-//! keeps no compressed originals to reproduce.
+//! An image pulled with its content kept (see `store::ContentStore`) is
+//! written as the registry served it: its manifest and compressed blobs,
+//! byte for byte, so every digest matches the registry's. Otherwise layers
+//! are rebuilt uncompressed (media type `…layer.v1.tar`).
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -39,6 +41,46 @@ struct Image {
     config: Vec<u8>,
     layers: Vec<crate::store::LayerMeta>,
     tags: Vec<Reference>,
+    /// As pulled, when the content store holds all of it.
+    original: Option<Original>,
+}
+
+/// An image's manifest as a registry served it, and its layer blobs.
+struct Original {
+    manifest: Vec<u8>,
+    digest: Digest,
+    media_type: String,
+    /// (blob digest, size), in stacking order.
+    layers: Vec<(Digest, u64)>,
+}
+
+/// The manifest an image was pulled by, if the content store holds it and
+/// every blob it names (and it names this image's config and layers).
+fn original(store: &Store, id: &Digest, layers: usize) -> Result<Option<Original>> {
+    for c in store.content.image(id)? {
+        if !c.blobs.iter().all(|b| store.content.contains(b)) {
+            continue;
+        }
+        let Some(bytes) = store
+            .content
+            .read_small(&c.manifest, crate::manifest::MAX_MANIFEST_BYTES as u64)?
+        else {
+            continue;
+        };
+        let Ok(crate::manifest::Parsed::Image(m)) = crate::manifest::parse(&c.manifest_type, &bytes) else {
+            continue;
+        };
+        if Digest::of(&bytes) != c.manifest || m.config.digest != *id || m.layers.len() != layers {
+            continue;
+        }
+        return Ok(Some(Original {
+            layers: m.layers.iter().map(|l| (l.blob.digest.clone(), l.blob.size)).collect(),
+            manifest: bytes,
+            digest: c.manifest,
+            media_type: c.manifest_type,
+        }));
+    }
+    Ok(None)
 }
 
 fn header(size: u64) -> tar::Header {
@@ -78,6 +120,7 @@ pub fn save(
         let (_, layers) = layers_of(store, &id)?;
         images.push(Image {
             config: store.images.get(&id)?,
+            original: original(store, &id, layers.len())?,
             id,
             layers,
             tags: tag.into_iter().collect(),
@@ -101,7 +144,10 @@ pub fn save(
         }
         let mut layer_names = Vec::new();
         let mut descriptors = Vec::new();
-        for l in &img.layers {
+        if let Some(o) = &img.original {
+            layer_names.extend(o.layers.iter().map(|(d, _)| format!("blobs/sha256/{}", d.hex())));
+        }
+        for l in img.layers.iter().filter(|_| img.original.is_none()) {
             let name = format!("blobs/sha256/{}", l.diff_id.hex());
             let tar_len = match tar_lens.get(&l.diff_id) {
                 Some(n) => *n,
@@ -111,19 +157,26 @@ pub fn save(
             descriptors.push(json!({"mediaType": LAYER_TYPE, "digest": l.diff_id, "size": tar_len}));
             layer_names.push(name);
         }
-        let manifest = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": MANIFEST_TYPE,
-            "config": {"mediaType": CONFIG_TYPE, "digest": img.id, "size": img.config.len()},
-            "layers": descriptors,
-        }))
-        .expect("serialisable");
+        let (manifest, manifest_type) = match &img.original {
+            Some(o) => (o.manifest.clone(), o.media_type.as_str()),
+            None => (
+                serde_json::to_vec(&json!({
+                    "schemaVersion": 2,
+                    "mediaType": MANIFEST_TYPE,
+                    "config": {"mediaType": CONFIG_TYPE, "digest": img.id, "size": img.config.len()},
+                    "layers": descriptors,
+                }))
+                .expect("serialisable"),
+                MANIFEST_TYPE,
+            ),
+        };
         let manifest_digest = Digest::of(&manifest);
+        debug_assert!(img.original.as_ref().is_none_or(|o| o.digest == manifest_digest));
         if written.insert(manifest_digest.clone()) {
             put(&mut b, &format!("blobs/sha256/{}", manifest_digest.hex()), &manifest)?;
         }
         let descriptor = |tag: Option<&Reference>| {
-            let mut d = json!({"mediaType": MANIFEST_TYPE, "digest": manifest_digest, "size": manifest.len()});
+            let mut d = json!({"mediaType": manifest_type, "digest": manifest_digest, "size": manifest.len()});
             if let Some(t) = tag {
                 d["annotations"] = json!({
                     "io.containerd.image.name": t.to_string(),
@@ -164,6 +217,14 @@ pub fn save(
     // archive knows every image before the first layer arrives, and can
     // apply each layer as it comes instead of spooling it.
     for img in &images {
+        if let Some(o) = &img.original {
+            for (d, size) in &o.layers {
+                if written.insert(d.clone()) {
+                    write_blob(&mut b, store, d, *size)?;
+                }
+            }
+            continue;
+        }
         for l in &img.layers {
             if written.insert(l.diff_id.clone()) {
                 let name = format!("blobs/sha256/{}", l.diff_id.hex());
@@ -172,6 +233,34 @@ pub fn save(
         }
     }
     b.into_inner().map_err(io_err)?.flush().map_err(io_err)?;
+    Ok(())
+}
+
+/// Copies a blob from the content store into the archive as it is,
+/// checking it still hashes to its digest.
+fn write_blob(b: &mut tar::Builder<&mut dyn Write>, store: &Store, d: &Digest, size: u64) -> Result<()> {
+    let f = store
+        .content
+        .open_blob(d)?
+        .ok_or_else(|| Error::Integrity(format!("blob {d} left the content store while saving")))?;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io(format!("reading blob {d}"), e))?
+        .len();
+    if len != size {
+        return Err(Error::Integrity(format!(
+            "blob {d} in the content store is {len} bytes, its manifest says {size}"
+        )));
+    }
+    let (mut hashed, hash) = HashingReader::new(f);
+    b.append_data(&mut header(size), format!("blobs/sha256/{}", d.hex()), &mut hashed)
+        .map_err(io_err)?;
+    let (got, _) = hash.finish();
+    if got != *d {
+        return Err(Error::Integrity(format!(
+            "blob {d} in the content store is damaged (it hashes to {got})"
+        )));
+    }
     Ok(())
 }
 

@@ -50,12 +50,34 @@ struct Staged {
     tar_split: std::path::PathBuf,
     /// The blob digest it came from and the repository, for distribution metadata.
     source: Option<(Digest, String)>,
+    /// Its record, written to a write-set as soon as it applied (while
+    /// later layers download), published by the commit.
+    record: Record,
+}
+
+enum Record {
+    /// Only the spooled tar-split so far.
+    Spooled,
+    /// In a write-set, not visible.
+    Prepared(crate::store::Prepared),
+    /// Another process committed the same layer first: keep theirs.
+    Taken,
 }
 
 /// An image to make visible with its references.
 pub struct ImageCommit<'a> {
     pub config: &'a [u8],
     pub refs: Vec<Reference>,
+    /// What it uses from the content store (pulls that keep content).
+    pub content: Option<crate::store::ImageContent>,
+}
+
+/// A verified blob to put in the content store at commit.
+enum Keep {
+    /// Manifests and configs.
+    Bytes(Digest, Vec<u8>),
+    /// A verified download; the guard keeps the file until then.
+    File(Digest, std::path::PathBuf, #[allow(dead_code)] Box<dyn Send + Sync>),
 }
 
 pub struct Staging<'a> {
@@ -66,9 +88,59 @@ pub struct Staging<'a> {
     leases: Vec<crate::store::Lease>,
     max_layer_bytes: u64,
     pub times: Mutex<StageTimes>,
-    /// A flush of the driver's file system started after a layer applied,
-    /// so a durable commit finds most of the data already on disk.
-    early_flush: Option<std::thread::JoinHandle<()>>,
+    /// Flushes of the driver's file system started while layers apply, so
+    /// a durable commit finds most of the data already on disk.
+    early_flush: EarlyFlush,
+    /// Whether each layer's record is prepared as soon as it applied
+    /// (commits), or kept spooled (repairs, which replace records).
+    prepare_early: bool,
+    /// Blobs and manifests for the content store.
+    keep: Vec<Keep>,
+}
+
+/// How much a layer's stream may grow between two early flushes: big
+/// layers start reaching the disk while they are still being unpacked.
+const EARLY_FLUSH_EVERY: u64 = 32 << 20;
+
+/// Background `syncfs` of the driver's file system, one at a time. Without
+/// it the kernel would write nothing back for the first 30 s, and a
+/// durable commit would wait for every byte at the end.
+struct EarlyFlush {
+    home: Option<std::path::PathBuf>,
+    running: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Layer bytes streamed since the last flush started.
+    pending: std::sync::atomic::AtomicU64,
+}
+
+/// Less than this since the last flush is left to the commit: a flush per
+/// tiny layer would only add journal commits.
+const EARLY_FLUSH_AT_LEAST: u64 = 4 << 20;
+
+impl EarlyFlush {
+    fn streamed(&self, n: u64) {
+        self.pending.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Starts a flush unless one is running, too little was written since
+    /// the last, or commits are not durable.
+    fn kick(&self) {
+        let Some(home) = &self.home else { return };
+        if self.pending.load(std::sync::atomic::Ordering::Relaxed) < EARLY_FLUSH_AT_LEAST {
+            return;
+        }
+        let mut running = self.running.lock().unwrap();
+        if running.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        self.pending.store(0, std::sync::atomic::Ordering::Relaxed);
+        let home = home.clone();
+        *running = std::thread::Builder::new()
+            .name("early-flush".into())
+            .spawn(move || {
+                let _ = crate::store::sync_fs_of(&home);
+            })
+            .ok();
+    }
 }
 
 impl<'a> Staging<'a> {
@@ -80,24 +152,34 @@ impl<'a> Staging<'a> {
             leases: Vec::new(),
             max_layer_bytes,
             times: Mutex::new(StageTimes::default()),
-            early_flush: None,
+            early_flush: EarlyFlush {
+                home: store.durable().then(|| store.driver_home()),
+                running: Mutex::new(None),
+                pending: std::sync::atomic::AtomicU64::new(0),
+            },
+            prepare_early: true,
+            keep: Vec::new(),
         }
     }
 
-    /// With durable commits: starts writing what the layers applied so far
-    /// to disk, in the background, while the next layers download and
-    /// apply (one flush at a time). The commit's own flush still decides.
-    fn flush_early(&mut self) {
-        if !self.store.durable() || self.early_flush.as_ref().is_some_and(|h| !h.is_finished()) {
-            return;
-        }
-        let home = self.store.driver_home();
-        self.early_flush = std::thread::Builder::new()
-            .name("early-flush".into())
-            .spawn(move || {
-                let _ = crate::store::sync_fs_of(&home);
-            })
-            .ok();
+    /// Puts verified `bytes` (a manifest or config) in the content store
+    /// when this staging commits.
+    pub fn keep_bytes(&mut self, digest: &Digest, bytes: Vec<u8>) {
+        self.keep.push(Keep::Bytes(digest.clone(), bytes));
+    }
+
+    /// Links the verified download at `path` into the content store when
+    /// this staging commits; `guard` keeps the file until then.
+    pub fn keep_file(&mut self, digest: &Digest, path: std::path::PathBuf, guard: Box<dyn Send + Sync>) {
+        self.keep.push(Keep::File(digest.clone(), path, guard));
+    }
+
+    /// A staging whose layers will replace the data of committed ones
+    /// ([`Staging::replace`]), not be committed.
+    pub fn for_repair(store: &'a Store, driver: &'a dyn GraphDriver, max_layer_bytes: u64) -> Staging<'a> {
+        let mut staging = Staging::new(store, driver, max_layer_bytes);
+        staging.prepare_early = false;
+        staging
     }
 
     /// Whether `chain` is present, staged here or committed; a committed
@@ -157,6 +239,7 @@ impl<'a> Staging<'a> {
             },
             tar_split: self.store.tar_split_spool(),
             source,
+            record: Record::Spooled,
         });
         let record_file = std::fs::File::create_new(&self.staged.last().expect("just pushed").tar_split)
             .map_err(|e| Error::io("spooling a tar-split record", e))?;
@@ -179,9 +262,10 @@ impl<'a> Staging<'a> {
         // A larger pipe means fewer wake-ups between the two threads.
         let _ = rustix::pipe::fcntl_setpipe_size(&tx, 1 << 20);
         let driver = self.driver;
+        let early_flush = &self.early_flush;
         // Decompress, hash and split on a second thread while the driver unpacks.
         let (applied, fed) = std::thread::scope(|s| {
-            let feeder = s.spawn(move || feed(split, tx));
+            let feeder = s.spawn(move || feed(split, tx, early_flush));
             let applied = driver.apply_diff(&cache_id, parent_cache.as_deref(), Box::new(pipe));
             (applied, feeder.join().expect("layer feeder panicked"))
         });
@@ -224,7 +308,16 @@ impl<'a> Staging<'a> {
         st.meta.diff_id = got.clone();
         st.meta.chain_id = Digest::chain(parent, &got);
         st.meta.size = size;
-        self.flush_early();
+        if self.prepare_early {
+            st.record = match self.store.layers.prepare(&st.meta, &st.tar_split)? {
+                Some(p) => Record::Prepared(p),
+                None => Record::Taken,
+            };
+        }
+        // With durable commits, what this layer wrote starts reaching the
+        // disk while the next layers download and apply; the commit's own
+        // flush still decides.
+        self.early_flush.kick();
         Ok((got, size))
     }
 
@@ -248,21 +341,33 @@ impl<'a> Staging<'a> {
     pub fn commit(mut self, images: &[ImageCommit<'_>]) -> Result<Vec<Digest>> {
         let _lock = self.store.write_lock()?;
         let durable = self.store.durable();
-        let staged = std::mem::take(&mut self.staged);
+        let mut staged = std::mem::take(&mut self.staged);
+        let any = !staged.is_empty();
         let res = (|| -> Result<Vec<Digest>> {
             let mut prepared = Vec::new();
             let mut taken = Vec::new();
-            for st in &staged {
-                match self.store.layers.prepare(&st.meta, &st.tar_split)? {
+            for st in &mut staged {
+                let record = match std::mem::replace(&mut st.record, Record::Spooled) {
+                    Record::Spooled => self.store.layers.prepare(&st.meta, &st.tar_split)?,
+                    Record::Prepared(p) => Some(p),
+                    Record::Taken => None,
+                };
+                match record {
                     Some(p) => prepared.push((p, &st.meta.cache_id)),
                     // Another process committed the same layer first: keep theirs.
-                    None => taken.push(st),
+                    None => taken.push((&st.meta.cache_id, &st.tar_split)),
                 }
                 if let Some((blob, repo)) = &st.source {
                     self.store.layers.record_blob(blob, &st.meta.diff_id, repo)?;
                 }
             }
-            if durable && !staged.is_empty() {
+            for k in &self.keep {
+                match k {
+                    Keep::Bytes(d, bytes) => self.store.content.put(d, bytes)?,
+                    Keep::File(d, path, _) => self.store.content.adopt(path, d)?,
+                }
+            }
+            if durable && (any || !self.keep.is_empty()) {
                 self.store.sync_all_data()?;
             }
             for (p, cache_id) in prepared {
@@ -270,18 +375,21 @@ impl<'a> Staging<'a> {
                     let _ = self.driver.remove(cache_id);
                 }
             }
-            if durable && !staged.is_empty() {
+            if durable && any {
                 self.store.layers.sync_published()?;
             }
-            for st in taken {
-                let _ = self.driver.remove(&st.meta.cache_id);
-                let _ = std::fs::remove_file(&st.tar_split);
+            for (cache_id, tar_split) in taken {
+                let _ = self.driver.remove(cache_id);
+                let _ = std::fs::remove_file(tar_split);
             }
             let now = crate::pull::now_rfc3339();
             let mut ids = Vec::new();
             for img in images {
                 let id = self.store.images.put(img.config)?;
                 self.store.images.touch(&id, &now)?;
+                if let Some(c) = &img.content {
+                    self.store.content.record_image(&id, c.clone())?;
+                }
                 for r in &img.refs {
                     self.store.refs.set(r, &id)?;
                 }
@@ -295,6 +403,8 @@ impl<'a> Staging<'a> {
             Ok(ids)
         })();
         if res.is_err() {
+            // Blobs this commit put in the content store go with it.
+            let _ = self.store.content.collect();
             // Layers not yet committed go; committed ones keep their markers,
             // so the next process alone on the store sweeps them.
             for st in &staged {
@@ -354,16 +464,28 @@ impl Drop for Staging<'_> {
     }
 }
 
-/// Copies `r` into the pipe until the end, or until the reader hangs up.
-fn feed(mut r: impl Read, mut tx: std::io::PipeWriter) -> std::io::Result<()> {
+/// Copies the layer stream `r` into the driver's pipe until the end, or
+/// until the driver hangs up, starting an early flush each
+/// [`EARLY_FLUSH_EVERY`] bytes.
+fn feed(mut r: impl Read, mut tx: std::io::PipeWriter, flush: &EarlyFlush) -> std::io::Result<()> {
     let mut buf = vec![0u8; 256 << 10];
+    let mut since = 0u64;
     loop {
+        if since >= EARLY_FLUSH_EVERY {
+            flush.streamed(since);
+            flush.kick();
+            since = 0;
+        }
         let n = match r.read(&mut buf) {
-            Ok(0) => return Ok(()),
+            Ok(0) => {
+                flush.streamed(since);
+                return Ok(());
+            }
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        since += n as u64;
         if let Err(e) = tx.write_all(&buf[..n]) {
             // The consumer stopped reading: its own error is the one to report.
             return if e.kind() == std::io::ErrorKind::BrokenPipe {

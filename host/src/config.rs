@@ -50,6 +50,12 @@ pub struct Config {
     /// files. Hosts that prefer speed may turn it off.
     #[serde(default = "yes")]
     pub durable: bool,
+    /// Whether pulls keep the compressed blobs and manifests as the
+    /// registry served them (`<root>/content`), so `save` and
+    /// `serve --from-store` reproduce the registry's digests. Off keeps only
+    /// the unpacked layers, as Docker does, for hosts short of disk.
+    #[serde(default = "yes")]
+    pub keep_content: bool,
     /// Whether plugins with `runtime = "native"` may load: they run in
     /// gantry's process with its privileges, outside any sandbox.
     #[serde(default)]

@@ -32,6 +32,7 @@ impl Context {
         }
         let (store, alone) = Store::open(root, &config.driver.kind).context("opening the store")?;
         store.set_durable(config.durable);
+        store.set_keep_content(config.keep_content);
         let cache = config
             .plugin_cache_dir
             .clone()

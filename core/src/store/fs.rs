@@ -3,7 +3,7 @@
 
 use crate::error::{IoContext, Result};
 use std::fs::{self, DirBuilder, File};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -52,9 +52,15 @@ pub fn write_atomic_unsynced(path: &Path, data: &[u8]) -> Result<()> {
 /// 64 random hex digits, like Docker's cache ids.
 pub fn random_id() -> String {
     let mut b = [0u8; 32];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .expect("reading /dev/urandom");
+    // One system call, no file descriptor: ids are made several times per layer.
+    let mut filled = 0;
+    while filled < b.len() {
+        match rustix::rand::getrandom(&mut b[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => panic!("getrandom: {e}"),
+        }
+    }
     hex::encode(b)
 }
 

@@ -16,14 +16,16 @@
 //! after all their layers are committed, and references only after their
 //! image. Directories are created 0700. The store never writes outside root.
 
+mod content;
 mod fs;
 mod image;
 mod layer;
 mod refs;
 
+pub use content::{ContentStore, ImageContent};
 pub use fs::{random_id, write_atomic};
 pub use image::ImageStore;
-pub use layer::{LayerMeta, LayerStore};
+pub use layer::{LayerMeta, LayerStore, Prepared};
 pub use refs::RefStore;
 
 use crate::error::{IoContext, Result};
@@ -40,6 +42,9 @@ pub struct Store {
     pub layers: LayerStore,
     pub images: ImageStore,
     pub refs: RefStore,
+    pub content: ContentStore,
+    /// Whether pulls keep compressed blobs and manifests (see [`ContentStore`]).
+    keep_content: std::sync::atomic::AtomicBool,
     /// Whether commits wait for layer contents and records to reach the disk.
     durable: std::sync::atomic::AtomicBool,
     _process_lock: File,
@@ -99,6 +104,8 @@ impl Store {
             layers: LayerStore::open(&image_dir)?,
             images: ImageStore::open(&image_dir)?,
             refs: RefStore::new(image_dir.join("repositories.json")),
+            content: ContentStore::open(&root, &image_dir)?,
+            keep_content: std::sync::atomic::AtomicBool::new(true),
             root,
             driver: driver.to_string(),
             durable: std::sync::atomic::AtomicBool::new(true),
@@ -119,6 +126,16 @@ impl Store {
     /// never does).
     pub fn set_durable(&self, durable: bool) {
         self.durable.store(durable, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Keeps pulled blobs and manifests in the content store (the default),
+    /// or only the unpacked layers, as Docker does.
+    pub fn set_keep_content(&self, keep: bool) {
+        self.keep_content.store(keep, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn keep_content(&self) -> bool {
+        self.keep_content.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn durable(&self) -> bool {
@@ -153,6 +170,11 @@ impl Store {
 
     pub fn driver_name(&self) -> &str {
         &self.driver
+    }
+
+    /// This driver's image store (`<root>/image/<driver>`).
+    pub fn image_dir(&self) -> PathBuf {
+        self.root.join("image").join(&self.driver)
     }
 
     /// The driver's home directory.

@@ -62,6 +62,10 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
     let mut size = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     let euid_root = rustix::process::geteuid().is_root();
+    // The last entry's parent directory: tar entries come a directory at a
+    // time, so most need no lookup. Forgotten whenever anything is removed
+    // (that could be this directory or one above it).
+    let mut last_parent: Option<(Vec<u8>, std::os::fd::OwnedFd)> = None;
     for entry in ar.entries()? {
         crate::plugin::check_deadline()?;
         let mut e = entry.map_err(as_invalid)?;
@@ -77,7 +81,11 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         if matches!(etype, tar::EntryType::XGlobalHeader) {
             continue;
         }
-        let parent = parent_dir(root, parents).map_err(|err| invalid(format!("tar entry {path}: {err}")))?;
+        let parent_key = &clean[..clean.len() - name.len()];
+        let parent = match last_parent.take() {
+            Some((key, fd)) if key == parent_key => fd,
+            _ => parent_dir(root, parents).map_err(|err| invalid(format!("tar entry {path}: {err}")))?,
+        };
         let pd = parent.as_fd();
         if let Some(target) = name.as_bytes().strip_prefix(WH_PREFIX.as_bytes()) {
             apply_whiteout(pd, parents, OsStr::from_bytes(target), mode, &mut written)
@@ -91,9 +99,13 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         let mtime = hdr.mtime().map_err(as_invalid)?;
         let is_dir = etype.is_dir();
         let xattrs = layer_xattrs(&mut e).map_err(|err| invalid(format!("tar entry {path}: {err}")))?;
+        let mut removed = false;
         match rustix::fs::statat(pd, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) if is_dir && FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
-            Ok(_) => remove_tree(pd, name)?,
+            Ok(_) => {
+                remove_tree(pd, name)?;
+                removed = true;
+            }
             Err(rustix::io::Errno::NOENT) => {}
             Err(err) => return Err(err.into()),
         }
@@ -205,6 +217,9 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
             set_mtime(pd, name, mtime)?;
         }
         written.insert(&clean);
+        if !removed {
+            last_parent = Some((parent_key.to_vec(), parent));
+        }
     }
     // Directory times last: their contents changed them while unpacking.
     for (dir, mtime) in dir_times.iter_rev() {

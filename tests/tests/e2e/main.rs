@@ -4,6 +4,7 @@
 
 mod archives;
 mod commands;
+mod content;
 mod faults;
 mod hostile;
 mod kit;

@@ -30,12 +30,13 @@ test: build
 demo: build
 	./examples/demo.sh
 
-## Pull, load and save benchmarks against containerd, podman and skopeo, and
-## the sandbox's cost (root; needs ~4 GiB of disk).
+## Pull, load and save benchmarks against containerd, podman and skopeo,
+## the sandbox's cost, and serving against docker-registry (root; ~4 GiB of disk).
 bench: build
 	./bench/pull.sh
 	./bench/load.sh
 	./bench/sandbox.sh
+	./bench/serve.sh
 
 lint: deps
 	$(CARGO) fmt --all --check

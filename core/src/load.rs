@@ -284,7 +284,7 @@ impl Loader<'_> {
             progress: self.progress,
         };
         let (hashed, blob_hash) = HashingReader::new(counted);
-        let (diff_id, _) = staging.apply(parent, want, Box::new(hashed), &l.name, None)?;
+        let (diff_id, _) = staging.apply(parent, want, Box::new(hashed), None, &l.name, None)?;
         let (got, read) = blob_hash.finish();
         if let Some((digest, declared)) = &l.blob {
             if read != *declared {

@@ -650,6 +650,7 @@ impl Puller<'_> {
                         parent,
                         Some(&config.diff_ids[i]),
                         Box::new(follow),
+                        Some(blob.size),
                         blob.digest.as_str(),
                         source(),
                     );
@@ -676,6 +677,7 @@ impl Puller<'_> {
                                 parent,
                                 Some(&config.diff_ids[i]),
                                 Box::new(file),
+                                Some(blob.size),
                                 blob.digest.as_str(),
                                 source(),
                             )?;
@@ -771,7 +773,8 @@ impl Puller<'_> {
         let mut got: u64 = 0;
         let mut attempt = 0;
         let mut wait = self.options.backoff;
-        let mut buf = vec![0u8; 256 << 10];
+        // Sized to the blob: many small blobs do not each zero 256 KiB.
+        let mut buf = vec![0u8; blob.size.saturating_add(1).clamp(4096, 256 << 10) as usize];
         loop {
             let failure: PluginError = match self.transport.open_blob(ep, repo, &blob.digest, got) {
                 Ok(mut stream) => loop {

@@ -176,7 +176,14 @@ pub fn repair(store: &Store, driver: &dyn GraphDriver, puller: &Puller<'_>) -> R
         let file = spooled
             .open()
             .map_err(|e| crate::Error::io("opening a fetched layer", e))?;
-        staging.apply(l.parent.as_ref(), Some(&l.diff_id), Box::new(file), blob.as_str(), None)?;
+        staging.apply(
+            l.parent.as_ref(),
+            Some(&l.diff_id),
+            Box::new(file),
+            None,
+            blob.as_str(),
+            None,
+        )?;
         report.repaired.push(format!(
             "layer {}: {} from {repo}",
             l.chain_id,

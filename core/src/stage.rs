@@ -16,7 +16,7 @@ use crate::store::{random_id, LayerMeta, Store};
 use crate::tarsplit::{RecordWriter, Splitter};
 use crate::verify::{decompress, HashingReader, LimitedReader};
 use std::io::{Read, Write};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The default bound on one layer's uncompressed size: a decompression bomb
@@ -219,6 +219,7 @@ impl<'a> Staging<'a> {
         parent: Option<&Digest>,
         expect: Option<&Digest>,
         blob: Box<dyn Read + Send + '_>,
+        compressed_size: Option<u64>,
         label: &str,
         source: Option<(Digest, String)>,
     ) -> Result<(Digest, u64)> {
@@ -247,28 +248,42 @@ impl<'a> Staging<'a> {
         self.driver.create(&cache_id, parent_cache.as_deref())?;
         self.times.lock().unwrap().create += t.elapsed();
         let t = Instant::now();
-        let inflated = decompress(blob).map_err(|e| Error::Integrity(format!("layer {label}: {e}")))?;
-        let bounded = LimitedReader::new(
-            inflated,
-            self.max_layer_bytes,
-            format!("layer {label}: its uncompressed size"),
-        );
-        let (hashed, hash) = HashingReader::new(bounded);
-        let (split, record) = Splitter::new(
-            hashed,
-            RecordWriter::new(Box::new(std::io::BufWriter::with_capacity(256 << 10, record_file))),
-        );
-        let (pipe, tx) = std::io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
-        // A larger pipe means fewer wake-ups between the two threads.
-        let _ = rustix::pipe::fcntl_setpipe_size(&tx, 1 << 20);
         let driver = self.driver;
-        let early_flush = &self.early_flush;
-        // Decompress, hash and split on a second thread while the driver unpacks.
-        let (applied, fed) = std::thread::scope(|s| {
-            let feeder = s.spawn(move || feed(split, tx, early_flush));
-            let applied = driver.apply_diff(&cache_id, parent_cache.as_deref(), Box::new(pipe));
-            (applied, feeder.join().expect("layer feeder panicked"))
-        });
+        let record_out = RecordWriter::new(Box::new(std::io::BufWriter::with_capacity(256 << 10, record_file)));
+        let (applied, fed, hash, record) = if compressed_size.is_some_and(|n| n <= INLINE_MAX) {
+            // A small layer: read whole (it is, or soon will be, downloaded)
+            // and fed to the driver from this thread, no pipe, no second thread.
+            let mut bytes = Vec::new();
+            if let Err(e) = blob.take(INLINE_MAX + 1).read_to_end(&mut bytes) {
+                return Err(Error::Integrity(format!("layer {label}: corrupt layer: {e}")));
+            }
+            let (split, hash, record) = self.layer_stream(std::io::Cursor::new(bytes), label, record_out)?;
+            let failure = Arc::new(Mutex::new(None));
+            let recorded = Recording {
+                inner: split,
+                failure: failure.clone(),
+            };
+            let applied = driver.apply_diff(&cache_id, parent_cache.as_deref(), Box::new(recorded));
+            self.early_flush.streamed(hash.bytes());
+            let fed = match failure.lock().unwrap().take() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
+            (applied, fed, hash, record)
+        } else {
+            let (split, hash, record) = self.layer_stream(blob, label, record_out)?;
+            let (pipe, tx) = std::io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
+            // A larger pipe means fewer wake-ups between the two threads.
+            let _ = rustix::pipe::fcntl_setpipe_size(&tx, 1 << 20);
+            let early_flush = &self.early_flush;
+            // Decompress, hash and split on a second thread while the driver unpacks.
+            let (applied, fed) = std::thread::scope(|s| {
+                let feeder = s.spawn(move || feed(split, tx, early_flush));
+                let applied = driver.apply_diff(&cache_id, parent_cache.as_deref(), Box::new(pipe));
+                (applied, feeder.join().expect("layer feeder panicked"))
+            });
+            (applied, fed, hash, record)
+        };
         // A decompression failure is the cause of whatever the driver saw.
         match fed {
             Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => return Err(Error::Integrity(e.to_string())),
@@ -319,6 +334,30 @@ impl<'a> Staging<'a> {
         // flush still decides.
         self.early_flush.kick();
         Ok((got, size))
+    }
+
+    /// A layer blob decompressed (by its magic), bounded, hashed and split
+    /// into a tar-split record as it is read.
+    #[allow(clippy::type_complexity)]
+    fn layer_stream<'r>(
+        &self,
+        blob: impl Read + Send + 'r,
+        label: &str,
+        record_out: RecordWriter,
+    ) -> Result<(
+        Splitter<HashingReader<LimitedReader<Box<dyn Read + Send + 'r>>>>,
+        Arc<crate::verify::HashState>,
+        Arc<Mutex<RecordWriter>>,
+    )> {
+        let inflated = decompress(blob).map_err(|e| Error::Integrity(format!("layer {label}: {e}")))?;
+        let bounded = LimitedReader::new(
+            inflated,
+            self.max_layer_bytes,
+            format!("layer {label}: its uncompressed size"),
+        );
+        let (hashed, hash) = HashingReader::new(bounded);
+        let (split, record) = Splitter::new(hashed, record_out);
+        Ok((split, hash, record))
     }
 
     /// Removes the layer the last `apply` staged (it failed, and the caller
@@ -461,6 +500,27 @@ impl Drop for Staging<'_> {
             let _ = self.driver.remove(&st.meta.cache_id);
             self.store.unmark_staging(&st.meta.cache_id);
         }
+    }
+}
+
+/// Layers this small (compressed) are applied without a feeder thread.
+const INLINE_MAX: u64 = 1 << 20;
+
+/// A reader that keeps its first failure (a corrupt or oversized layer),
+/// which is then reported as the cause of whatever the driver saw.
+struct Recording<R> {
+    inner: R,
+    failure: Arc<Mutex<Option<std::io::Error>>>,
+}
+
+impl<R: Read> Read for Recording<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).inspect_err(|e| {
+            let mut f = self.failure.lock().unwrap();
+            if f.is_none() {
+                *f = Some(std::io::Error::new(e.kind(), e.to_string()));
+            }
+        })
     }
 }
 

@@ -22,6 +22,11 @@ impl HashState {
         let g = self.inner.lock().unwrap();
         (Digest::from_hasher(g.0.clone()), g.1)
     }
+
+    /// The bytes hashed so far.
+    pub fn bytes(&self) -> u64 {
+        self.inner.lock().unwrap().1
+    }
 }
 
 /// Hashes and counts every byte read through it.

@@ -104,6 +104,29 @@ pub enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Serve images as a registry (the v2 read API), until SIGTERM.
+    Serve {
+        /// The address to listen on; port 0 picks a free port (the address
+        /// is printed once listening).
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        listen: std::net::SocketAddr,
+        /// Serve the store's images, with the manifests and blobs they were
+        /// pulled with.
+        #[arg(long)]
+        from_store: bool,
+        /// Be a pull-through cache of this registry: `URL`, or `NAME=URL`
+        /// to serve it under `NAME/` (repeatable). The cache lives in
+        /// `<root>/registry`.
+        #[arg(long = "mirror-of", value_name = "[NAME=]URL")]
+        mirror_of: Vec<String>,
+        /// Seconds a cached tag answer is used before the upstream is asked
+        /// again (a stale one is still served while the upstream is down).
+        #[arg(long, default_value_t = 60)]
+        tag_ttl: u64,
+        /// Seconds a client may take to send a request's head, or stay idle.
+        #[arg(long, default_value_t = 10)]
+        header_timeout: u64,
+    },
     /// The plugin registry: what is configured, and what a component is.
     Plugin {
         #[command(subcommand)]

@@ -163,6 +163,38 @@ impl Gantry {
         }
     }
 
+    /// Starts `gantry serve` with `args` (plus `--listen 127.0.0.1:0`) and
+    /// waits until it listens. Its stderr (the access log) is kept.
+    pub fn serve(&self, args: &[&str]) -> Server {
+        let log = self.work.path().join(format!("serve-{}.log", std::process::id()));
+        let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let mut c = self.command(&binary(), &[], &all);
+        c.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+        // Waited for by `Server`'s drop.
+        #[allow(clippy::zombie_processes)]
+        let child = c.spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("gantry serve: listening on http://"))
+            {
+                return Server {
+                    child,
+                    addr: addr.trim().to_string(),
+                    log,
+                };
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gantry serve did not start:\n{text}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Runs with `input` on standard input.
     pub fn run_stdin(&self, args: &[&str], input: &Path) -> Run {
         let mut c = self.command(&binary(), &[], args);
@@ -272,5 +304,34 @@ fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
         } else {
             out.push(format!("{rel} (special)"));
         }
+    }
+}
+
+/// A running `gantry serve`, killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    /// `127.0.0.1:PORT`
+    pub addr: String,
+    log: PathBuf,
+}
+
+impl Server {
+    /// What it wrote to stderr so far (the access log).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

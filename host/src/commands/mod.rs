@@ -9,6 +9,7 @@ mod load;
 mod plugin;
 mod pull;
 mod save;
+mod serve;
 
 use crate::cli::{Cli, Command};
 use crate::context::Context;
@@ -49,5 +50,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Save { images, output, format } => save::run(&ctx, &images, output.as_deref(), format),
         Command::Fsck { verify_content, repair } => fsck::run(&ctx, verify_content, repair),
         Command::Plugin { command } => plugin::run(&ctx, command),
+        Command::Serve {
+            listen,
+            from_store,
+            mirror_of,
+            tag_ttl,
+            header_timeout,
+        } => serve::run(
+            &ctx,
+            serve::Mode {
+                listen,
+                from_store,
+                mirror_of,
+                tag_ttl,
+                header_timeout,
+            },
+        ),
     }
 }

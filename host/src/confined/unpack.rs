@@ -60,7 +60,9 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
     let mut written = Written::default();
     let mut dir_times = DirTimes::default();
     let mut size = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
+    // Grown to the largest file seen (at most 1 MiB): a layer of small
+    // files does not pay for zeroing a big buffer.
+    let mut buf: Vec<u8> = Vec::new();
     let euid_root = rustix::process::geteuid().is_root();
     // The last entry's parent directory: tar entries come a directory at a
     // time, so most need no lookup. Forgotten whenever anything is removed
@@ -125,6 +127,10 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
                     Mode::from_raw_mode(0o600),
                 )?;
                 let mut f = std::fs::File::from(fd);
+                let want = e.size().clamp(1, 1 << 20) as usize;
+                if buf.len() < want {
+                    buf.resize(want, 0);
+                }
                 loop {
                     crate::plugin::check_deadline()?;
                     let n = e.read(&mut buf).map_err(as_invalid)?;

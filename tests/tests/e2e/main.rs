@@ -9,10 +9,12 @@ mod faults;
 mod hostile;
 mod kit;
 mod memory;
+mod mirror;
 mod native;
 mod overlay2;
 mod pull;
 mod sandbox;
+mod serve;
 mod store;
 
 use gantry_tests::gantry::Gantry;

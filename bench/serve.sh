@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Registry serving benchmark: `gantry serve --from-store` against Debian's
+# docker-registry (CNCF distribution), the same image in both, in the same
+# run, with wrk as the load generator:
+#   - big-blob GET throughput, 4 connections (the largest layer of the
+#     six-layer `bench` image, ~200 MB), BENCH_SECONDS each (default 10);
+#   - manifest GET by tag, 32 connections.
+# gantry writes its access log (to a file); docker-registry's is disabled,
+# as the shared registry script configures it.
+#
+# BENCH_DIR=DIR keeps the generated image between runs.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+bin=$(dirname "$here")/target/release
+for t in docker-registry skopeo curl wrk python3; do
+    command -v "$t" >/dev/null || {
+        echo "bench: $t is required (apt-get install docker-registry skopeo curl wrk)" >&2
+        exit 1
+    }
+done
+work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/gantry-bench.XXXXXX")}
+mkdir -p "$work"
+registry_pid="" serve_pid=""
+cleanup() {
+    [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null
+    [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null
+    rm -rf "$work/registry" "$work/serve-root"
+}
+trap cleanup EXIT
+. "$(dirname "$here")/scripts/local-registry.sh"
+start_registry "$work/registry"
+port=$registry_port
+[ -f "$work/bench/index.json" ] || "$bin/gen-image" bench "$work/bench"
+skopeo copy --quiet --dest-tls-verify=false "oci:$work/bench:bench" "docker://127.0.0.1:$port/bench:latest"
+
+# The same image pulled into a store, served from it.
+printf 'plugin_cache_dir = "%s"\n[transport]\ntype = "v2"\n[driver]\ntype = "vfs"\n' "$work/plugin-cache" > "$work/serve.toml"
+"$bin/gantry" --root "$work/serve-root" --config "$work/serve.toml" pull -q "127.0.0.1:$port/bench:latest" >/dev/null
+"$bin/gantry" --root "$work/serve-root" --config "$work/serve.toml" serve --from-store --listen 127.0.0.1:0 \
+    2> "$work/serve.log" &
+serve_pid=$!
+for _ in $(seq 200); do grep -q "listening on" "$work/serve.log" && break; sleep 0.05; done
+gantry_addr=$(sed -n 's|^gantry serve: listening on http://||p' "$work/serve.log")
+[ -n "$gantry_addr" ] || { echo "bench: gantry serve did not start" >&2; cat "$work/serve.log" >&2; exit 1; }
+
+accept='Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json'
+read -r blob size < <(curl -s -H "$accept" "http://127.0.0.1:$port/v2/bench/manifests/latest" |
+    python3 -c 'import json,sys; l=max(json.load(sys.stdin)["layers"], key=lambda l: l["size"]); print(l["digest"], l["size"])')
+secs=${BENCH_SECONDS:-10}
+
+# wrk's summary: requests/s and bytes/s.
+measure() {
+    local out
+    out=$(wrk -t2 -c"$1" -d"${secs}s" -H "$accept" "$2")
+    python3 - "$out" <<'PY'
+import re, sys
+out = sys.argv[1]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+m = re.search(r"Transfer/sec:\s+([\d.]+)([KMG]?B)", out)
+bps = float(m.group(1)) * {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}[m.group(2)]
+errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+if errors:
+    sys.exit(f"bench: {errors.group(1)} failed responses")
+print(rps, bps)
+PY
+}
+
+echo "big blob: $blob ($size bytes); $secs s per measurement"
+declare -A rps bps
+for who in registry gantry; do
+    addr="127.0.0.1:$port"
+    [ "$who" = gantry ] && addr=$gantry_addr
+    # Warm the page cache for both alike.
+    curl -s -o /dev/null "http://$addr/v2/bench/blobs/$blob"
+    read -r _ b < <(measure 4 "http://$addr/v2/bench/blobs/$blob")
+    bps[$who]=$b
+    read -r r _ < <(measure 32 "http://$addr/v2/bench/manifests/latest")
+    rps[$who]=$r
+done
+
+python3 - "${bps[registry]}" "${bps[gantry]}" "${rps[registry]}" "${rps[gantry]}" <<'PY'
+import sys
+breg, bgan, rreg, rgan = map(float, sys.argv[1:])
+print(f"big blob GET, 4 connections:   docker-registry {breg / 1e9:6.2f} GB/s   gantry {bgan / 1e9:6.2f} GB/s   gantry/registry {bgan / breg:5.2f}   (target >= 1.0)")
+print(f"manifest GET, 32 connections:  docker-registry {rreg:8.0f} /s    gantry {rgan:8.0f} /s    gantry/registry {rgan / rreg:5.1f}   (target >= 10)")
+PY

@@ -1,0 +1,56 @@
+//! `gantry serve`: the registry server (crate `gantry-serve`) over this
+//! store's images (`--from-store`) or as a pull-through cache of other
+//! registries (`--mirror-of`, cached in `<root>/registry`).
+
+use crate::context::Context;
+use anyhow::{anyhow, bail, Context as _, Result};
+use gantry_core::store::Store;
+use gantry_serve::api::Backend;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Mode {
+    pub listen: SocketAddr,
+    pub from_store: bool,
+    pub mirror_of: Vec<String>,
+    pub tag_ttl: u64,
+    pub header_timeout: u64,
+}
+
+pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
+    let backend = match (mode.from_store, mode.mirror_of.is_empty()) {
+        (true, false) => bail!("serve takes --from-store or --mirror-of, not both"),
+        (false, true) => bail!(
+            "serve needs --from-store or --mirror-of URL: a registry storage of its own for pushes comes with push"
+        ),
+        (true, true) => {
+            // A handle of the server's own, shared with its threads.
+            let (store, _) = Store::open(ctx.store.root(), ctx.store.driver_name()).context("opening the store")?;
+            Backend::Storage(Arc::new(gantry_serve::from_store::StoreStorage::new(Arc::new(store))?))
+        }
+        (false, false) => {
+            let upstreams = mode
+                .mirror_of
+                .iter()
+                .map(|u| gantry_serve::mirror::Upstream::parse(u).map_err(|e| anyhow!(e)))
+                .collect::<Result<Vec<_>>>()?;
+            if upstreams.iter().filter(|u| u.prefix.is_none()).count() > 1 {
+                bail!("at most one --mirror-of may go without a NAME= prefix");
+            }
+            let local = gantry_serve::fs_storage::FsStorage::open(&ctx.store.root().join("registry"))?;
+            Backend::Mirror(Arc::new(gantry_serve::mirror::Mirror::new(
+                Arc::new(local),
+                upstreams,
+                Duration::from_secs(mode.tag_ttl),
+            )))
+        }
+    };
+    let mut options = gantry_serve::Options::new(mode.listen);
+    options.header_timeout = Duration::from_secs(mode.header_timeout.max(1));
+    gantry_serve::run(options, backend, |addr| {
+        eprintln!("gantry serve: listening on http://{addr}");
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

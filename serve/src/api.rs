@@ -1,0 +1,474 @@
+//! The registry's v2 read API (the distribution spec's pull and content
+//! discovery endpoints), over any [`Storage`].
+//!
+//! Every request is checked before storage sees it: repository names must
+//! match the distribution grammar (so `..` or `%2e` never reach a path),
+//! digests are `sha256:` and 64 lowercase hex digits, tags the tag grammar.
+//! Errors are the registry's JSON (`{"errors":[{"code",…}]}`) with the
+//! status the spec gives each code.
+
+use crate::mirror::Mirror;
+use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
+use bytes::Bytes;
+use gantry_core::digest::Digest;
+use gantry_core::reference::{valid_repository, valid_tag};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::header::{HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, LINK, RANGE};
+use hyper::{Method, Request, Response, StatusCode};
+use std::sync::Arc;
+
+pub type Body = BlobBody;
+
+/// Catalog pages hold at most this many names unless `n` asks for fewer
+/// (distribution's default); `n` above [`MAX_PAGE`] is refused.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 10_000;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A registry error: its code, the status it goes with, and a message.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn name_invalid() -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "NAME_INVALID", "invalid repository name")
+    }
+
+    fn name_unknown() -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            "repository name not known to registry",
+        )
+    }
+
+    fn not_found() -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "not found")
+    }
+
+    fn response(&self, head: bool) -> Response<Body> {
+        let body = serde_json::json!({"errors": [{"code": self.code, "message": self.message, "detail": null}]});
+        let bytes = Bytes::from(serde_json::to_vec(&body).expect("serialisable"));
+        let len = bytes.len();
+        let mut r = Response::new(if head { empty() } else { full(bytes) });
+        *r.status_mut() = self.status;
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(len));
+        r
+    }
+}
+
+impl From<crate::storage::StorageError> for ApiError {
+    fn from(e: crate::storage::StorageError) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string())
+    }
+}
+
+/// The route a path names.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    Base,
+    Catalog,
+    Tags(&'a str),
+    Manifest(&'a str, &'a str),
+    Blob(&'a str, &'a str),
+    Upload(&'a str),
+}
+
+fn route(path: &str) -> Option<Route<'_>> {
+    if path == "/v2/" || path == "/v2" {
+        return Some(Route::Base);
+    }
+    let rest = path.strip_prefix("/v2/")?;
+    if rest == "_catalog" {
+        return Some(Route::Catalog);
+    }
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Some(Route::Tags(name));
+    }
+    if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+        return Some(Route::Manifest(name, reference));
+    }
+    if let Some((name, _)) = rest.split_once("/blobs/uploads") {
+        return Some(Route::Upload(name));
+    }
+    if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+        return Some(Route::Blob(name, digest));
+    }
+    None
+}
+
+/// What the handlers read from: a storage, or a pull-through mirror
+/// (a storage of its own filled from upstreams).
+pub enum Backend {
+    Storage(Arc<dyn Storage>),
+    Mirror(Arc<Mirror>),
+}
+
+impl Backend {
+    async fn catalog(&self) -> Result<Vec<String>, StorageError> {
+        match self {
+            Backend::Storage(s) => s.catalog(),
+            Backend::Mirror(m) => m.local().catalog(),
+        }
+    }
+
+    async fn tags(&self, repo: &str) -> Result<Option<Vec<String>>, StorageError> {
+        match self {
+            Backend::Storage(s) => s.tags(repo),
+            Backend::Mirror(m) => m.local().tags(repo),
+        }
+    }
+
+    async fn has_repository(&self, repo: &str) -> Result<bool, StorageError> {
+        match self {
+            Backend::Storage(s) => s.has_repository(repo),
+            Backend::Mirror(m) => Ok(m.local().has_repository(repo)? || m.serves(repo)),
+        }
+    }
+
+    async fn manifest(&self, repo: &str, r: &ManifestRef) -> Result<Option<Manifest>, StorageError> {
+        match self {
+            Backend::Storage(s) => s.manifest(repo, r),
+            Backend::Mirror(m) => m.manifest(repo, r).await,
+        }
+    }
+
+    async fn blob_size(&self, repo: &str, d: &Digest) -> Result<Option<u64>, StorageError> {
+        match self {
+            Backend::Storage(s) => s.blob_size(repo, d),
+            Backend::Mirror(m) => m.blob_size(repo, d).await,
+        }
+    }
+
+    async fn blob(&self, repo: &str, d: &Digest, range: std::ops::Range<u64>) -> Result<Option<Body>, StorageError> {
+        match self {
+            Backend::Storage(s) => s.blob(repo, d, range),
+            Backend::Mirror(m) => m.blob(repo, d, range).await,
+        }
+    }
+}
+
+/// Answers one request.
+pub async fn handle(backend: &Backend, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    let head = req.method() == Method::HEAD;
+    let mut resp = match answer(backend, req).await {
+        Ok(r) => r,
+        Err(e) => e.response(head),
+    };
+    resp.headers_mut().insert(
+        "Docker-Distribution-API-Version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    resp
+}
+
+async fn answer(storage: &Backend, req: &Request<hyper::body::Incoming>) -> Result<Response<Body>, ApiError> {
+    let route = route(req.uri().path()).ok_or_else(ApiError::not_found)?;
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    if !read {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "this registry is read-only: the operation is unsupported",
+        ));
+    }
+    let head = req.method() == Method::HEAD;
+    let name_ok = |n: &str| {
+        if valid_repository(n) {
+            Ok(())
+        } else {
+            Err(ApiError::name_invalid())
+        }
+    };
+    match route {
+        Route::Base => Ok(json(b"{}".to_vec(), head)),
+        Route::Catalog => {
+            let (n, last) = page(req.uri().query())?;
+            let all = storage.catalog().await?;
+            let (items, next) = paginate(&all, n.or(Some(DEFAULT_PAGE)), last.as_deref());
+            let body = serde_json::to_vec(&serde_json::json!({ "repositories": items })).expect("serialisable");
+            let mut r = json(body, head);
+            if let Some(last) = next {
+                link(
+                    &mut r,
+                    &format!("/v2/_catalog?last={last}&n={}", n.unwrap_or(DEFAULT_PAGE)),
+                );
+            }
+            Ok(r)
+        }
+        Route::Tags(name) => {
+            name_ok(name)?;
+            let (n, last) = page(req.uri().query())?;
+            let all = storage.tags(name).await?.ok_or_else(ApiError::name_unknown)?;
+            let (items, next) = paginate(&all, n, last.as_deref());
+            let body = serde_json::to_vec(&serde_json::json!({ "name": name, "tags": items })).expect("serialisable");
+            let mut r = json(body, head);
+            if let (Some(last), Some(n)) = (next, n) {
+                link(&mut r, &format!("/v2/{name}/tags/list?last={last}&n={n}"));
+            }
+            Ok(r)
+        }
+        Route::Manifest(name, reference) => {
+            name_ok(name)?;
+            let reference = if reference.starts_with("sha256:") || reference.contains(':') {
+                ManifestRef::Digest(reference.parse::<Digest>().map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "DIGEST_INVALID",
+                        "provided digest did not match uploaded content",
+                    )
+                })?)
+            } else if valid_tag(reference) {
+                ManifestRef::Tag(reference.to_string())
+            } else {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "TAG_INVALID",
+                    "manifest tag did not match URI",
+                ));
+            };
+            let Some(m) = storage.manifest(name, &reference).await? else {
+                if !storage.has_repository(name).await? {
+                    return Err(ApiError::name_unknown());
+                }
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "MANIFEST_UNKNOWN",
+                    "manifest unknown",
+                ));
+            };
+            let len = m.bytes.len();
+            let mut r = Response::new(if head { empty() } else { full(m.bytes) });
+            let h = r.headers_mut();
+            h.insert(CONTENT_TYPE, value(&m.media_type));
+            h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+            h.insert("Docker-Content-Digest", value(m.digest.as_str()));
+            h.insert(ETAG, value(&format!("\"{}\"", m.digest)));
+            Ok(r)
+        }
+        Route::Blob(name, digest) => {
+            name_ok(name)?;
+            let digest: Digest = digest
+                .parse()
+                .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest"))?;
+            let unknown = || ApiError::new(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown to registry");
+            // A mirror streams a whole blob it lacks as it fetches it.
+            if let (Backend::Mirror(m), false, None) = (storage, head, req.headers().get(RANGE)) {
+                let (size, body) = m.stream(name, &digest).await?.ok_or_else(unknown)?;
+                return Ok(blob_response(body, &digest, size, None));
+            }
+            let size = storage.blob_size(name, &digest).await?.ok_or_else(unknown)?;
+            let range = match req.headers().get(RANGE) {
+                None => None,
+                Some(v) => match parse_range(v.to_str().unwrap_or(""), size) {
+                    Ok(r) => r,
+                    Err(()) => {
+                        let mut r = Response::new(empty());
+                        *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                        r.headers_mut().insert(CONTENT_RANGE, value(&format!("bytes */{size}")));
+                        return Ok(r);
+                    }
+                },
+            };
+            let span = range.clone().unwrap_or(0..size);
+            let body = if head {
+                empty()
+            } else {
+                storage.blob(name, &digest, span.clone()).await?.ok_or_else(unknown)?
+            };
+            Ok(blob_response(body, &digest, size, range))
+        }
+        Route::Upload(name) => {
+            name_ok(name)?;
+            Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                "this registry is read-only: the operation is unsupported",
+            ))
+        }
+    }
+}
+
+/// A blob's answer: the whole of it, or `range` of it (206).
+fn blob_response(body: Body, digest: &Digest, size: u64, range: Option<std::ops::Range<u64>>) -> Response<Body> {
+    let span = range.clone().unwrap_or(0..size);
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(span.end - span.start));
+    h.insert("Docker-Content-Digest", value(digest.as_str()));
+    h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(ETAG, value(&format!("\"{digest}\"")));
+    if range.is_some() {
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+        r.headers_mut().insert(
+            CONTENT_RANGE,
+            value(&format!("bytes {}-{}/{size}", span.start, span.end.saturating_sub(1))),
+        );
+    }
+    r
+}
+
+/// A header value from text the server made (digests, media types from
+/// stored manifests); anything unprintable becomes a safe placeholder.
+fn value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn json(body: Vec<u8>, head: bool) -> Response<Body> {
+    let len = body.len();
+    let mut r = Response::new(if head { empty() } else { full(body) });
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(len));
+    r
+}
+
+fn link(r: &mut Response<Body>, target: &str) {
+    r.headers_mut()
+        .insert(LINK, value(&format!("<{target}>; rel=\"next\"")));
+}
+
+/// `n` and `last` from a query string.
+fn page(query: Option<&str>) -> Result<(Option<usize>, Option<String>), ApiError> {
+    let mut n = None;
+    let mut last = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "n" => {
+                let parsed: usize = v.parse().map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "PAGINATION_NUMBER_INVALID",
+                        "invalid number of results requested",
+                    )
+                })?;
+                if parsed > MAX_PAGE {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "PAGINATION_NUMBER_INVALID",
+                        format!("at most {MAX_PAGE} results may be requested"),
+                    ));
+                }
+                n = Some(parsed);
+            }
+            "last" => last = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    Ok((n, last))
+}
+
+/// The items after `last` (sorted input), at most `n`, and the last one
+/// returned when more follow.
+fn paginate<'a>(all: &'a [String], n: Option<usize>, last: Option<&str>) -> (&'a [String], Option<&'a str>) {
+    let start = match last {
+        Some(l) => all.partition_point(|x| x.as_str() <= l),
+        None => 0,
+    };
+    let rest = &all[start..];
+    match n {
+        Some(n) if n < rest.len() => (&rest[..n], rest[..n].last().map(|s| s.as_str())),
+        _ => (rest, None),
+    }
+}
+
+/// One `bytes=` range of a blob of `size` bytes, as a half-open span;
+/// `Ok(None)` for a header to ignore (several ranges, another unit).
+fn parse_range(v: &str, size: u64) -> Result<Option<std::ops::Range<u64>>, ()> {
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = (a.trim(), b.trim());
+    let span = if a.is_empty() {
+        let n: u64 = b.parse().map_err(|_| ())?;
+        if n == 0 {
+            return Err(());
+        }
+        size.saturating_sub(n)..size
+    } else {
+        let start: u64 = a.parse().map_err(|_| ())?;
+        let end = if b.is_empty() {
+            size
+        } else {
+            let e: u64 = b.parse().map_err(|_| ())?;
+            if e < start {
+                return Err(());
+            }
+            e.saturating_add(1).min(size)
+        };
+        start..end
+    };
+    if span.start >= size {
+        return Err(());
+    }
+    Ok(Some(span))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_split_names_at_the_last_keyword() {
+        assert_eq!(route("/v2/"), Some(Route::Base));
+        assert_eq!(route("/v2/_catalog"), Some(Route::Catalog));
+        assert_eq!(route("/v2/a/b/tags/list"), Some(Route::Tags("a/b")));
+        assert_eq!(
+            route("/v2/a/manifests/b/manifests/v1"),
+            Some(Route::Manifest("a/manifests/b", "v1"))
+        );
+        assert_eq!(route("/v2/a/blobs/sha256:00"), Some(Route::Blob("a", "sha256:00")));
+        assert_eq!(route("/v2/a/blobs/uploads/"), Some(Route::Upload("a")));
+        assert_eq!(route("/v1/_ping"), None);
+    }
+
+    #[test]
+    fn ranges_follow_rfc_9110() {
+        assert_eq!(parse_range("bytes=0-9", 100), Ok(Some(0..10)));
+        assert_eq!(parse_range("bytes=90-", 100), Ok(Some(90..100)));
+        assert_eq!(parse_range("bytes=-10", 100), Ok(Some(90..100)));
+        assert_eq!(parse_range("bytes=95-200", 100), Ok(Some(95..100)));
+        assert_eq!(parse_range("bytes=100-", 100), Err(()));
+        assert_eq!(parse_range("bytes=9-3", 100), Err(()));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
+        assert_eq!(parse_range("items=0-1", 100), Ok(None));
+    }
+
+    #[test]
+    fn pages_continue_after_last() {
+        let all: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(paginate(&all, Some(2), None), (&all[..2], Some("b")));
+        assert_eq!(paginate(&all, Some(2), Some("b")), (&all[2..], None));
+        assert_eq!(paginate(&all, None, Some("a")), (&all[1..], None));
+    }
+}

@@ -1,0 +1,240 @@
+//! `serve --from-store`: a gantry store's content store, served.
+//!
+//! Repositories are the paths of the store's references (`127.0.0.1:5000/
+//! team/app:v1` is served as `team/app:v1`; when two registries held the
+//! same path, the one whose name sorts last wins a tag). A tag answers with
+//! the manifest (or manifest list) it was pulled by; images the store holds
+//! without their registry content (loaded from archives, or pulled with
+//! `keep_content = false`) are not served.
+//!
+//! The index of what is served is rebuilt when the store's references
+//! change (their file's identity and time are checked on each request), so
+//! a pull into the store shows up without a restart. Manifests are held in
+//! memory; blobs are mapped from their files when asked for.
+
+use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
+use bytes::Bytes;
+use gantry_core::digest::Digest;
+use gantry_core::manifest::MAX_MANIFEST_BYTES;
+use gantry_core::store::{ImageContent, Store};
+use http_body_util::BodyExt;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, RwLock};
+
+#[derive(Default)]
+struct Repo {
+    tags: BTreeMap<String, Digest>,
+    manifests: HashMap<Digest, Manifest>,
+    blobs: HashSet<Digest>,
+}
+
+#[derive(Default)]
+struct Index {
+    repos: BTreeMap<String, Repo>,
+}
+
+/// What a rebuild depends on: the references file and the content records.
+type Stamp = Vec<(u64, u64, i64, i64)>;
+
+pub struct StoreStorage {
+    store: Arc<Store>,
+    index: RwLock<(Stamp, Arc<Index>)>,
+    /// Rebuilds one at a time.
+    rebuild: std::sync::Mutex<()>,
+}
+
+impl StoreStorage {
+    pub fn new(store: Arc<Store>) -> Result<StoreStorage, StorageError> {
+        let s = StoreStorage {
+            store,
+            index: RwLock::new((Vec::new(), Arc::new(Index::default()))),
+            rebuild: std::sync::Mutex::new(()),
+        };
+        s.current()?;
+        Ok(s)
+    }
+
+    fn stamp(&self) -> Stamp {
+        let image_dir = self.store.image_dir();
+        [image_dir.join("repositories.json"), image_dir.join("contentdb/sha256")]
+            .iter()
+            .map(|p| match std::fs::metadata(p) {
+                Ok(m) => (m.dev(), m.ino(), m.mtime(), m.mtime_nsec()),
+                Err(_) => (0, 0, 0, 0),
+            })
+            .collect()
+    }
+
+    /// The index, rebuilt first if the store changed since.
+    fn current(&self) -> Result<Arc<Index>, StorageError> {
+        let stamp = self.stamp();
+        {
+            let g = self.index.read().unwrap();
+            if g.0 == stamp && !stamp.is_empty() {
+                return Ok(g.1.clone());
+            }
+        }
+        let _one = self.rebuild.lock().unwrap();
+        let stamp = self.stamp();
+        if let Some(i) = {
+            let g = self.index.read().unwrap();
+            (g.0 == stamp).then(|| g.1.clone())
+        } {
+            return Ok(i);
+        }
+        let index = Arc::new(build(&self.store)?);
+        *self.index.write().unwrap() = (stamp, index.clone());
+        Ok(index)
+    }
+}
+
+fn read_manifest(store: &Store, digest: &Digest, media_type: &str) -> Result<Option<Manifest>, StorageError> {
+    Ok(store
+        .content
+        .read_small(digest, MAX_MANIFEST_BYTES as u64)?
+        .filter(|b| Digest::of(b) == *digest)
+        .map(|b| Manifest {
+            media_type: media_type.to_string(),
+            digest: digest.clone(),
+            bytes: Bytes::from(b),
+        }))
+}
+
+/// Adds what `c` names to `repo`; returns the digest a tag should answer
+/// with (the list it came from, else the manifest), if its manifests are held.
+fn add(store: &Store, repo: &mut Repo, c: &ImageContent) -> Result<Option<Digest>, StorageError> {
+    let Some(m) = read_manifest(store, &c.manifest, &c.manifest_type)? else {
+        return Ok(None);
+    };
+    repo.manifests.insert(m.digest.clone(), m);
+    let mut top = c.manifest.clone();
+    if let (Some(d), Some(t)) = (&c.index, &c.index_type) {
+        if let Some(list) = read_manifest(store, d, t)? {
+            repo.manifests.insert(d.clone(), list);
+            top = d.clone();
+        }
+    }
+    repo.blobs.extend(c.blobs.iter().cloned());
+    Ok(Some(top))
+}
+
+fn build(store: &Store) -> Result<Index, StorageError> {
+    let mut index = Index::default();
+    let mut refs = store.refs.all()?;
+    // Digest references first, so a tag can prefer the manifest its own
+    // repository was pulled by; then by registry name, last wins a tag.
+    refs.sort_by(|(a, _), (b, _)| (a.tag.is_some(), &a.domain).cmp(&(b.tag.is_some(), &b.domain)));
+    for (r, id) in refs {
+        let records = store.content.image(&id)?;
+        if records.is_empty() {
+            continue;
+        }
+        let repo = index.repos.entry(r.path.clone()).or_default();
+        match (&r.tag, &r.digest) {
+            (_, Some(d)) => {
+                for c in records
+                    .iter()
+                    .filter(|c| &c.manifest == d || c.index.as_ref() == Some(d))
+                {
+                    add(store, repo, c)?;
+                }
+            }
+            (Some(tag), None) => {
+                let mine = records
+                    .iter()
+                    .position(|c| {
+                        repo.manifests.contains_key(&c.manifest)
+                            || c.index.as_ref().is_some_and(|i| repo.manifests.contains_key(i))
+                    })
+                    .unwrap_or(0);
+                if let Some(top) = add(store, repo, &records[mine])? {
+                    repo.tags.insert(tag.clone(), top);
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    index.repos.retain(|_, r| !r.manifests.is_empty());
+    Ok(index)
+}
+
+impl Storage for StoreStorage {
+    fn catalog(&self) -> Result<Vec<String>, StorageError> {
+        Ok(self.current()?.repos.keys().cloned().collect())
+    }
+
+    fn tags(&self, repo: &str) -> Result<Option<Vec<String>>, StorageError> {
+        Ok(self
+            .current()?
+            .repos
+            .get(repo)
+            .map(|r| r.tags.keys().cloned().collect()))
+    }
+
+    fn has_repository(&self, repo: &str) -> Result<bool, StorageError> {
+        Ok(self.current()?.repos.contains_key(repo))
+    }
+
+    fn manifest(&self, repo: &str, reference: &ManifestRef) -> Result<Option<Manifest>, StorageError> {
+        let index = self.current()?;
+        let Some(r) = index.repos.get(repo) else {
+            return Ok(None);
+        };
+        let digest = match reference {
+            ManifestRef::Tag(t) => match r.tags.get(t) {
+                Some(d) => d,
+                None => return Ok(None),
+            },
+            ManifestRef::Digest(d) => d,
+        };
+        Ok(r.manifests.get(digest).cloned())
+    }
+
+    fn blob_size(&self, repo: &str, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        let index = self.current()?;
+        let linked = index
+            .repos
+            .get(repo)
+            .is_some_and(|r| r.blobs.contains(digest) || r.manifests.contains_key(digest));
+        if !linked {
+            return Ok(None);
+        }
+        match std::fs::metadata(self.store.content.path(digest)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageError::Backend(format!("reading blob {digest}: {e}"))),
+        }
+    }
+
+    fn blob(&self, repo: &str, digest: &Digest, range: Range<u64>) -> Result<Option<BlobBody>, StorageError> {
+        if self.blob_size(repo, digest)?.is_none() {
+            return Ok(None);
+        }
+        let Some(file) = self.store.content.open_blob(digest)? else {
+            return Ok(None);
+        };
+        let bytes = map(&file).map_err(|e| StorageError::Backend(format!("reading blob {digest}: {e}")))?;
+        let end = (range.end as usize).min(bytes.len());
+        let start = (range.start as usize).min(end);
+        Ok(Some(
+            http_body_util::Full::new(bytes.slice(start..end))
+                .map_err(|never| match never {})
+                .boxed(),
+        ))
+    }
+}
+
+/// The file's bytes, mapped: the server writes them to the socket straight
+/// from the page cache. Content-store files are written once, renamed into
+/// place and never changed, so the mapping stays what was verified.
+pub(crate) fn map(file: &std::fs::File) -> std::io::Result<Bytes> {
+    if file.metadata()?.len() == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: the file is a content-store blob, immutable once renamed into
+    // place; removal (garbage collection) keeps the mapped inode alive.
+    let map = unsafe { memmap2::Mmap::map(file)? };
+    Ok(Bytes::from_owner(map))
+}

@@ -1,0 +1,318 @@
+//! The registry's own storage on a filesystem (the pull-through cache of
+//! `--mirror-of` writes here; pushes will too):
+//!
+//! ```text
+//! <dir>/blobs/sha256/<hex>                      verified blobs and manifests
+//! <dir>/ingest/<random>                         being written; never served
+//! <dir>/repositories/<name>/_blobs/<hex>        the blob is linked to the repository
+//! <dir>/repositories/<name>/_manifests/<hex>    the manifest's media type
+//! <dir>/repositories/<name>/_tags/<tag>         {"digest", "fetched"} (seconds)
+//! ```
+//!
+//! A blob becomes visible only by a rename after its bytes hashed to its
+//! digest ([`Ingest`] hashes as it is written), so nothing half-written or
+//! wrong is ever served. Repository names reach paths only after the
+//! distribution grammar accepted them (no `..`, no empty component).
+
+use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
+use bytes::Bytes;
+use gantry_core::digest::Digest;
+use gantry_core::reference::{valid_repository, valid_tag};
+use http_body_util::BodyExt;
+use sha2::Digest as _;
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub struct FsStorage {
+    dir: PathBuf,
+}
+
+fn backend(what: impl std::fmt::Display, e: std::io::Error) -> StorageError {
+    StorageError::Backend(format!("{what}: {e}"))
+}
+
+/// A blob being written: hashed and counted as it goes.
+pub struct Ingest {
+    file: std::fs::File,
+    path: PathBuf,
+    hasher: sha2::Sha256,
+    len: u64,
+}
+
+impl Ingest {
+    pub fn write(&mut self, chunk: &[u8]) -> Result<(), StorageError> {
+        self.hasher.update(chunk);
+        self.len += chunk.len() as u64;
+        self.file.write_all(chunk).map_err(|e| backend("writing a blob", e))
+    }
+
+    /// The digest of what was written so far.
+    pub fn digest(&self) -> Digest {
+        Digest::from_hasher(self.hasher.clone())
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Ingest {
+    /// An ingest never committed goes.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A tag as cached: what it named and when that was learnt.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TagEntry {
+    pub digest: Digest,
+    /// Seconds since the epoch.
+    pub fetched: u64,
+}
+
+impl FsStorage {
+    pub fn open(dir: &Path) -> Result<FsStorage, StorageError> {
+        for d in ["blobs/sha256", "ingest", "repositories"] {
+            std::fs::create_dir_all(dir.join(d)).map_err(|e| backend(format!("creating {}", dir.display()), e))?;
+        }
+        // Leftovers of a crash: never visible, removed.
+        if let Ok(rd) = std::fs::read_dir(dir.join("ingest")) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(FsStorage { dir: dir.to_path_buf() })
+    }
+
+    fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.dir.join("blobs/sha256").join(d.hex())
+    }
+
+    /// `<dir>/repositories/<name>`, for a name the grammar accepted.
+    fn repo_dir(&self, repo: &str) -> Result<PathBuf, StorageError> {
+        if !valid_repository(repo) {
+            return Err(StorageError::Backend(format!(
+                "invalid repository name {}",
+                gantry_core::text::escape_line(repo)
+            )));
+        }
+        Ok(self.dir.join("repositories").join(repo))
+    }
+
+    pub fn contains_blob(&self, d: &Digest) -> bool {
+        self.blob_path(d).is_file()
+    }
+
+    /// Starts writing a blob.
+    pub fn ingest(&self) -> Result<Ingest, StorageError> {
+        let path = self.dir.join("ingest").join(gantry_core::store::random_id());
+        let file = std::fs::File::create_new(&path).map_err(|e| backend("starting a blob", e))?;
+        Ok(Ingest {
+            file,
+            path,
+            hasher: sha2::Sha256::new(),
+            len: 0,
+        })
+    }
+
+    /// Makes an ingest visible as blob `digest` of `repo` — only if what
+    /// was written hashes to it.
+    pub fn commit_blob(&self, repo: &str, mut ingest: Ingest, digest: &Digest) -> Result<(), StorageError> {
+        let got = ingest.digest();
+        if got != *digest {
+            return Err(StorageError::Backend(format!(
+                "content does not match its digest {digest} (it is {got})"
+            )));
+        }
+        ingest.file.flush().map_err(|e| backend("writing a blob", e))?;
+        if !self.contains_blob(digest) {
+            std::fs::rename(&ingest.path, self.blob_path(digest)).map_err(|e| backend("storing a blob", e))?;
+        }
+        self.link_blob(repo, digest)
+    }
+
+    /// Records that `repo` holds blob `digest` (already stored).
+    pub fn link_blob(&self, repo: &str, digest: &Digest) -> Result<(), StorageError> {
+        let dir = self.repo_dir(repo)?.join("_blobs");
+        std::fs::create_dir_all(&dir).map_err(|e| backend("linking a blob", e))?;
+        std::fs::write(dir.join(digest.hex()), b"").map_err(|e| backend("linking a blob", e))
+    }
+
+    /// Stores a manifest (checked against its digest) for `repo`, and
+    /// points `tag` at it when given.
+    pub fn put_manifest(&self, repo: &str, m: &Manifest, tag: Option<&str>) -> Result<(), StorageError> {
+        if Digest::of(&m.bytes) != m.digest {
+            return Err(StorageError::Backend(format!(
+                "manifest does not match its digest {}",
+                m.digest
+            )));
+        }
+        if !self.contains_blob(&m.digest) {
+            let mut ingest = self.ingest()?;
+            ingest.write(&m.bytes)?;
+            self.commit_blob(repo, ingest, &m.digest)?;
+        }
+        let dir = self.repo_dir(repo)?;
+        let manifests = dir.join("_manifests");
+        std::fs::create_dir_all(&manifests).map_err(|e| backend("storing a manifest", e))?;
+        write_atomic(&manifests.join(m.digest.hex()), m.media_type.as_bytes())?;
+        if let Some(tag) = tag {
+            if !valid_tag(tag) {
+                return Err(StorageError::Backend("invalid tag".into()));
+            }
+            let tags = dir.join("_tags");
+            std::fs::create_dir_all(&tags).map_err(|e| backend("storing a tag", e))?;
+            let entry = TagEntry {
+                digest: m.digest.clone(),
+                fetched: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            };
+            write_atomic(&tags.join(tag), &serde_json::to_vec(&entry).expect("serialisable"))?;
+        }
+        Ok(())
+    }
+
+    /// What `tag` of `repo` named when last learnt.
+    pub fn tag(&self, repo: &str, tag: &str) -> Result<Option<TagEntry>, StorageError> {
+        if !valid_tag(tag) {
+            return Ok(None);
+        }
+        match std::fs::read(self.repo_dir(repo)?.join("_tags").join(tag)) {
+            Ok(b) => Ok(serde_json::from_slice(&b).ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(backend("reading a tag", e)),
+        }
+    }
+
+    fn manifest_by_digest(&self, repo: &str, d: &Digest) -> Result<Option<Manifest>, StorageError> {
+        let media_type = match std::fs::read_to_string(self.repo_dir(repo)?.join("_manifests").join(d.hex())) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(backend("reading a manifest", e)),
+        };
+        let bytes = match std::fs::read(self.blob_path(d)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(backend("reading a manifest", e)),
+        };
+        Ok(Some(Manifest {
+            media_type,
+            digest: d.clone(),
+            bytes: Bytes::from(bytes),
+        }))
+    }
+
+    fn linked(&self, repo: &str, d: &Digest) -> Result<bool, StorageError> {
+        let dir = self.repo_dir(repo)?;
+        Ok(dir.join("_blobs").join(d.hex()).is_file() || dir.join("_manifests").join(d.hex()).is_file())
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StorageError> {
+    let tmp = path.with_extension(format!("tmp-{}", &gantry_core::store::random_id()[..12]));
+    std::fs::write(&tmp, data)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            backend(format!("writing {}", path.display()), e)
+        })
+}
+
+/// Repository names under `dir`: every directory holding `_manifests`.
+fn walk_repos(base: &Path, dir: &Path, out: &mut Vec<String>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('_') || !e.path().is_dir() {
+            continue;
+        }
+        let p = e.path();
+        if p.join("_manifests").is_dir() {
+            if let Ok(rel) = p.strip_prefix(base) {
+                out.push(rel.to_string_lossy().into_owned());
+            }
+        }
+        walk_repos(base, &p, out);
+    }
+}
+
+impl Storage for FsStorage {
+    fn catalog(&self) -> Result<Vec<String>, StorageError> {
+        let base = self.dir.join("repositories");
+        let mut out = Vec::new();
+        walk_repos(&base, &base, &mut out);
+        out.sort();
+        Ok(out)
+    }
+
+    fn tags(&self, repo: &str) -> Result<Option<Vec<String>>, StorageError> {
+        let dir = self.repo_dir(repo)?;
+        if !dir.join("_manifests").is_dir() {
+            return Ok(None);
+        }
+        let mut tags: Vec<String> = std::fs::read_dir(dir.join("_tags"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                    .filter(|t| valid_tag(t))
+                    .collect()
+            })
+            .unwrap_or_default();
+        tags.sort();
+        Ok(Some(tags))
+    }
+
+    fn has_repository(&self, repo: &str) -> Result<bool, StorageError> {
+        Ok(self.repo_dir(repo)?.join("_manifests").is_dir())
+    }
+
+    fn manifest(&self, repo: &str, reference: &ManifestRef) -> Result<Option<Manifest>, StorageError> {
+        match reference {
+            ManifestRef::Digest(d) => self.manifest_by_digest(repo, d),
+            ManifestRef::Tag(t) => match self.tag(repo, t)? {
+                Some(e) => self.manifest_by_digest(repo, &e.digest),
+                None => Ok(None),
+            },
+        }
+    }
+
+    fn blob_size(&self, repo: &str, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        if !self.linked(repo, digest)? {
+            return Ok(None);
+        }
+        match std::fs::metadata(self.blob_path(digest)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(backend("reading a blob", e)),
+        }
+    }
+
+    fn blob(&self, repo: &str, digest: &Digest, range: Range<u64>) -> Result<Option<BlobBody>, StorageError> {
+        if !self.linked(repo, digest)? {
+            return Ok(None);
+        }
+        let file = match std::fs::File::open(self.blob_path(digest)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(backend("reading a blob", e)),
+        };
+        let bytes = crate::from_store::map(&file).map_err(|e| backend("reading a blob", e))?;
+        let end = (range.end as usize).min(bytes.len());
+        let start = (range.start as usize).min(end);
+        Ok(Some(
+            http_body_util::Full::new(bytes.slice(start..end))
+                .map_err(|never| match never {})
+                .boxed(),
+        ))
+    }
+}

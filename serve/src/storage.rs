@@ -1,0 +1,66 @@
+//! What the registry handlers read from: one trait, so the same handlers
+//! serve a gantry store's content today and an object store (S3 API) later
+//! — a registry outgrows one machine by swapping this, nothing else.
+//!
+//! Calls are synchronous and expected to be quick (metadata lookups, an
+//! open and a map of a file); a blob's bytes arrive as a body the server
+//! streams, so an implementation that fetches them over the network hands
+//! back a stream instead of bytes in memory.
+
+use bytes::Bytes;
+use gantry_core::digest::Digest;
+use http_body_util::combinators::BoxBody;
+use std::ops::Range;
+
+/// A response body of blob bytes.
+pub type BlobBody = BoxBody<Bytes, std::io::Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The storage itself failed (a disk error, a corrupt record): the
+    /// client gets a 500, the operator the message.
+    #[error("{0}")]
+    Backend(String),
+}
+
+impl From<gantry_core::Error> for StorageError {
+    fn from(e: gantry_core::Error) -> Self {
+        StorageError::Backend(e.to_string())
+    }
+}
+
+/// A manifest as stored: its bytes are what its digest names.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub media_type: String,
+    pub digest: Digest,
+    pub bytes: Bytes,
+}
+
+/// How a manifest is asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManifestRef {
+    Tag(String),
+    Digest(Digest),
+}
+
+pub trait Storage: Send + Sync + 'static {
+    /// Every repository name, sorted.
+    fn catalog(&self) -> Result<Vec<String>, StorageError>;
+
+    /// The tags of `repo`, sorted; `None` when the repository is unknown.
+    fn tags(&self, repo: &str) -> Result<Option<Vec<String>>, StorageError>;
+
+    /// Whether `repo` exists at all (for NAME_UNKNOWN against MANIFEST_UNKNOWN).
+    fn has_repository(&self, repo: &str) -> Result<bool, StorageError>;
+
+    /// A manifest of `repo`, by tag or digest.
+    fn manifest(&self, repo: &str, reference: &ManifestRef) -> Result<Option<Manifest>, StorageError>;
+
+    /// The size of a blob `repo` links to.
+    fn blob_size(&self, repo: &str, digest: &Digest) -> Result<Option<u64>, StorageError>;
+
+    /// The bytes `range` of a blob `repo` links to (the caller has checked
+    /// the range against [`Storage::blob_size`]).
+    fn blob(&self, repo: &str, digest: &Digest, range: Range<u64>) -> Result<Option<BlobBody>, StorageError>;
+}

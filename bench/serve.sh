@@ -3,7 +3,7 @@
 # docker-registry (CNCF distribution), the same image in both, in the same
 # run, with wrk as the load generator:
 #   - big-blob GET throughput, 4 connections (the largest layer of the
-#     six-layer `bench` image, ~200 MB), BENCH_SECONDS each (default 10);
+#     six-layer `bench` image, ~74 MB), BENCH_SECONDS each (default 10);
 #   - manifest GET by tag, 32 connections.
 # gantry writes its access log (to a file); docker-registry's is disabled,
 # as the shared registry script configures it.

@@ -49,10 +49,12 @@ pub fn pull_endpoints(domain: &str, registries: &Registries) -> Vec<Endpoint> {
     let mut out = Vec::new();
     if let Some(cfg) = registries.get(domain) {
         for m in &cfg.mirrors {
+            let (url, name_prefix) = split_mirror_url(m);
             out.push(Endpoint {
-                url: m.trim_end_matches('/').to_string(),
+                url,
                 mirror: true,
                 credentials: None,
+                name_prefix,
             });
         }
     }
@@ -65,15 +67,39 @@ pub fn pull_endpoints(domain: &str, registries: &Registries) -> Vec<Endpoint> {
         url: format!("https://{host}"),
         mirror: false,
         credentials: None,
+        name_prefix: None,
     });
     if allows_plain_http(domain, registries) {
         out.push(Endpoint {
             url: format!("http://{host}"),
             mirror: false,
             credentials: None,
+            name_prefix: None,
         });
     }
     out
+}
+
+/// A mirror URL split into its origin and the name prefix its path gives
+/// (containerd's mirrors with a path; `gantry serve --mirror-of NAME=URL`
+/// serves an upstream that way): `http://m:5000/hub/` → (`http://m:5000`, `hub`).
+pub fn split_mirror_url(m: &str) -> (String, Option<String>) {
+    let m = m.trim_end_matches('/');
+    let Some((scheme, rest)) = m.split_once("://") else {
+        return (m.to_string(), None);
+    };
+    match rest.split_once('/') {
+        Some((authority, path)) if !path.is_empty() => {
+            // `/v2` is where the API lives anyway, not a prefix.
+            let path = path
+                .strip_prefix("v2")
+                .map(|p| p.trim_start_matches('/'))
+                .unwrap_or(path);
+            let prefix = (!path.is_empty()).then(|| path.to_string());
+            (format!("{scheme}://{authority}"), prefix)
+        }
+        _ => (m.to_string(), None),
+    }
 }
 
 #[cfg(test)]
@@ -108,5 +134,31 @@ mod tests {
         assert_eq!(urls, vec!["https://127.0.0.1:5000", "http://127.0.0.1:5000"]);
         assert_eq!(pull_endpoints("quay.io", &regs).len(), 1);
         assert!(is_loopback("127.8.0.1") && is_loopback("[::1]") && !is_loopback("10.0.0.1"));
+    }
+
+    #[test]
+    fn a_mirror_path_is_a_name_prefix() {
+        assert_eq!(split_mirror_url("http://m:5000"), ("http://m:5000".into(), None));
+        assert_eq!(split_mirror_url("http://m:5000/"), ("http://m:5000".into(), None));
+        assert_eq!(split_mirror_url("http://m:5000/v2/"), ("http://m:5000".into(), None));
+        assert_eq!(
+            split_mirror_url("https://m/hub/"),
+            ("https://m".into(), Some("hub".into()))
+        );
+        assert_eq!(
+            split_mirror_url("https://m/v2/a/b"),
+            ("https://m".into(), Some("a/b".into()))
+        );
+        let mut regs = Registries::new();
+        regs.insert(
+            "docker.io".into(),
+            RegistryConfig {
+                mirrors: vec!["http://127.0.0.1:5001/hub".into()],
+                insecure: false,
+            },
+        );
+        let ep = &pull_endpoints("docker.io", &regs)[0];
+        assert_eq!(ep.repository("library/alpine"), "hub/library/alpine");
+        assert_eq!(ep.configured_url(), "http://127.0.0.1:5001/hub");
     }
 }

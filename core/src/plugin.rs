@@ -25,6 +25,29 @@ pub struct Endpoint {
     pub url: String,
     pub mirror: bool,
     pub credentials: Option<Credentials>,
+    /// For a mirror configured with a path (`http://mirror:5000/hub`): the
+    /// name prefix it serves the registry's repositories under (`hub`), so
+    /// `library/alpine` is asked for as `hub/library/alpine`.
+    pub name_prefix: Option<String>,
+}
+
+impl Endpoint {
+    /// The repository name this endpoint knows `path` by.
+    pub fn repository(&self, path: &str) -> String {
+        match &self.name_prefix {
+            Some(p) => format!("{p}/{path}"),
+            None => path.to_string(),
+        }
+    }
+
+    /// The endpoint as configured (with its name prefix), for messages and
+    /// for remembering a failing mirror.
+    pub fn configured_url(&self) -> String {
+        match &self.name_prefix {
+            Some(p) => format!("{}/{p}", self.url),
+            None => self.url.clone(),
+        }
+    }
 }
 
 /// What a transport resolved a reference to.

@@ -315,7 +315,10 @@ pub struct Puller<'a> {
 struct Job<'j> {
     ep: &'j Endpoint,
     domain: &'j str,
+    /// The repository as the endpoint knows it.
     repo: &'j str,
+    /// The repository as the reference names it, for distribution metadata.
+    source_repo: &'j str,
     clock: &'j Mutex<Timings>,
 }
 
@@ -331,7 +334,7 @@ impl Puller<'_> {
             if ep.mirror
                 && self
                     .store
-                    .mirror_skipped_until(&ep.url)
+                    .mirror_skipped_until(&ep.configured_url())
                     .is_some_and(|until| now < until)
             {
                 continue;
@@ -348,16 +351,17 @@ impl Puller<'_> {
                             ErrorClass::Unreachable | ErrorClass::Transient | ErrorClass::TimedOut
                         ) =>
                     {
-                        self.store.skip_mirror(&ep.url, now + self.options.mirror_backoff)
+                        self.store
+                            .skip_mirror(&ep.configured_url(), now + self.options.mirror_backoff)
                     }
                     Err(_) => {}
-                    Ok(_) => self.store.mirror_answered(&ep.url),
+                    Ok(_) => self.store.mirror_answered(&ep.configured_url()),
                 }
             }
             match result {
                 Ok(t) => return Ok(t),
                 Err(Error::Plugin(e)) if e.allows_fallback(ep.mirror) => {
-                    let url = crate::text::redact_url(&ep.url);
+                    let url = crate::text::redact_url(&ep.configured_url());
                     let message = if e.message.starts_with(&url) {
                         e.message
                     } else {
@@ -394,7 +398,9 @@ impl Puller<'_> {
             size: UNKNOWN_SIZE,
             media_type: String::new(),
         };
-        self.each_endpoint(&r.domain, |ep| self.download_now(ep, &r.path, &blob, None))
+        self.each_endpoint(&r.domain, |ep| {
+            self.download_now(ep, &ep.repository(&r.path), &blob, None)
+        })
     }
 
     fn retrying<T>(
@@ -455,12 +461,15 @@ impl Puller<'_> {
     }
 
     fn pull_from(&self, ep: &Endpoint, reference: &Reference, clock: &Mutex<Timings>) -> Result<PullOutcome> {
-        let repo = &reference.path;
+        // The name this endpoint knows the repository by (a mirror may serve
+        // it under a prefix); progress and records use the reference's own.
+        let repo = &ep.repository(&reference.path);
         let tag_or_digest = reference.registry_reference();
         let first = self.resolve(ep, repo, &tag_or_digest)?;
         let mut manifest_digest = first.digest.clone();
         // Said once the endpoint answered, so a fallback does not repeat it.
-        self.progress.line(&format!("{}: Pulling from {}", tag_or_digest, repo));
+        self.progress
+            .line(&format!("{}: Pulling from {}", tag_or_digest, reference.path));
         let want_platform = self.options.platform.clone().unwrap_or_else(Platform::host);
         // Kept as served, for the content store: the image manifest and the
         // list it was chosen from.
@@ -538,6 +547,7 @@ impl Puller<'_> {
             ep,
             domain: &reference.domain,
             repo,
+            source_repo: &reference.path,
             clock,
         };
         let staging = self.fetch_and_apply(&job, &image, &config, &missing, staging)?;
@@ -632,7 +642,7 @@ impl Puller<'_> {
                     };
                     let blob = &image.layers[i].blob;
                     let parent = if i == 0 { None } else { Some(&chain_ids[i - 1]) };
-                    let source = || Some((blob.digest.clone(), format!("{}/{}", job.domain, repo)));
+                    let source = || Some((blob.digest.clone(), format!("{}/{}", job.domain, job.source_repo)));
                     self.progress
                         .layer(blob.digest.short(), Status::Extracting, 0, blob.size);
                     // Applied as it downloads; it ends only on a verified blob.

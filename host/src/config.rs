@@ -66,6 +66,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub registries: Registries,
+    /// Docker's `registry-mirrors`: mirrors of Docker Hub, tried before the
+    /// `[registries."docker.io"]` ones.
+    #[serde(default)]
+    pub registry_mirrors: Vec<String>,
 }
 
 fn wasm() -> String {
@@ -173,7 +177,16 @@ impl Config {
             ),
             None => (DEFAULT.to_string(), "built-in config".to_string()),
         };
-        let c: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {}", e.message()))?;
+        let mut c: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {}", e.message()))?;
+        if !c.registry_mirrors.is_empty() {
+            let hub = c
+                .registries
+                .entry(gantry_core::reference::DEFAULT_DOMAIN.to_string())
+                .or_default();
+            let mut mirrors = std::mem::take(&mut c.registry_mirrors);
+            mirrors.append(&mut hub.mirrors);
+            hub.mirrors = mirrors;
+        }
         if c.max_concurrent_downloads == 0 {
             bail!("{origin}: max_concurrent_downloads must be at least 1");
         }
@@ -213,6 +226,11 @@ impl Config {
             for m in &r.mirrors {
                 if !(m.starts_with("https://") || m.starts_with("http://")) {
                     bail!("{origin}: registries.{name:?}: mirror {m:?} is not an http(s) URL");
+                }
+                if let (_, Some(prefix)) = gantry_core::endpoint::split_mirror_url(m) {
+                    if !gantry_core::reference::valid_repository(&prefix) {
+                        bail!("{origin}: registries.{name:?}: mirror {m:?}: its path is not a repository name prefix");
+                    }
                 }
             }
         }
@@ -284,5 +302,29 @@ mod tests {
         std::fs::write(t.path(), format!("{DEFAULT}\nbogus = 1\n")).unwrap();
         let e = Config::load(Some(t.path())).unwrap_err().to_string();
         assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn registry_mirrors_are_docker_hubs_first_mirrors() {
+        let t = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            t.path(),
+            format!(
+                "registry_mirrors = [\"https://a.example/hub\"]\n{DEFAULT}\n[registries.\"docker.io\"]\nmirrors = [\"https://b.example\"]\n"
+            ),
+        )
+        .unwrap();
+        let c = Config::load(Some(t.path())).unwrap();
+        assert_eq!(
+            c.registries["docker.io"].mirrors,
+            vec!["https://a.example/hub".to_string(), "https://b.example".to_string()]
+        );
+        std::fs::write(
+            t.path(),
+            format!("registry_mirrors = [\"https://a.example/../x\"]\n{DEFAULT}"),
+        )
+        .unwrap();
+        let e = Config::load(Some(t.path())).unwrap_err().to_string();
+        assert!(e.contains("not a repository name prefix"), "{e}");
     }
 }

@@ -178,3 +178,34 @@ fn two_clients_missing_the_same_blob_cause_one_upstream_fetch() {
     assert!(got.starts_with("HTTP/1.1 206"), "{got}");
     assert_eq!(slow.seen.lock().unwrap().blob_gets.get(&blob).copied(), Some(1));
 }
+
+#[test]
+fn a_client_pulls_through_a_mirror_that_serves_the_registry_under_a_prefix() {
+    if !peers() {
+        return;
+    }
+    let upstream = Registry::start();
+    publish(&upstream, "test/app", "v1", &control_image());
+    let mirror_store = Gantry::new();
+    let srv = mirror_store.serve(&["--mirror-of", &format!("up=http://{}", upstream.addr())]);
+    let config = format!(
+        "[transport]\ntype = \"v2\"\n[driver]\ntype = \"{}\"\n[registries.\"{}\"]\nmirrors = [\"http://{}/up\"]\n",
+        Gantry::test_driver(),
+        upstream.addr(),
+        srv.addr
+    );
+    let name = format!("{}/test/app:v1", upstream.addr());
+    let g = Gantry::new().with_config(&config);
+    let out = g.ok(&["pull", &name]);
+    assert!(out.contains("v1: Pulling from test/app"), "{out}");
+    let log = srv.log();
+    assert!(log.contains("\"GET /v2/up/test/app/manifests/v1\" 200"), "{log}");
+    // The image is known by the registry's name, not the mirror's.
+    let inspected: serde_json::Value = serde_json::from_str(&g.ok(&["inspect", &name])).unwrap();
+    assert_eq!(inspected[0]["RepoTags"][0], format!("{}/test/app:v1", upstream.addr()));
+    // With the registry gone, the mirror alone serves the next client.
+    drop(upstream);
+    let g2 = Gantry::new().with_config(&config);
+    g2.ok(&["pull", &name]);
+    g2.fsck_clean();
+}

@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
 CARGO ?= cargo
-PLUGINS := -p gantry-transport-v2 -p gantry-driver-vfs -p gantry-driver-overlay2 -p gantry-bad-driver -p gantry-bad-transport
+PLUGINS := -p gantry-transport-v2 -p gantry-transport-v1 -p gantry-driver-vfs -p gantry-driver-overlay2 -p gantry-bad-driver -p gantry-bad-transport
 
 .PHONY: all deps plugins build test demo bench lint
 

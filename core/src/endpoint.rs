@@ -19,6 +19,9 @@ pub struct RegistryConfig {
     /// Allow plain HTTP to this registry even though it is not on loopback.
     #[serde(default)]
     pub insecure: bool,
+    /// Whether the legacy v1 protocol may be tried, as the last endpoint.
+    #[serde(default)]
+    pub v1: bool,
 }
 
 pub type Registries = BTreeMap<String, RegistryConfig>;
@@ -55,6 +58,7 @@ pub fn pull_endpoints(domain: &str, registries: &Registries) -> Vec<Endpoint> {
                 mirror: true,
                 credentials: None,
                 name_prefix,
+                v1: false,
             });
         }
     }
@@ -63,19 +67,18 @@ pub fn pull_endpoints(domain: &str, registries: &Registries) -> Vec<Endpoint> {
     } else {
         domain
     };
-    out.push(Endpoint {
-        url: format!("https://{host}"),
-        mirror: false,
-        credentials: None,
-        name_prefix: None,
-    });
-    if allows_plain_http(domain, registries) {
-        out.push(Endpoint {
-            url: format!("http://{host}"),
-            mirror: false,
-            credentials: None,
-            name_prefix: None,
-        });
+    let plain = allows_plain_http(domain, registries);
+    let v1 = registries.get(domain).is_some_and(|r| r.v1);
+    for version in std::iter::once(false).chain(v1.then_some(true)) {
+        for scheme in std::iter::once("https").chain(plain.then_some("http")) {
+            out.push(Endpoint {
+                url: format!("{scheme}://{host}"),
+                mirror: false,
+                credentials: None,
+                name_prefix: None,
+                v1: version,
+            });
+        }
     }
     out
 }
@@ -114,6 +117,7 @@ mod tests {
             RegistryConfig {
                 mirrors: vec!["http://127.0.0.1:5001/".into()],
                 insecure: false,
+                v1: false,
             },
         );
         let urls: Vec<_> = pull_endpoints("docker.io", &regs)
@@ -155,10 +159,37 @@ mod tests {
             RegistryConfig {
                 mirrors: vec!["http://127.0.0.1:5001/hub".into()],
                 insecure: false,
+                v1: false,
             },
         );
         let ep = &pull_endpoints("docker.io", &regs)[0];
         assert_eq!(ep.repository("library/alpine"), "hub/library/alpine");
         assert_eq!(ep.configured_url(), "http://127.0.0.1:5001/hub");
+    }
+
+    #[test]
+    fn v1_is_the_last_endpoint_and_only_when_enabled() {
+        let mut regs = Registries::new();
+        regs.insert(
+            "127.0.0.1:5000".into(),
+            RegistryConfig {
+                v1: true,
+                ..Default::default()
+            },
+        );
+        let eps: Vec<_> = pull_endpoints("127.0.0.1:5000", &regs)
+            .into_iter()
+            .map(|e| (e.url, e.v1))
+            .collect();
+        assert_eq!(
+            eps,
+            vec![
+                ("https://127.0.0.1:5000".into(), false),
+                ("http://127.0.0.1:5000".into(), false),
+                ("https://127.0.0.1:5000".into(), true),
+                ("http://127.0.0.1:5000".into(), true),
+            ]
+        );
+        assert!(pull_endpoints("quay.io", &regs).iter().all(|e| !e.v1));
     }
 }

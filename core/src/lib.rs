@@ -19,6 +19,7 @@ pub mod path;
 pub mod platform;
 pub mod plugin;
 pub mod pull;
+pub mod pull_v1;
 pub mod reference;
 pub mod repair;
 pub mod save;

@@ -5,7 +5,7 @@
 //! on faith: the pipeline verifies every digest, size and diffID itself.
 
 use crate::digest::Digest;
-use crate::error::PluginError;
+use crate::error::{ErrorClass, PluginError};
 use std::io::Read;
 
 /// A stream of bytes owned by the host side.
@@ -29,6 +29,8 @@ pub struct Endpoint {
     /// name prefix it serves the registry's repositories under (`hub`), so
     /// `library/alpine` is asked for as `hub/library/alpine`.
     pub name_prefix: Option<String>,
+    /// A legacy v1 registry endpoint (the v1 transport speaks to it).
+    pub v1: bool,
 }
 
 impl Endpoint {
@@ -84,6 +86,15 @@ pub trait Transport: Send + Sync {
         digest: &Digest,
         offset: u64,
     ) -> Result<ByteStream, PluginError>;
+    /// Opens the layer of v1 image `id` (a v1 transport's `open-blob`,
+    /// addressed by image id: v1 has no blob digests).
+    fn open_v1_layer(&self, ep: &Endpoint, repository: &str, id: &str, offset: u64) -> Result<ByteStream, PluginError> {
+        let _ = (ep, repository, id, offset);
+        Err(PluginError::new(
+            ErrorClass::Unsupported,
+            "this transport does not speak v1",
+        ))
+    }
     /// Lists the tags of `repository`.
     fn list_tags(&self, ep: &Endpoint, repository: &str) -> Result<Vec<String>, PluginError>;
 }

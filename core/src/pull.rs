@@ -114,7 +114,8 @@ impl Default for PullOptions {
 #[derive(Debug, Clone)]
 pub struct PullOutcome {
     pub image_id: Digest,
-    pub manifest_digest: Digest,
+    /// The manifest's digest (a v1 pull has none).
+    pub manifest_digest: Option<Digest>,
     /// False when the image and all its layers were already present.
     pub downloaded: bool,
     pub timings: Timings,
@@ -303,6 +304,8 @@ pub fn credential_host(ep: &Endpoint, domain: &str) -> String {
 pub struct Puller<'a> {
     pub store: &'a Store,
     pub transport: &'a dyn Transport,
+    /// The v1 transport, for registries whose config enables v1.
+    pub v1_transport: Option<&'a dyn Transport>,
     pub driver: &'a dyn GraphDriver,
     pub registries: &'a Registries,
     pub credentials: &'a (dyn Fn(&str) -> Option<Credentials> + Sync),
@@ -380,7 +383,17 @@ impl Puller<'_> {
         let started = std::time::Instant::now();
         self.each_endpoint(&reference.domain, |ep| {
             let clock = Mutex::new(Timings::default());
-            let mut o = self.pull_from(ep, reference, &clock)?;
+            let mut o = if ep.v1 {
+                let v1 = self.v1_transport.ok_or_else(|| {
+                    Error::Config(format!(
+                        "v1 is enabled for {} but no v1 transport is configured",
+                        reference.domain
+                    ))
+                })?;
+                self.pull_from_v1(v1, ep, reference)?
+            } else {
+                self.pull_from(ep, reference, &clock)?
+            };
             o.timings = *clock.lock().unwrap();
             o.timings.total = started.elapsed();
             Ok(o)
@@ -465,7 +478,15 @@ impl Puller<'_> {
         // it under a prefix); progress and records use the reference's own.
         let repo = &ep.repository(&reference.path);
         let tag_or_digest = reference.registry_reference();
-        let first = self.resolve(ep, repo, &tag_or_digest)?;
+        let first = match self.resolve(ep, repo, &tag_or_digest) {
+            // Docker's rule: a registry whose `/v2/` does not answer is not a
+            // v2 registry, and the endpoint loop may go on (to v1).
+            Err(Error::Plugin(e)) if e.class == ErrorClass::NotFound && !ep.mirror => {
+                self.transport.probe(ep)?;
+                return Err(Error::Plugin(e));
+            }
+            r => r?,
+        };
         let mut manifest_digest = first.digest.clone();
         // Said once the endpoint answered, so a fallback does not repeat it.
         self.progress
@@ -563,7 +584,7 @@ impl Puller<'_> {
         self.progress.line(&format!("Digest: {manifest_digest}"));
         Ok(PullOutcome {
             image_id,
-            manifest_digest,
+            manifest_digest: Some(manifest_digest),
             downloaded,
             timings: Timings::default(),
         })

@@ -138,11 +138,18 @@ impl Context {
         f: impl FnOnce(&gantry_core::pull::Puller<'_>) -> Result<R>,
     ) -> Result<R> {
         let transport = self.transport()?;
+        // The v1 transport loads only when some registry enables v1.
+        let v1 = if self.config.registries.values().any(|r| r.v1) {
+            Some(self.v1_transport()?)
+        } else {
+            None
+        };
         let credentials = self.credentials()?;
         let downloads = gantry_core::pull::SharedDownloads::default();
         f(&gantry_core::pull::Puller {
             store: &self.store,
             transport: &transport,
+            v1_transport: v1.as_ref().map(|t| t as &dyn gantry_core::Transport),
             driver: self.driver()?,
             registries: &self.config.registries,
             credentials: &credentials,
@@ -161,6 +168,27 @@ impl Context {
             mirror_backoff: std::time::Duration::from_secs(self.config.mirror_backoff_seconds),
             ..Default::default()
         }
+    }
+
+    /// The legacy v1 transport (`gantry_transport_v1.wasm`, beside the
+    /// configured one, with the `[transport]` limits).
+    pub fn v1_transport(&self) -> Result<WasmTransport> {
+        let table = crate::config::PluginConfig {
+            kind: "v1".into(),
+            path: None,
+            runtime: "wasm".into(),
+            options: Default::default(),
+            limits: self.config.transport.limits,
+        };
+        let path = self.config.plugin_path("transport", &table)?;
+        let limits = table.limits.unwrap_or(self.config.limits).to_limits();
+        Ok(WasmTransport::load(
+            &self.host,
+            "v1",
+            &path,
+            limits,
+            self.config.registries.clone(),
+        )?)
     }
 
     pub fn transport(&self) -> Result<WasmTransport> {

@@ -170,6 +170,16 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// The storage v1 requests read from (a mirror's cache has no v1 view).
+    fn v1_storage(&self) -> Option<&dyn Storage> {
+        match self {
+            Backend::Storage(s) => Some(&**s),
+            Backend::Mirror(_) => None,
+        }
+    }
+}
+
 /// Answers one request.
 pub async fn handle(backend: &Backend, req: &Request<hyper::body::Incoming>) -> Response<Body> {
     let head = req.method() == Method::HEAD;
@@ -185,7 +195,11 @@ pub async fn handle(backend: &Backend, req: &Request<hyper::body::Incoming>) -> 
 }
 
 async fn answer(storage: &Backend, req: &Request<hyper::body::Incoming>) -> Result<Response<Body>, ApiError> {
-    let route = route(req.uri().path()).ok_or_else(ApiError::not_found)?;
+    let path = req.uri().path();
+    if path.starts_with("/v1/") || path == "/_ping" {
+        return v1_answer(storage, req);
+    }
+    let route = route(path).ok_or_else(ApiError::not_found)?;
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     if !read {
         return Err(ApiError::new(
@@ -309,6 +323,144 @@ async fn answer(storage: &Backend, req: &Request<hyper::body::Incoming>) -> Resu
             ))
         }
     }
+}
+
+/// The v1 read API (see `v1`): errors as the v1 registry wrote them,
+/// `{"error": "…"}`.
+fn v1_answer(backend: &Backend, req: &Request<hyper::body::Incoming>) -> Result<Response<Body>, ApiError> {
+    let head = req.method() == Method::HEAD;
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return Ok(v1_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "this registry is read-only",
+            head,
+        ));
+    }
+    let path = req.uri().path();
+    if path == "/v1/_ping" || path == "/_ping" {
+        let mut r = json(b"true".to_vec(), head);
+        let standalone = match backend {
+            Backend::Mirror(_) => "mirror",
+            Backend::Storage(_) => "true",
+        };
+        r.headers_mut()
+            .insert("X-Docker-Registry-Standalone", HeaderValue::from_static(standalone));
+        r.headers_mut()
+            .insert("X-Docker-Registry-Version", HeaderValue::from_static("0.9.1"));
+        return Ok(r);
+    }
+    let Some(storage) = backend.v1_storage() else {
+        return Ok(v1_error(
+            StatusCode::NOT_FOUND,
+            "v1 is served only with --from-store",
+            head,
+        ));
+    };
+    let not_found = |what: &str| Ok(v1_error(StatusCode::NOT_FOUND, what, head));
+    if let Some(rest) = path.strip_prefix("/v1/repositories/") {
+        let (name, what) = if let Some(n) = rest.strip_suffix("/images") {
+            (n, None)
+        } else if let Some(n) = rest.strip_suffix("/tags") {
+            (n, Some(None))
+        } else if let Some((n, tag)) = rest.rsplit_once("/tags/") {
+            (n, Some(Some(tag)))
+        } else {
+            return not_found("not found");
+        };
+        if !valid_repository(name) {
+            return Ok(v1_error(StatusCode::BAD_REQUEST, "invalid repository name", head));
+        }
+        return match what {
+            None => match storage.v1_images(name)? {
+                Some(ids) if !ids.is_empty() => {
+                    let list: Vec<_> = ids.iter().map(|id| serde_json::json!({ "id": id })).collect();
+                    Ok(json(serde_json::to_vec(&list).expect("serialisable"), head))
+                }
+                _ => not_found("images not found"),
+            },
+            Some(tag) => {
+                let Some(tags) = storage.v1_tags(name)?.filter(|t| !t.is_empty()) else {
+                    return not_found("Repository not found");
+                };
+                match tag {
+                    None => Ok(json(serde_json::to_vec(&tags).expect("serialisable"), head)),
+                    Some(t) => match tags.get(t) {
+                        Some(id) => Ok(json(serde_json::to_vec(id).expect("serialisable"), head)),
+                        None => not_found("Tag not found"),
+                    },
+                }
+            }
+        };
+    }
+    let Some(rest) = path.strip_prefix("/v1/images/") else {
+        return not_found("not found");
+    };
+    let Some((id, what)) = rest.split_once('/') else {
+        return not_found("not found");
+    };
+    if !crate::v1::valid_id(id) {
+        return Ok(v1_error(StatusCode::BAD_REQUEST, "invalid image id", head));
+    }
+    let Some(img) = storage.v1_image(id)? else {
+        return not_found("Image not found");
+    };
+    match what {
+        "ancestry" => {
+            let mut chain = vec![img.id.clone()];
+            let mut next = img.parent.clone();
+            // Bounded by the layer limit, and a loop cannot form: ids cover their parents.
+            while let Some(p) = next.take() {
+                if chain.len() > 256 || chain.contains(&p) {
+                    break;
+                }
+                next = storage.v1_image(&p)?.and_then(|i| i.parent);
+                chain.push(p);
+            }
+            Ok(json(serde_json::to_vec(&chain).expect("serialisable"), head))
+        }
+        "json" => {
+            let mut r = json(img.json.to_vec(), head);
+            r.headers_mut().insert("X-Docker-Size", HeaderValue::from(img.size));
+            r.headers_mut()
+                .insert("X-Docker-Checksum-Payload", value(img.blob.as_str()));
+            Ok(r)
+        }
+        "layer" => {
+            let size = img.size;
+            let range = match req.headers().get(RANGE) {
+                None => None,
+                Some(v) => match parse_range(v.to_str().unwrap_or(""), size) {
+                    Ok(r) => r,
+                    Err(()) => {
+                        let mut r = Response::new(empty());
+                        *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                        r.headers_mut().insert(CONTENT_RANGE, value(&format!("bytes */{size}")));
+                        return Ok(r);
+                    }
+                },
+            };
+            let span = range.clone().unwrap_or(0..size);
+            let body = if head {
+                empty()
+            } else {
+                match storage.v1_layer(id, span)? {
+                    Some(b) => b,
+                    None => return not_found("Image not found"),
+                }
+            };
+            Ok(blob_response(body, &img.blob, size, range))
+        }
+        _ => not_found("not found"),
+    }
+}
+
+fn v1_error(status: StatusCode, message: &str, head: bool) -> Response<Body> {
+    let mut r = json(
+        serde_json::to_vec(&serde_json::json!({ "error": message })).expect("serialisable"),
+        head,
+    );
+    *r.status_mut() = status;
+    r
 }
 
 /// A blob's answer: the whole of it, or `range` of it (206).

@@ -28,11 +28,38 @@ struct Repo {
     tags: BTreeMap<String, Digest>,
     manifests: HashMap<Digest, Manifest>,
     blobs: HashSet<Digest>,
+    /// v1: tag → top image id, and every image id.
+    v1_tags: BTreeMap<String, String>,
+    v1_ids: std::collections::BTreeSet<String>,
 }
 
 #[derive(Default)]
 struct Index {
     repos: BTreeMap<String, Repo>,
+    /// v1 images by id, of every repository.
+    v1: HashMap<String, crate::v1::V1Image>,
+}
+
+/// The v1 images of the image `c` names, if its manifest and config are held.
+fn v1_images(store: &Store, repo: &Repo, c: &ImageContent) -> Result<Vec<crate::v1::V1Image>, StorageError> {
+    let Some(m) = repo.manifests.get(&c.manifest) else {
+        return Ok(Vec::new());
+    };
+    let Ok(gantry_core::manifest::Parsed::Image(image)) = gantry_core::manifest::parse(&m.media_type, &m.bytes) else {
+        return Ok(Vec::new());
+    };
+    let Some(config) = store
+        .content
+        .read_small(&image.config.digest, gantry_core::manifest::MAX_CONFIG_BYTES)?
+    else {
+        return Ok(Vec::new());
+    };
+    let layers: Vec<(Digest, u64)> = image
+        .layers
+        .iter()
+        .map(|l| (l.blob.digest.clone(), l.blob.size))
+        .collect();
+    Ok(crate::v1::images_of(&layers, &image.config.digest, &config))
 }
 
 /// What a rebuild depends on: the references file and the content records.
@@ -131,7 +158,8 @@ fn build(store: &Store) -> Result<Index, StorageError> {
         if records.is_empty() {
             continue;
         }
-        let repo = index.repos.entry(r.path.clone()).or_default();
+        let Index { repos, v1 } = &mut index;
+        let repo = repos.entry(r.path.clone()).or_default();
         match (&r.tag, &r.digest) {
             (_, Some(d)) => {
                 for c in records
@@ -151,6 +179,14 @@ fn build(store: &Store) -> Result<Index, StorageError> {
                     .unwrap_or(0);
                 if let Some(top) = add(store, repo, &records[mine])? {
                     repo.tags.insert(tag.clone(), top);
+                    let chain = v1_images(store, repo, &records[mine])?;
+                    if let Some(t) = chain.last() {
+                        repo.v1_tags.insert(tag.clone(), t.id.clone());
+                    }
+                    for img in chain {
+                        repo.v1_ids.insert(img.id.clone());
+                        v1.insert(img.id.clone(), img);
+                    }
                 }
             }
             (None, None) => {}
@@ -208,10 +244,40 @@ impl Storage for StoreStorage {
         }
     }
 
+    fn v1_tags(&self, repo: &str) -> Result<Option<BTreeMap<String, String>>, StorageError> {
+        Ok(self.current()?.repos.get(repo).map(|r| r.v1_tags.clone()))
+    }
+
+    fn v1_images(&self, repo: &str) -> Result<Option<Vec<String>>, StorageError> {
+        Ok(self
+            .current()?
+            .repos
+            .get(repo)
+            .map(|r| r.v1_ids.iter().cloned().collect()))
+    }
+
+    fn v1_image(&self, id: &str) -> Result<Option<crate::v1::V1Image>, StorageError> {
+        Ok(self.current()?.v1.get(id).cloned())
+    }
+
+    fn v1_layer(&self, id: &str, range: Range<u64>) -> Result<Option<BlobBody>, StorageError> {
+        let Some(img) = self.current()?.v1.get(id).cloned() else {
+            return Ok(None);
+        };
+        self.mapped(&img.blob, range)
+    }
+
     fn blob(&self, repo: &str, digest: &Digest, range: Range<u64>) -> Result<Option<BlobBody>, StorageError> {
         if self.blob_size(repo, digest)?.is_none() {
             return Ok(None);
         }
+        self.mapped(digest, range)
+    }
+}
+
+impl StoreStorage {
+    /// Bytes `range` of content-store blob `digest`, mapped.
+    fn mapped(&self, digest: &Digest, range: Range<u64>) -> Result<Option<BlobBody>, StorageError> {
         let Some(file) = self.store.content.open_blob(digest)? else {
             return Ok(None);
         };

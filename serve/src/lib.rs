@@ -18,6 +18,7 @@ pub mod from_store;
 pub mod fs_storage;
 pub mod mirror;
 pub mod storage;
+pub mod v1;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};

@@ -63,4 +63,25 @@ pub trait Storage: Send + Sync + 'static {
     /// The bytes `range` of a blob `repo` links to (the caller has checked
     /// the range against [`Storage::blob_size`]).
     fn blob(&self, repo: &str, digest: &Digest, range: Range<u64>) -> Result<Option<BlobBody>, StorageError>;
+
+    /// v1: the tags of `repo` and the top image id each names; `None` when
+    /// this storage has no v1 view of the repository.
+    fn v1_tags(&self, _repo: &str) -> Result<Option<std::collections::BTreeMap<String, String>>, StorageError> {
+        Ok(None)
+    }
+
+    /// v1: every image id of `repo`, sorted.
+    fn v1_images(&self, _repo: &str) -> Result<Option<Vec<String>>, StorageError> {
+        Ok(None)
+    }
+
+    /// v1: one image by id.
+    fn v1_image(&self, _id: &str) -> Result<Option<crate::v1::V1Image>, StorageError> {
+        Ok(None)
+    }
+
+    /// v1: the bytes `range` of an image's layer.
+    fn v1_layer(&self, _id: &str, _range: Range<u64>) -> Result<Option<BlobBody>, StorageError> {
+        Ok(None)
+    }
 }

@@ -36,6 +36,24 @@ pub fn require(tool: &str) -> bool {
     found
 }
 
+/// The Python of the venv `make deps` gives the oras client
+/// (`target/oras-venv`), or `None` (a skip that says why).
+pub fn oras_python() -> Option<std::path::PathBuf> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/oras-venv/bin/python");
+    let ok = std::process::Command::new(&p)
+        .args(["-c", "import oras.client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(p);
+    }
+    if std::env::var_os("GANTRY_REQUIRE_PEERS").is_some() {
+        panic!("the oras client is required (GANTRY_REQUIRE_PEERS is set): run make deps");
+    }
+    eprintln!("skipped: the oras client is not installed (make deps)");
+    None
+}
+
 /// Whether we run as root (owners, devices and setuid need it).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -40,6 +40,8 @@ pub struct Faults {
     pub manifest_error_body: Option<(u16, Vec<u8>)>,
     /// Serve image manifests with `"manifests": []` added (CVE-2021-41190).
     pub ambiguous_manifest: bool,
+    /// Answer 404 to everything under `/v2` (a registry that speaks only v1).
+    pub no_v2: bool,
 }
 
 #[derive(Default)]
@@ -288,6 +290,10 @@ fn serve(
             ],
             b"{\"errors\":[{\"code\":\"UNAUTHORIZED\",\"message\":\"authentication required\"}]}",
         );
+        return;
+    }
+    if faults.no_v2 && (req.path == "/v2" || req.path.starts_with("/v2/")) {
+        respond(&mut w, 404, &[], b"404 page not found\n");
         return;
     }
     if req.path.contains("/manifests/") {

@@ -130,6 +130,18 @@ impl Transport for WasmTransport {
         })
     }
 
+    fn open_v1_layer(&self, ep: &Endpoint, repository: &str, id: &str, offset: u64) -> Result<ByteStream, PluginError> {
+        self.call("open-blob", ep, |s, p, ep| {
+            let r = p
+                .gantry_plugin_transport()
+                .call_open_blob(&mut *s, ep, repository, id, offset)?;
+            Ok(match r {
+                Ok(res) => Ok(s.data_mut().take_stream(res)?.0),
+                Err(e) => Err(e),
+            })
+        })
+    }
+
     fn list_tags(&self, ep: &Endpoint, repository: &str) -> Result<Vec<String>, PluginError> {
         self.call("list-tags", ep, |s, p, ep| {
             p.gantry_plugin_transport().call_list_tags(s, ep, repository)

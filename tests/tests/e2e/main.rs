@@ -16,6 +16,7 @@ mod pull;
 mod sandbox;
 mod serve;
 mod store;
+mod v1;
 
 use gantry_tests::gantry::Gantry;
 use gantry_tests::image::{Desc, Image, Layer, Layout};

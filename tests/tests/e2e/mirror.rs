@@ -209,3 +209,49 @@ fn a_client_pulls_through_a_mirror_that_serves_the_registry_under_a_prefix() {
     g2.ok(&["pull", &name]);
     g2.fsck_clean();
 }
+
+/// The oras Python client pushes an artifact (not an image) to the
+/// upstream and pulls it through the mirror.
+#[test]
+fn oras_pulls_an_artifact_through_the_mirror() {
+    if !peers() {
+        return;
+    }
+    let Some(python) = gantry_tests::oras_python() else {
+        return;
+    };
+    let upstream = Registry::start();
+    let mirror_store = Gantry::new();
+    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", upstream.addr())]);
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("notes.txt"), b"an artifact, not an image\n").unwrap();
+    let script = r#"
+import sys, oras.client
+op, host, target, outdir = sys.argv[1:5]
+c = oras.client.OrasClient(hostname=host, insecure=True)
+if op == "push":
+    c.push(files=["notes.txt"], target=target)
+else:
+    print(c.pull(target=target, outdir=outdir))
+"#;
+    let run = |op: &str, host: &str, outdir: &str| {
+        let out = std::process::Command::new(&python)
+            .current_dir(work.path())
+            .args(["-c", script, op, host, &format!("{host}/test/notes:v1"), outdir])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "oras {op}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run("push", &upstream.addr(), "-");
+    let out = work.path().join("out");
+    run("pull", &srv.addr, out.to_str().unwrap());
+    assert_eq!(
+        std::fs::read(out.join("notes.txt")).unwrap(),
+        b"an artifact, not an image\n"
+    );
+    assert!(srv.log().contains("\"GET /v2/test/notes/manifests/v1\" 200"));
+}

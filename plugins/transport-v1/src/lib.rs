@@ -1,0 +1,219 @@
+//! gantry-transport-v1: the legacy Docker Registry v1 pull, request for
+//! request as the v1 registry served it (seed 003): `/v1/_ping`,
+//! `/v1/repositories/<name>/images`, `…/tags`, `/v1/images/<id>/ancestry`,
+//! then each image's `json`, and its `layer` (resumed with `Range`) when
+//! the core opens it.
+//!
+//! v1 has no content digests: the core verifies what it can (ids, the
+//! ancestry's shape, sizes) and computes each layer's diffID as it applies
+//! it, as Docker migrated v1 images. Off unless the config enables v1 for a
+//! registry; then it is the last endpoint tried. Written against
+//! `gantry-kit`'s `Transport` trait.
+
+use gantry_kit::transport::http::{send, Request, Response};
+use gantry_kit::transport::{ByteStream, Credentials, Endpoint, Error, ProbeInfo, Resolved, Transport, V1Image};
+
+/// The most JSON one v1 answer may hold.
+const MAX_JSON: usize = 1 << 20;
+/// The deepest ancestry accepted (Docker's layer limit, plus one).
+const MAX_ANCESTRY: usize = 129;
+
+struct V1;
+
+fn read_all(body: &ByteStream, limit: usize) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    loop {
+        let chunk = body.read(64 * 1024)?;
+        if chunk.is_empty() {
+            return Ok(out);
+        }
+        out.extend_from_slice(&chunk);
+        if out.len() > limit {
+            return Err(Error::Invalid(format!("response is larger than {limit} bytes")));
+        }
+    }
+}
+
+fn header<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
+    resp.headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+fn basic(c: &Credentials) -> String {
+    format!(
+        "Basic {}",
+        gantry_kit::base64(format!("{}:{}", c.username, c.password).as_bytes())
+    )
+}
+
+fn status_error(status: u16, what: &str) -> Error {
+    let msg = format!("{what}: HTTP {status}");
+    match status {
+        404 => Error::NotFound(format!("{what} not found")),
+        401 => Error::Unauthorized(msg),
+        403 => Error::Denied(msg),
+        405 | 501 => Error::Unsupported(msg),
+        408 | 425 | 429 | 500..=599 => Error::Transient(msg),
+        _ => Error::Internal(msg),
+    }
+}
+
+/// GET with basic credentials when the registry asks for them.
+fn get(ep: &Endpoint, path: &str, headers: Vec<(String, String)>) -> Result<Response, Error> {
+    let url = format!("{}{path}", ep.url);
+    let req = |auth: Option<String>| {
+        let mut h = headers.clone();
+        if let Some(a) = auth {
+            h.push(("authorization".into(), a));
+        }
+        send(&Request {
+            method: "GET".into(),
+            url: url.clone(),
+            headers: h,
+        })
+    };
+    let resp = req(None)?;
+    match (&ep.credentials, resp.status) {
+        (Some(c), 401) => req(Some(basic(c))),
+        _ => Ok(resp),
+    }
+}
+
+/// A JSON answer of at most [`MAX_JSON`] bytes.
+fn get_json(ep: &Endpoint, path: &str, what: &str) -> Result<(Response, Vec<u8>), Error> {
+    let resp = get(ep, path, Vec::new())?;
+    let body = read_all(&resp.body, MAX_JSON)?;
+    if resp.status != 200 {
+        return Err(status_error(resp.status, what));
+    }
+    Ok((resp, body))
+}
+
+fn check_repository(repository: &str) -> Result<(), Error> {
+    let ok = !repository.is_empty()
+        && repository
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b))
+        && !repository.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!("invalid repository name {repository:?}")))
+    }
+}
+
+/// A v1 image id: 64 lowercase hex digits.
+fn check_id(id: &str) -> Result<(), Error> {
+    if id.len() == 64 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "invalid v1 image id {:?}",
+            &id[..id.len().min(80)]
+        )))
+    }
+}
+
+impl Transport for V1 {
+    fn probe(ep: Endpoint) -> Result<ProbeInfo, Error> {
+        let resp = get(&ep, "/v1/_ping", Vec::new())?;
+        let _ = read_all(&resp.body, 4096);
+        match resp.status {
+            200 => Ok(ProbeInfo { version: "v1".into() }),
+            s => Err(match status_error(s, "probing /v1/_ping") {
+                Error::NotFound(m) => Error::Unsupported(m),
+                e => e,
+            }),
+        }
+    }
+
+    fn resolve(ep: Endpoint, repository: String, reference: String, _accept: Vec<String>) -> Result<Resolved, Error> {
+        check_repository(&repository)?;
+        if reference.starts_with("sha256:") {
+            return Err(Error::Unsupported("a v1 registry cannot pull by digest".into()));
+        }
+        // The requests a v1 client makes, in its order.
+        let (_, _) = get_json(&ep, "/v1/_ping", "v1 ping")?;
+        let (_, _) = get_json(
+            &ep,
+            &format!("/v1/repositories/{repository}/images"),
+            &format!("images of {repository}"),
+        )?;
+        let (_, tags) = get_json(
+            &ep,
+            &format!("/v1/repositories/{repository}/tags"),
+            &format!("tags of {repository}"),
+        )?;
+        let tags: serde_json::Value =
+            serde_json::from_slice(&tags).map_err(|e| Error::Invalid(format!("tag list is not JSON: {e}")))?;
+        let id = tags
+            .get(&reference)
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::NotFound(format!("tag {reference} of {repository} not found")))?
+            .to_string();
+        check_id(&id)?;
+        let (_, ancestry) = get_json(&ep, &format!("/v1/images/{id}/ancestry"), &format!("ancestry of {id}"))?;
+        let ancestry: Vec<String> = serde_json::from_slice(&ancestry)
+            .map_err(|e| Error::Invalid(format!("ancestry of {id} is not a list of ids: {e}")))?;
+        if ancestry.len() > MAX_ANCESTRY {
+            return Err(Error::Invalid(format!(
+                "ancestry of {id} has {} images",
+                ancestry.len()
+            )));
+        }
+        // Oldest first, as a v1 client asks; returned image first.
+        let mut chain = Vec::with_capacity(ancestry.len());
+        for a in ancestry.iter().rev() {
+            check_id(a)?;
+            let (_, json) = get_json(&ep, &format!("/v1/images/{a}/json"), &format!("image {a}"))?;
+            chain.push(V1Image { id: a.clone(), json });
+        }
+        chain.reverse();
+        Ok(Resolved::V1Chain(chain))
+    }
+
+    /// `digest` is a v1 image id here: its layer.
+    fn open_blob(ep: Endpoint, repository: String, digest: String, offset: u64) -> Result<ByteStream, Error> {
+        check_repository(&repository)?;
+        check_id(&digest)?;
+        let mut headers = Vec::new();
+        if offset > 0 {
+            headers.push(("range".into(), format!("bytes={offset}-")));
+        }
+        let resp = get(&ep, &format!("/v1/images/{digest}/layer"), headers)?;
+        match resp.status {
+            200 if offset == 0 => Ok(resp.body),
+            206 if offset > 0 => {
+                let start = header(&resp, "content-range")
+                    .and_then(|r| r.strip_prefix("bytes "))
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|s| s.parse::<u64>().ok());
+                if start == Some(offset) {
+                    Ok(resp.body)
+                } else {
+                    Err(Error::Unsupported(format!(
+                        "layer {digest}: registry answered a different range"
+                    )))
+                }
+            }
+            200 => Err(Error::Unsupported(format!(
+                "layer {digest}: registry cannot resume a download"
+            ))),
+            s => Err(status_error(s, &format!("layer {digest}"))),
+        }
+    }
+
+    fn list_tags(ep: Endpoint, repository: String) -> Result<Vec<String>, Error> {
+        check_repository(&repository)?;
+        let (_, body) = get_json(&ep, &format!("/v1/repositories/{repository}/tags"), "tags")?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| Error::Invalid(format!("tag list is not JSON: {e}")))?;
+        let mut tags: Vec<String> = v.as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+        tags.sort();
+        Ok(tags)
+    }
+}
+
+gantry_kit::export_transport!(V1);

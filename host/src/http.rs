@@ -13,10 +13,17 @@
 //! request (`Host`, `Transfer-Encoding`, hop-by-hop ones) are the host's.
 
 use crate::plugin::bindings::WitError;
+use bytes::Bytes;
 use gantry_core::endpoint::{allows_plain_http, Registries};
 use gantry_core::text::{escape_line, redact_url};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::HttpConnector;
+use std::future::Future;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 pub struct HttpResponse {
@@ -25,11 +32,24 @@ pub struct HttpResponse {
     pub body: Box<dyn Read + Send>,
 }
 
-/// The client and the registry settings shared by every call of a transport.
+type Client = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector<Resolver>>, Empty<Bytes>>;
+
+/// The clients and the registry settings shared by every call of a
+/// transport. One HTTP stack with the server: hyper on tokio, rustls; the
+/// synchronous host calls bridge to it on a runtime of their own, and
+/// connections are kept and reused per origin.
 pub struct HttpPolicy {
-    agent: ureq::Agent,
+    rt: tokio::runtime::Runtime,
+    /// For hops to the registry's own host.
+    own_host: Client,
+    /// For every other hop: names resolve to public addresses only.
+    public_only: Client,
     registries: Registries,
 }
+
+/// How long a connection may take to open, and a read to bring anything.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 const MAX_REDIRECTS: usize = 10;
 
@@ -81,9 +101,32 @@ impl CallScope {
     }
 }
 
-thread_local! {
-    /// Whether the connection being made may only reach public addresses.
-    static PUBLIC_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// The clients' name resolver: the system's, keeping only public
+/// addresses for a client that may reach nothing else.
+#[derive(Clone)]
+struct Resolver {
+    public_only: bool,
+}
+
+impl tower_service::Service<Name> for Resolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let public_only = self.public_only;
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs = tokio::task::spawn_blocking(move || resolve(&host, public_only))
+                .await
+                .map_err(std::io::Error::other)??;
+            Ok(addrs.into_iter())
+        })
+    }
 }
 
 /// Whether `ip` is an address on the public internet (not loopback,
@@ -119,22 +162,91 @@ pub fn is_public(ip: IpAddr) -> bool {
     }
 }
 
-/// Resolves names for the client, keeping only public addresses while the
+/// Resolves `host` for a client, keeping only public addresses when the
 /// hop being made is not to the registry's own host, so a name cannot
 /// resolve a redirect or a realm onto an internal service.
-fn resolve(netloc: &str) -> std::io::Result<Vec<SocketAddr>> {
-    let addrs: Vec<SocketAddr> = netloc.to_socket_addrs()?.collect();
-    if !PUBLIC_ONLY.get() {
+fn resolve(host: &str, public_only: bool) -> std::io::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = (host, 0).to_socket_addrs()?.collect();
+    if !public_only {
         return Ok(addrs);
     }
     let public: Vec<SocketAddr> = addrs.into_iter().filter(|a| is_public(a.ip())).collect();
     if public.is_empty() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
-            format!("{} is not a public address", escape_line(netloc)),
+            format!("{} is not a public address", escape_line(host)),
         ));
     }
     Ok(public)
+}
+
+fn client(public_only: bool) -> Client {
+    let mut http = HttpConnector::new_with_resolver(Resolver { public_only });
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(https)
+}
+
+/// A response body read synchronously: each read waits (at most
+/// [`READ_TIMEOUT`]) for the next piece on the client's runtime.
+struct BodyReader {
+    rt: tokio::runtime::Handle,
+    body: hyper::body::Incoming,
+    buf: Bytes,
+}
+
+impl Read for BodyReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if !self.buf.is_empty() {
+                let n = out.len().min(self.buf.len());
+                out[..n].copy_from_slice(&self.buf.split_to(n));
+                return Ok(n);
+            }
+            let body = &mut self.body;
+            let frame = self
+                .rt
+                .block_on(async { tokio::time::timeout(READ_TIMEOUT, body.frame()).await });
+            match frame {
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the server sent nothing for 60 s",
+                    ))
+                }
+                Ok(None) => return Ok(0),
+                Ok(Some(Err(e))) => return Err(std::io::Error::other(e)),
+                Ok(Some(Ok(f))) => {
+                    if let Ok(d) = f.into_data() {
+                        self.buf = d;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s
 }
 
 /// `scheme://host:port` of a URL.
@@ -169,14 +281,22 @@ fn literal_is_internal(u: &url::Url) -> bool {
 
 impl HttpPolicy {
     pub fn new(registries: Registries) -> HttpPolicy {
-        let agent = ureq::AgentBuilder::new()
-            .redirects(0)
-            .resolver(resolve)
-            .timeout_connect(Duration::from_secs(15))
-            .timeout_read(Duration::from_secs(60))
-            .user_agent(concat!("gantry/", env!("CARGO_PKG_VERSION")))
-            .build();
-        HttpPolicy { agent, registries }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("gantry-http")
+            .enable_all()
+            .build()
+            .expect("starting the HTTP client's runtime");
+        let (own_host, public_only) = {
+            let _in_rt = rt.enter();
+            (client(false), client(true))
+        };
+        HttpPolicy {
+            rt,
+            own_host,
+            public_only,
+            registries,
+        }
     }
 
     fn check_scheme(&self, u: &url::Url) -> Result<(), WitError> {
@@ -250,41 +370,46 @@ impl HttpPolicy {
         let mut left_endpoint = false;
         for _ in 0..=MAX_REDIRECTS {
             self.check_hop(scope, &u)?;
-            let mut req = self.agent.request(method, u.as_str());
+            let mut req = hyper::Request::builder()
+                .method(method)
+                .uri(u.as_str())
+                .header("user-agent", concat!("gantry/", env!("CARGO_PKG_VERSION")));
             for (k, v) in &headers {
-                req = req.set(k, v);
+                req = req.header(k.as_str(), v.as_str());
             }
-            PUBLIC_ONLY.set(!scope.same_host(&u));
-            let called = req.call();
-            PUBLIC_ONLY.set(false);
+            let req = req
+                .body(Empty::new())
+                .map_err(|e| WitError::Invalid(format!("bad request: {}", escape_line(&e.to_string()))))?;
+            let client = if scope.same_host(&u) {
+                &self.own_host
+            } else {
+                &self.public_only
+            };
+            let called = self
+                .rt
+                .block_on(async { tokio::time::timeout(CONNECT_TIMEOUT + READ_TIMEOUT, client.request(req)).await });
             let resp = match called {
-                Ok(r) => r,
-                Err(ureq::Error::Status(_, r)) => r,
-                Err(ureq::Error::Transport(t)) => {
-                    // Built from the parts: ureq's own text starts with the
-                    // whole URL, query and all.
-                    let mut detail = t.kind().to_string();
-                    if let Some(m) = t.message() {
-                        detail.push_str(": ");
-                        detail.push_str(m);
-                    }
-                    if let Some(src) = std::error::Error::source(&t) {
-                        detail.push_str(": ");
-                        detail.push_str(&src.to_string());
-                    }
-                    let msg = format!("{}: {}", redact_url(&origin(&u)), escape_line(&detail));
-                    return Err(match t.kind() {
-                        ureq::ErrorKind::ConnectionFailed | ureq::ErrorKind::Dns | ureq::ErrorKind::InvalidUrl => {
-                            WitError::Unreachable(msg)
-                        }
-                        ureq::ErrorKind::Io => WitError::Transient(msg),
-                        _ => WitError::Unreachable(msg),
+                Ok(Ok(r)) => r,
+                Err(_) => {
+                    return Err(WitError::Transient(format!(
+                        "{}: no answer in time",
+                        redact_url(&origin(&u))
+                    )))
+                }
+                Ok(Err(e)) => {
+                    // Built from the parts: the URL (and its query) is shown redacted.
+                    let msg = format!("{}: {}", redact_url(&origin(&u)), escape_line(&chain(&e)));
+                    return Err(if e.is_connect() {
+                        WitError::Unreachable(msg)
+                    } else {
+                        WitError::Transient(msg)
                     });
                 }
             };
-            let status = resp.status();
+            let status = resp.status().as_u16();
+            let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
             if (300..400).contains(&status) && status != 304 {
-                if let Some(loc) = resp.header("location") {
+                if let Some(loc) = header("location") {
                     let next = u
                         .join(loc)
                         .map_err(|e| WitError::Invalid(format!("bad redirect {}: {e}", redact_url(loc))))?;
@@ -306,7 +431,7 @@ impl HttpPolicy {
             if status == 401 && !left_endpoint && origin(&u) == scope.endpoint_origin() {
                 // A realm counts only when the registry itself names it, and
                 // only for this call.
-                if let Some(realm) = resp.header("www-authenticate").and_then(realm_of) {
+                if let Some(realm) = header("www-authenticate").and_then(realm_of) {
                     if let Ok(r) = url::Url::parse(&realm) {
                         if self.check_hop(scope, &r).is_ok() && !scope.realms.contains(&origin(&r)) {
                             scope.realms.push(origin(&r));
@@ -315,14 +440,23 @@ impl HttpPolicy {
                 }
             }
             let headers = resp
-                .headers_names()
-                .into_iter()
-                .filter_map(|n| resp.header(&n).map(|v| (n.clone(), v.to_string())))
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect();
             return Ok(HttpResponse {
                 status,
                 headers,
-                body: Box::new(resp.into_reader()),
+                body: Box::new(BodyReader {
+                    rt: self.rt.handle().clone(),
+                    body: resp.into_body(),
+                    buf: Bytes::new(),
+                }),
             });
         }
         Err(WitError::Invalid(format!(
@@ -431,5 +565,12 @@ mod tests {
         assert!(p
             .check_hop(&local, &url::Url::parse("http://127.0.0.2:9000/x").unwrap())
             .is_err());
+    }
+
+    #[test]
+    fn the_public_only_resolver_drops_internal_addresses() {
+        let e = resolve("localhost", true).unwrap_err();
+        assert!(e.to_string().contains("not a public address"), "{e}");
+        assert!(!resolve("localhost", false).unwrap().is_empty());
     }
 }

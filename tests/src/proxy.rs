@@ -42,6 +42,8 @@ pub struct Faults {
     pub ambiguous_manifest: bool,
     /// Answer 404 to everything under `/v2` (a registry that speaks only v1).
     pub no_v2: bool,
+    /// Add one to every `X-Docker-Size` (a v1 registry lying about layer sizes).
+    pub lie_docker_size: bool,
 }
 
 #[derive(Default)]
@@ -333,6 +335,15 @@ fn serve(
     } else {
         forward(upstream, &req)
     };
+    if faults.lie_docker_size {
+        for (k, v) in headers.iter_mut() {
+            if k.eq_ignore_ascii_case("x-docker-size") {
+                if let Ok(n) = v.trim().parse::<u64>() {
+                    *v = (n + 1).to_string();
+                }
+            }
+        }
+    }
     if faults.ambiguous_manifest && req.path.contains("/manifests/") {
         if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) {
             if v.get("layers").is_some() {

@@ -174,15 +174,31 @@ impl Transport for V1 {
         Ok(Resolved::V1Chain(chain))
     }
 
-    /// `digest` is a v1 image id here: its layer.
+    /// `digest` is a v1 image id here: its layer. The size the registry
+    /// gave with the image's JSON (`X-Docker-Size`) must be the layer's:
+    /// the answer's length is checked against it (the host enforces that
+    /// length on the stream).
     fn open_blob(ep: Endpoint, repository: String, digest: String, offset: u64) -> Result<ByteStream, Error> {
         check_repository(&repository)?;
         check_id(&digest)?;
+        let (json, _) = get_json(&ep, &format!("/v1/images/{digest}/json"), &format!("image {digest}"))?;
+        let promised = header(&json, "x-docker-size").and_then(|s| s.trim().parse::<u64>().ok());
         let mut headers = Vec::new();
         if offset > 0 {
             headers.push(("range".into(), format!("bytes={offset}-")));
         }
         let resp = get(&ep, &format!("/v1/images/{digest}/layer"), headers)?;
+        if let (Some(size), Some(len)) = (
+            promised,
+            header(&resp, "content-length").and_then(|s| s.trim().parse::<u64>().ok()),
+        ) {
+            if matches!(resp.status, 200 | 206) && len + offset != size {
+                return Err(Error::Invalid(format!(
+                    "layer {digest} is {} bytes, its image said {size} (X-Docker-Size)",
+                    len + offset
+                )));
+            }
+        }
         match resp.status {
             200 if offset == 0 => Ok(resp.body),
             206 if offset > 0 => {

@@ -117,7 +117,12 @@ fn a_layer_of_a_million_files_loads_in_bounded_memory() {
     if !require("time") {
         return;
     }
-    let g = Gantry::new();
+    // About memory, not time: a million inodes may take a slow disk past
+    // the default 300 s a driver call may run.
+    let g = Gantry::new().with_config(&format!(
+        "[transport]\ntype = \"v2\"\n[driver]\ntype = \"{}\"\n[limits]\nwall_seconds = 3600\n",
+        Gantry::test_driver()
+    ));
     let (blob, diff_id) = zstd_stream(|w| {
         let mut b = tar::Builder::new(w);
         for d in 0..1000 {

@@ -123,9 +123,30 @@ fn gantry_pulls_over_v1_from_gantry_serve() {
         "/v1/repositories/test/app/tags".into(),
         "/v1/images/ID/ancestry".into(),
     ];
+    // Every JSON to check the chain first, then oldest first each image's
+    // JSON (its X-Docker-Size) and layer.
     want.extend(std::iter::repeat_n("/v1/images/ID/json".to_string(), 3));
-    want.extend(std::iter::repeat_n("/v1/images/ID/layer".to_string(), 3));
+    for _ in 0..3 {
+        want.push("/v1/images/ID/json".into());
+        want.push("/v1/images/ID/layer".into());
+    }
     assert_eq!(shape[shape.len() - want.len()..], want[..], "{log}");
+
+    // A registry lying about a layer's size: refused, nothing changed.
+    let liar = Proxy::start(
+        port,
+        Faults {
+            no_v2: true,
+            lie_docker_size: true,
+            ..Default::default()
+        },
+    );
+    let g3 = Gantry::new().with_config(&config(&liar.addr(), true));
+    g3.ok(&["images"]);
+    let before = g3.store_listing();
+    let err = g3.fails(&["pull", &format!("{}/test/app:v1", liar.addr())]);
+    assert!(err.contains("X-Docker-Size"), "{err}");
+    assert_eq!(g3.store_listing(), before);
 
     // A tag the v1 registry does not have: one line, nothing changed.
     let before = g.store_listing();

@@ -294,17 +294,9 @@ async fn answer(storage: &Backend, req: &Request<hyper::body::Incoming>) -> Resu
                 return Ok(blob_response(body, &digest, size, None));
             }
             let size = storage.blob_size(name, &digest).await?.ok_or_else(unknown)?;
-            let range = match req.headers().get(RANGE) {
-                None => None,
-                Some(v) => match parse_range(v.to_str().unwrap_or(""), size) {
-                    Ok(r) => r,
-                    Err(()) => {
-                        let mut r = Response::new(empty());
-                        *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
-                        r.headers_mut().insert(CONTENT_RANGE, value(&format!("bytes */{size}")));
-                        return Ok(r);
-                    }
-                },
+            let range = match requested_range(req, size) {
+                Ok(r) => r,
+                Err(()) => return Ok(unsatisfiable(size)),
             };
             let span = range.clone().unwrap_or(0..size);
             let body = if head {
@@ -427,17 +419,9 @@ fn v1_answer(backend: &Backend, req: &Request<hyper::body::Incoming>) -> Result<
         }
         "layer" => {
             let size = img.size;
-            let range = match req.headers().get(RANGE) {
-                None => None,
-                Some(v) => match parse_range(v.to_str().unwrap_or(""), size) {
-                    Ok(r) => r,
-                    Err(()) => {
-                        let mut r = Response::new(empty());
-                        *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
-                        r.headers_mut().insert(CONTENT_RANGE, value(&format!("bytes */{size}")));
-                        return Ok(r);
-                    }
-                },
+            let range = match requested_range(req, size) {
+                Ok(r) => r,
+                Err(()) => return Ok(unsatisfiable(size)),
             };
             let span = range.clone().unwrap_or(0..size);
             let body = if head {
@@ -548,6 +532,23 @@ fn paginate<'a>(all: &'a [String], n: Option<usize>, last: Option<&str>) -> (&'a
         Some(n) if n < rest.len() => (&rest[..n], rest[..n].last().map(|s| s.as_str())),
         _ => (rest, None),
     }
+}
+
+/// The range a request asks of a blob of `size` bytes (`None`: all of
+/// it); `Err` when it cannot be satisfied.
+fn requested_range(req: &Request<hyper::body::Incoming>, size: u64) -> Result<Option<std::ops::Range<u64>>, ()> {
+    match req.headers().get(RANGE) {
+        None => Ok(None),
+        Some(v) => parse_range(v.to_str().unwrap_or(""), size),
+    }
+}
+
+/// The 416 answer for a blob of `size` bytes.
+fn unsatisfiable(size: u64) -> Response<Body> {
+    let mut r = Response::new(empty());
+    *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+    r.headers_mut().insert(CONTENT_RANGE, value(&format!("bytes */{size}")));
+    r
 }
 
 /// One `bytes=` range of a blob of `size` bytes, as a half-open span;

@@ -281,21 +281,26 @@ impl StoreStorage {
         let Some(file) = self.store.content.open_blob(digest)? else {
             return Ok(None);
         };
-        let bytes = map(&file).map_err(|e| StorageError::Backend(format!("reading blob {digest}: {e}")))?;
-        let end = (range.end as usize).min(bytes.len());
-        let start = (range.start as usize).min(end);
-        Ok(Some(
-            http_body_util::Full::new(bytes.slice(start..end))
-                .map_err(|never| match never {})
-                .boxed(),
-        ))
+        mapped_range(&file, range)
+            .map(Some)
+            .map_err(|e| StorageError::Backend(format!("reading blob {digest}: {e}")))
     }
+}
+
+/// Bytes `range` of a file, mapped, as a body (a range past the end is cut).
+pub(crate) fn mapped_range(file: &std::fs::File, range: Range<u64>) -> std::io::Result<BlobBody> {
+    let bytes = map(file)?;
+    let end = (range.end as usize).min(bytes.len());
+    let start = (range.start as usize).min(end);
+    Ok(http_body_util::Full::new(bytes.slice(start..end))
+        .map_err(|never| match never {})
+        .boxed())
 }
 
 /// The file's bytes, mapped: the server writes them to the socket straight
 /// from the page cache. Content-store files are written once, renamed into
 /// place and never changed, so the mapping stays what was verified.
-pub(crate) fn map(file: &std::fs::File) -> std::io::Result<Bytes> {
+fn map(file: &std::fs::File) -> std::io::Result<Bytes> {
     if file.metadata()?.len() == 0 {
         return Ok(Bytes::new());
     }

@@ -18,7 +18,6 @@ use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
 use bytes::Bytes;
 use gantry_core::digest::Digest;
 use gantry_core::reference::{valid_repository, valid_tag};
-use http_body_util::BodyExt;
 use sha2::Digest as _;
 use std::io::Write;
 use std::ops::Range;
@@ -306,13 +305,8 @@ impl Storage for FsStorage {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(backend("reading a blob", e)),
         };
-        let bytes = crate::from_store::map(&file).map_err(|e| backend("reading a blob", e))?;
-        let end = (range.end as usize).min(bytes.len());
-        let start = (range.start as usize).min(end);
-        Ok(Some(
-            http_body_util::Full::new(bytes.slice(start..end))
-                .map_err(|never| match never {})
-                .boxed(),
-        ))
+        crate::from_store::mapped_range(&file, range)
+            .map(Some)
+            .map_err(|e| backend("reading a blob", e))
     }
 }

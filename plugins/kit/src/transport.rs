@@ -20,6 +20,66 @@ pub use bindings::exports::gantry::plugin::transport::{Credentials, Endpoint, Ma
 pub use bindings::gantry::plugin::http;
 pub use bindings::gantry::plugin::types::{ByteStream, Error};
 
+/// Reads a whole response body, refusing one larger than `limit` bytes.
+pub fn read_all(body: &ByteStream, limit: usize) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    loop {
+        let chunk = body.read(64 * 1024)?;
+        if chunk.is_empty() {
+            return Ok(out);
+        }
+        out.extend_from_slice(&chunk);
+        if out.len() > limit {
+            return Err(Error::Invalid(format!("response is larger than {limit} bytes")));
+        }
+    }
+}
+
+/// A response header by name (any case).
+pub fn header<'a>(resp: &'a http::Response, name: &str) -> Option<&'a str> {
+    resp.headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// The `Authorization` value of HTTP basic auth with `c`.
+pub fn basic_auth(c: &Credentials) -> String {
+    format!(
+        "Basic {}",
+        crate::base64(format!("{}:{}", c.username, c.password).as_bytes())
+    )
+}
+
+/// The body of a blob answer asked from byte `offset`: a 200 when
+/// `offset` is 0, a 206 that starts at `offset` otherwise (a registry that
+/// cannot resume is `unsupported`, so the host starts over). `Ok(Err(resp))`
+/// hands back any other answer for the caller to turn into an error.
+pub fn resumed_body(
+    resp: http::Response,
+    offset: u64,
+    what: &str,
+) -> Result<Result<ByteStream, http::Response>, Error> {
+    match resp.status {
+        200 if offset == 0 => Ok(Ok(resp.body)),
+        206 if offset > 0 => {
+            let start = header(&resp, "content-range")
+                .and_then(|r| r.strip_prefix("bytes "))
+                .and_then(|r| r.split('-').next())
+                .and_then(|s| s.parse::<u64>().ok());
+            if start == Some(offset) {
+                Ok(Ok(resp.body))
+            } else {
+                Err(Error::Unsupported(format!(
+                    "{what}: registry answered a different range"
+                )))
+            }
+        }
+        200 => Err(Error::Unsupported(format!("{what}: registry cannot resume a download"))),
+        _ => Ok(Err(resp)),
+    }
+}
+
 fn not_implemented<T>(what: &str) -> Result<T, Error> {
     Err(Error::Unsupported(format!("{what} is not implemented")))
 }

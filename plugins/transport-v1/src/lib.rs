@@ -11,7 +11,9 @@
 //! `gantry-kit`'s `Transport` trait.
 
 use gantry_kit::transport::http::{send, Request, Response};
-use gantry_kit::transport::{ByteStream, Credentials, Endpoint, Error, ProbeInfo, Resolved, Transport, V1Image};
+use gantry_kit::transport::{
+    basic_auth, header, read_all, resumed_body, ByteStream, Endpoint, Error, ProbeInfo, Resolved, Transport, V1Image,
+};
 
 /// The most JSON one v1 answer may hold.
 const MAX_JSON: usize = 1 << 20;
@@ -19,34 +21,6 @@ const MAX_JSON: usize = 1 << 20;
 const MAX_ANCESTRY: usize = 129;
 
 struct V1;
-
-fn read_all(body: &ByteStream, limit: usize) -> Result<Vec<u8>, Error> {
-    let mut out = Vec::new();
-    loop {
-        let chunk = body.read(64 * 1024)?;
-        if chunk.is_empty() {
-            return Ok(out);
-        }
-        out.extend_from_slice(&chunk);
-        if out.len() > limit {
-            return Err(Error::Invalid(format!("response is larger than {limit} bytes")));
-        }
-    }
-}
-
-fn header<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
-    resp.headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-}
-
-fn basic(c: &Credentials) -> String {
-    format!(
-        "Basic {}",
-        gantry_kit::base64(format!("{}:{}", c.username, c.password).as_bytes())
-    )
-}
 
 fn status_error(status: u16, what: &str) -> Error {
     let msg = format!("{what}: HTTP {status}");
@@ -76,7 +50,7 @@ fn get(ep: &Endpoint, path: &str, headers: Vec<(String, String)>) -> Result<Resp
     };
     let resp = req(None)?;
     match (&ep.credentials, resp.status) {
-        (Some(c), 401) => req(Some(basic(c))),
+        (Some(c), 401) => req(Some(basic_auth(c))),
         _ => Ok(resp),
     }
 }
@@ -199,25 +173,10 @@ impl Transport for V1 {
                 )));
             }
         }
-        match resp.status {
-            200 if offset == 0 => Ok(resp.body),
-            206 if offset > 0 => {
-                let start = header(&resp, "content-range")
-                    .and_then(|r| r.strip_prefix("bytes "))
-                    .and_then(|r| r.split('-').next())
-                    .and_then(|s| s.parse::<u64>().ok());
-                if start == Some(offset) {
-                    Ok(resp.body)
-                } else {
-                    Err(Error::Unsupported(format!(
-                        "layer {digest}: registry answered a different range"
-                    )))
-                }
-            }
-            200 => Err(Error::Unsupported(format!(
-                "layer {digest}: registry cannot resume a download"
-            ))),
-            s => Err(status_error(s, &format!("layer {digest}"))),
+        let what = format!("layer {digest}");
+        match resumed_body(resp, offset, &what)? {
+            Ok(body) => Ok(body),
+            Err(resp) => Err(status_error(resp.status, &what)),
         }
     }
 

@@ -10,7 +10,9 @@
 //! against `gantry-kit`'s `Transport` trait.
 
 use gantry_kit::transport::http::{send, Request, Response};
-use gantry_kit::transport::{ByteStream, Credentials, Endpoint, Error, Manifest, ProbeInfo, Resolved, Transport};
+use gantry_kit::transport::{
+    basic_auth, header, read_all, resumed_body, ByteStream, Endpoint, Error, Manifest, ProbeInfo, Resolved, Transport,
+};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -21,34 +23,6 @@ struct V2;
 thread_local! {
     /// Bearer tokens by (endpoint, scope), kept for the life of the instance.
     static TOKENS: RefCell<HashMap<(String, String), String>> = RefCell::new(HashMap::new());
-}
-
-fn read_all(body: &ByteStream, limit: usize) -> Result<Vec<u8>, Error> {
-    let mut out = Vec::new();
-    loop {
-        let chunk = body.read(64 * 1024)?;
-        if chunk.is_empty() {
-            return Ok(out);
-        }
-        out.extend_from_slice(&chunk);
-        if out.len() > limit {
-            return Err(Error::Invalid(format!("response is larger than {limit} bytes")));
-        }
-    }
-}
-
-fn header<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
-    resp.headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-}
-
-fn basic(c: &Credentials) -> String {
-    format!(
-        "Basic {}",
-        gantry_kit::base64(format!("{}:{}", c.username, c.password).as_bytes())
-    )
 }
 
 /// The registry's own words from an `{"errors":[{"code","message"}]}` body.
@@ -110,7 +84,7 @@ fn fetch_token(ep: &Endpoint, params: &[(String, String)], scope: &str) -> Resul
     }
     let mut headers = Vec::new();
     if let Some(c) = &ep.credentials {
-        headers.push(("authorization".to_string(), basic(c)));
+        headers.push(("authorization".to_string(), basic_auth(c)));
     }
     let resp = send(&Request {
         method: "GET".into(),
@@ -169,7 +143,7 @@ fn request(
         with_auth(Some(format!("Bearer {token}")))
     } else if scheme.eq_ignore_ascii_case("basic") {
         match &ep.credentials {
-            Some(c) => with_auth(Some(basic(c))),
+            Some(c) => with_auth(Some(basic_auth(c))),
             None => Ok(resp),
         }
     } else {
@@ -267,27 +241,12 @@ impl Transport for V2 {
             headers.push(("range".into(), format!("bytes={offset}-")));
         }
         let resp = request(&ep, "GET", url, headers, &pull_scope(&repository))?;
-        match resp.status {
-            200 if offset == 0 => Ok(resp.body),
-            206 if offset > 0 => {
-                let start = header(&resp, "content-range")
-                    .and_then(|r| r.strip_prefix("bytes "))
-                    .and_then(|r| r.split('-').next())
-                    .and_then(|s| s.parse::<u64>().ok());
-                if start == Some(offset) {
-                    Ok(resp.body)
-                } else {
-                    Err(Error::Unsupported(format!(
-                        "blob {digest}: registry answered a different range"
-                    )))
-                }
-            }
-            200 => Err(Error::Unsupported(format!(
-                "blob {digest}: registry cannot resume a download"
-            ))),
-            s => {
+        let what = format!("blob {digest}");
+        match resumed_body(resp, offset, &what)? {
+            Ok(body) => Ok(body),
+            Err(resp) => {
                 let body = read_all(&resp.body, 4096).unwrap_or_default();
-                Err(status_error(s, &format!("blob {digest}"), &body))
+                Err(status_error(resp.status, &what, &body))
             }
         }
     }

@@ -20,6 +20,21 @@ pub use bindings::exports::gantry::plugin::transport::{Credentials, Endpoint, Ma
 pub use bindings::gantry::plugin::http;
 pub use bindings::gantry::plugin::types::{ByteStream, Error};
 
+/// Refuses a repository name a URL path could be bent by (empty
+/// components, `.`/`..`, anything but `[a-z0-9._-/]`).
+pub fn check_repository(repository: &str) -> Result<(), Error> {
+    let ok = !repository.is_empty()
+        && repository
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b))
+        && !repository.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!("invalid repository name {repository:?}")))
+    }
+}
+
 /// Reads a whole response body, refusing one larger than `limit` bytes.
 pub fn read_all(body: &ByteStream, limit: usize) -> Result<Vec<u8>, Error> {
     let mut out = Vec::new();

@@ -12,7 +12,8 @@
 
 use gantry_kit::transport::http::{send, Request, Response};
 use gantry_kit::transport::{
-    basic_auth, header, read_all, resumed_body, ByteStream, Endpoint, Error, ProbeInfo, Resolved, Transport, V1Image,
+    basic_auth, check_repository, header, read_all, resumed_body, ByteStream, Endpoint, Error, ProbeInfo, Resolved,
+    Transport, V1Image,
 };
 
 /// The most JSON one v1 answer may hold.
@@ -63,19 +64,6 @@ fn get_json(ep: &Endpoint, path: &str, what: &str) -> Result<(Response, Vec<u8>)
         return Err(status_error(resp.status, what));
     }
     Ok((resp, body))
-}
-
-fn check_repository(repository: &str) -> Result<(), Error> {
-    let ok = !repository.is_empty()
-        && repository
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b))
-        && !repository.split('/').any(|c| c.is_empty() || c == "." || c == "..");
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Invalid(format!("invalid repository name {repository:?}")))
-    }
 }
 
 /// A v1 image id: 64 lowercase hex digits.

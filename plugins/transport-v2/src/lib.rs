@@ -11,7 +11,8 @@
 
 use gantry_kit::transport::http::{send, Request, Response};
 use gantry_kit::transport::{
-    basic_auth, header, read_all, resumed_body, ByteStream, Endpoint, Error, Manifest, ProbeInfo, Resolved, Transport,
+    basic_auth, check_repository, header, read_all, resumed_body, ByteStream, Endpoint, Error, Manifest, ProbeInfo,
+    Resolved, Transport,
 };
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -153,19 +154,6 @@ fn request(
 
 fn pull_scope(repository: &str) -> String {
     format!("repository:{repository}:pull")
-}
-
-fn check_repository(repository: &str) -> Result<(), Error> {
-    let ok = !repository.is_empty()
-        && repository
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b))
-        && !repository.split('/').any(|c| c.is_empty() || c == "." || c == "..");
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Invalid(format!("invalid repository name {repository:?}")))
-    }
 }
 
 fn check_reference(reference: &str) -> Result<(), Error> {

@@ -16,6 +16,9 @@ pub struct Context {
     pub store: Store,
     /// What start-up cleaning removed (left by a crash).
     pub cleared: Vec<String>,
+    /// Whether this process was alone on the store when it opened it (and
+    /// so could clear what a crash left).
+    pub alone: bool,
     pub host: PluginHost,
     driver: OnceLock<std::result::Result<AnyDriver, String>>,
 }
@@ -42,6 +45,7 @@ impl Context {
             config,
             store,
             cleared: Vec::new(),
+            alone,
             host,
             driver: OnceLock::new(),
         };

@@ -77,14 +77,17 @@ pub struct TagEntry {
 }
 
 impl FsStorage {
-    pub fn open(dir: &Path) -> Result<FsStorage, StorageError> {
+    /// Opens (creating) the storage at `dir`. `alone`: no other process
+    /// uses it, so ingest files a crash left (never visible) are removed.
+    pub fn open(dir: &Path, alone: bool) -> Result<FsStorage, StorageError> {
         for d in ["blobs/sha256", "ingest", "repositories"] {
             std::fs::create_dir_all(dir.join(d)).map_err(|e| backend(format!("creating {}", dir.display()), e))?;
         }
-        // Leftovers of a crash: never visible, removed.
-        if let Ok(rd) = std::fs::read_dir(dir.join("ingest")) {
-            for e in rd.flatten() {
-                let _ = std::fs::remove_file(e.path());
+        if alone {
+            if let Ok(rd) = std::fs::read_dir(dir.join("ingest")) {
+                for e in rd.flatten() {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
         Ok(FsStorage { dir: dir.to_path_buf() })
@@ -308,5 +311,37 @@ impl Storage for FsStorage {
         crate::from_store::mapped_range(&file, range)
             .map(Some)
             .map_err(|e| backend("reading a blob", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_hashed_to_its_digest_becomes_visible_and_ingest_is_cleared_only_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsStorage::open(dir.path(), true).unwrap();
+        let mut i = s.ingest().unwrap();
+        i.write(b"hello").unwrap();
+        let wrong = Digest::of(b"other");
+        assert!(s.commit_blob("a/b", i, &wrong).is_err());
+        assert!(!s.contains_blob(&wrong));
+        let mut i = s.ingest().unwrap();
+        i.write(b"hello").unwrap();
+        let right = Digest::of(b"hello");
+        s.commit_blob("a/b", i, &right).unwrap();
+        assert_eq!(s.blob_size("a/b", &right).unwrap(), Some(5));
+        assert_eq!(s.blob_size("c", &right).unwrap(), None, "linked to its repository only");
+        assert!(s.repo_dir("../x").is_err());
+
+        // Another process's ingest survives an open that is not alone.
+        let other = s.ingest().unwrap();
+        let left = other.path.clone();
+        std::mem::forget(other);
+        FsStorage::open(dir.path(), false).unwrap();
+        assert!(left.exists());
+        FsStorage::open(dir.path(), true).unwrap();
+        assert!(!left.exists());
     }
 }

@@ -658,7 +658,7 @@ mod tests {
             Upstream::parse("http://127.0.0.1:5000").unwrap(),
         ];
         let dir = tempfile::tempdir().unwrap();
-        let local = Arc::new(FsStorage::open(dir.path()).unwrap());
+        let local = Arc::new(FsStorage::open(dir.path(), true).unwrap());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

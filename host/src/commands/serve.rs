@@ -39,7 +39,8 @@ pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
             if upstreams.iter().filter(|u| u.prefix.is_none()).count() > 1 {
                 bail!("at most one --mirror-of may go without a NAME= prefix");
             }
-            let local = gantry_serve::fs_storage::FsStorage::open(&ctx.store.root().join("registry"))?;
+            // Ingest leftovers are cleared only when no other process shares the store.
+            let local = gantry_serve::fs_storage::FsStorage::open(&ctx.store.root().join("registry"), ctx.alone)?;
             Backend::Mirror(Arc::new(gantry_serve::mirror::Mirror::new(
                 Arc::new(local),
                 upstreams,

@@ -110,7 +110,9 @@ pub fn sniff(head: &[u8]) -> Compression {
 
 /// Wraps a blob reader in the decompressor its first bytes call for.
 pub fn decompress<'r, R: Read + Send + 'r>(r: R) -> io::Result<Box<dyn Read + Send + 'r>> {
-    let mut r = BufReader::with_capacity(256 << 10, r);
+    // 64 KiB: the buffer is zeroed on its first fill (the reader has no
+    // `read_buf`), which every small layer would pay for a bigger one.
+    let mut r = BufReader::with_capacity(64 << 10, r);
     let head = r.fill_buf()?;
     Ok(match sniff(head) {
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(r)),

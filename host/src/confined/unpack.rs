@@ -56,7 +56,9 @@ fn layer_xattrs<R: Read>(e: &mut tar::Entry<'_, R>) -> io::Result<Vec<(String, V
 /// Unpacks the tar stream `r` into the directory `root`. Returns the size of
 /// the content written (regular file bytes), as Docker reports a layer size.
 pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result<u64> {
-    let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 20, r));
+    // 64 KiB: a reader without `read_buf` has its buffer zeroed on the first
+    // fill, so a bigger one costs every small layer; file contents bypass it.
+    let mut ar = tar::Archive::new(BufReader::with_capacity(64 << 10, r));
     let mut written = Written::default();
     let mut dir_times = DirTimes::default();
     let mut size = 0u64;

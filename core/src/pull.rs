@@ -168,6 +168,11 @@ pub struct Spooled {
 }
 
 impl Spooled {
+    /// A spool file at `path`, removed when dropped.
+    pub(crate) fn at(path: PathBuf) -> Spooled {
+        Spooled { path }
+    }
+
     /// Opens the spooled blob for reading.
     pub fn open(&self) -> std::io::Result<File> {
         File::open(&self.path)

@@ -15,7 +15,7 @@
 use crate::digest::Digest;
 use crate::error::{Error, ErrorClass, PluginError, Result};
 use crate::plugin::{Endpoint, Resolved, Transport};
-use crate::pull::{PullOutcome, Puller, Status};
+use crate::pull::{PullOutcome, Puller, Spooled, Status};
 use crate::reference::Reference;
 use crate::stage::{ImageCommit, Staging};
 use crate::store::random_id;
@@ -131,9 +131,8 @@ impl Puller<'_> {
         for img in &chain {
             let short = &img.id[..12];
             self.progress.layer(short, Status::Downloading, 0, 0);
-            let path = self.download_v1(v1, ep, repo, &img.id)?;
-            let _remove = RemoveOnDrop(path.clone());
-            let file = std::fs::File::open(&path).map_err(|e| Error::io("opening a downloaded layer", e))?;
+            let spooled = self.download_v1(v1, ep, repo, &img.id)?;
+            let file = spooled.open().map_err(|e| Error::io("opening a downloaded layer", e))?;
             self.progress.layer(short, Status::Extracting, 0, 0);
             let (diff_id, _) = staging.apply(parent.as_ref(), None, Box::new(file), None, &img.id, None)?;
             parent = Some(Digest::chain(parent.as_ref(), &diff_id));
@@ -158,9 +157,9 @@ impl Puller<'_> {
 
     /// Downloads a v1 layer to a spool file, resuming after a cut; bounded
     /// by the layer limit (v1 gives no digest to check).
-    fn download_v1(&self, v1: &dyn Transport, ep: &Endpoint, repo: &str, id: &str) -> Result<std::path::PathBuf> {
+    fn download_v1(&self, v1: &dyn Transport, ep: &Endpoint, repo: &str, id: &str) -> Result<Spooled> {
         let path = self.store.blob_tmp().join(format!("v1-{id}-{}", &random_id()[..8]));
-        let guard = RemoveOnDrop(path.clone());
+        let spooled = Spooled::at(path.clone());
         let mut file = std::fs::File::create_new(&path).map_err(|e| Error::io("creating a download file", e))?;
         let mut got: u64 = 0;
         let mut attempt = 0;
@@ -201,17 +200,7 @@ impl Puller<'_> {
             std::thread::sleep(wait);
             wait *= 2;
         }
-        std::mem::forget(guard);
-        Ok(path)
-    }
-}
-
-/// Removes a spooled file when dropped.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        Ok(spooled)
     }
 }
 

@@ -66,15 +66,8 @@ impl ApiError {
 
     fn response(&self, head: bool) -> Response<Body> {
         let body = serde_json::json!({"errors": [{"code": self.code, "message": self.message, "detail": null}]});
-        let bytes = Bytes::from(serde_json::to_vec(&body).expect("serialisable"));
-        let len = bytes.len();
-        let mut r = Response::new(if head { empty() } else { full(bytes) });
+        let mut r = json(serde_json::to_vec(&body).expect("serialisable"), head);
         *r.status_mut() = self.status;
-        r.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=utf-8"),
-        );
-        r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(len));
         r
     }
 }

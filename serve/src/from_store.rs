@@ -132,19 +132,32 @@ fn read_manifest(store: &Store, digest: &Digest, media_type: &str) -> Result<Opt
 /// Adds what `c` names to `repo`; returns the digest a tag should answer
 /// with (the list it came from, else the manifest), if its manifests are held.
 fn add(store: &Store, repo: &mut Repo, c: &ImageContent) -> Result<Option<Digest>, StorageError> {
-    let Some(m) = read_manifest(store, &c.manifest, &c.manifest_type)? else {
+    if !hold(store, repo, &c.manifest, &c.manifest_type)? {
         return Ok(None);
-    };
-    repo.manifests.insert(m.digest.clone(), m);
+    }
     let mut top = c.manifest.clone();
     if let (Some(d), Some(t)) = (&c.index, &c.index_type) {
-        if let Some(list) = read_manifest(store, d, t)? {
-            repo.manifests.insert(d.clone(), list);
+        if hold(store, repo, d, t)? {
             top = d.clone();
         }
     }
     repo.blobs.extend(c.blobs.iter().cloned());
     Ok(Some(top))
+}
+
+/// Puts manifest `d` in `repo` unless it is there (read once per rebuild,
+/// though a tag and a digest reference both name it); whether it is held.
+fn hold(store: &Store, repo: &mut Repo, d: &Digest, media_type: &str) -> Result<bool, StorageError> {
+    if repo.manifests.contains_key(d) {
+        return Ok(true);
+    }
+    Ok(match read_manifest(store, d, media_type)? {
+        Some(m) => {
+            repo.manifests.insert(d.clone(), m);
+            true
+        }
+        None => false,
+    })
 }
 
 fn build(store: &Store) -> Result<Index, StorageError> {

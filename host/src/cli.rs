@@ -104,7 +104,9 @@ pub enum Command {
         #[arg(long)]
         repair: bool,
     },
-    /// Serve images as a registry (the v2 read API), until SIGTERM.
+    /// Serve a registry until SIGTERM: one that takes pushes (its storage
+    /// is `<root>/registry`), the store's images (`--from-store`), or a
+    /// pull-through cache (`--mirror-of`).
     Serve {
         /// The address to listen on; port 0 picks a free port (the address
         /// is printed once listening).
@@ -116,7 +118,7 @@ pub enum Command {
         from_store: bool,
         /// Be a pull-through cache of this registry: `URL`, or `NAME=URL`
         /// to serve it under `NAME/` (repeatable). The cache lives in
-        /// `<root>/registry`.
+        /// `<root>/mirror`.
         #[arg(long = "mirror-of", value_name = "[NAME=]URL")]
         mirror_of: Vec<String>,
         /// Seconds a cached tag answer is used before the upstream is asked
@@ -126,6 +128,10 @@ pub enum Command {
         /// Seconds a client may take to send a request's head, or stay idle.
         #[arg(long, default_value_t = 10)]
         header_timeout: u64,
+        /// Pushes need basic auth from this htpasswd file (bcrypt entries,
+        /// `htpasswd -B`); without it anyone who reaches the port may push.
+        #[arg(long, value_name = "FILE")]
+        htpasswd: Option<std::path::PathBuf>,
     },
     /// The plugin registry: what is configured, and what a component is.
     Plugin {

@@ -7,6 +7,8 @@
 //! Errors are the registry's JSON (`{"errors":[{"code",…}]}`) with the
 //! status the spec gives each code.
 
+use crate::fs_storage::FsStorage;
+use crate::htpasswd::Htpasswd;
 use crate::mirror::Mirror;
 use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
 use bytes::Bytes;
@@ -24,28 +26,37 @@ pub type Body = BlobBody;
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 10_000;
 
-fn full(b: impl Into<Bytes>) -> Body {
+pub(crate) fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
 /// A registry error: its code, the status it goes with, and a message.
+#[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    header: Option<(hyper::header::HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
             message: message.into(),
+            header: None,
         }
+    }
+
+    /// The same error with one more response header (`WWW-Authenticate`).
+    pub(crate) fn with_header(mut self, name: hyper::header::HeaderName, v: HeaderValue) -> ApiError {
+        self.header = Some((name, v));
+        self
     }
 
     fn name_invalid() -> ApiError {
@@ -68,13 +79,10 @@ impl ApiError {
         let body = serde_json::json!({"errors": [{"code": self.code, "message": self.message, "detail": null}]});
         let mut r = json(serde_json::to_vec(&body).expect("serialisable"), head);
         *r.status_mut() = self.status;
+        if let Some((k, v)) = &self.header {
+            r.headers_mut().insert(k.clone(), v.clone());
+        }
         r
-    }
-}
-
-impl From<crate::storage::StorageError> for ApiError {
-    fn from(e: crate::storage::StorageError) -> Self {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string())
     }
 }
 
@@ -86,7 +94,8 @@ enum Route<'a> {
     Tags(&'a str),
     Manifest(&'a str, &'a str),
     Blob(&'a str, &'a str),
-    Upload(&'a str),
+    /// A repository's upload sessions, or one of them.
+    Upload(&'a str, Option<&'a str>),
 }
 
 fn route(path: &str) -> Option<Route<'_>> {
@@ -103,8 +112,13 @@ fn route(path: &str) -> Option<Route<'_>> {
     if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
         return Some(Route::Manifest(name, reference));
     }
-    if let Some((name, _)) = rest.split_once("/blobs/uploads") {
-        return Some(Route::Upload(name));
+    if let Some((name, session)) = rest.rsplit_once("/blobs/uploads") {
+        let session = session.strip_prefix('/').unwrap_or(session);
+        return match session {
+            "" => Some(Route::Upload(name, None)),
+            s if !s.contains('/') => Some(Route::Upload(name, Some(s))),
+            _ => None,
+        };
     }
     if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
         return Some(Route::Blob(name, digest));
@@ -113,16 +127,23 @@ fn route(path: &str) -> Option<Route<'_>> {
 }
 
 /// What the handlers read from: a storage, or a pull-through mirror
-/// (a storage of its own filled from upstreams).
+/// (a storage of its own filled from upstreams), or a registry's own
+/// storage that takes pushes (writes allowed to the htpasswd file's users,
+/// or to anyone without one).
 pub enum Backend {
     Storage(Arc<dyn Storage>),
     Mirror(Arc<Mirror>),
+    Registry {
+        storage: Arc<FsStorage>,
+        htpasswd: Option<Arc<Htpasswd>>,
+    },
 }
 
 impl Backend {
     async fn catalog(&self) -> Result<Vec<String>, StorageError> {
         match self {
             Backend::Storage(s) => s.catalog(),
+            Backend::Registry { storage, .. } => storage.catalog(),
             Backend::Mirror(m) => m.local().catalog(),
         }
     }
@@ -130,6 +151,7 @@ impl Backend {
     async fn tags(&self, repo: &str) -> Result<Option<Vec<String>>, StorageError> {
         match self {
             Backend::Storage(s) => s.tags(repo),
+            Backend::Registry { storage, .. } => storage.tags(repo),
             Backend::Mirror(m) => m.local().tags(repo),
         }
     }
@@ -137,6 +159,7 @@ impl Backend {
     async fn has_repository(&self, repo: &str) -> Result<bool, StorageError> {
         match self {
             Backend::Storage(s) => s.has_repository(repo),
+            Backend::Registry { storage, .. } => storage.has_repository(repo),
             Backend::Mirror(m) => Ok(m.local().has_repository(repo)? || m.serves(repo)),
         }
     }
@@ -144,6 +167,7 @@ impl Backend {
     async fn manifest(&self, repo: &str, r: &ManifestRef) -> Result<Option<Manifest>, StorageError> {
         match self {
             Backend::Storage(s) => s.manifest(repo, r),
+            Backend::Registry { storage, .. } => storage.manifest(repo, r),
             Backend::Mirror(m) => m.manifest(repo, r).await,
         }
     }
@@ -151,6 +175,7 @@ impl Backend {
     async fn blob_size(&self, repo: &str, d: &Digest) -> Result<Option<u64>, StorageError> {
         match self {
             Backend::Storage(s) => s.blob_size(repo, d),
+            Backend::Registry { storage, .. } => storage.blob_size(repo, d),
             Backend::Mirror(m) => m.blob_size(repo, d).await,
         }
     }
@@ -158,6 +183,7 @@ impl Backend {
     async fn blob(&self, repo: &str, d: &Digest, range: std::ops::Range<u64>) -> Result<Option<Body>, StorageError> {
         match self {
             Backend::Storage(s) => s.blob(repo, d, range),
+            Backend::Registry { storage, .. } => storage.blob(repo, d, range),
             Backend::Mirror(m) => m.blob(repo, d, range).await,
         }
     }
@@ -168,13 +194,14 @@ impl Backend {
     fn v1_storage(&self) -> Option<&dyn Storage> {
         match self {
             Backend::Storage(s) => Some(&**s),
+            Backend::Registry { storage, .. } => Some(&**storage),
             Backend::Mirror(_) => None,
         }
     }
 }
 
 /// Answers one request.
-pub async fn handle(backend: &Backend, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+pub async fn handle(backend: &Backend, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let head = req.method() == Method::HEAD;
     let mut resp = match answer(backend, req).await {
         Ok(r) => r,
@@ -187,13 +214,25 @@ pub async fn handle(backend: &Backend, req: &Request<hyper::body::Incoming>) -> 
     resp
 }
 
-async fn answer(storage: &Backend, req: &Request<hyper::body::Incoming>) -> Result<Response<Body>, ApiError> {
-    let path = req.uri().path();
+async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_string();
     if path.starts_with("/v1/") || path == "/_ping" {
-        return v1_answer(storage, req);
+        return v1_answer(storage, &req);
     }
-    let route = route(path).ok_or_else(ApiError::not_found)?;
+    let route = route(&path).ok_or_else(ApiError::not_found)?;
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    if let Backend::Registry { storage, htpasswd } = storage {
+        if !read || matches!(route, Route::Upload(..)) {
+            return write(storage, htpasswd.as_deref(), route, req).await;
+        }
+        // Clients learn from `/v2/` whether to send credentials (skopeo
+        // sends them only when challenged there): with an htpasswd file it
+        // challenges anyone without them, though every read stays open.
+        if route == Route::Base {
+            crate::push::authorize(htpasswd.as_deref(), &req)?;
+        }
+    }
+    let req = &req;
     if !read {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -239,23 +278,7 @@ async fn answer(storage: &Backend, req: &Request<hyper::body::Incoming>) -> Resu
         }
         Route::Manifest(name, reference) => {
             name_ok(name)?;
-            let reference = if reference.starts_with("sha256:") || reference.contains(':') {
-                ManifestRef::Digest(reference.parse::<Digest>().map_err(|_| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "DIGEST_INVALID",
-                        "provided digest did not match uploaded content",
-                    )
-                })?)
-            } else if valid_tag(reference) {
-                ManifestRef::Tag(reference.to_string())
-            } else {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "TAG_INVALID",
-                    "manifest tag did not match URI",
-                ));
-            };
+            let reference = manifest_ref(reference)?;
             let Some(m) = storage.manifest(name, &reference).await? else {
                 if !storage.has_repository(name).await? {
                     return Err(ApiError::name_unknown());
@@ -299,7 +322,7 @@ async fn answer(storage: &Backend, req: &Request<hyper::body::Incoming>) -> Resu
             };
             Ok(blob_response(body, &digest, size, range))
         }
-        Route::Upload(name) => {
+        Route::Upload(name, _) => {
             name_ok(name)?;
             Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -307,6 +330,75 @@ async fn answer(storage: &Backend, req: &Request<hyper::body::Incoming>) -> Resu
                 "this registry is read-only: the operation is unsupported",
             ))
         }
+    }
+}
+
+/// The write side of a registry's own storage (see `push`), and upload
+/// session status (`GET` of a session), which needs the same rights.
+async fn write(
+    storage: &FsStorage,
+    htpasswd: Option<&Htpasswd>,
+    route: Route<'_>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    crate::push::authorize(htpasswd, &req)?;
+    let name_ok = |n: &str| {
+        if valid_repository(n) {
+            Ok(())
+        } else {
+            Err(ApiError::name_invalid())
+        }
+    };
+    let not_allowed = || {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "the operation is unsupported",
+        )
+    };
+    match route {
+        Route::Upload(name, session) => {
+            name_ok(name)?;
+            crate::push::upload(storage, name, session, req).await
+        }
+        Route::Manifest(name, reference) => {
+            name_ok(name)?;
+            let reference = manifest_ref(reference)?;
+            match *req.method() {
+                Method::PUT => crate::push::put_manifest(storage, name, reference, req).await,
+                Method::DELETE => crate::push::delete_manifest(storage, name, &reference),
+                _ => Err(not_allowed()),
+            }
+        }
+        Route::Blob(name, digest) if req.method() == Method::DELETE => {
+            name_ok(name)?;
+            let digest: Digest = digest
+                .parse()
+                .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest"))?;
+            crate::push::delete_blob(storage, name, &digest)
+        }
+        _ => Err(not_allowed()),
+    }
+}
+
+/// A manifest reference from a path: a digest or a tag.
+fn manifest_ref(reference: &str) -> Result<ManifestRef, ApiError> {
+    if reference.starts_with("sha256:") || reference.contains(':') {
+        Ok(ManifestRef::Digest(reference.parse::<Digest>().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "DIGEST_INVALID",
+                "provided digest did not match uploaded content",
+            )
+        })?))
+    } else if valid_tag(reference) {
+        Ok(ManifestRef::Tag(reference.to_string()))
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "TAG_INVALID",
+            "manifest tag did not match URI",
+        ))
     }
 }
 
@@ -326,7 +418,7 @@ fn v1_answer(backend: &Backend, req: &Request<hyper::body::Incoming>) -> Result<
         let mut r = json(b"true".to_vec(), head);
         let standalone = match backend {
             Backend::Mirror(_) => "mirror",
-            Backend::Storage(_) => "true",
+            Backend::Storage(_) | Backend::Registry { .. } => "true",
         };
         r.headers_mut()
             .insert("X-Docker-Registry-Standalone", HeaderValue::from_static(standalone));
@@ -462,11 +554,11 @@ fn blob_response(body: Body, digest: &Digest, size: u64, range: Option<std::ops:
 
 /// A header value from text the server made (digests, media types from
 /// stored manifests); anything unprintable becomes a safe placeholder.
-fn value(s: &str) -> HeaderValue {
+pub(crate) fn value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
-fn json(body: Vec<u8>, head: bool) -> Response<Body> {
+pub(crate) fn json(body: Vec<u8>, head: bool) -> Response<Body> {
     let len = body.len();
     let mut r = Response::new(if head { empty() } else { full(body) });
     r.headers_mut().insert(
@@ -594,7 +686,12 @@ mod tests {
             Some(Route::Manifest("a/manifests/b", "v1"))
         );
         assert_eq!(route("/v2/a/blobs/sha256:00"), Some(Route::Blob("a", "sha256:00")));
-        assert_eq!(route("/v2/a/blobs/uploads/"), Some(Route::Upload("a")));
+        assert_eq!(route("/v2/a/blobs/uploads/"), Some(Route::Upload("a", None)));
+        assert_eq!(
+            route("/v2/a/b/blobs/uploads/0f"),
+            Some(Route::Upload("a/b", Some("0f")))
+        );
+        assert_eq!(route("/v2/a/blobs/uploads/x/y"), None);
         assert_eq!(route("/v1/_ping"), None);
     }
 

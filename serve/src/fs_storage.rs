@@ -1,9 +1,10 @@
 //! The registry's own storage on a filesystem (the pull-through cache of
-//! `--mirror-of` writes here; pushes will too):
+//! `--mirror-of` writes here, and so do pushes):
 //!
 //! ```text
 //! <dir>/blobs/sha256/<hex>                      verified blobs and manifests
 //! <dir>/ingest/<random>                         being written; never served
+//! <dir>/uploads/<uuid>/{repository,data}        a push's upload session
 //! <dir>/repositories/<name>/_blobs/<hex>        the blob is linked to the repository
 //! <dir>/repositories/<name>/_manifests/<hex>    the manifest's media type
 //! <dir>/repositories/<name>/_tags/<tag>         {"digest", "fetched"} (seconds)
@@ -19,13 +20,50 @@ use bytes::Bytes;
 use gantry_core::digest::Digest;
 use gantry_core::reference::{valid_repository, valid_tag};
 use sha2::Digest as _;
-use std::io::Write;
+use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub struct FsStorage {
     dir: PathBuf,
+    /// Upload sessions this process has touched: their hash state, so a
+    /// chunk costs only its own bytes. A session from before a restart is
+    /// hashed again from its data file when first used.
+    uploads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Upload>>>>>,
+}
+
+/// An upload session's data file, hashed and counted as it grows.
+pub struct Upload {
+    file: std::fs::File,
+    hasher: sha2::Sha256,
+    len: u64,
+}
+
+impl Upload {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn write(&mut self, chunk: &[u8]) -> Result<(), StorageError> {
+        self.file
+            .write_all(chunk)
+            .map_err(|e| backend("writing an upload", e))?;
+        self.hasher.update(chunk);
+        self.len += chunk.len() as u64;
+        Ok(())
+    }
+}
+
+/// A session id: 32 lowercase hex digits (anything else never reaches a path).
+fn valid_uuid(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn backend(what: impl std::fmt::Display, e: std::io::Error) -> StorageError {
@@ -80,7 +118,7 @@ impl FsStorage {
     /// Opens (creating) the storage at `dir`. `alone`: no other process
     /// uses it, so ingest files a crash left (never visible) are removed.
     pub fn open(dir: &Path, alone: bool) -> Result<FsStorage, StorageError> {
-        for d in ["blobs/sha256", "ingest", "repositories"] {
+        for d in ["blobs/sha256", "ingest", "repositories", "uploads"] {
             std::fs::create_dir_all(dir.join(d)).map_err(|e| backend(format!("creating {}", dir.display()), e))?;
         }
         if alone {
@@ -90,7 +128,160 @@ impl FsStorage {
                 }
             }
         }
-        Ok(FsStorage { dir: dir.to_path_buf() })
+        Ok(FsStorage {
+            dir: dir.to_path_buf(),
+            uploads: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Starts an upload session for `repo`; its id.
+    pub fn start_upload(&self, repo: &str) -> Result<String, StorageError> {
+        self.repo_dir(repo)?;
+        let uuid = gantry_core::store::random_id()[..32].to_string();
+        let dir = self.dir.join("uploads").join(&uuid);
+        std::fs::create_dir(&dir)
+            .and_then(|()| std::fs::write(dir.join("repository"), repo))
+            .and_then(|()| std::fs::File::create_new(dir.join("data")).map(drop))
+            .map_err(|e| backend("starting an upload", e))?;
+        Ok(uuid)
+    }
+
+    /// Upload session `uuid` of `repo` (a session of another repository
+    /// is unknown here). Lock it for as long as a request writes to it.
+    pub fn upload(&self, repo: &str, uuid: &str) -> Result<Arc<tokio::sync::Mutex<Option<Upload>>>, StorageError> {
+        if !valid_uuid(uuid) {
+            return Err(StorageError::UploadUnknown);
+        }
+        let dir = self.dir.join("uploads").join(uuid);
+        match std::fs::read_to_string(dir.join("repository")) {
+            Ok(r) if r == repo => {}
+            Ok(_) => return Err(StorageError::UploadUnknown),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StorageError::UploadUnknown),
+            Err(e) => return Err(backend("reading an upload", e)),
+        }
+        let mut map = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(map.entry(uuid.to_string()).or_default().clone())
+    }
+
+    /// Fills a session's state from its data file when this process has
+    /// none yet (a session started before a restart).
+    pub fn load_upload(&self, uuid: &str, slot: &mut Option<Upload>) -> Result<(), StorageError> {
+        if slot.is_some() {
+            return Ok(());
+        }
+        let path = self.dir.join("uploads").join(uuid).join("data");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => StorageError::UploadUnknown,
+                _ => backend("opening an upload", e),
+            })?;
+        let mut hasher = sha2::Sha256::new();
+        let mut len = 0u64;
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = file.read(&mut buf).map_err(|e| backend("reading an upload", e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            len += n as u64;
+        }
+        *slot = Some(Upload { file, hasher, len });
+        Ok(())
+    }
+
+    /// Ends a session as blob `digest` of `repo` — only if its bytes hash
+    /// to it (a mismatch leaves the session as it was, for the client to
+    /// cancel). The blob is on disk before it becomes visible.
+    pub fn finish_upload(
+        &self,
+        repo: &str,
+        uuid: &str,
+        slot: &mut Option<Upload>,
+        digest: &Digest,
+    ) -> Result<(), StorageError> {
+        self.load_upload(uuid, slot)?;
+        let up = slot.as_mut().expect("loaded");
+        let got = Digest::from_hasher(up.hasher.clone());
+        if got != *digest {
+            return Err(StorageError::DigestMismatch {
+                expected: digest.clone(),
+                got,
+            });
+        }
+        let dir = self.dir.join("uploads").join(uuid);
+        if !self.contains_blob(digest) {
+            up.file.sync_data().map_err(|e| backend("storing a blob", e))?;
+            std::fs::rename(dir.join("data"), self.blob_path(digest)).map_err(|e| backend("storing a blob", e))?;
+        }
+        self.link_blob(repo, digest)?;
+        *slot = None;
+        self.drop_upload(uuid);
+        Ok(())
+    }
+
+    /// Cancels session `uuid` of `repo`.
+    pub fn cancel_upload(&self, repo: &str, uuid: &str) -> Result<(), StorageError> {
+        self.upload(repo, uuid)?;
+        self.drop_upload(uuid);
+        Ok(())
+    }
+
+    fn drop_upload(&self, uuid: &str) {
+        let _ = std::fs::remove_dir_all(self.dir.join("uploads").join(uuid));
+        self.uploads.lock().unwrap_or_else(|p| p.into_inner()).remove(uuid);
+    }
+
+    /// Links blob `digest` of repository `from` into `repo` (a
+    /// cross-repository mount); false when `from` does not hold it.
+    pub fn mount_blob(&self, repo: &str, from: &str, digest: &Digest) -> Result<bool, StorageError> {
+        if !valid_repository(from) || !self.linked(from, digest)? || !self.contains_blob(digest) {
+            return Ok(false);
+        }
+        self.link_blob(repo, digest)?;
+        Ok(true)
+    }
+
+    /// Removes manifest `digest` from `repo`, and every tag naming it;
+    /// false when the repository has no such manifest.
+    pub fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool, StorageError> {
+        let dir = self.repo_dir(repo)?;
+        match std::fs::remove_file(dir.join("_manifests").join(digest.hex())) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(backend("deleting a manifest", e)),
+        }
+        for tag in self.tags(repo)?.unwrap_or_default() {
+            if self.tag(repo, &tag)?.is_some_and(|t| t.digest == *digest) {
+                let _ = std::fs::remove_file(dir.join("_tags").join(&tag));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Removes `tag` from `repo`; false when there is no such tag.
+    pub fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool, StorageError> {
+        if !valid_tag(tag) {
+            return Ok(false);
+        }
+        match std::fs::remove_file(self.repo_dir(repo)?.join("_tags").join(tag)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(backend("deleting a tag", e)),
+        }
+    }
+
+    /// Unlinks blob `digest` from `repo` (the bytes stay for other
+    /// repositories); false when it was not linked.
+    pub fn delete_blob(&self, repo: &str, digest: &Digest) -> Result<bool, StorageError> {
+        match std::fs::remove_file(self.repo_dir(repo)?.join("_blobs").join(digest.hex())) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(backend("deleting a blob", e)),
+        }
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
@@ -129,9 +320,10 @@ impl FsStorage {
     pub fn commit_blob(&self, repo: &str, mut ingest: Ingest, digest: &Digest) -> Result<(), StorageError> {
         let got = ingest.digest();
         if got != *digest {
-            return Err(StorageError::Backend(format!(
-                "content does not match its digest {digest} (it is {got})"
-            )));
+            return Err(StorageError::DigestMismatch {
+                expected: digest.clone(),
+                got,
+            });
         }
         ingest.file.flush().map_err(|e| backend("writing a blob", e))?;
         if !self.contains_blob(digest) {

@@ -16,7 +16,9 @@
 pub mod api;
 pub mod from_store;
 pub mod fs_storage;
+pub mod htpasswd;
 pub mod mirror;
+mod push;
 pub mod storage;
 pub mod v1;
 
@@ -122,8 +124,9 @@ async fn serve(listener: tokio::net::TcpListener, options: Options, backend: Arc
             let backend = backend.clone();
             async move {
                 let started = Instant::now();
-                let resp = api::handle(&backend, &req).await;
-                log(peer, &req, &resp, started);
+                let (method, target) = (req.method().clone(), req.uri().clone());
+                let resp = api::handle(&backend, req).await;
+                log(peer, &method, &target, &resp, started);
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
@@ -144,11 +147,12 @@ async fn serve(listener: tokio::net::TcpListener, options: Options, backend: Arc
 /// body length, time to answer.
 fn log(
     peer: SocketAddr,
-    req: &hyper::Request<hyper::body::Incoming>,
+    method: &hyper::Method,
+    uri: &hyper::Uri,
     resp: &hyper::Response<api::Body>,
     started: Instant,
 ) {
-    let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("");
+    let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
     let len = resp
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
@@ -156,7 +160,7 @@ fn log(
         .unwrap_or("-");
     let line = format!(
         "{peer} \"{} {}\" {} {len} {:.1}ms\n",
-        req.method(),
+        method,
         gantry_core::text::escape_line(target),
         resp.status().as_u16(),
         started.elapsed().as_secs_f64() * 1000.0

@@ -21,6 +21,12 @@ pub enum StorageError {
     /// client gets a 500, the operator the message.
     #[error("{0}")]
     Backend(String),
+    /// What was uploaded does not hash to the digest the client named.
+    #[error("content does not match its digest {expected} (it is {got})")]
+    DigestMismatch { expected: Digest, got: Digest },
+    /// No such upload session in this repository.
+    #[error("upload session unknown")]
+    UploadUnknown,
 }
 
 impl From<gantry_core::Error> for StorageError {

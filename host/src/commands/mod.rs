@@ -56,6 +56,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             mirror_of,
             tag_ttl,
             header_timeout,
+            htpasswd,
         } => serve::run(
             &ctx,
             serve::Mode {
@@ -64,6 +65,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 mirror_of,
                 tag_ttl,
                 header_timeout,
+                htpasswd,
             },
         ),
     }

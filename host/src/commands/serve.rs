@@ -1,6 +1,7 @@
-//! `gantry serve`: the registry server (crate `gantry-serve`) over this
-//! store's images (`--from-store`) or as a pull-through cache of other
-//! registries (`--mirror-of`, cached in `<root>/registry`).
+//! `gantry serve`: the registry server (crate `gantry-serve`): a registry
+//! of its own that takes pushes (`<root>/registry`), this store's images
+//! (`--from-store`), or a pull-through cache of other registries
+//! (`--mirror-of`, cached in `<root>/mirror`).
 
 use crate::context::Context;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -17,14 +18,29 @@ pub struct Mode {
     pub mirror_of: Vec<String>,
     pub tag_ttl: u64,
     pub header_timeout: u64,
+    pub htpasswd: Option<std::path::PathBuf>,
 }
 
 pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
+    if mode.htpasswd.is_some() && (mode.from_store || !mode.mirror_of.is_empty()) {
+        bail!("--htpasswd guards pushes, which only a registry of its own takes (no --from-store or --mirror-of)");
+    }
     let backend = match (mode.from_store, mode.mirror_of.is_empty()) {
         (true, false) => bail!("serve takes --from-store or --mirror-of, not both"),
-        (false, true) => bail!(
-            "serve needs --from-store or --mirror-of URL: a registry storage of its own for pushes comes with push"
-        ),
+        (false, true) => {
+            let htpasswd = match &mode.htpasswd {
+                Some(p) => Some(Arc::new(gantry_serve::htpasswd::Htpasswd::read(p)?)),
+                None => {
+                    eprintln!("gantry serve: pushes need no credentials (give --htpasswd FILE to require them)");
+                    None
+                }
+            };
+            let storage = gantry_serve::fs_storage::FsStorage::open(&ctx.store.root().join("registry"), ctx.alone)?;
+            Backend::Registry {
+                storage: Arc::new(storage),
+                htpasswd,
+            }
+        }
         (true, true) => {
             // A handle of the server's own, shared with its threads.
             let (store, _) = Store::open(ctx.store.root(), ctx.store.driver_name()).context("opening the store")?;
@@ -40,7 +56,7 @@ pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
                 bail!("at most one --mirror-of may go without a NAME= prefix");
             }
             // Ingest leftovers are cleared only when no other process shares the store.
-            let local = gantry_serve::fs_storage::FsStorage::open(&ctx.store.root().join("registry"), ctx.alone)?;
+            let local = gantry_serve::fs_storage::FsStorage::open(&ctx.store.root().join("mirror"), ctx.alone)?;
             Backend::Mirror(Arc::new(gantry_serve::mirror::Mirror::new(
                 Arc::new(local),
                 upstreams,

@@ -13,6 +13,7 @@ mod mirror;
 mod native;
 mod overlay2;
 mod pull;
+mod push;
 mod sandbox;
 mod serve;
 mod store;

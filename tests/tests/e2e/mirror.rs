@@ -24,7 +24,7 @@ fn skopeo_digest(addr: &str, name: &str) -> String {
 
 /// The blobs the mirror cached (digests).
 fn cached(server_store: &Gantry) -> Vec<String> {
-    let dir = server_store.root_path().join("registry/blobs/sha256");
+    let dir = server_store.root_path().join("mirror/blobs/sha256");
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.map(|e| format!("sha256:{}", e.unwrap().file_name().to_string_lossy()))
@@ -36,7 +36,7 @@ fn cached(server_store: &Gantry) -> Vec<String> {
 }
 
 fn ingest_is_empty(server_store: &Gantry) -> bool {
-    std::fs::read_dir(server_store.root_path().join("registry/ingest"))
+    std::fs::read_dir(server_store.root_path().join("mirror/ingest"))
         .map(|mut rd| rd.next().is_none())
         .unwrap_or(true)
 }

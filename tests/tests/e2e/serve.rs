@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-fn skopeo(args: &[&str]) -> String {
+pub(crate) fn skopeo(args: &[&str]) -> String {
     let out = std::process::Command::new("skopeo").args(args).output().unwrap();
     assert!(
         out.status.success(),
@@ -23,7 +23,7 @@ fn skopeo(args: &[&str]) -> String {
 }
 
 /// Sends `request` as is and reads the answer until the server closes.
-fn raw(addr: &str, request: &[u8]) -> String {
+pub(crate) fn raw(addr: &str, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let _ = s.write_all(request);
@@ -32,29 +32,29 @@ fn raw(addr: &str, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn get(addr: &str, path: &str) -> String {
+pub(crate) fn get(addr: &str, path: &str) -> String {
     raw(
         addr,
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
 }
 
-fn status(resp: &str) -> u16 {
+pub(crate) fn status(resp: &str) -> u16 {
     resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
-fn body(resp: &str) -> &str {
+pub(crate) fn body(resp: &str) -> &str {
     resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("")
 }
 
-fn header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
+pub(crate) fn header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
     resp.split("\r\n\r\n").next()?.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         k.eq_ignore_ascii_case(name).then(|| v.trim())
     })
 }
 
-fn error_code(resp: &str) -> String {
+pub(crate) fn error_code(resp: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(body(resp)).unwrap_or_else(|_| panic!("not JSON: {resp}"));
     v["errors"][0]["code"].as_str().unwrap_or("").to_string()
 }

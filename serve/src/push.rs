@@ -1,0 +1,484 @@
+//! The registry's write side (the distribution spec's push and content
+//! management endpoints) over [`FsStorage`]:
+//!
+//! - upload sessions: `POST …/blobs/uploads/` opens one (or, with
+//!   `?digest=`, takes a whole blob at once; with `?mount=&from=`, links a
+//!   blob another repository holds), `PATCH` appends a chunk (a
+//!   `Content-Range` that does not start where the session ends is a 416),
+//!   `GET` says how far it got (`Range`), `PUT ?digest=` ends it, `DELETE`
+//!   cancels it. A session belongs to the repository that opened it.
+//! - a blob becomes visible only when its bytes hashed to the digest the
+//!   client named, and after they are on disk;
+//! - `PUT …/manifests/REF` takes a manifest of at most 4 MiB whose every
+//!   referenced blob (or, for an index, manifest) the repository holds;
+//! - `DELETE` of a manifest by digest (and its tags), a tag, or a blob's
+//!   link.
+//!
+//! With an htpasswd file every write needs basic auth; reads stay open.
+
+use crate::api::{empty, value, ApiError, Body};
+use crate::fs_storage::FsStorage;
+use crate::htpasswd::Htpasswd;
+use crate::storage::{Manifest, ManifestRef, Storage, StorageError};
+use bytes::Bytes;
+use gantry_core::digest::Digest;
+use gantry_core::reference::valid_tag;
+use http_body_util::BodyExt;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE, WWW_AUTHENTICATE};
+use hyper::{Method, Request, Response, StatusCode};
+use std::time::Duration;
+
+/// The largest manifest accepted (distribution's limit).
+const MAX_MANIFEST: usize = 4 << 20;
+
+/// How long a request body may stall between two reads.
+const BODY_IDLE: Duration = Duration::from_secs(60);
+
+fn upload_unknown() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "BLOB_UPLOAD_UNKNOWN",
+        "blob upload unknown to registry",
+    )
+}
+
+fn digest_invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", message)
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::UploadUnknown => upload_unknown(),
+            e @ StorageError::DigestMismatch { .. } => digest_invalid(e.to_string()),
+            StorageError::Backend(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", m),
+        }
+    }
+}
+
+/// A query parameter's value (percent-decoded).
+fn query(req: &Request<hyper::body::Incoming>, key: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_digest(s: &str) -> Result<Digest, ApiError> {
+    s.parse().map_err(|_| digest_invalid("invalid digest"))
+}
+
+/// Whether the request may write, answering 401 when it may not.
+pub(crate) fn authorize(htpasswd: Option<&Htpasswd>, req: &Request<hyper::body::Incoming>) -> Result<(), ApiError> {
+    let Some(h) = htpasswd else { return Ok(()) };
+    let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if h.allows(header) {
+        Ok(())
+    } else {
+        Err(
+            ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required")
+                .with_header(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"gantry\"")),
+        )
+    }
+}
+
+/// Writes a request body into an upload session.
+async fn pump(body: hyper::body::Incoming, up: &mut crate::fs_storage::Upload) -> Result<(), ApiError> {
+    let mut body = body;
+    loop {
+        let frame = tokio::time::timeout(BODY_IDLE, body.frame()).await.map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "BLOB_UPLOAD_INVALID",
+                "request body stalled",
+            )
+        })?;
+        match frame {
+            None => return Ok(()),
+            Some(Err(e)) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "BLOB_UPLOAD_INVALID",
+                    format!("reading the request body: {e}"),
+                ))
+            }
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    up.write(&data)?;
+                }
+            }
+        }
+    }
+}
+
+/// Reads a whole request body of at most `limit` bytes.
+async fn read_body(body: hyper::body::Incoming, limit: usize) -> Result<Option<Bytes>, ApiError> {
+    let limited = http_body_util::Limited::new(body, limit);
+    match tokio::time::timeout(BODY_IDLE, limited.collect()).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "MANIFEST_INVALID",
+            "request body stalled",
+        )),
+        Ok(Ok(c)) => Ok(Some(c.to_bytes())),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Ok(None),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_INVALID",
+            format!("reading the request body: {e}"),
+        )),
+    }
+}
+
+/// `202 Accepted` for session `uuid` holding `len` bytes.
+fn session_response(status: StatusCode, name: &str, uuid: &str, len: u64) -> Response<Body> {
+    let mut r = Response::new(empty());
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(LOCATION, value(&format!("/v2/{name}/blobs/uploads/{uuid}")));
+    // Distribution's convention: an empty session reports `0-0`.
+    h.insert(RANGE, value(&format!("0-{}", len.max(1) - 1)));
+    h.insert("Docker-Upload-UUID", value(uuid));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(0));
+    r
+}
+
+/// `201 Created` for blob `digest` of `name`.
+fn blob_created(name: &str, digest: &Digest) -> Response<Body> {
+    let mut r = Response::new(empty());
+    *r.status_mut() = StatusCode::CREATED;
+    let h = r.headers_mut();
+    h.insert(LOCATION, value(&format!("/v2/{name}/blobs/{digest}")));
+    h.insert("Docker-Content-Digest", value(digest.as_str()));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(0));
+    r
+}
+
+fn accepted() -> Response<Body> {
+    let mut r = Response::new(empty());
+    *r.status_mut() = StatusCode::ACCEPTED;
+    r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(0));
+    r
+}
+
+/// `POST`, `PATCH`, `PUT`, `GET` and `DELETE` of `…/blobs/uploads/[UUID]`.
+pub(crate) async fn upload(
+    storage: &FsStorage,
+    name: &str,
+    uuid: Option<&str>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let method = req.method().clone();
+    let Some(uuid) = uuid else {
+        if method != Method::POST {
+            return Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                "use POST to start an upload",
+            ));
+        }
+        if let Some(mount) = query(&req, "mount") {
+            let digest = parse_digest(&mount)?;
+            if let Some(from) = query(&req, "from") {
+                if storage.mount_blob(name, &from, &digest)? {
+                    return Ok(blob_created(name, &digest));
+                }
+            }
+            // Not mountable: a session to upload into, as the spec says.
+        }
+        let uuid = storage.start_upload(name)?;
+        if let Some(d) = query(&req, "digest") {
+            let digest = parse_digest(&d)?;
+            return finish(storage, name, &uuid, &digest, req).await;
+        }
+        return Ok(session_response(StatusCode::ACCEPTED, name, &uuid, 0));
+    };
+    match method {
+        Method::GET | Method::HEAD => {
+            let session = storage.upload(name, uuid)?;
+            let mut slot = session.lock().await;
+            storage.load_upload(uuid, &mut slot)?;
+            let len = slot.as_ref().map(|u| u.len()).unwrap_or(0);
+            Ok(session_response(StatusCode::NO_CONTENT, name, uuid, len))
+        }
+        Method::PATCH => {
+            let session = storage.upload(name, uuid)?;
+            let mut slot = session.lock().await;
+            storage.load_upload(uuid, &mut slot)?;
+            let up = slot.as_mut().expect("loaded");
+            if let Some(range) = req.headers().get("content-range").and_then(|v| v.to_str().ok()) {
+                let start = range
+                    .trim()
+                    .trim_start_matches("bytes ")
+                    .split(['-', '/'])
+                    .next()
+                    .and_then(|s| s.trim().parse::<u64>().ok());
+                if start != Some(up.len()) {
+                    let mut r = session_response(StatusCode::RANGE_NOT_SATISFIABLE, name, uuid, up.len());
+                    let body = serde_json::json!({"errors": [{"code": "BLOB_UPLOAD_INVALID", "message": "chunk out of order: the session holds a different length", "detail": null}]});
+                    let bytes = serde_json::to_vec(&body).expect("serialisable");
+                    r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                    r.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("application/json; charset=utf-8"),
+                    );
+                    *r.body_mut() = crate::api::full(bytes);
+                    return Ok(r);
+                }
+            }
+            let result = pump(req.into_body(), up).await;
+            let len = up.len();
+            result?;
+            Ok(session_response(StatusCode::ACCEPTED, name, uuid, len))
+        }
+        Method::PUT => {
+            let digest = query(&req, "digest").ok_or_else(|| digest_invalid("digest missing"))?;
+            let digest = parse_digest(&digest)?;
+            finish(storage, name, uuid, &digest, req).await
+        }
+        Method::DELETE => {
+            storage.cancel_upload(name, uuid)?;
+            let mut r = Response::new(empty());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            Ok(r)
+        }
+        _ => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "method not allowed",
+        )),
+    }
+}
+
+/// Writes the last chunk (the request's body, maybe empty) and ends the
+/// session as `digest`. A mismatch cancels the session: nothing is kept.
+async fn finish(
+    storage: &FsStorage,
+    name: &str,
+    uuid: &str,
+    digest: &Digest,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let session = storage.upload(name, uuid)?;
+    let mut slot = session.lock().await;
+    storage.load_upload(uuid, &mut slot)?;
+    pump(req.into_body(), slot.as_mut().expect("loaded")).await?;
+    match storage.finish_upload(name, uuid, &mut slot, digest) {
+        Ok(()) => Ok(blob_created(name, digest)),
+        Err(e @ StorageError::DigestMismatch { .. }) => {
+            *slot = None;
+            let _ = storage.cancel_upload(name, uuid);
+            Err(e.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The digests a manifest names that must already be in the repository:
+/// blobs (config and layers; a foreign layer with `urls` is not held), or
+/// for an index, manifests.
+fn references(doc: &serde_json::Value) -> Result<(Vec<Digest>, Vec<Digest>), ApiError> {
+    let invalid = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", m.to_string());
+    if doc.get("schemaVersion").and_then(|v| v.as_u64()) != Some(2) {
+        return Err(invalid("manifest invalid: only schemaVersion 2 is accepted"));
+    }
+    let digest_of = |d: &serde_json::Value| -> Result<Digest, ApiError> {
+        d.get("digest")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| invalid("manifest invalid: a descriptor has no digest"))
+            .and_then(parse_digest)
+    };
+    let mut blobs = Vec::new();
+    let mut manifests = Vec::new();
+    if let Some(list) = doc.get("manifests").and_then(|m| m.as_array()) {
+        for m in list {
+            manifests.push(digest_of(m)?);
+        }
+        return Ok((blobs, manifests));
+    }
+    let config = doc
+        .get("config")
+        .ok_or_else(|| invalid("manifest invalid: no config"))?;
+    blobs.push(digest_of(config)?);
+    for l in doc.get("layers").and_then(|l| l.as_array()).into_iter().flatten() {
+        let foreign = l.get("urls").and_then(|u| u.as_array()).is_some_and(|u| !u.is_empty());
+        if !foreign {
+            blobs.push(digest_of(l)?);
+        }
+    }
+    Ok((blobs, manifests))
+}
+
+/// `PUT …/manifests/REF`.
+pub(crate) async fn put_manifest(
+    storage: &FsStorage,
+    name: &str,
+    reference: ManifestRef,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|c| c.split(';').next().unwrap_or("").trim().to_string());
+    let bytes = read_body(req.into_body(), MAX_MANIFEST).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "MANIFEST_INVALID",
+            "manifest is larger than 4 MiB",
+        )
+    })?;
+    let digest = Digest::of(&bytes);
+    if let ManifestRef::Digest(d) = &reference {
+        if *d != digest {
+            return Err(digest_invalid(format!("manifest is {digest}, not {d}")));
+        }
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_INVALID",
+            format!("manifest invalid: {e}"),
+        )
+    })?;
+    let media_type = doc
+        .get("mediaType")
+        .and_then(|m| m.as_str())
+        .map(str::to_string)
+        .or(content_type)
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "MANIFEST_INVALID",
+                "manifest invalid: no media type",
+            )
+        })?;
+    let (blobs, manifests) = references(&doc)?;
+    for b in &blobs {
+        if storage.blob_size(name, b)?.is_none() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "MANIFEST_BLOB_UNKNOWN",
+                format!("blob unknown to registry: {b}"),
+            ));
+        }
+    }
+    for m in &manifests {
+        if storage.manifest(name, &ManifestRef::Digest(m.clone()))?.is_none() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "MANIFEST_UNKNOWN",
+                format!("manifest unknown: {m}"),
+            ));
+        }
+    }
+    let tag = match &reference {
+        ManifestRef::Tag(t) => Some(t.as_str()),
+        ManifestRef::Digest(_) => None,
+    };
+    storage.put_manifest(
+        name,
+        &Manifest {
+            media_type,
+            digest: digest.clone(),
+            bytes,
+        },
+        tag,
+    )?;
+    let mut r = Response::new(empty());
+    *r.status_mut() = StatusCode::CREATED;
+    let h = r.headers_mut();
+    h.insert(LOCATION, value(&format!("/v2/{name}/manifests/{digest}")));
+    h.insert("Docker-Content-Digest", value(digest.as_str()));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(0));
+    Ok(r)
+}
+
+/// `DELETE …/manifests/REF`: by digest, the manifest and its tags; by tag,
+/// the tag.
+pub(crate) fn delete_manifest(
+    storage: &FsStorage,
+    name: &str,
+    reference: &ManifestRef,
+) -> Result<Response<Body>, ApiError> {
+    let found = match reference {
+        ManifestRef::Digest(d) => storage.delete_manifest(name, d)?,
+        ManifestRef::Tag(t) => valid_tag(t) && storage.delete_tag(name, t)?,
+    };
+    if found {
+        Ok(accepted())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            "manifest unknown",
+        ))
+    }
+}
+
+/// `DELETE …/blobs/DIGEST`.
+pub(crate) fn delete_blob(storage: &FsStorage, name: &str, digest: &Digest) -> Result<Response<Body>, ApiError> {
+    if storage.delete_blob(name, digest)? {
+        Ok(accepted())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            "blob unknown to registry",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(percent_decode("sha256%3Aab"), "sha256:ab");
+        assert_eq!(percent_decode("a%2Fb"), "a/b");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn manifests_name_their_blobs_and_foreign_layers_are_not_held() {
+        let doc = serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"digest": format!("sha256:{}", "a".repeat(64))},
+            "layers": [
+                {"digest": format!("sha256:{}", "b".repeat(64))},
+                {"digest": format!("sha256:{}", "c".repeat(64)), "urls": ["https://example.com/x"]},
+            ]
+        });
+        let (blobs, manifests) = references(&doc).unwrap();
+        assert_eq!(blobs.len(), 2);
+        assert!(manifests.is_empty());
+        assert!(references(&serde_json::json!({"schemaVersion": 1})).is_err());
+    }
+}

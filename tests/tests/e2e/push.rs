@@ -1,0 +1,290 @@
+//! Pushes: `gantry serve` taking pushes from a real client (skopeo) and
+//! refusing bad ones; `gantry push` to docker-registry and to gantry serve.
+
+use crate::serve::{error_code, get, header, raw, skopeo, status};
+use crate::{assert_export_matches_umoci, peers};
+use gantry_tests::gantry::Gantry;
+use gantry_tests::image::{rich_layers, sha256, Image, Layout};
+
+/// `METHOD PATH` with `headers` and `body` on a connection of its own.
+fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> String {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    raw(addr, &bytes)
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+#[test]
+fn skopeo_pushes_into_gantry_serve_and_gantry_pulls_it_back() {
+    if !peers() {
+        return;
+    }
+    let server_store = Gantry::new();
+    let srv = server_store.serve(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut layout = Layout::create(dir.path());
+    let (m, _) = layout.image(&Image::new(rich_layers()));
+    layout.tag("v1", &m, None);
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", dir.path().display()),
+        &format!("docker://{}/team/app:v1", srv.addr),
+    ]);
+    // A second repository: skopeo mounts what the registry already has.
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", dir.path().display()),
+        &format!("docker://{}/team/copy:v1", srv.addr),
+    ]);
+    let inspected: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{}/team/app:v1", srv.addr),
+    ]))
+    .unwrap();
+    assert_eq!(
+        inspected["Digest"],
+        m.digest.as_str(),
+        "the pushed manifest, byte for byte"
+    );
+    let catalog = get(&srv.addr, "/v2/_catalog");
+    assert!(
+        catalog.contains("\"team/app\"") && catalog.contains("\"team/copy\""),
+        "{catalog}"
+    );
+
+    let g = Gantry::new();
+    let name = format!("{}/team/copy:v1", srv.addr);
+    g.ok(&["pull", &name]);
+    assert_export_matches_umoci(&g, &name, dir.path(), "v1");
+    g.fsck_clean();
+}
+
+#[test]
+fn gantry_serve_refuses_bad_pushes_and_keeps_nothing_of_them() {
+    if !peers() {
+        return;
+    }
+    let g = Gantry::new();
+    let srv = g.serve(&[]);
+    let a = srv.addr.clone();
+
+    // A session: started, a chunk out of order refused, chunks in order kept.
+    let r = send(&a, "POST", "/v2/team/app/blobs/uploads/", &[], b"");
+    assert_eq!(status(&r), 202, "{r}");
+    let loc = header(&r, "location").unwrap().to_string();
+    assert_eq!(header(&r, "range"), Some("0-0"));
+    let r = send(&a, "PATCH", &loc, &[("Content-Range", "5-9")], b"world");
+    assert_eq!(status(&r), 416, "{r}");
+    assert_eq!(error_code(&r), "BLOB_UPLOAD_INVALID");
+    let r = send(&a, "PATCH", &loc, &[("Content-Range", "0-4")], b"hello");
+    assert_eq!((status(&r), header(&r, "range")), (202, Some("0-4")), "{r}");
+    // A session is its repository's alone.
+    let other = loc.replace("/team/app/", "/team/other/");
+    let r = send(&a, "PATCH", &other, &[], b"x");
+    assert_eq!(
+        (status(&r), error_code(&r).as_str()),
+        (404, "BLOB_UPLOAD_UNKNOWN"),
+        "{r}"
+    );
+    let r = get(&a, &loc);
+    assert_eq!((status(&r), header(&r, "range")), (204, Some("0-4")), "{r}");
+    // A wrong digest: refused, the blob never visible, the session gone.
+    let wrong = sha256(b"something else");
+    let r = send(&a, "PUT", &format!("{loc}?digest={wrong}"), &[], b" world");
+    assert_eq!((status(&r), error_code(&r).as_str()), (400, "DIGEST_INVALID"), "{r}");
+    assert_eq!(status(&get(&a, &format!("/v2/team/app/blobs/{wrong}"))), 404);
+    assert_eq!(status(&get(&a, &loc)), 404, "a failed session is gone");
+
+    // A connection cut halfway through a chunk: what arrived is kept, the
+    // client asks how far it got and sends the rest.
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let digest = sha256(&data);
+    let r = send(&a, "POST", "/v2/team/app/blobs/uploads/", &[], b"");
+    let loc = header(&r, "location").unwrap().to_string();
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&a).unwrap();
+        let head = format!(
+            "PATCH {loc} HTTP/1.1\r\nHost: {a}\r\nContent-Range: 0-{}\r\nContent-Length: {}\r\n\r\n",
+            data.len() - 1,
+            data.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&data[..120_000]).unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let mut got = 0;
+    for _ in 0..50 {
+        let r = get(&a, &loc);
+        got = header(&r, "range")
+            .and_then(|r| r.split('-').nth(1))
+            .and_then(|e| e.parse::<usize>().ok())
+            .map(|e| e + 1)
+            .unwrap_or(0);
+        if got == 120_000 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(got, 120_000, "the bytes that arrived are kept");
+    let r = send(
+        &a,
+        "PATCH",
+        &loc,
+        &[("Content-Range", &format!("{got}-{}", data.len() - 1))],
+        &data[got..],
+    );
+    assert_eq!(status(&r), 202, "{r}");
+    let r = send(&a, "PUT", &format!("{loc}?digest={digest}"), &[], b"");
+    assert_eq!(status(&r), 201, "{r}");
+    assert_eq!(header(&r, "docker-content-digest"), Some(digest.as_str()));
+    let r = get(&a, &format!("/v2/team/app/blobs/{digest}"));
+    assert_eq!(status(&r), 200);
+
+    // A monolithic upload, then a mount into another repository.
+    let small = b"{\"architecture\":\"amd64\",\"os\":\"linux\",\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[]}}";
+    let config = sha256(small);
+    let r = send(
+        &a,
+        "POST",
+        &format!("/v2/team/app/blobs/uploads/?digest={config}"),
+        &[],
+        small,
+    );
+    assert_eq!(status(&r), 201, "{r}");
+    let r = send(
+        &a,
+        "POST",
+        &format!("/v2/team/mounted/blobs/uploads/?mount={digest}&from=team/app"),
+        &[],
+        b"",
+    );
+    assert_eq!(status(&r), 201, "mounted: {r}");
+    let r = send(
+        &a,
+        "POST",
+        &format!("/v2/team/mounted/blobs/uploads/?mount={digest}&from=team/nothing"),
+        &[],
+        b"",
+    );
+    assert_eq!(status(&r), 202, "not mountable: a session instead: {r}");
+
+    // Manifests: one naming a missing blob is refused; a good one stored;
+    // one over 4 MiB refused.
+    let manifest = |layer: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": small.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": data.len()}],
+        }))
+        .unwrap()
+    };
+    let ct = [("Content-Type", "application/vnd.oci.image.manifest.v1+json")];
+    let missing = sha256(b"missing");
+    let r = send(&a, "PUT", "/v2/team/app/manifests/v1", &ct, &manifest(&missing));
+    assert_eq!(
+        (status(&r), error_code(&r).as_str()),
+        (400, "MANIFEST_BLOB_UNKNOWN"),
+        "{r}"
+    );
+    assert_eq!(status(&get(&a, "/v2/team/app/manifests/v1")), 404);
+    let good = manifest(&digest);
+    let r = send(&a, "PUT", "/v2/team/app/manifests/v1", &ct, &good);
+    assert_eq!(status(&r), 201, "{r}");
+    assert_eq!(header(&r, "docker-content-digest"), Some(sha256(&good).as_str()));
+    let big = vec![b' '; (4 << 20) + 1];
+    let r = send(&a, "PUT", "/v2/team/app/manifests/big", &ct, &big);
+    assert_eq!(status(&r), 413, "{r}");
+    // A manifest PUT by digest must be that digest.
+    let r = send(&a, "PUT", &format!("/v2/team/app/manifests/{missing}"), &ct, &good);
+    assert_eq!((status(&r), error_code(&r).as_str()), (400, "DIGEST_INVALID"), "{r}");
+
+    // Delete by digest: the manifest and its tag go.
+    let md = sha256(&good);
+    let r = send(&a, "DELETE", &format!("/v2/team/app/manifests/{md}"), &[], b"");
+    assert_eq!(status(&r), 202, "{r}");
+    assert_eq!(status(&get(&a, "/v2/team/app/manifests/v1")), 404);
+}
+
+#[test]
+fn gantry_serve_with_htpasswd_lets_only_its_users_push() {
+    if !peers() {
+        return;
+    }
+    let g = Gantry::new();
+    let file = g.scratch().join("htpasswd");
+    std::fs::write(&file, format!("alice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
+    let srv = g.serve(&["--htpasswd", file.to_str().unwrap()]);
+    let a = srv.addr.clone();
+    let r = send(&a, "POST", "/v2/team/app/blobs/uploads/", &[], b"");
+    assert_eq!((status(&r), error_code(&r).as_str()), (401, "UNAUTHORIZED"), "{r}");
+    assert!(header(&r, "www-authenticate").is_some_and(|h| h.starts_with("Basic")));
+    let wrong = basic("alice", "nope");
+    let r = send(
+        &a,
+        "POST",
+        "/v2/team/app/blobs/uploads/",
+        &[("Authorization", &wrong)],
+        b"",
+    );
+    assert_eq!(status(&r), 401);
+    let right = basic("alice", "s3cret");
+    let r = send(
+        &a,
+        "POST",
+        "/v2/team/app/blobs/uploads/",
+        &[("Authorization", &right)],
+        b"",
+    );
+    assert_eq!(status(&r), 202, "{r}");
+    // `/v2/` challenges (that is how clients learn to send credentials)…
+    assert_eq!(status(&get(&a, "/v2/")), 401);
+    assert_eq!(status(&send(&a, "GET", "/v2/", &[("Authorization", &right)], b"")), 200);
+
+    // skopeo with the credentials pushes; without them it is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let mut layout = Layout::create(dir.path());
+    let (m, _) = layout.image(&crate::control_image());
+    layout.tag("v1", &m, None);
+    let src = format!("oci:{}:v1", dir.path().display());
+    let dst = format!("docker://{a}/team/app:v1");
+    let out = std::process::Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false", &src, &dst])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "pushed without credentials");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        "alice:s3cret",
+        &src,
+        &dst,
+    ]);
+    // …but reads stay open.
+    assert_eq!(status(&get(&a, "/v2/team/app/manifests/v1")), 200);
+    assert_eq!(status(&get(&a, &format!("/v2/team/app/blobs/{}", m.digest))), 200);
+}

@@ -20,6 +20,7 @@ pub mod platform;
 pub mod plugin;
 pub mod pull;
 pub mod pull_v1;
+pub mod push;
 pub mod reference;
 pub mod repair;
 pub mod save;

@@ -97,6 +97,92 @@ pub trait Transport: Send + Sync {
     }
     /// Lists the tags of `repository`.
     fn list_tags(&self, ep: &Endpoint, repository: &str) -> Result<Vec<String>, PluginError>;
+
+    /// Whether this transport can push (its plugin exports `push`).
+    fn can_push(&self) -> bool {
+        false
+    }
+    /// Pushing: the size of blob `digest` when `repository` has it.
+    fn stat_blob(&self, ep: &Endpoint, repository: &str, digest: &Digest) -> Result<Option<u64>, PluginError> {
+        let _ = (ep, repository, digest);
+        Err(no_push())
+    }
+    /// Pushing: links blob `digest` of repository `source` into `repository`.
+    fn mount_blob(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        digest: &Digest,
+        source: &str,
+    ) -> Result<Mounted, PluginError> {
+        let _ = (ep, repository, digest, source);
+        Err(no_push())
+    }
+    /// Pushing: opens an upload session.
+    fn start_upload(&self, ep: &Endpoint, repository: &str) -> Result<Upload, PluginError> {
+        let _ = (ep, repository);
+        Err(no_push())
+    }
+    /// Pushing: how much of session `url` the registry holds.
+    fn upload_status(&self, ep: &Endpoint, repository: &str, url: &str) -> Result<Upload, PluginError> {
+        let _ = (ep, repository, url);
+        Err(no_push())
+    }
+    /// Pushing: sends `body` as the session's next chunk.
+    fn upload_chunk(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        session: &Upload,
+        body: ByteStream,
+        length: Option<u64>,
+    ) -> Result<Upload, PluginError> {
+        let _ = (ep, repository, session, body, length);
+        Err(no_push())
+    }
+    /// Pushing: ends the session as blob `digest`.
+    fn finish_upload(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        session: &Upload,
+        digest: &Digest,
+    ) -> Result<(), PluginError> {
+        let _ = (ep, repository, session, digest);
+        Err(no_push())
+    }
+    /// Pushing: puts a manifest as `reference`; the digest the registry reported.
+    fn put_manifest(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<Option<String>, PluginError> {
+        let _ = (ep, repository, reference, media_type, bytes);
+        Err(no_push())
+    }
+}
+
+fn no_push() -> PluginError {
+    PluginError::new(ErrorClass::Unsupported, "this transport cannot push")
+}
+
+/// An upload session: where its next request goes, and how many bytes
+/// the registry holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Upload {
+    pub url: String,
+    pub offset: u64,
+}
+
+/// What asking for a cross-repository mount gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mounted {
+    Mounted,
+    /// Not mounted: a session to upload into instead.
+    Upload(Upload),
 }
 
 /// A graph driver: owns layer directories on disk, shaped after Docker's.

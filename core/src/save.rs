@@ -46,17 +46,17 @@ struct Image {
 }
 
 /// An image's manifest as a registry served it, and its layer blobs.
-struct Original {
-    manifest: Vec<u8>,
-    digest: Digest,
-    media_type: String,
+pub(crate) struct Original {
+    pub manifest: Vec<u8>,
+    pub digest: Digest,
+    pub media_type: String,
     /// (blob digest, size), in stacking order.
-    layers: Vec<(Digest, u64)>,
+    pub layers: Vec<(Digest, u64)>,
 }
 
 /// The manifest an image was pulled by, if the content store holds it and
 /// every blob it names (and it names this image's config and layers).
-fn original(store: &Store, id: &Digest, layers: usize) -> Result<Option<Original>> {
+pub(crate) fn original(store: &Store, id: &Digest, layers: usize) -> Result<Option<Original>> {
     for c in store.content.image(id)? {
         if !c.blobs.iter().all(|b| store.content.contains(b)) {
             continue;

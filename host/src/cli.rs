@@ -34,6 +34,16 @@ pub enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Push an image (a tag) to its registry.
+    Push {
+        reference: String,
+        /// Push every tag of the reference's repository.
+        #[arg(short = 'a', long)]
+        all_tags: bool,
+        /// Print only the digest lines.
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// List images.
     Images {
         /// `table` (default) or `json` (one object a line, like `docker images --format json`).

@@ -28,6 +28,9 @@ pub struct Config {
     /// Blobs downloaded at once per pull (Docker's max-concurrent-downloads).
     #[serde(default = "three")]
     pub max_concurrent_downloads: usize,
+    /// Blobs uploaded at once per push (Docker's max-concurrent-uploads).
+    #[serde(default = "five")]
+    pub max_concurrent_uploads: usize,
     /// Where plugin components are looked up by type.
     pub plugin_dir: Option<PathBuf>,
     /// Where compiled components are kept (default `<root>/plugins-cache`);
@@ -139,6 +142,10 @@ fn memory() -> usize {
 fn cpu() -> f64 {
     10.0
 }
+fn five() -> usize {
+    5
+}
+
 fn wall() -> f64 {
     300.0
 }
@@ -187,8 +194,8 @@ impl Config {
             mirrors.append(&mut hub.mirrors);
             hub.mirrors = mirrors;
         }
-        if c.max_concurrent_downloads == 0 {
-            bail!("{origin}: max_concurrent_downloads must be at least 1");
+        if c.max_concurrent_downloads == 0 || c.max_concurrent_uploads == 0 {
+            bail!("{origin}: max_concurrent_downloads and max_concurrent_uploads must be at least 1");
         }
         for (table, p) in [("transport", &c.transport), ("driver", &c.driver)] {
             // The type names the driver's home and image directories.

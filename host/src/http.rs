@@ -32,7 +32,10 @@ pub struct HttpResponse {
     pub body: Box<dyn Read + Send>,
 }
 
-type Client = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector<Resolver>>, Empty<Bytes>>;
+/// A request body: empty, or a host-owned stream fed through a channel.
+type ReqBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+type Client = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector<Resolver>>, ReqBody>;
 
 /// The clients and the registry settings shared by every call of a
 /// transport. One HTTP stack with the server: hyper on tokio, rustls; the
@@ -55,6 +58,10 @@ const MAX_REDIRECTS: usize = 10;
 
 /// Methods a pull may use: reads, and `POST` for an OAuth2 token.
 const PULL_METHODS: &[&str] = &["GET", "HEAD", "POST"];
+
+/// Methods a push may use (to its endpoint; still only reads may leave
+/// the origin on a redirect).
+const PUSH_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"];
 
 /// Headers the host owns (with every `proxy-*` one): framing, connection
 /// management and the target.
@@ -88,6 +95,18 @@ impl CallScope {
             realms: Vec::new(),
             methods: PULL_METHODS,
         }
+    }
+
+    /// The scope of a push call: it may write to its endpoint.
+    pub fn push(base_url: &str) -> CallScope {
+        CallScope {
+            methods: PUSH_METHODS,
+            ..CallScope::pull(base_url)
+        }
+    }
+
+    fn writes(&self) -> bool {
+        std::ptr::eq(self.methods, PUSH_METHODS)
     }
 
     fn endpoint_origin(&self) -> String {
@@ -333,7 +352,33 @@ impl HttpPolicy {
         scope: &mut CallScope,
         method: &str,
         url: &str,
+        headers: Vec<(String, String)>,
+    ) -> Result<HttpResponse, WitError> {
+        self.send_with(scope, method, url, headers, None)
+    }
+
+    /// Sends a request whose body is read from `body` (`length` bytes when
+    /// known, else chunked), within a push `scope`. A request with a body
+    /// is not replayed: a redirect is handed back as the answer.
+    pub fn send_body(
+        &self,
+        scope: &mut CallScope,
+        method: &str,
+        url: &str,
+        headers: Vec<(String, String)>,
+        body: &mut (dyn Read + Send),
+        length: Option<u64>,
+    ) -> Result<HttpResponse, WitError> {
+        self.send_with(scope, method, url, headers, Some((body, length)))
+    }
+
+    fn send_with(
+        &self,
+        scope: &mut CallScope,
+        method: &str,
+        url: &str,
         mut headers: Vec<(String, String)>,
+        mut body: Option<(&mut (dyn Read + Send), Option<u64>)>,
     ) -> Result<HttpResponse, WitError> {
         let mut u = url::Url::parse(url).map_err(|e| WitError::Invalid(format!("bad URL {}: {e}", redact_url(url))))?;
         if !scope.methods.contains(&method) {
@@ -362,7 +407,7 @@ impl HttpPolicy {
                 redact_url(&here)
             )));
         }
-        if method == "POST" && !is_realm {
+        if method == "POST" && !is_realm && !scope.writes() {
             return Err(WitError::Denied(
                 "HTTP method POST is allowed only to the registry's token realm in a pull".into(),
             ));
@@ -377,17 +422,31 @@ impl HttpPolicy {
             for (k, v) in &headers {
                 req = req.header(k.as_str(), v.as_str());
             }
+            let streamed = body.take();
+            if let Some((_, Some(len))) = &streamed {
+                req = req.header("content-length", *len);
+            }
+            let (req_body, feed) = match streamed {
+                None => (Empty::new().map_err(|never| match never {}).boxed(), None),
+                Some((reader, _)) => {
+                    let (tx, rx) = tokio::sync::mpsc::channel(4);
+                    (ChannelBody(rx).boxed(), Some((tx, reader)))
+                }
+            };
             let req = req
-                .body(Empty::new())
+                .body(req_body)
                 .map_err(|e| WitError::Invalid(format!("bad request: {}", escape_line(&e.to_string()))))?;
             let client = if scope.same_host(&u) {
                 &self.own_host
             } else {
                 &self.public_only
             };
-            let called = self
-                .rt
-                .block_on(async { tokio::time::timeout(CONNECT_TIMEOUT + READ_TIMEOUT, client.request(req)).await });
+            let called = match feed {
+                None => self.rt.block_on(async {
+                    tokio::time::timeout(CONNECT_TIMEOUT + READ_TIMEOUT, client.request(req)).await
+                }),
+                Some((tx, reader)) => self.rt.block_on(feed_request(client.request(req), tx, reader)),
+            };
             let resp = match called {
                 Ok(Ok(r)) => r,
                 Err(_) => {
@@ -408,7 +467,7 @@ impl HttpPolicy {
             };
             let status = resp.status().as_u16();
             let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
-            if (300..400).contains(&status) && status != 304 {
+            if (300..400).contains(&status) && status != 304 && !scope.writes() {
                 if let Some(loc) = header("location") {
                     let next = u
                         .join(loc)
@@ -464,6 +523,67 @@ impl HttpPolicy {
             redact_url(url)
         )))
     }
+}
+
+/// A request body fed from a channel by [`feed_request`].
+struct ChannelBody(tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|c| c.map(|r| r.map(hyper::body::Frame::data)))
+    }
+}
+
+/// Sends a request while feeding its body from `reader` (read on this
+/// thread, a piece at a time, as the connection takes them). The answer
+/// may come before the body is done (a registry refusing early); the rest
+/// is then not read.
+async fn feed_request<F>(
+    request: F,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    reader: &mut (dyn Read + Send),
+) -> Result<
+    Result<hyper::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+    tokio::time::error::Elapsed,
+>
+where
+    F: Future<Output = Result<hyper::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>>,
+{
+    let mut request = std::pin::pin!(request);
+    let mut done = false;
+    while !done {
+        tokio::select! {
+            r = &mut request => return Ok(r),
+            permit = tokio::time::timeout(READ_TIMEOUT, tx.reserve()) => match permit {
+                // The connection took nothing for a minute.
+                Err(elapsed) => return Err(elapsed),
+                // The connection is gone: its error comes with the answer.
+                Ok(Err(_)) => done = true,
+                Ok(Ok(permit)) => {
+                    let mut buf = vec![0u8; 256 << 10];
+                    match reader.read(&mut buf) {
+                        Ok(0) => done = true,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            permit.send(Ok(Bytes::from(buf)));
+                        }
+                        Err(e) => {
+                            permit.send(Err(e));
+                            done = true;
+                        }
+                    }
+                }
+            },
+        }
+    }
+    drop(tx);
+    tokio::time::timeout(CONNECT_TIMEOUT + READ_TIMEOUT, request).await
 }
 
 /// The `realm` of a `Bearer` challenge.

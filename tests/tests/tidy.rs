@@ -139,10 +139,16 @@ fn the_contract_version_is_stated_once() {
 #[test]
 fn released_contracts_are_frozen() {
     let root = workspace_root();
-    let frozen = [(
-        "wit/since_v0.1.0/types.wit",
-        "5f94c606ddf6f39b7fb0e61e50fb652fc5b2ab1a5241fa58547c268fd0b1fef9",
-    )];
+    let frozen = [
+        (
+            "wit/since_v0.1.0/types.wit",
+            "5f94c606ddf6f39b7fb0e61e50fb652fc5b2ab1a5241fa58547c268fd0b1fef9",
+        ),
+        (
+            "wit/since_v0.1.1/types.wit",
+            "9b81b63fc379b7beafcb576209347153f6d6e638f833a8ac49981e0f379ebeed",
+        ),
+    ];
     let dirs: Vec<String> = std::fs::read_dir(root.join("wit"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -169,11 +169,23 @@ impl LayerStore {
             &self.dist.join("diffid-by-digest/sha256").join(blob.hex()),
             diff_id.as_str().as_bytes(),
         )?;
-        let meta = serde_json::json!([{ "Digest": blob, "SourceRepository": repository, "HMAC": "" }]);
-        super::fs::write_atomic_unsynced(
-            &self.dist.join("v2metadata-by-diffid/sha256").join(diff_id.hex()),
-            meta.to_string().as_bytes(),
-        )
+        // Appended, never overwritten: a diffID seen as several blobs, or
+        // in several repositories, keeps every one (pushes mount from them).
+        let path = self.dist.join("v2metadata-by-diffid/sha256").join(diff_id.hex());
+        let mut entries: Vec<serde_json::Value> = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let entry = serde_json::json!({ "Digest": blob, "SourceRepository": repository, "HMAC": "" });
+        if entries.contains(&entry) {
+            return Ok(());
+        }
+        entries.push(entry);
+        // Bounded like Docker's (it keeps the 50 most recent).
+        if entries.len() > 50 {
+            entries.remove(0);
+        }
+        super::fs::write_atomic_unsynced(&path, serde_json::Value::from(entries).to_string().as_bytes())
     }
 
     /// Where a diffID's compressed blob came from: (blob digest, source

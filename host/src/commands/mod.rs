@@ -8,6 +8,7 @@ mod inspect;
 mod load;
 mod plugin;
 mod pull;
+mod push;
 mod save;
 mod serve;
 
@@ -24,6 +25,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             platform,
             quiet,
         } => pull::run(&ctx, &references, platform.as_deref(), quiet),
+        Command::Push {
+            reference,
+            all_tags,
+            quiet,
+        } => push::run(&ctx, &reference, all_tags, quiet),
         Command::Images { format, quiet } => images::run(&ctx, format, quiet),
         Command::Inspect { images } => inspect::run(&ctx, &images),
         Command::History { image, no_trunc } => history::run(&ctx, &image, no_trunc),

@@ -14,6 +14,18 @@ pub mod transport {
     });
 }
 
+/// A transport that pushes as well: the same imports, one more export.
+pub mod transport_push {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "gantry:plugin/transport-push-plugin",
+        with: {
+            "gantry:plugin/types": super::transport::gantry::plugin::types,
+            "gantry:plugin/http": super::transport::gantry::plugin::http,
+        },
+    });
+}
+
 pub mod driver {
     wasmtime::component::bindgen!({
         path: "../wit",

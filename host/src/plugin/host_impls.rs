@@ -57,6 +57,54 @@ impl http::Host for Sandbox {
             })
         })
     }
+
+    fn send_bytes(&mut self, req: http::Request, body: Vec<u8>) -> Result<http::Response, WitError> {
+        self.host(|me| {
+            let policy = me
+                .http
+                .clone()
+                .ok_or_else(|| WitError::Denied("this plugin has no network access".into()))?;
+            let scope = me
+                .http_scope
+                .as_mut()
+                .ok_or_else(|| WitError::Denied("no endpoint is open for this call".into()))?;
+            let len = body.len() as u64;
+            let mut reader = std::io::Cursor::new(body);
+            let resp = policy.send_body(scope, &req.method, &req.url, req.headers, &mut reader, Some(len))?;
+            let body = me.push_stream(ByteStream(resp.body))?;
+            Ok(http::Response {
+                status: resp.status,
+                headers: resp.headers,
+                body,
+            })
+        })
+    }
+
+    fn send_body(
+        &mut self,
+        req: http::Request,
+        body: Resource<ByteStream>,
+        length: Option<u64>,
+    ) -> Result<http::Response, WitError> {
+        self.host(|me| {
+            let policy = me
+                .http
+                .clone()
+                .ok_or_else(|| WitError::Denied("this plugin has no network access".into()))?;
+            let scope = me
+                .http_scope
+                .as_mut()
+                .ok_or_else(|| WitError::Denied("no endpoint is open for this call".into()))?;
+            let stream = me.table.get_mut(&body).map_err(|e| WitError::Internal(e.to_string()))?;
+            let resp = policy.send_body(scope, &req.method, &req.url, req.headers, &mut *stream.0, length)?;
+            let body = me.push_stream(ByteStream(resp.body))?;
+            Ok(http::Response {
+                status: resp.status,
+                headers: resp.headers,
+                body,
+            })
+        })
+    }
 }
 
 impl Sandbox {

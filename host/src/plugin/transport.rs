@@ -2,10 +2,12 @@
 
 use super::bindings::transport::exports::gantry::plugin::transport as wit;
 use super::bindings::transport::{TransportPlugin, TransportPluginPre};
+use super::bindings::transport_push::exports::gantry::plugin::{push as wit_push, transport as wit_push_transport};
+use super::bindings::transport_push::{TransportPushPlugin, TransportPushPluginPre};
 use super::{Limits, LoadError, PluginHost, Pool, Sandbox, WitError};
 use crate::http::{CallScope, HttpPolicy};
 use gantry_core::endpoint::Registries;
-use gantry_core::plugin::{ByteStream, Endpoint, Resolved, Transport};
+use gantry_core::plugin::{ByteStream, Endpoint, Mounted, Resolved, Transport, Upload};
 use gantry_core::{Digest, PluginError};
 use std::path::Path;
 use std::sync::Arc;
@@ -14,6 +16,9 @@ use wasmtime::component::HasSelf;
 pub struct WasmTransport {
     name: String,
     pool: Pool<TransportPlugin>,
+    /// Instances for push calls, when the component exports `push`
+    /// (contract 0.1.2 on); an older transport loads without it.
+    push_pool: Option<Pool<TransportPushPlugin>>,
 }
 
 impl WasmTransport {
@@ -27,11 +32,21 @@ impl WasmTransport {
         let pre = host.prepare(name, path, "transport", |l| {
             TransportPlugin::add_to_linker::<Sandbox, HasSelf<Sandbox>>(l, |s| s)
         })?;
+        let push_pre = TransportPushPluginPre::new(pre.clone()).ok();
         let pre = TransportPluginPre::new(pre).map_err(|e| LoadError::Link {
             name: name.to_string(),
             message: e.to_string(),
         })?;
         let http = Arc::new(HttpPolicy::new(registries));
+        let push_pool = push_pre.map(|pre| Pool {
+            label: format!("transport/{name}"),
+            engine: host.engine.clone(),
+            limits,
+            http: Some(http.clone()),
+            home: None,
+            make: Box::new(move |store| Ok(Ok(pre.instantiate(store)?))),
+            free: Default::default(),
+        });
         Ok(WasmTransport {
             name: name.to_string(),
             pool: Pool {
@@ -43,6 +58,42 @@ impl WasmTransport {
                 make: Box::new(move |store| Ok(Ok(pre.instantiate(store)?))),
                 free: Default::default(),
             },
+            push_pool,
+        })
+    }
+
+    /// Runs push call `op` with the endpoint opened for writing.
+    fn push_call<R>(
+        &self,
+        op: &str,
+        ep: &Endpoint,
+        f: impl FnOnce(
+            &mut wasmtime::Store<Sandbox>,
+            &TransportPushPlugin,
+            &wit_push_transport::Endpoint,
+        ) -> wasmtime::Result<Result<R, WitError>>,
+    ) -> Result<R, PluginError> {
+        let Some(pool) = &self.push_pool else {
+            return Err(PluginError::new(
+                gantry_core::ErrorClass::Unsupported,
+                format!(
+                    "transport {} cannot push (its component exports no push interface)",
+                    self.name
+                ),
+            ));
+        };
+        let ep = wit_push_transport::Endpoint {
+            url: ep.url.clone(),
+            mirror: ep.mirror,
+            credentials: ep.credentials.as_ref().map(|c| wit_push_transport::Credentials {
+                username: c.username.clone(),
+                password: c.password.clone(),
+                identity_token: c.identity_token.clone(),
+            }),
+        };
+        pool.call(op, |s, p| {
+            s.data_mut().http_scope = Some(CallScope::push(&ep.url));
+            f(s, p, &ep)
         })
     }
 
@@ -145,6 +196,123 @@ impl Transport for WasmTransport {
     fn list_tags(&self, ep: &Endpoint, repository: &str) -> Result<Vec<String>, PluginError> {
         self.call("list-tags", ep, |s, p, ep| {
             p.gantry_plugin_transport().call_list_tags(s, ep, repository)
+        })
+    }
+
+    fn can_push(&self) -> bool {
+        self.push_pool.is_some()
+    }
+
+    fn stat_blob(&self, ep: &Endpoint, repository: &str, digest: &Digest) -> Result<Option<u64>, PluginError> {
+        self.push_call("stat-blob", ep, |s, p, ep| {
+            p.gantry_plugin_push()
+                .call_stat_blob(s, ep, repository, digest.as_str())
+        })
+    }
+
+    fn mount_blob(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        digest: &Digest,
+        source: &str,
+    ) -> Result<Mounted, PluginError> {
+        let r = self.push_call("mount-blob", ep, |s, p, ep| {
+            p.gantry_plugin_push()
+                .call_mount_blob(s, ep, repository, digest.as_str(), source)
+        })?;
+        Ok(match r {
+            wit_push::Mounted::Mounted => Mounted::Mounted,
+            wit_push::Mounted::Upload(u) => Mounted::Upload(Upload {
+                url: u.url,
+                offset: u.offset,
+            }),
+        })
+    }
+
+    fn start_upload(&self, ep: &Endpoint, repository: &str) -> Result<Upload, PluginError> {
+        let u = self.push_call("start-upload", ep, |s, p, ep| {
+            p.gantry_plugin_push().call_start_upload(s, ep, repository)
+        })?;
+        Ok(Upload {
+            url: u.url,
+            offset: u.offset,
+        })
+    }
+
+    fn upload_status(&self, ep: &Endpoint, repository: &str, url: &str) -> Result<Upload, PluginError> {
+        let u = self.push_call("upload-status", ep, |s, p, ep| {
+            p.gantry_plugin_push().call_upload_status(s, ep, repository, url)
+        })?;
+        Ok(Upload {
+            url: u.url,
+            offset: u.offset,
+        })
+    }
+
+    fn upload_chunk(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        session: &Upload,
+        body: ByteStream,
+        length: Option<u64>,
+    ) -> Result<Upload, PluginError> {
+        let session = wit_push::Upload {
+            url: session.url.clone(),
+            offset: session.offset,
+        };
+        let u = self.push_call("upload-chunk", ep, |s, p, ep| {
+            // The body stays host-side: the guest gets a borrowed handle it
+            // passes back to `send-body`.
+            let own: wasmtime::component::Resource<super::ByteStream> =
+                s.data_mut().table.push(super::ByteStream(body))?;
+            let borrow = wasmtime::component::Resource::<super::ByteStream>::new_borrow(own.rep());
+            let r = p
+                .gantry_plugin_push()
+                .call_upload_chunk(&mut *s, ep, repository, &session, borrow, length)?;
+            s.data_mut().table.delete(own)?;
+            Ok(r)
+        })?;
+        Ok(Upload {
+            url: u.url,
+            offset: u.offset,
+        })
+    }
+
+    fn finish_upload(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        session: &Upload,
+        digest: &Digest,
+    ) -> Result<(), PluginError> {
+        let session = wit_push::Upload {
+            url: session.url.clone(),
+            offset: session.offset,
+        };
+        self.push_call("finish-upload", ep, |s, p, ep| {
+            p.gantry_plugin_push()
+                .call_finish_upload(s, ep, repository, &session, digest.as_str())
+        })
+    }
+
+    fn put_manifest(
+        &self,
+        ep: &Endpoint,
+        repository: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<Option<String>, PluginError> {
+        let m = wit_push_transport::Manifest {
+            media_type: media_type.to_string(),
+            claimed_digest: None,
+            bytes: bytes.to_vec(),
+        };
+        self.push_call("put-manifest", ep, |s, p, ep| {
+            p.gantry_plugin_push()
+                .call_put_manifest(s, ep, repository, reference, &m)
         })
     }
 }

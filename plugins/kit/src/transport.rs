@@ -3,12 +3,14 @@
 //! [`export_transport!`](crate::export_transport). HTTP goes only through
 //! [`http`], which the host filters per call and per hop.
 
-/// The generated bindings of the `transport-plugin` world.
+/// The generated bindings of the `transport-push-plugin` world (a
+/// transport that only pulls keeps the push methods' defaults, which say
+/// they are not implemented).
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "wit",
-        world: "transport-plugin",
+        world: "transport-push-plugin",
         runtime_path: "wit_bindgen::rt",
         pub_export_macro: true,
         export_macro_name: "export_world",
@@ -16,6 +18,7 @@ pub mod bindings {
     });
 }
 
+pub use bindings::exports::gantry::plugin::push::{Mounted, Upload};
 pub use bindings::exports::gantry::plugin::transport::{Credentials, Endpoint, Manifest, ProbeInfo, Resolved, V1Image};
 pub use bindings::gantry::plugin::http;
 pub use bindings::gantry::plugin::types::{ByteStream, Error};
@@ -123,6 +126,49 @@ pub trait Transport {
         let _ = (ep, repository);
         not_implemented("list-tags")
     }
+
+    /// Pushing: the size of blob `digest` when `repository` has it.
+    fn stat_blob(ep: Endpoint, repository: String, digest: String) -> Result<Option<u64>, Error> {
+        let _ = (ep, repository, digest);
+        not_implemented("stat-blob")
+    }
+    /// Pushing: links blob `digest` of `source` into `repository`.
+    fn mount_blob(ep: Endpoint, repository: String, digest: String, source: String) -> Result<Mounted, Error> {
+        let _ = (ep, repository, digest, source);
+        not_implemented("mount-blob")
+    }
+    /// Pushing: opens an upload session.
+    fn start_upload(ep: Endpoint, repository: String) -> Result<Upload, Error> {
+        let _ = (ep, repository);
+        not_implemented("start-upload")
+    }
+    /// Pushing: how much of session `url` the registry holds.
+    fn upload_status(ep: Endpoint, repository: String, url: String) -> Result<Upload, Error> {
+        let _ = (ep, repository, url);
+        not_implemented("upload-status")
+    }
+    /// Pushing: sends `body` (hand it to [`http::send_body`], never read
+    /// it) as the session's next chunk.
+    fn upload_chunk(
+        ep: Endpoint,
+        repository: String,
+        session: Upload,
+        body: &ByteStream,
+        length: Option<u64>,
+    ) -> Result<Upload, Error> {
+        let _ = (ep, repository, session, body, length);
+        not_implemented("upload-chunk")
+    }
+    /// Pushing: ends the session as blob `digest`.
+    fn finish_upload(ep: Endpoint, repository: String, session: Upload, digest: String) -> Result<(), Error> {
+        let _ = (ep, repository, session, digest);
+        not_implemented("finish-upload")
+    }
+    /// Pushing: puts manifest `m` as `reference`.
+    fn put_manifest(ep: Endpoint, repository: String, reference: String, m: Manifest) -> Result<Option<String>, Error> {
+        let _ = (ep, repository, reference, m);
+        not_implemented("put-manifest")
+    }
 }
 
 /// Adapts a [`Transport`] to the generated export trait.
@@ -141,6 +187,36 @@ impl<T: Transport> bindings::exports::gantry::plugin::transport::Guest for Trans
     }
     fn list_tags(ep: Endpoint, repository: String) -> Result<Vec<String>, Error> {
         T::list_tags(ep, repository)
+    }
+}
+
+impl<T: Transport> bindings::exports::gantry::plugin::push::Guest for TransportExport<T> {
+    fn stat_blob(ep: Endpoint, repository: String, digest: String) -> Result<Option<u64>, Error> {
+        T::stat_blob(ep, repository, digest)
+    }
+    fn mount_blob(ep: Endpoint, repository: String, digest: String, source: String) -> Result<Mounted, Error> {
+        T::mount_blob(ep, repository, digest, source)
+    }
+    fn start_upload(ep: Endpoint, repository: String) -> Result<Upload, Error> {
+        T::start_upload(ep, repository)
+    }
+    fn upload_status(ep: Endpoint, repository: String, url: String) -> Result<Upload, Error> {
+        T::upload_status(ep, repository, url)
+    }
+    fn upload_chunk(
+        ep: Endpoint,
+        repository: String,
+        session: Upload,
+        body: &ByteStream,
+        length: Option<u64>,
+    ) -> Result<Upload, Error> {
+        T::upload_chunk(ep, repository, session, body, length)
+    }
+    fn finish_upload(ep: Endpoint, repository: String, session: Upload, digest: String) -> Result<(), Error> {
+        T::finish_upload(ep, repository, session, digest)
+    }
+    fn put_manifest(ep: Endpoint, repository: String, reference: String, m: Manifest) -> Result<Option<String>, Error> {
+        T::put_manifest(ep, repository, reference, m)
     }
 }
 

@@ -9,10 +9,10 @@
 //! token, and verifies every digest this component reports. Written
 //! against `gantry-kit`'s `Transport` trait.
 
-use gantry_kit::transport::http::{send, Request, Response};
+use gantry_kit::transport::http::{send, send_body, send_bytes, Request, Response};
 use gantry_kit::transport::{
-    basic_auth, check_repository, header, read_all, resumed_body, ByteStream, Endpoint, Error, Manifest, ProbeInfo,
-    Resolved, Transport,
+    basic_auth, check_repository, header, read_all, resumed_body, ByteStream, Endpoint, Error, Manifest, Mounted,
+    ProbeInfo, Resolved, Transport, Upload,
 };
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -22,8 +22,9 @@ const MAX_MANIFEST: usize = 4 << 20;
 struct V2;
 
 thread_local! {
-    /// Bearer tokens by (endpoint, scope), kept for the life of the instance.
-    static TOKENS: RefCell<HashMap<(String, String), String>> = RefCell::new(HashMap::new());
+    /// The `Authorization` value that worked, by (endpoint, scope) — `None`
+    /// when none was needed — kept for the life of the instance.
+    static AUTH: RefCell<HashMap<(String, String), Option<String>>> = RefCell::new(HashMap::new());
 }
 
 /// The registry's own words from an `{"errors":[{"code","message"}]}` body.
@@ -79,9 +80,16 @@ fn fetch_token(ep: &Endpoint, params: &[(String, String)], scope: &str) -> Resul
         url.push_str(&format!("{sep}service={}", gantry_kit::query_escape(service)));
         sep = '&';
     }
-    let scope = get("scope").unwrap_or(scope);
-    if !scope.is_empty() {
-        url.push_str(&format!("{sep}scope={}", gantry_kit::query_escape(scope)));
+    // What this call needs (a push needs more than the challenge of its
+    // first `HEAD` names); the challenge's own scope when it needs none.
+    let scope = if scope.is_empty() {
+        get("scope").unwrap_or("")
+    } else {
+        scope
+    };
+    for one in scope.split(' ').filter(|s| !s.is_empty()) {
+        url.push_str(&format!("{sep}scope={}", gantry_kit::query_escape(one)));
+        sep = '&';
     }
     let mut headers = Vec::new();
     if let Some(c) = &ep.credentials {
@@ -118,7 +126,7 @@ fn request(
     scope: &str,
 ) -> Result<Response, Error> {
     let key = (ep.url.clone(), scope.to_string());
-    let cached = TOKENS.with(|t| t.borrow().get(&key).cloned());
+    let cached = AUTH.with(|t| t.borrow().get(&key).cloned()).flatten();
     let with_auth = |auth: Option<String>| {
         let mut h = headers.clone();
         if let Some(a) = auth {
@@ -130,30 +138,86 @@ fn request(
             headers: h,
         })
     };
-    let resp = with_auth(cached.map(|t| format!("Bearer {t}")))?;
+    let resp = with_auth(cached.clone())?;
     if resp.status != 401 {
+        remember(key, cached);
         return Ok(resp);
     }
     let challenge = header(&resp, "www-authenticate").unwrap_or("").to_string();
     let Some((scheme, params)) = gantry_kit::parse_challenge(&challenge) else {
         return Ok(resp);
     };
-    if scheme.eq_ignore_ascii_case("bearer") {
-        let token = fetch_token(ep, &params, scope)?;
-        TOKENS.with(|t| t.borrow_mut().insert(key, token.clone()));
-        with_auth(Some(format!("Bearer {token}")))
+    let auth = if scheme.eq_ignore_ascii_case("bearer") {
+        format!("Bearer {}", fetch_token(ep, &params, scope)?)
     } else if scheme.eq_ignore_ascii_case("basic") {
         match &ep.credentials {
-            Some(c) => with_auth(Some(basic_auth(c))),
-            None => Ok(resp),
+            Some(c) => basic_auth(c),
+            None => return Ok(resp),
         }
     } else {
-        Ok(resp)
+        return Ok(resp);
+    };
+    let resp = with_auth(Some(auth.clone()))?;
+    if resp.status != 401 {
+        remember(key, Some(auth));
     }
+    Ok(resp)
+}
+
+fn remember(key: (String, String), auth: Option<String>) {
+    AUTH.with(|t| t.borrow_mut().insert(key, auth));
+}
+
+/// The `Authorization` value for `scope`, learnt (with a `GET` of `probe`,
+/// answering its challenge) when not known yet: a request whose body is a
+/// stream cannot be sent twice, so it must go out right the first time.
+fn auth_for(ep: &Endpoint, probe: &str, scope: &str) -> Result<Option<String>, Error> {
+    let key = (ep.url.clone(), scope.to_string());
+    if let Some(known) = AUTH.with(|t| t.borrow().get(&key).cloned()) {
+        return Ok(known);
+    }
+    let resp = request(ep, "GET", probe.to_string(), Vec::new(), scope)?;
+    let _ = read_all(&resp.body, 64 << 10);
+    Ok(AUTH.with(|t| t.borrow().get(&key).cloned()).flatten())
 }
 
 fn pull_scope(repository: &str) -> String {
     format!("repository:{repository}:pull")
+}
+
+fn push_scope(repository: &str) -> String {
+    format!("repository:{repository}:pull,push")
+}
+
+/// An upload session's URL from a `Location` header: absolute, or a path
+/// resolved against the endpoint.
+fn location(ep: &Endpoint, resp: &Response, fallback: &str) -> Result<String, Error> {
+    match header(resp, "location") {
+        Some(l) if l.starts_with("https://") || l.starts_with("http://") => Ok(l.to_string()),
+        Some(l) if l.starts_with('/') => Ok(format!("{}{l}", ep.url)),
+        Some(_) => Err(Error::Invalid(
+            "the registry sent an upload location that is not a URL".into(),
+        )),
+        None if !fallback.is_empty() => Ok(fallback.to_string()),
+        None => Err(Error::Invalid("the registry sent no upload location".into())),
+    }
+}
+
+/// How many bytes a session holds, from its `Range: 0-END` header
+/// (`0-0` is how distribution says nothing yet).
+fn held(resp: &Response) -> Option<u64> {
+    let end = header(resp, "range")?
+        .trim()
+        .trim_start_matches("bytes=")
+        .split('-')
+        .nth(1)?;
+    let end: u64 = end.trim().parse().ok()?;
+    Some(if end == 0 { 0 } else { end + 1 })
+}
+
+fn fail(resp: Response, what: &str) -> Error {
+    let body = read_all(&resp.body, 4096).unwrap_or_default();
+    status_error(resp.status, what, &body)
 }
 
 fn check_reference(reference: &str) -> Result<(), Error> {
@@ -264,6 +328,159 @@ impl Transport for V2 {
             }
         }
         Ok(tags)
+    }
+
+    fn stat_blob(ep: Endpoint, repository: String, digest: String) -> Result<Option<u64>, Error> {
+        check_repository(&repository)?;
+        check_reference(&digest)?;
+        let url = format!("{}/v2/{}/blobs/{}", ep.url, repository, digest);
+        let resp = request(&ep, "HEAD", url, Vec::new(), &push_scope(&repository))?;
+        match resp.status {
+            200 => Ok(Some(
+                header(&resp, "content-length")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(0),
+            )),
+            404 => Ok(None),
+            _ => Err(fail(resp, &format!("blob {digest}"))),
+        }
+    }
+
+    fn mount_blob(ep: Endpoint, repository: String, digest: String, source: String) -> Result<Mounted, Error> {
+        check_repository(&repository)?;
+        check_repository(&source)?;
+        check_reference(&digest)?;
+        let url = format!(
+            "{}/v2/{}/blobs/uploads/?mount={}&from={}",
+            ep.url,
+            repository,
+            gantry_kit::query_escape(&digest),
+            gantry_kit::query_escape(&source)
+        );
+        let scope = format!("{} repository:{source}:pull", push_scope(&repository));
+        let resp = request(&ep, "POST", url, Vec::new(), &scope)?;
+        match resp.status {
+            201 => Ok(Mounted::Mounted),
+            202 => Ok(Mounted::Upload(Upload {
+                url: location(&ep, &resp, "")?,
+                offset: 0,
+            })),
+            _ => Err(fail(resp, &format!("mounting blob {digest}"))),
+        }
+    }
+
+    fn start_upload(ep: Endpoint, repository: String) -> Result<Upload, Error> {
+        check_repository(&repository)?;
+        let url = format!("{}/v2/{}/blobs/uploads/", ep.url, repository);
+        let resp = request(&ep, "POST", url, Vec::new(), &push_scope(&repository))?;
+        match resp.status {
+            202 => Ok(Upload {
+                url: location(&ep, &resp, "")?,
+                offset: 0,
+            }),
+            _ => Err(fail(resp, &format!("starting an upload to {repository}"))),
+        }
+    }
+
+    fn upload_status(ep: Endpoint, repository: String, url: String) -> Result<Upload, Error> {
+        check_repository(&repository)?;
+        let resp = request(&ep, "GET", url.clone(), Vec::new(), &push_scope(&repository))?;
+        match resp.status {
+            200 | 204 => Ok(Upload {
+                url: location(&ep, &resp, &url)?,
+                offset: held(&resp).unwrap_or(0),
+            }),
+            _ => Err(fail(resp, "upload session")),
+        }
+    }
+
+    fn upload_chunk(
+        ep: Endpoint,
+        repository: String,
+        session: Upload,
+        body: &ByteStream,
+        length: Option<u64>,
+    ) -> Result<Upload, Error> {
+        check_repository(&repository)?;
+        let scope = push_scope(&repository);
+        let mut headers = vec![("content-type".to_string(), "application/octet-stream".to_string())];
+        if let Some(a) = auth_for(&ep, &session.url, &scope)? {
+            headers.push(("authorization".into(), a));
+        }
+        if let Some(len) = length.filter(|l| *l > 0) {
+            headers.push((
+                "content-range".into(),
+                format!("{}-{}", session.offset, session.offset + len - 1),
+            ));
+        }
+        let req = Request {
+            method: "PATCH".into(),
+            url: session.url.clone(),
+            headers,
+        };
+        let resp = send_body(&req, body, length)?;
+        match resp.status {
+            202 | 204 => {
+                let offset = held(&resp)
+                    .or(length.map(|l| session.offset + l))
+                    .unwrap_or(session.offset);
+                Ok(Upload {
+                    url: location(&ep, &resp, &session.url)?,
+                    offset,
+                })
+            }
+            416 => Err(Error::Transient(
+                "the registry holds a different part of the upload".into(),
+            )),
+            _ => Err(fail(resp, "uploading a chunk")),
+        }
+    }
+
+    fn finish_upload(ep: Endpoint, repository: String, session: Upload, digest: String) -> Result<(), Error> {
+        check_repository(&repository)?;
+        check_reference(&digest)?;
+        let sep = if session.url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{sep}digest={}", session.url, gantry_kit::query_escape(&digest));
+        let scope = push_scope(&repository);
+        let mut headers = vec![("content-type".to_string(), "application/octet-stream".to_string())];
+        if let Some(a) = auth_for(&ep, &session.url, &scope)? {
+            headers.push(("authorization".into(), a));
+        }
+        let resp = send_bytes(
+            &Request {
+                method: "PUT".into(),
+                url,
+                headers,
+            },
+            &[],
+        )?;
+        match resp.status {
+            201 | 204 => Ok(()),
+            _ => Err(fail(resp, &format!("finishing the upload of {digest}"))),
+        }
+    }
+
+    fn put_manifest(ep: Endpoint, repository: String, reference: String, m: Manifest) -> Result<Option<String>, Error> {
+        check_repository(&repository)?;
+        check_reference(&reference)?;
+        let url = format!("{}/v2/{}/manifests/{}", ep.url, repository, reference);
+        let scope = push_scope(&repository);
+        let mut headers = vec![("content-type".to_string(), m.media_type.clone())];
+        if let Some(a) = auth_for(&ep, &format!("{}/v2/{}/tags/list", ep.url, repository), &scope)? {
+            headers.push(("authorization".into(), a));
+        }
+        let resp = send_bytes(
+            &Request {
+                method: "PUT".into(),
+                url,
+                headers,
+            },
+            &m.bytes,
+        )?;
+        match resp.status {
+            200..=202 => Ok(header(&resp, "docker-content-digest").map(str::to_string)),
+            _ => Err(fail(resp, &format!("putting the manifest {repository}:{reference}"))),
+        }
     }
 }
 

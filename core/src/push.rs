@@ -1,0 +1,529 @@
+//! Pushing an image: Docker's push, with what no peer does — resuming.
+//!
+//! resolve the local image → the registry's push endpoints (never its
+//! mirrors; `https`, then `http` where plain HTTP is allowed) → one push of
+//! a repository at a time (a second waits for the first, then finds its
+//! blobs there) → every layer at once (bounded), each one:
+//!
+//! 1. **already there** (`HEAD` of its blob) → `Layer already exists`;
+//! 2. **mountable**: the v2 metadata (which blob digests a diffID has been
+//!    seen as, and in which repository) names the blob in another
+//!    repository of the same registry → a cross-repository mount;
+//! 3. **upload**: the original compressed blob from the content store,
+//!    byte for byte (so digests survive pull → push), or else the layer's
+//!    tar rebuilt from the driver and gzip-compressed while it is sent and
+//!    hashed (no temporary copy). A session interrupted (a cut connection,
+//!    a killed process) is resumed from what the registry holds: its URL is
+//!    kept under `<root>/push/`, and a rebuilt layer compresses the same
+//!    way again, so the bytes the registry holds are skipped, not resent.
+//!
+//! then the config, then the manifest (the original, or a Docker schema 2
+//! one) put by tag. The local store is only read (and its v2 metadata
+//! appended to): a failed push changes no image.
+
+use crate::digest::Digest;
+use crate::endpoint::{pull_endpoints, Registries};
+use crate::error::{Error, ErrorClass, IoContext, PluginError, Result};
+use crate::images::layers_of;
+use crate::plugin::{ByteStream, Credentials, Endpoint, GraphDriver, Mounted, Transport, Upload};
+use crate::reference::Reference;
+use crate::store::{LayerMeta, Store};
+use crate::verify::HashingReader;
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+const SCHEMA2: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const SCHEMA2_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+const SCHEMA2_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+/// How hard a rebuilt layer is compressed: the same level every time, so
+/// an interrupted upload's bytes can be produced again and skipped.
+const GZIP_LEVEL: u32 = 3;
+
+/// Attempts per blob when the registry or the connection fails passingly.
+const ATTEMPTS: usize = 5;
+
+/// What a push reports as it goes (Docker's lines).
+pub trait PushProgress: Sync {
+    /// `layer` is the short id Docker prints (the diffID's first 12 hex).
+    fn layer(&self, layer: &str, status: &str);
+}
+
+pub struct Pusher<'a> {
+    pub store: &'a Store,
+    pub driver: &'a dyn GraphDriver,
+    pub transport: &'a dyn Transport,
+    pub registries: &'a Registries,
+    pub credentials: &'a (dyn Fn(&str) -> Option<Credentials> + Sync),
+    pub progress: &'a dyn PushProgress,
+    /// Blobs sent at once (Docker's max-concurrent-uploads, 5).
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PushOutcome {
+    pub tag: String,
+    pub digest: Digest,
+    pub size: usize,
+    /// Blobs sent (not found in the registry, not mounted).
+    pub uploaded: usize,
+    pub mounted: usize,
+}
+
+/// One blob of the image and where its bytes come from.
+enum Source<'l> {
+    /// The compressed blob as pulled, in the content store.
+    Original { digest: Digest, size: u64 },
+    /// The layer's tar, rebuilt and compressed on the fly.
+    Rebuilt(&'l LayerMeta),
+}
+
+struct Target<'j> {
+    ep: &'j Endpoint,
+    /// As the registry knows it (`team/app`).
+    repo: &'j str,
+    /// `domain/path`, as the v2 metadata records sources.
+    source_repo: String,
+    domain: &'j str,
+}
+
+fn plugin(class: ErrorClass, m: impl Into<String>) -> Error {
+    Error::Plugin(PluginError::new(class, m))
+}
+
+impl Pusher<'_> {
+    /// The endpoints a push may use: the registry's own, never a mirror
+    /// or v1.
+    fn endpoints(&self, domain: &str) -> Vec<Endpoint> {
+        pull_endpoints(domain, self.registries)
+            .into_iter()
+            .filter(|e| !e.mirror && !e.v1)
+            .map(|mut e| {
+                e.credentials = (self.credentials)(domain);
+                e
+            })
+            .collect()
+    }
+
+    /// Pushes the image `reference` names (a tag) to its registry.
+    pub fn push(&self, reference: &Reference) -> Result<PushOutcome> {
+        if !self.transport.can_push() {
+            return Err(plugin(
+                ErrorClass::Unsupported,
+                format!("transport {} cannot push", self.transport.name()),
+            ));
+        }
+        let tag = reference
+            .tag
+            .clone()
+            .ok_or_else(|| Error::InvalidReference("push takes a tag, not a digest".into()))?;
+        let id = self.store.refs.get(reference)?.ok_or_else(|| {
+            Error::NoSuchImage(format!(
+                "an image does not exist locally with the tag: {}",
+                reference.familiar_string()
+            ))
+        })?;
+        let (_, layers) = layers_of(self.store, &id)?;
+        let config = self.store.images.get(&id)?;
+        let original = crate::save::original(self.store, &id, layers.len())?;
+
+        // One push of a repository at a time; the second finds the first's blobs.
+        let _lock = self.lock(&reference.name())?;
+        let mut last: Option<Error> = None;
+        for ep in self.endpoints(&reference.domain) {
+            let target = Target {
+                ep: &ep,
+                repo: &reference.path,
+                source_repo: reference.name(),
+                domain: &reference.domain,
+            };
+            match self.push_to(&target, &tag, &id, &config, &layers, original.as_ref()) {
+                Ok(o) => return Ok(o),
+                Err(e) => {
+                    let fallback = matches!(e.class(), ErrorClass::Unreachable | ErrorClass::Unsupported);
+                    if !fallback {
+                        return Err(e);
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| plugin(ErrorClass::Unreachable, "no endpoint to push to")))
+    }
+
+    fn lock(&self, name: &str) -> Result<std::fs::File> {
+        let dir = self.push_dir();
+        std::fs::create_dir_all(&dir).ctx(format!("creating {}", dir.display()))?;
+        let path = dir.join(format!("{}.lock", Digest::of(name.as_bytes()).hex()));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ctx(format!("opening {}", path.display()))?;
+        if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            self.progress
+                .layer("", &format!("Waiting for another push of {name} to finish"));
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+                .map_err(|e| Error::io("waiting for another push", e.into()))?;
+        }
+        Ok(f)
+    }
+
+    fn push_dir(&self) -> PathBuf {
+        self.store.root().join("push")
+    }
+
+    fn push_to(
+        &self,
+        t: &Target<'_>,
+        tag: &str,
+        id: &Digest,
+        config: &[u8],
+        layers: &[LayerMeta],
+        original: Option<&crate::save::Original>,
+    ) -> Result<PushOutcome> {
+        let sources: Vec<Source<'_>> = match original {
+            Some(o) => o
+                .layers
+                .iter()
+                .map(|(d, s)| Source::Original {
+                    digest: d.clone(),
+                    size: *s,
+                })
+                .collect(),
+            None => layers.iter().map(Source::Rebuilt).collect(),
+        };
+        // Every layer at once, at most `concurrency` in flight.
+        let next = Mutex::new(0usize);
+        let results: Mutex<Vec<Option<Result<Pushed>>>> = Mutex::new((0..sources.len()).map(|_| None).collect());
+        std::thread::scope(|s| {
+            for _ in 0..self.concurrency.clamp(1, 16).min(sources.len().max(1)) {
+                s.spawn(|| loop {
+                    let i = {
+                        let mut n = next.lock().unwrap();
+                        let i = *n;
+                        *n += 1;
+                        i
+                    };
+                    let Some(src) = sources.get(i) else { return };
+                    let r = self.push_layer(t, &layers[i], src);
+                    let failed = r.is_err();
+                    results.lock().unwrap()[i] = Some(r);
+                    if failed {
+                        // Stop taking new layers; those in flight finish.
+                        *next.lock().unwrap() = usize::MAX;
+                        return;
+                    }
+                });
+            }
+        });
+        let mut blobs = Vec::new();
+        let (mut uploaded, mut mounted) = (0, 0);
+        for r in results.into_inner().unwrap() {
+            let Some(r) = r else { continue };
+            let (d, size, sent) = r?;
+            match sent {
+                Sent::Uploaded => uploaded += 1,
+                Sent::Mounted => mounted += 1,
+                Sent::Existed => {}
+            }
+            blobs.push((d, size));
+        }
+        if blobs.len() != sources.len() {
+            return Err(plugin(ErrorClass::Internal, "a layer was not pushed"));
+        }
+        // The config, then the manifest.
+        if self.transport.stat_blob(t.ep, t.repo, id)?.is_none() {
+            let mut open = || Ok(Box::new(io::Cursor::new(config.to_vec())) as ByteStream);
+            self.upload(t, id, Some(config.len() as u64), &mut open)?;
+        }
+        let (manifest, media_type) = match original {
+            Some(o) => (o.manifest.clone(), o.media_type.clone()),
+            None => (schema2(id, config.len(), &blobs), SCHEMA2.to_string()),
+        };
+        let digest = Digest::of(&manifest);
+        let reported = self.transport.put_manifest(t.ep, t.repo, tag, &media_type, &manifest)?;
+        if let Some(r) = reported {
+            if r != digest.as_str() {
+                return Err(Error::Integrity(format!(
+                    "the registry reports the manifest as {}, but it is {digest}",
+                    crate::text::escape_line(&r)
+                )));
+            }
+        }
+        Ok(PushOutcome {
+            tag: tag.to_string(),
+            digest,
+            size: manifest.len(),
+            uploaded,
+            mounted,
+        })
+    }
+
+    /// Pushes one layer's blob; its digest and size, and how it got there.
+    fn push_layer(&self, t: &Target<'_>, l: &LayerMeta, src: &Source<'_>) -> Result<(Digest, u64, Sent)> {
+        let short = &l.diff_id.hex()[..12];
+        self.progress.layer(short, "Preparing");
+        // Blobs this layer is known by: the original, or every digest the
+        // v2 metadata has seen its diffID as.
+        let known: Vec<(Digest, String)> = self.store.layers.blob_sources(&l.diff_id);
+        let candidates: Vec<Digest> = match src {
+            Source::Original { digest, .. } => vec![digest.clone()],
+            Source::Rebuilt(_) => {
+                let mut c: Vec<Digest> = known.iter().map(|(d, _)| d.clone()).collect();
+                c.dedup();
+                c
+            }
+        };
+        for d in &candidates {
+            if let Some(size) = self.transport.stat_blob(t.ep, t.repo, d)? {
+                if matches!(src, Source::Original { size: s, .. } if *s != size) {
+                    continue;
+                }
+                self.record(l, d, &t.source_repo);
+                self.progress.layer(short, "Layer already exists");
+                return Ok((d.clone(), size, Sent::Existed));
+            }
+        }
+        // A mount from another repository of this registry.
+        let prefix = format!("{}/", t.domain);
+        for (d, source) in &known {
+            let Some(from) = source.strip_prefix(&prefix) else {
+                continue;
+            };
+            if from == t.repo || !candidates.contains(d) {
+                continue;
+            }
+            match self.transport.mount_blob(t.ep, t.repo, d, from) {
+                Ok(Mounted::Mounted) => {
+                    let size = match src {
+                        Source::Original { size, .. } => *size,
+                        Source::Rebuilt(_) => self.transport.stat_blob(t.ep, t.repo, d)?.unwrap_or(0),
+                    };
+                    self.record(l, d, &t.source_repo);
+                    self.progress.layer(short, &format!("Mounted from {from}"));
+                    return Ok((d.clone(), size, Sent::Mounted));
+                }
+                // Not mountable (the registry opened a session instead,
+                // left unused: sessions expire) or refused: upload.
+                Ok(Mounted::Upload(_)) | Err(_) => {}
+            }
+        }
+        self.progress.layer(short, "Pushing");
+        let (digest, size) = match src {
+            Source::Original { digest, size } => {
+                let content = &self.store.content;
+                let mut open = || -> Result<ByteStream> {
+                    let f = content
+                        .open_blob(digest)?
+                        .ok_or_else(|| Error::Integrity(format!("blob {digest} left the content store")))?;
+                    Ok(Box::new(f) as ByteStream)
+                };
+                self.upload(t, digest, Some(*size), &mut open)?;
+                (digest.clone(), *size)
+            }
+            Source::Rebuilt(l) => self.upload_rebuilt(t, l)?,
+        };
+        self.record(l, &digest, &t.source_repo);
+        self.progress.layer(short, "Pushed");
+        Ok((digest, size, Sent::Uploaded))
+    }
+
+    /// Appends to the v2 metadata that `l` is known as `digest` in `repo`.
+    fn record(&self, l: &LayerMeta, digest: &Digest, repo: &str) {
+        let _ = self.store.layers.record_blob(digest, &l.diff_id, repo);
+    }
+
+    /// Where a session for `digest` in this target is remembered.
+    fn session_file(&self, t: &Target<'_>, key: &str) -> PathBuf {
+        self.push_dir()
+            .join("sessions")
+            .join(Digest::of(format!("{}\n{}\n{key}", t.ep.url, t.repo).as_bytes()).hex())
+    }
+
+    fn remember(&self, path: &std::path::Path, u: &Upload) {
+        if let Some(d) = path.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        let _ = crate::store::write_atomic(path, &serde_json::to_vec(u).expect("serialisable"));
+    }
+
+    /// A session to continue: the one remembered, if the registry still
+    /// has it, else a new one.
+    fn session(&self, t: &Target<'_>, path: &std::path::Path) -> Result<Upload> {
+        if let Some(u) = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Upload>(&b).ok())
+        {
+            if let Ok(now) = self.transport.upload_status(t.ep, t.repo, &u.url) {
+                return Ok(now);
+            }
+        }
+        let u = self.transport.start_upload(t.ep, t.repo)?;
+        self.remember(path, &u);
+        Ok(u)
+    }
+
+    /// Uploads blob `digest` of known `size` from `open()` (a fresh stream
+    /// from byte 0), resuming from what the registry holds after a
+    /// passing failure.
+    fn upload(
+        &self,
+        t: &Target<'_>,
+        digest: &Digest,
+        size: Option<u64>,
+        open: &mut dyn FnMut() -> Result<ByteStream>,
+    ) -> Result<()> {
+        let path = self.session_file(t, digest.as_str());
+        let mut session = self.session(t, &path)?;
+        let mut tries = 0;
+        loop {
+            let size = size.unwrap_or(0);
+            if session.offset < size {
+                let mut body = open()?;
+                if session.offset > 0 {
+                    io::copy(&mut (&mut body).take(session.offset), &mut io::sink())
+                        .ctx(format!("reading blob {digest}"))?;
+                }
+                let left = size - session.offset;
+                match self
+                    .transport
+                    .upload_chunk(t.ep, t.repo, &session, Box::new(body.take(left)), Some(left))
+                {
+                    Ok(u) => {
+                        session = u;
+                        self.remember(&path, &session);
+                    }
+                    Err(e) if retryable(&e) && tries + 1 < ATTEMPTS => {
+                        tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(200 << tries));
+                        session = self.transport.upload_status(t.ep, t.repo, &session.url)?;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            match self.transport.finish_upload(t.ep, t.repo, &session, digest) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Ok(());
+                }
+                Err(e) if retryable(&e) && tries + 1 < ATTEMPTS => {
+                    tries += 1;
+                    session = self.transport.upload_status(t.ep, t.repo, &session.url)?;
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Uploads layer `l` rebuilt from the driver and compressed while it
+    /// goes; its digest and size. The digest is known only at the end, so
+    /// the session is remembered under the diffID.
+    fn upload_rebuilt(&self, t: &Target<'_>, l: &LayerMeta) -> Result<(Digest, u64)> {
+        let path = self.session_file(t, &format!("rebuilt {}", l.diff_id));
+        let mut session = self.session(t, &path)?;
+        let mut tries = 0;
+        loop {
+            let skip = session.offset;
+            let sent = std::thread::scope(|s| -> Result<Result<(Upload, Digest, u64), PluginError>> {
+                let (rx, tx) = io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
+                let producer = s.spawn(move || -> Result<()> {
+                    let mut gz = flate2::write::GzEncoder::new(tx, flate2::Compression::new(GZIP_LEVEL));
+                    crate::save::rebuild_layer(self.store, self.driver, l, &mut |r| io::copy(r, &mut gz).map(drop))?;
+                    gz.finish().map_err(|e| Error::io("compressing a layer", e))?;
+                    Ok(())
+                });
+                let (mut hashed, hash) = HashingReader::new(rx);
+                // What the registry holds already is produced again (the
+                // same bytes: same tar, same level) and skipped.
+                if skip > 0 {
+                    io::copy(&mut (&mut hashed).take(skip), &mut io::sink()).ctx("compressing a layer")?;
+                }
+                let reader = SharedReader(std::sync::Arc::new(Mutex::new(hashed)));
+                let r = self
+                    .transport
+                    .upload_chunk(t.ep, t.repo, &session, Box::new(reader.clone()), None);
+                // Whatever the upload left is drained, so the producer ends.
+                let _ = io::copy(&mut reader.clone(), &mut io::sink());
+                producer.join().expect("layer producer panicked")?;
+                let (digest, len) = hash.finish();
+                Ok(r.map(|u| (u, digest, len)))
+            })?;
+            match sent {
+                Ok((u, digest, len)) => {
+                    session = u;
+                    match self.transport.finish_upload(t.ep, t.repo, &session, &digest) {
+                        Ok(()) => {
+                            let _ = std::fs::remove_file(&path);
+                            return Ok((digest, len));
+                        }
+                        Err(e) => {
+                            let _ = std::fs::remove_file(&path);
+                            return Err(e.into());
+                        }
+                    }
+                }
+                Err(e) if retryable(&e) && tries + 1 < ATTEMPTS => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(200 << tries));
+                    session = self.transport.upload_status(t.ep, t.repo, &session.url)?;
+                    self.remember(&path, &session);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// A layer's blob in the registry: digest, size, how it got there.
+type Pushed = (Digest, u64, Sent);
+
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    Existed,
+    Mounted,
+    Uploaded,
+}
+
+fn retryable(e: &PluginError) -> bool {
+    matches!(
+        e.class,
+        ErrorClass::Transient | ErrorClass::Unreachable | ErrorClass::TimedOut
+    )
+}
+
+/// One reader read from two places (the upload, then the drain after it).
+struct SharedReader<R>(std::sync::Arc<Mutex<R>>);
+
+impl<R> Clone for SharedReader<R> {
+    fn clone(&self) -> Self {
+        SharedReader(self.0.clone())
+    }
+}
+
+impl<R: Read> Read for SharedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().read(buf)
+    }
+}
+
+/// A Docker schema 2 manifest for config `id` and layer blobs `blobs`.
+fn schema2(id: &Digest, config_len: usize, blobs: &[(Digest, u64)]) -> Vec<u8> {
+    let layers: Vec<serde_json::Value> = blobs
+        .iter()
+        .map(|(d, s)| serde_json::json!({"mediaType": SCHEMA2_LAYER, "size": s, "digest": d}))
+        .collect();
+    serde_json::to_vec_pretty(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": SCHEMA2,
+        "config": {"mediaType": SCHEMA2_CONFIG, "size": config_len, "digest": id},
+        "layers": layers,
+    }))
+    .expect("serialisable")
+}

@@ -235,7 +235,7 @@ impl Pusher<'_> {
             return Err(plugin(ErrorClass::Internal, "a layer was not pushed"));
         }
         // The config, then the manifest.
-        if self.transport.stat_blob(t.ep, t.repo, id)?.is_none() {
+        if self.transport.stat_blob(t.ep, t.repo, id)?.is_none() && !self.mount_config(t, id, layers) {
             let mut open = || Ok(Box::new(io::Cursor::new(config.to_vec())) as ByteStream);
             self.upload(t, id, Some(config.len() as u64), &mut open)?;
         }
@@ -329,6 +329,28 @@ impl Pusher<'_> {
         self.record(l, &digest, &t.source_repo);
         self.progress.layer(short, "Pushed");
         Ok((digest, size, Sent::Uploaded))
+    }
+
+    /// Mounts the config from a repository of this registry its layers
+    /// came from or went to (where the image most likely is whole).
+    fn mount_config(&self, t: &Target<'_>, id: &Digest, layers: &[LayerMeta]) -> bool {
+        let prefix = format!("{}/", t.domain);
+        let mut tried = Vec::new();
+        for l in layers.iter().rev() {
+            for (_, source) in self.store.layers.blob_sources(&l.diff_id) {
+                let Some(from) = source.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if from == t.repo || tried.iter().any(|x: &String| x == from) || tried.len() >= 3 {
+                    continue;
+                }
+                tried.push(from.to_string());
+                if let Ok(Mounted::Mounted) = self.transport.mount_blob(t.ep, t.repo, id, from) {
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// Appends to the v2 metadata that `l` is known as `digest` in `repo`.

@@ -155,6 +155,13 @@ impl Gantry {
         c
     }
 
+    /// Starts a command without waiting (for tests that kill it).
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        let mut c = self.command(&binary(), &[], args);
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        c.spawn().unwrap()
+    }
+
     pub fn run(&self, args: &[&str]) -> Run {
         let mut c = self.command(&binary(), &[], args);
         Run {

@@ -15,6 +15,7 @@ pub mod gantry;
 pub mod image;
 pub mod proxy;
 pub mod registry;
+pub mod relay;
 pub mod tree;
 
 /// Says why a test did not run, when a peer it needs is missing. CI installs

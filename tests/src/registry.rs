@@ -30,6 +30,16 @@ impl Registry {
         Registry::start_with("")
     }
 
+    /// docker-registry with its access log on, kept in a file ([`Registry::log`]).
+    pub fn start_logged() -> Registry {
+        Registry::start_with("#log\n")
+    }
+
+    /// What the registry logged (its access log, with `start_logged`).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("registry.log")).unwrap_or_default()
+    }
+
     /// docker-registry as a pull-through cache of `remote` (its proxy mode).
     pub fn start_proxy(remote: &str) -> Registry {
         Registry::start_with(&format!("proxy:\n  remoteurl: {remote}\n"))
@@ -38,16 +48,32 @@ impl Registry {
     fn start_with(extra: &str) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let logged = extra.starts_with("#log");
         let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: {}\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
+            !logged,
             dir.path().join("data").display()
         );
         std::fs::write(dir.path().join("config.yml"), config).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(dir.path().join("config.yml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(if logged {
+                Stdio::from(std::fs::File::create(dir.path().join("registry.log")).unwrap())
+            } else {
+                Stdio::null()
+            })
+            .stderr(if logged {
+                Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .open(dir.path().join("registry.log"))
+                        .unwrap(),
+                )
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("starting docker-registry");
         wait_for(&format!("127.0.0.1:{port}"));

@@ -5,6 +5,7 @@ use crate::serve::{error_code, get, header, raw, skopeo, status};
 use crate::{assert_export_matches_umoci, peers};
 use gantry_tests::gantry::Gantry;
 use gantry_tests::image::{rich_layers, sha256, Image, Layout};
+use gantry_tests::registry::Registry;
 
 /// `METHOD PATH` with `headers` and `body` on a connection of its own.
 fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> String {
@@ -287,4 +288,223 @@ fn gantry_serve_with_htpasswd_lets_only_its_users_push() {
     // …but reads stay open.
     assert_eq!(status(&get(&a, "/v2/team/app/manifests/v1")), 200);
     assert_eq!(status(&get(&a, &format!("/v2/team/app/blobs/{}", m.digest))), 200);
+}
+
+/// Lines of a registry log that are requests of `method` to `path_part`.
+fn requests(log: &str, method: &str, path_part: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(&format!("\"{method} ")) && l.contains(path_part))
+        .count()
+}
+
+/// The manifest digest `skopeo copy` wrote into an OCI layout at `dir`.
+fn copied_digest(dir: &std::path::Path) -> String {
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    index["manifests"][0]["digest"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn gantry_pushes_to_docker_registry_mounting_what_the_registry_has() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start_logged();
+    let (_p, m, layers) = crate::publish(&reg, "team/app", "v1", &Image::new(rich_layers()));
+    let g = Gantry::new();
+    let from = format!("{}/team/app:v1", reg.addr());
+    let to = format!("{}/team/copy:v1", reg.addr());
+    g.ok(&["pull", &from]);
+    g.ok(&["tag", &from, &to]);
+    let out = g.ok(&["push", &to]);
+    assert!(
+        out.starts_with(&format!("The push refers to repository [{}/team/copy]", reg.addr())),
+        "{out}"
+    );
+    assert_eq!(out.matches(": Mounted from team/app").count(), layers.len(), "{out}");
+    let last = out.lines().last().unwrap();
+    assert!(last.starts_with(&format!("v1: digest: {} size: ", m.digest)), "{out}");
+    // Nothing was uploaded: every blob (config too) was mounted.
+    let log = reg.log();
+    assert_eq!(requests(&log, "PATCH", "/v2/team/copy/"), 0, "{log}");
+    assert_eq!(requests(&log, "PUT", "/v2/team/copy/blobs/"), 0, "{log}");
+    assert!(
+        requests(&log, "POST", "/v2/team/copy/blobs/uploads/?mount=") > layers.len(),
+        "{log}"
+    );
+
+    // A real client reads the same manifest; its tree is gantry's.
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("copy");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{to}"),
+        &format!("oci:{}:v1", layout.display()),
+    ]);
+    assert_eq!(copied_digest(&layout), m.digest);
+    assert_export_matches_umoci(&g, &to, &layout, "v1");
+
+    // Pushed again: every layer is already there.
+    let again = g.ok(&["push", &to]);
+    assert_eq!(again.matches(": Layer already exists").count(), layers.len(), "{again}");
+    // A reference gantry does not have is named plainly.
+    let missing = format!("{}/team/none:v1", reg.addr());
+    let err = g.fails(&["push", &missing]);
+    assert!(
+        err.contains("does not exist locally") && err.contains("team/none:v1"),
+        "{err}"
+    );
+    g.fsck_clean();
+}
+
+#[test]
+fn a_loaded_image_is_pushed_from_its_layers_and_reads_back_the_same() {
+    if !(peers() && gantry_tests::require("umoci")) {
+        return;
+    }
+    let reg = Registry::start_logged();
+    let dir = tempfile::tempdir().unwrap();
+    let layout_dir = dir.path().join("layout");
+    let mut layout = Layout::create(&layout_dir);
+    let (m, _) = layout.image(&Image::new(rich_layers()));
+    layout.tag("v1", &m, None);
+    let archive = dir.path().join("docker.tar");
+    let name = format!("{}/team/loaded:v1", reg.addr());
+    skopeo(&[
+        "copy",
+        "--quiet",
+        &format!("oci:{}:v1", layout_dir.display()),
+        &format!("docker-archive:{}:{name}", archive.display()),
+    ]);
+    let g = Gantry::new();
+    g.ok(&["load", "-i", archive.to_str().unwrap()]);
+    let out = g.ok(&["push", &name]);
+    assert!(out.contains(": Pushed"), "{out}");
+    let back = dir.path().join("back");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{name}"),
+        &format!("oci:{}:v1", back.display()),
+    ]);
+    // Same tree, same image (config) as what was loaded.
+    assert_export_matches_umoci(&g, &name, &back, "v1");
+    let inspected: serde_json::Value = serde_json::from_str(&g.ok(&["inspect", &name])).unwrap();
+    let id = inspected[0]["Id"].as_str().unwrap().to_string();
+    let pulled = Gantry::new();
+    pulled.ok(&["pull", &name]);
+    let again: serde_json::Value = serde_json::from_str(&pulled.ok(&["inspect", &name])).unwrap();
+    assert_eq!(
+        again[0]["Id"].as_str().unwrap(),
+        id,
+        "the image ID survives load → push → pull"
+    );
+    // A second store that pulled it, pushed elsewhere, mounts (the v2
+    // metadata of the pull names the source repository).
+    let other = format!("{}/team/other:v1", reg.addr());
+    pulled.ok(&["tag", &name, &other]);
+    let out = pulled.ok(&["push", &other]);
+    assert!(out.contains(": Mounted from team/loaded"), "{out}");
+}
+
+/// One layer of incompressible bytes (so a cut lands mid-blob).
+fn noisy_image(len: usize) -> Image {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            // xorshift64*: bytes gzip cannot shrink.
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+        })
+        .collect();
+    Image::new(vec![gantry_tests::image::Layer::new()
+        .file("noise", 0o644, &data)
+        .tar()])
+}
+
+#[test]
+fn a_cut_upload_resumes_and_a_killed_push_continues_where_it_stopped() {
+    if !peers() {
+        return;
+    }
+    use gantry_tests::relay::{Break, Relay};
+    let server = Gantry::new();
+    let srv = server.serve(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let layout_dir = dir.path().join("layout");
+    let mut layout = Layout::create(&layout_dir);
+    let size = 3 << 20;
+    let (m, _) = layout.image(&noisy_image(size));
+    layout.tag("v1", &m, None);
+    let archive = dir.path().join("oci.tar");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        &format!("oci:{}:v1", layout_dir.display()),
+        &format!("oci-archive:{}:x/y:v1", archive.display()),
+    ]);
+
+    // Cut twice, 1 MiB into a connection: the push asks how far the
+    // registry got and sends the rest.
+    let relay = Relay::start(&srv.addr, 1 << 20, 2, Break::Cut);
+    let g = Gantry::new();
+    g.ok(&["load", "-i", archive.to_str().unwrap()]);
+    let name = format!("{}/team/cut:v1", relay.addr());
+    g.ok(&["tag", "x/y:v1", &name]);
+    let out = g.ok(&["push", &name]);
+    assert!(out.contains(": Pushed"), "{out}");
+    let sent = relay.upstream_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        sent < (size as u64) * 13 / 10,
+        "resumed, not restarted: {sent} bytes for {size}"
+    );
+    assert!(
+        requests_in(&srv.log(), "PATCH", "/v2/team/cut/blobs/uploads/") >= 3,
+        "{}",
+        srv.log()
+    );
+
+    // Killed while stalled halfway; run again, it continues the session.
+    let stall = Relay::start(&srv.addr, 2 << 20, 1, Break::Stall);
+    let name = format!("{}/team/killed:v1", stall.addr());
+    g.ok(&["tag", "x/y:v1", &name]);
+    let mut child = g.spawn(&["push", &name]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while stall.upstream_bytes.load(std::sync::atomic::Ordering::Relaxed) < (2 << 20) {
+        assert!(std::time::Instant::now() < deadline, "the push never got halfway");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = stall.upstream_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let out = g.ok(&["push", &name]);
+    assert!(out.contains(": Pushed"), "{out}");
+    let rerun = stall.upstream_bytes.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert!(
+        rerun < (size as u64) * 6 / 10,
+        "the rerun sent only what was missing: {rerun} of {size}"
+    );
+    assert_eq!(
+        requests_in(&srv.log(), "POST", "/v2/team/killed/blobs/uploads/"),
+        2,
+        "one session for the layer, one for the config: {}",
+        srv.log()
+    );
+    // What arrived is the image.
+    let back = Gantry::new();
+    let direct = format!("{}/team/killed:v1", srv.addr);
+    back.ok(&["pull", &direct]);
+    back.fsck_clean();
+}
+
+/// Lines of gantry serve's access log for `method` on paths containing `part`.
+fn requests_in(log: &str, method: &str, part: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(&format!("\"{method} ")) && l.contains(part))
+        .count()
 }

@@ -31,12 +31,13 @@ demo: build
 	./examples/demo.sh
 
 ## Pull, load and save benchmarks against containerd, podman and skopeo,
-## the sandbox's cost, and serving against docker-registry (root; ~4 GiB of disk).
+## the sandbox's cost, serving against docker-registry, pushing against skopeo and podman (root; ~4 GiB of disk).
 bench: build
 	./bench/pull.sh
 	./bench/load.sh
 	./bench/sandbox.sh
 	./bench/serve.sh
+	./bench/push.sh
 
 lint: deps
 	$(CARGO) fmt --all --check

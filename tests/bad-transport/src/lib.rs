@@ -12,7 +12,7 @@ gantry_kit::wit_bindgen::generate!({
 });
 
 use exports::gantry::plugin::transport::{Endpoint, Guest, ProbeInfo, Resolved};
-use gantry::plugin::http::{send, Request};
+use gantry::plugin::http::{send, send_bytes, Request};
 use gantry::plugin::types::{ByteStream, Error};
 
 struct Bad;
@@ -63,6 +63,30 @@ impl Guest for Bad {
             "delete" => {
                 get(format!("{base}/v2/{repository}/manifests/v1"), vec![], "DELETE")?;
                 breached("a DELETE was sent")
+            }
+            // A write with a body during a pull (the push side's request).
+            "put-body" => {
+                send_bytes(
+                    &Request {
+                        method: "PUT".into(),
+                        url: format!("{base}/v2/{repository}/manifests/v1"),
+                        headers: vec![],
+                    },
+                    b"{}",
+                )?;
+                breached("a PUT with a body was sent")
+            }
+            // A body posted to the registry, not its token realm, in a pull.
+            "post-body" => {
+                send_bytes(
+                    &Request {
+                        method: "POST".into(),
+                        url: format!("{base}/v2/{repository}/blobs/uploads/"),
+                        headers: vec![],
+                    },
+                    b"x",
+                )?;
+                breached("a POST with a body was sent")
             }
             // Another service on the machine, not the endpoint.
             m if m.starts_with("internal-") => {

@@ -508,3 +508,38 @@ fn requests_in(log: &str, method: &str, part: &str) -> usize {
         .filter(|l| l.contains(&format!("\"{method} ")) && l.contains(part))
         .count()
 }
+
+#[test]
+fn two_pushes_of_one_repository_upload_each_blob_once() {
+    if !peers() {
+        return;
+    }
+    let src = Registry::start();
+    let (_p, m, layers) = crate::publish(&src, "team/app", "v1", &Image::new(rich_layers()));
+    let dst = Registry::start_logged();
+    let g = Gantry::new();
+    let from = format!("{}/team/app:v1", src.addr());
+    let to = format!("{}/team/app:v1", dst.addr());
+    g.ok(&["pull", &from]);
+    g.ok(&["tag", &from, &to]);
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| g.run(&["push", &to]));
+        let b = s.spawn(|| g.run(&["push", &to]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for r in [&a, &b] {
+        assert!(r.out.status.success(), "{}", r.stderr());
+        assert!(
+            r.stdout().contains(&format!("v1: digest: {}", m.digest)),
+            "{}",
+            r.stdout()
+        );
+    }
+    let log = dst.log();
+    // Each blob's upload ends with one PUT: the layers and the config, once.
+    assert_eq!(
+        requests(&log, "PUT", "/v2/team/app/blobs/uploads/"),
+        layers.len() + 1,
+        "{log}"
+    );
+}

@@ -260,6 +260,8 @@ fn each_transport_attack_is_refused_by_the_host() {
         ("host-header", "may not set the Host header"),
         ("transfer-encoding", "may not set the Transfer-Encoding header"),
         ("delete", "HTTP method DELETE is not allowed"),
+        ("put-body", "HTTP method PUT is not allowed"),
+        ("post-body", "POST is allowed only to the registry's token realm"),
         (&*format!("internal-{port}"), "may not connect to http://127.0.0.2"),
         ("handles", "plugin transport/bad holds more than 16 open handles"),
         ("sleep", "plugin transport/bad ran past its CPU deadline of 1s"),

@@ -128,7 +128,12 @@ fn a_plugin_built_against_another_contract_is_refused_by_name() {
         "[transport]\ntype = \"v2\"\n[driver]\ntype = \"vfs\"\npath = \"{}\"\n",
         file.display()
     ));
-    let refused = "plugin vfs was built against gantry:plugin@0.9.0, this gantry loads gantry:plugin@0.1.0 to 0.1.1";
+    let refused = format!(
+        "plugin vfs was built against gantry:plugin@0.9.0, this gantry loads gantry:plugin@{} to {}",
+        gantry_host::plugin::CONTRACT_OLDEST,
+        gantry_host::plugin::CONTRACT_VERSION
+    );
+    let refused = refused.as_str();
     assert!(g.ok(&["images"]).starts_with("REPOSITORY"));
     let err = g.fails(&["rmi", "nothing:here"]);
     assert!(err.contains("No such image") || err.contains("no such image"), "{err}");

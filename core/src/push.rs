@@ -391,6 +391,19 @@ impl Pusher<'_> {
         Ok(u)
     }
 
+    /// Where a session stands after a failure: what the registry holds, or
+    /// — a session the registry lost (expired, restarted without it) — a
+    /// new one from byte 0.
+    fn recover(&self, t: &Target<'_>, path: &std::path::Path, session: &Upload) -> Result<Upload> {
+        let now = match self.transport.upload_status(t.ep, t.repo, &session.url) {
+            Ok(u) => u,
+            Err(e) if e.class == ErrorClass::NotFound => self.transport.start_upload(t.ep, t.repo)?,
+            Err(e) => return Err(e.into()),
+        };
+        self.remember(path, &now);
+        Ok(now)
+    }
+
     /// Uploads blob `digest` of known `size` from `open()` (a fresh stream
     /// from byte 0), resuming from what the registry holds after a
     /// passing failure.
@@ -424,7 +437,7 @@ impl Pusher<'_> {
                     Err(e) if retryable(&e) && tries + 1 < ATTEMPTS => {
                         tries += 1;
                         std::thread::sleep(std::time::Duration::from_millis(200 << tries));
-                        session = self.transport.upload_status(t.ep, t.repo, &session.url)?;
+                        session = self.recover(t, &path, &session)?;
                         continue;
                     }
                     Err(e) => return Err(e.into()),
@@ -437,7 +450,7 @@ impl Pusher<'_> {
                 }
                 Err(e) if retryable(&e) && tries + 1 < ATTEMPTS => {
                     tries += 1;
-                    session = self.transport.upload_status(t.ep, t.repo, &session.url)?;
+                    session = self.recover(t, &path, &session)?;
                 }
                 Err(e) => {
                     let _ = std::fs::remove_file(&path);
@@ -454,6 +467,7 @@ impl Pusher<'_> {
         let path = self.session_file(t, &format!("rebuilt {}", l.diff_id));
         let mut session = self.session(t, &path)?;
         let mut tries = 0;
+        let mut restarted = false;
         loop {
             let skip = session.offset;
             let sent = std::thread::scope(|s| -> Result<Result<(Upload, Digest, u64), PluginError>> {
@@ -488,6 +502,13 @@ impl Pusher<'_> {
                             let _ = std::fs::remove_file(&path);
                             return Ok((digest, len));
                         }
+                        // A resumed session whose whole is refused (what the
+                        // registry held was not these bytes): once more, whole.
+                        Err(_) if skip > 0 && !restarted => {
+                            restarted = true;
+                            session = self.transport.start_upload(t.ep, t.repo)?;
+                            self.remember(&path, &session);
+                        }
                         Err(e) => {
                             let _ = std::fs::remove_file(&path);
                             return Err(e.into());
@@ -497,8 +518,7 @@ impl Pusher<'_> {
                 Err(e) if retryable(&e) && tries + 1 < ATTEMPTS => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(200 << tries));
-                    session = self.transport.upload_status(t.ep, t.repo, &session.url)?;
-                    self.remember(&path, &session);
+                    session = self.recover(t, &path, &session)?;
                 }
                 Err(e) => return Err(e.into()),
             }

@@ -543,3 +543,70 @@ fn two_pushes_of_one_repository_upload_each_blob_once() {
         "{log}"
     );
 }
+
+/// The store's listing without push bookkeeping (`push/`: locks and
+/// remembered upload sessions, which are how a push resumes).
+fn listing_without_push(g: &Gantry) -> Vec<String> {
+    g.store_listing().into_iter().filter(|l| !l.starts_with("push/")).collect()
+}
+
+#[test]
+fn a_failed_push_is_one_line_and_changes_no_image() {
+    let Some((reg, g)) = crate::control_store() else { return };
+    let from = format!("{}/test/control:v1", reg.addr());
+    // Nothing listens there.
+    let to = format!("127.0.0.1:{}/team/x:v1", gantry_tests::registry::free_port());
+    g.ok(&["tag", &from, &to]);
+    let before = listing_without_push(&g);
+    let r = g.run(&["push", &to]);
+    assert!(!r.out.status.success());
+    let err = r.stderr();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("error: pushing ") && lines[0].contains("team/x:v1"), "{err}");
+    assert_eq!(before, listing_without_push(&g), "a failed push changed the store");
+    g.fsck_clean();
+
+    // A transport that cannot push (it exports no push interface) is named.
+    let bad = format!(
+        "[transport]\ntype = \"bad\"\npath = \"{}\"\n[driver]\ntype = \"auto\"\n",
+        crate::sandbox::component("gantry_bad_transport").display()
+    );
+    let cfg = g.scratch().join("bad.toml");
+    std::fs::write(&cfg, bad).unwrap();
+    let r = g.run(&["--config", cfg.to_str().unwrap(), "push", &from]);
+    assert!(!r.out.status.success());
+    assert!(r.stderr().contains("transport bad cannot push"), "{}", r.stderr());
+}
+
+#[test]
+fn gantry_pushes_with_credentials_to_a_gantry_serve_that_requires_them() {
+    let Some((reg, g)) = crate::control_store() else { return };
+    let server = Gantry::new();
+    let file = server.scratch().join("htpasswd");
+    std::fs::write(&file, format!("alice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
+    let srv = server.serve(&["--htpasswd", file.to_str().unwrap()]);
+    let from = format!("{}/test/control:v1", reg.addr());
+    let to = format!("{}/team/private:v1", srv.addr);
+    g.ok(&["tag", &from, &to]);
+    // Without credentials: refused, one line.
+    let err = g.fails(&["push", &to]);
+    assert!(err.contains("unauthorized") || err.contains("authentication required"), "{err}");
+    // With them (a Docker config.json), it goes through.
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    let auth_file = g.scratch().join("auth.json");
+    std::fs::write(
+        &auth_file,
+        serde_json::json!({"auths": {srv.addr.clone(): {"auth": auth}}}).to_string(),
+    )
+    .unwrap();
+    let g = g.with_config(&format!(
+        "auth_file = \"{}\"\n[transport]\ntype = \"v2\"\n[driver]\ntype = \"auto\"\n",
+        auth_file.display()
+    ));
+    let out = g.ok(&["push", &to]);
+    assert!(out.lines().last().unwrap().starts_with("v1: digest: sha256:"), "{out}");
+    let back = Gantry::new();
+    back.ok(&["pull", &to]);
+}

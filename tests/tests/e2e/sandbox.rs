@@ -12,7 +12,7 @@ use gantry_tests::{is_root, require};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-fn component(name: &str) -> PathBuf {
+pub(crate) fn component(name: &str) -> PathBuf {
     let wasm = binary()
         .parent()
         .unwrap()

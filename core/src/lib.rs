@@ -15,6 +15,7 @@ pub mod fsck;
 pub mod images;
 pub mod load;
 pub mod manifest;
+pub mod pargz;
 pub mod path;
 pub mod platform;
 pub mod plugin;

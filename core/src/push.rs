@@ -473,10 +473,15 @@ impl Pusher<'_> {
             let sent = std::thread::scope(|s| -> Result<Result<(Upload, Digest, u64), PluginError>> {
                 let (rx, tx) = io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
                 let producer = s.spawn(move || -> Result<()> {
-                    let mut gz = flate2::write::GzEncoder::new(tx, flate2::Compression::new(GZIP_LEVEL));
-                    crate::save::rebuild_layer(self.store, self.driver, l, &mut |r| io::copy(r, &mut gz).map(drop))?;
-                    gz.finish().map_err(|e| Error::io("compressing a layer", e))?;
-                    Ok(())
+                    // Compressed on every core, the same bytes every time.
+                    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                    std::thread::scope(|zs| {
+                        let mut gz = crate::pargz::ParGz::new(zs, tx, GZIP_LEVEL, threads)
+                            .map_err(|e| Error::io("compressing a layer", e))?;
+                        crate::save::rebuild_layer(self.store, self.driver, l, &mut |r| io::copy(r, &mut gz).map(drop))?;
+                        gz.finish().map_err(|e| Error::io("compressing a layer", e))?;
+                        Ok(())
+                    })
                 });
                 let (mut hashed, hash) = HashingReader::new(rx);
                 // What the registry holds already is produced again (the

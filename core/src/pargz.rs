@@ -211,7 +211,9 @@ mod tests {
             assert_eq!(back, input, "len {len}");
             // Standard readers agree (MultiGzDecoder too: one member).
             let mut multi = Vec::new();
-            flate2::read::MultiGzDecoder::new(&one[..]).read_to_end(&mut multi).unwrap();
+            flate2::read::MultiGzDecoder::new(&one[..])
+                .read_to_end(&mut multi)
+                .unwrap();
             assert_eq!(multi, input);
         }
     }

@@ -478,7 +478,9 @@ impl Pusher<'_> {
                     std::thread::scope(|zs| {
                         let mut gz = crate::pargz::ParGz::new(zs, tx, GZIP_LEVEL, threads)
                             .map_err(|e| Error::io("compressing a layer", e))?;
-                        crate::save::rebuild_layer(self.store, self.driver, l, &mut |r| io::copy(r, &mut gz).map(drop))?;
+                        crate::save::rebuild_layer(self.store, self.driver, l, &mut |r| {
+                            io::copy(r, &mut gz).map(drop)
+                        })?;
                         gz.finish().map_err(|e| Error::io("compressing a layer", e))?;
                         Ok(())
                     })

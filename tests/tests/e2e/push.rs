@@ -547,7 +547,10 @@ fn two_pushes_of_one_repository_upload_each_blob_once() {
 /// The store's listing without push bookkeeping (`push/`: locks and
 /// remembered upload sessions, which are how a push resumes).
 fn listing_without_push(g: &Gantry) -> Vec<String> {
-    g.store_listing().into_iter().filter(|l| !l.starts_with("push/")).collect()
+    g.store_listing()
+        .into_iter()
+        .filter(|l| !l.starts_with("push/"))
+        .collect()
 }
 
 #[test]
@@ -563,7 +566,10 @@ fn a_failed_push_is_one_line_and_changes_no_image() {
     let err = r.stderr();
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].starts_with("error: pushing ") && lines[0].contains("team/x:v1"), "{err}");
+    assert!(
+        lines[0].starts_with("error: pushing ") && lines[0].contains("team/x:v1"),
+        "{err}"
+    );
     assert_eq!(before, listing_without_push(&g), "a failed push changed the store");
     g.fsck_clean();
 
@@ -591,7 +597,10 @@ fn gantry_pushes_with_credentials_to_a_gantry_serve_that_requires_them() {
     g.ok(&["tag", &from, &to]);
     // Without credentials: refused, one line.
     let err = g.fails(&["push", &to]);
-    assert!(err.contains("unauthorized") || err.contains("authentication required"), "{err}");
+    assert!(
+        err.contains("unauthorized") || err.contains("authentication required"),
+        "{err}"
+    );
     // With them (a Docker config.json), it goes through.
     use base64::Engine as _;
     let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");

@@ -140,15 +140,18 @@ pub trait Transport: Send + Sync {
         let _ = (ep, repository, session, body, length);
         Err(no_push())
     }
-    /// Pushing: ends the session as blob `digest`.
+    /// Pushing: ends the session as blob `digest`, sending `length` bytes
+    /// of `body` (if any) with it.
     fn finish_upload(
         &self,
         ep: &Endpoint,
         repository: &str,
         session: &Upload,
         digest: &Digest,
+        body: Option<ByteStream>,
+        length: u64,
     ) -> Result<(), PluginError> {
-        let _ = (ep, repository, session, digest);
+        let _ = (ep, repository, session, digest, body, length);
         Err(no_push())
     }
     /// Pushing: puts a manifest as `reference`; the digest the registry reported.

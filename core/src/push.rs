@@ -44,6 +44,10 @@ const SCHEMA2_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 /// usually bound by compression, not by the network.
 const GZIP_LEVEL: u32 = 1;
 
+/// Blobs up to this size are sent with the request that closes their
+/// session (`PUT ?digest=` with a body), not in a `PATCH` of their own.
+const MONOLITHIC: u64 = 1 << 20;
+
 /// Attempts per blob when the registry or the connection fails passingly.
 const ATTEMPTS: usize = 5;
 
@@ -419,7 +423,11 @@ impl Pusher<'_> {
         let mut tries = 0;
         loop {
             let size = size.unwrap_or(0);
-            if session.offset < size {
+            // A small blob goes whole with the closing `PUT`.
+            let mut last: Option<ByteStream> = None;
+            if session.offset == 0 && size <= MONOLITHIC {
+                last = Some(open()?);
+            } else if session.offset < size {
                 let mut body = open()?;
                 if session.offset > 0 {
                     io::copy(&mut (&mut body).take(session.offset), &mut io::sink())
@@ -443,7 +451,11 @@ impl Pusher<'_> {
                     Err(e) => return Err(e.into()),
                 }
             }
-            match self.transport.finish_upload(t.ep, t.repo, &session, digest) {
+            let length = if last.is_some() { size } else { 0 };
+            match self
+                .transport
+                .finish_upload(t.ep, t.repo, &session, digest, last, length)
+            {
                 Ok(()) => {
                     let _ = std::fs::remove_file(&path);
                     return Ok(());
@@ -504,7 +516,7 @@ impl Pusher<'_> {
             match sent {
                 Ok((u, digest, len)) => {
                     session = u;
-                    match self.transport.finish_upload(t.ep, t.repo, &session, &digest) {
+                    match self.transport.finish_upload(t.ep, t.repo, &session, &digest, None, 0) {
                         Ok(()) => {
                             let _ = std::fs::remove_file(&path);
                             return Ok((digest, len));

@@ -286,14 +286,34 @@ impl Transport for WasmTransport {
         repository: &str,
         session: &Upload,
         digest: &Digest,
+        body: Option<ByteStream>,
+        length: u64,
     ) -> Result<(), PluginError> {
         let session = wit_push::Upload {
             url: session.url.clone(),
             offset: session.offset,
         };
         self.push_call("finish-upload", ep, |s, p, ep| {
-            p.gantry_plugin_push()
-                .call_finish_upload(s, ep, repository, &session, digest.as_str())
+            let own = match body {
+                Some(b) => Some(s.data_mut().table.push(super::ByteStream(b))?),
+                None => None,
+            };
+            let borrow = own
+                .as_ref()
+                .map(|o| wasmtime::component::Resource::<super::ByteStream>::new_borrow(o.rep()));
+            let r = p.gantry_plugin_push().call_finish_upload(
+                &mut *s,
+                ep,
+                repository,
+                &session,
+                digest.as_str(),
+                borrow,
+                length,
+            )?;
+            if let Some(o) = own {
+                s.data_mut().table.delete(o)?;
+            }
+            Ok(r)
         })
     }
 

@@ -159,9 +159,17 @@ pub trait Transport {
         let _ = (ep, repository, session, body, length);
         not_implemented("upload-chunk")
     }
-    /// Pushing: ends the session as blob `digest`.
-    fn finish_upload(ep: Endpoint, repository: String, session: Upload, digest: String) -> Result<(), Error> {
-        let _ = (ep, repository, session, digest);
+    /// Pushing: ends the session as blob `digest`, sending `length` bytes
+    /// of `body` (if any) with it.
+    fn finish_upload(
+        ep: Endpoint,
+        repository: String,
+        session: Upload,
+        digest: String,
+        body: Option<&ByteStream>,
+        length: u64,
+    ) -> Result<(), Error> {
+        let _ = (ep, repository, session, digest, body, length);
         not_implemented("finish-upload")
     }
     /// Pushing: puts manifest `m` as `reference`.
@@ -212,8 +220,15 @@ impl<T: Transport> bindings::exports::gantry::plugin::push::Guest for TransportE
     ) -> Result<Upload, Error> {
         T::upload_chunk(ep, repository, session, body, length)
     }
-    fn finish_upload(ep: Endpoint, repository: String, session: Upload, digest: String) -> Result<(), Error> {
-        T::finish_upload(ep, repository, session, digest)
+    fn finish_upload(
+        ep: Endpoint,
+        repository: String,
+        session: Upload,
+        digest: String,
+        body: Option<&ByteStream>,
+        length: u64,
+    ) -> Result<(), Error> {
+        T::finish_upload(ep, repository, session, digest, body, length)
     }
     fn put_manifest(ep: Endpoint, repository: String, reference: String, m: Manifest) -> Result<Option<String>, Error> {
         T::put_manifest(ep, repository, reference, m)

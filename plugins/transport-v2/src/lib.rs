@@ -436,7 +436,14 @@ impl Transport for V2 {
         }
     }
 
-    fn finish_upload(ep: Endpoint, repository: String, session: Upload, digest: String) -> Result<(), Error> {
+    fn finish_upload(
+        ep: Endpoint,
+        repository: String,
+        session: Upload,
+        digest: String,
+        body: Option<&ByteStream>,
+        length: u64,
+    ) -> Result<(), Error> {
         check_repository(&repository)?;
         check_reference(&digest)?;
         let sep = if session.url.contains('?') { '&' } else { '?' };
@@ -446,14 +453,15 @@ impl Transport for V2 {
         if let Some(a) = auth_for(&ep, &session.url, &scope)? {
             headers.push(("authorization".into(), a));
         }
-        let resp = send_bytes(
-            &Request {
-                method: "PUT".into(),
-                url,
-                headers,
-            },
-            &[],
-        )?;
+        let req = Request {
+            method: "PUT".into(),
+            url,
+            headers,
+        };
+        let resp = match body {
+            Some(b) => send_body(&req, b, Some(length))?,
+            None => send_bytes(&req, &[])?,
+        };
         match resp.status {
             201 | 204 => Ok(()),
             _ => Err(fail(resp, &format!("finishing the upload of {digest}"))),

@@ -8,6 +8,9 @@ need=()
 for p in docker-registry skopeo umoci podman make time mount; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
+# A `docker` CLI for the daemon's tests: the machine's own (28.x) when it
+# has one, else Debian's (20.10).
+command -v docker >/dev/null 2>&1 || need+=(docker.io)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "installing ${need[*]}" >&2
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -143,6 +143,12 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         htpasswd: Option<std::path::PathBuf>,
     },
+    /// Answer Docker's Engine API image routes on a unix socket (the
+    /// `docker` CLI with `DOCKER_HOST=unix://…`), until SIGTERM.
+    Daemon {
+        #[arg(long, default_value = "unix:///run/gantry.sock")]
+        host: String,
+    },
     /// The plugin registry: what is configured, and what a component is.
     Plugin {
         #[command(subcommand)]

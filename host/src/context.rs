@@ -141,6 +141,18 @@ impl Context {
         options: gantry_core::pull::PullOptions,
         f: impl FnOnce(&gantry_core::pull::Puller<'_>) -> Result<R>,
     ) -> Result<R> {
+        self.with_puller_auth(progress, options, None, f)
+    }
+
+    /// [`Context::with_puller`], with credentials a client sent for one
+    /// registry (the daemon's `X-Registry-Auth`) used instead of the file's.
+    pub fn with_puller_auth<R>(
+        &self,
+        progress: &dyn gantry_core::pull::Progress,
+        options: gantry_core::pull::PullOptions,
+        given: Option<(String, gantry_core::plugin::Credentials)>,
+        f: impl FnOnce(&gantry_core::pull::Puller<'_>) -> Result<R>,
+    ) -> Result<R> {
         let transport = self.transport()?;
         // The v1 transport loads only when some registry enables v1.
         let v1 = if self.config.registries.values().any(|r| r.v1) {
@@ -148,7 +160,11 @@ impl Context {
         } else {
             None
         };
-        let credentials = self.credentials()?;
+        let from_file = self.credentials()?;
+        let credentials = move |domain: &str| match &given {
+            Some((d, c)) if d == domain => Some(c.clone()),
+            _ => from_file(domain),
+        };
         let downloads = gantry_core::pull::SharedDownloads::default();
         f(&gantry_core::pull::Puller {
             store: &self.store,

@@ -202,6 +202,31 @@ impl Gantry {
         }
     }
 
+    /// Starts `gantry daemon` on a socket in this store's scratch space and
+    /// waits until it listens; `addr` is `unix://PATH` (a `DOCKER_HOST`).
+    pub fn daemon(&self) -> Server {
+        let log = self.work.path().join(format!("daemon-{}.log", std::process::id()));
+        let sock = self.work.path().join("gantry.sock");
+        let host = format!("unix://{}", sock.display());
+        let mut c = self.command(&binary(), &[], &["daemon", "--host", &host]);
+        c.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+        // Waited for by `Server`'s drop.
+        #[allow(clippy::zombie_processes)]
+        let child = c.spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("gantry daemon: listening on") {
+                return Server { child, addr: host, log };
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gantry daemon did not start:\n{text}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Runs with `input` on standard input.
     pub fn run_stdin(&self, args: &[&str], input: &Path) -> Run {
         let mut c = self.command(&binary(), &[], args);

@@ -35,6 +35,12 @@ fn closure(pkg: &str) -> HashSet<String> {
     let mut todo = vec![pkg.to_string()];
     while let Some(p) = todo.pop() {
         for d in deps.get(&p).into_iter().flatten() {
+            // The WASI bindings crates (`wasi`, `wasip2`, …) are what a
+            // crate like getrandom uses only when built for a wasm target;
+            // the lock does not say so, and they bring wit-bindgen along.
+            if d == "wasi" || d.starts_with("wasip") {
+                continue;
+            }
             if seen.insert(d.clone()) {
                 todo.push(d.clone());
             }

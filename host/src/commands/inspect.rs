@@ -9,6 +9,19 @@ use std::process::ExitCode;
 pub fn run(ctx: &Context, images: &[String]) -> Result<ExitCode> {
     let mut out = Vec::new();
     for name in images {
+        out.push(image_json(ctx, name)?);
+    }
+    let mut buf = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
+    serde::Serialize::serialize(&out, &mut ser)?;
+    println!("{}", String::from_utf8(buf)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One image as `docker image inspect` (and the Engine API) shows it.
+pub fn image_json(ctx: &Context, name: &str) -> Result<Value, gantry_core::Error> {
+    {
         let id = lookup(&ctx.store, name)?;
         let (config, layers) = layers_of(&ctx.store, &id)?;
         let refs = ctx.store.refs.refs_of(&id)?;
@@ -56,12 +69,6 @@ pub fn run(ctx: &Context, images: &[String]) -> Result<ExitCode> {
         if let Some(v) = &config.variant {
             obj["Variant"] = json!(v);
         }
-        out.push(obj);
+        Ok(obj)
     }
-    let mut buf = Vec::new();
-    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
-    serde::Serialize::serialize(&out, &mut ser)?;
-    println!("{}", String::from_utf8(buf)?);
-    Ok(ExitCode::SUCCESS)
 }

@@ -1,10 +1,11 @@
 //! One module per command; `run` dispatches.
 
+mod daemon;
 mod export;
 mod fsck;
 mod history;
 mod images;
-mod inspect;
+pub(crate) mod inspect;
 mod load;
 mod plugin;
 mod pull;
@@ -56,6 +57,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Save { images, output, format } => save::run(&ctx, &images, output.as_deref(), format),
         Command::Fsck { verify_content, repair } => fsck::run(&ctx, verify_content, repair),
         Command::Plugin { command } => plugin::run(&ctx, command),
+        Command::Daemon { host } => daemon::run(ctx, &host),
         Command::Serve {
             listen,
             from_store,

@@ -5,6 +5,7 @@
 mod archives;
 mod commands;
 mod content;
+mod daemon;
 mod faults;
 mod hostile;
 mod kit;

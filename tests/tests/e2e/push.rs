@@ -354,7 +354,10 @@ fn gantry_pushes_to_docker_registry_mounting_what_the_registry_has() {
     let all = g.ok(&["push", "--all-tags", &format!("{}/team/copy", reg.addr())]);
     let digests: Vec<&str> = all.lines().filter(|l| l.contains(": digest: ")).collect();
     assert_eq!(digests.len(), 2, "{all}");
-    assert!(digests[0].starts_with("v1: digest: ") && digests[1].starts_with("v2: digest: "), "{all}");
+    assert!(
+        digests[0].starts_with("v1: digest: ") && digests[1].starts_with("v2: digest: "),
+        "{all}"
+    );
     // A reference gantry does not have is named plainly.
     let missing = format!("{}/team/none:v1", reg.addr());
     let err = g.fails(&["push", &missing]);

@@ -1,0 +1,360 @@
+//! The Engine API routes: version negotiation (`/_ping`, `/version`, an
+//! optional `/v1.NN` prefix), the image routes an [`Engine`] answers, and
+//! a 501 with Docker's error JSON (`{"message": …}`) for every route this
+//! daemon does not serve (containers, volumes…), never a hang.
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Why an engine call failed; the status Docker gives each.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    fn status(&self) -> StatusCode {
+        match self {
+            EngineError::NotFound(_) => StatusCode::NOT_FOUND,
+            EngineError::Invalid(_) => StatusCode::BAD_REQUEST,
+            EngineError::Conflict(_) => StatusCode::CONFLICT,
+            EngineError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// Credentials a client sent in `X-Registry-Auth`.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
+    pub identity_token: Option<String>,
+}
+
+/// What the daemon's image routes call: the binary implements it over the
+/// same core pipelines as the CLI. Every method may block.
+pub trait Engine: Send + Sync + 'static {
+    /// `GET /images/json`: image summaries as Docker gives them.
+    fn list(&self) -> Result<Vec<Value>, EngineError>;
+    /// `GET /images/{name}/json`.
+    fn inspect(&self, name: &str) -> Result<Value, EngineError>;
+    /// `GET /images/{name}/history`.
+    fn history(&self, name: &str) -> Result<Value, EngineError>;
+    /// `POST /images/{name}/tag`.
+    fn tag(&self, name: &str, target: &str) -> Result<(), EngineError>;
+    /// `DELETE /images/{name}`: what was untagged and deleted, as Docker's
+    /// `[{"Untagged": …}, {"Deleted": …}]`.
+    fn remove(&self, name: &str, force: bool) -> Result<Vec<Value>, EngineError>;
+    /// `POST /images/create?fromImage=`: pulls `reference`, reporting
+    /// Docker's progress messages to `progress`.
+    fn pull(
+        &self,
+        reference: &str,
+        auth: Option<RegistryAuth>,
+        progress: &(dyn Fn(Value) + Sync),
+    ) -> Result<(), EngineError>;
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let mut r = Response::new(full(serde_json::to_vec(v).expect("serialisable")));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json_response(status, &json!({ "message": message }))
+}
+
+/// The path without an API-version prefix, or the message a client with
+/// an unsupported version gets (a 400).
+fn strip_version(path: &str) -> Result<&str, String> {
+    let Some(rest) = path.strip_prefix("/v") else {
+        return Ok(path);
+    };
+    let Some((version, _)) = rest.split_once('/') else {
+        return Ok(path);
+    };
+    let parse = |v: &str| -> Option<(u32, u32)> {
+        let (a, b) = v.split_once('.')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    };
+    let Some(v) = parse(version) else { return Ok(path) };
+    let max = parse(crate::API_VERSION).expect("valid");
+    let min = parse(crate::MIN_API_VERSION).expect("valid");
+    if v > max {
+        return Err(format!(
+            "client version {version} is too new. Maximum supported API version is {}",
+            crate::API_VERSION
+        ));
+    }
+    if v < min {
+        return Err(format!(
+            "client version {version} is too old. Minimum supported API version is {}, please upgrade your client to a newer version",
+            crate::MIN_API_VERSION
+        ));
+    }
+    Ok(&path[2 + version.len()..])
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query(req: &Request<hyper::body::Incoming>, key: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then(|| percent_decode(&v.replace('+', " ")))
+    })
+}
+
+fn truthy(v: Option<String>) -> bool {
+    matches!(v.as_deref(), Some("1" | "true" | "True"))
+}
+
+/// `X-Registry-Auth`: base64url JSON, as the CLI encodes it.
+fn registry_auth(req: &Request<hyper::body::Incoming>) -> Option<RegistryAuth> {
+    use base64::Engine as _;
+    let raw = req.headers().get("x-registry-auth")?.to_str().ok()?.trim();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw.trim_end_matches('='))
+        .or_else(|_| base64::engine::general_purpose::STANDARD.decode(raw))
+        .ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    let auth = RegistryAuth {
+        username: s("username"),
+        password: s("password"),
+        identity_token: Some(s("identitytoken")).filter(|t| !t.is_empty()),
+    };
+    (!auth.username.is_empty() || auth.identity_token.is_some()).then_some(auth)
+}
+
+/// Runs a blocking engine call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(EngineError::Internal(format!("the request failed: {e}"))))
+}
+
+fn answer<T>(r: Result<T, EngineError>, ok: impl FnOnce(T) -> Response<Body>) -> Response<Body> {
+    match r {
+        Ok(v) => ok(v),
+        Err(e) => error(e.status(), &e.to_string()),
+    }
+}
+
+/// Answers one request.
+pub async fn handle(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let raw_path = req.uri().path().to_string();
+    let path = match strip_version(&raw_path) {
+        Ok(p) => p.to_string(),
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
+    let method = req.method().clone();
+    let mut resp = route(engine, &method, &path, req).await;
+    let h = resp.headers_mut();
+    h.insert("Api-Version", HeaderValue::from_static(crate::API_VERSION));
+    h.insert("Docker-Experimental", HeaderValue::from_static("false"));
+    h.insert("Ostype", HeaderValue::from_static("linux"));
+    h.insert(
+        "Server",
+        HeaderValue::from_static(concat!("gantry/", env!("CARGO_PKG_VERSION"))),
+    );
+    resp
+}
+
+async fn route(
+    engine: Arc<dyn Engine>,
+    method: &Method,
+    path: &str,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    match (method, path) {
+        (&Method::GET | &Method::HEAD, "/_ping") => {
+            let mut r = Response::new(if method == Method::HEAD { full("") } else { full("OK") });
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            r.headers_mut().insert(
+                "Cache-Control",
+                HeaderValue::from_static("no-cache, no-store, must-revalidate"),
+            );
+            return r;
+        }
+        (&Method::GET, "/version") => {
+            return json_response(
+                StatusCode::OK,
+                &json!({
+                    "Platform": {"Name": "gantry"},
+                    "Components": [{"Name": "gantry", "Version": env!("CARGO_PKG_VERSION"), "Details": {}}],
+                    "Version": env!("CARGO_PKG_VERSION"),
+                    "ApiVersion": crate::API_VERSION,
+                    "MinAPIVersion": crate::MIN_API_VERSION,
+                    "Os": "linux",
+                    "Arch": std::env::consts::ARCH,
+                    "GoVersion": "none",
+                    "GitCommit": "",
+                    "KernelVersion": "",
+                    "BuildTime": "",
+                }),
+            );
+        }
+        (&Method::GET, "/images/json") => {
+            return answer(blocking(move || engine.list()).await, |v| {
+                json_response(StatusCode::OK, &Value::Array(v))
+            });
+        }
+        (&Method::POST, "/images/create") => return pull(engine, req).await,
+        _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/images/") {
+        let name_of = |suffix: &str| rest.strip_suffix(suffix).map(percent_decode);
+        match *method {
+            Method::GET => {
+                if let Some(name) = name_of("/json") {
+                    return answer(blocking(move || engine.inspect(&name)).await, |v| {
+                        json_response(StatusCode::OK, &v)
+                    });
+                }
+                if let Some(name) = name_of("/history") {
+                    return answer(blocking(move || engine.history(&name)).await, |v| {
+                        json_response(StatusCode::OK, &v)
+                    });
+                }
+            }
+            Method::POST => {
+                if let Some(name) = name_of("/tag") {
+                    let Some(repo) = query(&req, "repo").filter(|r| !r.is_empty()) else {
+                        return error(StatusCode::BAD_REQUEST, "repo is required");
+                    };
+                    let target = match query(&req, "tag").filter(|t| !t.is_empty()) {
+                        Some(t) => format!("{repo}:{t}"),
+                        None => repo,
+                    };
+                    return answer(blocking(move || engine.tag(&name, &target)).await, |()| {
+                        let mut r = Response::new(full(""));
+                        *r.status_mut() = StatusCode::CREATED;
+                        r
+                    });
+                }
+            }
+            Method::DELETE => {
+                let name = percent_decode(rest);
+                let force = truthy(query(&req, "force"));
+                return answer(blocking(move || engine.remove(&name, force)).await, |v| {
+                    json_response(StatusCode::OK, &Value::Array(v))
+                });
+            }
+            _ => {}
+        }
+    }
+    error(
+        StatusCode::NOT_IMPLEMENTED,
+        &format!(
+            "gantry's daemon serves images only: {method} {} is not implemented",
+            path.escape_default()
+        ),
+    )
+}
+
+/// A streamed response body fed from a channel.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|c| c.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// `POST /images/create?fromImage=NAME&tag=TAG`: a pull, its progress
+/// streamed as Docker's JSON messages; a failure after the stream started
+/// is its last message (`errorDetail`), as dockerd sends it.
+async fn pull(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let Some(image) = query(&req, "fromImage").filter(|i| !i.is_empty()) else {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            "importing (fromSrc) is not implemented; give fromImage",
+        );
+    };
+    let reference = match query(&req, "tag").filter(|t| !t.is_empty()) {
+        Some(t) if t.starts_with("sha256:") => format!("{image}@{t}"),
+        Some(t) => format!("{image}:{t}"),
+        None => image,
+    };
+    let auth = registry_auth(&req);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    tokio::task::spawn_blocking(move || {
+        let send = |v: Value| {
+            let mut line = serde_json::to_vec(&v).expect("serialisable");
+            line.extend_from_slice(b"\r\n");
+            let _ = tx.blocking_send(Bytes::from(line));
+        };
+        if let Err(e) = engine.pull(&reference, auth, &send) {
+            let m = e.to_string();
+            send(json!({"errorDetail": {"message": m}, "error": m}));
+        }
+    });
+    let mut r = Response::new(ChannelBody(rx).boxed());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_negotiated() {
+        assert_eq!(strip_version("/v1.47/images/json").ok(), Some("/images/json"));
+        assert_eq!(strip_version("/v1.24/_ping").ok(), Some("/_ping"));
+        assert_eq!(strip_version("/images/json").ok(), Some("/images/json"));
+        assert!(strip_version("/v1.99/images/json").is_err());
+        assert!(strip_version("/v1.12/images/json").is_err());
+        assert_eq!(percent_decode("docker.io%2Flibrary%2Fbar"), "docker.io/library/bar");
+        assert_eq!(percent_decode("100%"), "100%");
+    }
+}

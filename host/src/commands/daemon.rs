@@ -1,0 +1,229 @@
+//! `gantry daemon`: the Engine API (crate `gantry-daemon`) over this
+//! store, through the same core calls the CLI commands make.
+
+use crate::context::Context;
+use crate::output::parse_rfc3339;
+use anyhow::{bail, Result};
+use gantry_core::images::layers_of;
+use gantry_core::pull::{Progress, PullOptions, Status};
+use gantry_core::{ErrorClass, Reference};
+use gantry_daemon::api::RegistryAuth;
+use gantry_daemon::{Engine, EngineError};
+use serde_json::{json, Value};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+pub fn run(ctx: Context, host: &str) -> Result<ExitCode> {
+    let Some(path) = host.strip_prefix("unix://") else {
+        bail!("--host takes unix:///PATH (TCP is not served yet)");
+    };
+    let path = std::path::PathBuf::from(path);
+    let engine = Arc::new(Daemon { ctx });
+    gantry_daemon::run(&path, engine, || {
+        eprintln!("gantry daemon: listening on unix://{}", path.display());
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+struct Daemon {
+    ctx: Context,
+}
+
+/// A core error as the Engine API classes it.
+fn engine_error(e: gantry_core::Error) -> EngineError {
+    let m = e.to_string();
+    match e.class() {
+        ErrorClass::NotFound => EngineError::NotFound(m),
+        ErrorClass::Invalid => EngineError::Invalid(m),
+        ErrorClass::Denied => EngineError::Conflict(m),
+        ErrorClass::Unauthorized => EngineError::Unauthorized(m),
+        _ => EngineError::Internal(m),
+    }
+}
+
+fn any_error(e: anyhow::Error) -> EngineError {
+    match e.downcast::<gantry_core::Error>() {
+        Ok(e) => engine_error(e),
+        Err(e) => EngineError::Internal(format!("{e:#}")),
+    }
+}
+
+/// Pull progress as Docker's JSON messages.
+struct Messages<'a>(&'a (dyn Fn(Value) + Sync));
+
+impl Progress for Messages<'_> {
+    fn layer(&self, id: &str, status: Status, current: u64, total: u64) {
+        let mut m = json!({"status": status.docker_text(), "id": id, "progressDetail": {}});
+        if total > 0 && current < total {
+            m["progressDetail"] = json!({"current": current, "total": total});
+        }
+        (self.0)(m);
+    }
+
+    fn line(&self, text: &str) {
+        // `TAG: Pulling from NAME` is `{"status": "Pulling from NAME", "id": "TAG"}`.
+        match text.split_once(": ") {
+            Some((id, rest)) if !id.contains(' ') => (self.0)(json!({"status": rest, "id": id})),
+            _ => (self.0)(json!({ "status": text })),
+        }
+    }
+}
+
+impl Engine for Daemon {
+    fn list(&self) -> Result<Vec<Value>, EngineError> {
+        let store = &self.ctx.store;
+        let all = store.refs.all().map_err(engine_error)?;
+        let mut out = Vec::new();
+        for id in store.images.list().map_err(engine_error)? {
+            let (config, layers) = layers_of(store, &id).map_err(engine_error)?;
+            let refs: Vec<&Reference> = all.iter().filter(|(_, i)| *i == id).map(|(r, _)| r).collect();
+            let mut tags: Vec<String> = refs
+                .iter()
+                .filter(|r| r.tag.is_some())
+                .map(|r| r.familiar_string())
+                .collect();
+            let mut digests: Vec<String> = refs
+                .iter()
+                .filter(|r| r.digest.is_some())
+                .map(|r| r.familiar_string())
+                .collect();
+            tags.sort();
+            digests.sort();
+            let created = config
+                .raw
+                .get("created")
+                .and_then(|c| c.as_str())
+                .and_then(parse_rfc3339)
+                .unwrap_or(0);
+            let labels = config
+                .raw
+                .get("config")
+                .and_then(|c| c.get("Labels"))
+                .filter(|l| l.is_object())
+                .cloned()
+                .unwrap_or_else(|| json!({}));
+            let size: u64 = layers.iter().map(|l| l.size).sum();
+            out.push(json!({
+                "Id": id,
+                "ParentId": "",
+                "RepoTags": tags,
+                "RepoDigests": digests,
+                "Created": created,
+                "Size": size,
+                "SharedSize": -1,
+                "VirtualSize": size,
+                "Labels": labels,
+                "Containers": -1,
+            }));
+        }
+        Ok(out)
+    }
+
+    fn inspect(&self, name: &str) -> Result<Value, EngineError> {
+        super::inspect::image_json(&self.ctx, name).map_err(|e| match e {
+            gantry_core::Error::NoSuchImage(n) => EngineError::NotFound(format!("No such image: {n}")),
+            e => engine_error(e),
+        })
+    }
+
+    fn history(&self, name: &str) -> Result<Value, EngineError> {
+        let store = &self.ctx.store;
+        let id = gantry_core::images::lookup(store, name).map_err(|e| match e {
+            gantry_core::Error::NoSuchImage(n) => EngineError::NotFound(format!("No such image: {n}")),
+            e => engine_error(e),
+        })?;
+        let (config, layers) = layers_of(store, &id).map_err(engine_error)?;
+        let history = config
+            .raw
+            .get("history")
+            .and_then(|h| h.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let mut sizes = layers.iter().map(|l| l.size);
+        let mut rows = Vec::new();
+        for h in &history {
+            let empty = h.get("empty_layer").and_then(|e| e.as_bool()).unwrap_or(false);
+            let size = if empty { 0 } else { sizes.next().unwrap_or(0) };
+            let s = |k: &str| h.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+            rows.push(json!({
+                "Id": "<missing>",
+                "Created": parse_rfc3339(&s("created")).unwrap_or(0),
+                "CreatedBy": s("created_by"),
+                "Tags": null,
+                "Size": size,
+                "Comment": s("comment"),
+            }));
+        }
+        rows.reverse();
+        if let Some(top) = rows.first_mut() {
+            top["Id"] = json!(id);
+            let tags: Vec<String> = store
+                .refs
+                .refs_of(&id)
+                .map_err(engine_error)?
+                .iter()
+                .filter(|r| r.tag.is_some())
+                .map(|r| r.familiar_string())
+                .collect();
+            top["Tags"] = json!(tags);
+        }
+        Ok(Value::Array(rows))
+    }
+
+    fn tag(&self, name: &str, target: &str) -> Result<(), EngineError> {
+        gantry_core::images::tag(&self.ctx.store, name, target).map_err(|e| match e {
+            gantry_core::Error::NoSuchImage(n) => EngineError::NotFound(format!("No such image: {n}")),
+            e => engine_error(e),
+        })
+    }
+
+    fn remove(&self, name: &str, force: bool) -> Result<Vec<Value>, EngineError> {
+        let driver = self.ctx.driver().map_err(any_error)?;
+        let lines = gantry_core::images::remove(&self.ctx.store, driver, name, force).map_err(|e| match e {
+            gantry_core::Error::NoSuchImage(n) => EngineError::NotFound(format!("No such image: {n}")),
+            e => engine_error(e),
+        })?;
+        Ok(lines
+            .iter()
+            .map(|l| match l.split_once(": ") {
+                Some((k, v)) => json!({ k: v }),
+                None => json!({ "Untagged": l }),
+            })
+            .collect())
+    }
+
+    fn pull(
+        &self,
+        reference: &str,
+        auth: Option<RegistryAuth>,
+        progress: &(dyn Fn(Value) + Sync),
+    ) -> Result<(), EngineError> {
+        let r = Reference::parse(reference).map_err(engine_error)?;
+        let messages = Messages(progress);
+        let options = PullOptions {
+            ..self.ctx.pull_options()
+        };
+        let domain = r.domain.clone();
+        let outcome = self
+            .ctx
+            .with_puller_auth(
+                &messages,
+                options,
+                auth.map(|a| gantry_core::plugin::Credentials {
+                    username: a.username,
+                    password: a.password,
+                    identity_token: a.identity_token,
+                })
+                .map(|c| (domain, c)),
+                |puller| puller.pull(&r).map_err(anyhow::Error::from),
+            )
+            .map_err(any_error)?;
+        let what = if outcome.downloaded {
+            "Downloaded newer image for"
+        } else {
+            "Image is up to date for"
+        };
+        progress(json!({ "status": format!("Status: {what} {}", r.familiar_string()) }));
+        Ok(())
+    }
+}

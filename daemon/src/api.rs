@@ -69,6 +69,20 @@ pub trait Engine: Send + Sync + 'static {
         auth: Option<RegistryAuth>,
         progress: &(dyn Fn(Value) + Sync),
     ) -> Result<(), EngineError>;
+    /// `POST /images/{name}/push`: pushes a tag, with Docker's messages.
+    fn push(
+        &self,
+        reference: &str,
+        auth: Option<RegistryAuth>,
+        progress: &(dyn Fn(Value) + Sync),
+    ) -> Result<(), EngineError>;
+    /// `GET /images/get`: a `docker save` archive of `names` into `out`.
+    fn save(&self, names: &[String], out: &mut dyn std::io::Write) -> Result<(), EngineError>;
+    /// `POST /images/load`: loads an archive read from `input`.
+    fn load(&self, input: &mut dyn std::io::Read, progress: &(dyn Fn(Value) + Sync)) -> Result<(), EngineError>;
+    /// `POST /images/prune`: removes images no reference names; Docker's
+    /// `{"ImagesDeleted": […], "SpaceReclaimed": N}`.
+    fn prune(&self) -> Result<Value, EngineError>;
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
@@ -141,6 +155,19 @@ fn query(req: &Request<hyper::body::Incoming>, key: &str) -> Option<String> {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (k == key).then(|| percent_decode(&v.replace('+', " ")))
     })
+}
+
+/// Every value of a repeated query parameter.
+fn queries(req: &Request<hyper::body::Incoming>, key: &str) -> Vec<String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == key).then(|| percent_decode(&v.replace('+', " ")))
+        })
+        .collect()
 }
 
 fn truthy(v: Option<String>) -> bool {
@@ -242,12 +269,31 @@ async fn route(
             });
         }
         (&Method::POST, "/images/create") => return pull(engine, req).await,
+        (&Method::POST, "/images/load") => return load(engine, req).await,
+        (&Method::GET, "/images/get") => {
+            let names = queries(&req, "names");
+            return save(engine, names);
+        }
+        (&Method::POST, "/images/prune") => {
+            return answer(blocking(move || engine.prune()).await, |v| {
+                json_response(StatusCode::OK, &v)
+            });
+        }
+        (&Method::GET, "/images/search") => {
+            return error(
+                StatusCode::NOT_IMPLEMENTED,
+                "searching a registry is not supported: gantry keeps no index of Docker Hub",
+            );
+        }
         _ => {}
     }
     if let Some(rest) = path.strip_prefix("/images/") {
         let name_of = |suffix: &str| rest.strip_suffix(suffix).map(percent_decode);
         match *method {
             Method::GET => {
+                if let Some(name) = name_of("/get") {
+                    return save(engine, vec![name]);
+                }
                 if let Some(name) = name_of("/json") {
                     return answer(blocking(move || engine.inspect(&name)).await, |v| {
                         json_response(StatusCode::OK, &v)
@@ -260,6 +306,14 @@ async fn route(
                 }
             }
             Method::POST => {
+                if let Some(name) = name_of("/push") {
+                    let reference = match query(&req, "tag").filter(|t| !t.is_empty()) {
+                        Some(t) => format!("{name}:{t}"),
+                        None => name,
+                    };
+                    let auth = registry_auth(&req);
+                    return stream(move |send| engine.push(&reference, auth, send));
+                }
                 if let Some(name) = name_of("/tag") {
                     let Some(repo) = query(&req, "repo").filter(|r| !r.is_empty()) else {
                         return error(StatusCode::BAD_REQUEST, "repo is required");
@@ -309,6 +363,116 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
+/// A JSON message stream made by `work` on a blocking thread; a failure
+/// is its last message (`errorDetail`), as dockerd sends it.
+fn stream(work: impl FnOnce(&(dyn Fn(Value) + Sync)) -> Result<(), EngineError> + Send + 'static) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    tokio::task::spawn_blocking(move || {
+        let send = |v: Value| {
+            let mut line = serde_json::to_vec(&v).expect("serialisable");
+            line.extend_from_slice(b"\r\n");
+            let _ = tx.blocking_send(Bytes::from(line));
+        };
+        if let Err(e) = work(&send) {
+            let m = e.to_string();
+            send(json!({"errorDetail": {"message": m}, "error": m}));
+        }
+    });
+    let mut r = Response::new(ChannelBody(rx).boxed());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Bytes written on a blocking thread, sent as a response body.
+struct ChannelWriter(tokio::sync::mpsc::Sender<Bytes>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Bytes::copy_from_slice(buf))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `GET /images/get`: the archive streams as it is written. A failure
+/// once bytes went out can only cut the stream (the client sees a
+/// truncated archive, which `docker load` refuses).
+fn save(engine: Arc<dyn Engine>, names: Vec<String>) -> Response<Body> {
+    if names.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "no image named");
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::task::spawn_blocking(move || {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, ChannelWriter(tx));
+        if engine.save(&names, &mut out).is_ok() {
+            let _ = std::io::Write::flush(&mut out);
+        }
+    });
+    let mut r = Response::new(ChannelBody(rx).boxed());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/x-tar"));
+    r
+}
+
+/// A request body read on a blocking thread.
+struct BodyReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    buf: Bytes,
+}
+
+impl std::io::Read for BodyReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.buf.is_empty() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(b)) => self.buf = b,
+            }
+        }
+        let n = out.len().min(self.buf.len());
+        out[..n].copy_from_slice(&self.buf.split_to(n));
+        Ok(n)
+    }
+}
+
+/// `POST /images/load`: the archive is the request body.
+async fn load(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut body = req.into_body();
+    tokio::spawn(async move {
+        loop {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(60), body.frame()).await;
+            let item = match frame {
+                Err(_) => Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client sent nothing for 60 s",
+                ))),
+                Ok(None) => None,
+                Ok(Some(Err(e))) => Some(Err(std::io::Error::other(e))),
+                Ok(Some(Ok(f))) => match f.into_data() {
+                    Ok(d) => Some(Ok(d)),
+                    Err(_) => continue,
+                },
+            };
+            let Some(item) = item else { return };
+            let end = item.is_err();
+            if tx.send(item).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    stream(move |send| {
+        let mut reader = BodyReader { rx, buf: Bytes::new() };
+        engine.load(&mut reader, send)
+    })
+}
+
 /// `POST /images/create?fromImage=NAME&tag=TAG`: a pull, its progress
 /// streamed as Docker's JSON messages; a failure after the stream started
 /// is its last message (`errorDetail`), as dockerd sends it.
@@ -325,22 +489,7 @@ async fn pull(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> R
         None => image,
     };
     let auth = registry_auth(&req);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
-    tokio::task::spawn_blocking(move || {
-        let send = |v: Value| {
-            let mut line = serde_json::to_vec(&v).expect("serialisable");
-            line.extend_from_slice(b"\r\n");
-            let _ = tx.blocking_send(Bytes::from(line));
-        };
-        if let Err(e) = engine.pull(&reference, auth, &send) {
-            let m = e.to_string();
-            send(json!({"errorDetail": {"message": m}, "error": m}));
-        }
-    });
-    let mut r = Response::new(ChannelBody(rx).boxed());
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+    stream(move |send| engine.pull(&reference, auth, send))
 }
 
 #[cfg(test)]

@@ -69,7 +69,118 @@ impl Progress for Messages<'_> {
     }
 }
 
+/// Push progress as Docker's JSON messages.
+struct PushMessages<'a>(&'a (dyn Fn(Value) + Sync));
+
+impl gantry_core::push::PushProgress for PushMessages<'_> {
+    fn layer(&self, layer: &str, status: &str) {
+        if layer.is_empty() {
+            (self.0)(json!({ "status": status }));
+        } else {
+            (self.0)(json!({"status": status, "id": layer, "progressDetail": {}}));
+        }
+    }
+}
+
+fn credentials_of(auth: Option<RegistryAuth>) -> Option<gantry_core::plugin::Credentials> {
+    auth.map(|a| gantry_core::plugin::Credentials {
+        username: a.username,
+        password: a.password,
+        identity_token: a.identity_token,
+    })
+}
+
+fn no_such(e: gantry_core::Error) -> EngineError {
+    match e {
+        gantry_core::Error::NoSuchImage(n) => EngineError::NotFound(format!("No such image: {n}")),
+        e => engine_error(e),
+    }
+}
+
 impl Engine for Daemon {
+    fn push(
+        &self,
+        reference: &str,
+        auth: Option<RegistryAuth>,
+        progress: &(dyn Fn(Value) + Sync),
+    ) -> Result<(), EngineError> {
+        let r = Reference::parse(reference).map_err(engine_error)?;
+        let transport = self.ctx.transport().map_err(any_error)?;
+        let from_file = self.ctx.credentials().map_err(any_error)?;
+        let given = credentials_of(auth);
+        let domain = r.domain.clone();
+        let credentials = move |d: &str| match &given {
+            Some(c) if d == domain => Some(c.clone()),
+            _ => from_file(d),
+        };
+        let lines = PushMessages(progress);
+        let pusher = gantry_core::push::Pusher {
+            store: &self.ctx.store,
+            driver: self.ctx.driver().map_err(any_error)?,
+            transport: &transport,
+            registries: &self.ctx.config.registries,
+            credentials: &credentials,
+            progress: &lines,
+            concurrency: self.ctx.config.max_concurrent_uploads,
+        };
+        progress(json!({ "status": format!("The push refers to repository [{}]", r.name()) }));
+        let o = pusher.push(&r).map_err(no_such)?;
+        progress(json!({ "status": format!("{}: digest: {} size: {}", o.tag, o.digest, o.size) }));
+        progress(json!({"progressDetail": {}, "aux": {"Tag": o.tag, "Digest": o.digest, "Size": o.size}}));
+        Ok(())
+    }
+
+    fn save(&self, names: &[String], out: &mut dyn std::io::Write) -> Result<(), EngineError> {
+        let driver = self.ctx.driver().map_err(any_error)?;
+        gantry_core::save::save(&self.ctx.store, driver, names, gantry_core::save::Format::Docker, out).map_err(no_such)
+    }
+
+    fn load(&self, input: &mut dyn std::io::Read, progress: &(dyn Fn(Value) + Sync)) -> Result<(), EngineError> {
+        let loader = gantry_core::load::Loader {
+            store: &self.ctx.store,
+            driver: self.ctx.driver().map_err(any_error)?,
+            progress: &gantry_core::pull::Quiet,
+            max_layer_bytes: self.ctx.config.max_layer_size_mib << 20,
+            max_depth: self.ctx.config.max_layer_depth,
+            platform: gantry_core::platform::Platform::host(),
+        };
+        let loaded = loader
+            .load_stream(input, &self.ctx.store.load_spool())
+            .map_err(engine_error)?;
+        for l in loaded.images {
+            if l.tags.is_empty() {
+                progress(json!({ "stream": format!("Loaded image ID: {}\n", l.id) }));
+            }
+            for t in l.tags {
+                progress(json!({ "stream": format!("Loaded image: {}\n", t.familiar_string()) }));
+            }
+        }
+        Ok(())
+    }
+
+    fn prune(&self) -> Result<Value, EngineError> {
+        let store = &self.ctx.store;
+        let driver = self.ctx.driver().map_err(any_error)?;
+        let mut deleted = Vec::new();
+        let mut reclaimed = 0u64;
+        for id in store.images.list().map_err(engine_error)? {
+            if !store.refs.refs_of(&id).map_err(engine_error)?.is_empty() {
+                continue;
+            }
+            let (_, layers) = layers_of(store, &id).map_err(engine_error)?;
+            let size: u64 = layers.iter().map(|l| l.size).sum();
+            for line in gantry_core::images::remove(store, driver, id.as_str(), false).map_err(engine_error)? {
+                if let Some((k, v)) = line.split_once(": ") {
+                    deleted.push(json!({ k: v }));
+                }
+            }
+            reclaimed += size;
+        }
+        Ok(
+            json!({ "ImagesDeleted": if deleted.is_empty() { Value::Null } else { Value::Array(deleted) }, "SpaceReclaimed": reclaimed }),
+        )
+    }
+
     fn list(&self) -> Result<Vec<Value>, EngineError> {
         let store = &self.ctx.store;
         let all = store.refs.all().map_err(engine_error)?;

@@ -1,6 +1,7 @@
 //! `gantry daemon`: the real `docker` CLI (28.x) talks to gantry over its
 //! socket: version negotiation, pull with Docker's progress stream, images,
-//! inspect, history, tag, rmi, and a clean 501 for what it does not serve.
+//! inspect, history, tag, rmi, save | load, push, image prune, and a clean
+//! 501 for what it does not serve.
 
 use crate::{control_image, peers, publish};
 use gantry_tests::gantry::Gantry;
@@ -67,6 +68,31 @@ fn the_docker_cli_pulls_lists_inspects_tags_and_removes_through_the_daemon() {
     assert!(g.ok(&["images"]).contains("test/copy"), "the tag is in the store");
     let removed = ok(&g, &d.addr, &["rmi", &copy]);
     assert!(removed.contains(&format!("Untagged: {copy}")), "{removed}");
+
+    // docker save | docker load, through the daemon.
+    let archive = g.scratch().join("saved.tar");
+    ok(&g, &d.addr, &["save", "-o", archive.to_str().unwrap(), &name]);
+    ok(&g, &d.addr, &["rmi", &name]);
+    let loaded = ok(&g, &d.addr, &["load", "-i", archive.to_str().unwrap()]);
+    assert!(loaded.contains(&format!("Loaded image: {name}")), "{loaded}");
+
+    // docker push, to another repository of the registry.
+    let pushed = format!("{}/test/pushed:v1", reg.addr());
+    ok(&g, &d.addr, &["tag", &name, &pushed]);
+    let out = ok(&g, &d.addr, &["push", &pushed]);
+    assert!(out.contains("v1: digest: sha256:"), "{out}");
+    let back = Gantry::new();
+    back.ok(&["pull", &pushed]);
+
+    // docker image prune: an image no name points at goes.
+    let id = theirs[0]["Id"].as_str().unwrap().to_string();
+    let untagged = g.scratch().join("untagged.tar");
+    ok(&g, &d.addr, &["save", "-o", untagged.to_str().unwrap(), &id]);
+    ok(&g, &d.addr, &["rmi", "-f", &name, &pushed]);
+    ok(&g, &d.addr, &["load", "-i", untagged.to_str().unwrap()]);
+    let pruned = ok(&g, &d.addr, &["image", "prune", "-f"]);
+    assert!(pruned.contains(&id), "{pruned}");
+    assert!(!ok(&g, &d.addr, &["images", "-q", "--no-trunc"]).contains(&id));
 
     // Errors are Docker's: a missing image, and routes not served.
     let out = docker(&g, &d.addr, &["image", "inspect", "nothing:here"]);

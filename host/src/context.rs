@@ -21,6 +21,12 @@ pub struct Context {
     pub alone: bool,
     pub host: PluginHost,
     driver: OnceLock<std::result::Result<AnyDriver, String>>,
+    /// The transport, loaded once and shared by every pull and push of
+    /// this process (its instance pool and connections with it).
+    transport: OnceLock<std::result::Result<std::sync::Arc<WasmTransport>, String>>,
+    /// Blob downloads shared by every pull of this process: two daemon
+    /// clients pulling the same image fetch each blob once.
+    downloads: gantry_core::pull::SharedDownloads,
 }
 
 impl Context {
@@ -48,6 +54,8 @@ impl Context {
             alone,
             host,
             driver: OnceLock::new(),
+            transport: OnceLock::new(),
+            downloads: Default::default(),
         };
         if alone {
             // Nobody else is using the store: clear what a crash left. The
@@ -153,7 +161,7 @@ impl Context {
         given: Option<(String, gantry_core::plugin::Credentials)>,
         f: impl FnOnce(&gantry_core::pull::Puller<'_>) -> Result<R>,
     ) -> Result<R> {
-        let transport = self.transport()?;
+        let transport = self.shared_transport()?;
         // The v1 transport loads only when some registry enables v1.
         let v1 = if self.config.registries.values().any(|r| r.v1) {
             Some(self.v1_transport()?)
@@ -165,15 +173,14 @@ impl Context {
             Some((d, c)) if d == domain => Some(c.clone()),
             _ => from_file(domain),
         };
-        let downloads = gantry_core::pull::SharedDownloads::default();
         f(&gantry_core::pull::Puller {
             store: &self.store,
-            transport: &transport,
+            transport: &*transport,
             v1_transport: v1.as_ref().map(|t| t as &dyn gantry_core::Transport),
             driver: self.driver()?,
             registries: &self.config.registries,
             credentials: &credentials,
-            downloads: &downloads,
+            downloads: &self.downloads,
             progress,
             options,
         })
@@ -209,6 +216,14 @@ impl Context {
             limits,
             self.config.registries.clone(),
         )?)
+    }
+
+    /// The configured transport, loaded on first use and kept.
+    pub fn shared_transport(&self) -> Result<std::sync::Arc<WasmTransport>> {
+        self.transport
+            .get_or_init(|| self.transport().map(std::sync::Arc::new).map_err(|e| format!("{e:#}")))
+            .clone()
+            .map_err(|e| anyhow!(e))
     }
 
     pub fn transport(&self) -> Result<WasmTransport> {

@@ -105,7 +105,7 @@ impl Engine for Daemon {
         progress: &(dyn Fn(Value) + Sync),
     ) -> Result<(), EngineError> {
         let r = Reference::parse(reference).map_err(engine_error)?;
-        let transport = self.ctx.transport().map_err(any_error)?;
+        let transport = self.ctx.shared_transport().map_err(any_error)?;
         let from_file = self.ctx.credentials().map_err(any_error)?;
         let given = credentials_of(auth);
         let domain = r.domain.clone();
@@ -117,7 +117,7 @@ impl Engine for Daemon {
         let pusher = gantry_core::push::Pusher {
             store: &self.ctx.store,
             driver: self.ctx.driver().map_err(any_error)?,
-            transport: &transport,
+            transport: &*transport,
             registries: &self.ctx.config.registries,
             credentials: &credentials,
             progress: &lines,

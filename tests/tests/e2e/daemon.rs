@@ -109,3 +109,105 @@ fn the_docker_cli_pulls_lists_inspects_tags_and_removes_through_the_daemon() {
     assert!(!out.status.success(), "a missing image fails the pull");
     g.fsck_clean();
 }
+
+/// A Docker `config.json` with `user:password` for `registry`, in a
+/// directory of its own (the CLI's `DOCKER_CONFIG`).
+fn docker_config_with(g: &Gantry, registry: &str, user: &str, password: &str) -> std::path::PathBuf {
+    use base64::Engine as _;
+    let dir = g.scratch().join("docker-config");
+    std::fs::create_dir_all(&dir).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::json!({"auths": {registry: {"auth": auth}}}).to_string(),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn the_client_s_credentials_reach_the_registry_through_x_registry_auth() {
+    if !(peers() && require("docker")) {
+        return;
+    }
+    use gantry_tests::proxy::{Faults, Proxy};
+    let reg = Registry::start();
+    publish(&reg, "test/app", "v1", &control_image());
+    let proxy = Proxy::start(
+        reg.port,
+        Faults {
+            token_auth: true,
+            basic_user: Some(("alice".into(), "s3cret".into())),
+            ..Default::default()
+        },
+    );
+    // gantry's own config has no credentials: only the client's can work.
+    let g = Gantry::new();
+    let d = g.daemon();
+    let name = format!("{}/test/app:v1", proxy.addr());
+    let out = docker(&g, &d.addr, &["pull", &name]);
+    assert!(!out.status.success(), "pulled without credentials");
+    docker_config_with(&g, &proxy.addr(), "alice", "s3cret");
+    let pulled = ok(&g, &d.addr, &["pull", &name]);
+    assert!(pulled.contains("Status: Downloaded newer image"), "{pulled}");
+    assert!(proxy.seen.lock().unwrap().tokens_issued >= 1);
+}
+
+#[test]
+fn twenty_clients_pulling_tagging_listing_and_removing_at_once_lose_nothing() {
+    if !(peers() && require("docker")) {
+        return;
+    }
+    use gantry_tests::image::{rich_layers, Image};
+    use gantry_tests::proxy::{Faults, Proxy};
+    let reg = Registry::start();
+    let (_a, _, mut layers) = publish(&reg, "test/a", "v1", &Image::new(rich_layers()));
+    let (_b, _, more) = publish(&reg, "test/b", "v1", &control_image());
+    layers.extend(more);
+    // The proxy counts what the registry was asked for.
+    let proxy = Proxy::start(reg.port, Faults::default());
+    let images = [
+        format!("{}/test/a:v1", proxy.addr()),
+        format!("{}/test/b:v1", proxy.addr()),
+    ];
+    let g = Gantry::new();
+    let d = g.daemon();
+    std::thread::scope(|s| {
+        for i in 0..20 {
+            let (g, d, images) = (&g, &d, &images);
+            s.spawn(move || {
+                let image = &images[i % 2];
+                ok(g, &d.addr, &["pull", "-q", image]);
+                let mine = format!("client/{i}:v1");
+                ok(g, &d.addr, &["tag", image, &mine]);
+                ok(g, &d.addr, &["images"]);
+                if i % 2 == 0 {
+                    ok(g, &d.addr, &["rmi", &mine]);
+                }
+            });
+        }
+    });
+    let listed = ok(&g, &d.addr, &["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+    for i in 0..20 {
+        assert_eq!(
+            listed.contains(&format!("client/{i}:v1")),
+            i % 2 == 1,
+            "client {i}: {listed}"
+        );
+    }
+    // Every layer was fetched once, however many clients wanted it at once
+    // (configs are small and read per pull, as dockerd does).
+    let seen = proxy.seen.lock().unwrap();
+    for l in &layers {
+        assert_eq!(
+            seen.blob_gets.get(&l.digest),
+            Some(&1),
+            "{} fetched {:?} times",
+            l.digest,
+            seen.blob_gets.get(&l.digest)
+        );
+    }
+    drop(seen);
+    let out = g.ok(&["fsck", "--verify-content"]);
+    assert!(out.contains("store is consistent"), "{out}");
+}

@@ -16,16 +16,16 @@ if [ "${#need[@]}" -gt 0 ]; then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-# The oras Python client (PyPI), for the artifact test: a venv of the
-# repository's own, under target/.
+# The oras Python client and the Docker SDK (PyPI), for the artifact and
+# daemon tests: a venv of the repository's own, under target/.
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv="$here/target/oras-venv"
-if ! "$venv/bin/python" -c 'import oras.client' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import oras.client, docker' 2>/dev/null; then
     python3 -m venv "$venv" 2>/dev/null || {
         $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
         python3 -m venv "$venv"
     }
-    "$venv/bin/pip" install -q oras
+    "$venv/bin/pip" install -q oras docker
 fi
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

@@ -40,18 +40,25 @@ pub fn require(tool: &str) -> bool {
 /// The Python of the venv `make deps` gives the oras client
 /// (`target/oras-venv`), or `None` (a skip that says why).
 pub fn oras_python() -> Option<std::path::PathBuf> {
+    venv_python("oras.client")
+}
+
+/// The Python of the test venv (`target/oras-venv`: the oras client and
+/// the Docker SDK, from PyPI) when it can import `module`, or `None` (a
+/// skip that says why).
+pub fn venv_python(module: &str) -> Option<std::path::PathBuf> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/oras-venv/bin/python");
     let ok = std::process::Command::new(&p)
-        .args(["-c", "import oras.client"])
+        .args(["-c", &format!("import {module}")])
         .output()
         .is_ok_and(|o| o.status.success());
     if ok {
         return Some(p);
     }
     if std::env::var_os("GANTRY_REQUIRE_PEERS").is_some() {
-        panic!("the oras client is required (GANTRY_REQUIRE_PEERS is set): run make deps");
+        panic!("the Python module {module} is required (GANTRY_REQUIRE_PEERS is set): run make deps");
     }
-    eprintln!("skipped: the oras client is not installed (make deps)");
+    eprintln!("skipped: the Python module {module} is not installed (make deps)");
     None
 }
 

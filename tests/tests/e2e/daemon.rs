@@ -211,3 +211,50 @@ fn twenty_clients_pulling_tagging_listing_and_removing_at_once_lose_nothing() {
     let out = g.ok(&["fsck", "--verify-content"]);
     assert!(out.contains("store is consistent"), "{out}");
 }
+
+#[test]
+fn the_python_docker_sdk_drives_the_image_calls() {
+    if !peers() {
+        return;
+    }
+    let Some(python) = gantry_tests::venv_python("docker") else { return };
+    let reg = Registry::start();
+    publish(&reg, "test/app", "v1", &control_image());
+    let g = Gantry::new();
+    let d = g.daemon();
+    let script = r#"
+import sys, docker
+host, name, copy = sys.argv[1:4]
+c = docker.DockerClient(base_url=host)
+assert c.ping()
+img = c.images.pull(name)
+assert name in img.tags, img.tags
+assert any(name in i.tags for i in c.images.list())
+assert img.tag(copy.rsplit(":", 1)[0], tag=copy.rsplit(":", 1)[1])
+assert copy in c.images.get(copy).tags
+data = b"".join(c.images.get(copy).save(named=copy))
+c.images.remove(copy)
+assert not any(copy in i.tags for i in c.images.list())
+loaded = c.images.load(data)
+assert copy in loaded[0].tags, loaded[0].tags
+try:
+    c.images.get("nothing:here")
+    sys.exit("found a missing image")
+except docker.errors.ImageNotFound:
+    pass
+print("ok", img.id)
+"#;
+    let name = format!("{}/test/app:v1", reg.addr());
+    let copy = format!("{}/test/copy:v2", reg.addr());
+    let out = Command::new(python)
+        .args(["-c", script, &d.addr, &name, &copy])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok sha256:"));
+}

@@ -61,6 +61,9 @@ pub trait Engine: Send + Sync + 'static {
     /// `DELETE /images/{name}`: what was untagged and deleted, as Docker's
     /// `[{"Untagged": …}, {"Deleted": …}]`.
     fn remove(&self, name: &str, force: bool) -> Result<Vec<Value>, EngineError>;
+    /// Whether `reference` is a valid image reference (checked before a
+    /// pull or push starts streaming, so a bad one is a plain 400).
+    fn valid_reference(&self, reference: &str) -> Result<(), EngineError>;
     /// `POST /images/create?fromImage=`: pulls `reference`, reporting
     /// Docker's progress messages to `progress`.
     fn pull(
@@ -311,6 +314,9 @@ async fn route(
                         Some(t) => format!("{name}:{t}"),
                         None => name,
                     };
+                    if let Err(e) = engine.valid_reference(&reference) {
+                        return error(e.status(), &e.to_string());
+                    }
                     let auth = registry_auth(&req);
                     return stream(move |send| engine.push(&reference, auth, send));
                 }
@@ -488,6 +494,9 @@ async fn pull(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> R
         Some(t) => format!("{image}:{t}"),
         None => image,
     };
+    if let Err(e) = engine.valid_reference(&reference) {
+        return error(e.status(), &e.to_string());
+    }
     let auth = registry_auth(&req);
     stream(move |send| engine.pull(&reference, auth, send))
 }

@@ -37,6 +37,9 @@ pub enum DaemonError {
 
 /// The largest request head accepted.
 const MAX_HEAD: usize = 64 << 10;
+/// Connections past this many are closed at once (the file limit is
+/// raised so that many fit).
+const MAX_CONNECTIONS: usize = 4096;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `engine` on the unix socket `path` until SIGTERM or SIGINT.
@@ -52,6 +55,7 @@ pub fn run(path: &Path, engine: Arc<dyn Engine>, ready: impl FnOnce()) -> Result
         }
         let _ = std::fs::remove_file(path);
     }
+    gantry_serve::raise_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -80,6 +84,7 @@ async fn serve(listener: tokio::net::UnixListener, engine: Arc<dyn Engine>) {
         .max_buf_size(MAX_HEAD)
         .keep_alive(true);
     let http = Arc::new(http);
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -90,6 +95,12 @@ async fn serve(listener: tokio::net::UnixListener, engine: Arc<dyn Engine>) {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
+        use std::sync::atomic::Ordering;
+        if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+            drop(stream);
+            continue;
+        }
+        open.fetch_add(1, Ordering::Relaxed);
         let engine = engine.clone();
         let service = service_fn(move |req| {
             let engine = engine.clone();
@@ -97,8 +108,10 @@ async fn serve(listener: tokio::net::UnixListener, engine: Arc<dyn Engine>) {
         });
         let conn = http.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
+        let open = open.clone();
         tokio::spawn(async move {
             let _ = conn.await;
+            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
     eprintln!("gantry daemon: shutting down");

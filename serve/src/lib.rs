@@ -169,8 +169,8 @@ fn log(
 }
 
 /// Lifts the soft limit on open files to the hard one, so thousands of
-/// clients fit.
-fn raise_file_limit() {
+/// clients fit (the daemon's server uses it too).
+pub fn raise_file_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let lim = getrlimit(Resource::Nofile);
     if lim.current < lim.maximum {

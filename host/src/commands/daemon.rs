@@ -98,6 +98,10 @@ fn no_such(e: gantry_core::Error) -> EngineError {
 }
 
 impl Engine for Daemon {
+    fn valid_reference(&self, reference: &str) -> Result<(), EngineError> {
+        Reference::parse(reference).map(drop).map_err(engine_error)
+    }
+
     fn push(
         &self,
         reference: &str,

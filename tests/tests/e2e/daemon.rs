@@ -217,7 +217,9 @@ fn the_python_docker_sdk_drives_the_image_calls() {
     if !peers() {
         return;
     }
-    let Some(python) = gantry_tests::venv_python("docker") else { return };
+    let Some(python) = gantry_tests::venv_python("docker") else {
+        return;
+    };
     let reg = Registry::start();
     publish(&reg, "test/app", "v1", &control_image());
     let g = Gantry::new();
@@ -257,4 +259,85 @@ print("ok", img.id)
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok sha256:"));
+}
+
+/// Sends `request` as is over the daemon's socket and reads until it closes.
+fn raw(host: &str, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let path = host.strip_prefix("unix://").unwrap();
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn get(host: &str, method: &str, path: &str) -> String {
+    raw(
+        host,
+        format!("{method} {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            .as_bytes(),
+    )
+}
+
+fn status(resp: &str) -> u16 {
+    resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+fn message(resp: &str) -> String {
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {resp}"));
+    v["message"].as_str().unwrap_or("").to_string()
+}
+
+#[test]
+fn bad_requests_get_the_engine_api_error_and_the_daemon_keeps_serving() {
+    let g = Gantry::new();
+    let d = g.daemon();
+    let h = &d.addr;
+    // Unknown routes: 501 with Docker's error JSON, never a hang.
+    let r = get(h, "GET", "/v1.47/containers/json");
+    assert_eq!(status(&r), 501, "{r}");
+    assert!(message(&r).contains("not implemented"), "{r}");
+    // A version newer than the daemon's, and an older one than it accepts.
+    let r = get(h, "GET", "/v9.99/images/json");
+    assert_eq!(status(&r), 400, "{r}");
+    assert!(message(&r).contains("too new"), "{r}");
+    assert_eq!(status(&get(h, "GET", "/v1.10/images/json")), 400);
+    // Bad names: a plain 400 before any stream starts; a missing image 404.
+    let r = get(h, "POST", "/images/create?fromImage=Bad%2F..%2Fname&tag=x");
+    assert_eq!(status(&r), 400, "{r}");
+    assert!(message(&r).contains("invalid reference"), "{r}");
+    let r = get(h, "POST", "/images/x%2F..%2Fy/push");
+    assert_eq!(status(&r), 400, "{r}");
+    let r = get(h, "GET", "/images/nothing:here/json");
+    assert_eq!(status(&r), 404, "{r}");
+    assert!(message(&r).contains("No such image"), "{r}");
+    // Garbage and an oversized head: refused, the connection closed.
+    let r = raw(h, b"\x00\x01garbage\r\n\r\n");
+    assert!(r.is_empty() || status(&r) == 400, "{r}");
+    let big = format!(
+        "GET /_ping HTTP/1.1\r\nHost: d\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
+    let r = raw(h, big.as_bytes());
+    assert!(
+        r.is_empty() || status(&r) == 431 || status(&r) == 400,
+        "{}",
+        &r[..r.len().min(200)]
+    );
+    // A thousand idle connections do not keep a client out.
+    let idle: Vec<_> = (0..1000)
+        .map(|_| std::os::unix::net::UnixStream::connect(h.strip_prefix("unix://").unwrap()).unwrap())
+        .collect();
+    let r = get(h, "GET", "/_ping");
+    assert_eq!(status(&r), 200, "{r}");
+    assert!(
+        r.contains("Api-Version: 1.47") || r.to_lowercase().contains("api-version: 1.47"),
+        "{r}"
+    );
+    drop(idle);
+    let r = get(h, "GET", "/images/json");
+    assert_eq!((status(&r), r.ends_with("[]")), (200, true), "{r}");
 }

@@ -93,6 +93,11 @@ pub struct PullOptions {
     /// How long a mirror that could not be reached (or kept failing) is
     /// skipped, across processes, instead of being waited on at every pull.
     pub mirror_backoff: Duration,
+    /// Set when whoever asked for the pull went away (a daemon client that
+    /// disconnected): no further layer is applied and nothing is
+    /// committed. Downloads in flight finish, since another pull may share
+    /// them.
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for PullOptions {
@@ -106,6 +111,7 @@ impl Default for PullOptions {
             max_layer_bytes: crate::stage::DEFAULT_MAX_LAYER_BYTES,
             max_depth: crate::stage::DEFAULT_MAX_DEPTH,
             mirror_backoff: Duration::from_secs(30),
+            cancel: None,
         }
     }
 }
@@ -384,6 +390,17 @@ impl Puller<'_> {
     }
 
     /// Pulls `reference`, trying each endpoint in turn.
+    /// Fails when the pull was cancelled (see [`PullOptions::cancel`]).
+    fn check_cancelled(&self) -> Result<()> {
+        match &self.options.cancel {
+            Some(c) if c.load(std::sync::atomic::Ordering::Relaxed) => Err(Error::io(
+                "pulling",
+                std::io::Error::new(std::io::ErrorKind::Interrupted, "cancelled: the client went away"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub fn pull(&self, reference: &Reference) -> Result<PullOutcome> {
         let started = std::time::Instant::now();
         self.each_endpoint(&reference.domain, |ep| {
@@ -577,6 +594,7 @@ impl Puller<'_> {
             clock,
         };
         let staging = self.fetch_and_apply(&job, &image, &config, &missing, staging)?;
+        self.check_cancelled()?;
         let mut refs = vec![reference.with_digest(manifest_digest.clone())];
         if reference.tag.is_some() && reference.digest.is_none() {
             refs.push(reference.clone());
@@ -666,6 +684,7 @@ impl Puller<'_> {
                             g = ready.wait(g).unwrap();
                         }
                     };
+                    self.check_cancelled()?;
                     let blob = &image.layers[i].blob;
                     let parent = if i == 0 { None } else { Some(&chain_ids[i - 1]) };
                     let source = || Some((blob.digest.clone(), format!("{}/{}", job.domain, job.source_repo)));

@@ -8,6 +8,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -65,12 +66,14 @@ pub trait Engine: Send + Sync + 'static {
     /// pull or push starts streaming, so a bad one is a plain 400).
     fn valid_reference(&self, reference: &str) -> Result<(), EngineError>;
     /// `POST /images/create?fromImage=`: pulls `reference`, reporting
-    /// Docker's progress messages to `progress`.
+    /// Docker's progress messages to `progress`; `cancel` is set when the
+    /// client goes away.
     fn pull(
         &self,
         reference: &str,
         auth: Option<RegistryAuth>,
         progress: &(dyn Fn(Value) + Sync),
+        cancel: Arc<AtomicBool>,
     ) -> Result<(), EngineError>;
     /// `POST /images/{name}/push`: pushes a tag, with Docker's messages.
     fn push(
@@ -318,7 +321,7 @@ async fn route(
                         return error(e.status(), &e.to_string());
                     }
                     let auth = registry_auth(&req);
-                    return stream(move |send| engine.push(&reference, auth, send));
+                    return stream(move |send, _| engine.push(&reference, auth, send));
                 }
                 if let Some(name) = name_of("/tag") {
                     let Some(repo) = query(&req, "repo").filter(|r| !r.is_empty()) else {
@@ -370,16 +373,23 @@ impl hyper::body::Body for ChannelBody {
 }
 
 /// A JSON message stream made by `work` on a blocking thread; a failure
-/// is its last message (`errorDetail`), as dockerd sends it.
-fn stream(work: impl FnOnce(&(dyn Fn(Value) + Sync)) -> Result<(), EngineError> + Send + 'static) -> Response<Body> {
+/// is its last message (`errorDetail`), as dockerd sends it. `work` gets
+/// the flag set once the client is gone (a message could not be delivered).
+fn stream(
+    work: impl FnOnce(&(dyn Fn(Value) + Sync), Arc<AtomicBool>) -> Result<(), EngineError> + Send + 'static,
+) -> Response<Body> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    let gone = Arc::new(AtomicBool::new(false));
     tokio::task::spawn_blocking(move || {
-        let send = |v: Value| {
+        let flag = gone.clone();
+        let send = move |v: Value| {
             let mut line = serde_json::to_vec(&v).expect("serialisable");
             line.extend_from_slice(b"\r\n");
-            let _ = tx.blocking_send(Bytes::from(line));
+            if tx.blocking_send(Bytes::from(line)).is_err() {
+                flag.store(true, Ordering::Relaxed);
+            }
         };
-        if let Err(e) = work(&send) {
+        if let Err(e) = work(&send, gone) {
             let m = e.to_string();
             send(json!({"errorDetail": {"message": m}, "error": m}));
         }
@@ -473,7 +483,7 @@ async fn load(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> R
             }
         }
     });
-    stream(move |send| {
+    stream(move |send, _| {
         let mut reader = BodyReader { rx, buf: Bytes::new() };
         engine.load(&mut reader, send)
     })
@@ -498,7 +508,7 @@ async fn pull(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> R
         return error(e.status(), &e.to_string());
     }
     let auth = registry_auth(&req);
-    stream(move |send| engine.pull(&reference, auth, send))
+    stream(move |send, gone| engine.pull(&reference, auth, send, gone))
 }
 
 #[cfg(test)]

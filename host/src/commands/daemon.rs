@@ -312,10 +312,12 @@ impl Engine for Daemon {
         reference: &str,
         auth: Option<RegistryAuth>,
         progress: &(dyn Fn(Value) + Sync),
+        cancel: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<(), EngineError> {
         let r = Reference::parse(reference).map_err(engine_error)?;
         let messages = Messages(progress);
         let options = PullOptions {
+            cancel: Some(cancel),
             ..self.ctx.pull_options()
         };
         let domain = r.domain.clone();

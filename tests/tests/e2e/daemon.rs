@@ -341,3 +341,51 @@ fn bad_requests_get_the_engine_api_error_and_the_daemon_keeps_serving() {
     let r = get(h, "GET", "/images/json");
     assert_eq!((status(&r), r.ends_with("[]")), (200, true), "{r}");
 }
+
+#[test]
+fn a_client_that_disconnects_mid_pull_cancels_it_and_the_store_stays_consistent() {
+    if !peers() {
+        return;
+    }
+    use gantry_tests::image::{rich_layers, Image};
+    use gantry_tests::proxy::{Faults, Proxy};
+    use std::io::{Read, Write};
+    let reg = Registry::start();
+    let (_p, _, layers) = publish(&reg, "test/slow", "v1", &Image::new(rich_layers()));
+    let proxy = Proxy::start(
+        reg.port,
+        Faults {
+            delay_blob: Some((layers.last().unwrap().digest.clone(), std::time::Duration::from_secs(2))),
+            ..Default::default()
+        },
+    );
+    let g = Gantry::new();
+    let d = g.daemon();
+    let path = d.addr.strip_prefix("unix://").unwrap().to_string();
+    {
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let req = format!(
+            "POST /v1.47/images/create?fromImage={}%2Ftest%2Fslow&tag=v1 HTTP/1.1\r\nHost: d\r\nContent-Length: 0\r\n\r\n",
+            proxy.addr()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut first = [0u8; 64];
+        let n = s.read(&mut first).unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+        // The client goes away while the last layer is still on its way.
+    }
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let listed = g.ok(&["images"]);
+    assert!(
+        !listed.contains("test/slow"),
+        "a cancelled pull registered its image: {listed}"
+    );
+    g.fsck_clean();
+    // The daemon goes on serving, and the same pull completes for a client that stays.
+    let r = get(&d.addr, "GET", "/_ping");
+    assert_eq!(status(&r), 200);
+    if require("docker") {
+        ok(&g, &d.addr, &["pull", "-q", &format!("{}/test/slow:v1", proxy.addr())]);
+        assert!(g.ok(&["images"]).contains("test/slow"));
+    }
+}

@@ -24,6 +24,9 @@ pub enum EngineError {
     Conflict(String),
     #[error("{0}")]
     Unauthorized(String),
+    /// Not allowed here (a registry outside a tenant's allow-list).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -35,6 +38,7 @@ impl EngineError {
             EngineError::Invalid(_) => StatusCode::BAD_REQUEST,
             EngineError::Conflict(_) => StatusCode::CONFLICT,
             EngineError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
             EngineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -62,8 +66,9 @@ pub trait Engine: Send + Sync + 'static {
     /// `DELETE /images/{name}`: what was untagged and deleted, as Docker's
     /// `[{"Untagged": …}, {"Deleted": …}]`.
     fn remove(&self, name: &str, force: bool) -> Result<Vec<Value>, EngineError>;
-    /// Whether `reference` is a valid image reference (checked before a
-    /// pull or push starts streaming, so a bad one is a plain 400).
+    /// Whether `reference` is a valid image reference of a registry this
+    /// store may use (checked before a pull or push starts streaming, so a
+    /// bad one is a plain 400, a forbidden one a 403).
     fn valid_reference(&self, reference: &str) -> Result<(), EngineError>;
     /// `POST /images/create?fromImage=`: pulls `reference`, reporting
     /// Docker's progress messages to `progress`; `cancel` is set when the

@@ -45,34 +45,60 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves `engine` on the unix socket `path` until SIGTERM or SIGINT.
 /// `ready` is called once the socket listens.
 pub fn run(path: &Path, engine: Arc<dyn Engine>, ready: impl FnOnce()) -> Result<(), DaemonError> {
-    // A socket a previous daemon left is replaced; one a live daemon
-    // answers on is not.
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::InUse {
-                path: path.to_path_buf(),
-            });
+    run_many(vec![(path.to_path_buf(), engine)], ready)
+}
+
+/// Serves each engine on its own socket (one per tenant: nothing but the
+/// process is shared — each engine has its own store, plugins and limits)
+/// until SIGTERM or SIGINT. `ready` is called once every socket listens.
+pub fn run_many(servers: Vec<(PathBuf, Arc<dyn Engine>)>, ready: impl FnOnce()) -> Result<(), DaemonError> {
+    for (path, _) in &servers {
+        // A socket a previous daemon left is replaced; one a live daemon
+        // answers on is not.
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(DaemonError::InUse { path: path.clone() });
+            }
+            let _ = std::fs::remove_file(path);
         }
-        let _ = std::fs::remove_file(path);
     }
     gantry_serve::raise_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    rt.block_on(async move {
-        let listener = tokio::net::UnixListener::bind(path).map_err(|source| DaemonError::Listen {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        // Owner and group only, as dockerd's socket.
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
+    // The engines are let go here, outside the runtime: one may own a
+    // runtime of its own (an HTTP client), which must not be dropped from
+    // async code.
+    let keep: Vec<Arc<dyn Engine>> = servers.iter().map(|(_, e)| e.clone()).collect();
+    let result = rt.block_on(async move {
+        let mut listeners = Vec::new();
+        for (path, engine) in servers {
+            let listener = tokio::net::UnixListener::bind(&path).map_err(|source| DaemonError::Listen {
+                path: path.clone(),
+                source,
+            })?;
+            // Owner and group only, as dockerd's socket.
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660));
+            listeners.push((path, listener, engine));
+        }
         ready();
-        serve(listener, engine).await;
-        let _ = std::fs::remove_file(path);
+        let mut tasks = Vec::new();
+        for (path, listener, engine) in listeners {
+            tasks.push(tokio::spawn(async move {
+                serve(listener, engine).await;
+                let _ = std::fs::remove_file(&path);
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
         Ok(())
-    })
+    });
+    drop(rt);
+    drop(keep);
+    result
 }
 
 async fn serve(listener: tokio::net::UnixListener, engine: Arc<dyn Engine>) {

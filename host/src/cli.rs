@@ -146,8 +146,12 @@ pub enum Command {
     /// Answer Docker's Engine API image routes on a unix socket (the
     /// `docker` CLI with `DOCKER_HOST=unix://…`), until SIGTERM.
     Daemon {
-        #[arg(long, default_value = "unix:///run/gantry.sock")]
+        #[arg(long, default_value = "unix:///run/gantry.sock", conflicts_with = "tenants")]
         host: String,
+        /// Serve several tenants, each with its own socket, store root and
+        /// config (plugins, limits, registry allow-list), from this TOML file.
+        #[arg(long, value_name = "FILE")]
+        tenants: Option<std::path::PathBuf>,
     },
     /// The plugin registry: what is configured, and what a component is.
     Plugin {

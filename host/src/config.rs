@@ -73,6 +73,9 @@ pub struct Config {
     /// `[registries."docker.io"]` ones.
     #[serde(default)]
     pub registry_mirrors: Vec<String>,
+    /// The registries the daemon may pull from and push to for this store
+    /// (a tenant's allow-list: `host[:port]`, `docker.io`); all when unset.
+    pub allowed_registries: Option<Vec<String>>,
 }
 
 fn wasm() -> String {

@@ -158,8 +158,15 @@ impl Gantry {
     /// Starts a command without waiting (for tests that kill it).
     pub fn spawn(&self, args: &[&str]) -> std::process::Child {
         let mut c = self.command(&binary(), &[], args);
-        c.stdout(Stdio::null()).stderr(Stdio::null());
+        let log = self.work.path().join(format!("spawned-{}.log", std::process::id()));
+        c.stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap());
         c.spawn().unwrap()
+    }
+
+    /// What the last [`Gantry::spawn`]ed command wrote to stderr.
+    pub fn spawned_log(&self) -> String {
+        std::fs::read_to_string(self.work.path().join(format!("spawned-{}.log", std::process::id())))
+            .unwrap_or_default()
     }
 
     pub fn run(&self, args: &[&str]) -> Run {

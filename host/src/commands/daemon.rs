@@ -25,6 +25,60 @@ pub fn run(ctx: Context, host: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// One tenant of a multi-tenant daemon: a socket, a store root, and a
+/// gantry config of its own (plugins, sandbox limits, registries and the
+/// `allowed_registries` allow-list).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tenant {
+    name: String,
+    socket: std::path::PathBuf,
+    root: std::path::PathBuf,
+    config: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tenants {
+    tenant: Vec<Tenant>,
+}
+
+/// `gantry daemon --tenants FILE`: one socket per tenant, each answered by
+/// an engine over that tenant's own store and plugin instances — no store,
+/// plugin instance, token cache or allow-list is shared.
+pub fn run_tenants(file: &std::path::Path) -> Result<ExitCode> {
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let t: Tenants = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.message()))?;
+    let mut names = std::collections::HashSet::new();
+    let mut servers: Vec<(std::path::PathBuf, Arc<dyn Engine>)> = Vec::new();
+    for tenant in t.tenant {
+        if !names.insert(tenant.name.clone()) {
+            bail!("{}: tenant {:?} is listed twice", file.display(), tenant.name);
+        }
+        if servers.iter().any(|(s, _)| *s == tenant.socket) {
+            bail!(
+                "{}: two tenants share the socket {}",
+                file.display(),
+                tenant.socket.display()
+            );
+        }
+        let ctx =
+            Context::open(tenant.config.as_deref(), &tenant.root).with_context(|| format!("tenant {}", tenant.name))?;
+        servers.push((tenant.socket, Arc::new(Daemon { ctx })));
+    }
+    if servers.is_empty() {
+        bail!("{}: no [[tenant]]", file.display());
+    }
+    let sockets: Vec<String> = servers.iter().map(|(s, _)| s.display().to_string()).collect();
+    gantry_daemon::run_many(servers, || {
+        for s in &sockets {
+            eprintln!("gantry daemon: listening on unix://{s}");
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
 struct Daemon {
     ctx: Context,
 }
@@ -97,9 +151,23 @@ fn no_such(e: gantry_core::Error) -> EngineError {
     }
 }
 
+impl Daemon {
+    /// Refuses a registry outside this store's allow-list.
+    fn allowed(&self, r: &Reference) -> Result<(), EngineError> {
+        match &self.ctx.config.allowed_registries {
+            Some(list) if !list.contains(&r.domain) => Err(EngineError::Forbidden(format!(
+                "registry {} is not allowed here",
+                r.domain
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Engine for Daemon {
     fn valid_reference(&self, reference: &str) -> Result<(), EngineError> {
-        Reference::parse(reference).map(drop).map_err(engine_error)
+        let r = Reference::parse(reference).map_err(engine_error)?;
+        self.allowed(&r)
     }
 
     fn push(
@@ -109,6 +177,7 @@ impl Engine for Daemon {
         progress: &(dyn Fn(Value) + Sync),
     ) -> Result<(), EngineError> {
         let r = Reference::parse(reference).map_err(engine_error)?;
+        self.allowed(&r)?;
         let transport = self.ctx.shared_transport().map_err(any_error)?;
         let from_file = self.ctx.credentials().map_err(any_error)?;
         let given = credentials_of(auth);
@@ -315,6 +384,7 @@ impl Engine for Daemon {
         cancel: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<(), EngineError> {
         let r = Reference::parse(reference).map_err(engine_error)?;
+        self.allowed(&r)?;
         let messages = Messages(progress);
         let options = PullOptions {
             cancel: Some(cancel),

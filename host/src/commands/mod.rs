@@ -19,6 +19,13 @@ use anyhow::Result;
 use std::process::ExitCode;
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    // Tenants each open a store of their own; the default one is not used.
+    if let Command::Daemon {
+        tenants: Some(file), ..
+    } = &cli.command
+    {
+        return daemon::run_tenants(file);
+    }
     let ctx = Context::open(cli.config.as_deref(), &cli.root)?;
     match cli.command {
         Command::Pull {
@@ -57,7 +64,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Save { images, output, format } => save::run(&ctx, &images, output.as_deref(), format),
         Command::Fsck { verify_content, repair } => fsck::run(&ctx, verify_content, repair),
         Command::Plugin { command } => plugin::run(&ctx, command),
-        Command::Daemon { host } => daemon::run(ctx, &host),
+        Command::Daemon { host, .. } => daemon::run(ctx, &host),
         Command::Serve {
             listen,
             from_store,

@@ -389,3 +389,118 @@ fn a_client_that_disconnects_mid_pull_cancels_it_and_the_store_stays_consistent(
         assert!(g.ok(&["images"]).contains("test/slow"));
     }
 }
+
+/// `POST /images/create` over `socket`, read to its end: the progress stream.
+fn api_pull(socket: &std::path::Path, name: &str) -> String {
+    let (image, tag) = name.rsplit_once(':').unwrap();
+    let image = image.replace('/', "%2F");
+    let host = format!("unix://{}", socket.display());
+    get(
+        &host,
+        "POST",
+        &format!("/v1.47/images/create?fromImage={image}&tag={tag}"),
+    )
+}
+
+#[test]
+fn tenants_have_their_own_stores_and_a_looping_plugin_does_not_slow_another_tenant() {
+    if !peers() {
+        return;
+    }
+    use gantry_tests::image::{rich_layers, Image};
+    let reg = Registry::start();
+    publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
+    let name = format!("{}/test/rich:v1", reg.addr());
+    let g = Gantry::new();
+    let dir = g.scratch().join("tenants");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Tenant a's driver loops forever in every apply (its CPU deadline
+    // stops each call); tenant b is ordinary, limited to one registry.
+    let a_config = dir.join("a.toml");
+    std::fs::write(
+        &a_config,
+        format!(
+            "[transport]\ntype = \"v2\"\n[driver]\ntype = \"bad\"\npath = \"{}\"\noptions = {{ mode = \"loop\" }}\n[limits]\ncpu_seconds = 2.0\nwall_seconds = 5.0\n",
+            crate::sandbox::component("gantry_bad_driver").display()
+        ),
+    )
+    .unwrap();
+    let b_config = dir.join("b.toml");
+    std::fs::write(
+        &b_config,
+        format!(
+            "allowed_registries = [\"{}\"]\n[transport]\ntype = \"v2\"\n[driver]\ntype = \"auto\"\n",
+            reg.addr()
+        ),
+    )
+    .unwrap();
+    let (a_sock, b_sock) = (dir.join("a.sock"), dir.join("b.sock"));
+    let file = dir.join("tenants.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[tenant]]\nname = \"a\"\nsocket = \"{}\"\nroot = \"{}\"\nconfig = \"{}\"\n\n[[tenant]]\nname = \"b\"\nsocket = \"{}\"\nroot = \"{}\"\nconfig = \"{}\"\n",
+            a_sock.display(),
+            dir.join("a-root").display(),
+            a_config.display(),
+            b_sock.display(),
+            dir.join("b-root").display(),
+            b_config.display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = g.spawn(&["daemon", "--tenants", file.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !(a_sock.exists() && b_sock.exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tenants' sockets never appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let b_host = format!("unix://{}", b_sock.display());
+    // Tenant b alone, twice (the second to time it warm, as the next one).
+    let time_b = || {
+        let t = std::time::Instant::now();
+        let out = api_pull(&b_sock, &name);
+        assert!(out.contains("Status: Downloaded newer image"), "{out}");
+        let r = get(&b_host, "DELETE", &format!("/images/{}", name.replace('/', "%2F")));
+        assert_eq!(status(&r), 200, "{r}");
+        t.elapsed()
+    };
+    time_b();
+    let alone = time_b();
+    // Now with tenant a's looping driver busy at the same time.
+    let a_pull = std::thread::spawn({
+        let a_sock = a_sock.clone();
+        let name = name.clone();
+        move || api_pull(&a_sock, &name)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let beside = time_b();
+    let a_out = a_pull.join().unwrap();
+    eprintln!("tenant b's pull: {alone:?} alone, {beside:?} beside tenant a's looping driver");
+    assert!(a_out.contains("errorDetail"), "tenant a's pull should fail: {a_out}");
+    assert!(
+        beside.as_secs_f64() <= alone.as_secs_f64() * 1.5 + 0.5,
+        "tenant b slowed from {alone:?} to {beside:?}"
+    );
+    // Each tenant sees its own store only; b's allow-list holds.
+    let out = api_pull(&b_sock, &name);
+    assert!(out.contains("Status: Downloaded newer image"), "{out}");
+    let r = get(&format!("unix://{}", a_sock.display()), "GET", "/images/json");
+    assert!(r.ends_with("[]"), "tenant a sees: {r}");
+    let r = get(&b_host, "GET", "/images/json");
+    assert!(r.contains("test/rich"), "{r}");
+    let r = get(&b_host, "POST", "/images/create?fromImage=127.0.0.1:1%2Fother&tag=v1");
+    assert_eq!(status(&r), 403, "{r}");
+    assert!(message(&r).contains("not allowed"), "{r}");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+    assert!(
+        !a_sock.exists() && !b_sock.exists(),
+        "sockets are removed at exit: {}",
+        g.spawned_log()
+    );
+}

@@ -38,6 +38,7 @@ bench: build
 	./bench/sandbox.sh
 	./bench/serve.sh
 	./bench/push.sh
+	./bench/daemon.sh
 
 lint: deps
 	$(CARGO) fmt --all --check

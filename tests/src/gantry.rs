@@ -188,25 +188,8 @@ impl Gantry {
         // Waited for by `Server`'s drop.
         #[allow(clippy::zombie_processes)]
         let child = c.spawn().unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(addr) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("gantry serve: listening on http://"))
-            {
-                return Server {
-                    child,
-                    addr: addr.trim().to_string(),
-                    log,
-                };
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "gantry serve did not start:\n{text}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let addr = wait_for_line(&log, "gantry serve: listening on http://");
+        Server { child, addr, log }
     }
 
     /// Starts `gantry daemon` on a socket in this store's scratch space and
@@ -220,18 +203,8 @@ impl Gantry {
         // Waited for by `Server`'s drop.
         #[allow(clippy::zombie_processes)]
         let child = c.spawn().unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("gantry daemon: listening on") {
-                return Server { child, addr: host, log };
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "gantry daemon did not start:\n{text}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_for_line(&log, "gantry daemon: listening on ");
+        Server { child, addr: host, log }
     }
 
     /// Runs with `input` on standard input.
@@ -321,6 +294,20 @@ impl Gantry {
     pub fn fsck_clean(&self) {
         let out = self.ok(&["fsck"]);
         assert!(out.contains("store is consistent"), "{out}");
+    }
+}
+
+/// Waits (30 s at most) until the file `log` has a line starting with
+/// `prefix`; what follows it on that line.
+fn wait_for_line(log: &Path, prefix: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(rest) = text.lines().find_map(|l| l.strip_prefix(prefix)) {
+            return rest.trim().to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no line {prefix:?} came:\n{text}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

@@ -260,19 +260,7 @@ impl Engine for Daemon {
         let mut out = Vec::new();
         for id in store.images.list().map_err(engine_error)? {
             let (config, layers) = layers_of(store, &id).map_err(engine_error)?;
-            let refs: Vec<&Reference> = all.iter().filter(|(_, i)| *i == id).map(|(r, _)| r).collect();
-            let mut tags: Vec<String> = refs
-                .iter()
-                .filter(|r| r.tag.is_some())
-                .map(|r| r.familiar_string())
-                .collect();
-            let mut digests: Vec<String> = refs
-                .iter()
-                .filter(|r| r.digest.is_some())
-                .map(|r| r.familiar_string())
-                .collect();
-            tags.sort();
-            digests.sort();
+            let (tags, digests) = super::inspect::repo_names(all.iter().filter(|(_, i)| *i == id).map(|(r, _)| r));
             let created = config
                 .raw
                 .get("created")
@@ -316,28 +304,20 @@ impl Engine for Daemon {
             gantry_core::Error::NoSuchImage(n) => EngineError::NotFound(format!("No such image: {n}")),
             e => engine_error(e),
         })?;
-        let (config, layers) = layers_of(store, &id).map_err(engine_error)?;
-        let history = config
-            .raw
-            .get("history")
-            .and_then(|h| h.as_array())
-            .cloned()
-            .unwrap_or_default();
-        let mut sizes = layers.iter().map(|l| l.size);
-        let mut rows = Vec::new();
-        for h in &history {
-            let empty = h.get("empty_layer").and_then(|e| e.as_bool()).unwrap_or(false);
-            let size = if empty { 0 } else { sizes.next().unwrap_or(0) };
-            let s = |k: &str| h.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-            rows.push(json!({
-                "Id": "<missing>",
-                "Created": parse_rfc3339(&s("created")).unwrap_or(0),
-                "CreatedBy": s("created_by"),
-                "Tags": null,
-                "Size": size,
-                "Comment": s("comment"),
-            }));
-        }
+        let mut rows: Vec<Value> = super::history::entries(&self.ctx, &id)
+            .map_err(engine_error)?
+            .into_iter()
+            .map(|e| {
+                json!({
+                    "Id": "<missing>",
+                    "Created": parse_rfc3339(&e.created).unwrap_or(0),
+                    "CreatedBy": e.created_by,
+                    "Tags": null,
+                    "Size": e.size,
+                    "Comment": e.comment,
+                })
+            })
+            .collect();
         rows.reverse();
         if let Some(top) = rows.first_mut() {
             top["Id"] = json!(id);

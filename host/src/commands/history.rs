@@ -6,9 +6,18 @@ use anyhow::Result;
 use gantry_core::images::{layers_of, lookup};
 use std::process::ExitCode;
 
-pub fn run(ctx: &Context, image: &str, no_trunc: bool) -> Result<ExitCode> {
-    let id = lookup(&ctx.store, image)?;
-    let (config, layers) = layers_of(&ctx.store, &id)?;
+/// One entry of an image's history: created, created by, size, comment
+/// (oldest first; an empty layer's size is 0).
+pub struct Entry {
+    pub created: String,
+    pub created_by: String,
+    pub size: u64,
+    pub comment: String,
+}
+
+/// The history of image `id` with each entry's layer size.
+pub fn entries(ctx: &Context, id: &gantry_core::Digest) -> Result<Vec<Entry>, gantry_core::Error> {
+    let (config, layers) = layers_of(&ctx.store, id)?;
     let history = config
         .raw
         .get("history")
@@ -21,8 +30,22 @@ pub fn run(ctx: &Context, image: &str, no_trunc: bool) -> Result<ExitCode> {
         let empty = h.get("empty_layer").and_then(|e| e.as_bool()).unwrap_or(false);
         let size = if empty { 0 } else { sizes.next().unwrap_or(0) };
         let s = |k: &str| h.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-        rows.push((s("created"), s("created_by"), size, s("comment")));
+        rows.push(Entry {
+            created: s("created"),
+            created_by: s("created_by"),
+            size,
+            comment: s("comment"),
+        });
     }
+    Ok(rows)
+}
+
+pub fn run(ctx: &Context, image: &str, no_trunc: bool) -> Result<ExitCode> {
+    let id = lookup(&ctx.store, image)?;
+    let rows: Vec<(String, String, u64, String)> = entries(ctx, &id)?
+        .into_iter()
+        .map(|e| (e.created, e.created_by, e.size, e.comment))
+        .collect();
     let now = now_secs();
     println!(
         "{:<12}   {:<15}   {:<45}   {:<9} COMMENT",

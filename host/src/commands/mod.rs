@@ -3,7 +3,7 @@
 mod daemon;
 mod export;
 mod fsck;
-mod history;
+pub(crate) mod history;
 mod images;
 pub(crate) mod inspect;
 mod load;

@@ -37,47 +37,22 @@ impl types::HostByteStream for Sandbox {
     }
 }
 
+/// The body of a request a guest sends.
+enum RequestBody {
+    None,
+    /// Small bytes the guest made (a manifest).
+    Bytes(Vec<u8>),
+    /// A host-owned stream the guest only names (a blob being pushed).
+    Stream(Resource<ByteStream>, Option<u64>),
+}
+
 impl http::Host for Sandbox {
     fn send(&mut self, req: http::Request) -> Result<http::Response, WitError> {
-        self.host(|me| {
-            let policy = me
-                .http
-                .clone()
-                .ok_or_else(|| WitError::Denied("this plugin has no network access".into()))?;
-            let scope = me
-                .http_scope
-                .as_mut()
-                .ok_or_else(|| WitError::Denied("no endpoint is open for this call".into()))?;
-            let resp = policy.send(scope, &req.method, &req.url, req.headers)?;
-            let body = me.push_stream(ByteStream(resp.body))?;
-            Ok(http::Response {
-                status: resp.status,
-                headers: resp.headers,
-                body,
-            })
-        })
+        self.http_send(req, RequestBody::None)
     }
 
     fn send_bytes(&mut self, req: http::Request, body: Vec<u8>) -> Result<http::Response, WitError> {
-        self.host(|me| {
-            let policy = me
-                .http
-                .clone()
-                .ok_or_else(|| WitError::Denied("this plugin has no network access".into()))?;
-            let scope = me
-                .http_scope
-                .as_mut()
-                .ok_or_else(|| WitError::Denied("no endpoint is open for this call".into()))?;
-            let len = body.len() as u64;
-            let mut reader = std::io::Cursor::new(body);
-            let resp = policy.send_body(scope, &req.method, &req.url, req.headers, &mut reader, Some(len))?;
-            let body = me.push_stream(ByteStream(resp.body))?;
-            Ok(http::Response {
-                status: resp.status,
-                headers: resp.headers,
-                body,
-            })
-        })
+        self.http_send(req, RequestBody::Bytes(body))
     }
 
     fn send_body(
@@ -86,6 +61,14 @@ impl http::Host for Sandbox {
         body: Resource<ByteStream>,
         length: Option<u64>,
     ) -> Result<http::Response, WitError> {
+        self.http_send(req, RequestBody::Stream(body, length))
+    }
+}
+
+impl Sandbox {
+    /// Sends one request of the guest's within the call's scope; the
+    /// response body becomes a host-owned stream the guest may read.
+    fn http_send(&mut self, req: http::Request, body: RequestBody) -> Result<http::Response, WitError> {
         self.host(|me| {
             let policy = me
                 .http
@@ -95,8 +78,18 @@ impl http::Host for Sandbox {
                 .http_scope
                 .as_mut()
                 .ok_or_else(|| WitError::Denied("no endpoint is open for this call".into()))?;
-            let stream = me.table.get_mut(&body).map_err(|e| WitError::Internal(e.to_string()))?;
-            let resp = policy.send_body(scope, &req.method, &req.url, req.headers, &mut *stream.0, length)?;
+            let resp = match body {
+                RequestBody::None => policy.send(scope, &req.method, &req.url, req.headers)?,
+                RequestBody::Bytes(b) => {
+                    let len = b.len() as u64;
+                    let mut reader = std::io::Cursor::new(b);
+                    policy.send_body(scope, &req.method, &req.url, req.headers, &mut reader, Some(len))?
+                }
+                RequestBody::Stream(r, length) => {
+                    let stream = me.table.get_mut(&r).map_err(|e| WitError::Internal(e.to_string()))?;
+                    policy.send_body(scope, &req.method, &req.url, req.headers, &mut *stream.0, length)?
+                }
+            };
             let body = me.push_stream(ByteStream(resp.body))?;
             Ok(http::Response {
                 status: resp.status,

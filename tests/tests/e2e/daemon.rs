@@ -110,21 +110,6 @@ fn the_docker_cli_pulls_lists_inspects_tags_and_removes_through_the_daemon() {
     g.fsck_clean();
 }
 
-/// A Docker `config.json` with `user:password` for `registry`, in a
-/// directory of its own (the CLI's `DOCKER_CONFIG`).
-fn docker_config_with(g: &Gantry, registry: &str, user: &str, password: &str) -> std::path::PathBuf {
-    use base64::Engine as _;
-    let dir = g.scratch().join("docker-config");
-    std::fs::create_dir_all(&dir).unwrap();
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::json!({"auths": {registry: {"auth": auth}}}).to_string(),
-    )
-    .unwrap();
-    dir
-}
-
 #[test]
 fn the_client_s_credentials_reach_the_registry_through_x_registry_auth() {
     if !(peers() && require("docker")) {
@@ -147,7 +132,9 @@ fn the_client_s_credentials_reach_the_registry_through_x_registry_auth() {
     let name = format!("{}/test/app:v1", proxy.addr());
     let out = docker(&g, &d.addr, &["pull", &name]);
     assert!(!out.status.success(), "pulled without credentials");
-    docker_config_with(&g, &proxy.addr(), "alice", "s3cret");
+    // The client's own config.json (where `docker` runs with it here).
+    let cfg = crate::docker_config(&g, &proxy.addr(), "alice", "s3cret");
+    std::fs::rename(cfg, g.scratch().join("docker-config")).unwrap();
     let pulled = ok(&g, &d.addr, &["pull", &name]);
     assert!(pulled.contains("Status: Downloaded newer image"), "{pulled}");
     assert!(proxy.seen.lock().unwrap().tokens_issued >= 1);

@@ -416,8 +416,9 @@ fn tenants_have_their_own_stores_and_a_looping_plugin_does_not_slow_another_tena
     std::fs::write(
         &b_config,
         format!(
-            "allowed_registries = [\"{}\"]\n[transport]\ntype = \"v2\"\n[driver]\ntype = \"auto\"\n",
-            reg.addr()
+            "allowed_registries = [\"{}\"]\n[transport]\ntype = \"v2\"\n[driver]\ntype = \"{}\"\n",
+            reg.addr(),
+            Gantry::test_driver()
         ),
     )
     .unwrap();

@@ -584,15 +584,13 @@ fn a_failed_push_is_one_line_and_changes_no_image() {
     g.fsck_clean();
 
     // A transport that cannot push (it exports no push interface) is named.
-    let bad = format!(
-        "[transport]\ntype = \"bad\"\npath = \"{}\"\n[driver]\ntype = \"auto\"\n",
-        crate::sandbox::component("gantry_bad_transport").display()
-    );
-    let cfg = g.scratch().join("bad.toml");
-    std::fs::write(&cfg, bad).unwrap();
-    let r = g.run(&["--config", cfg.to_str().unwrap(), "push", &from]);
-    assert!(!r.out.status.success());
-    assert!(r.stderr().contains("transport bad cannot push"), "{}", r.stderr());
+    let bad = Gantry::bare().with_config(&format!(
+        "[transport]\ntype = \"bad\"\npath = \"{}\"\n[driver]\ntype = \"{}\"\n",
+        crate::sandbox::component("gantry_bad_transport").display(),
+        Gantry::test_driver()
+    ));
+    let err = bad.fails(&["push", &from]);
+    assert!(err.contains("transport bad cannot push"), "{err}");
 }
 
 #[test]
@@ -621,8 +619,9 @@ fn gantry_pushes_with_credentials_to_a_gantry_serve_that_requires_them() {
     )
     .unwrap();
     let g = g.with_config(&format!(
-        "auth_file = \"{}\"\n[transport]\ntype = \"v2\"\n[driver]\ntype = \"auto\"\n",
-        auth_file.display()
+        "auth_file = \"{}\"\n[transport]\ntype = \"v2\"\n[driver]\ntype = \"{}\"\n",
+        auth_file.display(),
+        Gantry::test_driver()
     ));
     let out = g.ok(&["push", &to]);
     assert!(out.lines().last().unwrap().starts_with("v1: digest: sha256:"), "{out}");

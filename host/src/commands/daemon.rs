@@ -102,23 +102,47 @@ fn any_error(e: anyhow::Error) -> EngineError {
     }
 }
 
-/// Pull progress as Docker's JSON messages.
-struct Messages<'a>(&'a (dyn Fn(Value) + Sync));
+/// Pull progress as Docker's JSON messages: every change of a layer's
+/// state, and its byte counts at most every 100 ms (as dockerd's progress
+/// reader does), not once per read.
+struct Messages<'a> {
+    send: &'a (dyn Fn(Value) + Sync),
+    last: std::sync::Mutex<std::collections::HashMap<String, (Status, std::time::Instant)>>,
+}
+
+impl<'a> Messages<'a> {
+    fn new(send: &'a (dyn Fn(Value) + Sync)) -> Self {
+        Messages {
+            send,
+            last: Default::default(),
+        }
+    }
+}
 
 impl Progress for Messages<'_> {
     fn layer(&self, id: &str, status: Status, current: u64, total: u64) {
+        {
+            let now = std::time::Instant::now();
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((s, at)) = last.get(id) {
+                if *s == status && now.duration_since(*at) < std::time::Duration::from_millis(100) && current < total {
+                    return;
+                }
+            }
+            last.insert(id.to_string(), (status, now));
+        }
         let mut m = json!({"status": status.docker_text(), "id": id, "progressDetail": {}});
         if total > 0 && current < total {
             m["progressDetail"] = json!({"current": current, "total": total});
         }
-        (self.0)(m);
+        (self.send)(m);
     }
 
     fn line(&self, text: &str) {
         // `TAG: Pulling from NAME` is `{"status": "Pulling from NAME", "id": "TAG"}`.
         match text.split_once(": ") {
-            Some((id, rest)) if !id.contains(' ') => (self.0)(json!({"status": rest, "id": id})),
-            _ => (self.0)(json!({ "status": text })),
+            Some((id, rest)) if !id.contains(' ') => (self.send)(json!({"status": rest, "id": id})),
+            _ => (self.send)(json!({ "status": text })),
         }
     }
 }
@@ -365,7 +389,7 @@ impl Engine for Daemon {
     ) -> Result<(), EngineError> {
         let r = Reference::parse(reference).map_err(engine_error)?;
         self.allowed(&r)?;
-        let messages = Messages(progress);
+        let messages = Messages::new(progress);
         let options = PullOptions {
             cancel: Some(cancel),
             ..self.ctx.pull_options()

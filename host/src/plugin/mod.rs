@@ -24,6 +24,7 @@ pub mod bindings;
 mod driver;
 mod host_impls;
 mod native;
+mod priority;
 mod transport;
 
 pub use any::AnyDriver;
@@ -306,7 +307,12 @@ impl Sandbox {
         }
         let t = Instant::now();
         let before = HOST_DEADLINE.replace(Some(self.call_start + self.limits.wall));
+        // Host work at the thread's own priority, guest code below it.
+        let niced = priority::leave_guest();
         let r = f(self);
+        if niced {
+            priority::enter_guest();
+        }
         HOST_DEADLINE.set(before);
         self.host_time += t.elapsed();
         if r.is_err() && self.call_start.elapsed() > self.limits.wall {
@@ -554,7 +560,10 @@ impl<B> Pool<B> {
             None => {
                 let mut store = self.new_store();
                 Self::begin(&mut store);
-                match (self.make)(&mut store) {
+                priority::enter_guest();
+                let made = (self.make)(&mut store);
+                priority::leave_guest();
+                match made {
                     Ok(Ok(b)) => (store, b),
                     Ok(Err(e)) => return Err(wit_error(&self.label, e)),
                     Err(trap) => return Err(self.crash(&store, "instantiate", trap)),
@@ -562,7 +571,10 @@ impl<B> Pool<B> {
             }
         };
         Self::begin(&mut store);
-        match f(&mut store, &inst) {
+        priority::enter_guest();
+        let result = f(&mut store, &inst);
+        priority::leave_guest();
+        match result {
             // A call that ran into a deadline or a limit fails with it, whatever
             // the guest made of the error it got, and its instance goes.
             Ok(_) if store.data().timed_out.is_some() || store.data().limit_hit.is_some() => {

@@ -203,6 +203,125 @@ fn registry_auth(req: &Request<hyper::body::Incoming>) -> Option<RegistryAuth> {
     (!auth.username.is_empty() || auth.identity_token.is_some()).then_some(auth)
 }
 
+/// The `filters` of `GET /images/json`: Docker's JSON map of lists.
+#[derive(Debug, Default)]
+struct Filters {
+    /// `reference`: patterns (`*`, `?`) matched against `name` and `name:tag`.
+    reference: Vec<String>,
+    dangling: Option<bool>,
+    /// `label`: `key` or `key=value`.
+    label: Vec<String>,
+}
+
+impl Filters {
+    fn parse(s: &str) -> Result<Filters, String> {
+        let v: Value = serde_json::from_str(s).map_err(|e| format!("invalid filters: {e}"))?;
+        let map = v.as_object().ok_or("invalid filters: not a JSON object")?;
+        let mut f = Filters::default();
+        for (k, vals) in map {
+            // Either ["a", "b"] or {"a": true} (older clients).
+            let list: Vec<String> = match vals {
+                Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+                Value::Object(o) => o.keys().cloned().collect(),
+                _ => return Err(format!("invalid filter {k:?}")),
+            };
+            match k.as_str() {
+                "reference" => f.reference = list,
+                "label" => f.label = list,
+                "dangling" => {
+                    f.dangling = match list.first().map(String::as_str) {
+                        Some("true" | "1") => Some(true),
+                        Some("false" | "0") => Some(false),
+                        _ => return Err("invalid filter 'dangling': true or false".into()),
+                    }
+                }
+                other => return Err(format!("invalid filter '{other}'")),
+            }
+        }
+        Ok(f)
+    }
+
+    /// The image as the filtered list shows it, or `None` when it is left
+    /// out. A `reference` filter also narrows `RepoTags` and `RepoDigests`
+    /// to what it matched, as dockerd does (`docker images REPO` lists only
+    /// REPO).
+    fn apply(&self, mut image: Value) -> Option<Value> {
+        if !self.keep(&image) {
+            return None;
+        }
+        if !self.reference.is_empty() {
+            let matched: Vec<Value> = self
+                .tags(&image)
+                .into_iter()
+                .filter(|t| self.matches(t))
+                .map(|t| Value::String(t.to_string()))
+                .collect();
+            image["RepoTags"] = Value::Array(matched);
+            // `name@sha256:…`: kept when its name matches.
+            let digests: Vec<Value> = image["RepoDigests"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|d| {
+                            let name = d.as_str().and_then(|d| d.split_once('@')).map(|(n, _)| n).unwrap_or("");
+                            self.reference.iter().any(|p| glob(p, name))
+                        })
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            image["RepoDigests"] = Value::Array(digests);
+        }
+        Some(image)
+    }
+
+    fn tags<'v>(&self, image: &'v Value) -> Vec<&'v str> {
+        image["RepoTags"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|t| t.as_str()).collect())
+            .unwrap_or_default()
+    }
+
+    fn matches(&self, tag: &str) -> bool {
+        let name = tag.rsplit_once(':').map(|(n, _)| n).unwrap_or(tag);
+        self.reference.iter().any(|p| glob(p, tag) || glob(p, name))
+    }
+
+    fn keep(&self, image: &Value) -> bool {
+        let tags = self.tags(image);
+        if let Some(d) = self.dangling {
+            if tags.is_empty() != d {
+                return false;
+            }
+        }
+        if !self.reference.is_empty() && !tags.iter().any(|t| self.matches(t)) {
+            return false;
+        }
+        self.label.iter().all(|l| {
+            let (k, v) = l.split_once('=').map(|(k, v)| (k, Some(v))).unwrap_or((l, None));
+            match image["Labels"].get(k) {
+                Some(have) => v.is_none_or(|v| have.as_str() == Some(v)),
+                None => false,
+            }
+        })
+    }
+}
+
+/// Shell-style matching of `*` (not across `/`) and `?`, as Docker
+/// matches `reference` filters.
+fn glob(pattern: &str, s: &str) -> bool {
+    fn go(p: &[u8], s: &[u8]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], s) || (!s.is_empty() && s[0] != b'/' && go(p, &s[1..])),
+            (Some(b'?'), Some(c)) if *c != b'/' => go(&p[1..], &s[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), s.as_bytes())
+}
+
 /// Runs a blocking engine call off the async threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
@@ -275,8 +394,15 @@ async fn route(
             );
         }
         (&Method::GET, "/images/json") => {
+            let filters = match query(&req, "filters").map(|f| Filters::parse(&f)).transpose() {
+                Ok(f) => f.unwrap_or_default(),
+                Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+            };
             return answer(blocking(move || engine.list()).await, |v| {
-                json_response(StatusCode::OK, &Value::Array(v))
+                json_response(
+                    StatusCode::OK,
+                    &Value::Array(v.into_iter().filter_map(|i| filters.apply(i)).collect()),
+                )
             });
         }
         (&Method::POST, "/images/create") => return pull(engine, req).await,
@@ -529,5 +655,21 @@ mod tests {
         assert!(strip_version("/v1.12/images/json").is_err());
         assert_eq!(percent_decode("docker.io%2Flibrary%2Fbar"), "docker.io/library/bar");
         assert_eq!(percent_decode("100%"), "100%");
+    }
+
+    #[test]
+    fn image_filters_follow_docker() {
+        let img = json!({"RepoTags": ["127.0.0.1:5000/team/app:v1"], "Labels": {"tier": "web"}});
+        let none = json!({"RepoTags": [], "Labels": {}});
+        let f = |s: &str| Filters::parse(s).unwrap();
+        assert!(f(r#"{"reference":["127.0.0.1:5000/team/app"]}"#).keep(&img));
+        assert!(f(r#"{"reference":["127.0.0.1:5000/team/*:v1"]}"#).keep(&img));
+        assert!(!f(r#"{"reference":["*:v1"]}"#).keep(&img), "* does not cross /");
+        assert!(f(r#"{"dangling":["true"]}"#).keep(&none));
+        assert!(!f(r#"{"dangling":["true"]}"#).keep(&img));
+        assert!(f(r#"{"label":{"tier=web":true}}"#).keep(&img));
+        assert!(!f(r#"{"label":["tier=db"]}"#).keep(&img));
+        assert!(Filters::parse(r#"{"color":["red"]}"#).is_err());
+        assert!(Filters::parse("not json").is_err());
     }
 }

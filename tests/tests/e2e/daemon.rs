@@ -65,6 +65,20 @@ fn the_docker_cli_pulls_lists_inspects_tags_and_removes_through_the_daemon() {
 
     let copy = format!("{}/test/copy:v2", reg.addr());
     ok(&g, &d.addr, &["tag", &name, &copy]);
+    // `docker images REPO` and `--filter` are Docker's filters.
+    let only = ok(
+        &g,
+        &d.addr,
+        &[
+            "images",
+            "--format",
+            "{{.Repository}}:{{.Tag}}",
+            &format!("{}/test/copy", reg.addr()),
+        ],
+    );
+    assert_eq!(only.trim(), copy, "{only}");
+    let dangling = ok(&g, &d.addr, &["images", "-q", "--filter", "dangling=true"]);
+    assert!(dangling.trim().is_empty(), "{dangling}");
     assert!(g.ok(&["images"]).contains("test/copy"), "the tag is in the store");
     let removed = ok(&g, &d.addr, &["rmi", &copy]);
     assert!(removed.contains(&format!("Untagged: {copy}")), "{removed}");
@@ -298,6 +312,9 @@ fn bad_requests_get_the_engine_api_error_and_the_daemon_keeps_serving() {
     assert!(message(&r).contains("invalid reference"), "{r}");
     let r = get(h, "POST", "/images/x%2F..%2Fy/push");
     assert_eq!(status(&r), 400, "{r}");
+    let r = get(h, "GET", "/images/json?filters=%7B%22color%22%3A%5B%22red%22%5D%7D");
+    assert_eq!(status(&r), 400, "{r}");
+    assert!(message(&r).contains("invalid filter"), "{r}");
     let r = get(h, "GET", "/images/nothing:here/json");
     assert_eq!(status(&r), 404, "{r}");
     assert!(message(&r).contains("No such image"), "{r}");

@@ -244,7 +244,7 @@ impl Pusher<'_> {
         // The config, then the manifest.
         if self.transport.stat_blob(t.ep, t.repo, id)?.is_none() && !self.mount_config(t, id, layers) {
             let mut open = || Ok(Box::new(io::Cursor::new(config.to_vec())) as ByteStream);
-            self.upload(t, id, Some(config.len() as u64), &mut open)?;
+            self.upload(t, id, config.len() as u64, &mut open)?;
         }
         let (manifest, media_type) = match original {
             Some(o) => (o.manifest.clone(), o.media_type.clone()),
@@ -328,7 +328,7 @@ impl Pusher<'_> {
                         .ok_or_else(|| Error::Integrity(format!("blob {digest} left the content store")))?;
                     Ok(Box::new(f) as ByteStream)
                 };
-                self.upload(t, digest, Some(*size), &mut open)?;
+                self.upload(t, digest, *size, &mut open)?;
                 (digest.clone(), *size)
             }
             Source::Rebuilt(l) => self.upload_rebuilt(t, l)?,
@@ -415,14 +415,13 @@ impl Pusher<'_> {
         &self,
         t: &Target<'_>,
         digest: &Digest,
-        size: Option<u64>,
+        size: u64,
         open: &mut dyn FnMut() -> Result<ByteStream>,
     ) -> Result<()> {
         let path = self.session_file(t, digest.as_str());
         let mut session = self.session(t, &path)?;
         let mut tries = 0;
         loop {
-            let size = size.unwrap_or(0);
             // A small blob goes whole with the closing `PUT`.
             let mut last: Option<ByteStream> = None;
             if session.offset == 0 && size <= MONOLITHIC {

@@ -4,6 +4,7 @@
 //! daemon does not serve (containers, volumes…), never a hang.
 
 use bytes::Bytes;
+use gantry_serve::percent_decode;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -141,24 +142,6 @@ fn strip_version(path: &str) -> Result<&str, String> {
         ));
     }
     Ok(&path[2 + version.len()..])
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn query(req: &Request<hyper::body::Incoming>, key: &str) -> Option<String> {

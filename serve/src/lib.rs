@@ -183,3 +183,24 @@ pub fn raise_file_limit() {
         );
     }
 }
+
+/// Decodes `%XX` escapes (a path segment or a query value whose `+` the
+/// caller has already turned into a space); a malformed escape stays as it
+/// is. Shared with the daemon's routes.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

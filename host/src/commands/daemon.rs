@@ -200,6 +200,8 @@ impl Engine for Daemon {
         auth: Option<RegistryAuth>,
         progress: &(dyn Fn(Value) + Sync),
     ) -> Result<(), EngineError> {
+        // Work in flight: other tenants' guest code gives way meanwhile.
+        let _busy = self.ctx.host.busy();
         let r = Reference::parse(reference).map_err(engine_error)?;
         self.allowed(&r)?;
         let transport = self.ctx.shared_transport().map_err(any_error)?;
@@ -228,11 +230,15 @@ impl Engine for Daemon {
     }
 
     fn save(&self, names: &[String], out: &mut dyn std::io::Write) -> Result<(), EngineError> {
+        // Work in flight: other tenants' guest code gives way meanwhile.
+        let _busy = self.ctx.host.busy();
         let driver = self.ctx.driver().map_err(any_error)?;
         gantry_core::save::save(&self.ctx.store, driver, names, gantry_core::save::Format::Docker, out).map_err(no_such)
     }
 
     fn load(&self, input: &mut dyn std::io::Read, progress: &(dyn Fn(Value) + Sync)) -> Result<(), EngineError> {
+        // Work in flight: other tenants' guest code gives way meanwhile.
+        let _busy = self.ctx.host.busy();
         let loader = gantry_core::load::Loader {
             store: &self.ctx.store,
             driver: self.ctx.driver().map_err(any_error)?,
@@ -256,6 +262,8 @@ impl Engine for Daemon {
     }
 
     fn prune(&self) -> Result<Value, EngineError> {
+        // Work in flight: other tenants' guest code gives way meanwhile.
+        let _busy = self.ctx.host.busy();
         let store = &self.ctx.store;
         let driver = self.ctx.driver().map_err(any_error)?;
         let mut deleted = Vec::new();
@@ -387,6 +395,8 @@ impl Engine for Daemon {
         progress: &(dyn Fn(Value) + Sync),
         cancel: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<(), EngineError> {
+        // Work in flight: other tenants' guest code gives way meanwhile.
+        let _busy = self.ctx.host.busy();
         let r = Reference::parse(reference).map_err(engine_error)?;
         self.allowed(&r)?;
         let messages = Messages::new(progress);

@@ -42,6 +42,7 @@ impl WasmDriver {
             pool: Pool {
                 label: format!("driver/{name}"),
                 engine: host.engine.clone(),
+                tenancy: host.tenancy.clone(),
                 limits,
                 http: None,
                 home: Some(home.clone()),

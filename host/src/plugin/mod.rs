@@ -25,6 +25,7 @@ mod driver;
 mod host_impls;
 mod native;
 mod priority;
+pub use priority::Busy;
 mod transport;
 
 pub use any::AnyDriver;
@@ -384,6 +385,8 @@ fn bound_sleeps(linker: &mut Linker<Sandbox>) -> wasmtime::Result<()> {
 pub struct PluginHost {
     engine: Engine,
     cache_dir: PathBuf,
+    /// The tenant this host's plugins run for (one per `Context`).
+    tenancy: Arc<priority::Tenancy>,
 }
 
 const TICK: Duration = Duration::from_millis(10);
@@ -405,7 +408,15 @@ impl PluginHost {
         Ok(PluginHost {
             engine,
             cache_dir: cache_dir.to_path_buf(),
+            tenancy: Default::default(),
         })
+    }
+
+    /// Marks an operation of this host's tenant in flight until the guard
+    /// drops: meanwhile every other tenant's guest code runs only a share
+    /// of the time (see `priority`).
+    pub fn busy(&self) -> Busy {
+        self.tenancy.busy()
     }
 
     pub(crate) fn engine(&self) -> &Engine {
@@ -511,6 +522,7 @@ impl PluginHost {
 struct Pool<B> {
     label: String,
     engine: Engine,
+    tenancy: Arc<priority::Tenancy>,
     limits: Limits,
     http: Option<Arc<HttpPolicy>>,
     home: Option<Arc<Home>>,
@@ -526,11 +538,21 @@ impl<B> Pool<B> {
             Sandbox::new(self.limits, self.http.clone(), self.home.clone()),
         );
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_callback(|mut ctx| {
+        let tenancy = self.tenancy.clone();
+        store.epoch_deadline_callback(move |mut ctx| {
             let s = ctx.data_mut();
             if let Some(cut) = s.past_deadline() {
                 s.timed_out = Some(cut);
                 return Err(wasmtime::Trap::Interrupt.into());
+            }
+            let guest_time = s.call_start.elapsed().saturating_sub(s.host_time);
+            if guest_time > priority::SHARE_GRACE && tenancy.others_busy() {
+                // A long computation while another tenant is working: give
+                // way for the rest of the period (not counted as the guest's
+                // CPU time), within the wall limit.
+                let wait = (priority::SHARE_PERIOD - TICK).min(s.limits.wall.saturating_sub(s.call_start.elapsed()));
+                std::thread::sleep(wait);
+                s.host_time += wait;
             }
             Ok(UpdateDeadline::Continue(1))
         });

@@ -41,6 +41,7 @@ impl WasmTransport {
         let push_pool = push_pre.map(|pre| Pool {
             label: format!("transport/{name}"),
             engine: host.engine.clone(),
+            tenancy: host.tenancy.clone(),
             limits,
             http: Some(http.clone()),
             home: None,
@@ -52,6 +53,7 @@ impl WasmTransport {
             pool: Pool {
                 label: format!("transport/{name}"),
                 engine: host.engine.clone(),
+                tenancy: host.tenancy.clone(),
                 limits,
                 http: Some(http),
                 home: None,

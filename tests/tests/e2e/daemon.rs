@@ -407,15 +407,50 @@ fn api_pull(socket: &std::path::Path, name: &str) -> String {
     )
 }
 
+/// Layers that take a pull real work: text that compresses about 4×, in
+/// many files, so a pull spends a second or so inflating, hashing and
+/// writing.
+fn busy_layers() -> Vec<Vec<u8>> {
+    use gantry_tests::image::Layer;
+    const WORDS: [&str; 16] = [
+        "layer ", "image ", "tenant ", "driver ", "socket ", "digest ", "pull ", "store ", "blob ", "mount ", "quota ",
+        "plugin ", "sandbox ", "limit ", "epoch ", "guest\n",
+    ];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..8)
+        .map(|l| {
+            let mut layer = Layer::new().dir(&format!("d{l}"), 0o755);
+            for f in 0..300 {
+                let mut text = Vec::with_capacity(64 << 10);
+                while text.len() < 64 << 10 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    text.extend_from_slice(WORDS[(x >> 60) as usize].as_bytes());
+                }
+                layer = layer.file(&format!("d{l}/f{f}"), 0o644, &text);
+            }
+            layer.tar()
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<std::time::Duration>) -> std::time::Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
 #[test]
 fn tenants_have_their_own_stores_and_a_looping_plugin_does_not_slow_another_tenant() {
     if !peers() {
         return;
     }
-    use gantry_tests::image::{rich_layers, Image};
+    use gantry_tests::image::Image;
     let reg = Registry::start();
-    publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
-    let name = format!("{}/test/rich:v1", reg.addr());
+    publish(&reg, "test/busy", "v1", &Image::new(busy_layers()));
+    publish(&reg, "test/tiny", "v1", &control_image());
+    let name = format!("{}/test/busy:v1", reg.addr());
+    let tiny = format!("{}/test/tiny:v1", reg.addr());
     let g = Gantry::new();
     let dir = g.scratch().join("tenants");
     std::fs::create_dir_all(&dir).unwrap();
@@ -465,30 +500,46 @@ fn tenants_have_their_own_stores_and_a_looping_plugin_does_not_slow_another_tena
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let b_host = format!("unix://{}", b_sock.display());
-    // Tenant b alone, twice (the second to time it warm, as the next one).
     let time_b = || {
         let t = std::time::Instant::now();
         let out = api_pull(&b_sock, &name);
+        let took = t.elapsed();
         assert!(out.contains("Status: Downloaded newer image"), "{out}");
         let r = get(&b_host, "DELETE", &format!("/images/{}", name.replace('/', "%2F")));
         assert_eq!(status(&r), 200, "{r}");
-        t.elapsed()
+        took
     };
+    // Tenant b alone (once to warm up, then five timed), then five times
+    // while tenant a's pulls keep its looping driver busy throughout.
     time_b();
-    let alone = time_b();
-    // Now with tenant a's looping driver busy at the same time.
-    let a_pull = std::thread::spawn({
-        let a_sock = a_sock.clone();
-        let name = name.clone();
-        move || api_pull(&a_sock, &name)
+    let alone: Vec<_> = (0..5).map(|_| time_b()).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looper = std::thread::spawn({
+        let (a_sock, tiny, stop) = (a_sock.clone(), tiny.clone(), stop.clone());
+        move || {
+            let mut outs = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                outs.push(api_pull(&a_sock, &tiny));
+            }
+            outs
+        }
     });
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let beside = time_b();
-    let a_out = a_pull.join().unwrap();
-    eprintln!("tenant b's pull: {alone:?} alone, {beside:?} beside tenant a's looping driver");
-    assert!(a_out.contains("errorDetail"), "tenant a's pull should fail: {a_out}");
+    let beside: Vec<_> = (0..5).map(|_| time_b()).collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let a_outs = looper.join().unwrap();
+    eprintln!("tenant b's pulls alone: {alone:?}; beside tenant a's looping driver: {beside:?}");
+    let (alone, beside) = (median(alone), median(beside));
+    eprintln!(
+        "tenant b's pull (median of 5): {alone:?} alone, {beside:?} beside tenant a's looping driver ({:+.1} %)",
+        (beside.as_secs_f64() / alone.as_secs_f64() - 1.0) * 100.0
+    );
+    for a_out in &a_outs {
+        assert!(a_out.contains("CPU deadline"), "tenant a's pull should fail: {a_out}");
+    }
+    // Loosely: the test shares two cores with the rest of the suite.
     assert!(
-        beside.as_secs_f64() <= alone.as_secs_f64() * 1.5 + 0.5,
+        beside.as_secs_f64() <= alone.as_secs_f64() * 1.5 + 0.3,
         "tenant b slowed from {alone:?} to {beside:?}"
     );
     // Each tenant sees its own store only; b's allow-list holds.
@@ -497,7 +548,7 @@ fn tenants_have_their_own_stores_and_a_looping_plugin_does_not_slow_another_tena
     let r = get(&format!("unix://{}", a_sock.display()), "GET", "/images/json");
     assert!(r.ends_with("[]"), "tenant a sees: {r}");
     let r = get(&b_host, "GET", "/images/json");
-    assert!(r.contains("test/rich"), "{r}");
+    assert!(r.contains("test/busy"), "{r}");
     let r = get(&b_host, "POST", "/images/create?fromImage=127.0.0.1:1%2Fother&tag=v1");
     assert_eq!(status(&r), 403, "{r}");
     assert!(message(&r).contains("not allowed"), "{r}");

@@ -33,8 +33,8 @@ use std::time::Duration;
 const GUEST_NICE: i32 = 10;
 
 /// While another tenancy works, a guest call that has computed longer than
-/// [`SHARE_GRACE`] gets one epoch tick (10 ms) of each period.
-pub(super) const SHARE_PERIOD: Duration = Duration::from_millis(100);
+/// [`SHARE_GRACE`] gets one epoch tick (10 ms) of each period: 5 %.
+pub(super) const SHARE_PERIOD: Duration = Duration::from_millis(200);
 
 /// Guest time a call may take before it is held to its share: a plugin's
 /// ordinary calls (parse a manifest, ask the host to unpack) take far less.

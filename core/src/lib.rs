@@ -8,11 +8,13 @@
 //! never trusts a digest, size or path that a plugin hands it.
 
 pub mod archive;
+pub mod changes;
 pub mod digest;
 pub mod endpoint;
 pub mod error;
 pub mod fsck;
 pub mod images;
+pub mod import;
 pub mod load;
 pub mod manifest;
 pub mod pargz;

@@ -4,6 +4,7 @@
 //! daemon does not serve (containers, volumes…), never a hang.
 
 use bytes::Bytes;
+use gantry_core::text::escape_line;
 use gantry_serve::percent_decode;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
@@ -92,9 +93,31 @@ pub trait Engine: Send + Sync + 'static {
     fn save(&self, names: &[String], out: &mut dyn std::io::Write) -> Result<(), EngineError>;
     /// `POST /images/load`: loads an archive read from `input`.
     fn load(&self, input: &mut dyn std::io::Read, progress: &(dyn Fn(Value) + Sync)) -> Result<(), EngineError>;
-    /// `POST /images/prune`: removes images no reference names; Docker's
+    /// `POST /images/prune`: removes the images `select` picks (given each
+    /// image's summary, as `list` makes it); Docker's
     /// `{"ImagesDeleted": […], "SpaceReclaimed": N}`.
-    fn prune(&self) -> Result<Value, EngineError>;
+    fn prune(&self, select: &(dyn Fn(&Value) -> bool + Sync)) -> Result<Value, EngineError>;
+    /// Whether an import's arguments are good (checked before its body is
+    /// read, so a bad one is a plain 400).
+    fn check_import(&self, request: &ImportRequest) -> Result<(), EngineError>;
+    /// `POST /images/create?fromSrc=-`: an image from the root filesystem
+    /// tarball read from `input`; reports its ID as Docker does.
+    fn import(
+        &self,
+        request: &ImportRequest,
+        input: &mut (dyn std::io::Read + Send),
+        progress: &(dyn Fn(Value) + Sync),
+    ) -> Result<(), EngineError>;
+}
+
+/// An import's arguments: `repo` (with `tag`), `message`, `changes`,
+/// `platform`.
+#[derive(Debug, Clone, Default)]
+pub struct ImportRequest {
+    pub reference: Option<String>,
+    pub message: Option<String>,
+    pub changes: Vec<String>,
+    pub platform: Option<String>,
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
@@ -109,8 +132,10 @@ fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     r
 }
 
+/// Docker's error JSON. Messages may quote untrusted text (archive
+/// contents, registry answers) and end on a client's terminal: escaped.
 fn error(status: StatusCode, message: &str) -> Response<Body> {
-    json_response(status, &json!({ "message": message }))
+    json_response(status, &json!({ "message": escape_line(message) }))
 }
 
 /// The path without an API-version prefix, or the message a client with
@@ -290,6 +315,99 @@ impl Filters {
     }
 }
 
+/// The `filters` of `POST /images/prune`: `dangling` (`false`: every
+/// image, tagged or not, as `docker image prune -a` asks), `until` (a Unix
+/// time, an RFC 3339 time or a duration before now), `label` and `label!`.
+#[derive(Debug, Default)]
+struct PruneFilters {
+    all: bool,
+    until: Option<i64>,
+    label: Vec<String>,
+    not_label: Vec<String>,
+}
+
+impl PruneFilters {
+    fn parse(s: &str, now: i64) -> Result<PruneFilters, String> {
+        let v: Value = serde_json::from_str(s).map_err(|e| format!("invalid filters: {e}"))?;
+        let map = v.as_object().ok_or("invalid filters: not a JSON object")?;
+        let mut f = PruneFilters::default();
+        for (k, vals) in map {
+            let list: Vec<String> = match vals {
+                Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+                Value::Object(o) => o.keys().cloned().collect(),
+                _ => return Err(format!("invalid filter {k:?}")),
+            };
+            match k.as_str() {
+                "dangling" => {
+                    f.all = match list.first().map(String::as_str) {
+                        Some("true" | "1") | None => false,
+                        Some("false" | "0") => true,
+                        Some(other) => return Err(format!("invalid filter 'dangling={}'", other.escape_default())),
+                    }
+                }
+                "until" => {
+                    let [t] = list.as_slice() else {
+                        return Err("invalid filter 'until': give one time".into());
+                    };
+                    f.until =
+                        Some(until(t, now).ok_or_else(|| format!("invalid filter 'until={}'", t.escape_default()))?);
+                }
+                "label" => f.label = list,
+                "label!" => f.not_label = list,
+                other => return Err(format!("invalid filter '{}'", other.escape_default())),
+            }
+        }
+        Ok(f)
+    }
+
+    fn selects(&self, image: &Value) -> bool {
+        let tagged = image["RepoTags"].as_array().is_some_and(|t| !t.is_empty());
+        if tagged && !self.all {
+            return false;
+        }
+        if let Some(until) = self.until {
+            if image["Created"].as_i64().is_none_or(|c| c >= until) {
+                return false;
+            }
+        }
+        let has = |l: &String| {
+            let (k, v) = l.split_once('=').map(|(k, v)| (k, Some(v))).unwrap_or((l, None));
+            image["Labels"]
+                .get(k)
+                .is_some_and(|have| v.is_none_or(|v| have.as_str() == Some(v)))
+        };
+        self.label.iter().all(has) && !self.not_label.iter().any(has)
+    }
+}
+
+/// An `until` filter's time: Unix seconds, RFC 3339, or a Go duration
+/// (`24h`, `90m`) before `now`.
+fn until(t: &str, now: i64) -> Option<i64> {
+    if let Ok(secs) = t.split('.').next().unwrap_or(t).parse::<i64>() {
+        return Some(secs);
+    }
+    if let Some(secs) = gantry_core::pull::parse_rfc3339(t) {
+        return Some(secs);
+    }
+    let mut total: i64 = 0;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        let n: i64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let scale = match &rest[..unit] {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            _ => return None,
+        };
+        total = total.checked_add(n.checked_mul(scale)?)?;
+        rest = &rest[unit..];
+    }
+    Some(now - total)
+}
+
 /// Shell-style matching of `*` (not across `/`) and `?`, as Docker
 /// matches `reference` filters.
 fn glob(pattern: &str, s: &str) -> bool {
@@ -388,16 +506,24 @@ async fn route(
                 )
             });
         }
-        (&Method::POST, "/images/create") => return pull(engine, req).await,
+        (&Method::POST, "/images/create") => return create(engine, req).await,
         (&Method::POST, "/images/load") => return load(engine, req).await,
         (&Method::GET, "/images/get") => {
             let names = queries(&req, "names");
             return save(engine, names);
         }
         (&Method::POST, "/images/prune") => {
-            return answer(blocking(move || engine.prune()).await, |v| {
-                json_response(StatusCode::OK, &v)
-            });
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let filters = match query(&req, "filters").map(|f| PruneFilters::parse(&f, now)).transpose() {
+                Ok(f) => f.unwrap_or_default(),
+                Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+            };
+            return answer(
+                blocking(move || engine.prune(&|image| filters.selects(image))).await,
+                |v| json_response(StatusCode::OK, &v),
+            );
         }
         (&Method::GET, "/images/search") => {
             return error(
@@ -504,7 +630,7 @@ fn stream(
             }
         };
         if let Err(e) = work(&send, gone) {
-            let m = e.to_string();
+            let m = escape_line(&e.to_string());
             send(json!({"errorDetail": {"message": m}, "error": m}));
         }
     });
@@ -571,8 +697,8 @@ impl std::io::Read for BodyReader {
     }
 }
 
-/// `POST /images/load`: the archive is the request body.
-async fn load(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+/// The request body, for a blocking thread to read.
+fn body_reader(req: Request<hyper::body::Incoming>) -> BodyReader {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let mut body = req.into_body();
     tokio::spawn(async move {
@@ -597,22 +723,53 @@ async fn load(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> R
             }
         }
     });
-    stream(move |send, _| {
-        let mut reader = BodyReader { rx, buf: Bytes::new() };
-        engine.load(&mut reader, send)
-    })
+    BodyReader { rx, buf: Bytes::new() }
+}
+
+/// `POST /images/load`: the archive is the request body.
+async fn load(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let mut reader = body_reader(req);
+    stream(move |send, _| engine.load(&mut reader, send))
+}
+
+/// `POST /images/create`: a pull (`fromImage`) or an import (`fromSrc`).
+async fn create(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    if let Some(image) = query(&req, "fromImage").filter(|i| !i.is_empty()) {
+        return pull(engine, image, req);
+    }
+    let Some(src) = query(&req, "fromSrc").filter(|s| !s.is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give fromImage (a pull) or fromSrc (an import)",
+        );
+    };
+    if src != "-" {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            "importing from a URL is not supported: send the tarball as the request body (fromSrc=-)",
+        );
+    }
+    let repo = query(&req, "repo").filter(|r| !r.is_empty());
+    let request = ImportRequest {
+        reference: repo.map(|r| match query(&req, "tag").filter(|t| !t.is_empty()) {
+            Some(t) => format!("{r}:{t}"),
+            None => r,
+        }),
+        message: query(&req, "message").filter(|m| !m.is_empty()),
+        changes: queries(&req, "changes"),
+        platform: query(&req, "platform").filter(|p| !p.is_empty()),
+    };
+    if let Err(e) = engine.check_import(&request) {
+        return error(e.status(), &e.to_string());
+    }
+    let mut reader = body_reader(req);
+    stream(move |send, _| engine.import(&request, &mut reader, send))
 }
 
 /// `POST /images/create?fromImage=NAME&tag=TAG`: a pull, its progress
 /// streamed as Docker's JSON messages; a failure after the stream started
 /// is its last message (`errorDetail`), as dockerd sends it.
-async fn pull(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> Response<Body> {
-    let Some(image) = query(&req, "fromImage").filter(|i| !i.is_empty()) else {
-        return error(
-            StatusCode::NOT_IMPLEMENTED,
-            "importing (fromSrc) is not implemented; give fromImage",
-        );
-    };
+fn pull(engine: Arc<dyn Engine>, image: String, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let reference = match query(&req, "tag").filter(|t| !t.is_empty()) {
         Some(t) if t.starts_with("sha256:") => format!("{image}@{t}"),
         Some(t) => format!("{image}:{t}"),
@@ -638,6 +795,37 @@ mod tests {
         assert!(strip_version("/v1.12/images/json").is_err());
         assert_eq!(percent_decode("docker.io%2Flibrary%2Fbar"), "docker.io/library/bar");
         assert_eq!(percent_decode("100%"), "100%");
+    }
+
+    #[test]
+    fn prune_filters_follow_docker() {
+        let now = 1_800_000_000;
+        let image =
+            |tags: Value, created: i64, labels: Value| json!({"RepoTags": tags, "Created": created, "Labels": labels});
+        let dangling = image(json!([]), now - 7200, json!({"tier": "a"}));
+        let tagged = image(json!(["x:1"]), now - 60, json!({}));
+        let f = PruneFilters::default();
+        assert!(f.selects(&dangling) && !f.selects(&tagged));
+        let all = PruneFilters::parse(r#"{"dangling":["false"]}"#, now).unwrap();
+        assert!(all.selects(&dangling) && all.selects(&tagged));
+        let old = PruneFilters::parse(r#"{"dangling":["false"],"until":["1h"]}"#, now).unwrap();
+        assert!(old.selects(&dangling) && !old.selects(&tagged));
+        let stamp = PruneFilters::parse(&format!(r#"{{"until":["{}"]}}"#, now - 3600), now).unwrap();
+        assert!(stamp.selects(&dangling));
+        let rfc = PruneFilters::parse(r#"{"until":["2000-01-01T00:00:00Z"]}"#, now).unwrap();
+        assert!(!rfc.selects(&dangling));
+        let label = PruneFilters::parse(r#"{"label":["tier=a"]}"#, now).unwrap();
+        assert!(label.selects(&dangling));
+        let not = PruneFilters::parse(r#"{"label!":["tier"]}"#, now).unwrap();
+        assert!(!not.selects(&dangling));
+        for bad in [
+            r#"{"until":["soon"]}"#,
+            r#"{"colour":["red"]}"#,
+            r#"{"dangling":["maybe"]}"#,
+            "[]",
+        ] {
+            assert!(PruneFilters::parse(bad, now).is_err(), "{bad}");
+        }
     }
 
     #[test]

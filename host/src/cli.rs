@@ -91,6 +91,25 @@ pub enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Create an image from a root filesystem tarball (plain, gzip or zstd),
+    /// as `docker import`.
+    Import {
+        /// The tarball, or `-` for standard input.
+        file: String,
+        /// The reference to tag the new image with.
+        reference: Option<String>,
+        /// A Dockerfile instruction for the image's config (CMD, ENTRYPOINT,
+        /// ENV, EXPOSE, HEALTHCHECK, LABEL, ONBUILD, STOPSIGNAL, USER,
+        /// VOLUME, WORKDIR); repeatable.
+        #[arg(short, long = "change")]
+        changes: Vec<String>,
+        /// The commit message (default: "Imported from FILE").
+        #[arg(short, long)]
+        message: Option<String>,
+        /// The platform the image declares (default: this machine's).
+        #[arg(long)]
+        platform: Option<String>,
+    },
     /// Save images to an archive.
     Save {
         #[arg(required = true)]

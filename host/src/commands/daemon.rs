@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use gantry_core::images::layers_of;
 use gantry_core::pull::{Progress, PullOptions, Status};
 use gantry_core::{ErrorClass, Reference};
-use gantry_daemon::api::RegistryAuth;
+use gantry_daemon::api::{ImportRequest, RegistryAuth};
 use gantry_daemon::{Engine, EngineError};
 use serde_json::{json, Value};
 use std::process::ExitCode;
@@ -176,6 +176,29 @@ fn no_such(e: gantry_core::Error) -> EngineError {
 }
 
 impl Daemon {
+    /// An import's options, every argument checked.
+    fn import_options(&self, r: &ImportRequest) -> Result<gantry_core::import::ImportOptions, EngineError> {
+        let options = gantry_core::import::ImportOptions {
+            tag: r
+                .reference
+                .as_deref()
+                .map(Reference::parse)
+                .transpose()
+                .map_err(engine_error)?,
+            message: r.message.clone(),
+            source: "-".into(),
+            changes: r.changes.clone(),
+            platform: r
+                .platform
+                .as_deref()
+                .map(gantry_core::platform::Platform::parse)
+                .transpose()
+                .map_err(engine_error)?,
+        };
+        options.container_config().map_err(engine_error)?;
+        Ok(options)
+    }
+
     /// Refuses a registry outside this store's allow-list.
     fn allowed(&self, r: &Reference) -> Result<(), EngineError> {
         match &self.ctx.config.allowed_registries {
@@ -261,20 +284,27 @@ impl Engine for Daemon {
         Ok(())
     }
 
-    fn prune(&self) -> Result<Value, EngineError> {
+    fn prune(&self, select: &(dyn Fn(&Value) -> bool + Sync)) -> Result<Value, EngineError> {
         // Work in flight: other tenants' guest code gives way meanwhile.
         let _busy = self.ctx.host.busy();
         let store = &self.ctx.store;
         let driver = self.ctx.driver().map_err(any_error)?;
         let mut deleted = Vec::new();
         let mut reclaimed = 0u64;
-        for id in store.images.list().map_err(engine_error)? {
-            if !store.refs.refs_of(&id).map_err(engine_error)?.is_empty() {
+        for image in self.list()? {
+            if !select(&image) {
                 continue;
             }
-            let (_, layers) = layers_of(store, &id).map_err(engine_error)?;
-            let size: u64 = layers.iter().map(|l| l.size).sum();
-            for line in gantry_core::images::remove(store, driver, id.as_str(), false).map_err(engine_error)? {
+            let Some(id) = image["Id"].as_str() else { continue };
+            let size = image["Size"].as_u64().unwrap_or(0);
+            // A tagged image (pruned with `dangling=false`) loses every tag.
+            let lines = match gantry_core::images::remove(store, driver, id, true) {
+                Ok(lines) => lines,
+                // Removed meanwhile by another client.
+                Err(gantry_core::Error::NoSuchImage(_)) => continue,
+                Err(e) => return Err(engine_error(e)),
+            };
+            for line in lines {
                 if let Some((k, v)) = line.split_once(": ") {
                     deleted.push(json!({ k: v }));
                 }
@@ -284,6 +314,29 @@ impl Engine for Daemon {
         Ok(
             json!({ "ImagesDeleted": if deleted.is_empty() { Value::Null } else { Value::Array(deleted) }, "SpaceReclaimed": reclaimed }),
         )
+    }
+
+    fn check_import(&self, request: &ImportRequest) -> Result<(), EngineError> {
+        self.import_options(request).map(drop)
+    }
+
+    fn import(
+        &self,
+        request: &ImportRequest,
+        input: &mut (dyn std::io::Read + Send),
+        progress: &(dyn Fn(Value) + Sync),
+    ) -> Result<(), EngineError> {
+        // Work in flight: other tenants' guest code gives way meanwhile.
+        let _busy = self.ctx.host.busy();
+        let options = self.import_options(request)?;
+        let importer = gantry_core::import::Importer {
+            store: &self.ctx.store,
+            driver: self.ctx.driver().map_err(any_error)?,
+            max_layer_bytes: self.ctx.config.max_layer_size_mib << 20,
+        };
+        let id = importer.import(input, &options).map_err(engine_error)?;
+        progress(json!({ "status": id.to_string() }));
+        Ok(())
     }
 
     fn list(&self) -> Result<Vec<Value>, EngineError> {

@@ -5,6 +5,7 @@ mod export;
 mod fsck;
 pub(crate) mod history;
 mod images;
+mod import;
 pub(crate) mod inspect;
 mod load;
 mod plugin;
@@ -61,6 +62,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Export { image, output } => export::run(&ctx, &image, output.as_deref()),
         Command::Load { input, quiet } => load::run(&ctx, input.as_deref(), quiet),
+        Command::Import {
+            file,
+            reference,
+            changes,
+            message,
+            platform,
+        } => import::run(&ctx, &file, reference.as_deref(), changes, message, platform.as_deref()),
         Command::Save { images, output, format } => save::run(&ctx, &images, output.as_deref(), format),
         Command::Fsck { verify_content, repair } => fsck::run(&ctx, verify_content, repair),
         Command::Plugin { command } => plugin::run(&ctx, command),

@@ -125,6 +125,107 @@ fn the_docker_cli_pulls_lists_inspects_tags_and_removes_through_the_daemon() {
 }
 
 #[test]
+fn docker_import_and_image_prune_with_filters_through_the_daemon() {
+    if !require("docker") {
+        return;
+    }
+    use gantry_tests::image::{compress, rich_layers, Compression};
+    let g = Gantry::new();
+    let d = g.daemon();
+    let base = rich_layers().remove(0);
+    let tar = g.scratch().join("rootfs.tar");
+    std::fs::write(&tar, &base).unwrap();
+    let t = tar.to_str().unwrap();
+
+    // `docker import` with changes and a message: the CLI prints the ID.
+    let id = ok(
+        &g,
+        &d.addr,
+        &[
+            "import",
+            "--change",
+            "CMD [\"/bin/sh\"]",
+            "--change",
+            "LABEL tier=a",
+            "-m",
+            "made by hand",
+            t,
+            "test/a:v1",
+        ],
+    );
+    let id = id.trim().to_string();
+    assert!(id.starts_with("sha256:"), "{id}");
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&g, &d.addr, &["image", "inspect", "test/a:v1"])).unwrap();
+    assert_eq!(inspect[0]["Id"], serde_json::json!(id));
+    assert_eq!(inspect[0]["Comment"], serde_json::json!("made by hand"));
+    assert_eq!(inspect[0]["Config"]["Cmd"], serde_json::json!(["/bin/sh"]));
+    assert_eq!(inspect[0]["Config"]["Labels"], serde_json::json!({"tier": "a"}));
+    // The same image the CLI's export shows: the tarball, file by file.
+    let out = g.scratch().join("a.tar");
+    g.ok(&["export", "test/a:v1", "-o", out.to_str().unwrap()]);
+    gantry_tests::tree::assert_same(
+        &gantry_tests::tree::of_tar(std::fs::File::open(&out).unwrap()),
+        &gantry_tests::tree::of_tar(&base[..]),
+        "the imported image",
+    );
+    // From standard input, gzip-compressed, and one left untagged.
+    let gz = g.scratch().join("rootfs.tar.gz");
+    std::fs::write(&gz, compress(&base, Compression::Gzip).0).unwrap();
+    let piped = Command::new("docker")
+        .args(["import", "--change", "LABEL tier=b", "-", "test/b:v1"])
+        .env("DOCKER_HOST", &d.addr)
+        .env("DOCKER_CONFIG", g.scratch().join("docker-config"))
+        .stdin(std::fs::File::open(&gz).unwrap())
+        .output()
+        .unwrap();
+    assert!(piped.status.success(), "{piped:?}");
+    let dangling = ok(&g, &d.addr, &["import", t]).trim().to_string();
+    // A bad change is the daemon's 400, and nothing is made.
+    let out = docker(&g, &d.addr, &["import", "--change", "RUN rm -rf /", t, "test/c:v1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RUN is not a valid change command"), "{err}");
+    let out = docker(&g, &d.addr, &["import", "http://127.0.0.1:1/rootfs.tar"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not supported"),
+        "{out:?}"
+    );
+    let listed = |g: &Gantry| ok(g, &d.addr, &["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+    assert_eq!(listed(&g).lines().count(), 3, "{}", listed(&g));
+
+    // prune: the untagged one only; then with -a, by label, by age.
+    let pruned = ok(&g, &d.addr, &["image", "prune", "-f"]);
+    assert!(pruned.contains(&dangling), "{pruned}");
+    assert!(!listed(&g).contains("<none>"), "{}", listed(&g));
+    let pruned = ok(
+        &g,
+        &d.addr,
+        &["image", "prune", "-a", "-f", "--filter", "until=2000-01-01T00:00:00Z"],
+    );
+    assert!(pruned.contains("reclaimed space: 0B"), "nothing is that old: {pruned}");
+    let pruned = ok(&g, &d.addr, &["image", "prune", "-a", "-f", "--filter", "label=tier=b"]);
+    assert!(pruned.contains("untagged: test/b:v1"), "{pruned}");
+    assert!(!pruned.contains("test/a"), "{pruned}");
+    let pruned = ok(
+        &g,
+        &d.addr,
+        &["image", "prune", "-a", "-f", "--filter", "label!=tier=a"],
+    );
+    assert!(!pruned.contains("test/a"), "{pruned}");
+    assert_eq!(listed(&g).trim(), "test/a:v1");
+    let out = docker(&g, &d.addr, &["image", "prune", "-f", "--filter", "colour=red"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid filter"),
+        "{out:?}"
+    );
+    let pruned = ok(&g, &d.addr, &["image", "prune", "-a", "-f"]);
+    assert!(pruned.contains(&id), "{pruned}");
+    assert_eq!(listed(&g).trim(), "");
+    g.fsck_clean();
+}
+
+#[test]
 fn the_client_s_credentials_reach_the_registry_through_x_registry_auth() {
     if !(peers() && require("docker")) {
         return;

@@ -8,6 +8,7 @@ mod content;
 mod daemon;
 mod faults;
 mod hostile;
+mod import;
 mod kit;
 mod memory;
 mod mirror;

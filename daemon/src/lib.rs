@@ -1,5 +1,6 @@
-//! `gantry daemon`: Docker's Engine API image routes over a unix socket,
-//! so the `docker` CLI and SDKs talk to gantry as to dockerd.
+//! `gantry daemon`: Docker's Engine API image routes over a unix socket
+//! (and TCP when asked), so the `docker` CLI and SDKs talk to gantry as to
+//! dockerd.
 //!
 //! The routes ([`api`]) call an [`Engine`]: the binary implements it over
 //! the same core pipelines the CLI uses, so the two faces cannot drift.
@@ -15,7 +16,8 @@ pub mod api;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use std::path::{Path, PathBuf};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,8 +29,10 @@ pub const MIN_API_VERSION: &str = "1.24";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot listen on {path}: {source}")]
-    Listen { path: PathBuf, source: std::io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("--host {0}")]
+    Host(String),
     #[error("{path} is in use by a running daemon")]
     InUse { path: PathBuf },
     #[error("starting the daemon: {0}")]
@@ -42,24 +46,103 @@ const MAX_HEAD: usize = 64 << 10;
 const MAX_CONNECTIONS: usize = 4096;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `engine` on the unix socket `path` until SIGTERM or SIGINT.
-/// `ready` is called once the socket listens.
-pub fn run(path: &Path, engine: Arc<dyn Engine>, ready: impl FnOnce()) -> Result<(), DaemonError> {
-    run_many(vec![(path.to_path_buf(), engine)], ready)
+/// Where the daemon listens: a unix socket, or TCP when asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
 }
 
-/// Serves each engine on its own socket (one per tenant: nothing but the
-/// process is shared — each engine has its own store, plugins and limits)
-/// until SIGTERM or SIGINT. `ready` is called once every socket listens.
-pub fn run_many(servers: Vec<(PathBuf, Arc<dyn Engine>)>, ready: impl FnOnce()) -> Result<(), DaemonError> {
-    for (path, _) in &servers {
+/// The TCP port dockerd uses when an address names none.
+const DEFAULT_TCP_PORT: u16 = 2375;
+
+impl Listen {
+    /// Docker's `-H` syntax: `unix:///path`, `tcp://host:port`, `tcp://:port`
+    /// and `tcp://` (loopback, port 2375 when none is given). A host name
+    /// must be an IP address: what is bound is what was asked.
+    pub fn parse(s: &str) -> Result<Listen, DaemonError> {
+        let bad = |why: &str| DaemonError::Host(format!("{}: {why}", s.escape_default()));
+        if let Some(path) = s.strip_prefix("unix://") {
+            if path.is_empty() {
+                return Err(bad("give a socket path (unix:///run/gantry.sock)"));
+            }
+            return Ok(Listen::Unix(PathBuf::from(path)));
+        }
+        let Some(addr) = s.strip_prefix("tcp://") else {
+            return Err(bad("give unix:///PATH or tcp://HOST:PORT"));
+        };
+        let addr = addr.trim_end_matches('/');
+        let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
+            let (h, after) = rest.split_once(']').ok_or_else(|| bad("an unclosed ["))?;
+            match after {
+                "" => (h, None),
+                p => (
+                    h,
+                    Some(p.strip_prefix(':').ok_or_else(|| bad("expected :PORT after ]"))?),
+                ),
+            }
+        } else if addr.matches(':').count() > 1 {
+            return Err(bad("put an IPv6 address in brackets (tcp://[::1]:2375)"));
+        } else {
+            match addr.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (addr, None),
+            }
+        };
+        let port = match port {
+            Some(p) => p.parse::<u16>().map_err(|_| bad("the port is not a number"))?,
+            None => DEFAULT_TCP_PORT,
+        };
+        let ip: IpAddr = if host.is_empty() {
+            Ipv4Addr::LOCALHOST.into()
+        } else {
+            host.parse().map_err(|_| bad("the host must be an IP address"))?
+        };
+        Ok(Listen::Tcp(SocketAddr::new(ip, port)))
+    }
+
+    /// Whether only this machine can reach it.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Listen::Unix(_) => true,
+            Listen::Tcp(a) => a.ip().is_loopback(),
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix://{}", p.display()),
+            Listen::Tcp(a) => write!(f, "tcp://{a}"),
+        }
+    }
+}
+
+/// A bound listener.
+enum Bound {
+    Unix(PathBuf, tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+/// Serves each engine on its own listeners (one socket per tenant: nothing
+/// but the process is shared — each engine has its own store, plugins and
+/// limits) until SIGTERM or SIGINT. `ready` is called once every listener
+/// listens, with their addresses (a TCP port 0 resolved).
+pub fn run_many(
+    servers: Vec<(Vec<Listen>, Arc<dyn Engine>)>,
+    ready: impl FnOnce(&[Listen]),
+) -> Result<(), DaemonError> {
+    for listen in servers.iter().flat_map(|(l, _)| l) {
         // A socket a previous daemon left is replaced; one a live daemon
         // answers on is not.
-        if path.exists() {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(DaemonError::InUse { path: path.clone() });
+        if let Listen::Unix(path) = listen {
+            if path.exists() {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(DaemonError::InUse { path: path.clone() });
+                }
+                let _ = std::fs::remove_file(path);
             }
-            let _ = std::fs::remove_file(path);
         }
     }
     gantry_serve::raise_file_limit();
@@ -72,23 +155,47 @@ pub fn run_many(servers: Vec<(PathBuf, Arc<dyn Engine>)>, ready: impl FnOnce()) 
     // async code.
     let keep: Vec<Arc<dyn Engine>> = servers.iter().map(|(_, e)| e.clone()).collect();
     let result = rt.block_on(async move {
-        let mut listeners = Vec::new();
-        for (path, engine) in servers {
-            let listener = tokio::net::UnixListener::bind(&path).map_err(|source| DaemonError::Listen {
-                path: path.clone(),
-                source,
-            })?;
-            // Owner and group only, as dockerd's socket.
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660));
-            listeners.push((path, listener, engine));
+        let mut bound = Vec::new();
+        let mut addrs = Vec::new();
+        for (listens, engine) in servers {
+            for listen in listens {
+                let b = match &listen {
+                    Listen::Unix(path) => {
+                        let l = tokio::net::UnixListener::bind(path).map_err(|source| DaemonError::Listen {
+                            addr: listen.to_string(),
+                            source,
+                        })?;
+                        // Owner and group only, as dockerd's socket.
+                        use std::os::unix::fs::PermissionsExt;
+                        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
+                        addrs.push(listen.clone());
+                        Bound::Unix(path.clone(), l)
+                    }
+                    Listen::Tcp(addr) => {
+                        let l = tokio::net::TcpListener::bind(addr)
+                            .await
+                            .map_err(|source| DaemonError::Listen {
+                                addr: listen.to_string(),
+                                source,
+                            })?;
+                        addrs.push(Listen::Tcp(l.local_addr().unwrap_or(*addr)));
+                        Bound::Tcp(l)
+                    }
+                };
+                bound.push((b, engine.clone()));
+            }
         }
-        ready();
+        ready(&addrs);
         let mut tasks = Vec::new();
-        for (path, listener, engine) in listeners {
+        for (b, engine) in bound {
             tasks.push(tokio::spawn(async move {
-                serve(listener, engine).await;
-                let _ = std::fs::remove_file(&path);
+                match b {
+                    Bound::Unix(path, l) => {
+                        serve(|| async { l.accept().await.map(|(s, _)| Conn::Unix(s)) }, engine).await;
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    Bound::Tcp(l) => serve(|| async { l.accept().await.map(|(s, _)| Conn::Tcp(s)) }, engine).await,
+                }
             }));
         }
         for t in tasks {
@@ -101,7 +208,17 @@ pub fn run_many(servers: Vec<(PathBuf, Arc<dyn Engine>)>, ready: impl FnOnce()) 
     result
 }
 
-async fn serve(listener: tokio::net::UnixListener, engine: Arc<dyn Engine>) {
+/// An accepted connection.
+enum Conn {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+async fn serve<F, Fut>(accept: F, engine: Arc<dyn Engine>)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Conn>>,
+{
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -113,11 +230,11 @@ async fn serve(listener: tokio::net::UnixListener, engine: Arc<dyn Engine>) {
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = accept() => a,
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break,
             _ = tokio::signal::ctrl_c() => break,
         };
-        let Ok((stream, _)) = accepted else {
+        let Ok(stream) = accepted else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
@@ -132,14 +249,59 @@ async fn serve(listener: tokio::net::UnixListener, engine: Arc<dyn Engine>) {
             let engine = engine.clone();
             async move { Ok::<_, std::convert::Infallible>(api::handle(engine, req).await) }
         });
-        let conn = http.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
         let open = open.clone();
-        tokio::spawn(async move {
-            let _ = conn.await;
+        let done = move || {
             open.fetch_sub(1, Ordering::Relaxed);
-        });
+        };
+        match stream {
+            Conn::Unix(s) => {
+                let conn = graceful.watch(http.serve_connection(TokioIo::new(s), service));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    done();
+                });
+            }
+            Conn::Tcp(s) => {
+                let _ = s.set_nodelay(true);
+                let conn = graceful.watch(http.serve_connection(TokioIo::new(s), service));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    done();
+                });
+            }
+        }
     }
     eprintln!("gantry daemon: shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_parse_as_docker_s() {
+        let tcp = |s: &str| Listen::Tcp(s.parse().unwrap());
+        assert_eq!(
+            Listen::parse("unix:///run/g.sock").unwrap(),
+            Listen::Unix("/run/g.sock".into())
+        );
+        assert_eq!(Listen::parse("tcp://127.0.0.1:2376").unwrap(), tcp("127.0.0.1:2376"));
+        assert_eq!(Listen::parse("tcp://:2380").unwrap(), tcp("127.0.0.1:2380"));
+        assert_eq!(Listen::parse("tcp://").unwrap(), tcp("127.0.0.1:2375"));
+        assert_eq!(Listen::parse("tcp://[::1]:9").unwrap(), tcp("[::1]:9"));
+        assert_eq!(Listen::parse("tcp://0.0.0.0").unwrap(), tcp("0.0.0.0:2375"));
+        assert!(Listen::parse("tcp://0.0.0.0").unwrap().is_local() == false);
+        assert!(Listen::parse("tcp://:1").unwrap().is_local());
+        for bad in [
+            "unix://",
+            "fd://",
+            "tcp://localhost:1",
+            "tcp://::1",
+            "tcp://1.2.3.4:x",
+            "tcp://[::1",
+        ] {
+            assert!(Listen::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -165,8 +165,19 @@ pub enum Command {
     /// Answer Docker's Engine API image routes on a unix socket (the
     /// `docker` CLI with `DOCKER_HOST=unix://…`), until SIGTERM.
     Daemon {
-        #[arg(long, default_value = "unix:///run/gantry.sock", conflicts_with = "tenants")]
-        host: String,
+        /// Where to listen (repeatable): `unix:///PATH`, or `tcp://IP:PORT`
+        /// (`tcp://` alone: 127.0.0.1:2375; port 0 picks a free one).
+        #[arg(
+            short = 'H',
+            long,
+            default_value = "unix:///run/gantry.sock",
+            conflicts_with = "tenants"
+        )]
+        host: Vec<String>,
+        /// Allow a TCP address other machines can reach. The Engine API has
+        /// no authentication: whoever reaches it controls the store.
+        #[arg(long)]
+        allow_remote_tcp: bool,
         /// Serve several tenants, each with its own socket, store root and
         /// config (plugins, limits, registry allow-list), from this TOML file.
         #[arg(long, value_name = "FILE")]

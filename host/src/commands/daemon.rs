@@ -8,21 +8,34 @@ use gantry_core::images::layers_of;
 use gantry_core::pull::{Progress, PullOptions, Status};
 use gantry_core::{ErrorClass, Reference};
 use gantry_daemon::api::{ImportRequest, RegistryAuth};
-use gantry_daemon::{Engine, EngineError};
+use gantry_daemon::{Engine, EngineError, Listen};
 use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-pub fn run(ctx: Context, host: &str) -> Result<ExitCode> {
-    let Some(path) = host.strip_prefix("unix://") else {
-        bail!("--host takes unix:///PATH (TCP is not served yet)");
-    };
-    let path = std::path::PathBuf::from(path);
-    let engine = Arc::new(Daemon { ctx });
-    gantry_daemon::run(&path, engine, || {
-        eprintln!("gantry daemon: listening on unix://{}", path.display());
-    })?;
+pub fn run(ctx: Context, hosts: &[String], allow_remote_tcp: bool) -> Result<ExitCode> {
+    let mut listens = Vec::new();
+    for h in hosts {
+        let l = Listen::parse(h)?;
+        if !l.is_local() && !allow_remote_tcp {
+            bail!(
+                "{l} can be reached from other machines, and the Engine API has no authentication: whoever reaches it controls the store (use a loopback address or a unix socket, or pass --allow-remote-tcp)"
+            );
+        }
+        if !listens.contains(&l) {
+            listens.push(l);
+        }
+    }
+    let engine: Arc<dyn Engine> = Arc::new(Daemon { ctx });
+    gantry_daemon::run_many(vec![(listens, engine)], announce)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line per listener, once all listen (scripts and tests wait for it).
+fn announce(addrs: &[Listen]) {
+    for a in addrs {
+        eprintln!("gantry daemon: listening on {a}");
+    }
 }
 
 /// One tenant of a multi-tenant daemon: a socket, a store root, and a
@@ -51,12 +64,13 @@ pub fn run_tenants(file: &std::path::Path) -> Result<ExitCode> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let t: Tenants = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.message()))?;
     let mut names = std::collections::HashSet::new();
-    let mut servers: Vec<(std::path::PathBuf, Arc<dyn Engine>)> = Vec::new();
+    let mut servers: Vec<(Vec<Listen>, Arc<dyn Engine>)> = Vec::new();
     for tenant in t.tenant {
         if !names.insert(tenant.name.clone()) {
             bail!("{}: tenant {:?} is listed twice", file.display(), tenant.name);
         }
-        if servers.iter().any(|(s, _)| *s == tenant.socket) {
+        let socket = Listen::Unix(tenant.socket.clone());
+        if servers.iter().any(|(s, _)| s.contains(&socket)) {
             bail!(
                 "{}: two tenants share the socket {}",
                 file.display(),
@@ -65,17 +79,12 @@ pub fn run_tenants(file: &std::path::Path) -> Result<ExitCode> {
         }
         let ctx =
             Context::open(tenant.config.as_deref(), &tenant.root).with_context(|| format!("tenant {}", tenant.name))?;
-        servers.push((tenant.socket, Arc::new(Daemon { ctx })));
+        servers.push((vec![socket], Arc::new(Daemon { ctx })));
     }
     if servers.is_empty() {
         bail!("{}: no [[tenant]]", file.display());
     }
-    let sockets: Vec<String> = servers.iter().map(|(s, _)| s.display().to_string()).collect();
-    gantry_daemon::run_many(servers, || {
-        for s in &sockets {
-            eprintln!("gantry daemon: listening on unix://{s}");
-        }
-    })?;
+    gantry_daemon::run_many(servers, announce)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -72,7 +72,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Save { images, output, format } => save::run(&ctx, &images, output.as_deref(), format),
         Command::Fsck { verify_content, repair } => fsck::run(&ctx, verify_content, repair),
         Command::Plugin { command } => plugin::run(&ctx, command),
-        Command::Daemon { host, .. } => daemon::run(ctx, &host),
+        Command::Daemon {
+            host, allow_remote_tcp, ..
+        } => daemon::run(ctx, &host, allow_remote_tcp),
         Command::Serve {
             listen,
             from_store,

@@ -226,6 +226,50 @@ fn docker_import_and_image_prune_with_filters_through_the_daemon() {
 }
 
 #[test]
+fn the_daemon_listens_on_loopback_tcp_when_asked_and_refuses_other_addresses() {
+    if !require("docker") {
+        return;
+    }
+    let g = Gantry::new();
+    let sock = g.scratch().join("d.sock");
+    let unix = format!("unix://{}", sock.display());
+    let mut daemon = g.spawn(&["daemon", "-H", "tcp://127.0.0.1:0", "-H", &unix]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let tcp = loop {
+        let log = g.spawned_log();
+        if let Some(addr) = log
+            .lines()
+            .find_map(|l| l.strip_prefix("gantry daemon: listening on tcp://"))
+        {
+            if log.contains(&format!("listening on {unix}")) {
+                break format!("tcp://{addr}");
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "the daemon never listened: {log}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let version = ok(&g, &tcp, &["version", "--format", "{{.Server.APIVersion}}"]);
+    assert_eq!(version.trim(), "1.47");
+    // One engine behind both: made over TCP, listed over the socket.
+    let tar = g.scratch().join("rootfs.tar");
+    std::fs::write(&tar, gantry_tests::image::Layer::new().file("f", 0o644, b"f\n").tar()).unwrap();
+    ok(&g, &tcp, &["import", tar.to_str().unwrap(), "test/tcp:v1"]);
+    assert!(ok(&g, &unix, &["images"]).contains("test/tcp"));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+    assert!(!sock.exists());
+    // An address other machines reach needs saying so; a name is not an
+    // address.
+    let err = g.fails(&["daemon", "-H", "tcp://0.0.0.0:0"]);
+    assert!(err.contains("--allow-remote-tcp"), "{err}");
+    let err = g.fails(&["daemon", "-H", "tcp://localhost:2375"]);
+    assert!(err.contains("must be an IP address"), "{err}");
+    let err = g.fails(&["daemon", "-H", "ssh://host"]);
+    assert!(err.contains("unix:///PATH or tcp://HOST:PORT"), "{err}");
+}
+
+#[test]
 fn the_client_s_credentials_reach_the_registry_through_x_registry_auth() {
     if !(peers() && require("docker")) {
         return;

@@ -291,7 +291,7 @@ mod tests {
         assert_eq!(Listen::parse("tcp://").unwrap(), tcp("127.0.0.1:2375"));
         assert_eq!(Listen::parse("tcp://[::1]:9").unwrap(), tcp("[::1]:9"));
         assert_eq!(Listen::parse("tcp://0.0.0.0").unwrap(), tcp("0.0.0.0:2375"));
-        assert!(Listen::parse("tcp://0.0.0.0").unwrap().is_local() == false);
+        assert!(!Listen::parse("tcp://0.0.0.0").unwrap().is_local());
         assert!(Listen::parse("tcp://:1").unwrap().is_local());
         for bad in [
             "unix://",

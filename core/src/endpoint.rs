@@ -105,6 +105,50 @@ pub fn split_mirror_url(m: &str) -> (String, Option<String>) {
     }
 }
 
+/// The registry a `docker login` server address names: `https://index.docker.io/v1/`
+/// (what the docker CLI sends for Docker Hub) and the like are `docker.io`;
+/// otherwise the host and port, without scheme or path.
+pub fn login_domain(server: &str) -> String {
+    let s = server
+        .strip_prefix("https://")
+        .or_else(|| server.strip_prefix("http://"))
+        .unwrap_or(server);
+    let host = s.split('/').next().unwrap_or(s).to_ascii_lowercase();
+    match host.as_str() {
+        "" | "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" | "docker.io" => {
+            DEFAULT_DOMAIN.to_string()
+        }
+        _ => host,
+    }
+}
+
+/// Checks `credentials` against `domain` as `docker login` does: the
+/// registry's own endpoints (never a mirror, never v1) are probed with them
+/// in order (https, then plain http where allowed) and the first that takes
+/// them is returned; a refusal of the credentials ends the search.
+pub fn login(
+    transport: &dyn crate::plugin::Transport,
+    domain: &str,
+    registries: &Registries,
+    credentials: &crate::plugin::Credentials,
+) -> crate::error::Result<String> {
+    let mut last = None;
+    for mut ep in pull_endpoints(domain, registries)
+        .into_iter()
+        .filter(|e| !e.mirror && !e.v1)
+    {
+        ep.credentials = Some(credentials.clone());
+        match transport.probe(&ep) {
+            Ok(_) => return Ok(ep.url),
+            Err(e) if e.class == crate::error::ErrorClass::Unauthorized => return Err(e.into()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .map(crate::error::Error::from)
+        .unwrap_or_else(|| crate::error::Error::Config(format!("no endpoint for {domain}"))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +235,16 @@ mod tests {
             ]
         );
         assert!(pull_endpoints("quay.io", &regs).iter().all(|e| !e.v1));
+    }
+
+    #[test]
+    fn login_server_addresses_name_their_registry() {
+        assert_eq!(login_domain("https://index.docker.io/v1/"), "docker.io");
+        assert_eq!(login_domain(""), "docker.io");
+        assert_eq!(login_domain("127.0.0.1:5000"), "127.0.0.1:5000");
+        assert_eq!(
+            login_domain("http://Registry.Example:5000/v2/"),
+            "registry.example:5000"
+        );
     }
 }

@@ -97,6 +97,9 @@ pub trait Engine: Send + Sync + 'static {
     /// image's summary, as `list` makes it); Docker's
     /// `{"ImagesDeleted": […], "SpaceReclaimed": N}`.
     fn prune(&self, select: &(dyn Fn(&Value) -> bool + Sync)) -> Result<Value, EngineError>;
+    /// `POST /auth`: checks credentials against a registry as `docker
+    /// login` asks (the client stores them; the daemon keeps nothing).
+    fn auth(&self, server: &str, auth: RegistryAuth) -> Result<(), EngineError>;
     /// Whether an import's arguments are good (checked before its body is
     /// read, so a bad one is a plain 400).
     fn check_import(&self, request: &ImportRequest) -> Result<(), EngineError>;
@@ -507,6 +510,7 @@ async fn route(
             });
         }
         (&Method::POST, "/images/create") => return create(engine, req).await,
+        (&Method::POST, "/auth") => return auth(engine, req).await,
         (&Method::POST, "/images/load") => return load(engine, req).await,
         (&Method::GET, "/images/get") => {
             let names = queries(&req, "names");
@@ -730,6 +734,60 @@ fn body_reader(req: Request<hyper::body::Incoming>) -> BodyReader {
 async fn load(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let mut reader = body_reader(req);
     stream(move |send, _| engine.load(&mut reader, send))
+}
+
+/// The largest `POST /auth` body.
+const MAX_AUTH_BODY: usize = 64 << 10;
+
+/// `POST /auth`: `{"username", "password", "serveraddress"}` (or an
+/// `identitytoken`); Docker's `{"Status": "Login Succeeded"}` when the
+/// registry takes them.
+async fn auth(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let body = match tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        http_body_util::Limited::new(req.into_body(), MAX_AUTH_BODY).collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => return error(StatusCode::BAD_REQUEST, "the credentials are larger than 64 KiB"),
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the client sent its credentials too slowly",
+            )
+        }
+    };
+    #[derive(serde::Deserialize)]
+    struct Login {
+        #[serde(default)]
+        username: String,
+        #[serde(default)]
+        password: String,
+        #[serde(default)]
+        serveraddress: String,
+        #[serde(default)]
+        identitytoken: String,
+    }
+    let login: Login = match serde_json::from_slice(&body) {
+        Ok(l) => l,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid credentials JSON: {e}")),
+    };
+    if login.username.is_empty() && login.identitytoken.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "a username (or an identity token) is required");
+    }
+    let credentials = RegistryAuth {
+        username: login.username,
+        password: login.password,
+        identity_token: (!login.identitytoken.is_empty()).then_some(login.identitytoken),
+    };
+    let server = login.serveraddress;
+    answer(blocking(move || engine.auth(&server, credentials)).await, |()| {
+        json_response(
+            StatusCode::OK,
+            &json!({"Status": "Login Succeeded", "IdentityToken": ""}),
+        )
+    })
 }
 
 /// `POST /images/create`: a pull (`fromImage`) or an import (`fromSrc`).

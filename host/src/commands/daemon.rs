@@ -210,10 +210,15 @@ impl Daemon {
 
     /// Refuses a registry outside this store's allow-list.
     fn allowed(&self, r: &Reference) -> Result<(), EngineError> {
+        self.allowed_domain(&r.domain)
+    }
+
+    /// A tenant's `allowed_registries` (a 403 outside them).
+    fn allowed_domain(&self, domain: &str) -> Result<(), EngineError> {
         match &self.ctx.config.allowed_registries {
-            Some(list) if !list.contains(&r.domain) => Err(EngineError::Forbidden(format!(
+            Some(list) if !list.iter().any(|a| a == domain) => Err(EngineError::Forbidden(format!(
                 "registry {} is not allowed here",
-                r.domain
+                domain.escape_default()
             ))),
             _ => Ok(()),
         }
@@ -323,6 +328,16 @@ impl Engine for Daemon {
         Ok(
             json!({ "ImagesDeleted": if deleted.is_empty() { Value::Null } else { Value::Array(deleted) }, "SpaceReclaimed": reclaimed }),
         )
+    }
+
+    fn auth(&self, server: &str, auth: RegistryAuth) -> Result<(), EngineError> {
+        let domain = gantry_core::endpoint::login_domain(server);
+        self.allowed_domain(&domain)?;
+        let transport = self.ctx.shared_transport().map_err(any_error)?;
+        let credentials = credentials_of(Some(auth)).ok_or_else(|| EngineError::Invalid("no credentials".into()))?;
+        gantry_core::endpoint::login(&*transport, &domain, &self.ctx.config.registries, &credentials)
+            .map(drop)
+            .map_err(engine_error)
     }
 
     fn check_import(&self, request: &ImportRequest) -> Result<(), EngineError> {

@@ -236,6 +236,12 @@ impl Transport for V2 {
     fn probe(ep: Endpoint) -> Result<ProbeInfo, Error> {
         let resp = request(&ep, "GET", format!("{}/v2/", ep.url), Vec::new(), "")?;
         match resp.status {
+            // With credentials, a probe is a login (`docker login`): the
+            // challenge was answered with them, and a 401 is their refusal.
+            401 if ep.credentials.is_some() => Err(Error::Unauthorized(format!(
+                "login attempt to {}/v2/ failed with status: 401 Unauthorized",
+                ep.url
+            ))),
             200 | 401 => Ok(ProbeInfo { version: "v2".into() }),
             s => {
                 let body = read_all(&resp.body, 4096).unwrap_or_default();

@@ -291,12 +291,83 @@ fn the_client_s_credentials_reach_the_registry_through_x_registry_auth() {
     let name = format!("{}/test/app:v1", proxy.addr());
     let out = docker(&g, &d.addr, &["pull", &name]);
     assert!(!out.status.success(), "pulled without credentials");
-    // The client's own config.json (where `docker` runs with it here).
-    let cfg = crate::docker_config(&g, &proxy.addr(), "alice", "s3cret");
-    std::fs::rename(cfg, g.scratch().join("docker-config")).unwrap();
+    // `docker login` through the daemon: the token server refuses a wrong
+    // password; the right one is checked (a token issued) and the client
+    // keeps it in its own config.json, which its pulls then send.
+    let out = login(&g, &d.addr, &proxy.addr(), "alice", "wrong");
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.to_lowercase().contains("unauthorized") || err.contains("401"),
+        "{err}"
+    );
+    let issued = proxy.seen.lock().unwrap().tokens_issued;
+    let out = login(&g, &d.addr, &proxy.addr(), "alice", "s3cret");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Login Succeeded"),
+        "{out:?}"
+    );
+    assert!(proxy.seen.lock().unwrap().tokens_issued > issued);
     let pulled = ok(&g, &d.addr, &["pull", &name]);
     assert!(pulled.contains("Status: Downloaded newer image"), "{pulled}");
-    assert!(proxy.seen.lock().unwrap().tokens_issued >= 1);
+}
+
+/// `docker login SERVER -u USER --password-stdin` against the daemon.
+fn login(g: &Gantry, host: &str, server: &str, user: &str, password: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new("docker")
+        .args(["login", server, "-u", user, "--password-stdin"])
+        .env("DOCKER_HOST", host)
+        .env("DOCKER_CONFIG", g.scratch().join("docker-config"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn docker_login_through_the_daemon_checks_basic_credentials_with_the_registry() {
+    if !require("docker") {
+        return;
+    }
+    // A registry that challenges with Basic at /v2/: gantry serve with an
+    // htpasswd file.
+    let server = Gantry::new();
+    let file = server.scratch().join("htpasswd");
+    std::fs::write(&file, format!("alice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
+    let srv = server.serve(&["--htpasswd", file.to_str().unwrap()]);
+    let g = Gantry::new();
+    let d = g.daemon();
+    let out = login(&g, &d.addr, &srv.addr, "alice", "nope");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "login attempt to http://{}/v2/ failed with status: 401",
+            srv.addr
+        )),
+        "{err}"
+    );
+    let out = login(&g, &d.addr, &srv.addr, "alice", "s3cret");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Login Succeeded"));
+    // Where nothing answers, the error says so; bad bodies are a 400.
+    let out = login(&g, &d.addr, "127.0.0.1:1", "alice", "x");
+    assert!(!out.status.success());
+    let r = raw(
+        &d.addr,
+        b"POST /v1.47/auth HTTP/1.1\r\nHost: d\r\nConnection: close\r\nContent-Length: 5\r\n\r\n{bad}",
+    );
+    assert_eq!(status(&r), 400, "{r}");
+    let r = raw(
+        &d.addr,
+        b"POST /auth HTTP/1.1\r\nHost: d\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert_eq!(status(&r), 400, "{r}");
 }
 
 #[test]

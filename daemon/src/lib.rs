@@ -33,6 +33,8 @@ pub enum DaemonError {
     Listen { addr: String, source: std::io::Error },
     #[error("--host {0}")]
     Host(String),
+    #[error("{0}")]
+    Setup(String),
     #[error("{path} is in use by a running daemon")]
     InUse { path: PathBuf },
     #[error("starting the daemon: {0}")]
@@ -128,10 +130,11 @@ enum Bound {
 /// Serves each engine on its own listeners (one socket per tenant: nothing
 /// but the process is shared — each engine has its own store, plugins and
 /// limits) until SIGTERM or SIGINT. `ready` is called once every listener
-/// listens, with their addresses (a TCP port 0 resolved).
+/// listens, with their addresses (a TCP port 0 resolved); an error from it
+/// (a socket's group could not be set) stops the daemon before it serves.
 pub fn run_many(
     servers: Vec<(Vec<Listen>, Arc<dyn Engine>)>,
-    ready: impl FnOnce(&[Listen]),
+    ready: impl FnOnce(&[Listen]) -> Result<(), String>,
 ) -> Result<(), DaemonError> {
     for listen in servers.iter().flat_map(|(l, _)| l) {
         // A socket a previous daemon left is replaced; one a live daemon
@@ -185,7 +188,14 @@ pub fn run_many(
                 bound.push((b, engine.clone()));
             }
         }
-        ready(&addrs);
+        if let Err(m) = ready(&addrs) {
+            for (b, _) in &bound {
+                if let Bound::Unix(path, _) = b {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            return Err(DaemonError::Setup(m));
+        }
         let mut tasks = Vec::new();
         for (b, engine) in bound {
             tasks.push(tokio::spawn(async move {

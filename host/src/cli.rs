@@ -174,6 +174,10 @@ pub enum Command {
             conflicts_with = "tenants"
         )]
         host: Vec<String>,
+        /// The group that may use the unix sockets (a name or a gid; the
+        /// sockets are 0660): who is in it controls the store.
+        #[arg(short = 'G', long, value_name = "GROUP")]
+        group: Option<String>,
         /// Allow a TCP address other machines can reach. The Engine API has
         /// no authentication: whoever reaches it controls the store.
         #[arg(long)]

@@ -13,7 +13,8 @@ use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-pub fn run(ctx: Context, hosts: &[String], allow_remote_tcp: bool) -> Result<ExitCode> {
+pub fn run(ctx: Context, hosts: &[String], allow_remote_tcp: bool, group: Option<&str>) -> Result<ExitCode> {
+    let gid = group.map(gid_of).transpose()?;
     let mut listens = Vec::new();
     for h in hosts {
         let l = Listen::parse(h)?;
@@ -26,16 +27,45 @@ pub fn run(ctx: Context, hosts: &[String], allow_remote_tcp: bool) -> Result<Exi
             listens.push(l);
         }
     }
+    let groups: Vec<(Listen, u32)> = gid
+        .map(|g| listens.iter().map(|l| (l.clone(), g)).collect())
+        .unwrap_or_default();
     let engine: Arc<dyn Engine> = Arc::new(Daemon { ctx });
-    gantry_daemon::run_many(vec![(listens, engine)], announce)?;
+    gantry_daemon::run_many(vec![(listens, engine)], |addrs| announce(addrs, &groups))?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// One line per listener, once all listen (scripts and tests wait for it).
-fn announce(addrs: &[Listen]) {
+/// Gives each unix socket its group, then says one line per listener once
+/// all listen (scripts and tests wait for it).
+fn announce(addrs: &[Listen], groups: &[(Listen, u32)]) -> std::result::Result<(), String> {
+    for (listen, gid) in groups {
+        if let Listen::Unix(path) = listen {
+            rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(*gid)))
+                .map_err(|e| format!("giving {} to group {gid}: {e}", path.display()))?;
+        }
+    }
     for a in addrs {
         eprintln!("gantry daemon: listening on {a}");
     }
+    Ok(())
+}
+
+/// A group given by name (from the group database) or number.
+fn gid_of(group: &str) -> Result<u32> {
+    if let Ok(n) = group.parse::<u32>() {
+        return Ok(n);
+    }
+    let name = std::ffi::CString::new(group).map_err(|_| anyhow::anyhow!("bad group name {group:?}"))?;
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0u8; 16 << 10];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; `buf` outlives `grp`'s
+    // borrowed strings, which are not used after it.
+    let rc = unsafe { libc::getgrnam_r(name.as_ptr(), &mut grp, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() {
+        bail!("no group {} on this machine", group.escape_default());
+    }
+    Ok(grp.gr_gid)
 }
 
 /// One tenant of a multi-tenant daemon: a socket, a store root, and a
@@ -48,6 +78,15 @@ struct Tenant {
     socket: std::path::PathBuf,
     root: std::path::PathBuf,
     config: Option<std::path::PathBuf>,
+    /// The group that may use this tenant's socket (a name or a gid).
+    group: Option<GroupName>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum GroupName {
+    Id(u32),
+    Name(String),
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -65,6 +104,7 @@ pub fn run_tenants(file: &std::path::Path) -> Result<ExitCode> {
     let t: Tenants = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.message()))?;
     let mut names = std::collections::HashSet::new();
     let mut servers: Vec<(Vec<Listen>, Arc<dyn Engine>)> = Vec::new();
+    let mut groups = Vec::new();
     for tenant in t.tenant {
         if !names.insert(tenant.name.clone()) {
             bail!("{}: tenant {:?} is listed twice", file.display(), tenant.name);
@@ -79,12 +119,19 @@ pub fn run_tenants(file: &std::path::Path) -> Result<ExitCode> {
         }
         let ctx =
             Context::open(tenant.config.as_deref(), &tenant.root).with_context(|| format!("tenant {}", tenant.name))?;
+        if let Some(g) = &tenant.group {
+            let gid = match g {
+                GroupName::Id(n) => *n,
+                GroupName::Name(n) => gid_of(n).with_context(|| format!("tenant {}", tenant.name))?,
+            };
+            groups.push((socket.clone(), gid));
+        }
         servers.push((vec![socket], Arc::new(Daemon { ctx })));
     }
     if servers.is_empty() {
         bail!("{}: no [[tenant]]", file.display());
     }
-    gantry_daemon::run_many(servers, announce)?;
+    gantry_daemon::run_many(servers, |addrs| announce(addrs, &groups))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -73,8 +73,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Fsck { verify_content, repair } => fsck::run(&ctx, verify_content, repair),
         Command::Plugin { command } => plugin::run(&ctx, command),
         Command::Daemon {
-            host, allow_remote_tcp, ..
-        } => daemon::run(ctx, &host, allow_remote_tcp),
+            host,
+            allow_remote_tcp,
+            group,
+            ..
+        } => daemon::run(ctx, &host, allow_remote_tcp, group.as_deref()),
         Command::Serve {
             listen,
             from_store,

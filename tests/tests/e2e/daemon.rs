@@ -270,6 +270,91 @@ fn the_daemon_listens_on_loopback_tcp_when_asked_and_refuses_other_addresses() {
 }
 
 #[test]
+fn a_tenant_s_socket_answers_its_own_group_only() {
+    if !(gantry_tests::is_root() && require("setpriv") && require("curl")) {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let g = Gantry::new();
+    // Directories another user may pass through (to reach the sockets).
+    let dir = g.scratch().join("sockets");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut p = dir.clone();
+    while p != std::path::Path::new("/") {
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode | 0o711)).unwrap();
+        p.pop();
+    }
+    let (a_sock, b_sock) = (dir.join("a.sock"), dir.join("b.sock"));
+    let file = dir.join("tenants.toml");
+    let driver = format!(
+        "[transport]\ntype = \"v2\"\n[driver]\ntype = \"{}\"\n",
+        Gantry::test_driver()
+    );
+    std::fs::write(dir.join("t.toml"), &driver).unwrap();
+    std::fs::write(
+        &file,
+        format!(
+            "[[tenant]]\nname = \"a\"\nsocket = \"{}\"\nroot = \"{}\"\nconfig = \"{}\"\ngroup = 4201\n\n[[tenant]]\nname = \"b\"\nsocket = \"{}\"\nroot = \"{}\"\nconfig = \"{}\"\ngroup = \"4202\"\n",
+            a_sock.display(),
+            g.scratch().join("a-root").display(),
+            dir.join("t.toml").display(),
+            b_sock.display(),
+            g.scratch().join("b-root").display(),
+            dir.join("t.toml").display(),
+        ),
+    )
+    .unwrap();
+    let mut daemon = g.spawn(&["daemon", "--tenants", file.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while g.spawned_log().matches("listening on").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", g.spawned_log());
+        assert!(daemon.try_wait().unwrap().is_none(), "{}", g.spawned_log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for (sock, gid) in [(&a_sock, 4201), (&b_sock, 4202)] {
+        let m = std::fs::metadata(sock).unwrap();
+        assert_eq!((m.gid(), m.mode() & 0o777), (gid, 0o660), "{}", sock.display());
+    }
+    // Another user in tenant a's group reaches a's socket, never b's.
+    let ping = |sock: &std::path::Path| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=1000",
+                "--regid=4201",
+                "--clear-groups",
+                "curl",
+                "-sS",
+                "--unix-socket",
+            ])
+            .arg(sock)
+            .arg("http://tenant/_ping")
+            .output()
+            .unwrap()
+    };
+    let a = ping(&a_sock);
+    assert_eq!(String::from_utf8_lossy(&a.stdout), "OK", "{a:?}");
+    let b = ping(&b_sock);
+    assert!(!b.status.success(), "tenant a's user reached tenant b: {b:?}");
+    // (curl says only that it could not connect: b itself answers.)
+    let r = get(&format!("unix://{}", b_sock.display()), "GET", "/_ping");
+    assert!(r.ends_with("OK"), "{r}");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+    // A group that does not exist is refused before anything listens.
+    let err = g.fails(&[
+        "daemon",
+        "-H",
+        &format!("unix://{}", dir.join("c.sock").display()),
+        "-G",
+        "no-such-group-here",
+    ]);
+    assert!(err.contains("no group no-such-group-here"), "{err}");
+    assert!(!dir.join("c.sock").exists());
+}
+
+#[test]
 fn the_client_s_credentials_reach_the_registry_through_x_registry_auth() {
     if !(peers() && require("docker")) {
         return;

@@ -736,6 +736,28 @@ async fn load(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> R
     stream(move |send, _| engine.load(&mut reader, send))
 }
 
+/// The most of a refused request's body read (and dropped) so that its
+/// client gets the answer; past it, or past [`DRAIN_TIME`], the connection
+/// is closed instead.
+const DRAIN_MAX: u64 = 1 << 30;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads a refused request's body to its end, within bounds.
+async fn drain(mut body: hyper::body::Incoming) {
+    let mut left = DRAIN_MAX;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(d) = frame.into_data() {
+                match left.checked_sub(d.len() as u64) {
+                    Some(l) => left = l,
+                    None => return,
+                }
+            }
+        }
+    })
+    .await;
+}
+
 /// The largest `POST /auth` body.
 const MAX_AUTH_BODY: usize = 64 << 10;
 
@@ -802,6 +824,7 @@ async fn create(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) ->
         );
     };
     if src != "-" {
+        drain(req.into_body()).await;
         return error(
             StatusCode::NOT_IMPLEMENTED,
             "importing from a URL is not supported: send the tarball as the request body (fromSrc=-)",
@@ -818,6 +841,9 @@ async fn create(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) ->
         platform: query(&req, "platform").filter(|p| !p.is_empty()),
     };
     if let Err(e) = engine.check_import(&request) {
+        // The client is sending its tarball already: read it out, or it
+        // sees a broken pipe instead of the answer.
+        drain(req.into_body()).await;
         return error(e.status(), &e.to_string());
     }
     let mut reader = body_reader(req);

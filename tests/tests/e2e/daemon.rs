@@ -181,8 +181,21 @@ fn docker_import_and_image_prune_with_filters_through_the_daemon() {
         .unwrap();
     assert!(piped.status.success(), "{piped:?}");
     let dangling = ok(&g, &d.addr, &["import", t]).trim().to_string();
-    // A bad change is the daemon's 400, and nothing is made.
-    let out = docker(&g, &d.addr, &["import", "--change", "RUN rm -rf /", t, "test/c:v1"]);
+    // A bad change is the daemon's 400 (which the client gets although it
+    // is still sending a large tarball), and nothing is made.
+    let big = g.scratch().join("big.tar");
+    std::fs::write(
+        &big,
+        gantry_tests::image::Layer::new()
+            .file("big", 0o644, &vec![7u8; 16 << 20])
+            .tar(),
+    )
+    .unwrap();
+    let out = docker(
+        &g,
+        &d.addr,
+        &["import", "--change", "RUN rm -rf /", big.to_str().unwrap(), "test/c:v1"],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("RUN is not a valid change command"), "{err}");

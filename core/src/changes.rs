@@ -313,9 +313,9 @@ fn workdir(base: &str, dir: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
-/// A Go duration as `HEALTHCHECK` options take it (`30s`, `1m30s`, `500ms`),
-/// in nanoseconds.
-fn duration(s: &str) -> Option<i64> {
+/// A Go duration as `HEALTHCHECK` options (and Docker's `until` filters)
+/// take it (`30s`, `1m30s`, `500ms`), in nanoseconds.
+pub fn go_duration(s: &str) -> Option<i64> {
     let mut total: i64 = 0;
     let mut rest = s;
     if rest.is_empty() {
@@ -380,7 +380,7 @@ fn healthcheck(rest: &str) -> Result<Value> {
                 )))
             }
         };
-        let ns = duration(value).ok_or_else(|| {
+        let ns = go_duration(value).ok_or_else(|| {
             invalid(format!(
                 "invalid HEALTHCHECK duration: {}",
                 crate::text::escape_line(value)

@@ -224,18 +224,27 @@ struct Filters {
     label: Vec<String>,
 }
 
+/// Docker's `filters` parameter: a JSON map from a filter's name to its
+/// values, either `["a", "b"]` or `{"a": true}` (older clients).
+fn filter_lists(s: &str) -> Result<Vec<(String, Vec<String>)>, String> {
+    let v: Value = serde_json::from_str(s).map_err(|e| format!("invalid filters: {e}"))?;
+    let map = v.as_object().ok_or("invalid filters: not a JSON object")?;
+    map.iter()
+        .map(|(k, vals)| match vals {
+            Value::Array(a) => Ok((
+                k.clone(),
+                a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+            )),
+            Value::Object(o) => Ok((k.clone(), o.keys().cloned().collect())),
+            _ => Err(format!("invalid filter {k:?}")),
+        })
+        .collect()
+}
+
 impl Filters {
     fn parse(s: &str) -> Result<Filters, String> {
-        let v: Value = serde_json::from_str(s).map_err(|e| format!("invalid filters: {e}"))?;
-        let map = v.as_object().ok_or("invalid filters: not a JSON object")?;
         let mut f = Filters::default();
-        for (k, vals) in map {
-            // Either ["a", "b"] or {"a": true} (older clients).
-            let list: Vec<String> = match vals {
-                Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
-                Value::Object(o) => o.keys().cloned().collect(),
-                _ => return Err(format!("invalid filter {k:?}")),
-            };
+        for (k, list) in filter_lists(s)? {
             match k.as_str() {
                 "reference" => f.reference = list,
                 "label" => f.label = list,
@@ -331,15 +340,8 @@ struct PruneFilters {
 
 impl PruneFilters {
     fn parse(s: &str, now: i64) -> Result<PruneFilters, String> {
-        let v: Value = serde_json::from_str(s).map_err(|e| format!("invalid filters: {e}"))?;
-        let map = v.as_object().ok_or("invalid filters: not a JSON object")?;
         let mut f = PruneFilters::default();
-        for (k, vals) in map {
-            let list: Vec<String> = match vals {
-                Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
-                Value::Object(o) => o.keys().cloned().collect(),
-                _ => return Err(format!("invalid filter {k:?}")),
-            };
+        for (k, list) in filter_lists(s)? {
             match k.as_str() {
                 "dangling" => {
                     f.all = match list.first().map(String::as_str) {
@@ -384,7 +386,7 @@ impl PruneFilters {
 }
 
 /// An `until` filter's time: Unix seconds, RFC 3339, or a Go duration
-/// (`24h`, `90m`) before `now`.
+/// (`24h`, `1h30m`) before `now`.
 fn until(t: &str, now: i64) -> Option<i64> {
     if let Ok(secs) = t.split('.').next().unwrap_or(t).parse::<i64>() {
         return Some(secs);
@@ -392,23 +394,9 @@ fn until(t: &str, now: i64) -> Option<i64> {
     if let Some(secs) = gantry_core::pull::parse_rfc3339(t) {
         return Some(secs);
     }
-    let mut total: i64 = 0;
-    let mut rest = t;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
-        let n: i64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
-        let scale = match &rest[..unit] {
-            "s" => 1,
-            "m" => 60,
-            "h" => 3600,
-            _ => return None,
-        };
-        total = total.checked_add(n.checked_mul(scale)?)?;
-        rest = &rest[unit..];
-    }
-    Some(now - total)
+    // A Go duration before now.
+    let nanos = gantry_core::changes::go_duration(t)?;
+    Some(now - nanos / 1_000_000_000)
 }
 
 /// Shell-style matching of `*` (not across `/`) and `?`, as Docker

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Engine API benchmark: `docker pull` of the ~500 MiB six-layer `bench`
 # image through gantry's daemon socket, against the same pull with the
-# gantry CLI (the API's overhead), and against `docker pull` through
+# gantry CLI and a bare `curl` of the same API call (the API's overhead,
+# with and without the docker client), and against `docker pull` through
 # dockerd (Debian's docker.io, `--iptables=false --bridge=none`) when it is
 # installed — all in one run, each from an empty store with a cold page
 # cache; medians of BENCH_RUNS (default 3).
@@ -10,7 +11,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$(dirname "$here")/target/release
-for t in docker-registry skopeo docker /usr/bin/time python3; do
+for t in docker-registry skopeo docker curl /usr/bin/time python3; do
     command -v "$t" >/dev/null || {
         echo "bench: $t is required (apt-get install docker-registry skopeo docker.io time)" >&2
         exit 1
@@ -76,6 +77,8 @@ measure() {
 export DOCKER_CONFIG="$work/docker-config"
 fresh_cli() { rm -rf "$work/gc"; }
 measure gantry_cli fresh_cli "$bin/gantry" --root "$work/gc" --config "$work/daemon.toml" pull -q "$ref"
+measure api_via_gantry fresh_daemon curl -sSf --unix-socket "$gsock" -X POST -o /dev/null \
+    "http://gantry/v1.47/images/create?fromImage=127.0.0.1:$port/bench&tag=latest"
 measure docker_via_gantry fresh_daemon env DOCKER_HOST="unix://$gsock" docker pull -q "$ref"
 if command -v dockerd >/dev/null; then
     measure docker_via_dockerd fresh_dockerd env DOCKER_HOST="unix://$dsock" docker pull -q "$ref"
@@ -90,7 +93,8 @@ for line in open(sys.argv[1]):
 print("pull of the six-layer bench image (~500 MiB), median wall s")
 for name, t in r.items():
     print(f"  {name:20s} {t:7.2f} s")
-print(f"  docker via gantry's socket / gantry CLI   {r['docker_via_gantry'] / r['gantry_cli']:5.2f}  (the Engine API's overhead)")
+print(f"  the API alone (curl) / gantry CLI         {r['api_via_gantry'] / r['gantry_cli']:5.2f}  (the Engine API's own overhead)")
+print(f"  docker via gantry's socket / gantry CLI   {r['docker_via_gantry'] / r['gantry_cli']:5.2f}  (with the docker client)")
 if "docker_via_dockerd" in r:
     print(f"  docker via gantry / docker via dockerd    {r['docker_via_gantry'] / r['docker_via_dockerd']:5.2f}")
 else:

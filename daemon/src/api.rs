@@ -59,6 +59,9 @@ pub struct RegistryAuth {
 pub trait Engine: Send + Sync + 'static {
     /// `GET /images/json`: image summaries as Docker gives them.
     fn list(&self) -> Result<Vec<Value>, EngineError>;
+    /// `GET /info`: what this daemon's store holds and runs on, in Docker's
+    /// `system info` keys (`Images`, `Driver`, `DockerRootDir`, …).
+    fn info(&self) -> Result<Value, EngineError>;
     /// `GET /images/{name}/json`.
     fn inspect(&self, name: &str) -> Result<Value, EngineError>;
     /// `GET /images/{name}/history`.
@@ -484,6 +487,19 @@ async fn route(
                     "BuildTime": "",
                 }),
             );
+        }
+        (&Method::GET, "/info") => {
+            return answer(blocking(move || engine.info()).await, |mut v| {
+                v["ServerVersion"] = json!(env!("CARGO_PKG_VERSION"));
+                v["OSType"] = json!("linux");
+                v["Architecture"] = json!(std::env::consts::ARCH);
+                v["Containers"] = json!(0);
+                v["ContainersRunning"] = json!(0);
+                v["ContainersPaused"] = json!(0);
+                v["ContainersStopped"] = json!(0);
+                v["IndexServerAddress"] = json!("https://index.docker.io/v1/");
+                json_response(StatusCode::OK, &v)
+            });
         }
         (&Method::GET, "/images/json") => {
             let filters = match query(&req, "filters").map(|f| Filters::parse(&f)).transpose() {

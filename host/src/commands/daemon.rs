@@ -410,6 +410,34 @@ impl Engine for Daemon {
         Ok(())
     }
 
+    fn info(&self) -> Result<Value, EngineError> {
+        let store = &self.ctx.store;
+        let images = store.images.list().map_err(engine_error)?.len();
+        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let proc = |p: &str| std::fs::read_to_string(p).unwrap_or_default().trim().to_string();
+        let mem_kib: u64 = proc("/proc/meminfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        Ok(json!({
+            "ID": "",
+            "Images": images,
+            "Driver": self.ctx.config.driver.kind,
+            "DriverStatus": [],
+            "DockerRootDir": store.root().display().to_string(),
+            "Name": proc("/proc/sys/kernel/hostname"),
+            "KernelVersion": proc("/proc/sys/kernel/osrelease"),
+            "OperatingSystem": "gantry (images only)",
+            "NCPU": ncpu,
+            "MemTotal": mem_kib * 1024,
+            "Plugins": {"Volume": [], "Network": [], "Authorization": null, "Log": []},
+            "RegistryConfig": {"InsecureRegistryCIDRs": ["127.0.0.0/8"], "IndexConfigs": {}, "Mirrors": []},
+            "SecurityOptions": [],
+            "Warnings": [],
+        }))
+    }
+
     fn list(&self) -> Result<Vec<Value>, EngineError> {
         let store = &self.ctx.store;
         let all = store.refs.all().map_err(engine_error)?;

@@ -48,6 +48,18 @@ fn the_docker_cli_pulls_lists_inspects_tags_and_removes_through_the_daemon() {
         "{pulled}"
     );
 
+    // `docker info`: the store's image count and driver.
+    let info = ok(
+        &g,
+        &d.addr,
+        &["info", "--format", "{{.Images}} {{.Driver}} {{.DockerRootDir}}"],
+    );
+    assert_eq!(
+        info.trim(),
+        format!("1 {} {}", g.driver(), g.root_path().display()),
+        "{info}"
+    );
+
     let images = ok(&g, &d.addr, &["images"]);
     let row = images
         .lines()

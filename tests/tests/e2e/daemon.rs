@@ -553,7 +553,7 @@ fn the_python_docker_sdk_drives_the_image_calls() {
     let d = g.daemon();
     let script = r#"
 import sys, docker
-host, name, copy = sys.argv[1:4]
+host, name, copy, host_reg = sys.argv[1:5]
 c = docker.DockerClient(base_url=host)
 assert c.ping()
 img = c.images.pull(name)
@@ -571,12 +571,25 @@ try:
     sys.exit("found a missing image")
 except docker.errors.ImageNotFound:
     pass
+assert c.info()["Images"] == 1, c.info()  # one image under two names
+# An import from bytes, with a change; then prune with a filter.
+import io, tarfile
+buf = io.BytesIO()
+with tarfile.open(fileobj=buf, mode="w") as t:
+    f = tarfile.TarInfo("hello.txt"); body = b"hello\n"; f.size = len(body)
+    t.addfile(f, io.BytesIO(body))
+c.api.import_image_from_data(buf.getvalue(), repository="test/imported", tag="v1", changes=["LABEL made=sdk"])
+assert c.images.get("test/imported:v1").labels == {"made": "sdk"}
+pruned = c.images.prune(filters={"dangling": False, "label": "made=sdk"})
+assert any("test/imported:v1" in (d.get("Untagged") or "") for d in pruned["ImagesDeleted"]), pruned
+# No authentication on this registry: any credentials are taken, as dockerd does.
+assert c.login(username="u", password="p", registry=host_reg)["Status"] == "Login Succeeded"
 print("ok", img.id)
 "#;
     let name = format!("{}/test/app:v1", reg.addr());
     let copy = format!("{}/test/copy:v2", reg.addr());
     let out = Command::new(python)
-        .args(["-c", script, &d.addr, &name, &copy])
+        .args(["-c", script, &d.addr, &name, &copy, &reg.addr()])
         .output()
         .unwrap();
     assert!(

@@ -114,6 +114,16 @@ pub fn decompress<'r, R: Read + Send + 'r>(r: R) -> io::Result<Box<dyn Read + Se
     // `read_buf`), which every small layer would pay for a bigger one.
     let mut r = BufReader::with_capacity(64 << 10, r);
     let head = r.fill_buf()?;
+    // Docker also reads bzip2 and xz; named plainly rather than failing
+    // later as a corrupt tar.
+    for (magic, name) in [(&b"BZh"[..], "bzip2"), (&[0xfd, b'7', b'z', b'X', b'Z', 0][..], "xz")] {
+        if head.starts_with(magic) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{name}-compressed layers are not supported (gzip, zstd or plain tar)"),
+            ));
+        }
+    }
     Ok(match sniff(head) {
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(r)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
@@ -139,6 +149,17 @@ mod tests {
             LimitedReader::new(r, 1 << 20, "layer").read_to_end(&mut out).unwrap();
             assert_eq!(out, data);
             assert_eq!(state.finish(), (Digest::of(&data), data.len() as u64));
+        }
+    }
+
+    #[test]
+    fn bzip2_and_xz_are_named() {
+        for (blob, name) in [
+            (&b"BZh91AY&SY"[..], "bzip2"),
+            (&[0xfd, b'7', b'z', b'X', b'Z', 0, 0][..], "xz"),
+        ] {
+            let err = decompress(io::Cursor::new(blob.to_vec())).err().unwrap();
+            assert!(err.to_string().starts_with(name), "{err}");
         }
     }
 

@@ -106,6 +106,13 @@ fn a_bad_import_registers_nothing() {
     let bad = g.scratch().join("broken.tar.gz");
     std::fs::write(&bad, &broken).unwrap();
     assert_refused(&g, &["import", bad.to_str().unwrap(), "x:1"], "corrupt");
+    let bz = g.scratch().join("rootfs.tar.bz2");
+    std::fs::write(&bz, b"BZh91AY&SY not really").unwrap();
+    assert_refused(
+        &g,
+        &["import", bz.to_str().unwrap(), "x:1"],
+        "bzip2-compressed layers are not supported",
+    );
     let big = Layer::new().file("big", 0o644, &vec![1u8; 100_000]).tar();
     let cut = g.scratch().join("cut.tar");
     std::fs::write(&cut, &big[..50_000]).unwrap();

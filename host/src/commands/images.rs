@@ -95,17 +95,20 @@ pub fn run(ctx: &Context, format: Format, quiet: bool) -> Result<ExitCode> {
         Format::Table => {
             let w_repo = rows.iter().map(|r| r.repository.len()).max().unwrap_or(0).max(10);
             let w_tag = rows.iter().map(|r| r.tag.len()).max().unwrap_or(0).max(3);
+            // Columns as wide as their widest cell, as Docker's tabwriter.
+            let ages: Vec<String> = rows.iter().map(|r| human_age(now - r.created)).collect();
+            let w_age = ages.iter().map(|a| a.chars().count()).max().unwrap_or(0).max(7);
             println!(
-                "{:<w_repo$}   {:<w_tag$}   {:<12}   {:<15}   SIZE",
+                "{:<w_repo$}   {:<w_tag$}   {:<12}   {:<w_age$}   SIZE",
                 "REPOSITORY", "TAG", "IMAGE ID", "CREATED"
             );
-            for r in &rows {
+            for (r, age) in rows.iter().zip(&ages) {
                 println!(
-                    "{:<w_repo$}   {:<w_tag$}   {:<12}   {:<15}   {}",
+                    "{:<w_repo$}   {:<w_tag$}   {:<12}   {:<w_age$}   {}",
                     r.repository,
                     r.tag,
                     &r.id[7..19],
-                    human_age(now - r.created),
+                    age,
                     human_size(r.size)
                 );
             }

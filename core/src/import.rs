@@ -42,6 +42,27 @@ pub struct ImportOptions {
 }
 
 impl ImportOptions {
+    /// Options from an import's arguments as given (a reference and a
+    /// platform as text), every one of them checked — the changes too — so
+    /// a bad one costs nothing.
+    pub fn checked(
+        reference: Option<&str>,
+        message: Option<String>,
+        source: &str,
+        changes: Vec<String>,
+        platform: Option<&str>,
+    ) -> Result<ImportOptions> {
+        let options = ImportOptions {
+            tag: reference.map(Reference::parse).transpose()?,
+            message,
+            source: source.to_string(),
+            changes,
+            platform: platform.map(Platform::parse).transpose()?,
+        };
+        options.container_config()?;
+        Ok(options)
+    }
+
     /// The container config the changes make: checked before any byte is
     /// read, so a bad change costs nothing.
     pub fn container_config(&self) -> Result<Map<String, Value>> {

@@ -195,6 +195,14 @@ fn queries(req: &Request<hyper::body::Incoming>, key: &str) -> Vec<String> {
         .collect()
 }
 
+/// `name` with the request's `tag` parameter, when it has one (`name:tag`).
+fn with_tag(req: &Request<hyper::body::Incoming>, name: String) -> String {
+    match query(req, "tag").filter(|t| !t.is_empty()) {
+        Some(t) => format!("{name}:{t}"),
+        None => name,
+    }
+}
+
 fn truthy(v: Option<String>) -> bool {
     matches!(v.as_deref(), Some("1" | "true" | "True"))
 }
@@ -561,10 +569,7 @@ async fn route(
             }
             Method::POST => {
                 if let Some(name) = name_of("/push") {
-                    let reference = match query(&req, "tag").filter(|t| !t.is_empty()) {
-                        Some(t) => format!("{name}:{t}"),
-                        None => name,
-                    };
+                    let reference = with_tag(&req, name);
                     if let Err(e) = engine.valid_reference(&reference) {
                         return error(e.status(), &e.to_string());
                     }
@@ -575,10 +580,7 @@ async fn route(
                     let Some(repo) = query(&req, "repo").filter(|r| !r.is_empty()) else {
                         return error(StatusCode::BAD_REQUEST, "repo is required");
                     };
-                    let target = match query(&req, "tag").filter(|t| !t.is_empty()) {
-                        Some(t) => format!("{repo}:{t}"),
-                        None => repo,
-                    };
+                    let target = with_tag(&req, repo);
                     return answer(blocking(move || engine.tag(&name, &target)).await, |()| {
                         let mut r = Response::new(full(""));
                         *r.status_mut() = StatusCode::CREATED;
@@ -836,10 +838,7 @@ async fn create(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) ->
     }
     let repo = query(&req, "repo").filter(|r| !r.is_empty());
     let request = ImportRequest {
-        reference: repo.map(|r| match query(&req, "tag").filter(|t| !t.is_empty()) {
-            Some(t) => format!("{r}:{t}"),
-            None => r,
-        }),
+        reference: repo.map(|r| with_tag(&req, r)),
         message: query(&req, "message").filter(|m| !m.is_empty()),
         changes: queries(&req, "changes"),
         platform: query(&req, "platform").filter(|p| !p.is_empty()),
@@ -858,10 +857,9 @@ async fn create(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) ->
 /// streamed as Docker's JSON messages; a failure after the stream started
 /// is its last message (`errorDetail`), as dockerd sends it.
 fn pull(engine: Arc<dyn Engine>, image: String, req: Request<hyper::body::Incoming>) -> Response<Body> {
-    let reference = match query(&req, "tag").filter(|t| !t.is_empty()) {
+    let reference = match query(&req, "tag") {
         Some(t) if t.starts_with("sha256:") => format!("{image}@{t}"),
-        Some(t) => format!("{image}:{t}"),
-        None => image,
+        _ => with_tag(&req, image),
     };
     if let Err(e) = engine.valid_reference(&reference) {
         return error(e.status(), &e.to_string());

@@ -201,10 +201,17 @@ pub fn run_many(
             tasks.push(tokio::spawn(async move {
                 match b {
                     Bound::Unix(path, l) => {
-                        serve(|| async { l.accept().await.map(|(s, _)| Conn::Unix(s)) }, engine).await;
+                        serve(|| async { l.accept().await.map(|(s, _)| s) }, engine).await;
                         let _ = std::fs::remove_file(&path);
                     }
-                    Bound::Tcp(l) => serve(|| async { l.accept().await.map(|(s, _)| Conn::Tcp(s)) }, engine).await,
+                    Bound::Tcp(l) => {
+                        let accept = || async {
+                            let (s, _) = l.accept().await?;
+                            let _ = s.set_nodelay(true);
+                            Ok(s)
+                        };
+                        serve(accept, engine).await
+                    }
                 }
             }));
         }
@@ -218,16 +225,13 @@ pub fn run_many(
     result
 }
 
-/// An accepted connection.
-enum Conn {
-    Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream),
-}
-
-async fn serve<F, Fut>(accept: F, engine: Arc<dyn Engine>)
+/// Answers the connections `accept` yields (a unix or a TCP listener's)
+/// until SIGTERM or SIGINT.
+async fn serve<S, F, Fut>(accept: F, engine: Arc<dyn Engine>)
 where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<Conn>>,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
 {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -259,27 +263,12 @@ where
             let engine = engine.clone();
             async move { Ok::<_, std::convert::Infallible>(api::handle(engine, req).await) }
         });
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         let open = open.clone();
-        let done = move || {
+        tokio::spawn(async move {
+            let _ = conn.await;
             open.fetch_sub(1, Ordering::Relaxed);
-        };
-        match stream {
-            Conn::Unix(s) => {
-                let conn = graceful.watch(http.serve_connection(TokioIo::new(s), service));
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    done();
-                });
-            }
-            Conn::Tcp(s) => {
-                let _ = s.set_nodelay(true);
-                let conn = graceful.watch(http.serve_connection(TokioIo::new(s), service));
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    done();
-                });
-            }
-        }
+        });
     }
     eprintln!("gantry daemon: shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;

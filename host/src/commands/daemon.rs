@@ -216,11 +216,20 @@ impl gantry_core::push::PushProgress for PushMessages<'_> {
     }
 }
 
-fn credentials_of(auth: Option<RegistryAuth>) -> Option<gantry_core::plugin::Credentials> {
-    auth.map(|a| gantry_core::plugin::Credentials {
+fn credentials_of(a: RegistryAuth) -> gantry_core::plugin::Credentials {
+    gantry_core::plugin::Credentials {
         username: a.username,
         password: a.password,
         identity_token: a.identity_token,
+    }
+}
+
+/// `rmi`'s lines (`Untagged: …`, `Deleted: …`) as Docker's
+/// `[{"Untagged": …}, {"Deleted": …}]`.
+fn removal_messages(lines: &[String]) -> impl Iterator<Item = Value> + '_ {
+    lines.iter().map(|l| match l.split_once(": ") {
+        Some((k, v)) => json!({ k: v }),
+        None => json!({ "Untagged": l }),
     })
 }
 
@@ -234,25 +243,14 @@ fn no_such(e: gantry_core::Error) -> EngineError {
 impl Daemon {
     /// An import's options, every argument checked.
     fn import_options(&self, r: &ImportRequest) -> Result<gantry_core::import::ImportOptions, EngineError> {
-        let options = gantry_core::import::ImportOptions {
-            tag: r
-                .reference
-                .as_deref()
-                .map(Reference::parse)
-                .transpose()
-                .map_err(engine_error)?,
-            message: r.message.clone(),
-            source: "-".into(),
-            changes: r.changes.clone(),
-            platform: r
-                .platform
-                .as_deref()
-                .map(gantry_core::platform::Platform::parse)
-                .transpose()
-                .map_err(engine_error)?,
-        };
-        options.container_config().map_err(engine_error)?;
-        Ok(options)
+        gantry_core::import::ImportOptions::checked(
+            r.reference.as_deref(),
+            r.message.clone(),
+            "-",
+            r.changes.clone(),
+            r.platform.as_deref(),
+        )
+        .map_err(engine_error)
     }
 
     /// Refuses a registry outside this store's allow-list.
@@ -290,7 +288,7 @@ impl Engine for Daemon {
         self.allowed(&r)?;
         let transport = self.ctx.shared_transport().map_err(any_error)?;
         let from_file = self.ctx.credentials().map_err(any_error)?;
-        let given = credentials_of(auth);
+        let given = auth.map(credentials_of);
         let domain = r.domain.clone();
         let credentials = move |d: &str| match &given {
             Some(c) if d == domain => Some(c.clone()),
@@ -365,11 +363,7 @@ impl Engine for Daemon {
                 Err(gantry_core::Error::NoSuchImage(_)) => continue,
                 Err(e) => return Err(engine_error(e)),
             };
-            for line in lines {
-                if let Some((k, v)) = line.split_once(": ") {
-                    deleted.push(json!({ k: v }));
-                }
-            }
+            deleted.extend(removal_messages(&lines));
             reclaimed += size;
         }
         Ok(
@@ -381,8 +375,7 @@ impl Engine for Daemon {
         let domain = gantry_core::endpoint::login_domain(server);
         self.allowed_domain(&domain)?;
         let transport = self.ctx.shared_transport().map_err(any_error)?;
-        let credentials = credentials_of(Some(auth)).ok_or_else(|| EngineError::Invalid("no credentials".into()))?;
-        gantry_core::endpoint::login(&*transport, &domain, &self.ctx.config.registries, &credentials)
+        gantry_core::endpoint::login(&*transport, &domain, &self.ctx.config.registries, &credentials_of(auth))
             .map(drop)
             .map_err(engine_error)
     }
@@ -476,18 +469,12 @@ impl Engine for Daemon {
     }
 
     fn inspect(&self, name: &str) -> Result<Value, EngineError> {
-        super::inspect::image_json(&self.ctx, name).map_err(|e| match e {
-            gantry_core::Error::NoSuchImage(n) => EngineError::NotFound(format!("No such image: {n}")),
-            e => engine_error(e),
-        })
+        super::inspect::image_json(&self.ctx, name).map_err(no_such)
     }
 
     fn history(&self, name: &str) -> Result<Value, EngineError> {
         let store = &self.ctx.store;
-        let id = gantry_core::images::lookup(store, name).map_err(|e| match e {
-            gantry_core::Error::NoSuchImage(n) => EngineError::NotFound(format!("No such image: {n}")),
-            e => engine_error(e),
-        })?;
+        let id = gantry_core::images::lookup(store, name).map_err(no_such)?;
         let mut rows: Vec<Value> = super::history::entries(&self.ctx, &id)
             .map_err(engine_error)?
             .into_iter()
@@ -519,25 +506,13 @@ impl Engine for Daemon {
     }
 
     fn tag(&self, name: &str, target: &str) -> Result<(), EngineError> {
-        gantry_core::images::tag(&self.ctx.store, name, target).map_err(|e| match e {
-            gantry_core::Error::NoSuchImage(n) => EngineError::NotFound(format!("No such image: {n}")),
-            e => engine_error(e),
-        })
+        gantry_core::images::tag(&self.ctx.store, name, target).map_err(no_such)
     }
 
     fn remove(&self, name: &str, force: bool) -> Result<Vec<Value>, EngineError> {
         let driver = self.ctx.driver().map_err(any_error)?;
-        let lines = gantry_core::images::remove(&self.ctx.store, driver, name, force).map_err(|e| match e {
-            gantry_core::Error::NoSuchImage(n) => EngineError::NotFound(format!("No such image: {n}")),
-            e => engine_error(e),
-        })?;
-        Ok(lines
-            .iter()
-            .map(|l| match l.split_once(": ") {
-                Some((k, v)) => json!({ k: v }),
-                None => json!({ "Untagged": l }),
-            })
-            .collect())
+        let lines = gantry_core::images::remove(&self.ctx.store, driver, name, force).map_err(no_such)?;
+        Ok(removal_messages(&lines).collect())
     }
 
     fn pull(
@@ -562,12 +537,7 @@ impl Engine for Daemon {
             .with_puller_auth(
                 &messages,
                 options,
-                auth.map(|a| gantry_core::plugin::Credentials {
-                    username: a.username,
-                    password: a.password,
-                    identity_token: a.identity_token,
-                })
-                .map(|c| (domain, c)),
+                auth.map(|a| (domain, credentials_of(a))),
                 |puller| puller.pull(&r).map_err(anyhow::Error::from),
             )
             .map_err(any_error)?;

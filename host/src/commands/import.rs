@@ -4,8 +4,6 @@
 use crate::context::Context;
 use anyhow::{Context as _, Result};
 use gantry_core::import::{ImportOptions, Importer};
-use gantry_core::platform::Platform;
-use gantry_core::reference::Reference;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -17,15 +15,8 @@ pub fn run(
     message: Option<String>,
     platform: Option<&str>,
 ) -> Result<ExitCode> {
-    let options = ImportOptions {
-        tag: reference.map(Reference::parse).transpose()?,
-        message,
-        source: file.to_string(),
-        changes,
-        platform: platform.map(Platform::parse).transpose()?,
-    };
     // Every argument is checked before the tarball is opened.
-    options.container_config()?;
+    let options = ImportOptions::checked(reference, message, file, changes, platform)?;
     let importer = Importer {
         store: &ctx.store,
         driver: ctx.driver()?,

@@ -9,14 +9,17 @@ use gantry_tests::registry::Registry;
 use gantry_tests::require;
 use std::process::{Command, Output};
 
-fn docker(g: &Gantry, host: &str, args: &[&str]) -> Output {
-    Command::new("docker")
-        .args(args)
-        .env("DOCKER_HOST", host)
+/// The docker CLI speaking to `host`, with a config of the test's own.
+fn docker_command(g: &Gantry, host: &str) -> Command {
+    let mut c = Command::new("docker");
+    c.env("DOCKER_HOST", host)
         // Never the developer's config or credentials.
-        .env("DOCKER_CONFIG", g.scratch().join("docker-config"))
-        .output()
-        .unwrap()
+        .env("DOCKER_CONFIG", g.scratch().join("docker-config"));
+    c
+}
+
+fn docker(g: &Gantry, host: &str, args: &[&str]) -> Output {
+    docker_command(g, host).args(args).output().unwrap()
 }
 
 fn ok(g: &Gantry, host: &str, args: &[&str]) -> String {
@@ -184,10 +187,8 @@ fn docker_import_and_image_prune_with_filters_through_the_daemon() {
     // From standard input, gzip-compressed, and one left untagged.
     let gz = g.scratch().join("rootfs.tar.gz");
     std::fs::write(&gz, compress(&base, Compression::Gzip).0).unwrap();
-    let piped = Command::new("docker")
+    let piped = docker_command(&g, &d.addr)
         .args(["import", "--change", "LABEL tier=b", "-", "test/b:v1"])
-        .env("DOCKER_HOST", &d.addr)
-        .env("DOCKER_CONFIG", g.scratch().join("docker-config"))
         .stdin(std::fs::File::open(&gz).unwrap())
         .output()
         .unwrap();
@@ -426,10 +427,8 @@ fn the_client_s_credentials_reach_the_registry_through_x_registry_auth() {
 /// `docker login SERVER -u USER --password-stdin` against the daemon.
 fn login(g: &Gantry, host: &str, server: &str, user: &str, password: &str) -> Output {
     use std::io::Write;
-    let mut child = Command::new("docker")
+    let mut child = docker_command(g, host)
         .args(["login", server, "-u", user, "--password-stdin"])
-        .env("DOCKER_HOST", host)
-        .env("DOCKER_CONFIG", g.scratch().join("docker-config"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

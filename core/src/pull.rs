@@ -686,6 +686,11 @@ impl Puller<'_> {
                     };
                     self.check_cancelled()?;
                     let blob = &image.layers[i].blob;
+                    // Another pull may have committed it since this one planned.
+                    if self.store.layers.exists(&chain_ids[i]) && staging.reuse(&chain_ids[i])? {
+                        self.progress.layer(blob.digest.short(), Status::AlreadyExists, 0, 0);
+                        continue;
+                    }
                     let parent = if i == 0 { None } else { Some(&chain_ids[i - 1]) };
                     let source = || Some((blob.digest.clone(), format!("{}/{}", job.domain, job.source_repo)));
                     self.progress
@@ -786,7 +791,10 @@ impl Puller<'_> {
         };
         let (slot, leader) = slot;
         if leader {
-            let r = self.download_now(ep, repo, blob, live).map(Arc::new);
+            let r = match self.stored_blob(blob) {
+                Some(spooled) => Ok(Arc::new(spooled)),
+                None => self.download_now(ep, repo, blob, live).map(Arc::new),
+            };
             let shared = r.as_ref().map(Arc::clone).map_err(to_plugin_error);
             let mut m = self.downloads.blobs.lock().unwrap();
             match &r {
@@ -807,6 +815,25 @@ impl Puller<'_> {
             }
             g = slot.cv.wait(g).unwrap();
         }
+    }
+
+    /// The blob from the content store, when another pull of it committed
+    /// after this one planned (and let go of its download): linked to a
+    /// spool file of its own, so a concurrent `rmi` cannot take it away.
+    fn stored_blob(&self, blob: &Blob) -> Option<Spooled> {
+        let stored = self.store.content.path(&blob.digest);
+        let len = std::fs::metadata(&stored).ok()?.len();
+        if blob.size != UNKNOWN_SIZE && len != blob.size {
+            return None;
+        }
+        let path = self
+            .store
+            .blob_tmp()
+            .join(format!("{}-{}", blob.digest.hex(), &random_id()[..8]));
+        std::fs::hard_link(&stored, &path).ok()?;
+        self.progress
+            .layer(blob.digest.short(), Status::DownloadComplete, len, blob.size);
+        Some(Spooled { path })
     }
 
     fn download_now(&self, ep: &Endpoint, repo: &str, blob: &Blob, live: Option<&Live>) -> Result<Spooled> {

@@ -143,6 +143,60 @@ fn pulls_several_images_at_once_sharing_a_download() {
 }
 
 #[test]
+fn a_blob_the_store_holds_is_not_fetched_again_under_another_parent() {
+    if !peers() {
+        return;
+    }
+    // The same layer blob on top of nothing and on top of another layer:
+    // two different layers (chain IDs), one download. This is also what a
+    // concurrent pull meets when another pull committed the blob after it
+    // planned.
+    let reg = Registry::start();
+    let shared = Layer::new().file("shared", 0o644, &vec![5u8; 300_000]).tar();
+    let first = Layer::new().file("first", 0o644, b"first").tar();
+    let a = Image::new(vec![shared.clone()]);
+    let b = Image::new(vec![first, shared]);
+    let (_pa, _, la) = publish(&reg, "test/a", "v1", &a);
+    let (_pb, _, lb) = publish(&reg, "test/b", "v1", &b);
+    assert_eq!(la[0].digest, lb[1].digest, "one blob in both images");
+    let proxy = gantry_tests::proxy::Proxy::start(reg.port, Default::default());
+    let g = Gantry::new();
+    g.ok(&["pull", &format!("{}/test/a:v1", proxy.addr())]);
+    g.ok(&["pull", &format!("{}/test/b:v1", proxy.addr())]);
+    let seen = proxy.seen.lock().unwrap();
+    assert_eq!(
+        seen.blob_gets.get(&la[0].digest),
+        Some(&1),
+        "the shared blob was fetched once"
+    );
+    assert_eq!(seen.blob_gets.get(&lb[0].digest), Some(&1));
+    drop(seen);
+    let exported = g.scratch().join("b.tar");
+    g.ok(&[
+        "export",
+        &format!("{}/test/b:v1", proxy.addr()),
+        "-o",
+        exported.to_str().unwrap(),
+    ]);
+    let mut files = std::collections::BTreeMap::new();
+    let mut ar = tar::Archive::new(std::fs::File::open(&exported).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        files.insert(e.path().unwrap().to_string_lossy().into_owned(), data);
+    }
+    assert_eq!(files.get("shared"), Some(&vec![5u8; 300_000]));
+    assert_eq!(files.get("first").map(Vec::as_slice), Some(&b"first"[..]));
+    g.fsck_clean();
+    // The spooled link was the pull's own: removing both images leaves the
+    // store consistent.
+    g.ok(&["rmi", &format!("{}/test/a:v1", proxy.addr())]);
+    g.ok(&["rmi", &format!("{}/test/b:v1", proxy.addr())]);
+    g.fsck_clean();
+}
+
+#[test]
 fn a_child_layer_never_changes_the_parent_layers_it_shares_files_with() {
     if !peers() {
         return;

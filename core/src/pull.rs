@@ -687,7 +687,7 @@ impl Puller<'_> {
                     self.check_cancelled()?;
                     let blob = &image.layers[i].blob;
                     // Another pull may have committed it since this one planned.
-                    if self.store.layers.exists(&chain_ids[i]) && staging.reuse(&chain_ids[i])? {
+                    if staging.reuse(&chain_ids[i])? {
                         self.progress.layer(blob.digest.short(), Status::AlreadyExists, 0, 0);
                         continue;
                     }

@@ -189,6 +189,13 @@ impl<'a> Staging<'a> {
         if self.staged.iter().any(|s| &s.meta.chain_id == chain) {
             return Ok(true);
         }
+        // Absent now: it is fetched, and a layer another pull commits
+        // meanwhile is settled at commit (theirs is kept). Only a layer
+        // that is there needs the lease, taken under the lock and checked
+        // again, since an `rmi` may release it in between.
+        if !self.store.layers.exists(chain) {
+            return Ok(false);
+        }
         let _lock = self.store.write_lock()?;
         let lease = self.store.lease(chain)?;
         if self.store.layers.exists(chain) {

@@ -283,7 +283,24 @@ impl Read for Follow<'_> {
             return Ok(0);
         }
         if self.file.is_none() {
-            self.file = Some(File::open(path.expect("known"))?);
+            match File::open(path.expect("known")) {
+                Ok(f) => self.file = Some(f),
+                Err(e) => {
+                    // A failed download removes its file before it says
+                    // so: wait for its word, so its own error is reported.
+                    let mut st = self.live.state.lock().unwrap();
+                    while st.done.is_none() && st.generation == self.generation {
+                        st = self.live.cv.wait(st).unwrap();
+                    }
+                    let failed = st.generation != self.generation || st.done == Some(false);
+                    drop(st);
+                    return Err(if failed {
+                        self.interrupted("the download failed")
+                    } else {
+                        e
+                    });
+                }
+            }
         }
         let want = buf.len().min(usize::try_from(avail).unwrap_or(usize::MAX));
         let n = self.file.as_mut().expect("opened").read(&mut buf[..want])?;
@@ -1017,5 +1034,35 @@ mod tests {
     fn formats_rfc3339() {
         assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000000Z");
         assert_eq!(rfc3339(1_700_000_000, 5), "2023-11-14T22:13:20.000000005Z");
+    }
+
+    /// A download that fails with a digest mismatch removes its spool file
+    /// and only then says it failed; a follower that reaches for the file
+    /// in between reports the download's failure, not the missing file.
+    #[test]
+    fn a_follower_that_finds_the_file_gone_waits_for_the_download_s_word() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = Live::default();
+        live.update(|st| {
+            st.path = Some(dir.path().join("gone"));
+            st.written = 10;
+        });
+        let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut follow = Follow {
+            live: &live,
+            file: None,
+            pos: 0,
+            generation: 0,
+            interrupted: interrupted.clone(),
+            waited: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                live.finish(&Err(Error::Integrity("digest mismatch".into())));
+            });
+            let err = follow.read(&mut [0u8; 16]).unwrap_err();
+            assert!(interrupted.load(std::sync::atomic::Ordering::Relaxed), "{err}");
+        });
     }
 }

@@ -96,6 +96,9 @@ pub struct Staging<'a> {
     prepare_early: bool,
     /// Blobs and manifests for the content store.
     keep: Vec<Keep>,
+    /// The marker each layer's staging marker links to, made with the
+    /// first layer and removed when this staging ends.
+    anchor: Option<String>,
 }
 
 /// How much a layer's stream may grow between two early flushes: big
@@ -159,6 +162,7 @@ impl<'a> Staging<'a> {
             },
             prepare_early: true,
             keep: Vec::new(),
+            anchor: None,
         }
     }
 
@@ -235,7 +239,11 @@ impl<'a> Staging<'a> {
         let chain_id = Digest::chain(parent, &diff_id);
         let parent_cache = parent.map(|p| self.cache_id_of(p)).transpose()?;
         let cache_id = random_id();
-        self.store.mark_staging(&cache_id)?;
+        if self.anchor.is_none() {
+            self.anchor = Some(self.store.mark_sweep()?);
+        }
+        self.store
+            .mark_staging_linked(self.anchor.as_deref().expect("just made"), &cache_id)?;
         // Staged before anything is written, so a failure removes it too.
         self.staged.push(Staged {
             meta: LayerMeta {
@@ -506,6 +514,11 @@ impl Drop for Staging<'_> {
             let _ = std::fs::remove_file(&st.tar_split);
             let _ = self.driver.remove(&st.meta.cache_id);
             self.store.unmark_staging(&st.meta.cache_id);
+        }
+        // Last: a crash before this leaves it, and the next process alone
+        // on the store sweeps.
+        if let Some(anchor) = &self.anchor {
+            self.store.unmark_staging(anchor);
         }
     }
 }

@@ -61,6 +61,19 @@ fn a_pull_killed_midway_leaves_nothing_visible_and_the_next_run_clears_it() {
         leftovers.iter().all(|l| scratch.iter().any(|s| l.starts_with(s))),
         "{leftovers:?}"
     );
+    // The staging markers it left are links to one marker of the pull
+    // (a pull makes one inode for them, not one per layer).
+    let markers: Vec<(String, u64)> = std::fs::read_dir(g.root_path().join("tmp/staging"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let ino = std::os::unix::fs::MetadataExt::ino(&e.metadata().unwrap());
+            (e.file_name().to_string_lossy().into_owned(), ino)
+        })
+        .collect();
+    assert!(markers.len() >= 2, "{markers:?}");
+    assert!(markers.iter().any(|(n, _)| n.starts_with("sweep-")), "{markers:?}");
+    assert!(markers.iter().all(|(_, ino)| *ino == markers[0].1), "{markers:?}");
     // Nothing is visible, and the next run clears what the kill left.
     let out = g.ok(&["fsck"]);
     assert!(out.contains("cleared: spooled download"), "{out}");

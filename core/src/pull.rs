@@ -843,23 +843,25 @@ impl Puller<'_> {
         if blob.size != UNKNOWN_SIZE && len != blob.size {
             return None;
         }
-        let path = self
-            .store
-            .blob_tmp()
-            .join(format!("{}-{}", blob.digest.hex(), &random_id()[..8]));
+        let path = self.spool_path(blob);
         std::fs::hard_link(&stored, &path).ok()?;
         self.progress
             .layer(blob.digest.short(), Status::DownloadComplete, len, blob.size);
         Some(Spooled { path })
     }
 
+    /// A fresh spool file name for `blob`, beside the store's other
+    /// downloads (the content store links from there).
+    fn spool_path(&self, blob: &Blob) -> PathBuf {
+        self.store
+            .blob_tmp()
+            .join(format!("{}-{}", blob.digest.hex(), &random_id()[..8]))
+    }
+
     fn download_now(&self, ep: &Endpoint, repo: &str, blob: &Blob, live: Option<&Live>) -> Result<Spooled> {
         let short = blob.digest.short();
         let spooled = Spooled {
-            path: self
-                .store
-                .blob_tmp()
-                .join(format!("{}-{}", blob.digest.hex(), &random_id()[..8])),
+            path: self.spool_path(blob),
         };
         let mut file = File::create(&spooled.path).map_err(|e| Error::io("creating a download file", e))?;
         let report = |f: &dyn Fn(&mut LiveState)| {

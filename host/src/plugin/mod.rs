@@ -309,9 +309,9 @@ impl Sandbox {
         let t = Instant::now();
         let before = HOST_DEADLINE.replace(Some(self.call_start + self.limits.wall));
         // Host work at the thread's own priority, guest code below it.
-        let niced = priority::leave_guest();
+        let in_guest = priority::leave_guest();
         let r = f(self);
-        if niced {
+        if in_guest {
             priority::enter_guest();
         }
         HOST_DEADLINE.set(before);
@@ -545,6 +545,7 @@ impl<B> Pool<B> {
                 s.timed_out = Some(cut);
                 return Err(wasmtime::Trap::Interrupt.into());
             }
+            priority::guest_computes();
             let guest_time = s.call_start.elapsed().saturating_sub(s.host_time);
             if guest_time > priority::SHARE_GRACE && tenancy.others_busy() {
                 // A long computation while another tenant is working: give

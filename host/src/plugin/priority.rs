@@ -3,12 +3,17 @@
 //! A plugin that loops (until its CPU deadline stops it) must not slow
 //! anyone else — in the daemon, another tenant's pull. Two measures:
 //!
-//! - **Priority.** While a thread runs guest code it is niced by
-//!   [`GUEST_NICE`]; whenever the guest calls into the host (unpacking a
-//!   layer, reading a stream, HTTP), the thread returns to its own
-//!   priority, so host work outranks any guest's computing where they
-//!   compete for a core. Linux nices threads one by one. Raising a
-//!   thread's nice is always allowed; lowering it back needs
+//! - **Priority.** Once a thread has run guest code through an epoch tick
+//!   it is niced by [`GUEST_NICE`]; whenever the guest calls into the host
+//!   (unpacking a layer, reading a stream, HTTP) or returns, the thread is
+//!   back at its own priority, so host work outranks any guest's computing
+//!   where they compete for a core. Niced at the tick, not on entry: an
+//!   ordinary call takes well under a tick and calls into the host many
+//!   times (a layer's `create` about twenty), and renicing on every
+//!   crossing cost three system calls each way — a quarter of all the
+//!   system calls of a pull of many small layers. A computation is
+//!   un-niced for at most one tick (10 ms). Linux nices threads one by
+//!   one. Raising a thread's nice is always allowed; lowering it back needs
 //!   `CAP_SYS_NICE`; where that is missing nothing is changed at all (a
 //!   thread stuck at a lower priority would slow its host work too).
 //! - **A share while others work.** Priority does not help when there is a
@@ -76,7 +81,9 @@ impl Drop for Busy {
 }
 
 thread_local! {
-    /// This thread's own nice, while it runs guest code.
+    /// Whether this thread is running guest code.
+    static IN_GUEST: Cell<bool> = const { Cell::new(false) };
+    /// This thread's own nice, while it runs guest code niced.
     static NICED_FROM: Cell<Option<i32>> = const { Cell::new(None) };
 }
 
@@ -103,9 +110,16 @@ fn can_restore() -> bool {
     })
 }
 
-/// This thread is about to run guest code.
+/// This thread is about to run guest code (nothing is changed yet; see
+/// [`guest_computes`]).
 pub(super) fn enter_guest() {
-    if NICED_FROM.get().is_some() || !can_restore() {
+    IN_GUEST.set(true);
+}
+
+/// An epoch tick found this thread in guest code: it runs niced from now
+/// until it leaves.
+pub(super) fn guest_computes() {
+    if !IN_GUEST.get() || NICED_FROM.get().is_some() || !can_restore() {
         return;
     }
     let me = tid();
@@ -117,15 +131,12 @@ pub(super) fn enter_guest() {
 }
 
 /// This thread leaves guest code (the call returned, or the guest called
-/// into the host); whether it was running guest code at a lower priority.
+/// into the host), back at its own priority; whether it was in guest code.
 pub(super) fn leave_guest() -> bool {
-    match NICED_FROM.take() {
-        Some(base) => {
-            let _ = rustix::process::setpriority_process(Some(tid()), base);
-            true
-        }
-        None => false,
+    if let Some(base) = NICED_FROM.take() {
+        let _ = rustix::process::setpriority_process(Some(tid()), base);
     }
+    IN_GUEST.replace(false)
 }
 
 #[cfg(test)]
@@ -154,16 +165,22 @@ mod tests {
     #[test]
     fn a_thread_returns_to_its_own_priority() {
         std::thread::spawn(|| {
-            let before = rustix::process::getpriority_process(Some(tid())).unwrap();
+            let prio = || rustix::process::getpriority_process(Some(tid())).unwrap();
+            let before = prio();
+            guest_computes();
+            assert_eq!(prio(), before, "a tick outside guest code changes nothing");
             enter_guest();
-            let inside = rustix::process::getpriority_process(Some(tid())).unwrap();
+            assert_eq!(prio(), before, "entering changes nothing yet");
+            guest_computes();
             if can_restore() {
-                assert_eq!(inside, before + GUEST_NICE);
+                assert_eq!(prio(), before + GUEST_NICE, "a tick in guest code nices it");
             } else {
-                assert_eq!(inside, before);
+                assert_eq!(prio(), before);
             }
-            leave_guest();
-            assert_eq!(rustix::process::getpriority_process(Some(tid())).unwrap(), before);
+            guest_computes();
+            assert!(leave_guest(), "it was in guest code");
+            assert_eq!(prio(), before);
+            assert!(!leave_guest(), "and is no longer");
         })
         .join()
         .unwrap();

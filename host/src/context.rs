@@ -31,6 +31,8 @@ pub struct Context {
 
 impl Context {
     pub fn open(config_path: Option<&Path>, root: &Path) -> Result<Context> {
+        // Built while the config and the store open.
+        let engine = std::thread::spawn(PluginHost::build_engine);
         let mut config = Config::load(config_path)?;
         if config.driver.kind == "auto" {
             let choice = gantry_host::drivers::choose(root).map_err(|e| anyhow!(e))?;
@@ -46,7 +48,10 @@ impl Context {
             .plugin_cache_dir
             .clone()
             .unwrap_or_else(|| store.root().join("plugins-cache"));
-        let host = PluginHost::new(&cache)?;
+        let engine = engine
+            .join()
+            .map_err(|_| anyhow!("building the plugin engine panicked"))??;
+        let host = PluginHost::with_engine(engine, &cache);
         let mut ctx = Context {
             config,
             store,
@@ -161,7 +166,13 @@ impl Context {
         given: Option<(String, gantry_core::plugin::Credentials)>,
         f: impl FnOnce(&gantry_core::pull::Puller<'_>) -> Result<R>,
     ) -> Result<R> {
-        let transport = self.shared_transport()?;
+        // The driver loads while the transport does.
+        let (transport, driver) = std::thread::scope(|s| {
+            let driver = s.spawn(|| self.driver().map(|_| ()));
+            (self.shared_transport(), driver.join())
+        });
+        let transport = transport?;
+        driver.map_err(|_| anyhow!("loading the driver panicked"))??;
         // The v1 transport loads only when some registry enables v1.
         let v1 = if self.config.registries.values().any(|r| r.v1) {
             Some(self.v1_transport()?)

@@ -393,10 +393,21 @@ const TICK: Duration = Duration::from_millis(10);
 
 impl PluginHost {
     pub fn new(cache_dir: &Path) -> Result<PluginHost, LoadError> {
+        Ok(Self::with_engine(Self::build_engine()?, cache_dir))
+    }
+
+    /// The engine every plugin of a host runs in. Building it takes a few
+    /// milliseconds (the compiler's settings for this CPU), so a caller
+    /// with other work to do first can build it on another thread.
+    pub fn build_engine() -> Result<Engine, LoadError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
-        let engine = Engine::new(&config).map_err(|e| LoadError::Engine(e.to_string()))?;
+        Engine::new(&config).map_err(|e| LoadError::Engine(e.to_string()))
+    }
+
+    /// A host running its plugins in `engine` (from [`PluginHost::build_engine`]).
+    pub fn with_engine(engine: Engine, cache_dir: &Path) -> PluginHost {
         let weak = engine.weak();
         std::thread::spawn(move || loop {
             std::thread::sleep(TICK);
@@ -405,11 +416,11 @@ impl PluginHost {
                 None => return,
             }
         });
-        Ok(PluginHost {
+        PluginHost {
             engine,
             cache_dir: cache_dir.to_path_buf(),
             tenancy: Default::default(),
-        })
+        }
     }
 
     /// Marks an operation of this host's tenant in flight until the guard

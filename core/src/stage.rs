@@ -398,6 +398,7 @@ impl<'a> Staging<'a> {
         let mut staged = std::mem::take(&mut self.staged);
         let any = !staged.is_empty();
         let res = (|| -> Result<Vec<Digest>> {
+            self.record_blobs(&staged)?;
             let mut prepared = Vec::new();
             let mut taken = Vec::new();
             for st in &mut staged {
@@ -410,9 +411,6 @@ impl<'a> Staging<'a> {
                     Some(p) => prepared.push((p, &st.meta.cache_id)),
                     // Another process committed the same layer first: keep theirs.
                     None => taken.push((&st.meta.cache_id, &st.tar_split)),
-                }
-                if let Some((blob, repo)) = &st.source {
-                    self.store.layers.record_blob(blob, &st.meta.diff_id, repo)?;
                 }
             }
             for k in &self.keep {
@@ -470,6 +468,30 @@ impl<'a> Staging<'a> {
             }
         }
         res
+    }
+
+    /// The distribution metadata of every staged layer (which blob it came
+    /// from, and where). Each layer's is two files, each a create and a
+    /// rename: for an image of many small layers that is a good part of the
+    /// commit, so past a few layers half are written on a second thread
+    /// (the downloads are over, a core is free).
+    fn record_blobs(&self, staged: &[Staged]) -> Result<()> {
+        let record = |st: &&Staged| match &st.source {
+            Some((blob, repo)) => self.store.layers.record_blob(blob, &st.meta.diff_id, repo),
+            None => Ok(()),
+        };
+        if staged.len() < 8 {
+            return staged.iter().try_for_each(|st| record(&st));
+        }
+        // Layers of one diffID append to one file: those stay on one thread.
+        let (mine, theirs): (Vec<&Staged>, Vec<&Staged>) = staged
+            .iter()
+            .partition(|st| st.meta.diff_id.hex().as_bytes()[0] % 2 == 0);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| theirs.iter().try_for_each(record));
+            let mine = mine.iter().try_for_each(record);
+            other.join().expect("recording blobs panicked").and(mine)
+        })
     }
 
     /// With durable commits, layer contents reach the disk before any

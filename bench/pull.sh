@@ -13,6 +13,13 @@
 # the 60-layer image the time and CPU the registry alone takes to serve it.
 #
 # BENCH_DIR=DIR keeps the generated images between runs.
+# BENCH_FS=ext4 puts every tool's store (and the registry's) on a fresh
+# ext4 file system with a journal, loop-mounted under BENCH_DIR, instead of
+# on the file system BENCH_DIR is on. Where that one is ext4 without a
+# journal (this project's build machines), creating an inode scans past
+# every inode of its group freed in the last minute or more, so a run pays
+# for what the runs before it deleted: the many-layer figures drift within
+# a block of runs and depend on the order of the tools.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$(dirname "$here")/target/release
@@ -25,31 +32,56 @@ done
 [ "$(id -u)" -eq 0 ] || { echo "bench: run as root (overlay mounts, containerd)" >&2; exit 1; }
 work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/gantry-bench.XXXXXX")}
 mkdir -p "$work"
-registry_pid="" containerd_pid=""
+registry_pid="" containerd_pid="" mounted=""
+stores=$work
 cleanup() {
-    [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null
-    [ -n "$containerd_pid" ] && kill "$containerd_pid" 2>/dev/null && wait "$containerd_pid" 2>/dev/null
-    rm -rf "$work/g" "$work/cs" "$work/pm" "$work/floor" "$work/registry" "$work/ctd"
+    [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null && { wait "$registry_pid" 2>/dev/null || true; }
+    [ -n "$containerd_pid" ] && kill "$containerd_pid" 2>/dev/null && { wait "$containerd_pid" 2>/dev/null || true; }
+    rm -rf "$stores/g" "$stores/cs" "$stores/pm" "$stores/floor" "$stores/registry" "$stores/ctd"
+    if [ -n "$mounted" ]; then umount "$stores" && rm -f "$work/stores.img"; fi
 }
 trap cleanup EXIT
+case ${BENCH_FS:-} in
+"") ;;
+ext4)
+    stores=$work/stores
+    mkdir -p "$stores"
+    rm -f "$work/stores.img"
+    truncate -s 32G "$work/stores.img"
+    mkfs.ext4 -q -F "$work/stores.img"
+    mount -o loop "$work/stores.img" "$stores"
+    mounted=1
+    ;;
+*) echo "bench: BENCH_FS=$BENCH_FS: only ext4 is known" >&2; exit 1 ;;
+esac
+# What the stores are on, for the report (an ext4 journal shows in /proc/fs/jbd2).
+stores_fs=$(findmnt -n -o FSTYPE -T "$stores")
+if [ "$stores_fs" = ext4 ]; then
+    dev=$(basename "$(findmnt -n -o SOURCE -T "$stores")")
+    if ls /proc/fs/jbd2 2>/dev/null | grep -q "^$dev-"; then
+        stores_fs="ext4 with a journal"
+    else
+        stores_fs="ext4 without a journal"
+    fi
+fi
 . "$(dirname "$here")/scripts/local-registry.sh"
-start_registry "$work/registry"
+start_registry "$stores/registry"
 port=$registry_port
 
 # containerd with its own root, state and socket, no CRI.
-mkdir -p "$work/ctd"
-cat > "$work/ctd/config.toml" <<TOML
+mkdir -p "$stores/ctd"
+cat > "$stores/ctd/config.toml" <<TOML
 version = 2
-root = "$work/ctd/root"
-state = "$work/ctd/state"
+root = "$stores/ctd/root"
+state = "$stores/ctd/state"
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
-  address = "$work/ctd/sock"
+  address = "$stores/ctd/sock"
 TOML
-containerd --config "$work/ctd/config.toml" > "$work/ctd/log" 2>&1 &
+containerd --config "$stores/ctd/config.toml" > "$stores/ctd/log" 2>&1 &
 containerd_pid=$!
-for _ in $(seq 100); do [ -S "$work/ctd/sock" ] && break; sleep 0.1; done
-ctr=(ctr -a "$work/ctd/sock" -n bench)
+for _ in $(seq 100); do [ -S "$stores/ctd/sock" ] && break; sleep 0.1; done
+ctr=(ctr -a "$stores/ctd/sock" -n bench)
 
 for shape in bench rootfs tiny; do
     [ -f "$work/$shape/index.json" ] || "$bin/gen-image" "$shape" "$work/$shape"
@@ -81,39 +113,39 @@ config overlay2; config vfs; config overlay2 'durable = false
 '
 for shape in bench rootfs tiny; do
     ref="127.0.0.1:$port/$shape:latest"
-    measure "$shape.gantry_overlay2" 'rm -rf "$work/g"' \
-        "$bin/gantry" --root "$work/g" --config "$work/overlay2.toml" pull -q "$ref"
-    measure "$shape.gantry_vfs" 'rm -rf "$work/g"' \
-        "$bin/gantry" --root "$work/g" --config "$work/vfs.toml" pull -q "$ref"
-    rm -rf "$work/g"
+    measure "$shape.gantry_overlay2" 'rm -rf "$stores/g"' \
+        "$bin/gantry" --root "$stores/g" --config "$work/overlay2.toml" pull -q "$ref"
+    measure "$shape.gantry_vfs" 'rm -rf "$stores/g"' \
+        "$bin/gantry" --root "$stores/g" --config "$work/vfs.toml" pull -q "$ref"
+    rm -rf "$stores/g"
     measure "$shape.containerd" '"${ctr[@]}" images rm --sync "$ref" >/dev/null 2>&1 || true' \
         "${ctr[@]}" images pull --plain-http --snapshotter overlayfs "$ref"
     "${ctr[@]}" images rm --sync "$ref" >/dev/null 2>&1 || true
-    measure "$shape.podman" 'rm -rf "$work/pm"' \
-        podman --root "$work/pm/root" --runroot "$work/pm/run" --storage-driver overlay \
+    measure "$shape.podman" 'rm -rf "$stores/pm"' \
+        podman --root "$stores/pm/root" --runroot "$stores/pm/run" --storage-driver overlay \
         --events-backend none pull -q --tls-verify=false "docker://$ref"
-    rm -rf "$work/pm"
+    rm -rf "$stores/pm"
 done
 ref="127.0.0.1:$port/bench:latest"
-measure bench.gantry_overlay2_fast 'rm -rf "$work/g"' \
-    "$bin/gantry" --root "$work/g" --config "$work/overlay2-fast.toml" pull -q "$ref"
-rm -rf "$work/g"
-measure bench.skopeo_vfs 'rm -rf "$work/cs"' skopeo copy --quiet --src-tls-verify=false "docker://$ref" \
-    "containers-storage:[vfs@$work/cs/root+$work/cs/run]bench:latest"
-rm -rf "$work/cs"
+measure bench.gantry_overlay2_fast 'rm -rf "$stores/g"' \
+    "$bin/gantry" --root "$stores/g" --config "$work/overlay2-fast.toml" pull -q "$ref"
+rm -rf "$stores/g"
+measure bench.skopeo_vfs 'rm -rf "$stores/cs"' skopeo copy --quiet --src-tls-verify=false "docker://$ref" \
+    "containers-storage:[vfs@$stores/cs/root+$stores/cs/run]bench:latest"
+rm -rf "$stores/cs"
 
 # floor: the six-layer image's blobs through curl | sha256sum and igzip -dc | tar -x
 base="http://127.0.0.1:$port/v2/bench"
 layers=$(curl -s -H 'Accept: application/vnd.oci.image.manifest.v1+json' "$base/manifests/latest" |
     python3 -c 'import json,sys; print(" ".join(l["digest"] for l in json.load(sys.stdin)["layers"]))')
-rm -rf "$work/floor"; mkdir -p "$work/floor/blobs" "$work/floor/root"
+rm -rf "$stores/floor"; mkdir -p "$stores/floor/blobs" "$stores/floor/root"
 sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
 t0=$(date +%s.%N)
-for d in $layers; do curl -s "$base/blobs/$d" | tee "$work/floor/blobs/${d#sha256:}" | sha256sum >/dev/null; done
+for d in $layers; do curl -s "$base/blobs/$d" | tee "$stores/floor/blobs/${d#sha256:}" | sha256sum >/dev/null; done
 t1=$(date +%s.%N)
-for d in $layers; do igzip -dc "$work/floor/blobs/${d#sha256:}" | tar -x -C "$work/floor/root"; done
+for d in $layers; do igzip -dc "$stores/floor/blobs/${d#sha256:}" | tar -x -C "$stores/floor/root"; done
 t2=$(date +%s.%N)
-rm -rf "$work/floor"
+rm -rf "$stores/floor"
 
 # floor for the 60-layer image: the registry alone serving its blobs to
 # three keep-alive connections (the tools' own concurrency), digests
@@ -144,6 +176,7 @@ print(f"{best[0]:.3f} {best[1]:.2f}")
 PY
 )
 
+echo "== stores on $stores_fs"
 python3 - "$work/results" "$t0" "$t1" "$t2" "$tiny_wall" "$tiny_cpu" <<'PY'
 import sys
 r = {}

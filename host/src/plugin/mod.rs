@@ -727,4 +727,67 @@ mod tests {
         let (err, hit) = instantiate(MAX_MEMORIES + 1, 1);
         assert!(err.is_err() && !hit, "more memories than allowed, however small");
     }
+
+    /// A guest that computes is niced by the epoch callback within a tick or
+    /// two, and its thread is back at its own priority when the call ends
+    /// (here at its CPU deadline).
+    #[test]
+    fn a_computing_guest_is_niced_and_its_thread_restored() {
+        let host = PluginHost::new(Path::new("/nonexistent")).unwrap();
+        let text = r#"(component
+            (core module $m (func (export "spin") (loop $l (br $l))))
+            (core instance $i (instantiate $m))
+            (func (export "spin") (canon lift (core func $i "spin"))))"#;
+        let component = Component::new(&host.engine, wat::parse_str(text).unwrap()).unwrap();
+        let pre = Linker::<Sandbox>::new(&host.engine)
+            .instantiate_pre(&component)
+            .unwrap();
+        let pool = Pool {
+            label: "test/spin".into(),
+            engine: host.engine.clone(),
+            tenancy: host.tenancy.clone(),
+            limits: Limits {
+                cpu: Duration::from_secs(1),
+                ..Limits::default()
+            },
+            http: None,
+            home: None,
+            make: Box::new(move |store| {
+                let i = pre.instantiate(&mut *store)?;
+                Ok(Ok(i.get_typed_func::<(), ()>(&mut *store, "spin")?))
+            }),
+            free: Default::default(),
+        };
+        let prio = |t| rustix::process::getpriority_process(Some(t)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let spinner = s.spawn(|| {
+                let me = priority::tid();
+                let before = prio(me);
+                tx.send((me, before)).unwrap();
+                let r = pool.call("spin", |store, f| Ok(Ok(f.call(&mut *store, ())?)));
+                (r, before, prio(me))
+            });
+            let (tid, before) = rx.recv().unwrap();
+            // Watched until it is niced or the call ends.
+            let mut inside = before;
+            while !spinner.is_finished() && inside == before {
+                std::thread::sleep(Duration::from_millis(5));
+                // The thread may have ended since.
+                match rustix::process::getpriority_process(Some(tid)) {
+                    Ok(p) => inside = p,
+                    Err(_) => break,
+                }
+            }
+            let (r, before_again, after) = spinner.join().unwrap();
+            assert!(r.unwrap_err().message.contains("CPU deadline"));
+            assert_eq!(before, before_again);
+            assert_eq!(after, before, "back at its own priority");
+            if priority::can_restore() {
+                assert_eq!(inside, before + priority::GUEST_NICE, "niced while it computes");
+            } else {
+                assert_eq!(inside, before);
+            }
+        });
+    }
 }

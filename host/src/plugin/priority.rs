@@ -35,7 +35,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// How much lower guest code runs (CFS weights: about a tenth).
-const GUEST_NICE: i32 = 10;
+pub(super) const GUEST_NICE: i32 = 10;
 
 /// While another tenancy works, a guest call that has computed longer than
 /// [`SHARE_GRACE`] gets one epoch tick (10 ms) of each period: 5 %.
@@ -87,7 +87,7 @@ thread_local! {
     static NICED_FROM: Cell<Option<i32>> = const { Cell::new(None) };
 }
 
-fn tid() -> rustix::process::Pid {
+pub(super) fn tid() -> rustix::process::Pid {
     // SAFETY: gettid has no preconditions.
     let t = unsafe { libc::gettid() };
     rustix::process::Pid::from_raw(t).expect("a thread id is positive")
@@ -95,7 +95,7 @@ fn tid() -> rustix::process::Pid {
 
 /// Whether this process may lower a nice it raised (probed once, on a
 /// thread of its own).
-fn can_restore() -> bool {
+pub(super) fn can_restore() -> bool {
     static CAN: OnceLock<bool> = OnceLock::new();
     *CAN.get_or_init(|| {
         std::thread::spawn(|| {

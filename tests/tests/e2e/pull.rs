@@ -197,6 +197,50 @@ fn a_blob_the_store_holds_is_not_fetched_again_under_another_parent() {
 }
 
 #[test]
+fn a_pull_of_many_layers_records_where_each_blob_came_from() {
+    if !peers() {
+        return;
+    }
+    // Enough layers that the commit writes this metadata on two threads;
+    // two layers are the same blob (one diffID, one file to append to).
+    let mut layers: Vec<Vec<u8>> = (0..14)
+        .map(|i| {
+            Layer::new()
+                .file(&format!("f{i}"), 0o644, format!("layer {i}\n").as_bytes())
+                .tar()
+        })
+        .collect();
+    layers.push(layers[3].clone());
+    let reg = Registry::start();
+    let (_p, _, descs) = publish(&reg, "test/many", "v1", &Image::new(layers.clone()));
+    let g = Gantry::new();
+    g.ok(&["pull", &format!("{}/test/many:v1", reg.addr())]);
+    let image_dir = std::fs::read_dir(g.root_path().join("image"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|d| d.join("distribution").is_dir())
+        .expect("a driver's image directory");
+    let dist = image_dir.join("distribution");
+    let repo = format!("{}/test/many", reg.addr());
+    for (tar, desc) in layers.iter().zip(&descs) {
+        let diff_id = gantry_tests::image::sha256(tar);
+        let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
+        let recorded = std::fs::read_to_string(dist.join("diffid-by-digest/sha256").join(hex(&desc.digest))).unwrap();
+        assert_eq!(recorded, diff_id, "the diffID of blob {}", desc.digest);
+        let sources: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dist.join("v2metadata-by-diffid/sha256").join(hex(&diff_id))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            sources,
+            serde_json::json!([{ "Digest": desc.digest, "SourceRepository": repo, "HMAC": "" }]),
+            "where {diff_id} came from, once"
+        );
+    }
+    g.fsck_clean();
+}
+
+#[test]
 fn a_child_layer_never_changes_the_parent_layers_it_shares_files_with() {
     if !peers() {
         return;

@@ -303,7 +303,10 @@ fn wait_for_line(log: &Path, prefix: &str) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(rest) = text.lines().find_map(|l| l.strip_prefix(prefix)) {
+        // Whole lines only: the server may be midway through writing one
+        // (stderr is unbuffered, a formatted line can take several writes).
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        if let Some(rest) = whole.lines().find_map(|l| l.strip_prefix(prefix)) {
             return rest.trim().to_string();
         }
         assert!(std::time::Instant::now() < deadline, "no line {prefix:?} came:\n{text}");

@@ -263,11 +263,13 @@ fn the_daemon_listens_on_loopback_tcp_when_asked_and_refuses_other_addresses() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let tcp = loop {
         let log = g.spawned_log();
-        if let Some(addr) = log
+        // Whole lines only (one may be half written).
+        let whole = &log[..log.rfind('\n').map_or(0, |i| i + 1)];
+        if let Some(addr) = whole
             .lines()
             .find_map(|l| l.strip_prefix("gantry daemon: listening on tcp://"))
         {
-            if log.contains(&format!("listening on {unix}")) {
+            if whole.contains(&format!("listening on {unix}\n")) {
                 break format!("tcp://{addr}");
             }
         }

@@ -45,7 +45,7 @@ fn announce(addrs: &[Listen], groups: &[(Listen, u32)]) -> std::result::Result<(
         }
     }
     for a in addrs {
-        eprintln!("gantry daemon: listening on {a}");
+        crate::commands::announce(&format!("gantry daemon: listening on {a}"));
     }
     Ok(())
 }

@@ -19,6 +19,14 @@ use crate::context::Context;
 use anyhow::Result;
 use std::process::ExitCode;
 
+/// Writes `line` to standard error in one write: a server's "listening
+/// on" line is read by scripts while the server runs, and `eprintln!`
+/// writes a formatted line piece by piece (standard error is unbuffered).
+pub(crate) fn announce(line: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode> {
     // Tenants each open a store of their own; the default one is not used.
     if let Command::Daemon {

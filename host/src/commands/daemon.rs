@@ -45,7 +45,7 @@ fn announce(addrs: &[Listen], groups: &[(Listen, u32)]) -> std::result::Result<(
         }
     }
     for a in addrs {
-        crate::commands::announce(&format!("gantry daemon: listening on {a}"));
+        crate::commands::stderr_line(&format!("gantry daemon: listening on {a}"));
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ use std::process::ExitCode;
 /// Writes `line` to standard error in one write: a server's "listening
 /// on" line is read by scripts while the server runs, and `eprintln!`
 /// writes a formatted line piece by piece (standard error is unbuffered).
-pub(crate) fn announce(line: &str) {
+pub(crate) fn stderr_line(line: &str) {
     use std::io::Write as _;
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }

@@ -67,7 +67,7 @@ pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
     let mut options = gantry_serve::Options::new(mode.listen);
     options.header_timeout = Duration::from_secs(mode.header_timeout.max(1));
     gantry_serve::run(options, backend, |addr| {
-        crate::commands::announce(&format!("gantry serve: listening on http://{addr}"));
+        crate::commands::stderr_line(&format!("gantry serve: listening on http://{addr}"));
     })?;
     Ok(ExitCode::SUCCESS)
 }

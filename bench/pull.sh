@@ -10,7 +10,8 @@
 # Prints wall times (median of BENCH_RUNS, default 3, each from a cold page
 # cache), peak memory and ratios, the cost of durable commits, and for the
 # six-layer image the floor of `curl | sha256sum` + `igzip -dc | tar -x`, for
-# the 60-layer image the time and CPU the registry alone takes to serve it.
+# the 60-layer image the time the registry alone takes to serve it (warm,
+# with its CPU, and from a cold cache).
 #
 # BENCH_DIR=DIR keeps the generated images between runs.
 # BENCH_FS=ext4 puts every tool's store (and the registry's) on a fresh

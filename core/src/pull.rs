@@ -288,11 +288,14 @@ impl Read for Follow<'_> {
                 Err(e) => {
                     // A failed download removes its file before it says
                     // so: wait for its word, so its own error is reported.
-                    let mut st = self.live.state.lock().unwrap();
-                    while st.done.is_none() && st.generation == self.generation {
-                        st = self.live.cv.wait(st).unwrap();
-                    }
-                    let failed = st.generation != self.generation || st.done == Some(false);
+                    let generation = self.generation;
+                    let st = self.live.state.lock().unwrap();
+                    let st = self
+                        .live
+                        .cv
+                        .wait_while(st, |st| st.done.is_none() && st.generation == generation)
+                        .unwrap();
+                    let failed = st.generation != generation || st.done == Some(false);
                     drop(st);
                     return Err(if failed {
                         self.interrupted("the download failed")

@@ -476,20 +476,20 @@ impl<'a> Staging<'a> {
     /// commit, so past a few layers half are written on a second thread
     /// (the downloads are over, a core is free).
     fn record_blobs(&self, staged: &[Staged]) -> Result<()> {
-        let record = |st: &&Staged| match &st.source {
+        let record = |st: &Staged| match &st.source {
             Some((blob, repo)) => self.store.layers.record_blob(blob, &st.meta.diff_id, repo),
             None => Ok(()),
         };
         if staged.len() < 8 {
-            return staged.iter().try_for_each(|st| record(&st));
+            return staged.iter().try_for_each(record);
         }
         // Layers of one diffID append to one file: those stay on one thread.
         let (mine, theirs): (Vec<&Staged>, Vec<&Staged>) = staged
             .iter()
             .partition(|st| st.meta.diff_id.hex().as_bytes()[0] % 2 == 0);
         std::thread::scope(|s| {
-            let other = s.spawn(|| theirs.iter().try_for_each(record));
-            let mine = mine.iter().try_for_each(record);
+            let other = s.spawn(|| theirs.into_iter().try_for_each(record));
+            let mine = mine.into_iter().try_for_each(record);
             other.join().expect("recording blobs panicked").and(mine)
         })
     }

@@ -7,6 +7,8 @@
 //!   server) on 127.0.0.1 and fills it with `skopeo copy`;
 //! - [`proxy`]: an HTTP proxy in front of it that adds token auth and
 //!   injects faults (cut connections, wrong bytes, redirects);
+//! - [`token`]: a token server, for a registry with distribution's own
+//!   token auth (users who see only their own repositories);
 //! - [`gantry`]: runs the built binary with a fresh `--root`;
 //! - [`tree`]: listings of a tar or a directory for file-by-file comparison.
 
@@ -16,6 +18,7 @@ pub mod image;
 pub mod proxy;
 pub mod registry;
 pub mod relay;
+pub mod token;
 pub mod tree;
 
 /// Says why a test did not run, when a peer it needs is missing. CI installs

@@ -45,6 +45,18 @@ impl Registry {
         Registry::start_with(&format!("proxy:\n  remoteurl: {remote}\n"))
     }
 
+    /// docker-registry checking bearer tokens of `tokens` (distribution's
+    /// own token auth): who may pull or push what is the registry's answer.
+    pub fn start_token_auth(tokens: &crate::token::TokenServer) -> Registry {
+        Registry::start_with(&format!(
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+            tokens.realm(),
+            crate::token::SERVICE,
+            crate::token::ISSUER,
+            tokens.cert().display()
+        ))
+    }
+
     fn start_with(extra: &str) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();

@@ -188,6 +188,13 @@ impl Config {
             None => (DEFAULT.to_string(), "built-in config".to_string()),
         };
         let mut c: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {}", e.message()))?;
+        if let Some(p) = path {
+            // Relative paths in a config file mean beside it, wherever
+            // gantry runs from (a native library is never looked up by a
+            // name `dlopen` would search, nor in the current directory).
+            let file = std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))?;
+            c.resolve_paths(file.parent().unwrap_or(Path::new("/")));
+        }
         if !c.registry_mirrors.is_empty() {
             let hub = c
                 .registries
@@ -247,6 +254,21 @@ impl Config {
         Ok(c)
     }
 
+    /// Makes every relative path of the config relative to `base` (the
+    /// config file's directory).
+    fn resolve_paths(&mut self, base: &Path) {
+        let paths = [
+            &mut self.plugin_dir,
+            &mut self.plugin_cache_dir,
+            &mut self.auth_file,
+            &mut self.transport.path,
+            &mut self.driver.path,
+        ];
+        for p in paths.into_iter().flatten() {
+            *p = resolve(base, p);
+        }
+    }
+
     /// The component file of a plugin table.
     pub fn plugin_path(&self, table: &str, p: &PluginConfig) -> Result<PathBuf> {
         if let Some(path) = &p.path {
@@ -272,6 +294,15 @@ impl Config {
             p.kind,
             dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
         )
+    }
+}
+
+/// `path`, relative to `base` when it is relative.
+pub fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
     }
 }
 
@@ -312,6 +343,24 @@ mod tests {
         std::fs::write(t.path(), format!("{DEFAULT}\nbogus = 1\n")).unwrap();
         let e = Config::load(Some(t.path())).unwrap_err().to_string();
         assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_are_beside_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("gantry.toml");
+        std::fs::write(
+            &t,
+            "auth_file = \"auth.json\"\nplugin_dir = \"../plugins\"\nplugin_cache_dir = \"/var/cache/g\"\n[transport]\ntype = \"v2\"\npath = \"t/v2.wasm\"\n[driver]\ntype = \"x\"\nruntime = \"native\"\npath = \"drivers/libfast.so\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&t)).unwrap();
+        let d = dir.path();
+        assert_eq!(c.auth_file.as_deref(), Some(d.join("auth.json").as_path()));
+        assert_eq!(c.plugin_dir.as_deref(), Some(d.join("../plugins").as_path()));
+        assert_eq!(c.plugin_cache_dir.as_deref(), Some(Path::new("/var/cache/g")));
+        assert_eq!(c.transport.path.as_deref(), Some(d.join("t/v2.wasm").as_path()));
+        assert_eq!(c.driver.path.as_deref(), Some(d.join("drivers/libfast.so").as_path()));
     }
 
     #[test]

@@ -27,6 +27,11 @@ pub struct Context {
     /// Blob downloads shared by every pull of this process: two daemon
     /// clients pulling the same image fetch each blob once.
     downloads: gantry_core::pull::SharedDownloads,
+    /// Whether credentials may come from the environment's Docker config
+    /// (`$DOCKER_CONFIG`, `~/.docker`) when the config names no
+    /// `auth_file`: the CLI's user runs it as themself; a daemon serves
+    /// others, so it never does (see [`Context::credentials`]).
+    pub credentials_from_environment: bool,
 }
 
 impl Context {
@@ -61,6 +66,7 @@ impl Context {
             driver: OnceLock::new(),
             transport: OnceLock::new(),
             downloads: Default::default(),
+            credentials_from_environment: true,
         };
         if alone {
             // Nobody else is using the store: clear what a crash left. The
@@ -139,9 +145,16 @@ impl Context {
         )?))
     }
 
-    /// Registry credentials by host, from the configured Docker `config.json`.
+    /// Registry credentials by host, from the config's `auth_file`, else
+    /// (the CLI only) the user's own Docker `config.json`. A daemon's
+    /// clients and tenants never get the environment's login: theirs is
+    /// what they send, or the `auth_file` their config names.
     pub fn credentials(&self) -> Result<impl Fn(&str) -> Option<gantry_core::plugin::Credentials> + Sync> {
-        let path = self.config.auth_file.clone().or_else(crate::auth::default_path);
+        let path = match &self.config.auth_file {
+            Some(p) => Some(p.clone()),
+            None if self.credentials_from_environment => crate::auth::default_path(),
+            None => None,
+        };
         let auth = crate::auth::AuthFile::load(path.as_deref())?;
         Ok(move |domain: &str| auth.get(domain))
     }

@@ -322,7 +322,11 @@ fn answer(
                 Some((u, p)) if users.iter().any(|(uu, pp)| uu == u && pp == p) => Some(u.to_string()),
                 _ => {
                     *refused.lock().unwrap() += 1;
-                    reply(&mut w, 401, r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#);
+                    reply(
+                        &mut w,
+                        401,
+                        r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#,
+                    );
                     return;
                 }
             }
@@ -349,7 +353,11 @@ fn answer(
     }
     let token = signer.sign(user.as_deref(), &access);
     issued.lock().unwrap().push(Issued { user, access });
-    reply(&mut w, 200, &format!(r#"{{"token":"{token}","access_token":"{token}"}}"#));
+    reply(
+        &mut w,
+        200,
+        &format!(r#"{{"token":"{token}","access_token":"{token}"}}"#),
+    );
 }
 
 impl Drop for TokenServer {

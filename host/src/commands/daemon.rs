@@ -13,7 +13,10 @@ use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-pub fn run(ctx: Context, hosts: &[String], allow_remote_tcp: bool, group: Option<&str>) -> Result<ExitCode> {
+pub fn run(mut ctx: Context, hosts: &[String], allow_remote_tcp: bool, group: Option<&str>) -> Result<ExitCode> {
+    // Its clients' identities are what they send (and the config's
+    // auth_file), never the login of whoever started the daemon.
+    ctx.credentials_from_environment = false;
     let gid = group.map(gid_of).transpose()?;
     let mut listens = Vec::new();
     for h in hosts {
@@ -102,10 +105,16 @@ pub fn run_tenants(file: &std::path::Path) -> Result<ExitCode> {
     use anyhow::Context as _;
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let t: Tenants = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.message()))?;
+    // Relative paths in the file mean beside it, as in a config.
+    let base = std::path::absolute(file).with_context(|| format!("resolving {}", file.display()))?;
+    let base = base.parent().unwrap_or(std::path::Path::new("/"));
     let mut names = std::collections::HashSet::new();
     let mut servers: Vec<(Vec<Listen>, Arc<dyn Engine>)> = Vec::new();
     let mut groups = Vec::new();
-    for tenant in t.tenant {
+    for mut tenant in t.tenant {
+        tenant.socket = crate::config::resolve(base, &tenant.socket);
+        tenant.root = crate::config::resolve(base, &tenant.root);
+        tenant.config = tenant.config.map(|c| crate::config::resolve(base, &c));
         if !names.insert(tenant.name.clone()) {
             bail!("{}: tenant {:?} is listed twice", file.display(), tenant.name);
         }
@@ -117,8 +126,11 @@ pub fn run_tenants(file: &std::path::Path) -> Result<ExitCode> {
                 tenant.socket.display()
             );
         }
-        let ctx =
+        let mut ctx =
             Context::open(tenant.config.as_deref(), &tenant.root).with_context(|| format!("tenant {}", tenant.name))?;
+        // A tenant's registry identity is its own: its auth_file, or what
+        // its clients send; never the daemon's environment.
+        ctx.credentials_from_environment = false;
         if let Some(g) = &tenant.group {
             let gid = match g {
                 GroupName::Id(n) => *n,

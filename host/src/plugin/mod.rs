@@ -528,8 +528,46 @@ impl PluginHost {
     }
 }
 
-/// A pool of ready instances of one plugin; a call takes one (or makes
-/// one), and a trapped instance is dropped instead of returned.
+/// Whose calls an instance has served: the credentials a transport call
+/// carried, as a salted fingerprint the host computes ([`Identity::of`]),
+/// or [`Identity::NONE`] for calls that carry none (drivers, anonymous
+/// pulls). An instance keeps what its guest learnt (a transport caches
+/// tokens), so it only ever serves one identity: whatever a plugin caches,
+/// one client's access can never answer another client's call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Identity([u8; 32]);
+
+impl Identity {
+    pub(crate) const NONE: Identity = Identity([0; 32]);
+
+    /// The fingerprint of `parts` under `salt` (each part length-prefixed,
+    /// so no two different credential sets run together alike).
+    pub(crate) fn of(salt: &[u8], parts: &[Option<&str>]) -> Identity {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(salt);
+        for p in parts {
+            match p {
+                Some(p) => {
+                    h.update([1]);
+                    h.update((p.len() as u64).to_le_bytes());
+                    h.update(p.as_bytes());
+                }
+                None => h.update([0]),
+            }
+        }
+        Identity(h.finalize().into())
+    }
+}
+
+/// Idle instances a pool keeps (the oldest goes first): enough for a few
+/// clients' concurrent downloads, and a bound however many identities
+/// clients bring.
+const MAX_IDLE: usize = 16;
+
+/// A pool of ready instances of one plugin; a call takes one of its
+/// identity (or makes one), and a trapped instance is dropped instead of
+/// returned.
 struct Pool<B> {
     label: String,
     engine: Engine,
@@ -539,7 +577,8 @@ struct Pool<B> {
     home: Option<Arc<Home>>,
     #[allow(clippy::type_complexity)]
     make: Box<dyn Fn(&mut Store<Sandbox>) -> wasmtime::Result<Result<B, WitError>> + Send + Sync>,
-    free: Mutex<Vec<(Store<Sandbox>, B)>>,
+    /// Idle instances, oldest first, each with the identity it served.
+    free: Mutex<std::collections::VecDeque<(Identity, Store<Sandbox>, B)>>,
 }
 
 impl<B> Pool<B> {
@@ -588,7 +627,22 @@ impl<B> Pool<B> {
         op: &str,
         f: impl FnOnce(&mut Store<Sandbox>, &B) -> wasmtime::Result<Result<R, WitError>>,
     ) -> Result<R, PluginError> {
-        let taken = self.free.lock().unwrap().pop();
+        self.call_as(Identity::NONE, op, f)
+    }
+
+    /// Runs `op` on an instance that has served `who` only (or a new one).
+    fn call_as<R>(
+        &self,
+        who: Identity,
+        op: &str,
+        f: impl FnOnce(&mut Store<Sandbox>, &B) -> wasmtime::Result<Result<R, WitError>>,
+    ) -> Result<R, PluginError> {
+        let taken = {
+            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            // The most recently used of its identity: its caches are warm.
+            let i = free.iter().rposition(|(id, _, _)| *id == who);
+            i.and_then(|i| free.remove(i)).map(|(_, s, b)| (s, b))
+        };
         let (mut store, inst) = match taken {
             Some(x) => x,
             None => {
@@ -616,7 +670,11 @@ impl<B> Pool<B> {
             }
             Ok(r) => {
                 store.data_mut().http_scope = None;
-                self.free.lock().unwrap().push((store, inst));
+                let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+                free.push_back((who, store, inst));
+                let evicted: Vec<_> = (MAX_IDLE..free.len()).filter_map(|_| free.pop_front()).collect();
+                drop(free);
+                drop(evicted);
                 r.map_err(|e| wit_error(&self.label, e))
             }
             Err(trap) => Err(self.crash(&store, op, trap)),

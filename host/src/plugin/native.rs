@@ -270,14 +270,8 @@ pub fn describe_native(path: &Path, allowed: bool) -> Result<(u32, String, Strin
     if !allowed {
         return Err(load_error(NativeLoadError::NotAllowed { name }));
     }
-    // SAFETY: the operator allowed native plugins (see `open`).
-    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
-        load_error(NativeLoadError::Open {
-            name: name.clone(),
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })
-    })?;
+    // The operator allowed native plugins (see `library`).
+    let lib = library(&name, path).map_err(load_error)?;
     let abi: AbiFn = symbol(&lib, &name, path, SYM_ABI).map_err(load_error)?;
     // SAFETY: as in `open`.
     let found = unsafe { abi() };
@@ -297,14 +291,25 @@ pub fn is_native(path: &Path) -> bool {
         .is_ok_and(|()| &magic == b"\x7fELF")
 }
 
-fn open(name: &str, path: &Path, home: Arc<Home>) -> Result<Worker, NativeLoadError> {
-    // SAFETY: loading a library runs its initialisers: that is the trust
-    // the operator gave by allowing native plugins.
-    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| NativeLoadError::Open {
+/// Loads the library at `path`, always by an absolute path: `dlopen` given
+/// a bare name searches the system's library paths, and a relative one the
+/// current directory. A config's relative paths were made absolute beside
+/// the config file when it was read; what is left relative here (a path
+/// given on the command line) means the current directory, said explicitly.
+fn library(name: &str, path: &Path) -> Result<libloading::Library, NativeLoadError> {
+    let open_error = |message: String| NativeLoadError::Open {
         name: name.to_string(),
         path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    let absolute = std::path::absolute(path).map_err(|e| open_error(e.to_string()))?;
+    // SAFETY: loading a library runs its initialisers: that is the trust
+    // the operator gave by allowing native plugins.
+    unsafe { libloading::Library::new(&absolute) }.map_err(|e| open_error(e.to_string()))
+}
+
+fn open(name: &str, path: &Path, home: Arc<Home>) -> Result<Worker, NativeLoadError> {
+    let lib = library(name, path)?;
     // The stamp first: nothing else is touched in a library of another ABI.
     let abi: AbiFn = symbol(&lib, name, path, SYM_ABI)?;
     // SAFETY: `gantry_native_abi` takes nothing and returns a u32 in every ABI version.

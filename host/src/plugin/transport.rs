@@ -1,10 +1,17 @@
 //! `WasmTransport`: the core's `Transport` trait over a transport component.
+//!
+//! Credentials belong to the client or tenant whose call carries them,
+//! never to an instance: a transport caches what it learnt (the v2 one keeps
+//! working tokens), so each call runs on an instance that has only ever
+//! served the same credentials (`Identity`, a salted fingerprint the host
+//! computes). What one client's login made work is never reused for
+//! another's call, whatever the component does inside.
 
 use super::bindings::transport::exports::gantry::plugin::transport as wit;
 use super::bindings::transport::{TransportPlugin, TransportPluginPre};
 use super::bindings::transport_push::exports::gantry::plugin::{push as wit_push, transport as wit_push_transport};
 use super::bindings::transport_push::{TransportPushPlugin, TransportPushPluginPre};
-use super::{Limits, LoadError, PluginHost, Pool, Sandbox, WitError};
+use super::{Identity, Limits, LoadError, PluginHost, Pool, Sandbox, WitError};
 use crate::http::{CallScope, HttpPolicy};
 use gantry_core::endpoint::Registries;
 use gantry_core::plugin::{ByteStream, Endpoint, Mounted, Resolved, Transport, Upload};
@@ -19,6 +26,19 @@ pub struct WasmTransport {
     /// Instances for push calls, when the component exports `push`
     /// (contract 0.1.2 on); an older transport loads without it.
     push_pool: Option<Pool<TransportPushPlugin>>,
+    /// This transport's salt for [`Identity`] fingerprints.
+    salt: String,
+}
+
+/// The identity of the credentials a call carries.
+fn identity(salt: &str, c: Option<&gantry_core::plugin::Credentials>) -> Identity {
+    match c {
+        None => Identity::NONE,
+        Some(c) => Identity::of(
+            salt.as_bytes(),
+            &[Some(&c.username), Some(&c.password), c.identity_token.as_deref()],
+        ),
+    }
 }
 
 impl WasmTransport {
@@ -61,6 +81,7 @@ impl WasmTransport {
                 free: Default::default(),
             },
             push_pool,
+            salt: gantry_core::store::random_id(),
         })
     }
 
@@ -84,6 +105,7 @@ impl WasmTransport {
                 ),
             ));
         };
+        let who = identity(&self.salt, ep.credentials.as_ref());
         let ep = wit_push_transport::Endpoint {
             url: ep.url.clone(),
             mirror: ep.mirror,
@@ -93,7 +115,7 @@ impl WasmTransport {
                 identity_token: c.identity_token.clone(),
             }),
         };
-        pool.call(op, |s, p| {
+        pool.call_as(who, op, |s, p| {
             s.data_mut().http_scope = Some(CallScope::push(&ep.url));
             f(s, p, &ep)
         })
@@ -112,8 +134,9 @@ impl WasmTransport {
             &wit::Endpoint,
         ) -> wasmtime::Result<Result<R, WitError>>,
     ) -> Result<R, PluginError> {
+        let who = identity(&self.salt, ep.credentials.as_ref());
         let ep = self.endpoint(ep);
-        self.pool.call(op, |s, p| {
+        self.pool.call_as(who, op, |s, p| {
             s.data_mut().http_scope = Some(CallScope::pull(&ep.url));
             f(s, p, &ep)
         })

@@ -15,16 +15,84 @@ use gantry_kit::transport::{
     ProbeInfo, Resolved, Transport, Upload,
 };
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::VecDeque;
 
 const MAX_MANIFEST: usize = 4 << 20;
 
 struct V2;
 
+/// Whose `Authorization` a cached one is: the endpoint, the scope, and the
+/// exact credentials that earned it (`None`: anonymous). A value is only
+/// ever reused for the same three, so one client's token never answers for
+/// another's credentials (the host also gives each credential set its own
+/// instances; this holds even where it would not).
+#[derive(PartialEq, Eq)]
+struct AuthKey {
+    endpoint: String,
+    scope: String,
+    credentials: Option<(String, String, Option<String>)>,
+}
+
+impl AuthKey {
+    fn new(ep: &Endpoint, scope: &str) -> AuthKey {
+        AuthKey {
+            endpoint: ep.url.clone(),
+            scope: scope.to_string(),
+            credentials: ep
+                .credentials
+                .as_ref()
+                .map(|c| (c.username.clone(), c.password.clone(), c.identity_token.clone())),
+        }
+    }
+
+    fn bytes(&self, auth: &Option<String>) -> usize {
+        let c = self
+            .credentials
+            .as_ref()
+            .map_or(0, |(u, p, t)| u.len() + p.len() + t.as_ref().map_or(0, String::len));
+        self.endpoint.len() + self.scope.len() + c + auth.as_ref().map_or(0, String::len) + 64
+    }
+}
+
+/// The `Authorization` values that worked (`None` when none was needed),
+/// oldest first. Scopes name repositories a client chose, so the cache is
+/// bounded in entries and bytes and forgets the oldest.
+#[derive(Default)]
+struct AuthCache {
+    entries: VecDeque<(AuthKey, Option<String>)>,
+    bytes: usize,
+}
+
+const AUTH_ENTRIES: usize = 64;
+const AUTH_BYTES: usize = 256 << 10;
+
+impl AuthCache {
+    fn get(&self, key: &AuthKey) -> Option<Option<String>> {
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    }
+
+    fn put(&mut self, key: AuthKey, auth: Option<String>) {
+        if let Some(i) = self.entries.iter().position(|(k, _)| *k == key) {
+            if let Some((k, v)) = self.entries.remove(i) {
+                self.bytes -= k.bytes(&v);
+            }
+        }
+        let size = key.bytes(&auth);
+        if size > AUTH_BYTES / 4 {
+            return;
+        }
+        while !self.entries.is_empty() && (self.entries.len() >= AUTH_ENTRIES || self.bytes + size > AUTH_BYTES) {
+            if let Some((k, v)) = self.entries.pop_front() {
+                self.bytes -= k.bytes(&v);
+            }
+        }
+        self.bytes += size;
+        self.entries.push_back((key, auth));
+    }
+}
+
 thread_local! {
-    /// The `Authorization` value that worked, by (endpoint, scope) — `None`
-    /// when none was needed — kept for the life of the instance.
-    static AUTH: RefCell<HashMap<(String, String), Option<String>>> = RefCell::new(HashMap::new());
+    static AUTH: RefCell<AuthCache> = RefCell::new(AuthCache::default());
 }
 
 /// The registry's own words from an `{"errors":[{"code","message"}]}` body.
@@ -125,8 +193,8 @@ fn request(
     headers: Vec<(String, String)>,
     scope: &str,
 ) -> Result<Response, Error> {
-    let key = (ep.url.clone(), scope.to_string());
-    let cached = AUTH.with(|t| t.borrow().get(&key).cloned()).flatten();
+    let key = AuthKey::new(ep, scope);
+    let cached = AUTH.with(|t| t.borrow().get(&key)).flatten();
     let with_auth = |auth: Option<String>| {
         let mut h = headers.clone();
         if let Some(a) = auth {
@@ -164,21 +232,21 @@ fn request(
     Ok(resp)
 }
 
-fn remember(key: (String, String), auth: Option<String>) {
-    AUTH.with(|t| t.borrow_mut().insert(key, auth));
+fn remember(key: AuthKey, auth: Option<String>) {
+    AUTH.with(|t| t.borrow_mut().put(key, auth));
 }
 
 /// The `Authorization` value for `scope`, learnt (with a `GET` of `probe`,
 /// answering its challenge) when not known yet: a request whose body is a
 /// stream cannot be sent twice, so it must go out right the first time.
 fn auth_for(ep: &Endpoint, probe: &str, scope: &str) -> Result<Option<String>, Error> {
-    let key = (ep.url.clone(), scope.to_string());
-    if let Some(known) = AUTH.with(|t| t.borrow().get(&key).cloned()) {
+    let key = AuthKey::new(ep, scope);
+    if let Some(known) = AUTH.with(|t| t.borrow().get(&key)) {
         return Ok(known);
     }
     let resp = request(ep, "GET", probe.to_string(), Vec::new(), scope)?;
     let _ = read_all(&resp.body, 64 << 10);
-    Ok(AUTH.with(|t| t.borrow().get(&key).cloned()).flatten())
+    Ok(AUTH.with(|t| t.borrow().get(&key)).flatten())
 }
 
 fn pull_scope(repository: &str) -> String {

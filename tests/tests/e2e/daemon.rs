@@ -906,3 +906,245 @@ fn tenants_have_their_own_stores_and_a_looping_plugin_does_not_slow_another_tena
         g.spawned_log()
     );
 }
+
+/// The docker CLI of one client of the daemon: its own config directory,
+/// so what it logs in with is its own.
+fn client(g: &Gantry, host: &str, who: &str) -> Command {
+    let mut c = Command::new("docker");
+    c.env("DOCKER_HOST", host)
+        .env("DOCKER_CONFIG", g.scratch().join(format!("docker-config-{who}")));
+    c
+}
+
+/// `docker login` as client `who`.
+fn login_as(g: &Gantry, host: &str, who: &str, server: &str, user: &str, password: &str) -> Output {
+    use std::io::Write;
+    let mut child = client(g, host, who)
+        .args(["login", server, "-u", user, "--password-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// An Engine API request with `X-Registry-Auth` set to these credentials
+/// (a client that sends wrong ones, as the CLI never would after a failed
+/// login).
+fn with_auth(host: &str, method: &str, path: &str, user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::URL_SAFE
+        .encode(serde_json::json!({"username": user, "password": password}).to_string());
+    raw(
+        host,
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\nX-Registry-Auth: {auth}\r\nContent-Length: 0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+}
+
+/// A small root filesystem, imported through the daemon as `name`.
+fn import_as(g: &Gantry, host: &str, name: &str) {
+    let tar = g.scratch().join("creds-rootfs.tar");
+    std::fs::write(
+        &tar,
+        gantry_tests::image::Layer::new().file("owner", 0o644, b"alice\n").tar(),
+    )
+    .unwrap();
+    let out = client(g, host, "importer")
+        .args(["import", tar.to_str().unwrap(), name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn succeeded(out: &Output) -> bool {
+    out.status.success()
+}
+
+#[test]
+fn clients_of_one_daemon_never_share_registry_credentials() {
+    if !(require("docker-registry") && require("docker") && require("openssl")) {
+        return;
+    }
+    use gantry_tests::token::TokenServer;
+    let tokens = TokenServer::start(&[("alice", "s3cret"), ("bob", "hunter2")]);
+    let reg = Registry::start_token_auth(&tokens);
+    let g = Gantry::new();
+    let d = g.daemon();
+    let h = &d.addr;
+    let server = reg.addr();
+    let app = format!("{server}/alice/app");
+    import_as(&g, h, &format!("{app}:v1"));
+
+    // Alice logs in and pushes her repository.
+    let out = login_as(&g, h, "alice", &server, "alice", "s3cret");
+    assert!(succeeded(&out), "{out:?}");
+    let out = client(&g, h, "alice")
+        .args(["push", &format!("{app}:v1")])
+        .output()
+        .unwrap();
+    assert!(succeeded(&out), "alice's push: {out:?}");
+    assert_eq!(tokens.tags(&server, "alice/app"), ["v1"]);
+
+    // Another client's login is checked with the registry, whatever alice
+    // did before it: a wrong password and an unknown user are refused.
+    let refused_before = *tokens.refused.lock().unwrap();
+    for (user, password) in [("alice", "wrong"), ("mallory", "s3cret")] {
+        let out = login_as(&g, h, "mallory", &server, user, password);
+        assert!(
+            !succeeded(&out),
+            "a login as {user}/{password} succeeded after alice's: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(err.contains("unauthorized") || err.contains("401"), "{err}");
+    }
+    assert_eq!(
+        *tokens.refused.lock().unwrap(),
+        refused_before + 2,
+        "each wrong login reached the token server"
+    );
+
+    // A client with no credentials, one with wrong ones and one with
+    // another user's push nothing into alice's repository.
+    let evil = format!("{app}:evil");
+    ok(&g, h, &["tag", &format!("{app}:v1"), &evil]);
+    let out = client(&g, h, "mallory").args(["push", &evil]).output().unwrap();
+    assert!(!succeeded(&out), "a push with no credentials: {out:?}");
+    let path = format!("/v1.47/images/{}/push?tag=evil", app.replace('/', "%2F"));
+    let r = with_auth(h, "POST", &path, "alice", "wrong");
+    assert!(!r.contains("digest: sha256:"), "a push with a wrong password: {r}");
+    assert!(r.to_lowercase().contains("unauthorized"), "{r}");
+    let out = login_as(&g, h, "bob", &server, "bob", "hunter2");
+    assert!(succeeded(&out), "bob's own login: {out:?}");
+    let out = client(&g, h, "bob").args(["push", &evil]).output().unwrap();
+    assert!(!succeeded(&out), "bob pushed into alice's repository: {out:?}");
+    assert_eq!(tokens.tags(&server, "alice/app"), ["v1"], "nothing but alice's tag");
+
+    // The same for pulls of her private repository.
+    ok(&g, h, &["rmi", "-f", &format!("{app}:v1"), &evil]);
+    for who in ["mallory", "bob"] {
+        let out = client(&g, h, who)
+            .args(["pull", &format!("{app}:v1")])
+            .output()
+            .unwrap();
+        assert!(!succeeded(&out), "{who} pulled alice's image: {out:?}");
+    }
+    let r = with_auth(
+        h,
+        "POST",
+        &format!("/v1.47/images/create?fromImage={}&tag=v1", app.replace('/', "%2F")),
+        "alice",
+        "wrong",
+    );
+    assert!(!r.contains("Status: Downloaded"), "a pull with a wrong password: {r}");
+    assert!(
+        !ok(&g, h, &["images", "--format", "{{.Repository}}"]).contains("alice/app"),
+        "nothing was pulled"
+    );
+    // Alice still can.
+    let out = client(&g, h, "alice")
+        .args(["pull", &format!("{app}:v1")])
+        .output()
+        .unwrap();
+    assert!(succeeded(&out), "alice's pull: {out:?}");
+    g.fsck_clean();
+}
+
+/// The tenants file for `tenants` (name, config text), each with its own
+/// socket and root in `dir`, and its config named relative to the file
+/// (which means beside it); returns the sockets.
+fn tenants(dir: &std::path::Path, tenants: &[(&str, String)]) -> (std::path::PathBuf, Vec<std::path::PathBuf>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut file = String::new();
+    let mut sockets = Vec::new();
+    for (name, config) in tenants {
+        std::fs::write(dir.join(format!("{name}.toml")), config).unwrap();
+        let sock = dir.join(format!("{name}.sock"));
+        file.push_str(&format!(
+            "[[tenant]]\nname = \"{name}\"\nsocket = \"{}\"\nroot = \"{}\"\nconfig = \"{name}.toml\"\n\n",
+            sock.display(),
+            dir.join(format!("{name}-root")).display(),
+        ));
+        sockets.push(sock);
+    }
+    let path = dir.join("tenants.toml");
+    std::fs::write(&path, file).unwrap();
+    (path, sockets)
+}
+
+#[test]
+fn a_tenant_gets_only_its_own_credentials_never_the_daemon_s() {
+    if !(require("docker-registry") && require("docker") && require("openssl")) {
+        return;
+    }
+    use gantry_tests::token::TokenServer;
+    let tokens = TokenServer::start(&[("alice", "s3cret")]);
+    let reg = Registry::start_token_auth(&tokens);
+    let server = reg.addr();
+    let mut g = Gantry::new();
+    // The operator's own login, in the daemon's environment.
+    let operator = crate::docker_config(&g, &server, "alice", "s3cret");
+    g.env.push(("DOCKER_CONFIG".into(), operator.display().to_string()));
+    let dir = g.scratch().join("tenants");
+    let driver = format!(
+        "[transport]\ntype = \"v2\"\n[driver]\ntype = \"{}\"\n",
+        Gantry::test_driver()
+    );
+    // Tenant b names its own auth file (relative: beside its config).
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(operator.join("config.json"), dir.join("b-auth.json")).unwrap();
+    let (file, sockets) = tenants(
+        &dir,
+        &[
+            ("a", driver.clone()),
+            ("b", format!("auth_file = \"b-auth.json\"\n{driver}")),
+        ],
+    );
+    let mut daemon = g.spawn(&["daemon", "--tenants", file.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while g.spawned_log().matches("listening on").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", g.spawned_log());
+        assert!(daemon.try_wait().unwrap().is_none(), "{}", g.spawned_log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (a, b) = (
+        format!("unix://{}", sockets[0].display()),
+        format!("unix://{}", sockets[1].display()),
+    );
+    for (host, tag) in [(&a, "from-a"), (&b, "from-b")] {
+        import_as(&g, host, &format!("{server}/alice/app:{tag}"));
+    }
+    // Tenant a's client sends nothing: the push has no credentials.
+    let out = client(&g, &a, "a")
+        .args(["push", &format!("{server}/alice/app:from-a")])
+        .output()
+        .unwrap();
+    assert!(!succeeded(&out), "tenant a pushed with the operator's login: {out:?}");
+    assert!(tokens.tags(&server, "alice/app").is_empty());
+    // Tenant b's own file is its identity.
+    let out = client(&g, &b, "b")
+        .args(["push", &format!("{server}/alice/app:from-b")])
+        .output()
+        .unwrap();
+    assert!(succeeded(&out), "tenant b's push with its auth_file: {out:?}");
+    assert_eq!(tokens.tags(&server, "alice/app"), ["from-b"]);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+
+    // The operator's own daemon neither: like dockerd, it uses what its
+    // clients send (or an auth_file its config names), not its environment.
+    let d = g.daemon();
+    import_as(&g, &d.addr, &format!("{server}/alice/app:from-operator"));
+    let out = client(&g, &d.addr, "anyone")
+        .args(["push", &format!("{server}/alice/app:from-operator")])
+        .output()
+        .unwrap();
+    assert!(!succeeded(&out), "a client pushed with the daemon's own login: {out:?}");
+    assert_eq!(tokens.tags(&server, "alice/app"), ["from-b"]);
+}

@@ -91,3 +91,77 @@ fn native_overlay2_passes_conformance_only_with_consent_and_pulls_what_the_compo
     g.ok(&["rmi", &name]);
     g.fsck_clean();
 }
+
+/// `gantry --config CONFIG plugin ls`, run from `cwd`.
+fn plugin_ls_from(g: &Gantry, config: &std::path::Path, cwd: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(binary())
+        .arg("--root")
+        .arg(g.root_path())
+        .arg("--config")
+        .arg(config)
+        .args(["plugin", "ls"])
+        .current_dir(cwd)
+        .env("DOCKER_CONFIG", g.scratch().join("no-docker-config"))
+        .env("TMPDIR", g.tmpdir.path())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn relative_plugin_paths_resolve_beside_the_config_file_never_the_current_directory() {
+    let g = Gantry::bare();
+    let etc = g.scratch().join("etc");
+    let elsewhere = g.scratch().join("elsewhere");
+    for d in [&etc, &elsewhere] {
+        std::fs::create_dir_all(d.join("plugins")).unwrap();
+        std::fs::create_dir_all(d.join("drivers")).unwrap();
+    }
+    let component = |name: &str| crate::sandbox::component(name);
+    std::fs::copy(component("gantry_transport_v2"), etc.join("plugins/transport.wasm")).unwrap();
+    std::fs::copy(component("gantry_driver_vfs"), etc.join("drivers/vfs.wasm")).unwrap();
+    // The same names in the directory gantry runs from hold something else.
+    std::fs::write(elsewhere.join("plugins/transport.wasm"), b"not this one").unwrap();
+    std::fs::write(elsewhere.join("drivers/vfs.wasm"), b"not this one").unwrap();
+    let config = etc.join("gantry.toml");
+    std::fs::write(
+        &config,
+        "[transport]\ntype = \"v2\"\npath = \"plugins/transport.wasm\"\n[driver]\ntype = \"vfs\"\npath = \"drivers/vfs.wasm\"\n",
+    )
+    .unwrap();
+    let out = plugin_ls_from(&g, &config, &elsewhere);
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{shown}");
+    assert_eq!(shown.lines().filter(|l| l.ends_with("   ok")).count(), 2, "{shown}");
+
+    if !is_root() {
+        eprintln!("skipped: the native part needs root (overlay2)");
+        return;
+    }
+    // A native driver named `drivers/libfast.so`: the library beside the
+    // config loads; the one in the current directory is never opened.
+    std::fs::copy(native_overlay2(), etc.join("drivers/libfast.so")).unwrap();
+    std::fs::write(elsewhere.join("drivers/libfast.so"), b"\x7fELF not this one").unwrap();
+    let g = Gantry::bare();
+    std::fs::write(
+        &config,
+        "allow_native_plugins = true\n[transport]\ntype = \"v2\"\npath = \"plugins/transport.wasm\"\n[driver]\ntype = \"overlay2\"\nruntime = \"native\"\npath = \"drivers/libfast.so\"\n",
+    )
+    .unwrap();
+    let out = plugin_ls_from(&g, &config, &elsewhere);
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("gantry.driver") && l.contains("native") && l.ends_with("   ok")),
+        "{shown}"
+    );
+}

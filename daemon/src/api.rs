@@ -207,22 +207,35 @@ fn truthy(v: Option<String>) -> bool {
     matches!(v.as_deref(), Some("1" | "true" | "True"))
 }
 
-/// `X-Registry-Auth`: base64url JSON, as the CLI encodes it.
-fn registry_auth(req: &Request<hyper::body::Incoming>) -> Option<RegistryAuth> {
+/// `X-Registry-Auth`: base64url JSON, as the CLI encodes it; `None` when
+/// the client sent none (or an empty `{}`, as the CLI does for anonymous
+/// access). A header that cannot be read is the client's error (400): a
+/// call never goes ahead as if the client had sent no credentials.
+fn registry_auth(req: &Request<hyper::body::Incoming>) -> Result<Option<RegistryAuth>, &'static str> {
     use base64::Engine as _;
-    let raw = req.headers().get("x-registry-auth")?.to_str().ok()?.trim();
+    let Some(header) = req.headers().get("x-registry-auth") else {
+        return Ok(None);
+    };
+    let bad = || "invalid X-Registry-Auth header: not base64-encoded JSON";
+    let raw = header.to_str().map_err(|_| bad())?.trim();
+    if raw.is_empty() {
+        return Ok(None);
+    }
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(raw.trim_end_matches('='))
         .or_else(|_| base64::engine::general_purpose::STANDARD.decode(raw))
-        .ok()?;
-    let v: Value = serde_json::from_slice(&bytes).ok()?;
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    if !v.is_object() {
+        return Err(bad());
+    }
     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
     let auth = RegistryAuth {
         username: s("username"),
         password: s("password"),
         identity_token: Some(s("identitytoken")).filter(|t| !t.is_empty()),
     };
-    (!auth.username.is_empty() || auth.identity_token.is_some()).then_some(auth)
+    Ok((!auth.username.is_empty() || auth.identity_token.is_some()).then_some(auth))
 }
 
 /// The `filters` of `GET /images/json`: Docker's JSON map of lists.
@@ -573,7 +586,10 @@ async fn route(
                     if let Err(e) = engine.valid_reference(&reference) {
                         return error(e.status(), &e.to_string());
                     }
-                    let auth = registry_auth(&req);
+                    let auth = match registry_auth(&req) {
+                        Ok(a) => a,
+                        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+                    };
                     return stream(move |send, _| engine.push(&reference, auth, send));
                 }
                 if let Some(name) = name_of("/tag") {
@@ -864,7 +880,10 @@ fn pull(engine: Arc<dyn Engine>, image: String, req: Request<hyper::body::Incomi
     if let Err(e) = engine.valid_reference(&reference) {
         return error(e.status(), &e.to_string());
     }
-    let auth = registry_auth(&req);
+    let auth = match registry_auth(&req) {
+        Ok(a) => a,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
     stream(move |send, gone| engine.pull(&reference, auth, send, gone))
 }
 

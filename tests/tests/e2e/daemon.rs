@@ -1046,6 +1046,18 @@ fn clients_of_one_daemon_never_share_registry_credentials() {
         !ok(&g, h, &["images", "--format", "{{.Repository}}"]).contains("alice/app"),
         "nothing was pulled"
     );
+    // Credentials that cannot be read are the client's error, never a
+    // pull with no credentials (nor with anyone else's).
+    let r = raw(
+        h,
+        format!(
+            "POST /v1.47/images/create?fromImage={}&tag=v1 HTTP/1.1\r\nHost: d\r\nConnection: close\r\nX-Registry-Auth: not*base64\r\nContent-Length: 0\r\n\r\n",
+            app.replace('/', "%2F")
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status(&r), 400, "{r}");
+    assert!(message(&r).contains("X-Registry-Auth"), "{r}");
     // Alice still can.
     let out = client(&g, h, "alice")
         .args(["pull", &format!("{app}:v1")])

@@ -4,8 +4,10 @@
 //! Pull and load both go through here, so both verify the same way: the
 //! blob is decompressed (by its magic bytes), bounded in size, hashed to a
 //! diffID and split into a tar-split record on a feeder thread, while the
-//! driver unpacks it. A layer counts only if its diffID is the one the image
-//! config promised. Nothing becomes visible until [`Staging::commit`];
+//! driver unpacks it. On the way every header is judged by the layer rules
+//! of the stack it goes on (`layer_rules`): a refused entry ends the layer
+//! before the driver has read it. A layer counts only if its diffID is the
+//! one the image config promised. Nothing becomes visible until [`Staging::commit`];
 //! dropping a `Staging` removes every layer it staged.
 
 use crate::digest::Digest;

@@ -821,6 +821,97 @@ mod tests {
         }
     }
 
+    /// The names the core judges are the names the `tar` crate (the
+    /// unpacker) reads: a GNU long name before a PAX path, a PAX path
+    /// before the header's, a ustar prefix only in a ustar header.
+    #[test]
+    fn entry_headers_name_what_the_unpacker_reads() {
+        let mut b = tar::Builder::new(Vec::new());
+        // A GNU header whose prefix area holds bytes (GNU keeps times there).
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.as_mut_bytes()[345..350].copy_from_slice(b"junk!");
+        h.as_old_mut().name[..5].copy_from_slice(b"plain");
+        h.set_cksum();
+        b.append(&h, io::empty()).unwrap();
+        // A PAX linkpath for a symbolic link.
+        b.append_pax_extensions([("linkpath", &b"pax/target"[..])]).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.as_old_mut().name[..4].copy_from_slice(b"link");
+        h.set_cksum();
+        b.append(&h, io::empty()).unwrap();
+        // A GNU long name and a PAX path for one entry: the long name wins.
+        b.get_mut().extend(gnu_longname(b"from/long-name"));
+        b.append_pax_extensions([("path", &b"from/pax"[..])]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.as_old_mut().name[..6].copy_from_slice(b"header");
+        h.set_cksum();
+        b.append(&h, io::empty()).unwrap();
+        let bytes = b.into_inner().unwrap();
+
+        let mut ours = Vec::new();
+        let mut w = Walker::new();
+        w.feed(&bytes, &mut RecordWriter::discard(), &mut |h: &EntryHeader| {
+            ours.push((h.name.clone(), h.link.clone()));
+            Ok(())
+        })
+        .unwrap();
+        let mut theirs = Vec::new();
+        for e in tar::Archive::new(&bytes[..]).entries().unwrap() {
+            let e = e.unwrap();
+            theirs.push((e.path_bytes().into_owned(), e.link_name_bytes().map(|l| l.into_owned())));
+        }
+        assert_eq!(ours, theirs);
+        assert_eq!(ours[0].0, b"plain");
+        assert_eq!(ours[1].1.as_deref(), Some(&b"pax/target"[..]));
+        assert_eq!(ours[2].0, b"from/long-name");
+    }
+
+    /// A GNU long-name record for `name`.
+    fn gnu_longname(name: &[u8]) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(name.len() as u64 + 1);
+        h.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(name);
+        out.push(0);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        out
+    }
+
+    /// A stored layer's record gives back the rules its tar made: a link it
+    /// planted refuses a write through it in the next layer.
+    #[test]
+    fn a_record_replays_the_rules_of_its_layer() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        b.append_data(&mut h, "big/file", &b"abc"[..]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "lnk", "big").unwrap();
+        let tar = b.into_inner().unwrap();
+        let (_, _, record) = split(&tar);
+        let mut rules = crate::layer_rules::LayerRules::new();
+        replay_rules(RecordReader::new(&record[..]), &mut rules).unwrap();
+        assert_eq!(rules.links(), 1);
+        let rules = Arc::new(Mutex::new(rules));
+        let mut next = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        next.append_data(&mut h, "lnk/evil", &b"e"[..]).unwrap();
+        let next = next.into_inner().unwrap();
+        let mut s = Splitter::guard(&next[..]).with_rules(rules);
+        let e = io::copy(&mut s, &mut io::sink()).unwrap_err();
+        assert!(e.to_string().contains("passes through a link"), "{e}");
+    }
+
     #[test]
     fn refuses_an_oversized_extension_record() {
         let mut h = tar::Header::new_ustar();

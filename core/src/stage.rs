@@ -446,6 +446,9 @@ impl<'a> Staging<'a> {
     /// applies it again).
     pub fn discard_last(&mut self) {
         if let Some(st) = self.staged.pop() {
+            if self.rules.as_ref().is_some_and(|(chain, _)| chain == &st.meta.chain_id) {
+                self.rules = None;
+            }
             let _ = std::fs::remove_file(&st.tar_split);
             let _ = self.driver.remove(&st.meta.cache_id);
             self.store.unmark_staging(&st.meta.cache_id);

@@ -15,6 +15,7 @@ pub mod error;
 pub mod fsck;
 pub mod images;
 pub mod import;
+pub mod layer_rules;
 pub mod load;
 pub mod manifest;
 pub mod pargz;

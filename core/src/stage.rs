@@ -4,12 +4,15 @@
 //! Pull and load both go through here, so both verify the same way: the
 //! blob is decompressed (by its magic bytes), bounded in size, hashed to a
 //! diffID and split into a tar-split record on a feeder thread, while the
-//! driver unpacks it. A layer counts only if its diffID is the one the image
-//! config promised. Nothing becomes visible until [`Staging::commit`];
+//! driver unpacks it. On the way every header is judged by the layer rules
+//! of the stack it goes on (`layer_rules`): a refused entry ends the layer
+//! before the driver has read it. A layer counts only if its diffID is the
+//! one the image config promised. Nothing becomes visible until [`Staging::commit`];
 //! dropping a `Staging` removes every layer it staged.
 
 use crate::digest::Digest;
 use crate::error::{Error, ErrorClass, PluginError, Result};
+use crate::layer_rules::{LayerRules, Refusal};
 use crate::plugin::GraphDriver;
 use crate::reference::Reference;
 use crate::store::{random_id, LayerMeta, Store};
@@ -99,6 +102,10 @@ pub struct Staging<'a> {
     /// The marker each layer's staging marker links to, made with the
     /// first layer and removed when this staging ends.
     anchor: Option<String>,
+    /// The layer rules of the stack the last layer applied completed (its
+    /// chainID): the next layer on it goes on from there, any other layer
+    /// reads its stack's back from the tar-split records.
+    rules: Option<(Digest, Arc<Mutex<LayerRules>>)>,
 }
 
 /// How much a layer's stream may grow between two early flushes: big
@@ -163,6 +170,7 @@ impl<'a> Staging<'a> {
             prepare_early: true,
             keep: Vec::new(),
             anchor: None,
+            rules: None,
         }
     }
 
@@ -238,6 +246,8 @@ impl<'a> Staging<'a> {
         let diff_id = expect.cloned().unwrap_or_else(|| Digest::of(b""));
         let chain_id = Digest::chain(parent, &diff_id);
         let parent_cache = parent.map(|p| self.cache_id_of(p)).transpose()?;
+        // Taken now, given back only once this layer applied whole.
+        let rules = self.rules_on(parent)?;
         let cache_id = random_id();
         if self.anchor.is_none() {
             self.anchor = Some(self.store.mark_sweep()?);
@@ -272,7 +282,8 @@ impl<'a> Staging<'a> {
             if let Err(e) = blob.take(INLINE_MAX + 1).read_to_end(&mut bytes) {
                 return Err(Error::Integrity(format!("layer {label}: corrupt layer: {e}")));
             }
-            let (split, hash, record) = self.layer_stream(std::io::Cursor::new(bytes), label, record_out)?;
+            let (split, hash, record) =
+                self.layer_stream(std::io::Cursor::new(bytes), label, record_out, rules.clone())?;
             let failure = Arc::new(Mutex::new(None));
             let recorded = Recording {
                 inner: split,
@@ -286,7 +297,7 @@ impl<'a> Staging<'a> {
             };
             (applied, fed, hash, record)
         } else {
-            let (split, hash, record) = self.layer_stream(blob, label, record_out)?;
+            let (split, hash, record) = self.layer_stream(blob, label, record_out, rules.clone())?;
             let (pipe, tx) = std::io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
             // A larger pipe means fewer wake-ups between the two threads.
             let _ = rustix::pipe::fcntl_setpipe_size(&tx, 1 << 20);
@@ -299,8 +310,12 @@ impl<'a> Staging<'a> {
             });
             (applied, fed, hash, record)
         };
-        // A decompression failure is the cause of whatever the driver saw.
+        // A decompression failure or a refused entry is the cause of
+        // whatever the driver saw.
         match fed {
+            Err(e) if e.get_ref().is_some_and(|i| i.is::<Refusal>()) => {
+                return Err(Error::Integrity(format!("layer {label}: {e}")))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => return Err(Error::Integrity(e.to_string())),
             Err(e) => return Err(Error::Integrity(format!("layer {label}: corrupt layer: {e}"))),
             Ok(()) => {}
@@ -338,6 +353,7 @@ impl<'a> Staging<'a> {
         st.meta.diff_id = got.clone();
         st.meta.chain_id = Digest::chain(parent, &got);
         st.meta.size = size;
+        self.rules = Some((st.meta.chain_id.clone(), rules));
         if self.prepare_early {
             st.record = match self.store.layers.prepare(&st.meta, &st.tar_split)? {
                 Some(p) => Record::Prepared(p),
@@ -359,6 +375,7 @@ impl<'a> Staging<'a> {
         blob: impl Read + Send + 'r,
         label: &str,
         record_out: RecordWriter,
+        rules: Arc<Mutex<LayerRules>>,
     ) -> Result<(
         Splitter<HashingReader<LimitedReader<Box<dyn Read + Send + 'r>>>>,
         Arc<crate::verify::HashState>,
@@ -372,13 +389,66 @@ impl<'a> Staging<'a> {
         );
         let (hashed, hash) = HashingReader::new(bounded);
         let (split, record) = Splitter::new(hashed, record_out);
-        Ok((split, hash, record))
+        Ok((split.with_rules(rules), hash, record))
+    }
+
+    /// The layer rules of the stack `parent` completes (an empty stack for
+    /// none): the last layer's when it is `parent`, else read back from
+    /// the tar-split records of the chain, oldest first.
+    fn rules_on(&mut self, parent: Option<&Digest>) -> Result<Arc<Mutex<LayerRules>>> {
+        if let (Some((chain, rules)), Some(p)) = (self.rules.take(), parent) {
+            if &chain == p {
+                return Ok(rules);
+            }
+        }
+        let mut below = Vec::new();
+        let mut next = parent.cloned();
+        while let Some(chain) = next {
+            if below.len() > DEFAULT_MAX_DEPTH * 8 {
+                return Err(Error::Integrity(format!("the parents of layer {chain} loop")));
+            }
+            next = match self.staged.iter().find(|s| s.meta.chain_id == chain) {
+                Some(st) => st.meta.parent.clone(),
+                None => {
+                    self.store
+                        .layers
+                        .get(&chain)?
+                        .ok_or_else(|| Error::Integrity(format!("parent layer {chain} vanished")))?
+                        .parent
+                }
+            };
+            below.push(chain);
+        }
+        let mut rules = LayerRules::new();
+        for chain in below.iter().rev() {
+            let staged = self.staged.iter().find(|s| &s.meta.chain_id == chain);
+            let spooled = match staged.map(|s| &s.record) {
+                Some(Record::Spooled) => Some(staged.expect("found").tar_split.clone()),
+                Some(Record::Prepared(p)) => Some(p.tar_split_path()),
+                Some(Record::Taken) | None => None,
+            };
+            let replayed = match spooled {
+                Some(path) => {
+                    let f = std::fs::File::open(&path).map_err(|e| Error::io("reading a tar-split record", e))?;
+                    crate::tarsplit::replay_rules(
+                        crate::tarsplit::RecordReader::new(std::io::BufReader::new(f)),
+                        &mut rules,
+                    )
+                }
+                None => crate::tarsplit::replay_rules(self.store.layers.tar_split(chain)?, &mut rules),
+            };
+            replayed.map_err(|e| Error::Integrity(format!("layer {chain}: {e}")))?;
+        }
+        Ok(Arc::new(Mutex::new(rules)))
     }
 
     /// Removes the layer the last `apply` staged (it failed, and the caller
     /// applies it again).
     pub fn discard_last(&mut self) {
         if let Some(st) = self.staged.pop() {
+            if self.rules.as_ref().is_some_and(|(chain, _)| chain == &st.meta.chain_id) {
+                self.rules = None;
+            }
             let _ = std::fs::remove_file(&st.tar_split);
             let _ = self.driver.remove(&st.meta.cache_id);
             self.store.unmark_staging(&st.meta.cache_id);
@@ -560,7 +630,10 @@ impl<R: Read> Read for Recording<R> {
         self.inner.read(buf).inspect_err(|e| {
             let mut f = self.failure.lock().unwrap();
             if f.is_none() {
-                *f = Some(std::io::Error::new(e.kind(), e.to_string()));
+                *f = Some(match e.get_ref().and_then(|i| i.downcast_ref::<Refusal>()) {
+                    Some(r) => std::io::Error::new(e.kind(), r.clone()),
+                    None => std::io::Error::new(e.kind(), e.to_string()),
+                });
             }
         })
     }

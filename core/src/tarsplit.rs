@@ -16,6 +16,11 @@
 //! are refused above [`MAX_EXTENSION`] (Go's archive/tar limit), and a record
 //! is read back one line at a time ([`RecordReader`]). Names are bytes: one
 //! that is not UTF-8 is kept in `name_b64`.
+//!
+//! Every header is parsed once, into an [`EntryHeader`], as it passes; the
+//! layer rules (`layer_rules`) judge it there, before the driver has seen
+//! it, and [`replay_rules`] reads the same headers back from a stored
+//! layer's record.
 
 use crate::error::{Error, Result};
 use std::io::{self, BufRead, Read, Write};
@@ -271,52 +276,94 @@ enum State {
     Tail,
 }
 
-/// Passes a tar stream through, recording its [`Segment`]s.
-pub struct Splitter<R> {
-    inner: R,
-    state: State,
-    header: Vec<u8>,
-    /// A name set by a PAX `path` or GNU long-name record for the next entry.
-    next_name: Option<Vec<u8>>,
-    /// Where segments go; `None` for a guard that only checks the stream.
-    record: Option<Arc<Mutex<RecordWriter>>>,
+/// One tar entry as the core reads its header, with the extension records
+/// before it applied the way the `tar` crate (the unpacker) applies them:
+/// a GNU long name or link first, then PAX `path` and `linkpath`, then the
+/// header's own fields (a ustar prefix only in a ustar header). The layer
+/// rules judge these names, so they must be the names the driver sees.
+///
+/// Every field the core reads of a header comes through here: the other
+/// PAX records (`size`, …) belong here too when the core honours them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryHeader {
+    /// The name, exact bytes.
+    pub name: Vec<u8>,
+    /// The link target of a hard or symbolic link.
+    pub link: Option<Vec<u8>>,
+    /// The type flag (`b'0'` a file, `b'2'` a symbolic link, …).
+    pub kind: u8,
+    /// The size the header gives.
+    pub size: u64,
+    /// Device major and minor (0/0 where the header has none).
+    pub dev: (u64, u64),
 }
 
-impl<R: Read> Splitter<R> {
-    pub fn new(inner: R, record: RecordWriter) -> (Self, Arc<Mutex<RecordWriter>>) {
-        let record = Arc::new(Mutex::new(record));
-        (
-            Splitter {
-                inner,
-                state: State::Header,
-                header: Vec::with_capacity(512),
-                next_name: None,
-                record: Some(record.clone()),
-            },
-            record,
-        )
-    }
+/// Extension records waiting for the entry they describe.
+#[derive(Default)]
+struct Pending {
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+    pax: Option<Vec<u8>>,
+}
 
-    /// A pass-through that records nothing and only enforces the limits
-    /// (extension records): for tars parsed elsewhere, such as archives.
-    pub fn guard(inner: R) -> Self {
-        Splitter {
-            inner,
+impl Pending {
+    /// The entry the header block `h` describes, taking what was pending.
+    fn entry(&mut self, h: &[u8], size: u64) -> EntryHeader {
+        let Pending {
+            long_name,
+            long_link,
+            pax,
+        } = std::mem::take(self);
+        let pax_value = |key: &[u8]| pax.as_deref().and_then(|p| pax_record(p, key));
+        let name = long_name
+            .map(strip_one_nul)
+            .or_else(|| pax_value(b"path"))
+            .unwrap_or_else(|| header_name(h));
+        let link = long_link
+            .map(strip_one_nul)
+            .or_else(|| pax_value(b"linkpath"))
+            .or_else(|| {
+                let l = cstr(&h[157..257]);
+                (!l.is_empty()).then(|| l.to_vec())
+            });
+        let dev = if is_ustar(h) || is_gnu(h) {
+            (
+                parse_size(&h[329..337]).unwrap_or(0),
+                parse_size(&h[337..345]).unwrap_or(0),
+            )
+        } else {
+            (0, 0)
+        };
+        EntryHeader {
+            name,
+            link,
+            kind: h[156],
+            size,
+            dev,
+        }
+    }
+}
+
+/// What a walk does with each entry's header.
+type OnEntry<'a> = &'a mut dyn FnMut(&EntryHeader) -> io::Result<()>;
+
+/// Reads tar headers from a stream that passes in pieces of any size.
+struct Walker {
+    state: State,
+    header: Vec<u8>,
+    pending: Pending,
+}
+
+impl Walker {
+    fn new() -> Walker {
+        Walker {
             state: State::Header,
             header: Vec::with_capacity(512),
-            next_name: None,
-            record: None,
+            pending: Pending::default(),
         }
     }
 
-    fn consume(&mut self, b: &[u8]) -> io::Result<()> {
-        match self.record.clone() {
-            Some(record) => self.consume_into(b, &mut record.lock().unwrap()),
-            None => self.consume_into(b, &mut RecordWriter::discard()),
-        }
-    }
-
-    fn consume_into(&mut self, mut b: &[u8], rec: &mut RecordWriter) -> io::Result<()> {
+    fn feed(&mut self, mut b: &[u8], rec: &mut RecordWriter, on_entry: OnEntry<'_>) -> io::Result<()> {
         while !b.is_empty() {
             let mut header_done = false;
             match &mut self.state {
@@ -339,8 +386,13 @@ impl<R: Read> Splitter<R> {
                     *left -= take as u64;
                     if *left == 0 {
                         let (kind, data) = (*kind, std::mem::take(buf));
-                        self.next_name = extension_name(kind, &data).or(self.next_name.take());
                         let pad = pad_of(data.len() as u64);
+                        match kind {
+                            b'L' => self.pending.long_name = Some(data),
+                            b'K' => self.pending.long_link = Some(data),
+                            b'x' => self.pending.pax = Some(data),
+                            _ => {}
+                        }
                         self.state = if pad > 0 {
                             State::Pad { left: pad }
                         } else {
@@ -372,15 +424,34 @@ impl<R: Read> Splitter<R> {
                 }
             }
             if header_done {
-                self.state = self.parse_header(rec)?;
+                self.state = self.parse_header(rec, on_entry)?;
                 self.header.clear();
             }
         }
         Ok(())
     }
 
+    /// Passes over `n` bytes of a regular file's contents (a record's
+    /// `File` segment, replayed).
+    fn skip_file(&mut self, n: u64) -> io::Result<()> {
+        match &mut self.state {
+            State::Payload { left, pad } if *left == n => {
+                self.state = if *pad > 0 {
+                    State::Pad { left: *pad }
+                } else {
+                    State::Header
+                };
+                Ok(())
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a file segment where the tar has no file",
+            )),
+        }
+    }
+
     /// Reads the header just collected and says what follows it.
-    fn parse_header(&mut self, rec: &mut RecordWriter) -> io::Result<State> {
+    fn parse_header(&mut self, rec: &mut RecordWriter, on_entry: OnEntry<'_>) -> io::Result<State> {
         let h = &self.header;
         if h.iter().all(|b| *b == 0) {
             return Ok(State::Tail);
@@ -389,40 +460,134 @@ impl<R: Read> Splitter<R> {
             return Ok(State::Tail);
         };
         let typeflag = h[156];
+        if matches!(typeflag, b'x' | b'g' | b'L' | b'K') && size > MAX_EXTENSION {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a tar extension record of {size} bytes is larger than the limit of {MAX_EXTENSION}"),
+            ));
+        }
         Ok(match typeflag {
-            b'x' | b'g' | b'L' | b'K' => {
-                if size > MAX_EXTENSION {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("a tar extension record of {size} bytes is larger than the limit of {MAX_EXTENSION}"),
-                    ));
-                }
-                State::Meta {
-                    left: size,
-                    kind: typeflag,
-                    buf: Vec::new(),
-                }
-            }
-            b'0' | 0 | b'7' if size > 0 => {
-                let name = self.next_name.take().unwrap_or_else(|| ustar_name(h));
-                rec.file(name, size);
-                State::Payload {
-                    left: size,
-                    pad: pad_of(size),
-                }
-            }
+            b'x' | b'L' | b'K' => State::Meta {
+                left: size,
+                kind: typeflag,
+                buf: Vec::new(),
+            },
             _ => {
-                self.next_name = None;
-                let data = size + pad_of(size);
-                // Other entries with data (rare) are kept verbatim.
-                if data > 0 {
-                    State::Pad { left: data }
-                } else {
-                    State::Header
+                // An entry (a global PAX header is one to the unpacker too,
+                // and takes what was pending).
+                let entry = self.pending.entry(h, size);
+                on_entry(&entry)?;
+                match typeflag {
+                    b'g' => State::Meta {
+                        left: size,
+                        kind: typeflag,
+                        buf: Vec::new(),
+                    },
+                    b'0' | 0 | b'7' if size > 0 => {
+                        rec.file(entry.name, size);
+                        State::Payload {
+                            left: size,
+                            pad: pad_of(size),
+                        }
+                    }
+                    _ => {
+                        let data = size + pad_of(size);
+                        // Other entries with data (rare) are kept verbatim.
+                        if data > 0 {
+                            State::Pad { left: data }
+                        } else {
+                            State::Header
+                        }
+                    }
                 }
             }
         })
     }
+}
+
+/// Passes a tar stream through, recording its [`Segment`]s and, when it
+/// has [`LayerRules`](crate::layer_rules::LayerRules), refusing an entry
+/// that breaks them before a byte of its header has passed.
+pub struct Splitter<R> {
+    inner: R,
+    walker: Walker,
+    /// Where segments go; `None` for a guard that only checks the stream.
+    record: Option<Arc<Mutex<RecordWriter>>>,
+    /// The layer stack's rules, judging each entry.
+    rules: Option<Arc<Mutex<crate::layer_rules::LayerRules>>>,
+}
+
+impl<R: Read> Splitter<R> {
+    pub fn new(inner: R, record: RecordWriter) -> (Self, Arc<Mutex<RecordWriter>>) {
+        let record = Arc::new(Mutex::new(record));
+        (
+            Splitter {
+                inner,
+                walker: Walker::new(),
+                record: Some(record.clone()),
+                rules: None,
+            },
+            record,
+        )
+    }
+
+    /// A pass-through that records nothing and only enforces the limits
+    /// (extension records): for tars parsed elsewhere, such as archives.
+    pub fn guard(inner: R) -> Self {
+        Splitter {
+            inner,
+            walker: Walker::new(),
+            record: None,
+            rules: None,
+        }
+    }
+
+    /// Judges every entry by `rules` (a layer stack's, at the start of
+    /// this layer); a refusal is an `InvalidData` error whose inner error
+    /// is the [`Refusal`](crate::layer_rules::Refusal).
+    pub fn with_rules(mut self, rules: Arc<Mutex<crate::layer_rules::LayerRules>>) -> Self {
+        rules.lock().unwrap().begin_layer();
+        self.rules = Some(rules);
+        self
+    }
+
+    fn consume(&mut self, b: &[u8]) -> io::Result<()> {
+        let rules = self.rules.clone();
+        let mut judge = |h: &EntryHeader| -> io::Result<()> {
+            match &rules {
+                Some(r) => r
+                    .lock()
+                    .unwrap()
+                    .check(h)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+                None => Ok(()),
+            }
+        };
+        match self.record.clone() {
+            Some(record) => self.walker.feed(b, &mut record.lock().unwrap(), &mut judge),
+            None => self.walker.feed(b, &mut RecordWriter::discard(), &mut judge),
+        }
+    }
+}
+
+/// Replays the tar-split record of a stored layer into `rules` (which
+/// refuse nothing here: the layer is already in the store).
+pub fn replay_rules<R: Read>(mut record: RecordReader<R>, rules: &mut crate::layer_rules::LayerRules) -> Result<()> {
+    rules.begin_layer();
+    let mut walker = Walker::new();
+    let mut sink = RecordWriter::discard();
+    let mut on_entry = |h: &EntryHeader| -> io::Result<()> {
+        rules.replay(h);
+        Ok(())
+    };
+    while let Some(s) = record.next_segment()? {
+        match &s {
+            Segment::Raw { data } => walker.feed(data, &mut sink, &mut on_entry),
+            Segment::File { size, .. } => walker.skip_file(*size),
+        }
+        .map_err(corrupt)?;
+    }
+    Ok(())
 }
 
 impl<R: Read> Read for Splitter<R> {
@@ -463,10 +628,27 @@ fn cstr(f: &[u8]) -> &[u8] {
     &f[..f.iter().position(|b| *b == 0).unwrap_or(f.len())]
 }
 
-fn ustar_name(h: &[u8]) -> Vec<u8> {
+/// A GNU long name or link: its bytes, less one trailing NUL.
+fn strip_one_nul(mut v: Vec<u8>) -> Vec<u8> {
+    if v.last() == Some(&0) {
+        v.pop();
+    }
+    v
+}
+
+fn is_ustar(h: &[u8]) -> bool {
+    &h[257..263] == b"ustar\0" && &h[263..265] == b"00"
+}
+
+fn is_gnu(h: &[u8]) -> bool {
+    &h[257..263] == b"ustar " && &h[263..265] == b" \0"
+}
+
+/// The name in a header block: `prefix/name` in a ustar header, else the
+/// name field alone (a GNU header keeps times where ustar has its prefix).
+fn header_name(h: &[u8]) -> Vec<u8> {
     let name = cstr(&h[0..100]);
-    let is_ustar = &h[257..262] == b"ustar";
-    let prefix = if is_ustar { cstr(&h[345..500]) } else { &[][..] };
+    let prefix = if is_ustar(h) { cstr(&h[345..500]) } else { &[][..] };
     if prefix.is_empty() {
         name.to_vec()
     } else {
@@ -474,28 +656,23 @@ fn ustar_name(h: &[u8]) -> Vec<u8> {
     }
 }
 
-fn extension_name(kind: u8, data: &[u8]) -> Option<Vec<u8>> {
-    match kind {
-        b'L' => Some(cstr(data).to_vec()),
-        b'x' => {
-            // "<len> path=<value>\n" records.
-            let mut rest = data;
-            while !rest.is_empty() {
-                let sp = rest.iter().position(|b| *b == b' ')?;
-                let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
-                if len == 0 || len > rest.len() || sp + 1 > len {
-                    return None;
-                }
-                let rec = &rest[sp + 1..len];
-                if let Some(v) = rec.strip_prefix(b"path=") {
-                    return Some(v.strip_suffix(b"\n").unwrap_or(v).to_vec());
-                }
-                rest = &rest[len..];
-            }
-            None
+/// The value of the first PAX record named `key`.
+fn pax_record(data: &[u8], key: &[u8]) -> Option<Vec<u8>> {
+    // "<len> <key>=<value>\n" records.
+    let mut rest = data;
+    while !rest.is_empty() {
+        let sp = rest.iter().position(|b| *b == b' ')?;
+        let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
+        if len == 0 || len > rest.len() || sp + 1 > len {
+            return None;
         }
-        _ => None,
+        let rec = &rest[sp + 1..len];
+        if let Some(v) = rec.strip_prefix(key).and_then(|r| r.strip_prefix(b"=")) {
+            return Some(v.strip_suffix(b"\n").unwrap_or(v).to_vec());
+        }
+        rest = &rest[len..];
     }
+    None
 }
 
 /// Rebuilds the tar of a record, reading file contents through `open`
@@ -642,6 +819,97 @@ mod tests {
         while let Some(s) = r.next_segment().unwrap() {
             assert!(s.len() <= RAW_PIECE as u64 || matches!(s, Segment::File { .. }));
         }
+    }
+
+    /// The names the core judges are the names the `tar` crate (the
+    /// unpacker) reads: a GNU long name before a PAX path, a PAX path
+    /// before the header's, a ustar prefix only in a ustar header.
+    #[test]
+    fn entry_headers_name_what_the_unpacker_reads() {
+        let mut b = tar::Builder::new(Vec::new());
+        // A GNU header whose prefix area holds bytes (GNU keeps times there).
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.as_mut_bytes()[345..350].copy_from_slice(b"junk!");
+        h.as_old_mut().name[..5].copy_from_slice(b"plain");
+        h.set_cksum();
+        b.append(&h, io::empty()).unwrap();
+        // A PAX linkpath for a symbolic link.
+        b.append_pax_extensions([("linkpath", &b"pax/target"[..])]).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.as_old_mut().name[..4].copy_from_slice(b"link");
+        h.set_cksum();
+        b.append(&h, io::empty()).unwrap();
+        // A GNU long name and a PAX path for one entry: the long name wins.
+        b.get_mut().extend(gnu_longname(b"from/long-name"));
+        b.append_pax_extensions([("path", &b"from/pax"[..])]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.as_old_mut().name[..6].copy_from_slice(b"header");
+        h.set_cksum();
+        b.append(&h, io::empty()).unwrap();
+        let bytes = b.into_inner().unwrap();
+
+        let mut ours = Vec::new();
+        let mut w = Walker::new();
+        w.feed(&bytes, &mut RecordWriter::discard(), &mut |h: &EntryHeader| {
+            ours.push((h.name.clone(), h.link.clone()));
+            Ok(())
+        })
+        .unwrap();
+        let mut theirs = Vec::new();
+        for e in tar::Archive::new(&bytes[..]).entries().unwrap() {
+            let e = e.unwrap();
+            theirs.push((e.path_bytes().into_owned(), e.link_name_bytes().map(|l| l.into_owned())));
+        }
+        assert_eq!(ours, theirs);
+        assert_eq!(ours[0].0, b"plain");
+        assert_eq!(ours[1].1.as_deref(), Some(&b"pax/target"[..]));
+        assert_eq!(ours[2].0, b"from/long-name");
+    }
+
+    /// A GNU long-name record for `name`.
+    fn gnu_longname(name: &[u8]) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(name.len() as u64 + 1);
+        h.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(name);
+        out.push(0);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        out
+    }
+
+    /// A stored layer's record gives back the rules its tar made: a link it
+    /// planted refuses a write through it in the next layer.
+    #[test]
+    fn a_record_replays_the_rules_of_its_layer() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        b.append_data(&mut h, "big/file", &b"abc"[..]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "lnk", "big").unwrap();
+        let tar = b.into_inner().unwrap();
+        let (_, _, record) = split(&tar);
+        let mut rules = crate::layer_rules::LayerRules::new();
+        replay_rules(RecordReader::new(&record[..]), &mut rules).unwrap();
+        assert_eq!(rules.links(), 1);
+        let rules = Arc::new(Mutex::new(rules));
+        let mut next = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        next.append_data(&mut h, "lnk/evil", &b"e"[..]).unwrap();
+        let next = next.into_inner().unwrap();
+        let mut s = Splitter::guard(&next[..]).with_rules(rules);
+        let e = io::copy(&mut s, &mut io::sink()).unwrap_err();
+        assert!(e.to_string().contains("passes through a link"), "{e}");
     }
 
     #[test]

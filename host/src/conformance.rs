@@ -42,7 +42,9 @@ fn walk(root: &Path, dir: &Path, out: &mut Listing, inodes: &mut HashMap<(u64, u
         let mut xattrs: Vec<String> = Vec::new();
         if let Ok(names) = xattr_names(&p) {
             for n in names {
-                if n.starts_with("user.") || n.starts_with("security.capability") {
+                // overlayfs's own attributes are listed so that none shows:
+                // a mount hides them, a tree never has them.
+                if n.starts_with("user.") || n.starts_with("security.capability") || n.starts_with("trusted.overlay.") {
                     xattrs.push(n);
                 }
             }
@@ -194,6 +196,82 @@ fn child_tar() -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// A stack with links, whiteouts and opaque directories across layers,
+/// every one allowed by the core's layer rules: a base with links, a
+/// child that whites out a link, replaces one with a directory and a
+/// directory with a link, and empties a directory that held one, and a
+/// grandchild that makes a directory where the whited-out link was.
+fn link_stack() -> [Vec<u8>; 3] {
+    let t = 1_700_000_000;
+    let dir = |b: &mut tar::Builder<Vec<u8>>, p: &str| {
+        b.append_data(&mut header(tar::EntryType::Directory, 0o755, 0, t), p, std::io::empty())
+            .unwrap()
+    };
+    let link = |b: &mut tar::Builder<Vec<u8>>, p: &str, to: &str| {
+        b.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0, t), p, to)
+            .unwrap()
+    };
+    let mut b = tar::Builder::new(Vec::new());
+    dir(&mut b, "real/");
+    add_file(&mut b, "real/x", 0o644, b"the link's target\n", t);
+    link(&mut b, "lnk", "real");
+    link(&mut b, "out", "../../..");
+    dir(&mut b, "d/");
+    link(&mut b, "d/inner", "../real");
+    dir(&mut b, "o/");
+    add_file(&mut b, "o/keep", 0o644, b"hidden by the child\n", t);
+    link(&mut b, "o/ln", "../real");
+    dir(&mut b, "dx/");
+    add_file(&mut b, "dx/f", 0o644, b"hidden by a link\n", t);
+    let base = b.into_inner().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    add_file(&mut b, ".wh.lnk", 0o644, b"", t);
+    add_file(&mut b, ".wh.out", 0o644, b"", t);
+    dir(&mut b, "d/");
+    dir(&mut b, "d/inner/");
+    add_file(&mut b, "d/inner/f", 0o644, b"a directory where a link was\n", t);
+    dir(&mut b, "o/");
+    add_file(&mut b, "o/.wh..wh..opq", 0o644, b"", t);
+    add_file(&mut b, "o/new", 0o644, b"the only file left here\n", t);
+    link(&mut b, "dx", "real");
+    let child = b.into_inner().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    dir(&mut b, "lnk/");
+    add_file(&mut b, "lnk/f", 0o644, b"a directory where a link was whited out\n", t);
+    add_file(&mut b, "d/inner/g", 0o644, b"beside f\n", t);
+    let grandchild = b.into_inner().unwrap();
+    [base, child, grandchild]
+}
+
+/// A first layer with whiteouts and an opaque marker: nothing beneath to
+/// hide, so nothing of them may show.
+fn first_whiteouts_tar() -> Vec<u8> {
+    let t = 1_700_000_000;
+    let mut b = tar::Builder::new(Vec::new());
+    add_file(&mut b, "keep", 0o644, b"kept\n", t);
+    add_file(&mut b, ".wh.ghost", 0o644, b"", t);
+    b.append_data(
+        &mut header(tar::EntryType::Directory, 0o755, 0, t),
+        "o/",
+        std::io::empty(),
+    )
+    .unwrap();
+    add_file(&mut b, "o/.wh..wh..opq", 0o644, b"", t);
+    add_file(&mut b, "o/f", 0o644, b"in an opaque directory\n", t);
+    b.into_inner().unwrap()
+}
+
+/// Checks that `tars`, applied in order, keep the core's layer rules (the
+/// suite's own stacks are ones the core would hand a driver).
+fn keeps_the_rules(tars: &[&[u8]]) -> Result<(), String> {
+    let rules = std::sync::Arc::new(std::sync::Mutex::new(gantry_core::layer_rules::LayerRules::new()));
+    for t in tars {
+        let mut s = gantry_core::tarsplit::Splitter::guard(*t).with_rules(rules.clone());
+        std::io::copy(&mut s, &mut std::io::sink()).map_err(|e| format!("the suite's own stack: {e}"))?;
+    }
+    Ok(())
+}
+
 fn layer_tar(i: usize) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     add_file(
@@ -316,6 +394,40 @@ pub fn run(d: &AnyDriver, scratch: &Path) -> Vec<Check> {
         }
         Ok(())
     });
+    check(
+        "links, whiteouts and opaque directories across layers show the core's tree",
+        &mut || {
+            let [l0, l1, l2] = link_stack();
+            keeps_the_rules(&[&l0, &l1, &l2])?;
+            apply("conf-links-0", None, &l0)?;
+            apply("conf-links-1", Some("conf-links-0"), &l1)?;
+            apply("conf-links-2", Some("conf-links-1"), &l2)?;
+            compare(
+                &reference(&scratch.join("links1"), &[&l0, &l1])?,
+                &view(d, "conf-links-1")?,
+            )?;
+            compare(
+                &reference(&scratch.join("links2"), &[&l0, &l1, &l2])?,
+                &view(d, "conf-links-2")?,
+            )
+        },
+    );
+    check(
+        "a first layer's whiteouts and opaque markers leave nothing to see",
+        &mut || {
+            let tar = first_whiteouts_tar();
+            apply("conf-first-wh", None, &tar)?;
+            compare(
+                &reference(&scratch.join("first-wh"), &[&tar])?,
+                &view(d, "conf-first-wh")?,
+            )?;
+            let changes = d.changes("conf-first-wh", None).map_err(e)?;
+            match changes.iter().find(|(p, _)| p.contains("ghost")) {
+                Some(c) => Err(format!("changes shows the whiteout: {c:?}")),
+                None => Ok(()),
+            }
+        },
+    );
     check("diff-size is the size of what changed", &mut || {
         let n = d.diff_size("conf-child", Some("conf-base")).map_err(e)?;
         if n == 0 {
@@ -367,7 +479,19 @@ pub fn run(d: &AnyDriver, scratch: &Path) -> Vec<Check> {
     );
     check("remove, and exists says so", &mut || {
         let mut ids: Vec<String> = (0..30).rev().map(|i| format!("conf-deep-{i}")).collect();
-        ids.extend(["conf-round", "conf-rw", "conf-child", "conf-base"].map(String::from));
+        ids.extend(
+            [
+                "conf-round",
+                "conf-rw",
+                "conf-child",
+                "conf-links-2",
+                "conf-links-1",
+                "conf-links-0",
+                "conf-first-wh",
+                "conf-base",
+            ]
+            .map(String::from),
+        );
         for id in &ids {
             d.remove(id).map_err(e)?;
             if d.exists(id).map_err(e)? {

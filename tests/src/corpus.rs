@@ -142,6 +142,181 @@ fn hostile_layer(build: impl FnOnce(Layer) -> Layer) -> Vec<u8> {
     build(Layer::new()).tar()
 }
 
+/// A first layer with links for later layers to trip on: `lnk` (in the
+/// tree), `up` (leading out) and `d/inner`. The allowed and the refused
+/// stacks share it, so a pull of one finds it stored by the other.
+pub fn links_below() -> Vec<u8> {
+    Layer::new()
+        .dir("real", 0o755)
+        .file("real/x", 0o644, b"x\n")
+        .symlink("lnk", "real")
+        .symlink("up", "../../../..")
+        .dir("d", 0o755)
+        .file("d/x", 0o644, b"d/x\n")
+        .symlink("d/inner", "../real")
+        .tar()
+}
+
+/// Layer stacks the core's layer rules refuse, whatever the driver:
+/// (name, layer tars oldest first, expected error fragment). Each is also
+/// a `layer-rule-<name>` case of the archive corpus ([`cases`]), and
+/// `hostile.rs` pulls each with every driver and compares the refusals.
+pub fn layer_rule_refused() -> Vec<(&'static str, Vec<Vec<u8>>, &'static str)> {
+    let through = "passes through a link";
+    let below = links_below;
+    vec![
+        // Writing through a link an earlier layer planted: in the tree
+        // (vfs used to follow it, overlay2 to hide it) or leading out.
+        (
+            "write-through-link-below",
+            vec![below(), Layer::new().file("lnk/evil", 0o644, b"e").tar()],
+            through,
+        ),
+        (
+            "write-through-escaping-link-below",
+            vec![below(), Layer::new().file("up/evil", 0o644, b"e").tar()],
+            through,
+        ),
+        (
+            "dir-through-link-below",
+            vec![
+                below(),
+                Layer::new().dir("lnk/sub", 0o755).file("lnk/sub/f", 0o644, b"f").tar(),
+            ],
+            through,
+        ),
+        // A whiteout or an opaque marker beneath such a link.
+        (
+            "whiteout-under-link-below",
+            vec![below(), Layer::new().whiteout("lnk/x").tar()],
+            through,
+        ),
+        (
+            "whiteout-under-escaping-link-below",
+            vec![below(), Layer::new().whiteout("up/x").tar()],
+            through,
+        ),
+        (
+            "opaque-under-link-below",
+            vec![below(), Layer::new().opaque("lnk").tar()],
+            through,
+        ),
+        (
+            "opaque-under-escaping-link-below",
+            vec![below(), Layer::new().opaque("up").tar()],
+            through,
+        ),
+        // A link deeper in the path, two layers down.
+        (
+            "write-through-nested-link",
+            vec![
+                Layer::new()
+                    .dir("a", 0o755)
+                    .dir("real", 0o755)
+                    .symlink("a/lnk", "../real")
+                    .tar(),
+                Layer::new().file("other", 0o644, b"o").tar(),
+                Layer::new().file("a/lnk/deep/f", 0o644, b"f").tar(),
+            ],
+            through,
+        ),
+        // A link this same layer made.
+        (
+            "write-through-link-same-layer",
+            vec![Layer::new()
+                .dir("real", 0o755)
+                .symlink("lnk", "real")
+                .file("lnk/f", 0o644, b"f")
+                .tar()],
+            through,
+        ),
+        // A hard link whose target is reached through a link.
+        (
+            "hardlink-through-link-below",
+            vec![below(), Layer::new().hardlink("h", "lnk/x", 0o644).tar()],
+            through,
+        ),
+        // A path this layer whited out, made a directory again: overlay2
+        // would show the lower contents again, vfs would not.
+        (
+            "dir-after-whiteout-same-layer",
+            vec![
+                Layer::new().dir("d", 0o755).file("d/old", 0o644, b"old").tar(),
+                Layer::new()
+                    .whiteout("d")
+                    .dir("d", 0o755)
+                    .file("d/new", 0o644, b"new")
+                    .tar(),
+            ],
+            "whited out earlier in the same layer",
+        ),
+        // overlayfs's own whiteout spelling as a layer entry.
+        (
+            "whiteout-device",
+            vec![Layer::new()
+                .file("keep", 0o644, b"k")
+                .device("ghost", false, 0, 0)
+                .tar()],
+            "0/0 character device",
+        ),
+    ]
+}
+
+/// Layer stacks with links, whiteouts and opaque directories across
+/// layers that the rules allow: every driver must show the same tree.
+pub fn layer_rule_allowed() -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    let below = links_below;
+    vec![
+        (
+            "link-replaced-by-dir",
+            vec![
+                below(),
+                Layer::new().dir("lnk", 0o755).file("lnk/own", 0o644, b"own").tar(),
+            ],
+        ),
+        (
+            "link-whited-out-then-dir",
+            vec![
+                below(),
+                Layer::new().whiteout("lnk").tar(),
+                Layer::new().dir("lnk", 0o755).file("lnk/f", 0o644, b"f").tar(),
+            ],
+        ),
+        ("link-whited-out", vec![below(), Layer::new().whiteout("lnk").tar()]),
+        (
+            "opaque-dir-held-a-link",
+            vec![
+                below(),
+                Layer::new()
+                    .dir("d", 0o755)
+                    .opaque("d")
+                    .dir("d/inner", 0o755)
+                    .file("d/inner/f", 0o644, b"f")
+                    .tar(),
+            ],
+        ),
+        (
+            "dir-whited-out-then-link",
+            vec![
+                below(),
+                Layer::new().whiteout("d").tar(),
+                Layer::new().symlink("d", "real").tar(),
+            ],
+        ),
+        ("link-over-dir", vec![below(), Layer::new().symlink("d", "real").tar()]),
+        (
+            "first-layer-whiteouts",
+            vec![Layer::new()
+                .file("keep", 0o644, b"k")
+                .whiteout("ghost")
+                .dir("o", 0o755)
+                .opaque("o")
+                .file("o/f", 0o644, b"f")
+                .tar()],
+        ),
+    ]
+}
+
 /// Every hostile case: (name, archive entries, expected error fragment).
 pub fn cases() -> Vec<(&'static str, Vec<Entry>, &'static str)> {
     let good = good_layer();
@@ -228,6 +403,11 @@ pub fn cases() -> Vec<(&'static str, Vec<Entry>, &'static str)> {
         })),
         "leaves its directory",
     ));
+    // The layer rules (links, whiteouts, opaque directories across layers).
+    for (name, tars, expect) in layer_rule_refused() {
+        let name: &'static str = format!("layer-rule-{name}").leak();
+        out.push((name, docker_archive(&tars, &tars, "hostile/x:1"), expect));
+    }
     // Lies about content.
     out.push((
         "layer-count-mismatch",

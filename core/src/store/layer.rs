@@ -241,6 +241,13 @@ pub struct Prepared {
     chain_id: Digest,
 }
 
+impl Prepared {
+    /// Where its tar-split record lies until it is published.
+    pub fn tar_split_path(&self) -> PathBuf {
+        self.ws.join("tar-split.json.gz")
+    }
+}
+
 impl Drop for Prepared {
     /// A write-set never published (a commit that failed half way) goes.
     fn drop(&mut self) {

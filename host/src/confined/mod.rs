@@ -84,9 +84,10 @@ pub fn open_dir_beneath<S: AsRef<OsStr>>(root: BorrowedFd<'_>, rel: &[S], follow
         let e = io::Error::from(e);
         let shown = gantry_core::text::quote_bytes(&path);
         match e.raw_os_error() {
-            Some(libc::EXDEV) | Some(libc::ELOOP) => {
+            Some(libc::EXDEV) | Some(libc::ELOOP) if follow => {
                 invalid(format!("path {shown} passes through a link that leaves its directory"))
             }
+            Some(libc::EXDEV) | Some(libc::ELOOP) => invalid(format!("path {shown} passes through a link")),
             Some(libc::ENOTDIR) => invalid(format!("path {shown} is not a directory")),
             _ => e,
         }

@@ -136,6 +136,27 @@ fn spawn_writer(
     })
 }
 
+/// Whether `name` in `dir` is an overlay whiteout: a 0/0 character device.
+fn is_whiteout_device(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
+    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice && st.st_rdev == 0)
+}
+
+/// The entries of `dir` a tree shows. An overlay whiteout is no file of
+/// any tree: a layer spells deletions as `.wh.` files, the core refuses a
+/// 0/0 device in a layer, and overlayfs hides them in a mount; one left
+/// in a layer's own directory (a first layer's, say) is never shown.
+fn tree_entries(dir: BorrowedFd<'_>) -> io::Result<Vec<(OsString, FileType)>> {
+    let mut out = Vec::new();
+    for (n, ft) in list(dir)? {
+        if ft == FileType::CharacterDevice && is_whiteout_device(dir, &n)? {
+            continue;
+        }
+        out.push((n, ft));
+    }
+    Ok(out)
+}
+
 fn walk_pack<W: Write>(
     b: &mut tar::Builder<W>,
     dir: BorrowedFd<'_>,
@@ -143,7 +164,11 @@ fn walk_pack<W: Write>(
     links: &mut HashMap<(u64, u64), OsString>,
     flavor: Flavor,
 ) -> io::Result<()> {
-    for (name, _) in list(dir)? {
+    let names = match flavor {
+        Flavor::Plain => tree_entries(dir)?,
+        Flavor::Upper => list(dir)?,
+    };
+    for (name, _) in names {
         crate::plugin::check_deadline()?;
         let rel = join_rel(prefix, &name);
         let is_dir = append_entry(b, dir, &name, &rel, links, flavor)?;
@@ -193,8 +218,9 @@ fn append_entry<W: Write>(
             return Ok(false);
         }
         opaque = ft == FileType::Directory && xattrs.iter().any(|(k, v)| k == OPAQUE_XATTR && v == b"y");
-        xattrs.retain(|(k, _)| !is_overlay_xattr(k));
     }
+    // overlayfs's own attributes belong to no tree and no layer.
+    xattrs.retain(|(k, _)| !is_overlay_xattr(k));
     if !xattrs.is_empty() {
         let pax: Vec<(String, Vec<u8>)> = xattrs
             .into_iter()
@@ -288,9 +314,9 @@ fn diff_dirs(
     prefix: &OsStr,
     out: &mut Vec<Change>,
 ) -> io::Result<()> {
-    let up = list(upper)?;
+    let up = tree_entries(upper)?;
     let low = match lower {
-        Some(l) => list(l)?,
+        Some(l) => tree_entries(l)?,
         None => Vec::new(),
     };
     let rel = |n: &OsStr| join_rel(prefix, n);

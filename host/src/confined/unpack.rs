@@ -1,10 +1,11 @@
 //! Native unpacking of a tar layer into a directory, with whiteouts.
 //!
 //! `tar` is used to parse only; every effect is a `*at` call on a directory
-//! fd opened beneath the layer root, so an entry with `..`, an absolute name,
-//! or a path through a symbolic link that leaves the root (written by this
-//! layer or an earlier one) is refused, and a hard link can only point at a
-//! file inside the root.
+//! fd opened beneath the layer root without following any link, so an entry
+//! with `..`, an absolute name, or a path through a symbolic link (written
+//! by this layer or an earlier one) is refused, and a hard link can only
+//! point at a file inside the root. The core refuses all of these before a
+//! driver sees them (`gantry_core::layer_rules`); this is the backstop.
 
 use super::tree::{ignore_eperm, list, proc_path, remove_tree};
 use super::{components_os, invalid, open_dir_beneath};
@@ -161,7 +162,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
                 let (tname, tparents) = tc
                     .split_last()
                     .ok_or_else(|| invalid(format!("hard link {path} has an empty target")))?;
-                let tdir = open_dir_beneath(root, tparents, true)
+                let tdir = open_dir_beneath(root, tparents, false)
                     .map_err(|err| invalid(format!("hard link {path} -> {shown}: {err}")))?;
                 rustix::fs::linkat(&tdir, *tname, pd, name, AtFlags::empty()).map_err(|err| {
                     io::Error::new(
@@ -234,7 +235,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         crate::plugin::check_deadline()?;
         let comps: Vec<&OsStr> = dir.split(|b| *b == b'/').map(OsStr::from_bytes).collect();
         let (name, parents) = comps.split_last().expect("non-empty");
-        if let Ok(p) = open_dir_beneath(root, parents, true) {
+        if let Ok(p) = open_dir_beneath(root, parents, false) {
             let _ = set_mtime(p.as_fd(), name, mtime);
         }
     }
@@ -314,18 +315,18 @@ fn as_invalid(e: io::Error) -> io::Error {
 /// Opens the parent directory of an entry, creating missing directories
 /// (0755, as Docker does) beneath the root.
 fn parent_dir(root: BorrowedFd<'_>, parents: &[&OsStr]) -> io::Result<std::os::fd::OwnedFd> {
-    match open_dir_beneath(root, parents, true) {
+    match open_dir_beneath(root, parents, false) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         r => return r,
     }
     for i in 0..parents.len() {
-        let up = open_dir_beneath(root, &parents[..i], true)?;
+        let up = open_dir_beneath(root, &parents[..i], false)?;
         match rustix::fs::mkdirat(&up, parents[i], Mode::from_raw_mode(0o755)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(e.into()),
         }
     }
-    open_dir_beneath(root, parents, true)
+    open_dir_beneath(root, parents, false)
 }
 
 fn set_mtime(dir: BorrowedFd<'_>, name: &OsStr, mtime: u64) -> io::Result<()> {

@@ -6,6 +6,8 @@
 //! l/<26-char short id>  -> ../<id>/diff   short links, to keep mount data small
 //! <id>/diff             the layer's own files; whiteouts as 0/0 character
 //!                       devices, opaque directories as trusted.overlay.opaque=y
+//!                       (in a layer with a parent: a first layer has
+//!                       nothing to hide, its whiteouts just delete)
 //! <id>/link             the short id
 //! <id>/lower            `l/<short>` of every ancestor, nearest first, ':'-joined
 //! <id>/work             overlay's work directory (layers with a parent)
@@ -220,8 +222,17 @@ impl Driver for Overlay2 {
         ]
     }
 
+    /// Whiteouts become overlay's own only where there is something
+    /// beneath to hide: a layer with no lowers is its own tree (`get`
+    /// returns its diff directory), so there they delete, as on vfs, and
+    /// no whiteout device or opaque attribute is ever left to be seen.
     fn apply_diff(id: String, _parent: Option<String>, diff: &ByteStream) -> Result<u64, Error> {
-        fs::unpack(&path(&id, "diff")?, diff, WhiteoutMode::Overlay)
+        let mode = if lowers_of(&id)?.is_empty() {
+            WhiteoutMode::Delete
+        } else {
+            WhiteoutMode::Overlay
+        };
+        fs::unpack(&path(&id, "diff")?, diff, mode)
     }
 
     /// The layer's own diff directory, whiteouts turned back into `.wh.`

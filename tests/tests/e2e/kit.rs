@@ -47,7 +47,7 @@ fn a_driver_built_outside_the_workspace_from_the_kit_passes_conformance_and_enfo
     let wasm = build_example();
     let g = Gantry::new();
     let out = g.ok(&["plugin", "test", wasm.to_str().unwrap()]);
-    assert!(out.contains("11 checks passed") && !out.contains("FAIL"), "{out}");
+    assert!(out.contains("13 checks passed") && !out.contains("FAIL"), "{out}");
     let inspect = g.ok(&["plugin", "inspect", wasm.to_str().unwrap()]);
     assert!(inspect.contains("gantry.driver"), "{inspect}");
     // Its own option is read: a bad one is refused by the driver itself.

@@ -55,7 +55,7 @@ fn native_overlay2_passes_conformance_only_with_consent_and_pulls_what_the_compo
 
     let g = Gantry::bare().with_config(&config(&so, true));
     let out = g.ok(&["plugin", "test", so.to_str().unwrap()]);
-    assert!(out.contains("11 checks passed") && !out.contains("FAIL"), "{out}");
+    assert!(out.contains("13 checks passed") && !out.contains("FAIL"), "{out}");
     let inspect = g.ok(&["plugin", "inspect", so.to_str().unwrap()]);
     assert!(
         inspect.contains("\"runtime\": \"native\"") && inspect.contains("gantry.driver"),

@@ -5,7 +5,7 @@
 
 use crate::{assert_export_matches_umoci, peers, publish};
 use gantry_tests::gantry::Gantry;
-use gantry_tests::image::{rich_layers, Image};
+use gantry_tests::image::{rich_layers, Image, Layer};
 use gantry_tests::registry::Registry;
 use gantry_tests::{is_root, require, tree};
 use std::collections::BTreeMap;
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Whether overlay mounts work here (root, and a kernel that has overlay).
-fn overlay_here() -> bool {
+pub(crate) fn overlay_here() -> bool {
     if !is_root() {
         eprintln!("skipped: overlay2 needs root");
         return false;
@@ -326,4 +326,60 @@ fn a_mount_left_by_a_killed_process_is_cleared_by_the_next_one() {
     g.fsck_clean();
     let out = g.scratch().join("again.tar");
     g.ok(&["export", &name, "-o", out.to_str().unwrap()]);
+}
+
+/// A whiteout or an opaque marker in a first layer has nothing beneath it
+/// to hide: with overlay2 neither `export` nor `save` shows a whiteout
+/// device or an overlay attribute, alone or under a later layer.
+#[test]
+fn a_first_layer_whiteout_is_never_exported_as_a_device() {
+    if !peers() || !overlay_here() {
+        return;
+    }
+    let reg = Registry::start();
+    let first = Layer::new()
+        .file("keep", 0o644, b"k\n")
+        .whiteout("ghost")
+        .dir("o", 0o755)
+        .opaque("o")
+        .file("o/f", 0o644, b"f\n")
+        .tar();
+    let second = Layer::new().file("second", 0o644, b"2\n").tar();
+    let g = Gantry::bare().with_driver("overlay2");
+    for (tag, layers) in [("one", vec![first.clone()]), ("two", vec![first, second])] {
+        publish(&reg, "test/first-whiteout", tag, &Image::new(layers));
+        let name = format!("{}/test/first-whiteout:{tag}", reg.addr());
+        g.ok(&["pull", &name]);
+        let out = g.scratch().join(format!("{tag}.tar"));
+        g.ok(&["export", &name, "-o", out.to_str().unwrap()]);
+        let bytes = std::fs::read(&out).unwrap();
+        assert_eq!(crate::hostile::whiteouts_in(&bytes), None, "{tag}: export");
+        assert!(
+            !bytes.windows(15).any(|w| w == b"trusted.overlay"),
+            "{tag}: the export carries an overlay attribute"
+        );
+        let t = tree::of_tar(&bytes[..]);
+        assert!(t.contains_key("keep") && t.contains_key("o/f"), "{tag}: {t:?}");
+        let saved = g.scratch().join(format!("{tag}-saved.tar"));
+        g.ok(&["save", "-o", saved.to_str().unwrap(), &name]);
+        // Every tar inside the archive (the layers) spells deletions as
+        // `.wh.` files, as the layer it came from did.
+        let mut ar = tar::Archive::new(std::fs::File::open(&saved).unwrap());
+        for e in ar.entries().unwrap() {
+            let mut inner = Vec::new();
+            std::io::Read::read_to_end(&mut e.unwrap(), &mut inner).unwrap();
+            let devices = tar::Archive::new(&inner[..]).entries().ok().map(|es| {
+                es.filter_map(Result::ok)
+                    .filter(|le| {
+                        let h = le.header();
+                        h.entry_type() == tar::EntryType::Char
+                            && h.device_major().ok().flatten() == Some(0)
+                            && h.device_minor().ok().flatten() == Some(0)
+                    })
+                    .count()
+            });
+            assert!(devices.unwrap_or(0) == 0, "{tag}: save shows a whiteout device");
+        }
+    }
+    g.fsck_clean();
 }

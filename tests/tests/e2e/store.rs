@@ -451,7 +451,7 @@ fn the_conformance_suite_passes_vfs_and_overlay2_and_catches_a_lying_driver() {
     }
     for d in drivers {
         let out = g.ok(&["plugin", "test", dir.join(d).to_str().unwrap()]);
-        assert!(out.contains("11 checks passed") && !out.contains("FAIL"), "{d}: {out}");
+        assert!(out.contains("13 checks passed") && !out.contains("FAIL"), "{d}: {out}");
     }
     let bad = dir.join("gantry_bad_driver.wasm");
     let r = g.run(&["plugin", "test", bad.to_str().unwrap(), "--option", "mode=foreign-path"]);

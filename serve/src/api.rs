@@ -53,6 +53,10 @@ impl ApiError {
         }
     }
 
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
     /// The same error with one more response header (`WWW-Authenticate`).
     pub(crate) fn with_header(mut self, name: hyper::header::HeaderName, v: HeaderValue) -> ApiError {
         self.header = Some((name, v));

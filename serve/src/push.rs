@@ -17,14 +17,16 @@
 //! With an htpasswd file every write needs basic auth; reads stay open.
 
 use crate::api::{empty, value, ApiError, Body};
-use crate::fs_storage::FsStorage;
+use crate::fs_storage::{FsStorage, Upload};
 use crate::htpasswd::Htpasswd;
 use crate::storage::{Manifest, ManifestRef, Storage, StorageError};
 use bytes::Bytes;
 use gantry_core::digest::Digest;
 use gantry_core::reference::valid_tag;
 use http_body_util::BodyExt;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use std::time::Duration;
 
@@ -52,6 +54,11 @@ impl From<StorageError> for ApiError {
             StorageError::UploadUnknown => upload_unknown(),
             e @ StorageError::DigestMismatch { .. } => digest_invalid(e.to_string()),
             StorageError::Backend(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", m),
+            e @ StorageError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID", e.to_string()),
+            e @ StorageError::TooManyUploads(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", e.to_string())
+                    .with_header(RETRY_AFTER, HeaderValue::from_static("60"))
+            }
         }
     }
 }
@@ -82,8 +89,40 @@ pub(crate) fn authorize(htpasswd: Option<&Htpasswd>, req: &Request<hyper::body::
     }
 }
 
-/// Writes a request body into an upload session.
-async fn pump(body: hyper::body::Incoming, up: &mut crate::fs_storage::Upload) -> Result<(), ApiError> {
+/// Writes a request body into an upload session. What arrived before a
+/// failure is kept (the client asks how far it got); a session the failure
+/// leaves unusable — past its size cap, or out of step with its file — is
+/// cancelled, its bytes removed.
+async fn pump(
+    storage: &FsStorage,
+    name: &str,
+    uuid: &str,
+    req: Request<hyper::body::Incoming>,
+    slot: &mut Option<Upload>,
+) -> Result<(), ApiError> {
+    let up = slot.as_mut().expect("loaded");
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let result = match declared {
+        // Refused before a byte is read.
+        Some(n) if up.len().saturating_add(n) > storage.upload_limits().max_size => Err(StorageError::TooLarge {
+            limit: storage.upload_limits().max_size,
+        }
+        .into()),
+        _ => copy_body(req.into_body(), up).await,
+    };
+    let fatal = up.is_dead() || result.as_ref().is_err_and(|e| e.status() == StatusCode::PAYLOAD_TOO_LARGE);
+    if fatal {
+        *slot = None;
+        let _ = storage.cancel_upload(name, uuid);
+    }
+    result
+}
+
+async fn copy_body(body: hyper::body::Incoming, up: &mut Upload) -> Result<(), ApiError> {
     let mut body = body;
     loop {
         let frame = tokio::time::timeout(BODY_IDLE, body.frame()).await.map_err(|_| {
@@ -186,10 +225,18 @@ pub(crate) async fn upload(
             }
             // Not mountable: a session to upload into, as the spec says.
         }
+        let monolithic = match query(&req, "digest") {
+            Some(d) => Some(parse_digest(&d)?),
+            None => None,
+        };
         let uuid = storage.start_upload(name)?;
-        if let Some(d) = query(&req, "digest") {
-            let digest = parse_digest(&d)?;
-            return finish(storage, name, &uuid, &digest, req).await;
+        if let Some(digest) = monolithic {
+            // One request, one blob: a failure leaves no session behind.
+            let result = finish(storage, name, &uuid, &digest, req).await;
+            if result.is_err() {
+                let _ = storage.cancel_upload(name, &uuid);
+            }
+            return result;
         }
         return Ok(session_response(StatusCode::ACCEPTED, name, &uuid, 0));
     };
@@ -226,9 +273,9 @@ pub(crate) async fn upload(
                     return Ok(r);
                 }
             }
-            let result = pump(req.into_body(), up).await;
-            let len = up.len();
-            result?;
+            pump(storage, name, uuid, req, &mut slot).await?;
+            storage.touch_upload(uuid);
+            let len = slot.as_ref().map(|u| u.len()).unwrap_or(0);
             Ok(session_response(StatusCode::ACCEPTED, name, uuid, len))
         }
         Method::PUT => {
@@ -262,7 +309,7 @@ async fn finish(
     let session = storage.upload(name, uuid)?;
     let mut slot = session.lock().await;
     storage.load_upload(uuid, &mut slot)?;
-    pump(req.into_body(), slot.as_mut().expect("loaded")).await?;
+    pump(storage, name, uuid, req, &mut slot).await?;
     match storage.finish_upload(name, uuid, &mut slot, digest) {
         Ok(()) => Ok(blob_created(name, digest)),
         Err(e @ StorageError::DigestMismatch { .. }) => {

@@ -10,7 +10,11 @@
 //! - a blob becomes visible only when its bytes hashed to the digest the
 //!   client named, and after they are on disk;
 //! - `PUT …/manifests/REF` takes a manifest of at most 4 MiB whose every
-//!   referenced blob (or, for an index, manifest) the repository holds;
+//!   referenced blob (or, for an index, manifest) the repository holds. Its
+//!   kind comes from its media type (`Content-Type` and `mediaType` must
+//!   agree), by the rule pull reads with (`gantry_core::manifest::kind`):
+//!   ambiguous documents and other types are refused, so only the four
+//!   manifest types are ever stored, and served back;
 //! - `DELETE` of a manifest by digest (and its tags), a tag, or a blob's
 //!   link.
 //!
@@ -22,6 +26,7 @@ use crate::htpasswd::Htpasswd;
 use crate::storage::{Manifest, ManifestRef, Storage, StorageError};
 use bytes::Bytes;
 use gantry_core::digest::Digest;
+use gantry_core::manifest::{self, Kind};
 use gantry_core::reference::valid_tag;
 use http_body_util::BodyExt;
 use hyper::header::{
@@ -321,10 +326,10 @@ async fn finish(
     }
 }
 
-/// The digests a manifest names that must already be in the repository:
-/// blobs (config and layers; a foreign layer with `urls` is not held), or
-/// for an index, manifests.
-fn references(doc: &serde_json::Value) -> Result<(Vec<Digest>, Vec<Digest>), ApiError> {
+/// The digests a manifest of `kind` names that must already be in the
+/// repository: blobs (config and layers; a foreign layer with `urls` is not
+/// held), or for an index, manifests.
+fn references(kind: Kind, doc: &serde_json::Value) -> Result<(Vec<Digest>, Vec<Digest>), ApiError> {
     let invalid = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", m.to_string());
     if doc.get("schemaVersion").and_then(|v| v.as_u64()) != Some(2) {
         return Err(invalid("manifest invalid: only schemaVersion 2 is accepted"));
@@ -335,22 +340,30 @@ fn references(doc: &serde_json::Value) -> Result<(Vec<Digest>, Vec<Digest>), Api
             .ok_or_else(|| invalid("manifest invalid: a descriptor has no digest"))
             .and_then(parse_digest)
     };
+    let list = |key: &str| {
+        doc.get(key)
+            .and_then(|l| l.as_array())
+            .ok_or_else(|| invalid(&format!("manifest invalid: no \"{key}\" array")))
+    };
     let mut blobs = Vec::new();
     let mut manifests = Vec::new();
-    if let Some(list) = doc.get("manifests").and_then(|m| m.as_array()) {
-        for m in list {
-            manifests.push(digest_of(m)?);
+    match kind {
+        Kind::Index => {
+            for m in list("manifests")? {
+                manifests.push(digest_of(m)?);
+            }
         }
-        return Ok((blobs, manifests));
-    }
-    let config = doc
-        .get("config")
-        .ok_or_else(|| invalid("manifest invalid: no config"))?;
-    blobs.push(digest_of(config)?);
-    for l in doc.get("layers").and_then(|l| l.as_array()).into_iter().flatten() {
-        let foreign = l.get("urls").and_then(|u| u.as_array()).is_some_and(|u| !u.is_empty());
-        if !foreign {
-            blobs.push(digest_of(l)?);
+        Kind::Image => {
+            let config = doc
+                .get("config")
+                .ok_or_else(|| invalid("manifest invalid: no config"))?;
+            blobs.push(digest_of(config)?);
+            for l in list("layers")? {
+                let foreign = l.get("urls").and_then(|u| u.as_array()).is_some_and(|u| !u.is_empty());
+                if !foreign {
+                    blobs.push(digest_of(l)?);
+                }
+            }
         }
     }
     Ok((blobs, manifests))
@@ -388,20 +401,17 @@ pub(crate) async fn put_manifest(
             format!("manifest invalid: {e}"),
         )
     })?;
-    let media_type = doc
-        .get("mediaType")
-        .and_then(|m| m.as_str())
-        .map(str::to_string)
-        .or(content_type)
-        .filter(|m| !m.is_empty())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "MANIFEST_INVALID",
-                "manifest invalid: no media type",
-            )
-        })?;
-    let (blobs, manifests) = references(&doc)?;
+    // The kind is the media type's (pull's rule), never the fields'; what
+    // is stored, and served back as `Content-Type`, is one of the four
+    // manifest types.
+    let (media_type, kind) = manifest::kind(content_type.as_deref().unwrap_or(""), &doc).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_INVALID",
+            format!("manifest invalid: {}", gantry_core::text::escape_line(&e.to_string())),
+        )
+    })?;
+    let (blobs, manifests) = references(kind, &doc)?;
     for b in &blobs {
         if storage.blob_size(name, b)?.is_none() {
             return Err(ApiError::new(
@@ -427,7 +437,7 @@ pub(crate) async fn put_manifest(
     storage.put_manifest(
         name,
         &Manifest {
-            media_type,
+            media_type: media_type.to_string(),
             digest: digest.clone(),
             bytes,
         },
@@ -500,9 +510,10 @@ mod tests {
                 {"digest": format!("sha256:{}", "c".repeat(64)), "urls": ["https://example.com/x"]},
             ]
         });
-        let (blobs, manifests) = references(&doc).unwrap();
+        let (blobs, manifests) = references(Kind::Image, &doc).unwrap();
         assert_eq!(blobs.len(), 2);
         assert!(manifests.is_empty());
-        assert!(references(&serde_json::json!({"schemaVersion": 1})).is_err());
+        assert!(references(Kind::Image, &serde_json::json!({"schemaVersion": 1})).is_err());
+        assert!(references(Kind::Index, &doc).is_err(), "an index needs manifests");
     }
 }

@@ -262,7 +262,7 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
         // sends them only when challenged there): with an htpasswd file it
         // challenges anyone without them, though every read stays open.
         if route == Route::Base {
-            crate::push::authorize(htpasswd.as_deref(), &req)?;
+            crate::push::authorize(htpasswd.as_deref(), &req).await?;
         }
     }
     let req = &req;
@@ -375,7 +375,7 @@ async fn write(
     route: Route<'_>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    crate::push::authorize(htpasswd, &req)?;
+    crate::push::authorize(htpasswd, &req).await?;
     let name_ok = |n: &str| {
         if valid_repository(n) {
             Ok(())

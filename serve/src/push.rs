@@ -80,11 +80,19 @@ fn parse_digest(s: &str) -> Result<Digest, ApiError> {
     s.parse().map_err(|_| digest_invalid("invalid digest"))
 }
 
-/// Whether the request may write, answering 401 when it may not.
-pub(crate) fn authorize(htpasswd: Option<&Htpasswd>, req: &Request<hyper::body::Incoming>) -> Result<(), ApiError> {
+/// Whether the request may write, answering 401 when it may not, and 429
+/// when too many password checks are under way to take another.
+pub(crate) async fn authorize(
+    htpasswd: Option<&Htpasswd>,
+    req: &Request<hyper::body::Incoming>,
+) -> Result<(), ApiError> {
     let Some(h) = htpasswd else { return Ok(()) };
     let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if h.allows(header) {
+    let allowed = h.check(header).await.map_err(|e| {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", e.to_string())
+            .with_header(RETRY_AFTER, HeaderValue::from_static("1"))
+    })?;
+    if allowed {
         Ok(())
     } else {
         Err(

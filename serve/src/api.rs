@@ -235,7 +235,14 @@ fn manifest_content_type(m: &Manifest) -> HeaderValue {
         "application/vnd.docker.distribution.manifest.v1+prettyjws",
     ];
     let bare = m.media_type.split(';').next().unwrap_or("").trim();
-    for t in [DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX, SCHEMA1[0], SCHEMA1[1]] {
+    for t in [
+        DOCKER_MANIFEST,
+        DOCKER_LIST,
+        OCI_MANIFEST,
+        OCI_INDEX,
+        SCHEMA1[0],
+        SCHEMA1[1],
+    ] {
         if bare == t {
             return HeaderValue::from_static(t);
         }
@@ -752,7 +759,11 @@ mod tests {
         assert_eq!(manifest_content_type(&m(oci, "{}")), oci);
         assert_eq!(manifest_content_type(&m(&format!("{oci}; charset=utf-8"), "{}")), oci);
         let typed = format!(r#"{{"mediaType":"{oci}","config":{{}},"layers":[]}}"#);
-        assert_eq!(manifest_content_type(&m("text/html", &typed)), oci, "the document's own");
+        assert_eq!(
+            manifest_content_type(&m("text/html", &typed)),
+            oci,
+            "the document's own"
+        );
         assert_eq!(
             manifest_content_type(&m("text/html", "<script>")),
             "application/octet-stream"

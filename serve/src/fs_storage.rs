@@ -816,7 +816,9 @@ mod tests {
             max_per_repository: 2,
             expiry: Duration::from_millis(50),
         };
-        let s = FsStorage::open(dir.path(), true).unwrap().with_upload_limits(limits.clone());
+        let s = FsStorage::open(dir.path(), true)
+            .unwrap()
+            .with_upload_limits(limits.clone());
         let a = s.start_upload("a").unwrap();
         s.start_upload("a").unwrap();
         assert!(matches!(s.start_upload("a"), Err(StorageError::TooManyUploads(_))));
@@ -838,10 +840,12 @@ mod tests {
         s.start_upload("c").unwrap();
 
         // Sessions found on disk at open count against the caps.
-        let s = FsStorage::open(dir.path(), true).unwrap().with_upload_limits(UploadLimits {
-            max_sessions: 1,
-            ..limits
-        });
+        let s = FsStorage::open(dir.path(), true)
+            .unwrap()
+            .with_upload_limits(UploadLimits {
+                max_sessions: 1,
+                ..limits
+            });
         assert!(matches!(s.start_upload("d"), Err(StorageError::TooManyUploads(_))));
     }
 }

@@ -68,7 +68,10 @@ impl Drop for Pending<'_> {
 impl Htpasswd {
     /// Checks running at once: half the cores, at least one.
     pub fn parallel() -> usize {
-        std::thread::available_parallelism().map(|n| n.get() / 2).unwrap_or(1).max(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get() / 2)
+            .unwrap_or(1)
+            .max(1)
     }
 
     pub fn read(path: &Path) -> Result<Htpasswd, HtpasswdError> {
@@ -174,10 +177,16 @@ mod tests {
 
     #[test]
     fn only_a_listed_user_with_the_right_password_is_allowed() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let hash = bcrypt::hash("s3cret", 4).unwrap();
         let h = Htpasswd::parse(&format!("# writers\nalice:{hash}\n")).unwrap();
-        assert!(h.dummy.starts_with("$2b$04$"), "the dummy costs what the file's hashes cost");
+        assert!(
+            h.dummy.starts_with("$2b$04$"),
+            "the dummy costs what the file's hashes cost"
+        );
         use base64::Engine as _;
         let basic = |s: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s));
         let check = |v: Option<&str>| rt.block_on(h.check(v)).unwrap();
@@ -195,12 +204,19 @@ mod tests {
 
     #[test]
     fn checks_past_the_queue_are_told_to_come_back() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let h = Htpasswd::parse(&format!("alice:{}\n", bcrypt::hash("s3cret", 4).unwrap())).unwrap();
         h.pending.store(MAX_PENDING, Ordering::Release);
         use base64::Engine as _;
         let wrong = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("alice:x"));
         assert!(rt.block_on(h.check(Some(&wrong))).is_err());
-        assert_eq!(h.pending.load(Ordering::Acquire), MAX_PENDING, "a refused check does not count");
+        assert_eq!(
+            h.pending.load(Ordering::Acquire),
+            MAX_PENDING,
+            "a refused check does not count"
+        );
     }
 }

@@ -38,6 +38,10 @@ use std::time::Duration;
 /// The largest manifest accepted (distribution's limit).
 const MAX_MANIFEST: usize = 4 << 20;
 
+/// Manifest bodies read at once (each up to [`MAX_MANIFEST`] in memory):
+/// more wait, so manifests in flight never hold more than 64 MiB.
+static MANIFEST_BODIES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(16);
+
 /// How long a request body may stall between two reads.
 const BODY_IDLE: Duration = Duration::from_secs(60);
 
@@ -59,7 +63,9 @@ impl From<StorageError> for ApiError {
             StorageError::UploadUnknown => upload_unknown(),
             e @ StorageError::DigestMismatch { .. } => digest_invalid(e.to_string()),
             StorageError::Backend(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", m),
-            e @ StorageError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID", e.to_string()),
+            e @ StorageError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID", e.to_string())
+            }
             e @ StorageError::TooManyUploads(_) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", e.to_string())
                     .with_header(RETRY_AFTER, HeaderValue::from_static("60"))
@@ -102,6 +108,13 @@ pub(crate) async fn authorize(
     }
 }
 
+/// Runs storage work that may take long (hashing a session's file again
+/// after a restart, syncing a blob to disk) without holding up the other
+/// requests of this worker thread.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
 /// Writes a request body into an upload session. What arrived before a
 /// failure is kept (the client asks how far it got); a session the failure
 /// leaves unusable — past its size cap, or out of step with its file — is
@@ -127,7 +140,10 @@ async fn pump(
         .into()),
         _ => copy_body(req.into_body(), up).await,
     };
-    let fatal = up.is_dead() || result.as_ref().is_err_and(|e| e.status() == StatusCode::PAYLOAD_TOO_LARGE);
+    let fatal = up.is_dead()
+        || result
+            .as_ref()
+            .is_err_and(|e| e.status() == StatusCode::PAYLOAD_TOO_LARGE);
     if fatal {
         *slot = None;
         let _ = storage.cancel_upload(name, uuid);
@@ -257,14 +273,14 @@ pub(crate) async fn upload(
         Method::GET | Method::HEAD => {
             let session = storage.upload(name, uuid)?;
             let mut slot = session.lock().await;
-            storage.load_upload(uuid, &mut slot)?;
+            blocking(|| storage.load_upload(uuid, &mut slot))?;
             let len = slot.as_ref().map(|u| u.len()).unwrap_or(0);
             Ok(session_response(StatusCode::NO_CONTENT, name, uuid, len))
         }
         Method::PATCH => {
             let session = storage.upload(name, uuid)?;
             let mut slot = session.lock().await;
-            storage.load_upload(uuid, &mut slot)?;
+            blocking(|| storage.load_upload(uuid, &mut slot))?;
             let up = slot.as_mut().expect("loaded");
             if let Some(range) = req.headers().get("content-range").and_then(|v| v.to_str().ok()) {
                 let start = range
@@ -321,9 +337,9 @@ async fn finish(
 ) -> Result<Response<Body>, ApiError> {
     let session = storage.upload(name, uuid)?;
     let mut slot = session.lock().await;
-    storage.load_upload(uuid, &mut slot)?;
+    blocking(|| storage.load_upload(uuid, &mut slot))?;
     pump(storage, name, uuid, req, &mut slot).await?;
-    match storage.finish_upload(name, uuid, &mut slot, digest) {
+    match blocking(|| storage.finish_upload(name, uuid, &mut slot, digest)) {
         Ok(()) => Ok(blob_created(name, digest)),
         Err(e @ StorageError::DigestMismatch { .. }) => {
             *slot = None;
@@ -389,6 +405,10 @@ pub(crate) async fn put_manifest(
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|c| c.split(';').next().unwrap_or("").trim().to_string());
+    let _reading = MANIFEST_BODIES
+        .acquire()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "shutting down"))?;
     let bytes = read_body(req.into_body(), MAX_MANIFEST).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -704,7 +704,9 @@ fn a_full_disk_mid_chunk_leaves_no_blob_whose_bytes_differ_from_its_digest() {
     let g = Gantry::new();
     let registry = g.root_path().join("registry");
     // 8 MiB of disk, 5 of them taken: a 3 MiB chunk after 1 MiB fails halfway.
-    let Some(_disk) = Tmpfs::mount(&registry, "8m") else { return };
+    let Some(_disk) = Tmpfs::mount(&registry, "8m") else {
+        return;
+    };
     let filler = registry.join("filler");
     std::fs::write(&filler, vec![7u8; 5 << 20]).unwrap();
     let srv = g.serve(&[]);
@@ -715,7 +717,13 @@ fn a_full_disk_mid_chunk_leaves_no_blob_whose_bytes_differ_from_its_digest() {
 
     let r = send(&a, "POST", "/v2/team/app/blobs/uploads/", &[], b"");
     let loc = header(&r, "location").unwrap().to_string();
-    let r = send(&a, "PATCH", &loc, &[("Content-Range", &format!("0-{}", mib - 1))], &data[..mib]);
+    let r = send(
+        &a,
+        "PATCH",
+        &loc,
+        &[("Content-Range", &format!("0-{}", mib - 1))],
+        &data[..mib],
+    );
     assert_eq!(status(&r), 202, "{r}");
     let r = send(
         &a,
@@ -853,7 +861,13 @@ fn a_wrong_password_flood_leaves_reads_fast_and_unknown_users_cost_the_same() {
     let post = |user: &str, password: &str| {
         let auth = basic(user, password);
         let started = std::time::Instant::now();
-        let r = send(&a, "POST", "/v2/team/app/blobs/uploads/", &[("Authorization", &auth)], b"");
+        let r = send(
+            &a,
+            "POST",
+            "/v2/team/app/blobs/uploads/",
+            &[("Authorization", &auth)],
+            b"",
+        );
         (status(&r), started.elapsed())
     };
 

@@ -86,23 +86,40 @@ fn layer_compression(media_type: &str) -> Result<Compression> {
     })
 }
 
-/// Parses `bytes` as the media type the registry declared (falling back on
-/// the document's own `mediaType` field).
-pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
-    if bytes.len() > MAX_MANIFEST_BYTES {
-        return Err(Error::InvalidManifest("manifest is larger than 4 MiB".into()));
-    }
-    let value: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| Error::InvalidManifest(format!("manifest is not valid JSON: {e}")))?;
-    let inner = value.get("mediaType").and_then(|m| m.as_str()).unwrap_or("");
+/// What a manifest document is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A single-platform image manifest (`config` and `layers`).
+    Image,
+    /// A manifest list or index (`manifests`).
+    Index,
+}
+
+/// The media type and kind of a manifest document `value`, the one rule
+/// for what pull reads and what `gantry serve` takes from a push:
+/// - the type is the one declared (a `Content-Type`) unless that is absent
+///   or generic (`application/json`, `text/plain`), then the document's own
+///   `mediaType`, and when both are absent its shape (OCI allows that);
+/// - a document's `mediaType` must agree with the declared type;
+/// - only the four manifest types are manifests (schema 1 is refused);
+/// - an ambiguous document is refused whatever it claims: one carrying both
+///   `manifests` and `layers`/`config` (CVE-2021-41190), an image with
+///   `manifests`, an index with `layers` or `config`.
+pub fn kind(declared: &str, value: &serde_json::Value) -> Result<(&'static str, Kind)> {
+    let inner = match value.get("mediaType") {
+        None => "",
+        Some(serde_json::Value::String(s)) => s.as_str(),
+        Some(_) => return Err(Error::InvalidManifest("manifest mediaType is not a string".into())),
+    };
     let media_type = if declared.is_empty() || declared == "application/json" || declared == "text/plain" {
         inner
     } else {
         declared
     };
+    let has = |k: &str| value.get(k).is_some();
     let media_type = if media_type.is_empty() {
         // OCI allows an absent mediaType: tell by shape.
-        if value.get("manifests").is_some() {
+        if has("manifests") {
             OCI_INDEX
         } else {
             OCI_MANIFEST
@@ -112,7 +129,7 @@ pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
     };
     // CVE-2021-41190: a document that is both a manifest and an index means
     // different things to different readers; refuse it whatever it claims.
-    if value.get("manifests").is_some() && (value.get("layers").is_some() || value.get("config").is_some()) {
+    if has("manifests") && (has("layers") || has("config")) {
         return Err(Error::InvalidManifest(
             "manifest carries both \"manifests\" and \"layers\"/\"config\" (ambiguous, CVE-2021-41190)".into(),
         ));
@@ -122,8 +139,44 @@ pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
             "manifest declares media type {inner:?} but was served as {media_type:?}"
         )));
     }
-    match media_type {
-        DOCKER_MANIFEST | OCI_MANIFEST => {
+    let (media_type, kind) = match media_type {
+        DOCKER_MANIFEST => (DOCKER_MANIFEST, Kind::Image),
+        OCI_MANIFEST => (OCI_MANIFEST, Kind::Image),
+        DOCKER_LIST => (DOCKER_LIST, Kind::Index),
+        OCI_INDEX => (OCI_INDEX, Kind::Index),
+        "application/vnd.docker.distribution.manifest.v1+json"
+        | "application/vnd.docker.distribution.manifest.v1+prettyjws" => {
+            return Err(Error::InvalidManifest(
+                "Docker image manifest schema 1 is not supported".into(),
+            ))
+        }
+        other => {
+            return Err(Error::InvalidManifest(format!(
+                "unsupported manifest media type {other:?}"
+            )))
+        }
+    };
+    match kind {
+        Kind::Image if has("manifests") => Err(Error::InvalidManifest(format!(
+            "manifest is typed {media_type:?} but carries \"manifests\" (ambiguous)"
+        ))),
+        Kind::Index if has("layers") || has("config") => Err(Error::InvalidManifest(format!(
+            "manifest is typed {media_type:?} but carries \"layers\"/\"config\" (ambiguous)"
+        ))),
+        _ => Ok((media_type, kind)),
+    }
+}
+
+/// Parses `bytes` as the media type the registry declared (falling back on
+/// the document's own `mediaType` field; see [`kind`]).
+pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(Error::InvalidManifest("manifest is larger than 4 MiB".into()));
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| Error::InvalidManifest(format!("manifest is not valid JSON: {e}")))?;
+    match kind(declared, &value)?.1 {
+        Kind::Image => {
             let m: oci_spec::image::ImageManifest = serde_json::from_value(value)
                 .map_err(|e| Error::InvalidManifest(format!("invalid image manifest: {e}")))?;
             if m.schema_version() != 2 {
@@ -152,7 +205,7 @@ pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
             }
             Ok(Parsed::Image(ImageManifest { config, layers }))
         }
-        DOCKER_LIST | OCI_INDEX => {
+        Kind::Index => {
             let idx: oci_spec::image::ImageIndex = serde_json::from_value(value)
                 .map_err(|e| Error::InvalidManifest(format!("invalid manifest list: {e}")))?;
             let mut out = Vec::new();
@@ -164,13 +217,6 @@ pub fn parse(declared: &str, bytes: &[u8]) -> Result<Parsed> {
             }
             Ok(Parsed::List(out))
         }
-        "application/vnd.docker.distribution.manifest.v1+json"
-        | "application/vnd.docker.distribution.manifest.v1+prettyjws" => Err(Error::InvalidManifest(
-            "Docker image manifest schema 1 is not supported".into(),
-        )),
-        other => Err(Error::InvalidManifest(format!(
-            "unsupported manifest media type {other:?}"
-        ))),
     }
 }
 
@@ -289,5 +335,26 @@ mod tests {
             let e = parse(declared, &bytes).unwrap_err().to_string();
             assert!(e.contains("CVE-2021-41190"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_kind_comes_from_the_media_type_and_contradictions_are_refused() {
+        let image = serde_json::json!({"schemaVersion": 2, "config": {}, "layers": []});
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": []});
+        assert_eq!(kind(OCI_MANIFEST, &image).unwrap(), (OCI_MANIFEST, Kind::Image));
+        assert_eq!(kind("", &image).unwrap(), (OCI_MANIFEST, Kind::Image), "by shape");
+        assert_eq!(kind("application/json", &index).unwrap(), (OCI_INDEX, Kind::Index));
+        assert_eq!(kind(DOCKER_LIST, &index).unwrap(), (DOCKER_LIST, Kind::Index));
+        // An image type over an index's fields, and the other way round.
+        assert!(kind(OCI_MANIFEST, &index).is_err());
+        assert!(kind(DOCKER_LIST, &image).is_err());
+        let mut typed = image.clone();
+        typed["mediaType"] = serde_json::json!(OCI_MANIFEST);
+        assert!(kind(OCI_INDEX, &typed).is_err(), "Content-Type contradicts mediaType");
+        assert_eq!(kind("application/json", &typed).unwrap().1, Kind::Image);
+        typed["mediaType"] = serde_json::json!(7);
+        assert!(kind("", &typed).is_err());
+        assert!(kind("text/html", &image).is_err(), "only manifest types");
+        assert!(kind("application/vnd.docker.distribution.manifest.v1+json", &image).is_err());
     }
 }

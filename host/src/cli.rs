@@ -161,6 +161,8 @@ pub enum Command {
         /// `htpasswd -B`); without it anyone who reaches the port may push.
         #[arg(long, value_name = "FILE")]
         htpasswd: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        uploads: crate::commands::serve::UploadArgs,
     },
     /// Answer Docker's Engine API image routes on a unix socket (the
     /// `docker` CLI with `DOCKER_HOST=unix://…`), until SIGTERM.

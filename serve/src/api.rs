@@ -5,7 +5,10 @@
 //! match the distribution grammar (so `..` or `%2e` never reach a path),
 //! digests are `sha256:` and 64 lowercase hex digits, tags the tag grammar.
 //! Errors are the registry's JSON (`{"errors":[{"code",…}]}`) with the
-//! status the spec gives each code.
+//! status the spec gives each code. Every answer carries
+//! `X-Content-Type-Options: nosniff`, and a manifest is served with its
+//! media type only when that is a manifest type (else as plain bytes), so
+//! nothing a client stored is ever rendered as a page.
 
 use crate::fs_storage::FsStorage;
 use crate::htpasswd::Htpasswd;
@@ -51,6 +54,10 @@ impl ApiError {
             message: message.into(),
             header: None,
         }
+    }
+
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
     }
 
     /// The same error with one more response header (`WWW-Authenticate`).
@@ -211,7 +218,40 @@ pub async fn handle(backend: &Backend, req: Request<hyper::body::Incoming>) -> R
         "Docker-Distribution-API-Version",
         HeaderValue::from_static("registry/2.0"),
     );
+    // What a client stored is served back: no browser may guess it is a page.
+    resp.headers_mut()
+        .insert("X-Content-Type-Options", HeaderValue::from_static("nosniff"));
     resp
+}
+
+/// The `Content-Type` a stored manifest is served with: always a manifest
+/// type or plain bytes. A mirror's upstream or an older store may have
+/// recorded anything: then the document's own type (by pull's rule) is
+/// used, and failing that `application/octet-stream`.
+fn manifest_content_type(m: &Manifest) -> HeaderValue {
+    use gantry_core::manifest::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+    const SCHEMA1: [&str; 2] = [
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    ];
+    let bare = m.media_type.split(';').next().unwrap_or("").trim();
+    for t in [
+        DOCKER_MANIFEST,
+        DOCKER_LIST,
+        OCI_MANIFEST,
+        OCI_INDEX,
+        SCHEMA1[0],
+        SCHEMA1[1],
+    ] {
+        if bare == t {
+            return HeaderValue::from_static(t);
+        }
+    }
+    serde_json::from_slice::<serde_json::Value>(&m.bytes)
+        .ok()
+        .and_then(|doc| gantry_core::manifest::kind("", &doc).ok())
+        .map(|(t, _)| HeaderValue::from_static(t))
+        .unwrap_or_else(|| HeaderValue::from_static("application/octet-stream"))
 }
 
 async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Result<Response<Body>, ApiError> {
@@ -229,7 +269,7 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
         // sends them only when challenged there): with an htpasswd file it
         // challenges anyone without them, though every read stays open.
         if route == Route::Base {
-            crate::push::authorize(htpasswd.as_deref(), &req)?;
+            crate::push::authorize(htpasswd.as_deref(), &req).await?;
         }
     }
     let req = &req;
@@ -290,9 +330,10 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
                 ));
             };
             let len = m.bytes.len();
+            let content_type = manifest_content_type(&m);
             let mut r = Response::new(if head { empty() } else { full(m.bytes) });
             let h = r.headers_mut();
-            h.insert(CONTENT_TYPE, value(&m.media_type));
+            h.insert(CONTENT_TYPE, content_type);
             h.insert(CONTENT_LENGTH, HeaderValue::from(len));
             h.insert("Docker-Content-Digest", value(m.digest.as_str()));
             h.insert(ETAG, value(&format!("\"{}\"", m.digest)));
@@ -341,7 +382,7 @@ async fn write(
     route: Route<'_>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    crate::push::authorize(htpasswd, &req)?;
+    crate::push::authorize(htpasswd, &req).await?;
     let name_ok = |n: &str| {
         if valid_repository(n) {
             Ok(())
@@ -705,6 +746,28 @@ mod tests {
         assert_eq!(parse_range("bytes=9-3", 100), Err(()));
         assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
         assert_eq!(parse_range("items=0-1", 100), Ok(None));
+    }
+
+    #[test]
+    fn manifests_are_served_only_as_manifest_types() {
+        let m = |t: &str, doc: &str| Manifest {
+            media_type: t.to_string(),
+            digest: Digest::of(doc.as_bytes()),
+            bytes: Bytes::from(doc.to_string()),
+        };
+        let oci = "application/vnd.oci.image.manifest.v1+json";
+        assert_eq!(manifest_content_type(&m(oci, "{}")), oci);
+        assert_eq!(manifest_content_type(&m(&format!("{oci}; charset=utf-8"), "{}")), oci);
+        let typed = format!(r#"{{"mediaType":"{oci}","config":{{}},"layers":[]}}"#);
+        assert_eq!(
+            manifest_content_type(&m("text/html", &typed)),
+            oci,
+            "the document's own"
+        );
+        assert_eq!(
+            manifest_content_type(&m("text/html", "<script>")),
+            "application/octet-stream"
+        );
     }
 
     #[test]

@@ -14,6 +14,17 @@
 //! digest ([`Ingest`] hashes as it is written), so nothing half-written or
 //! wrong is ever served. Repository names reach paths only after the
 //! distribution grammar accepted them (no `..`, no empty component).
+//!
+//! The hash kept beside a file is only worth what the file holds: a write
+//! that fails half-way (a full disk) is cut back off the file, so the file,
+//! its length and its hash stay in step; when that cannot be done the
+//! session (or ingest) is dead and can never be committed. A commit checks
+//! the file's length on disk against what was hashed, and hashes the file
+//! again when they differ.
+//!
+//! Upload sessions are bounded ([`UploadLimits`]): bytes per session,
+//! sessions in all and per repository, and an expiry after which an
+//! untouched session is removed with its file ([`FsStorage::sweep_uploads`]).
 
 use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
 use bytes::Bytes;
@@ -25,14 +36,49 @@ use std::io::{Read, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub struct FsStorage {
     dir: PathBuf,
-    /// Upload sessions this process has touched: their hash state, so a
-    /// chunk costs only its own bytes. A session from before a restart is
-    /// hashed again from its data file when first used.
-    uploads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Upload>>>>>,
+    limits: UploadLimits,
+    /// Upload sessions: the ones this process started, found on disk when
+    /// it opened the storage, or was asked about since. The hash state of a
+    /// session, so a chunk costs only its own bytes, is filled in on first
+    /// use (a session from before a restart is hashed again from its file).
+    uploads: Mutex<HashMap<String, Session>>,
+}
+
+/// What upload sessions may take (see `gantry serve --help` for the
+/// defaults' reasons).
+#[derive(Debug, Clone)]
+pub struct UploadLimits {
+    /// The most bytes one session (one blob) may hold.
+    pub max_size: u64,
+    /// Sessions open at once, in all.
+    pub max_sessions: usize,
+    /// Sessions open at once for one repository.
+    pub max_per_repository: usize,
+    /// How long a session may sit untouched before it is removed.
+    pub expiry: Duration,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        UploadLimits {
+            max_size: 16 << 30,
+            max_sessions: 1024,
+            max_per_repository: 64,
+            expiry: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A session as the storage tracks it.
+struct Session {
+    repo: String,
+    /// When a request last asked for it.
+    touched: Instant,
+    state: Arc<tokio::sync::Mutex<Option<Upload>>>,
 }
 
 /// An upload session's data file, hashed and counted as it grows.
@@ -40,6 +86,10 @@ pub struct Upload {
     file: std::fs::File,
     hasher: sha2::Sha256,
     len: u64,
+    max: u64,
+    /// A failed write could not be cut back off the file: the file no
+    /// longer matches `len` and `hasher`, and the session must go.
+    dead: bool,
 }
 
 impl Upload {
@@ -51,14 +101,59 @@ impl Upload {
         self.len == 0
     }
 
+    /// Whether a failed write left the file out of step (the session can
+    /// only be cancelled).
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    /// Appends `chunk`. Past the size cap nothing of it is written. A write
+    /// that fails part-way is cut back off the file, so the session stays
+    /// what it was before the chunk; if even that fails the session is dead.
     pub fn write(&mut self, chunk: &[u8]) -> Result<(), StorageError> {
-        self.file
-            .write_all(chunk)
-            .map_err(|e| backend("writing an upload", e))?;
+        if self.dead {
+            return Err(StorageError::Backend("the upload's file is damaged".into()));
+        }
+        if self.len.saturating_add(chunk.len() as u64) > self.max {
+            return Err(StorageError::TooLarge { limit: self.max });
+        }
+        if let Err(e) = self.file.write_all(chunk) {
+            self.dead = self.file.set_len(self.len).is_err();
+            return Err(backend("writing an upload", e));
+        }
         self.hasher.update(chunk);
         self.len += chunk.len() as u64;
         Ok(())
     }
+}
+
+/// The SHA-256 and length of what `file` holds, read from its start.
+fn hash_file(file: &std::fs::File) -> std::io::Result<(Digest, u64)> {
+    use std::os::unix::fs::FileExt as _;
+    let mut hasher = sha2::Sha256::new();
+    let mut len = 0u64;
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = file.read_at(&mut buf, len)?;
+        if n == 0 {
+            return Ok((Digest::from_hasher(hasher), len));
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+}
+
+/// The digest of what `file` holds on disk, for a commit: the hash kept
+/// while writing when the file's length agrees with it, else the file's
+/// bytes hashed again.
+fn digest_on_disk(file: &std::fs::File, len: u64, hasher: &sha2::Sha256) -> Result<Digest, StorageError> {
+    let on_disk = file.metadata().map_err(|e| backend("checking a blob", e))?.len();
+    if on_disk == len {
+        return Ok(Digest::from_hasher(hasher.clone()));
+    }
+    hash_file(file)
+        .map(|(d, _)| d)
+        .map_err(|e| backend("checking a blob", e))
 }
 
 /// A session id: 32 lowercase hex digits (anything else never reaches a path).
@@ -76,13 +171,24 @@ pub struct Ingest {
     path: PathBuf,
     hasher: sha2::Sha256,
     len: u64,
+    /// A write failed: what the file holds is not what was hashed.
+    failed: bool,
 }
 
 impl Ingest {
+    /// Appends `chunk`; after a failed write the ingest can only be
+    /// dropped ([`FsStorage::commit_blob`] refuses it).
     pub fn write(&mut self, chunk: &[u8]) -> Result<(), StorageError> {
+        if self.failed {
+            return Err(StorageError::Backend("a write to this blob failed before".into()));
+        }
+        if let Err(e) = self.file.write_all(chunk) {
+            self.failed = true;
+            return Err(backend("writing a blob", e));
+        }
         self.hasher.update(chunk);
         self.len += chunk.len() as u64;
-        self.file.write_all(chunk).map_err(|e| backend("writing a blob", e))
+        Ok(())
     }
 
     /// The digest of what was written so far.
@@ -128,26 +234,96 @@ impl FsStorage {
                 }
             }
         }
+        // Sessions on disk count against the caps and expire like new ones,
+        // aged by their file's last change.
+        let mut uploads = HashMap::new();
+        if let Ok(rd) = std::fs::read_dir(dir.join("uploads")) {
+            for e in rd.flatten() {
+                let Some(uuid) = e.file_name().to_str().filter(|u| valid_uuid(u)).map(str::to_string) else {
+                    continue;
+                };
+                let Ok(repo) = std::fs::read_to_string(e.path().join("repository")) else {
+                    continue;
+                };
+                let age = std::fs::metadata(e.path().join("data"))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .unwrap_or_default();
+                let now = Instant::now();
+                uploads.insert(
+                    uuid,
+                    Session {
+                        repo,
+                        touched: now.checked_sub(age).unwrap_or(now),
+                        state: Arc::default(),
+                    },
+                );
+            }
+        }
         Ok(FsStorage {
             dir: dir.to_path_buf(),
-            uploads: Mutex::new(HashMap::new()),
+            limits: UploadLimits::default(),
+            uploads: Mutex::new(uploads),
         })
     }
 
-    /// Starts an upload session for `repo`; its id.
+    /// The same storage with these upload limits.
+    pub fn with_upload_limits(mut self, limits: UploadLimits) -> FsStorage {
+        self.limits = limits;
+        self
+    }
+
+    pub fn upload_limits(&self) -> &UploadLimits {
+        &self.limits
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.uploads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts an upload session for `repo`; its id. Refused past the
+    /// session caps (expired sessions are cleared first).
     pub fn start_upload(&self, repo: &str) -> Result<String, StorageError> {
         self.repo_dir(repo)?;
+        let full = |map: &HashMap<String, Session>| {
+            if map.len() >= self.limits.max_sessions {
+                return Some(format!("{} upload sessions are open", map.len()));
+            }
+            let here = map.values().filter(|s| s.repo == repo).count();
+            (here >= self.limits.max_per_repository)
+                .then(|| format!("{here} upload sessions are open for this repository"))
+        };
+        if full(&self.sessions()).is_some() {
+            self.sweep_uploads();
+        }
+        let mut map = self.sessions();
+        if let Some(why) = full(&map) {
+            return Err(StorageError::TooManyUploads(why));
+        }
         let uuid = gantry_core::store::random_id()[..32].to_string();
         let dir = self.dir.join("uploads").join(&uuid);
-        std::fs::create_dir(&dir)
+        let made = std::fs::create_dir(&dir)
             .and_then(|()| std::fs::write(dir.join("repository"), repo))
-            .and_then(|()| std::fs::File::create_new(dir.join("data")).map(drop))
-            .map_err(|e| backend("starting an upload", e))?;
+            .and_then(|()| std::fs::File::create_new(dir.join("data")).map(drop));
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(backend("starting an upload", e));
+        }
+        map.insert(
+            uuid.clone(),
+            Session {
+                repo: repo.to_string(),
+                touched: Instant::now(),
+                state: Arc::default(),
+            },
+        );
         Ok(uuid)
     }
 
     /// Upload session `uuid` of `repo` (a session of another repository
-    /// is unknown here). Lock it for as long as a request writes to it.
+    /// is unknown here), marked as just used. Lock it for as long as a
+    /// request writes to it.
     pub fn upload(&self, repo: &str, uuid: &str) -> Result<Arc<tokio::sync::Mutex<Option<Upload>>>, StorageError> {
         if !valid_uuid(uuid) {
             return Err(StorageError::UploadUnknown);
@@ -159,8 +335,59 @@ impl FsStorage {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StorageError::UploadUnknown),
             Err(e) => return Err(backend("reading an upload", e)),
         }
-        let mut map = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(map.entry(uuid.to_string()).or_default().clone())
+        let mut map = self.sessions();
+        // A session another process started on this storage is adopted.
+        let s = map.entry(uuid.to_string()).or_insert_with(|| Session {
+            repo: repo.to_string(),
+            touched: Instant::now(),
+            state: Arc::default(),
+        });
+        s.touched = Instant::now();
+        Ok(s.state.clone())
+    }
+
+    /// Marks session `uuid` as just used (after a long request on it).
+    pub fn touch_upload(&self, uuid: &str) {
+        if let Some(s) = self.sessions().get_mut(uuid) {
+            s.touched = Instant::now();
+        }
+    }
+
+    /// Removes the sessions untouched for longer than the expiry, with
+    /// their files; a session a request holds is never removed. How many went.
+    pub fn sweep_uploads(&self) -> usize {
+        let expiry = self.limits.expiry;
+        let mut gone = Vec::new();
+        {
+            let mut map = self.sessions();
+            map.retain(|uuid, s| {
+                if s.touched.elapsed() < expiry {
+                    return true;
+                }
+                // Another process may be writing it: its file's age counts too.
+                let data = self.dir.join("uploads").join(uuid).join("data");
+                let fresh = std::fs::metadata(&data)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age < expiry);
+                if fresh {
+                    return true;
+                }
+                match s.state.try_lock() {
+                    Ok(mut slot) => {
+                        *slot = None;
+                        gone.push(uuid.clone());
+                        false
+                    }
+                    Err(_) => true,
+                }
+            });
+        }
+        for uuid in &gone {
+            let _ = std::fs::remove_dir_all(self.dir.join("uploads").join(uuid));
+        }
+        gone.len()
     }
 
     /// Fills a session's state from its data file when this process has
@@ -189,7 +416,13 @@ impl FsStorage {
             hasher.update(&buf[..n]);
             len += n as u64;
         }
-        *slot = Some(Upload { file, hasher, len });
+        *slot = Some(Upload {
+            file,
+            hasher,
+            len,
+            max: self.limits.max_size,
+            dead: false,
+        });
         Ok(())
     }
 
@@ -205,7 +438,12 @@ impl FsStorage {
     ) -> Result<(), StorageError> {
         self.load_upload(uuid, slot)?;
         let up = slot.as_mut().expect("loaded");
-        let got = Digest::from_hasher(up.hasher.clone());
+        if up.dead {
+            return Err(StorageError::Backend("the upload's file is damaged".into()));
+        }
+        // What is on disk is what becomes visible: check that, not only
+        // the hash kept while writing.
+        let got = digest_on_disk(&up.file, up.len, &up.hasher)?;
         if got != *digest {
             return Err(StorageError::DigestMismatch {
                 expected: digest.clone(),
@@ -232,7 +470,7 @@ impl FsStorage {
 
     fn drop_upload(&self, uuid: &str) {
         let _ = std::fs::remove_dir_all(self.dir.join("uploads").join(uuid));
-        self.uploads.lock().unwrap_or_else(|p| p.into_inner()).remove(uuid);
+        self.sessions().remove(uuid);
     }
 
     /// Links blob `digest` of repository `from` into `repo` (a
@@ -312,21 +550,25 @@ impl FsStorage {
             path,
             hasher: sha2::Sha256::new(),
             len: 0,
+            failed: false,
         })
     }
 
     /// Makes an ingest visible as blob `digest` of `repo` — only if what
-    /// was written hashes to it.
-    pub fn commit_blob(&self, repo: &str, mut ingest: Ingest, digest: &Digest) -> Result<(), StorageError> {
-        let got = ingest.digest();
+    /// its file holds hashes to it, and once that is on disk.
+    pub fn commit_blob(&self, repo: &str, ingest: Ingest, digest: &Digest) -> Result<(), StorageError> {
+        if ingest.failed {
+            return Err(StorageError::Backend("a write to this blob failed".into()));
+        }
+        let got = digest_on_disk(&ingest.file, ingest.len, &ingest.hasher)?;
         if got != *digest {
             return Err(StorageError::DigestMismatch {
                 expected: digest.clone(),
                 got,
             });
         }
-        ingest.file.flush().map_err(|e| backend("writing a blob", e))?;
         if !self.contains_blob(digest) {
+            ingest.file.sync_data().map_err(|e| backend("storing a blob", e))?;
             std::fs::rename(&ingest.path, self.blob_path(digest)).map_err(|e| backend("storing a blob", e))?;
         }
         self.link_blob(repo, digest)
@@ -535,5 +777,75 @@ mod tests {
         assert!(left.exists());
         FsStorage::open(dir.path(), true).unwrap();
         assert!(!left.exists());
+    }
+
+    #[test]
+    fn a_commit_checks_the_file_not_only_the_hash_kept_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsStorage::open(dir.path(), true).unwrap();
+        let uuid = s.start_upload("a/b").unwrap();
+        let session = s.upload("a/b", &uuid).unwrap();
+        let mut slot = session.try_lock().unwrap();
+        s.load_upload(&uuid, &mut slot).unwrap();
+        slot.as_mut().unwrap().write(b"hello").unwrap();
+        // The file gains bytes the session never hashed (what a write that
+        // failed half-way, and was not cut back, leaves).
+        let data = dir.path().join("uploads").join(&uuid).join("data");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&data)
+            .unwrap()
+            .write_all(b" junk")
+            .unwrap();
+        let hashed = Digest::of(b"hello");
+        let e = s.finish_upload("a/b", &uuid, &mut slot, &hashed).unwrap_err();
+        assert!(matches!(e, StorageError::DigestMismatch { .. }), "{e}");
+        assert_eq!(s.blob_size("a/b", &hashed).unwrap(), None);
+        // What the file holds is what may be committed.
+        let on_disk = Digest::of(b"hello junk");
+        s.finish_upload("a/b", &uuid, &mut slot, &on_disk).unwrap();
+        assert_eq!(s.blob_size("a/b", &on_disk).unwrap(), Some(10));
+    }
+
+    #[test]
+    fn sessions_are_capped_and_expire_with_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = UploadLimits {
+            max_size: 4,
+            max_sessions: 3,
+            max_per_repository: 2,
+            expiry: Duration::from_millis(50),
+        };
+        let s = FsStorage::open(dir.path(), true)
+            .unwrap()
+            .with_upload_limits(limits.clone());
+        let a = s.start_upload("a").unwrap();
+        s.start_upload("a").unwrap();
+        assert!(matches!(s.start_upload("a"), Err(StorageError::TooManyUploads(_))));
+        s.start_upload("b").unwrap();
+        assert!(matches!(s.start_upload("c"), Err(StorageError::TooManyUploads(_))));
+        let session = s.upload("a", &a).unwrap();
+        let mut slot = session.try_lock().unwrap();
+        s.load_upload(&a, &mut slot).unwrap();
+        let up = slot.as_mut().unwrap();
+        assert!(matches!(up.write(b"12345"), Err(StorageError::TooLarge { limit: 4 })));
+        assert_eq!(up.len(), 0, "nothing of a chunk past the cap is written");
+
+        // Held by a request: never swept. Untouched: swept with its files.
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(s.sweep_uploads(), 2);
+        drop(slot);
+        assert_eq!(s.sweep_uploads(), 1);
+        assert_eq!(std::fs::read_dir(dir.path().join("uploads")).unwrap().count(), 0);
+        s.start_upload("c").unwrap();
+
+        // Sessions found on disk at open count against the caps.
+        let s = FsStorage::open(dir.path(), true)
+            .unwrap()
+            .with_upload_limits(UploadLimits {
+                max_sessions: 1,
+                ..limits
+            });
+        assert!(matches!(s.start_upload("d"), Err(StorageError::TooManyUploads(_))));
     }
 }

@@ -11,7 +11,10 @@
 //!   limit is raised so that many fit;
 //! - on SIGTERM or SIGINT it stops accepting, lets requests in flight
 //!   finish (up to `drain_timeout`), and exits 0;
-//! - one access-log line per request, untrusted text escaped.
+//! - one access-log line per request, untrusted text escaped;
+//! - every answer says `X-Content-Type-Options: nosniff` (see `api`);
+//! - a registry of its own removes expired upload sessions in the
+//!   background.
 
 pub mod api;
 pub mod from_store;
@@ -90,6 +93,9 @@ pub fn run(options: Options, backend: api::Backend, ready: impl FnOnce(SocketAdd
 }
 
 async fn serve(listener: tokio::net::TcpListener, options: Options, backend: Arc<api::Backend>) {
+    if let api::Backend::Registry { storage, .. } = &*backend {
+        sweep_uploads(storage.clone());
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let open = Arc::new(AtomicUsize::new(0));
@@ -141,6 +147,22 @@ async fn serve(listener: tokio::net::TcpListener, options: Options, backend: Arc
     drop(listener);
     eprintln!("gantry serve: shutting down, letting requests in flight finish");
     let _ = tokio::time::timeout(options.drain_timeout, graceful.shutdown()).await;
+}
+
+/// Removes expired upload sessions, with their files, every quarter of the
+/// expiry (at most a minute apart), so abandoned sessions go even when no
+/// one starts another.
+fn sweep_uploads(storage: Arc<fs_storage::FsStorage>) {
+    let every = (storage.upload_limits().expiry / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let s = storage.clone();
+            let _ = tokio::task::spawn_blocking(move || s.sweep_uploads()).await;
+        }
+    });
 }
 
 /// One line per request: peer, method, path and query (escaped), status,

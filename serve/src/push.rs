@@ -10,26 +10,37 @@
 //! - a blob becomes visible only when its bytes hashed to the digest the
 //!   client named, and after they are on disk;
 //! - `PUT …/manifests/REF` takes a manifest of at most 4 MiB whose every
-//!   referenced blob (or, for an index, manifest) the repository holds;
+//!   referenced blob (or, for an index, manifest) the repository holds. Its
+//!   kind comes from its media type (`Content-Type` and `mediaType` must
+//!   agree), by the rule pull reads with (`gantry_core::manifest::kind`):
+//!   ambiguous documents and other types are refused, so only the four
+//!   manifest types are ever stored, and served back;
 //! - `DELETE` of a manifest by digest (and its tags), a tag, or a blob's
 //!   link.
 //!
 //! With an htpasswd file every write needs basic auth; reads stay open.
 
 use crate::api::{empty, value, ApiError, Body};
-use crate::fs_storage::FsStorage;
+use crate::fs_storage::{FsStorage, Upload};
 use crate::htpasswd::Htpasswd;
 use crate::storage::{Manifest, ManifestRef, Storage, StorageError};
 use bytes::Bytes;
 use gantry_core::digest::Digest;
+use gantry_core::manifest::{self, Kind};
 use gantry_core::reference::valid_tag;
 use http_body_util::BodyExt;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use std::time::Duration;
 
 /// The largest manifest accepted (distribution's limit).
 const MAX_MANIFEST: usize = 4 << 20;
+
+/// Manifest bodies read at once (each up to [`MAX_MANIFEST`] in memory):
+/// more wait, so manifests in flight never hold more than 64 MiB.
+static MANIFEST_BODIES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(16);
 
 /// How long a request body may stall between two reads.
 const BODY_IDLE: Duration = Duration::from_secs(60);
@@ -52,6 +63,13 @@ impl From<StorageError> for ApiError {
             StorageError::UploadUnknown => upload_unknown(),
             e @ StorageError::DigestMismatch { .. } => digest_invalid(e.to_string()),
             StorageError::Backend(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", m),
+            e @ StorageError::TooLarge { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID", e.to_string())
+            }
+            e @ StorageError::TooManyUploads(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", e.to_string())
+                    .with_header(RETRY_AFTER, HeaderValue::from_static("60"))
+            }
         }
     }
 }
@@ -68,11 +86,19 @@ fn parse_digest(s: &str) -> Result<Digest, ApiError> {
     s.parse().map_err(|_| digest_invalid("invalid digest"))
 }
 
-/// Whether the request may write, answering 401 when it may not.
-pub(crate) fn authorize(htpasswd: Option<&Htpasswd>, req: &Request<hyper::body::Incoming>) -> Result<(), ApiError> {
+/// Whether the request may write, answering 401 when it may not, and 429
+/// when too many password checks are under way to take another.
+pub(crate) async fn authorize(
+    htpasswd: Option<&Htpasswd>,
+    req: &Request<hyper::body::Incoming>,
+) -> Result<(), ApiError> {
     let Some(h) = htpasswd else { return Ok(()) };
     let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if h.allows(header) {
+    let allowed = h.check(header).await.map_err(|e| {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", e.to_string())
+            .with_header(RETRY_AFTER, HeaderValue::from_static("1"))
+    })?;
+    if allowed {
         Ok(())
     } else {
         Err(
@@ -82,8 +108,50 @@ pub(crate) fn authorize(htpasswd: Option<&Htpasswd>, req: &Request<hyper::body::
     }
 }
 
-/// Writes a request body into an upload session.
-async fn pump(body: hyper::body::Incoming, up: &mut crate::fs_storage::Upload) -> Result<(), ApiError> {
+/// Runs storage work that may take long (hashing a session's file again
+/// after a restart, syncing a blob to disk) without holding up the other
+/// requests of this worker thread.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// Writes a request body into an upload session. What arrived before a
+/// failure is kept (the client asks how far it got); a session the failure
+/// leaves unusable — past its size cap, or out of step with its file — is
+/// cancelled, its bytes removed.
+async fn pump(
+    storage: &FsStorage,
+    name: &str,
+    uuid: &str,
+    req: Request<hyper::body::Incoming>,
+    slot: &mut Option<Upload>,
+) -> Result<(), ApiError> {
+    let up = slot.as_mut().expect("loaded");
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let result = match declared {
+        // Refused before a byte is read.
+        Some(n) if up.len().saturating_add(n) > storage.upload_limits().max_size => Err(StorageError::TooLarge {
+            limit: storage.upload_limits().max_size,
+        }
+        .into()),
+        _ => copy_body(req.into_body(), up).await,
+    };
+    let fatal = up.is_dead()
+        || result
+            .as_ref()
+            .is_err_and(|e| e.status() == StatusCode::PAYLOAD_TOO_LARGE);
+    if fatal {
+        *slot = None;
+        let _ = storage.cancel_upload(name, uuid);
+    }
+    result
+}
+
+async fn copy_body(body: hyper::body::Incoming, up: &mut Upload) -> Result<(), ApiError> {
     let mut body = body;
     loop {
         let frame = tokio::time::timeout(BODY_IDLE, body.frame()).await.map_err(|_| {
@@ -186,10 +254,18 @@ pub(crate) async fn upload(
             }
             // Not mountable: a session to upload into, as the spec says.
         }
+        let monolithic = match query(&req, "digest") {
+            Some(d) => Some(parse_digest(&d)?),
+            None => None,
+        };
         let uuid = storage.start_upload(name)?;
-        if let Some(d) = query(&req, "digest") {
-            let digest = parse_digest(&d)?;
-            return finish(storage, name, &uuid, &digest, req).await;
+        if let Some(digest) = monolithic {
+            // One request, one blob: a failure leaves no session behind.
+            let result = finish(storage, name, &uuid, &digest, req).await;
+            if result.is_err() {
+                let _ = storage.cancel_upload(name, &uuid);
+            }
+            return result;
         }
         return Ok(session_response(StatusCode::ACCEPTED, name, &uuid, 0));
     };
@@ -197,14 +273,14 @@ pub(crate) async fn upload(
         Method::GET | Method::HEAD => {
             let session = storage.upload(name, uuid)?;
             let mut slot = session.lock().await;
-            storage.load_upload(uuid, &mut slot)?;
+            blocking(|| storage.load_upload(uuid, &mut slot))?;
             let len = slot.as_ref().map(|u| u.len()).unwrap_or(0);
             Ok(session_response(StatusCode::NO_CONTENT, name, uuid, len))
         }
         Method::PATCH => {
             let session = storage.upload(name, uuid)?;
             let mut slot = session.lock().await;
-            storage.load_upload(uuid, &mut slot)?;
+            blocking(|| storage.load_upload(uuid, &mut slot))?;
             let up = slot.as_mut().expect("loaded");
             if let Some(range) = req.headers().get("content-range").and_then(|v| v.to_str().ok()) {
                 let start = range
@@ -226,9 +302,9 @@ pub(crate) async fn upload(
                     return Ok(r);
                 }
             }
-            let result = pump(req.into_body(), up).await;
-            let len = up.len();
-            result?;
+            pump(storage, name, uuid, req, &mut slot).await?;
+            storage.touch_upload(uuid);
+            let len = slot.as_ref().map(|u| u.len()).unwrap_or(0);
             Ok(session_response(StatusCode::ACCEPTED, name, uuid, len))
         }
         Method::PUT => {
@@ -261,9 +337,9 @@ async fn finish(
 ) -> Result<Response<Body>, ApiError> {
     let session = storage.upload(name, uuid)?;
     let mut slot = session.lock().await;
-    storage.load_upload(uuid, &mut slot)?;
-    pump(req.into_body(), slot.as_mut().expect("loaded")).await?;
-    match storage.finish_upload(name, uuid, &mut slot, digest) {
+    blocking(|| storage.load_upload(uuid, &mut slot))?;
+    pump(storage, name, uuid, req, &mut slot).await?;
+    match blocking(|| storage.finish_upload(name, uuid, &mut slot, digest)) {
         Ok(()) => Ok(blob_created(name, digest)),
         Err(e @ StorageError::DigestMismatch { .. }) => {
             *slot = None;
@@ -274,10 +350,10 @@ async fn finish(
     }
 }
 
-/// The digests a manifest names that must already be in the repository:
-/// blobs (config and layers; a foreign layer with `urls` is not held), or
-/// for an index, manifests.
-fn references(doc: &serde_json::Value) -> Result<(Vec<Digest>, Vec<Digest>), ApiError> {
+/// The digests a manifest of `kind` names that must already be in the
+/// repository: blobs (config and layers; a foreign layer with `urls` is not
+/// held), or for an index, manifests.
+fn references(kind: Kind, doc: &serde_json::Value) -> Result<(Vec<Digest>, Vec<Digest>), ApiError> {
     let invalid = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", m.to_string());
     if doc.get("schemaVersion").and_then(|v| v.as_u64()) != Some(2) {
         return Err(invalid("manifest invalid: only schemaVersion 2 is accepted"));
@@ -288,22 +364,30 @@ fn references(doc: &serde_json::Value) -> Result<(Vec<Digest>, Vec<Digest>), Api
             .ok_or_else(|| invalid("manifest invalid: a descriptor has no digest"))
             .and_then(parse_digest)
     };
+    let list = |key: &str| {
+        doc.get(key)
+            .and_then(|l| l.as_array())
+            .ok_or_else(|| invalid(&format!("manifest invalid: no \"{key}\" array")))
+    };
     let mut blobs = Vec::new();
     let mut manifests = Vec::new();
-    if let Some(list) = doc.get("manifests").and_then(|m| m.as_array()) {
-        for m in list {
-            manifests.push(digest_of(m)?);
+    match kind {
+        Kind::Index => {
+            for m in list("manifests")? {
+                manifests.push(digest_of(m)?);
+            }
         }
-        return Ok((blobs, manifests));
-    }
-    let config = doc
-        .get("config")
-        .ok_or_else(|| invalid("manifest invalid: no config"))?;
-    blobs.push(digest_of(config)?);
-    for l in doc.get("layers").and_then(|l| l.as_array()).into_iter().flatten() {
-        let foreign = l.get("urls").and_then(|u| u.as_array()).is_some_and(|u| !u.is_empty());
-        if !foreign {
-            blobs.push(digest_of(l)?);
+        Kind::Image => {
+            let config = doc
+                .get("config")
+                .ok_or_else(|| invalid("manifest invalid: no config"))?;
+            blobs.push(digest_of(config)?);
+            for l in list("layers")? {
+                let foreign = l.get("urls").and_then(|u| u.as_array()).is_some_and(|u| !u.is_empty());
+                if !foreign {
+                    blobs.push(digest_of(l)?);
+                }
+            }
         }
     }
     Ok((blobs, manifests))
@@ -321,6 +405,10 @@ pub(crate) async fn put_manifest(
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|c| c.split(';').next().unwrap_or("").trim().to_string());
+    let _reading = MANIFEST_BODIES
+        .acquire()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "shutting down"))?;
     let bytes = read_body(req.into_body(), MAX_MANIFEST).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -341,20 +429,17 @@ pub(crate) async fn put_manifest(
             format!("manifest invalid: {e}"),
         )
     })?;
-    let media_type = doc
-        .get("mediaType")
-        .and_then(|m| m.as_str())
-        .map(str::to_string)
-        .or(content_type)
-        .filter(|m| !m.is_empty())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "MANIFEST_INVALID",
-                "manifest invalid: no media type",
-            )
-        })?;
-    let (blobs, manifests) = references(&doc)?;
+    // The kind is the media type's (pull's rule), never the fields'; what
+    // is stored, and served back as `Content-Type`, is one of the four
+    // manifest types.
+    let (media_type, kind) = manifest::kind(content_type.as_deref().unwrap_or(""), &doc).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_INVALID",
+            format!("manifest invalid: {}", gantry_core::text::escape_line(&e.to_string())),
+        )
+    })?;
+    let (blobs, manifests) = references(kind, &doc)?;
     for b in &blobs {
         if storage.blob_size(name, b)?.is_none() {
             return Err(ApiError::new(
@@ -380,7 +465,7 @@ pub(crate) async fn put_manifest(
     storage.put_manifest(
         name,
         &Manifest {
-            media_type,
+            media_type: media_type.to_string(),
             digest: digest.clone(),
             bytes,
         },
@@ -453,9 +538,10 @@ mod tests {
                 {"digest": format!("sha256:{}", "c".repeat(64)), "urls": ["https://example.com/x"]},
             ]
         });
-        let (blobs, manifests) = references(&doc).unwrap();
+        let (blobs, manifests) = references(Kind::Image, &doc).unwrap();
         assert_eq!(blobs.len(), 2);
         assert!(manifests.is_empty());
-        assert!(references(&serde_json::json!({"schemaVersion": 1})).is_err());
+        assert!(references(Kind::Image, &serde_json::json!({"schemaVersion": 1})).is_err());
+        assert!(references(Kind::Index, &doc).is_err(), "an index needs manifests");
     }
 }

@@ -27,6 +27,12 @@ pub enum StorageError {
     /// No such upload session in this repository.
     #[error("upload session unknown")]
     UploadUnknown,
+    /// An upload would grow past the size cap.
+    #[error("an upload may hold at most {limit} bytes")]
+    TooLarge { limit: u64 },
+    /// No room for another upload session (the session caps).
+    #[error("too many upload sessions: {0}")]
+    TooManyUploads(String),
 }
 
 impl From<gantry_core::Error> for StorageError {

@@ -12,7 +12,7 @@ mod plugin;
 mod pull;
 mod push;
 mod save;
-mod serve;
+pub(crate) mod serve;
 
 use crate::cli::{Cli, Command};
 use crate::context::Context;
@@ -93,6 +93,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             tag_ttl,
             header_timeout,
             htpasswd,
+            uploads,
         } => serve::run(
             &ctx,
             serve::Mode {
@@ -102,6 +103,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 tag_ttl,
                 header_timeout,
                 htpasswd,
+                uploads,
             },
         ),
     }

@@ -19,6 +19,55 @@ pub struct Mode {
     pub tag_ttl: u64,
     pub header_timeout: u64,
     pub htpasswd: Option<std::path::PathBuf>,
+    pub uploads: UploadArgs,
+}
+
+/// What pushes may take of the registry's disk (a registry of its own
+/// only): one writer cannot fill it with abandoned or endless uploads.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UploadArgs {
+    /// The largest blob one upload may hold: bytes, or with a K, M, G or T
+    /// suffix (powers of 1024). Larger uploads are refused (413).
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
+    pub max_upload_size: u64,
+    /// Upload sessions open at once, in all; more are refused (429).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_uploads: usize,
+    /// Upload sessions open at once for one repository.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_uploads_per_repo: usize,
+    /// Seconds an upload session may sit untouched before it is removed
+    /// with what it holds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    pub upload_expiry: u64,
+}
+
+impl UploadArgs {
+    fn limits(&self) -> gantry_serve::fs_storage::UploadLimits {
+        gantry_serve::fs_storage::UploadLimits {
+            max_size: self.max_upload_size,
+            max_sessions: self.max_uploads.max(1),
+            max_per_repository: self.max_uploads_per_repo.max(1),
+            expiry: Duration::from_secs(self.upload_expiry.max(1)),
+        }
+    }
+}
+
+/// `123`, `512K`, `16G` (also `16GiB`, `16GB`: powers of 1024 all).
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size (e.g. 512M, 16G)"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("{s:?} is not a size (e.g. 512M, 16G)")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
@@ -35,7 +84,8 @@ pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
                     None
                 }
             };
-            let storage = gantry_serve::fs_storage::FsStorage::open(&ctx.store.root().join("registry"), ctx.alone)?;
+            let storage = gantry_serve::fs_storage::FsStorage::open(&ctx.store.root().join("registry"), ctx.alone)?
+                .with_upload_limits(mode.uploads.limits());
             Backend::Registry {
                 storage: Arc::new(storage),
                 htpasswd,
@@ -70,4 +120,18 @@ pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
         crate::commands::stderr_line(&format!("gantry serve: listening on http://{addr}"));
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(super::parse_size("1000"), Ok(1000));
+        assert_eq!(super::parse_size("512K"), Ok(512 << 10));
+        assert_eq!(super::parse_size("16G"), Ok(16 << 30));
+        assert_eq!(super::parse_size("2GiB"), Ok(2 << 30));
+        assert!(super::parse_size("G").is_err());
+        assert!(super::parse_size("1X").is_err());
+        assert!(super::parse_size("99999999999T").is_err());
+    }
 }

@@ -628,3 +628,354 @@ fn gantry_pushes_with_credentials_to_a_gantry_serve_that_requires_them() {
     let back = Gantry::new();
     back.ok(&["pull", &to]);
 }
+
+/// `GET path` on a connection of its own: the status and the body's bytes
+/// exactly (blobs are not text).
+fn get_bytes(addr: &str, path: &str) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let end = out.windows(4).position(|w| w == b"\r\n\r\n").expect("an answer head");
+    let head = String::from_utf8_lossy(&out[..end]).into_owned();
+    (status(&head), out[end + 4..].to_vec())
+}
+
+/// Bytes no two offsets of which repeat in a short cycle.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A tmpfs mounted at a directory for as long as this lives.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// `None` (saying why) where this process may not mount one.
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        if !gantry_tests::is_root() {
+            eprintln!("skipped: mounting a small tmpfs (a full disk) needs root");
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipped: this machine refuses to mount a tmpfs");
+            return None;
+        }
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The offset an upload session reports (`Range: 0-N` is N+1 bytes; `0-0`
+/// may be none).
+fn session_offset(addr: &str, loc: &str) -> usize {
+    let r = get(addr, loc);
+    assert_eq!(status(&r), 204, "{r}");
+    header(&r, "range")
+        .and_then(|r| r.split('-').nth(1))
+        .and_then(|e| e.parse::<usize>().ok())
+        .map(|e| e + 1)
+        .unwrap()
+}
+
+#[test]
+fn a_full_disk_mid_chunk_leaves_no_blob_whose_bytes_differ_from_its_digest() {
+    let g = Gantry::new();
+    let registry = g.root_path().join("registry");
+    // 8 MiB of disk, 5 of them taken: a 3 MiB chunk after 1 MiB fails halfway.
+    let Some(_disk) = Tmpfs::mount(&registry, "8m") else {
+        return;
+    };
+    let filler = registry.join("filler");
+    std::fs::write(&filler, vec![7u8; 5 << 20]).unwrap();
+    let srv = g.serve(&[]);
+    let a = srv.addr.clone();
+    let data = noise(4 << 20, 19);
+    let digest = sha256(&data);
+    let mib = 1 << 20;
+
+    let r = send(&a, "POST", "/v2/team/app/blobs/uploads/", &[], b"");
+    let loc = header(&r, "location").unwrap().to_string();
+    let r = send(
+        &a,
+        "PATCH",
+        &loc,
+        &[("Content-Range", &format!("0-{}", mib - 1))],
+        &data[..mib],
+    );
+    assert_eq!(status(&r), 202, "{r}");
+    let r = send(
+        &a,
+        "PATCH",
+        &loc,
+        &[("Content-Range", &format!("{mib}-{}", data.len() - 1))],
+        &data[mib..],
+    );
+    assert_ne!(status(&r), 202, "the disk was full: {r}");
+
+    // Space comes back; the client resumes where the server says it is.
+    std::fs::remove_file(&filler).unwrap();
+    let offset = session_offset(&a, &loc);
+    assert!(offset <= data.len(), "{offset}");
+    let r = send(
+        &a,
+        "PATCH",
+        &loc,
+        &[("Content-Range", &format!("{offset}-{}", data.len() - 1))],
+        &data[offset..],
+    );
+    assert_eq!(status(&r), 202, "{r}");
+    let r = send(&a, "PUT", &format!("{loc}?digest={digest}"), &[], b"");
+    let put = status(&r);
+    let (got, bytes) = get_bytes(&a, &format!("/v2/team/app/blobs/{digest}"));
+    if got == 200 {
+        assert_eq!(
+            sha256(&bytes),
+            digest,
+            "served as {digest} with {} bytes that hash otherwise (PUT answered {put})",
+            bytes.len()
+        );
+    }
+    // The session was kept in step with its file: the upload completes.
+    assert_eq!((put, got), (201, 200), "{r}");
+    assert_eq!(bytes, data);
+}
+
+#[test]
+fn a_pushed_manifest_is_the_kind_its_media_type_says_and_served_with_a_safe_type() {
+    let g = Gantry::new();
+    let srv = g.serve(&[]);
+    let a = srv.addr.clone();
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_digest = sha256(config);
+    let layer = noise(1000, 3);
+    let layer_digest = sha256(&layer);
+    for (d, b) in [(&config_digest, &config[..]), (&layer_digest, &layer[..])] {
+        let r = send(&a, "POST", &format!("/v2/team/app/blobs/uploads/?digest={d}"), &[], b);
+        assert_eq!(status(&r), 201, "{r}");
+    }
+    let oci_manifest = "application/vnd.oci.image.manifest.v1+json";
+    let oci_index = "application/vnd.oci.image.index.v1+json";
+    let manifest = |layer: &str| {
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": oci_manifest,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": 1000}],
+        })
+    };
+    let put = |reference: &str, content_type: &str, doc: &serde_json::Value| {
+        let bytes = serde_json::to_vec(doc).unwrap();
+        send(
+            &a,
+            "PUT",
+            &format!("/v2/team/app/manifests/{reference}"),
+            &[("Content-Type", content_type)],
+            &bytes,
+        )
+    };
+    let missing = sha256(b"not held");
+    let refused = |r: &str, what: &str| {
+        assert_eq!(status(r), 400, "{what}: {r}");
+        assert_eq!(error_code(r), "MANIFEST_INVALID", "{what}: {r}");
+    };
+
+    // Naming a blob the repository lacks: refused, with or without an
+    // extra `"manifests": []` (that does not make an image an index).
+    let r = put("v1", oci_manifest, &manifest(&missing));
+    assert_eq!(error_code(&r), "MANIFEST_BLOB_UNKNOWN", "{r}");
+    let mut smuggled = manifest(&missing);
+    smuggled["manifests"] = serde_json::json!([]);
+    refused(&put("v1", oci_manifest, &smuggled), "manifest with manifests: []");
+    refused(&put("v1", oci_index, &smuggled), "served as an index");
+    let mut as_index = smuggled.clone();
+    as_index["mediaType"] = serde_json::json!(oci_index);
+    refused(&put("v1", oci_index, &as_index), "an index with layers");
+    assert_eq!(status(&get(&a, "/v2/team/app/manifests/v1")), 404);
+
+    // The media type and Content-Type must agree, and be a manifest's.
+    let good = manifest(&layer_digest);
+    refused(&put("v1", oci_index, &good), "Content-Type contradicting mediaType");
+    let mut bare = good.clone();
+    bare.as_object_mut().unwrap().remove("mediaType");
+    refused(&put("page", "text/html", &bare), "text/html");
+    let r = get(&a, "/v2/team/app/manifests/page");
+    assert_eq!(status(&r), 404, "{r}");
+
+    let r = put("v1", oci_manifest, &good);
+    assert_eq!(status(&r), 201, "{r}");
+    let r = put("bare", oci_manifest, &bare);
+    assert_eq!(status(&r), 201, "no mediaType: the Content-Type says it: {r}");
+    for path in ["/v2/team/app/manifests/v1", "/v2/team/app/manifests/bare"] {
+        let r = get(&a, path);
+        assert_eq!(status(&r), 200, "{r}");
+        assert_eq!(header(&r, "content-type"), Some(oci_manifest), "{r}");
+        assert_eq!(header(&r, "x-content-type-options"), Some("nosniff"), "{r}");
+    }
+    // Every answer, blobs and errors too, says nosniff.
+    for path in [
+        format!("/v2/team/app/blobs/{layer_digest}"),
+        "/v2/team/app/manifests/nothing".to_string(),
+        "/v2/_catalog".to_string(),
+    ] {
+        let r = get(&a, &path);
+        assert_eq!(header(&r, "x-content-type-options"), Some("nosniff"), "{path}: {r}");
+    }
+}
+
+/// The median of `samples`, in milliseconds.
+fn median_ms(mut samples: Vec<std::time::Duration>) -> f64 {
+    samples.sort();
+    samples[samples.len() / 2].as_secs_f64() * 1000.0
+}
+
+#[test]
+fn a_wrong_password_flood_leaves_reads_fast_and_unknown_users_cost_the_same() {
+    let g = Gantry::new();
+    let file = g.scratch().join("htpasswd");
+    // A realistic cost: each check takes tens of milliseconds of CPU.
+    std::fs::write(&file, format!("alice:{}\n", bcrypt::hash("s3cret", 10).unwrap())).unwrap();
+    let srv = g.serve(&["--htpasswd", file.to_str().unwrap()]);
+    let a = srv.addr.clone();
+    let post = |user: &str, password: &str| {
+        let auth = basic(user, password);
+        let started = std::time::Instant::now();
+        let r = send(
+            &a,
+            "POST",
+            "/v2/team/app/blobs/uploads/",
+            &[("Authorization", &auth)],
+            b"",
+        );
+        (status(&r), started.elapsed())
+    };
+
+    // 16 clients hammer wrong passwords; open reads stay quick.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let reads = std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (st, _) = post("alice", "wrong");
+                    assert!(st == 401 || st == 429, "{st}");
+                }
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let mut reads = Vec::new();
+        for _ in 0..20 {
+            let started = std::time::Instant::now();
+            let r = get(&a, "/v2/_catalog");
+            assert_eq!(status(&r), 200, "{r}");
+            reads.push(started.elapsed());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        reads
+    });
+    let median = median_ms(reads);
+    eprintln!("reads during the flood: {median:.1} ms median");
+    assert!(median < 50.0, "reads took {median:.1} ms (median) during the flood");
+    // An unknown user is refused as slowly as a known one with a wrong password.
+    let (mut known, mut unknown) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let (s, t) = post("alice", "wrong");
+        assert_eq!(s, 401);
+        known.push(t);
+        let (s, t) = post("bob", "wrong");
+        assert_eq!(s, 401);
+        unknown.push(t);
+    }
+    let (known, unknown) = (median_ms(known), median_ms(unknown));
+    eprintln!("refusals: {known:.1} ms for a known user, {unknown:.1} ms for an unknown one");
+    assert!(
+        unknown >= known / 3.0,
+        "an unknown user answered in {unknown:.1} ms, a known one in {known:.1} ms"
+    );
+
+    // The right password still works after it.
+    assert_eq!(post("alice", "s3cret").0, 202);
+}
+
+/// Upload sessions' directories in a registry's storage.
+fn sessions_on_disk(g: &Gantry) -> usize {
+    std::fs::read_dir(g.root_path().join("registry/uploads"))
+        .map(|rd| rd.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn uploads_have_a_size_cap_and_sessions_a_count_cap_and_an_expiry() {
+    let g = Gantry::new();
+    let srv = g.serve(&[
+        "--max-upload-size",
+        "1000",
+        "--max-uploads",
+        "3",
+        "--max-uploads-per-repo",
+        "2",
+        "--upload-expiry",
+        "2",
+    ]);
+    let a = srv.addr.clone();
+    let start = |repo: &str| send(&a, "POST", &format!("/v2/{repo}/blobs/uploads/"), &[], b"");
+
+    // Over the size cap: refused, and the session goes with its bytes.
+    let r = start("team/app");
+    let loc = header(&r, "location").unwrap().to_string();
+    let r = send(&a, "PATCH", &loc, &[], &[1u8; 600]);
+    assert_eq!(status(&r), 202, "{r}");
+    let r = send(&a, "PATCH", &loc, &[], &[2u8; 600]);
+    assert_eq!((status(&r), error_code(&r).as_str()), (413, "SIZE_INVALID"), "{r}");
+    assert_eq!(status(&get(&a, &loc)), 404, "the session is gone");
+    let big = vec![3u8; 1001];
+    let r = send(
+        &a,
+        "POST",
+        &format!("/v2/team/app/blobs/uploads/?digest={}", sha256(&big)),
+        &[],
+        &big,
+    );
+    assert_eq!(status(&r), 413, "{r}");
+    assert_eq!(status(&get(&a, &format!("/v2/team/app/blobs/{}", sha256(&big)))), 404);
+    assert_eq!(sessions_on_disk(&g), 0, "nothing of them is left");
+
+    // Two sessions per repository, three in all.
+    for _ in 0..2 {
+        assert_eq!(status(&start("team/app")), 202);
+    }
+    let r = start("team/app");
+    assert_eq!((status(&r), error_code(&r).as_str()), (429, "TOOMANYREQUESTS"), "{r}");
+    assert_eq!(status(&start("team/other")), 202);
+    let r = start("team/third");
+    assert_eq!((status(&r), error_code(&r).as_str()), (429, "TOOMANYREQUESTS"), "{r}");
+    assert_eq!(sessions_on_disk(&g), 3);
+
+    // Abandoned sessions expire: their files go, and new ones fit again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while sessions_on_disk(&g) > 0 {
+        assert!(std::time::Instant::now() < deadline, "expired sessions stayed on disk");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(status(&start("team/app")), 202);
+}

@@ -233,6 +233,14 @@ impl Config {
             }
         }
         for (name, r) in &c.registries {
+            for h in &r.redirect_hosts {
+                let ok = !h.is_empty()
+                    && !h.contains("://")
+                    && !h.bytes().any(|b| b == b'/' || b == b'@' || b.is_ascii_whitespace() || b.is_ascii_control());
+                if !ok {
+                    bail!("{origin}: registries.{name:?}: redirect_hosts: {h:?} is not a host or host:port");
+                }
+            }
             for m in &r.mirrors {
                 if !(m.starts_with("https://") || m.starts_with("http://")) {
                     bail!("{origin}: registries.{name:?}: mirror {m:?} is not an http(s) URL");
@@ -312,6 +320,25 @@ mod tests {
         std::fs::write(t.path(), format!("{DEFAULT}\nbogus = 1\n")).unwrap();
         let e = Config::load(Some(t.path())).unwrap_err().to_string();
         assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn redirect_hosts_are_hosts() {
+        let t = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            t.path(),
+            format!("{DEFAULT}\n[registries.\"10.0.0.5:5000\"]\nredirect_hosts = [\"10.0.0.6:9000\", \"minio\"]\n"),
+        )
+        .unwrap();
+        let c = Config::load(Some(t.path())).unwrap();
+        assert_eq!(c.registries["10.0.0.5:5000"].redirect_hosts, ["10.0.0.6:9000", "minio"]);
+        std::fs::write(
+            t.path(),
+            format!("{DEFAULT}\n[registries.\"r\"]\nredirect_hosts = [\"http://minio/\"]\n"),
+        )
+        .unwrap();
+        let e = Config::load(Some(t.path())).unwrap_err().to_string();
+        assert!(e.contains("is not a host or host:port"), "{e}");
     }
 
     #[test]

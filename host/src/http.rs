@@ -17,7 +17,9 @@
 
 use crate::plugin::bindings::WitError;
 use bytes::Bytes;
-use gantry_core::endpoint::{allows_plain_http, may_leave_origin, registry_config, HopPolicy, Reach, Registries, MAX_REDIRECTS};
+use gantry_core::endpoint::{
+    allows_plain_http, may_leave_origin, registry_config, HopPolicy, Reach, Registries, MAX_REDIRECTS,
+};
 use gantry_core::text::{escape_line, redact_url};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::dns::Name;
@@ -637,19 +639,25 @@ mod tests {
             "http://169.254.169.254/",
         ] {
             let e = p.check_hop(&mut scope, &url::Url::parse(u).unwrap()).unwrap_err();
-            assert!(matches!(&e, WitError::Denied(m) if m.contains("is an internal address")), "{u}: {e:?}");
+            assert!(
+                matches!(&e, WitError::Denied(m) if m.contains("is an internal address")),
+                "{u}: {e:?}"
+            );
         }
         assert_eq!(
-            p.check_hop(&mut scope, &url::Url::parse("https://cdn.example/x").unwrap()).ok(),
+            p.check_hop(&mut scope, &url::Url::parse("https://cdn.example/x").unwrap())
+                .ok(),
             Some(Reach::Public)
         );
         let mut local = CallScope::pull("http://127.0.0.1:5000");
         assert_eq!(
-            p.check_hop(&mut local, &url::Url::parse("http://127.0.0.1:9000/x").unwrap()).ok(),
+            p.check_hop(&mut local, &url::Url::parse("http://127.0.0.1:9000/x").unwrap())
+                .ok(),
             Some(Reach::Any)
         );
         assert_eq!(
-            p.check_hop(&mut local, &url::Url::parse("http://127.0.0.2:9000/x").unwrap()).ok(),
+            p.check_hop(&mut local, &url::Url::parse("http://127.0.0.2:9000/x").unwrap())
+                .ok(),
             Some(Reach::Internal)
         );
         assert!(p
@@ -667,7 +675,8 @@ mod tests {
         let p = HttpPolicy::new(regs);
         let mut scope = CallScope::pull("https://registry.example");
         assert_eq!(
-            p.check_hop(&mut scope, &url::Url::parse("https://10.0.0.9:9000/x").unwrap()).ok(),
+            p.check_hop(&mut scope, &url::Url::parse("https://10.0.0.9:9000/x").unwrap())
+                .ok(),
             Some(Reach::Any)
         );
         assert!(p

@@ -314,10 +314,18 @@ fn an_upstream_redirecting_a_blob_to_an_internal_address_reaches_nothing() {
     let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", redirecting.addr())]);
     let (status, body) = get(&srv.addr, &format!("/v2/test/app/blobs/{blob}"), usize::MAX);
     assert!(status >= 500, "{status} {}", String::from_utf8_lossy(&body));
-    assert_eq!(redirecting.seen.lock().unwrap().cdn_connections, 0, "the internal address was reached");
+    assert_eq!(
+        redirecting.seen.lock().unwrap().cdn_connections,
+        0,
+        "the internal address was reached"
+    );
     let g = Gantry::new();
     assert!(!g.fails(&["pull", &format!("{}/test/app:v1", srv.addr)]).is_empty());
-    assert_eq!(redirecting.seen.lock().unwrap().cdn_connections, 0, "the internal address was reached");
+    assert_eq!(
+        redirecting.seen.lock().unwrap().cdn_connections,
+        0,
+        "the internal address was reached"
+    );
     assert!(!cached(&mirror_store).contains(&blob));
 
     // The operator lists the storage host: the redirect is followed.
@@ -332,7 +340,11 @@ fn an_upstream_redirecting_a_blob_to_an_internal_address_reaches_nothing() {
     assert_eq!(gantry_tests::image::sha256(&body), blob);
     let seen = redirecting.seen.lock().unwrap();
     assert!(seen.cdn_gets >= 1);
-    assert!(seen.cdn_authorization.is_empty(), "token leaked: {:?}", seen.cdn_authorization);
+    assert!(
+        seen.cdn_authorization.is_empty(),
+        "token leaked: {:?}",
+        seen.cdn_authorization
+    );
 }
 
 /// The token realm an upstream names is a hop like any other: on an
@@ -357,7 +369,11 @@ fn an_upstream_naming_an_internal_token_realm_reaches_nothing() {
     let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", proxy.addr())]);
     let (status, _) = get(&srv.addr, "/v2/test/app/manifests/v1", usize::MAX);
     assert!(status >= 400 && status != 404, "{status}");
-    assert_eq!(proxy.seen.lock().unwrap().cdn_connections, 0, "the internal realm was reached");
+    assert_eq!(
+        proxy.seen.lock().unwrap().cdn_connections,
+        0,
+        "the internal realm was reached"
+    );
 }
 
 /// One upstream fetch of a blob serves every repository that holds it:

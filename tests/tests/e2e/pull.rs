@@ -293,7 +293,11 @@ fn a_loopback_registry_may_redirect_blobs_to_another_loopback_address() {
     g.ok(&["pull", &format!("{}/test/rich:v1", proxy.addr())]);
     let seen = proxy.seen.lock().unwrap();
     assert!(seen.cdn_gets >= 4, "config and layers came from the redirect target");
-    assert!(seen.cdn_authorization.is_empty(), "token leaked: {:?}", seen.cdn_authorization);
+    assert!(
+        seen.cdn_authorization.is_empty(),
+        "token leaked: {:?}",
+        seen.cdn_authorization
+    );
     drop(seen);
     g.fsck_clean();
 }

@@ -67,6 +67,12 @@ const MAX_MANIFEST: usize = 4 << 20;
 const MAX_TOKENS: usize = 1024;
 const MAX_TOKEN_BYTES: usize = 4 << 20;
 
+/// Bounds of the tag answers kept: entries, and bytes of the manifests
+/// they name. Past them the oldest answer is forgotten (its tag file
+/// removed; the manifest stays as content, by digest).
+const MAX_TAG_ANSWERS: usize = 10_000;
+const MAX_TAG_ANSWER_BYTES: usize = 1 << 30;
+
 /// How long a token is kept when its answer says nothing (distribution's
 /// default lifetime), and at most.
 const TOKEN_TTL: Duration = Duration::from_secs(60);
@@ -205,6 +211,8 @@ pub struct Mirror {
     inflight: Mutex<HashMap<Digest, Inflight>>,
     /// Bearer tokens by upstream and scope, until they expire.
     tokens: Mutex<Bounded<(String, String), (String, Instant)>>,
+    /// The tag answers on disk (repository, tag), oldest first.
+    tags: Mutex<Bounded<(String, String), ()>>,
 }
 
 fn upstream_err(msg: impl std::fmt::Display) -> StorageError {
@@ -286,7 +294,8 @@ fn domain_of(u: &url::Url) -> String {
 
 impl Mirror {
     pub fn new(local: Arc<FsStorage>, upstreams: Vec<Upstream>, options: MirrorOptions) -> Mirror {
-        Mirror {
+        let tags = Mutex::new(Bounded::new(MAX_TAG_ANSWERS, MAX_TAG_ANSWER_BYTES));
+        let mirror = Mirror {
             local,
             upstreams,
             any: client(Reach::Any),
@@ -295,6 +304,40 @@ impl Mirror {
             options,
             inflight: Mutex::new(HashMap::new()),
             tokens: Mutex::new(Bounded::new(MAX_TOKENS, MAX_TOKEN_BYTES)),
+            tags,
+        };
+        mirror.index_tags();
+        mirror
+    }
+
+    /// Counts the tag answers a previous run left, oldest first, so the
+    /// bound holds across restarts.
+    fn index_tags(&self) {
+        let mut found = Vec::new();
+        for repo in self.local.catalog().unwrap_or_default() {
+            for tag in self.local.tags(&repo).ok().flatten().unwrap_or_default() {
+                if let Ok(Some(e)) = self.local.tag(&repo, &tag) {
+                    let size = self.local.blob_size(&repo, &e.digest).ok().flatten().unwrap_or(0);
+                    found.push((e.fetched, repo.clone(), tag, size));
+                }
+            }
+        }
+        found.sort();
+        for (_, repo, tag, size) in found {
+            self.remember_tag(&repo, &tag, size);
+        }
+    }
+
+    /// Records a tag answer just stored, forgetting the oldest past the bounds.
+    fn remember_tag(&self, repo: &str, tag: &str, manifest_size: u64) {
+        let size = repo.len() + tag.len() + usize::try_from(manifest_size).unwrap_or(usize::MAX);
+        let evicted = self
+            .tags
+            .lock()
+            .unwrap()
+            .insert((repo.to_string(), tag.to_string()), (), size);
+        for (r, t) in evicted {
+            let _ = self.local.delete_tag(&r, &t);
         }
     }
 
@@ -498,7 +541,7 @@ impl Mirror {
             .unwrap_or(TOKEN_TTL)
             .min(MAX_TOKEN_TTL);
         let size = up.base.len() + scope.len() + token.len();
-        self.tokens.lock().unwrap().insert(
+        let _ = self.tokens.lock().unwrap().insert(
             (up.base.clone(), scope.to_string()),
             (token.to_string(), Instant::now() + ttl),
             size,
@@ -580,6 +623,9 @@ impl Mirror {
                     ManifestRef::Digest(_) => None,
                 };
                 self.local.put_manifest(repo, &m, tag)?;
+                if let Some(t) = tag {
+                    self.remember_tag(repo, t, m.bytes.len() as u64);
+                }
                 Ok(Some(m))
             }
             Ok(None) => Ok(None),
@@ -925,12 +971,14 @@ impl<K: std::hash::Hash + Eq + Clone, V> Bounded<K, V> {
     }
 
     /// Inserts `v` costing `size` bytes; an entry larger than the whole
-    /// bound is not kept.
-    fn insert(&mut self, k: K, v: V, size: usize) {
+    /// bound is not kept (and is returned as evicted). Returns the keys
+    /// evicted.
+    fn insert(&mut self, k: K, v: V, size: usize) -> Vec<K> {
         self.remove(&k);
         if size > self.max_bytes || self.max_entries == 0 {
-            return;
+            return vec![k];
         }
+        let mut evicted = Vec::new();
         while self.map.len() >= self.max_entries || self.bytes + size > self.max_bytes {
             let Some((_, oldest)) = self.order.pop_first() else {
                 break;
@@ -938,11 +986,13 @@ impl<K: std::hash::Hash + Eq + Clone, V> Bounded<K, V> {
             if let Some((_, s, _)) = self.map.remove(&oldest) {
                 self.bytes -= s;
             }
+            evicted.push(oldest);
         }
         self.order.insert(self.next, k.clone());
         self.map.insert(k, (v, size, self.next));
         self.next += 1;
         self.bytes += size;
+        evicted
     }
 
     #[cfg(test)]
@@ -1087,24 +1137,25 @@ mod tests {
     #[test]
     fn the_bounded_map_evicts_the_oldest_by_entries_and_bytes() {
         let mut m: Bounded<String, u32> = Bounded::new(3, 100);
-        for (i, k) in ["a", "b", "c", "d"].iter().enumerate() {
-            m.insert(k.to_string(), i as u32, 10);
+        for (i, k) in ["a", "b", "c"].iter().enumerate() {
+            assert!(m.insert(k.to_string(), i as u32, 10).is_empty());
         }
+        assert_eq!(m.insert("d".into(), 3, 10), ["a"]);
         assert_eq!(m.len(), 3);
         assert!(m.get(&"a".to_string()).is_none(), "the oldest went first");
         assert_eq!(m.get(&"d".to_string()), Some(&3));
         // Bytes: one big entry pushes out as many as it needs.
-        m.insert("big".into(), 9, 85);
+        assert_eq!(m.insert("big".into(), 9, 85), ["b", "c"]);
         assert_eq!((m.len(), m.bytes), (2, 95));
         assert!(m.get(&"c".to_string()).is_none());
         assert_eq!(m.get(&"d".to_string()), Some(&3));
         m.remove(&"d".to_string());
         // Larger than the whole bound: not kept, nothing else lost.
-        m.insert("huge".into(), 0, 101);
+        assert_eq!(m.insert("huge".into(), 0, 101), ["huge"]);
         assert!(m.get(&"huge".to_string()).is_none());
         assert_eq!(m.get(&"big".to_string()), Some(&9));
         // Replacing a key frees its old size.
-        m.insert("big".into(), 10, 5);
+        assert!(m.insert("big".into(), 10, 5).is_empty());
         assert_eq!((m.len(), m.bytes), (1, 5));
         assert_eq!(m.remove(&"big".to_string()), Some(10));
         assert_eq!((m.len(), m.bytes, m.order.len()), (0, 0, 0));
@@ -1138,7 +1189,7 @@ mod tests {
                 panic!("a second fetch started")
             };
             assert!(e.to_string().contains("at once"), "{e}");
-            m.tokens.lock().unwrap().insert(
+            let _ = m.tokens.lock().unwrap().insert(
                 (base.clone(), "s".into()),
                 ("t".into(), Instant::now() - Duration::from_secs(1)),
                 3,

@@ -60,6 +60,36 @@ application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
 
+/// The types a manifest is stored and served as.
+const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// The type a manifest from an upstream is kept as: the upstream's
+/// `Content-Type` when it is a manifest type, else the document's own
+/// `mediaType`; `None` when neither is (it is not served at all).
+fn manifest_type(content_type: Option<&str>, bytes: &[u8]) -> Option<&'static str> {
+    let known = |t: &str| {
+        MANIFEST_TYPES
+            .iter()
+            .copied()
+            .find(|k| k.eq_ignore_ascii_case(t.trim()))
+    };
+    if let Some(t) = content_type.and_then(|c| known(c.split(';').next().unwrap_or(""))) {
+        return Some(t);
+    }
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    let doc: Doc = serde_json::from_slice(bytes).ok()?;
+    known(doc.media_type.as_deref()?)
+}
+
 /// The largest manifest taken from an upstream.
 const MAX_MANIFEST: usize = 4 << 20;
 
@@ -589,12 +619,11 @@ impl Mirror {
                 StatusCode::NOT_FOUND => return Ok(None),
                 s => return Err(upstream_err(format!("{} answered {s}", up.base))),
             }
-            let media_type = resp
+            let content_type = resp
                 .headers()
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or("application/vnd.oci.image.manifest.v1+json")
-                .to_string();
+                .map(str::to_string);
             let claimed = resp
                 .headers()
                 .get("Docker-Content-Digest")
@@ -602,6 +631,14 @@ impl Mirror {
                 .map(str::to_string);
             let bytes = read_limited(resp.into_body(), MAX_MANIFEST).await?;
             let digest = Digest::of(&bytes);
+            let media_type = manifest_type(content_type.as_deref(), &bytes)
+                .ok_or_else(|| {
+                    upstream_err(format!(
+                        "sent manifest {digest} as {}, not a manifest type",
+                        escape_line(content_type.as_deref().unwrap_or("nothing"))
+                    ))
+                })?
+                .to_string();
             if let ManifestRef::Digest(d) = reference {
                 if *d != digest {
                     return Err(upstream_err(format!("sent a manifest for {d} that is {digest}")));
@@ -1197,5 +1234,23 @@ mod tests {
             assert_eq!(m.token(&base, "s"), None, "an expired token is not sent");
             assert_eq!(m.tokens.lock().unwrap().len(), 0);
         });
+    }
+
+    #[test]
+    fn manifests_keep_only_manifest_types() {
+        let oci = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+        assert_eq!(
+            manifest_type(Some("text/html"), oci),
+            Some("application/vnd.oci.image.manifest.v1+json")
+        );
+        assert_eq!(
+            manifest_type(
+                Some("application/vnd.docker.distribution.manifest.v2+json; charset=utf-8"),
+                b"{}"
+            ),
+            Some("application/vnd.docker.distribution.manifest.v2+json")
+        );
+        assert_eq!(manifest_type(Some("text/html"), br#"{"mediaType":"text/html"}"#), None);
+        assert_eq!(manifest_type(None, b"<html>"), None);
     }
 }

@@ -42,6 +42,8 @@ pub struct Faults {
     /// Answer a GET of this blob with a `Content-Length` of this many
     /// bytes and send zeros until the connection goes.
     pub endless_blob: Option<(String, u64)>,
+    /// Serve manifests with this `Content-Type` instead of their own.
+    pub manifest_content_type: Option<String>,
     /// Answer every manifest request with this status.
     pub manifest_status: Option<u16>,
     /// Serve manifests padded to this many bytes.
@@ -390,6 +392,12 @@ fn serve(
                 body = v.to_string().into_bytes();
                 headers.retain(|(k, _)| !k.eq_ignore_ascii_case("docker-content-digest"));
             }
+        }
+    }
+    if let Some(t) = &faults.manifest_content_type {
+        if req.path.contains("/manifests/") {
+            headers.retain(|(k, _)| !k.eq_ignore_ascii_case("content-type"));
+            headers.push(("Content-Type".into(), t.clone()));
         }
     }
     if let Some(n) = faults.huge_manifest {

@@ -472,3 +472,40 @@ fn a_huge_blob_is_refused_and_a_fetch_nobody_waits_for_stops() {
     wait_closed(&proxy);
     assert!(ingest_is_empty(&mirror_store));
 }
+
+/// What an upstream says a manifest's type is does not reach clients
+/// unless it is a manifest type: a manifest sent as `text/html` is served
+/// as what its document says it is.
+#[test]
+fn a_manifest_is_served_only_as_a_manifest_type() {
+    if !peers() {
+        return;
+    }
+    let upstream = Registry::start();
+    publish(&upstream, "test/app", "v1", &control_image());
+    let proxy = Proxy::start(
+        upstream.port,
+        Faults {
+            manifest_content_type: Some("text/html".into()),
+            ..Default::default()
+        },
+    );
+    let mirror_store = Gantry::new();
+    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", proxy.addr())]);
+    let mut s = TcpStream::connect(&srv.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET /v2/test/app/manifests/v1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(got.starts_with("http/1.1 200"), "{got}");
+    assert!(!got.contains("content-type: text/html"), "{got}");
+    assert!(
+        got.contains("content-type: application/vnd.oci.image.manifest.v1+json"),
+        "{got}"
+    );
+}

@@ -73,6 +73,9 @@ pub struct Config {
     /// `[registries."docker.io"]` ones.
     #[serde(default)]
     pub registry_mirrors: Vec<String>,
+    /// `gantry serve --mirror-of`: what one fetch and all of them may take.
+    #[serde(default)]
+    pub mirror: MirrorConfig,
     /// The registries the daemon may pull from and push to for this store
     /// (a tenant's allow-list: `host[:port]`, `docker.io`); all when unset.
     pub allowed_registries: Option<Vec<String>>,
@@ -100,6 +103,37 @@ fn yes() -> bool {
 
 fn max_layer() -> u64 {
     gantry_core::stage::DEFAULT_MAX_LAYER_BYTES >> 20
+}
+
+/// The `[mirror]` table: bounds of `gantry serve --mirror-of`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// The largest blob fetched from an upstream, in MiB (default 65536:
+    /// 64 GiB, as for a layer); a bigger one is refused before it is read.
+    #[serde(default = "mirror_max_blob")]
+    pub max_blob_mib: u64,
+    /// Blob fetches from upstreams under way at once (default 64); past
+    /// it a request for another missing blob is refused until one ends.
+    #[serde(default = "mirror_max_fetches")]
+    pub max_fetches: usize,
+}
+
+fn mirror_max_blob() -> u64 {
+    gantry_serve::mirror::DEFAULT_MAX_BLOB >> 20
+}
+
+fn mirror_max_fetches() -> usize {
+    gantry_serve::mirror::DEFAULT_MAX_FETCHES
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            max_blob_mib: mirror_max_blob(),
+            max_fetches: mirror_max_fetches(),
+        }
+    }
 }
 
 /// One plugin's table.
@@ -229,6 +263,9 @@ impl Config {
                 other => bail!("{origin}: {table}: unknown runtime {other:?} (wasm or native)"),
             }
         }
+        if c.mirror.max_blob_mib == 0 || c.mirror.max_fetches == 0 {
+            bail!("{origin}: mirror: max_blob_mib and max_fetches must be at least 1");
+        }
         if c.max_layer_depth == 0 {
             bail!("{origin}: max_layer_depth must be at least 1");
         }
@@ -240,6 +277,16 @@ impl Config {
             }
         }
         for (name, r) in &c.registries {
+            for h in &r.redirect_hosts {
+                let ok = !h.is_empty()
+                    && !h.contains("://")
+                    && !h
+                        .bytes()
+                        .any(|b| b == b'/' || b == b'@' || b.is_ascii_whitespace() || b.is_ascii_control());
+                if !ok {
+                    bail!("{origin}: registries.{name:?}: redirect_hosts: {h:?} is not a host or host:port");
+                }
+            }
             for m in &r.mirrors {
                 if !(m.starts_with("https://") || m.starts_with("http://")) {
                     bail!("{origin}: registries.{name:?}: mirror {m:?} is not an http(s) URL");
@@ -361,6 +408,25 @@ mod tests {
         assert_eq!(c.plugin_cache_dir.as_deref(), Some(Path::new("/var/cache/g")));
         assert_eq!(c.transport.path.as_deref(), Some(d.join("t/v2.wasm").as_path()));
         assert_eq!(c.driver.path.as_deref(), Some(d.join("drivers/libfast.so").as_path()));
+    }
+
+    #[test]
+    fn redirect_hosts_are_hosts() {
+        let t = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            t.path(),
+            format!("{DEFAULT}\n[registries.\"10.0.0.5:5000\"]\nredirect_hosts = [\"10.0.0.6:9000\", \"minio\"]\n"),
+        )
+        .unwrap();
+        let c = Config::load(Some(t.path())).unwrap();
+        assert_eq!(c.registries["10.0.0.5:5000"].redirect_hosts, ["10.0.0.6:9000", "minio"]);
+        std::fs::write(
+            t.path(),
+            format!("{DEFAULT}\n[registries.\"r\"]\nredirect_hosts = [\"http://minio/\"]\n"),
+        )
+        .unwrap();
+        let e = Config::load(Some(t.path())).unwrap_err().to_string();
+        assert!(e.contains("is not a host or host:port"), "{e}");
     }
 
     #[test]

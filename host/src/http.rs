@@ -4,24 +4,29 @@
 //! opened for it, plus the token realm that endpoint names in a
 //! `WWW-Authenticate` challenge during that same call. Every hop is checked:
 //! the method (a pull reads; `POST` only to its realm), the scheme (plain
-//! HTTP only to loopback or registries marked insecure), and the address —
-//! only the registry's own host may be a loopback or private one, and a
-//! name is resolved to public addresses only for any other host, so neither
-//! a redirect nor a realm can reach an internal service. Redirects are
+//! HTTP only to loopback or registries marked insecure), and the address,
+//! by the core's [`HopPolicy`]: the registry's own host may be anywhere; a
+//! registry on a loopback or private address may send a hop within
+//! internal networks; a host in its `redirect_hosts` may be anywhere;
+//! every other hop reaches public addresses only (a name is resolved to
+//! what the hop may reach), so a public registry's redirect or realm never
+//! reaches an internal service. Redirects are
 //! followed here, not in the guest; only reads may leave the origin, and
 //! then without the `authorization` header. Headers that frame or route a
 //! request (`Host`, `Transfer-Encoding`, hop-by-hop ones) are the host's.
 
 use crate::plugin::bindings::WitError;
 use bytes::Bytes;
-use gantry_core::endpoint::{allows_plain_http, Registries};
+use gantry_core::endpoint::{
+    allows_plain_http, may_leave_origin, registry_config, HopPolicy, Reach, Registries, MAX_REDIRECTS,
+};
 use gantry_core::text::{escape_line, redact_url};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use std::future::Future;
 use std::io::Read;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -43,8 +48,10 @@ type Client = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<Ht
 /// connections are kept and reused per origin.
 pub struct HttpPolicy {
     rt: tokio::runtime::Runtime,
-    /// For hops to the registry's own host.
-    own_host: Client,
+    /// For hops to the registry's own host, or a host it lists.
+    any: Client,
+    /// For hops an internal registry sends within internal networks.
+    internal: Client,
     /// For every other hop: names resolve to public addresses only.
     public_only: Client,
     registries: Registries,
@@ -53,8 +60,6 @@ pub struct HttpPolicy {
 /// How long a connection may take to open, and a read to bring anything.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
-
-const MAX_REDIRECTS: usize = 10;
 
 /// Methods a pull may use: reads, and `POST` for an OAuth2 token.
 const PULL_METHODS: &[&str] = &["GET", "HEAD", "POST"];
@@ -84,6 +89,8 @@ pub struct CallScope {
     endpoint: url::Url,
     realms: Vec<String>,
     methods: &'static [&'static str],
+    /// Where this call's hops may connect (made on its first request).
+    hops: Option<HopPolicy>,
 }
 
 impl CallScope {
@@ -94,6 +101,7 @@ impl CallScope {
             endpoint,
             realms: Vec::new(),
             methods: PULL_METHODS,
+            hops: None,
         }
     }
 
@@ -113,18 +121,25 @@ impl CallScope {
         origin(&self.endpoint)
     }
 
-    /// Whether `u` is on the endpoint's own host (any port): the registry
-    /// vouches for its own machine, not for others on its network.
-    fn same_host(&self, u: &url::Url) -> bool {
-        u.host_str().is_some() && u.host_str() == self.endpoint.host_str()
+    /// The call's hop policy: a pull's or a push's registry on an internal
+    /// address may send hops within internal networks.
+    fn hops(&mut self, registries: &Registries) -> &mut HopPolicy {
+        let endpoint = &self.endpoint;
+        self.hops.get_or_insert_with(|| {
+            HopPolicy::new(
+                endpoint.host_str().unwrap_or(""),
+                registry_config(&domain_of(endpoint), registries),
+                true,
+            )
+        })
     }
 }
 
-/// The clients' name resolver: the system's, keeping only public
-/// addresses for a client that may reach nothing else.
+/// The clients' name resolver: the system's, keeping only the addresses
+/// its client's hops may reach.
 #[derive(Clone)]
 struct Resolver {
-    public_only: bool,
+    reach: Reach,
 }
 
 impl tower_service::Service<Name> for Resolver {
@@ -137,10 +152,10 @@ impl tower_service::Service<Name> for Resolver {
     }
 
     fn call(&mut self, name: Name) -> Self::Future {
-        let public_only = self.public_only;
+        let reach = self.reach;
         Box::pin(async move {
             let host = name.as_str().to_string();
-            let addrs = tokio::task::spawn_blocking(move || resolve(&host, public_only))
+            let addrs = tokio::task::spawn_blocking(move || resolve(&host, reach))
                 .await
                 .map_err(std::io::Error::other)??;
             Ok(addrs.into_iter())
@@ -148,59 +163,27 @@ impl tower_service::Service<Name> for Resolver {
     }
 }
 
-/// Whether `ip` is an address on the public internet (not loopback,
-/// private, link-local, shared, documentation or otherwise special).
-pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => {
-            let o = a.octets();
-            !(a.is_loopback()
-                || a.is_private()
-                || a.is_link_local()
-                || a.is_unspecified()
-                || a.is_broadcast()
-                || a.is_documentation()
-                || a.is_multicast()
-                || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xc0) == 64)
-                || (o[0] == 198 && (o[1] & 0xfe) == 18)
-                || o[0] >= 240)
-        }
-        IpAddr::V6(a) => {
-            if let Some(v4) = a.to_ipv4_mapped() {
-                return is_public(IpAddr::V4(v4));
-            }
-            let s = a.segments();
-            !(a.is_loopback()
-                || a.is_unspecified()
-                || a.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
-                || s[0] == 0x2001 && s[1] == 0x0db8)
-        }
-    }
-}
-
-/// Resolves `host` for a client, keeping only public addresses when the
-/// hop being made is not to the registry's own host, so a name cannot
-/// resolve a redirect or a realm onto an internal service.
-fn resolve(host: &str, public_only: bool) -> std::io::Result<Vec<SocketAddr>> {
+/// Resolves `host` for a client, keeping only the addresses its hops may
+/// reach, so a name cannot resolve a redirect or a realm onto an internal
+/// service (the same rule as for a host written as an address).
+fn resolve(host: &str, reach: Reach) -> std::io::Result<Vec<SocketAddr>> {
     let addrs: Vec<SocketAddr> = (host, 0).to_socket_addrs()?.collect();
-    if !public_only {
-        return Ok(addrs);
-    }
-    let public: Vec<SocketAddr> = addrs.into_iter().filter(|a| is_public(a.ip())).collect();
-    if public.is_empty() {
+    let kept: Vec<SocketAddr> = addrs.into_iter().filter(|a| reach.admits(a.ip())).collect();
+    if kept.is_empty() {
+        let what = match reach {
+            Reach::Public => "a public address",
+            _ => "an address this hop may reach",
+        };
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
-            format!("{} is not a public address", escape_line(host)),
+            format!("{} is not {what}", escape_line(host)),
         ));
     }
-    Ok(public)
+    Ok(kept)
 }
 
-fn client(public_only: bool) -> Client {
-    let mut http = HttpConnector::new_with_resolver(Resolver { public_only });
+fn client(reach: Reach) -> Client {
+    let mut http = HttpConnector::new_with_resolver(Resolver { reach });
     http.enforce_http(false);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     http.set_nodelay(true);
@@ -285,19 +268,6 @@ fn domain_of(u: &url::Url) -> String {
     }
 }
 
-/// Whether the host of `u`, written as an address or `localhost`, is not public.
-fn literal_is_internal(u: &url::Url) -> bool {
-    match u.host() {
-        Some(url::Host::Ipv4(a)) => !is_public(IpAddr::V4(a)),
-        Some(url::Host::Ipv6(a)) => !is_public(IpAddr::V6(a)),
-        Some(url::Host::Domain(d)) => {
-            let d = d.trim_end_matches('.').to_ascii_lowercase();
-            d == "localhost" || d.ends_with(".localhost")
-        }
-        None => true,
-    }
-}
-
 impl HttpPolicy {
     pub fn new(registries: Registries) -> HttpPolicy {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -306,13 +276,14 @@ impl HttpPolicy {
             .enable_all()
             .build()
             .expect("starting the HTTP client's runtime");
-        let (own_host, public_only) = {
+        let (any, internal, public_only) = {
             let _in_rt = rt.enter();
-            (client(false), client(true))
+            (client(Reach::Any), client(Reach::Internal), client(Reach::Public))
         };
         HttpPolicy {
             rt,
-            own_host,
+            any,
+            internal,
             public_only,
             registries,
         }
@@ -333,17 +304,24 @@ impl HttpPolicy {
         }
     }
 
-    /// Checks one hop: its scheme, and that a host other than the
-    /// registry's own is a public one.
-    fn check_hop(&self, scope: &CallScope, u: &url::Url) -> Result<(), WitError> {
+    /// Checks one hop: its address by the call's hop policy, then its
+    /// scheme. Returns what the hop may reach.
+    fn check_hop(&self, scope: &mut CallScope, u: &url::Url) -> Result<Reach, WitError> {
+        let port = u.port_or_known_default().unwrap_or(0);
+        let reach = scope
+            .hops(&self.registries)
+            .check(u.host_str().unwrap_or(""), port)
+            .map_err(|e| WitError::Denied(format!("{} {e}", redact_url(u.as_str()))))?;
         self.check_scheme(u)?;
-        if !scope.same_host(u) && literal_is_internal(u) {
-            return Err(WitError::Denied(format!(
-                "{} is an internal address; only the registry's own host may be one",
-                redact_url(u.as_str())
-            )));
+        Ok(reach)
+    }
+
+    fn client(&self, reach: Reach) -> &Client {
+        match reach {
+            Reach::Any => &self.any,
+            Reach::Internal => &self.internal,
+            Reach::Public => &self.public_only,
         }
-        Ok(())
     }
 
     /// Sends a request for a plugin within the call's `scope`.
@@ -414,7 +392,7 @@ impl HttpPolicy {
         }
         let mut left_endpoint = false;
         for _ in 0..=MAX_REDIRECTS {
-            self.check_hop(scope, &u)?;
+            let reach = self.check_hop(scope, &u)?;
             let mut req = hyper::Request::builder()
                 .method(method)
                 .uri(u.as_str())
@@ -436,11 +414,7 @@ impl HttpPolicy {
             let req = req
                 .body(req_body)
                 .map_err(|e| WitError::Invalid(format!("bad request: {}", escape_line(&e.to_string()))))?;
-            let client = if scope.same_host(&u) {
-                &self.own_host
-            } else {
-                &self.public_only
-            };
+            let client = self.client(reach);
             let called = match feed {
                 None => self.rt.block_on(async {
                     tokio::time::timeout(CONNECT_TIMEOUT + READ_TIMEOUT, client.request(req)).await
@@ -465,6 +439,13 @@ impl HttpPolicy {
                     });
                 }
             };
+            // Where the registry's own host really is decides what else it may name.
+            let hops = scope.hops(&self.registries);
+            if hops.is_registry_host(u.host_str().unwrap_or("")) {
+                if let Some(info) = resp.extensions().get::<hyper_util::client::legacy::connect::HttpInfo>() {
+                    hops.saw_registry_at(info.remote_addr().ip());
+                }
+            }
             let status = resp.status().as_u16();
             let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
             if (300..400).contains(&status) && status != 304 && !scope.writes() {
@@ -474,7 +455,7 @@ impl HttpPolicy {
                         .map_err(|e| WitError::Invalid(format!("bad redirect {}: {e}", redact_url(loc))))?;
                     if origin(&next) != origin(&u) {
                         // Only reads may leave the origin, and never with the token.
-                        if !matches!(method, "GET" | "HEAD") {
+                        if !may_leave_origin(method) {
                             return Err(WitError::Denied(format!(
                                 "a {method} request was redirected to another origin ({})",
                                 redact_url(next.as_str())
@@ -648,49 +629,66 @@ mod tests {
     }
 
     #[test]
-    fn tells_public_addresses_from_internal_ones() {
-        for a in [
-            "127.0.0.2",
-            "10.1.2.3",
-            "169.254.169.254",
-            "192.168.0.1",
-            "100.64.0.1",
-            "::1",
-            "fd00::2",
-            "::ffff:127.0.0.1",
-            "0.0.0.0",
-        ] {
-            assert!(!is_public(a.parse().unwrap()), "{a}");
-        }
-        for a in ["1.1.1.1", "2606:4700::1111", "8.8.8.8"] {
-            assert!(is_public(a.parse().unwrap()), "{a}");
-        }
-        let scope = CallScope::pull("https://registry.example");
+    fn hops_follow_the_cores_policy() {
+        let mut scope = CallScope::pull("https://registry.example");
         let p = HttpPolicy::new(Registries::new());
         for u in [
             "https://127.0.0.1:2375/",
             "https://localhost/",
             "https://[::1]/",
-            "https://169.254.169.254/",
+            "http://169.254.169.254/",
         ] {
-            assert!(p.check_hop(&scope, &url::Url::parse(u).unwrap()).is_err(), "{u}");
+            let e = p.check_hop(&mut scope, &url::Url::parse(u).unwrap()).unwrap_err();
+            assert!(
+                matches!(&e, WitError::Denied(m) if m.contains("is an internal address")),
+                "{u}: {e:?}"
+            );
         }
+        assert_eq!(
+            p.check_hop(&mut scope, &url::Url::parse("https://cdn.example/x").unwrap())
+                .ok(),
+            Some(Reach::Public)
+        );
+        let mut local = CallScope::pull("http://127.0.0.1:5000");
+        assert_eq!(
+            p.check_hop(&mut local, &url::Url::parse("http://127.0.0.1:9000/x").unwrap())
+                .ok(),
+            Some(Reach::Any)
+        );
+        assert_eq!(
+            p.check_hop(&mut local, &url::Url::parse("http://127.0.0.2:9000/x").unwrap())
+                .ok(),
+            Some(Reach::Internal)
+        );
         assert!(p
-            .check_hop(&scope, &url::Url::parse("https://cdn.example/x").unwrap())
-            .is_ok());
-        let local = CallScope::pull("http://127.0.0.1:5000");
+            .check_hop(&mut local, &url::Url::parse("http://169.254.169.254/x").unwrap())
+            .is_err());
+        // A listed host: the registry's table in the config.
+        let mut regs = Registries::new();
+        regs.insert(
+            "registry.example".into(),
+            gantry_core::endpoint::RegistryConfig {
+                redirect_hosts: vec!["10.0.0.9:9000".into()],
+                ..Default::default()
+            },
+        );
+        let p = HttpPolicy::new(regs);
+        let mut scope = CallScope::pull("https://registry.example");
+        assert_eq!(
+            p.check_hop(&mut scope, &url::Url::parse("https://10.0.0.9:9000/x").unwrap())
+                .ok(),
+            Some(Reach::Any)
+        );
         assert!(p
-            .check_hop(&local, &url::Url::parse("http://127.0.0.1:9000/x").unwrap())
-            .is_ok());
-        assert!(p
-            .check_hop(&local, &url::Url::parse("http://127.0.0.2:9000/x").unwrap())
+            .check_hop(&mut scope, &url::Url::parse("https://10.0.0.8:9000/x").unwrap())
             .is_err());
     }
 
     #[test]
     fn the_public_only_resolver_drops_internal_addresses() {
-        let e = resolve("localhost", true).unwrap_err();
+        let e = resolve("localhost", Reach::Public).unwrap_err();
         assert!(e.to_string().contains("not a public address"), "{e}");
-        assert!(!resolve("localhost", false).unwrap().is_empty());
+        assert!(!resolve("localhost", Reach::Internal).unwrap().is_empty());
+        assert!(!resolve("localhost", Reach::Any).unwrap().is_empty());
     }
 }

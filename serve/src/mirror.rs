@@ -16,23 +16,43 @@
 //!   serves `docker/library/alpine` from that registry's `library/alpine`);
 //!   one upstream may take every other name. Docker Hub's one-component
 //!   names get `library/`. Bearer tokens are fetched anonymously.
+//! - The upstream is untrusted. Every hop (redirects, the token realm)
+//!   passes the core's [`HopPolicy`], the rules the pull path follows, with
+//!   one difference: what an upstream's redirect fetches is handed to this
+//!   server's clients, so an upstream on an internal address may not send
+//!   the mirror to another internal one unless its `redirect_hosts` names
+//!   it. The token goes only to the upstream's own origin.
+//! - A blob cached for one repository is served to another only once the
+//!   upstream confirmed that repository holds it (distribution's proxy
+//!   asks under the name asked for); one fetch serves both.
+//! - Every fetch is capped in size (`max_blob`), a fetch no client waits
+//!   for any more is dropped, and every map a client's choice of names
+//!   fills (tokens per scope, fetches in flight) is bounded.
 
 use crate::fs_storage::FsStorage;
 use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
 use bytes::Bytes;
 use gantry_core::digest::Digest;
+use gantry_core::endpoint::{
+    allows_plain_http, may_leave_origin, registry_config, HopPolicy, Reach, Registries, MAX_REDIRECTS,
+};
+use gantry_core::text::{escape_line, redact_url};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Frame};
 use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
 use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::{HttpConnector, HttpInfo};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// What manifests are asked for upstream.
 const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, \
@@ -40,8 +60,57 @@ application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
 
+/// The types a manifest is stored and served as.
+const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// The type a manifest from an upstream is kept as: the upstream's
+/// `Content-Type` when it is a manifest type, else the document's own
+/// `mediaType`; `None` when neither is (it is not served at all).
+fn manifest_type(content_type: Option<&str>, bytes: &[u8]) -> Option<&'static str> {
+    let known = |t: &str| {
+        MANIFEST_TYPES
+            .iter()
+            .copied()
+            .find(|k| k.eq_ignore_ascii_case(t.trim()))
+    };
+    if let Some(t) = content_type.and_then(|c| known(c.split(';').next().unwrap_or(""))) {
+        return Some(t);
+    }
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    let doc: Doc = serde_json::from_slice(bytes).ok()?;
+    known(doc.media_type.as_deref()?)
+}
+
 /// The largest manifest taken from an upstream.
 const MAX_MANIFEST: usize = 4 << 20;
+
+/// Bounds of the token cache: entries, and bytes of keys and tokens.
+const MAX_TOKENS: usize = 1024;
+const MAX_TOKEN_BYTES: usize = 4 << 20;
+
+/// Bounds of the tag answers kept: entries, and bytes of the manifests
+/// they name. Past them the oldest answer is forgotten (its tag file
+/// removed; the manifest stays as content, by digest).
+const MAX_TAG_ANSWERS: usize = 10_000;
+const MAX_TAG_ANSWER_BYTES: usize = 1 << 30;
+
+/// How long a token is kept when its answer says nothing (distribution's
+/// default lifetime), and at most.
+const TOKEN_TTL: Duration = Duration::from_secs(60);
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+/// How long an upstream may take to answer, and to send the next piece.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One upstream registry and the names it serves.
 #[derive(Debug, Clone)]
@@ -91,18 +160,89 @@ impl Upstream {
     }
 }
 
-type HttpClient =
-    Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Empty<Bytes>>;
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector<Resolver>>, Empty<Bytes>>;
+
+/// How a mirror fetches, and its bounds.
+#[derive(Debug, Clone)]
+pub struct MirrorOptions {
+    /// How long a tag answer is used before the upstream is asked again.
+    pub tag_ttl: Duration,
+    /// The largest blob fetched from an upstream (bytes).
+    pub max_blob: u64,
+    /// Blob fetches under way at once (each distinct digest is one).
+    pub max_fetches: usize,
+    /// The config's registry tables: an upstream's `redirect_hosts`, and
+    /// which hosts may be reached over plain HTTP.
+    pub registries: Registries,
+}
+
+/// The documented default cap on one fetched blob: 64 GiB, as for a layer.
+pub const DEFAULT_MAX_BLOB: u64 = 64 << 30;
+/// The documented default number of blob fetches at once.
+pub const DEFAULT_MAX_FETCHES: usize = 64;
+
+impl Default for MirrorOptions {
+    fn default() -> Self {
+        MirrorOptions {
+            tag_ttl: Duration::from_secs(60),
+            max_blob: DEFAULT_MAX_BLOB,
+            max_fetches: DEFAULT_MAX_FETCHES,
+            registries: Registries::new(),
+        }
+    }
+}
+
+/// How a blob fetch ended, for those waiting on it.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Cached,
+    Missing,
+    Failed(String),
+}
+
+type Done = tokio::sync::watch::Receiver<Option<Outcome>>;
+type Head = tokio::sync::oneshot::Receiver<Result<Option<u64>, StorageError>>;
+type Chunks = tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>;
+
+/// A fetch under way: for which repository, and what it ends with.
+struct Inflight {
+    repo: String,
+    done: Done,
+}
+
+/// What [`Mirror::join_or_lead`] hands back.
+enum Joined {
+    /// This request started the fetch: the upstream's answer (the size,
+    /// `None` for unknown), the bytes as they come, and its end.
+    Lead { head: Head, body: Chunks, done: Done },
+    /// Another request's fetch (for `repo`) is under way.
+    Follow { repo: String, done: Done },
+}
+
+/// What the cache holds for a repository's blob.
+enum Lookup {
+    /// Linked to the repository (now): its size.
+    Hit(u64),
+    /// The upstream says the repository does not hold it.
+    Missing,
+    /// Not stored at all.
+    Miss,
+}
 
 pub struct Mirror {
     local: Arc<FsStorage>,
     upstreams: Vec<Upstream>,
-    client: HttpClient,
-    tag_ttl: Duration,
-    /// Blobs being fetched: followers wait for `Some(fetched)`.
-    inflight: Mutex<HashMap<Digest, tokio::sync::watch::Receiver<Option<bool>>>>,
-    /// Bearer tokens by upstream and scope.
-    tokens: Mutex<HashMap<(String, String), String>>,
+    /// One client per reach: its resolver keeps only what a hop may reach.
+    any: HttpClient,
+    internal: HttpClient,
+    public: HttpClient,
+    options: MirrorOptions,
+    /// Blobs being fetched, by digest.
+    inflight: Mutex<HashMap<Digest, Inflight>>,
+    /// Bearer tokens by upstream and scope, until they expire.
+    tokens: Mutex<Bounded<(String, String), (String, Instant)>>,
+    /// The tag answers on disk (repository, tag), oldest first.
+    tags: Mutex<Bounded<(String, String), ()>>,
 }
 
 fn upstream_err(msg: impl std::fmt::Display) -> StorageError {
@@ -116,20 +256,118 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// The mirror's name resolver: the system's (tokio's), keeping only the
+/// addresses its client's hops may reach — the rule the pull path's
+/// resolver follows.
+#[derive(Clone)]
+struct Resolver {
+    reach: Reach,
+}
+
+impl tower_service::Service<Name> for Resolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let reach = self.reach;
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let kept: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| reach.admits(a.ip()))
+                .collect();
+            if kept.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("{} is not an address this hop may reach", escape_line(&host)),
+                ));
+            }
+            Ok(kept.into_iter())
+        })
+    }
+}
+
+fn client(reach: Reach) -> HttpClient {
+    let mut http = HttpConnector::new_with_resolver(Resolver { reach });
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(15)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new()).build(https)
+}
+
+/// `scheme://host:port` of a URL.
+fn origin(u: &url::Url) -> String {
+    format!(
+        "{}://{}:{}",
+        u.scheme(),
+        u.host_str().unwrap_or(""),
+        u.port_or_known_default().unwrap_or(0)
+    )
+}
+
+/// `host[:port]` of a URL, as the config's registry tables are keyed.
+fn domain_of(u: &url::Url) -> String {
+    match u.port() {
+        Some(p) => format!("{}:{p}", u.host_str().unwrap_or("")),
+        None => u.host_str().unwrap_or("").to_string(),
+    }
+}
+
 impl Mirror {
-    pub fn new(local: Arc<FsStorage>, upstreams: Vec<Upstream>, tag_ttl: Duration) -> Mirror {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .build();
-        Mirror {
+    pub fn new(local: Arc<FsStorage>, upstreams: Vec<Upstream>, options: MirrorOptions) -> Mirror {
+        let tags = Mutex::new(Bounded::new(MAX_TAG_ANSWERS, MAX_TAG_ANSWER_BYTES));
+        let mirror = Mirror {
             local,
             upstreams,
-            client: Client::builder(TokioExecutor::new()).build(https),
-            tag_ttl,
+            any: client(Reach::Any),
+            internal: client(Reach::Internal),
+            public: client(Reach::Public),
+            options,
             inflight: Mutex::new(HashMap::new()),
-            tokens: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(Bounded::new(MAX_TOKENS, MAX_TOKEN_BYTES)),
+            tags,
+        };
+        mirror.index_tags();
+        mirror
+    }
+
+    /// Counts the tag answers a previous run left, oldest first, so the
+    /// bound holds across restarts.
+    fn index_tags(&self) {
+        let mut found = Vec::new();
+        for repo in self.local.catalog().unwrap_or_default() {
+            for tag in self.local.tags(&repo).ok().flatten().unwrap_or_default() {
+                if let Ok(Some(e)) = self.local.tag(&repo, &tag) {
+                    let size = self.local.blob_size(&repo, &e.digest).ok().flatten().unwrap_or(0);
+                    found.push((e.fetched, repo.clone(), tag, size));
+                }
+            }
+        }
+        found.sort();
+        for (_, repo, tag, size) in found {
+            self.remember_tag(&repo, &tag, size);
+        }
+    }
+
+    /// Records a tag answer just stored, forgetting the oldest past the bounds.
+    fn remember_tag(&self, repo: &str, tag: &str, manifest_size: u64) {
+        let size = repo.len() + tag.len() + usize::try_from(manifest_size).unwrap_or(usize::MAX);
+        let evicted = self
+            .tags
+            .lock()
+            .unwrap()
+            .insert((repo.to_string(), tag.to_string()), (), size);
+        for (r, t) in evicted {
+            let _ = self.local.delete_tag(&r, &t);
         }
     }
 
@@ -163,8 +401,45 @@ impl Mirror {
         Some((u, name))
     }
 
+    /// The hop policy of one request chain to `base` (the mirror's rule:
+    /// no internal redirects beyond the upstream's own host and its list).
+    fn hops(&self, base: &url::Url) -> HopPolicy {
+        HopPolicy::new(
+            base.host_str().unwrap_or(""),
+            registry_config(&domain_of(base), &self.options.registries),
+            false,
+        )
+    }
+
+    /// Checks one hop and picks the client that carries it out: the
+    /// address by the hop policy, the scheme (plain HTTP to the upstream's
+    /// own origin as configured, to loopback, or to hosts marked insecure).
+    fn hop(&self, hops: &HopPolicy, base: &url::Url, u: &url::Url) -> Result<&HttpClient, StorageError> {
+        let reach = hops
+            .check(u.host_str().unwrap_or(""), u.port_or_known_default().unwrap_or(0))
+            .map_err(|e| upstream_err(format!("{} {e}", redact_url(u.as_str()))))?;
+        let plain_ok = origin(u) == origin(base) || allows_plain_http(&domain_of(u), &self.options.registries);
+        match u.scheme() {
+            "https" => {}
+            "http" if plain_ok => {}
+            s => {
+                return Err(upstream_err(format!(
+                    "{} may not be reached over {}",
+                    redact_url(u.as_str()),
+                    escape_line(s)
+                )))
+            }
+        }
+        Ok(match reach {
+            Reach::Any => &self.any,
+            Reach::Internal => &self.internal,
+            Reach::Public => &self.public,
+        })
+    }
+
     /// Sends a request upstream, with a bearer token when the upstream asks
-    /// for one, following redirects (the token only to the upstream itself).
+    /// for one, following redirects hop by hop (the token only to the
+    /// upstream's own origin, and never once the chain left it).
     async fn send(
         &self,
         up: &Upstream,
@@ -173,24 +448,35 @@ impl Mirror {
         accept: Option<&str>,
         scope: &str,
     ) -> Result<hyper::Response<hyper::body::Incoming>, StorageError> {
-        let mut url = format!("{}{path}", up.base);
+        let base = url::Url::parse(&up.base).map_err(|e| upstream_err(format!("{}: {e}", up.base)))?;
+        let mut u = base
+            .join(path)
+            .map_err(|e| upstream_err(format!("{}: {e}", escape_line(path))))?;
+        let mut hops = self.hops(&base);
+        let mut left = false;
         let mut authorised_once = false;
-        for _ in 0..6 {
-            let own = url.starts_with(&format!("{}/", up.base));
-            let mut req = Request::builder().method(method.clone()).uri(&url);
+        for _ in 0..=MAX_REDIRECTS + 1 {
+            let client = self.hop(&hops, &base, &u)?;
+            let own = !left && origin(&u) == origin(&base);
+            let mut req = Request::builder().method(method.clone()).uri(u.as_str());
             if let Some(a) = accept {
                 req = req.header(ACCEPT, a);
             }
             if own {
-                if let Some(t) = self.tokens.lock().unwrap().get(&(up.base.clone(), scope.to_string())) {
+                if let Some(t) = self.token(&up.base, scope) {
                     req = req.header(AUTHORIZATION, format!("Bearer {t}"));
                 }
             }
             let req = req.body(Empty::new()).map_err(upstream_err)?;
-            let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
+            let resp = tokio::time::timeout(ANSWER_TIMEOUT, client.request(req))
                 .await
-                .map_err(|_| upstream_err(format!("{} did not answer in time", up.base)))?
-                .map_err(|e| upstream_err(format!("{}: {e}", up.base)))?;
+                .map_err(|_| upstream_err(format!("{} did not answer in time", redact_url(&origin(&u)))))?
+                .map_err(|e| upstream_err(format!("{}: {}", redact_url(&origin(&u)), escape_line(&chain(&e)))))?;
+            if hops.is_registry_host(u.host_str().unwrap_or("")) {
+                if let Some(info) = resp.extensions().get::<HttpInfo>() {
+                    hops.saw_registry_at(info.remote_addr().ip());
+                }
+            }
             match resp.status() {
                 StatusCode::UNAUTHORIZED if own && !authorised_once => {
                     authorised_once = true;
@@ -200,39 +486,76 @@ impl Mirror {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("")
                         .to_string();
-                    self.fetch_token(up, &challenge, scope).await?;
+                    self.fetch_token(up, &hops, &base, &challenge, scope).await?;
                 }
-                s if s.is_redirection() => {
+                s if s.is_redirection() && s != StatusCode::NOT_MODIFIED => {
                     let Some(loc) = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()) else {
                         return Ok(resp);
                     };
-                    url = if loc.starts_with('/') {
-                        format!("{}{loc}", up.base)
-                    } else {
-                        loc.to_string()
-                    };
+                    let next = u
+                        .join(loc)
+                        .map_err(|e| upstream_err(format!("bad redirect {}: {e}", redact_url(loc))))?;
+                    if origin(&next) != origin(&u) {
+                        if !may_leave_origin(method.as_str()) {
+                            return Err(upstream_err(format!(
+                                "a {method} request was redirected to another origin ({})",
+                                redact_url(next.as_str())
+                            )));
+                        }
+                        left = true;
+                    }
+                    u = next;
                 }
                 _ => return Ok(resp),
             }
         }
-        Err(upstream_err("too many redirects"))
+        Err(upstream_err(format!("more than {MAX_REDIRECTS} redirects")))
     }
 
-    /// An anonymous bearer token for `scope` (distribution's token flow).
-    async fn fetch_token(&self, up: &Upstream, challenge: &str, scope: &str) -> Result<(), StorageError> {
+    /// A cached token for `scope`, unless it expired.
+    fn token(&self, base: &str, scope: &str) -> Option<String> {
+        let mut tokens = self.tokens.lock().unwrap();
+        let key = (base.to_string(), scope.to_string());
+        match tokens.get(&key) {
+            Some((t, until)) if *until > Instant::now() => Some(t.clone()),
+            Some(_) => {
+                tokens.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// An anonymous bearer token for `scope` (distribution's token flow);
+    /// the realm is a hop of the same chain, checked the same way, and a
+    /// token service's redirect is not followed.
+    async fn fetch_token(
+        &self,
+        up: &Upstream,
+        hops: &HopPolicy,
+        base: &url::Url,
+        challenge: &str,
+        scope: &str,
+    ) -> Result<(), StorageError> {
         let params = parse_challenge(challenge).ok_or_else(|| upstream_err("401 without a Bearer challenge"))?;
         let realm = params
             .get("realm")
             .ok_or_else(|| upstream_err("Bearer challenge without a realm"))?;
-        let mut url = format!("{realm}?scope={}", encode(scope));
-        if let Some(s) = params.get("service") {
-            url.push_str(&format!("&service={}", encode(s)));
+        let mut url =
+            url::Url::parse(realm).map_err(|_| upstream_err(format!("invalid token realm {}", redact_url(realm))))?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("scope", scope);
+            if let Some(s) = params.get("service") {
+                q.append_pair("service", s);
+            }
         }
-        let req = Request::get(&url).body(Empty::new()).map_err(upstream_err)?;
-        let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
+        let client = self.hop(hops, base, &url)?;
+        let req = Request::get(url.as_str()).body(Empty::new()).map_err(upstream_err)?;
+        let resp = tokio::time::timeout(ANSWER_TIMEOUT, client.request(req))
             .await
             .map_err(|_| upstream_err("the token service did not answer in time"))?
-            .map_err(|e| upstream_err(format!("token service: {e}")))?;
+            .map_err(|e| upstream_err(format!("token service: {}", escape_line(&chain(&e)))))?;
         if !resp.status().is_success() {
             return Err(upstream_err(format!("token service answered {}", resp.status())));
         }
@@ -242,10 +565,17 @@ impl Mirror {
             .as_str()
             .or_else(|| v["access_token"].as_str())
             .ok_or_else(|| upstream_err("token response without a token"))?;
-        self.tokens
-            .lock()
-            .unwrap()
-            .insert((up.base.clone(), scope.to_string()), token.to_string());
+        let ttl = v["expires_in"]
+            .as_u64()
+            .map(Duration::from_secs)
+            .unwrap_or(TOKEN_TTL)
+            .min(MAX_TOKEN_TTL);
+        let size = up.base.len() + scope.len() + token.len();
+        let _ = self.tokens.lock().unwrap().insert(
+            (up.base.clone(), scope.to_string()),
+            (token.to_string(), Instant::now() + ttl),
+            size,
+        );
         Ok(())
     }
 
@@ -261,7 +591,7 @@ impl Mirror {
                 None
             }
             ManifestRef::Tag(t) => match (self.local.tag(repo, t)?, cached) {
-                (Some(e), Some(m)) if now_secs().saturating_sub(e.fetched) < self.tag_ttl.as_secs() => {
+                (Some(e), Some(m)) if now_secs().saturating_sub(e.fetched) < self.options.tag_ttl.as_secs() => {
                     return Ok(Some(m));
                 }
                 (_, c) => c,
@@ -289,12 +619,11 @@ impl Mirror {
                 StatusCode::NOT_FOUND => return Ok(None),
                 s => return Err(upstream_err(format!("{} answered {s}", up.base))),
             }
-            let media_type = resp
+            let content_type = resp
                 .headers()
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or("application/vnd.oci.image.manifest.v1+json")
-                .to_string();
+                .map(str::to_string);
             let claimed = resp
                 .headers()
                 .get("Docker-Content-Digest")
@@ -302,6 +631,14 @@ impl Mirror {
                 .map(str::to_string);
             let bytes = read_limited(resp.into_body(), MAX_MANIFEST).await?;
             let digest = Digest::of(&bytes);
+            let media_type = manifest_type(content_type.as_deref(), &bytes)
+                .ok_or_else(|| {
+                    upstream_err(format!(
+                        "sent manifest {digest} as {}, not a manifest type",
+                        escape_line(content_type.as_deref().unwrap_or("nothing"))
+                    ))
+                })?
+                .to_string();
             if let ManifestRef::Digest(d) = reference {
                 if *d != digest {
                     return Err(upstream_err(format!("sent a manifest for {d} that is {digest}")));
@@ -323,6 +660,9 @@ impl Mirror {
                     ManifestRef::Digest(_) => None,
                 };
                 self.local.put_manifest(repo, &m, tag)?;
+                if let Some(t) = tag {
+                    self.remember_tag(repo, t, m.bytes.len() as u64);
+                }
                 Ok(Some(m))
             }
             Ok(None) => Ok(None),
@@ -339,6 +679,12 @@ impl Mirror {
         if let Some(n) = self.local.blob_size(repo, digest)? {
             return Ok(Some(n));
         }
+        self.upstream_size(repo, digest).await
+    }
+
+    /// Whether the upstream holds blob `digest` under `repo`'s name: its
+    /// size, if it says.
+    async fn upstream_size(&self, repo: &str, digest: &Digest) -> Result<Option<u64>, StorageError> {
         let Some((up, name)) = self.route(repo) else {
             return Ok(None);
         };
@@ -352,13 +698,47 @@ impl Mirror {
             )
             .await?;
         match resp.status() {
-            StatusCode::OK => Ok(resp
-                .headers()
-                .get(CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())),
+            StatusCode::OK => Ok(Some(
+                resp.headers()
+                    .get(CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            )),
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(upstream_err(format!("{} answered {s}", up.base))),
+        }
+    }
+
+    /// What the cache holds of `digest` for `repo`. A blob stored for
+    /// another repository is linked to this one only once the upstream
+    /// confirmed it holds the blob under this name too.
+    async fn lookup(&self, repo: &str, digest: &Digest) -> Result<Lookup, StorageError> {
+        if let Some(n) = self.local.blob_size(repo, digest)? {
+            return Ok(Lookup::Hit(n));
+        }
+        if !self.local.contains_blob(digest) {
+            return Ok(Lookup::Miss);
+        }
+        if self.upstream_size(repo, digest).await?.is_none() {
+            return Ok(Lookup::Missing);
+        }
+        self.local.link_blob(repo, digest)?;
+        Ok(match self.local.blob_size(repo, digest)? {
+            Some(n) => Lookup::Hit(n),
+            None => Lookup::Miss,
+        })
+    }
+
+    /// After waiting on another request's fetch: `None` to look again (it
+    /// cached the blob, or it was for another repository and failed
+    /// there), else this request's answer.
+    fn followed(repo: &str, theirs: &str, outcome: Outcome) -> Option<Result<(), StorageError>> {
+        match outcome {
+            Outcome::Cached => None,
+            _ if theirs != repo => None,
+            Outcome::Missing => Some(Ok(())),
+            Outcome::Failed(e) => Some(Err(upstream_err(e))),
         }
     }
 
@@ -370,26 +750,32 @@ impl Mirror {
         repo: &str,
         digest: &Digest,
     ) -> Result<Option<(u64, BlobBody)>, StorageError> {
-        if let Some(n) = self.local.blob_size(repo, digest)? {
-            return Ok(self.local.blob(repo, digest, 0..n)?.map(|b| (n, b)));
-        }
-        match self.join_or_lead(repo, digest) {
-            Ok((head_rx, body_rx)) => match head_rx.await {
-                Ok(Ok(Some(size))) => Ok(Some((size, ChannelBody { rx: body_rx }.boxed()))),
-                Ok(Ok(None)) => Ok(None),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(upstream_err(format!("the fetch of blob {digest} ended early"))),
-            },
-            Err(rx) => {
-                if !wait(rx).await {
-                    return Err(upstream_err(format!("could not fetch blob {digest}")));
+        for _ in 0..3 {
+            match self.lookup(repo, digest).await? {
+                Lookup::Hit(n) => return Ok(self.local.blob(repo, digest, 0..n)?.map(|b| (n, b))),
+                Lookup::Missing => return Ok(None),
+                Lookup::Miss => {}
+            }
+            match self.join_or_lead(repo, digest)? {
+                Joined::Lead { head, body, done } => {
+                    // The fetch goes on only while someone waits: this
+                    // request waits by reading its body.
+                    drop(done);
+                    return match head.await {
+                        Ok(Ok(Some(size))) => Ok(Some((size, ChannelBody { rx: body }.boxed()))),
+                        Ok(Ok(None)) => Ok(None),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(upstream_err(format!("the fetch of blob {digest} ended early"))),
+                    };
                 }
-                let Some(n) = self.local.blob_size(repo, digest)? else {
-                    return Ok(None);
-                };
-                Ok(self.local.blob(repo, digest, 0..n)?.map(|b| (n, b)))
+                Joined::Follow { repo: theirs, done } => match Self::followed(repo, &theirs, wait(done).await) {
+                    None => continue,
+                    Some(Ok(())) => return Ok(None),
+                    Some(Err(e)) => return Err(e),
+                },
             }
         }
+        Err(upstream_err(format!("could not fetch blob {digest}")))
     }
 
     /// The bytes `range` of a blob: from the cache, once it is there.
@@ -399,78 +785,99 @@ impl Mirror {
         digest: &Digest,
         range: Range<u64>,
     ) -> Result<Option<BlobBody>, StorageError> {
-        if let Some(b) = self.local.blob(repo, digest, range.clone())? {
-            return Ok(Some(b));
-        }
-        let rx = match self.join_or_lead(repo, digest) {
-            // Nobody reads the streamed copy: the fetch only fills the cache.
-            Ok((_, _)) => self.inflight.lock().unwrap().get(digest).cloned(),
-            Err(rx) => Some(rx),
-        };
-        if let Some(rx) = rx {
-            if !wait(rx).await {
-                return Err(upstream_err(format!("could not fetch blob {digest}")));
+        for _ in 0..3 {
+            match self.lookup(repo, digest).await? {
+                Lookup::Hit(_) => return self.local.blob(repo, digest, range),
+                Lookup::Missing => return Ok(None),
+                Lookup::Miss => {}
+            }
+            let (theirs, done) = match self.join_or_lead(repo, digest)? {
+                // Nobody reads the streamed copy: this request waits for the
+                // fetch to fill the cache.
+                Joined::Lead { done, .. } => (repo.to_string(), done),
+                Joined::Follow { repo, done } => (repo, done),
+            };
+            match Self::followed(repo, &theirs, wait(done).await) {
+                None => continue,
+                Some(Ok(())) => return Ok(None),
+                Some(Err(e)) => return Err(e),
             }
         }
-        self.local.blob(repo, digest, range)
+        Err(upstream_err(format!("could not fetch blob {digest}")))
     }
 
-    /// Starts fetching `digest` unless a fetch is under way: the leader gets
-    /// the upstream's answer (the size, `None` for unknown) and the bytes;
-    /// a follower gets what to wait on.
-    #[allow(clippy::type_complexity)]
-    fn join_or_lead(
-        self: &Arc<Self>,
-        repo: &str,
-        digest: &Digest,
-    ) -> Result<
-        (
-            tokio::sync::oneshot::Receiver<Result<Option<u64>, StorageError>>,
-            tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
-        ),
-        tokio::sync::watch::Receiver<Option<bool>>,
-    > {
+    /// Starts fetching `digest` for `repo` unless a fetch of it is under
+    /// way (then joins that one). Fetches at once are bounded.
+    fn join_or_lead(self: &Arc<Self>, repo: &str, digest: &Digest) -> Result<Joined, StorageError> {
         let done = {
             let mut inflight = self.inflight.lock().unwrap();
-            if let Some(rx) = inflight.get(digest) {
-                return Err(rx.clone());
+            if let Some(f) = inflight.get(digest) {
+                return Ok(Joined::Follow {
+                    repo: f.repo.clone(),
+                    done: f.done.clone(),
+                });
+            }
+            if inflight.len() >= self.options.max_fetches {
+                return Err(upstream_err(format!(
+                    "{} blob fetches are under way, the most this mirror makes at once; try again",
+                    inflight.len()
+                )));
             }
             let (tx, rx) = tokio::sync::watch::channel(None);
-            inflight.insert(digest.clone(), rx);
+            inflight.insert(
+                digest.clone(),
+                Inflight {
+                    repo: repo.to_string(),
+                    done: rx,
+                },
+            );
             tx
         };
+        let rx = done.subscribe();
         let (head_tx, head_rx) = tokio::sync::oneshot::channel();
         let (body_tx, body_rx) = tokio::sync::mpsc::channel(16);
         let me = self.clone();
         let (repo, digest) = (repo.to_string(), digest.clone());
         tokio::spawn(async move {
-            let ok = me.fetch_blob(&repo, &digest, head_tx, body_tx).await;
+            let outcome = me.fetch_blob(&repo, &digest, head_tx, body_tx, &done).await;
             me.inflight.lock().unwrap().remove(&digest);
-            let _ = done.send(Some(ok));
+            let _ = done.send(Some(outcome));
         });
-        Ok((head_rx, body_rx))
+        Ok(Joined::Lead {
+            head: head_rx,
+            body: body_rx,
+            done: rx,
+        })
     }
 
-    /// Fetches a blob into the cache, passing its bytes to `client` (if it
-    /// is still listening); the last chunk goes only after the digest
-    /// checked out. Returns whether the blob is now cached.
+    /// Fetches a blob into the cache, passing its bytes to `client` while
+    /// it listens; the last chunk goes only after the digest checked out.
+    /// A blob over the size cap is refused before any byte is read; once
+    /// neither `client` nor anyone waiting on `done` is left, the fetch
+    /// is dropped.
     async fn fetch_blob(
         &self,
         repo: &str,
         digest: &Digest,
         head: tokio::sync::oneshot::Sender<Result<Option<u64>, StorageError>>,
         client: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
-    ) -> bool {
+        done: &tokio::sync::watch::Sender<Option<Outcome>>,
+    ) -> Outcome {
         let fail = |msg: String| {
             let client = client.clone();
             async move {
-                let _ = client.send(Err(std::io::Error::other(msg))).await;
-                false
+                let _ = client.send(Err(std::io::Error::other(msg.clone()))).await;
+                Outcome::Failed(msg)
             }
+        };
+        let refuse = |head: tokio::sync::oneshot::Sender<_>, e: StorageError| {
+            let msg = e.to_string();
+            let _ = head.send(Err(e));
+            Outcome::Failed(msg)
         };
         let Some((up, name)) = self.route(repo) else {
             let _ = head.send(Ok(None));
-            return false;
+            return Outcome::Missing;
         };
         let answered = self
             .send(
@@ -485,16 +892,10 @@ impl Mirror {
             Ok(r) if r.status() == StatusCode::OK => r,
             Ok(r) if r.status() == StatusCode::NOT_FOUND => {
                 let _ = head.send(Ok(None));
-                return false;
+                return Outcome::Missing;
             }
-            Ok(r) => {
-                let _ = head.send(Err(upstream_err(format!("{} answered {}", up.base, r.status()))));
-                return false;
-            }
-            Err(e) => {
-                let _ = head.send(Err(e));
-                return false;
-            }
+            Ok(r) => return refuse(head, upstream_err(format!("{} answered {}", up.base, r.status()))),
+            Err(e) => return refuse(head, e),
         };
         let Some(size) = resp
             .headers()
@@ -502,12 +903,21 @@ impl Mirror {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
         else {
-            let _ = head.send(Err(upstream_err(format!(
-                "{} sent blob {digest} without its length",
-                up.base
-            ))));
-            return false;
+            return refuse(
+                head,
+                upstream_err(format!("{} sent blob {digest} without its length", up.base)),
+            );
         };
+        if size > self.options.max_blob {
+            // Dropping the answer closes its connection: nothing more is read.
+            return refuse(
+                head,
+                upstream_err(format!(
+                    "blob {digest} is {size} bytes, over this mirror's limit of {} bytes (max_blob_mib)",
+                    self.options.max_blob
+                )),
+            );
+        }
         let _ = head.send(Ok(Some(size)));
         let mut ingest = match self.local.ingest() {
             Ok(i) => i,
@@ -515,12 +925,22 @@ impl Mirror {
         };
         let mut body = resp.into_body();
         let mut held: Option<Bytes> = None;
-        let mut listening = true;
         loop {
-            let frame = match tokio::time::timeout(Duration::from_secs(60), body.frame()).await {
+            // The map's own receiver is one; any other is a waiter.
+            if client.is_closed() && done.receiver_count() <= 1 {
+                return Outcome::Failed(format!(
+                    "the fetch of blob {digest} was dropped: no client waits for it"
+                ));
+            }
+            let frame = tokio::select! {
+                f = tokio::time::timeout(STALL_TIMEOUT, body.frame()) => f,
+                // The only client left while the upstream sent nothing.
+                () = client.closed(), if done.receiver_count() <= 1 => continue,
+            };
+            let frame = match frame {
                 Err(_) => return fail("upstream stalled".into()).await,
                 Ok(None) => break,
-                Ok(Some(Err(e))) => return fail(format!("upstream: {e}")).await,
+                Ok(Some(Err(e))) => return fail(format!("upstream: {}", escape_line(&e.to_string()))).await,
                 Ok(Some(Ok(f))) => f,
             };
             let Ok(data) = frame.into_data() else { continue };
@@ -531,32 +951,119 @@ impl Mirror {
                 return fail(e.to_string()).await;
             }
             if let Some(prev) = held.replace(data) {
-                if listening && client.send(Ok(prev)).await.is_err() {
-                    // The client left; the cache still gets the blob.
-                    listening = false;
-                }
+                // A client that left is seen at the top of the loop.
+                let _ = client.send(Ok(prev)).await;
             }
+        }
+        if ingest.len() != size {
+            return fail(format!(
+                "upstream sent {} of the {size} bytes of blob {digest}",
+                ingest.len()
+            ))
+            .await;
         }
         if let Err(e) = self.local.commit_blob(repo, ingest, digest) {
             return fail(e.to_string()).await;
         }
         if let Some(last) = held {
-            if listening {
-                let _ = client.send(Ok(last)).await;
-            }
+            let _ = client.send(Ok(last)).await;
         }
-        true
+        Outcome::Cached
     }
 }
 
-/// Waits for a fetch to end; whether it cached the blob.
-async fn wait(mut rx: tokio::sync::watch::Receiver<Option<bool>>) -> bool {
+/// A map bounded in entries and in bytes (as its user counts them):
+/// inserting past either bound evicts the oldest entries first.
+struct Bounded<K, V> {
+    map: HashMap<K, (V, usize, u64)>,
+    /// Insertion order: sequence number → key.
+    order: BTreeMap<u64, K>,
+    bytes: usize,
+    next: u64,
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Bounded<K, V> {
+    fn new(max_entries: usize, max_bytes: usize) -> Self {
+        Bounded {
+            map: HashMap::new(),
+            order: BTreeMap::new(),
+            bytes: 0,
+            next: 0,
+            max_entries,
+            max_bytes,
+        }
+    }
+
+    fn get(&self, k: &K) -> Option<&V> {
+        self.map.get(k).map(|(v, _, _)| v)
+    }
+
+    fn remove(&mut self, k: &K) -> Option<V> {
+        let (v, size, seq) = self.map.remove(k)?;
+        self.order.remove(&seq);
+        self.bytes -= size;
+        Some(v)
+    }
+
+    /// Inserts `v` costing `size` bytes; an entry larger than the whole
+    /// bound is not kept (and is returned as evicted). Returns the keys
+    /// evicted.
+    fn insert(&mut self, k: K, v: V, size: usize) -> Vec<K> {
+        self.remove(&k);
+        if size > self.max_bytes || self.max_entries == 0 {
+            return vec![k];
+        }
+        let mut evicted = Vec::new();
+        while self.map.len() >= self.max_entries || self.bytes + size > self.max_bytes {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some((_, s, _)) = self.map.remove(&oldest) {
+                self.bytes -= s;
+            }
+            evicted.push(oldest);
+        }
+        self.order.insert(self.next, k.clone());
+        self.map.insert(k, (v, size, self.next));
+        self.next += 1;
+        self.bytes += size;
+        evicted
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s
+}
+
+/// Waits for a fetch to end; how it ended.
+async fn wait(mut rx: Done) -> Outcome {
     loop {
-        if let Some(ok) = *rx.borrow() {
-            return ok;
+        if let Some(o) = rx.borrow().clone() {
+            return o;
         }
         if rx.changed().await.is_err() {
-            return rx.borrow().unwrap_or(false);
+            return rx
+                .borrow()
+                .clone()
+                .unwrap_or_else(|| Outcome::Failed("the fetch ended early".into()));
         }
     }
 }
@@ -623,18 +1130,6 @@ fn parse_challenge(h: &str) -> Option<HashMap<String, String>> {
     Some(out)
 }
 
-/// Percent-encodes a query value.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,7 +1159,7 @@ mod tests {
             .build()
             .unwrap();
         let _g = rt.enter();
-        let m = Mirror::new(local, ups, Duration::from_secs(60));
+        let m = Mirror::new(local, ups, MirrorOptions::default());
         let (u, n) = m.route("docker/alpine").unwrap();
         assert_eq!(
             (u.base.as_str(), n.as_str()),
@@ -674,5 +1169,88 @@ mod tests {
         assert_eq!((u.base.as_str(), n.as_str()), ("http://127.0.0.1:5000", "team/app"));
         assert!(Upstream::parse("ftp://x").is_err());
         assert!(Upstream::parse("../x=http://a").is_err());
+    }
+
+    #[test]
+    fn the_bounded_map_evicts_the_oldest_by_entries_and_bytes() {
+        let mut m: Bounded<String, u32> = Bounded::new(3, 100);
+        for (i, k) in ["a", "b", "c"].iter().enumerate() {
+            assert!(m.insert(k.to_string(), i as u32, 10).is_empty());
+        }
+        assert_eq!(m.insert("d".into(), 3, 10), ["a"]);
+        assert_eq!(m.len(), 3);
+        assert!(m.get(&"a".to_string()).is_none(), "the oldest went first");
+        assert_eq!(m.get(&"d".to_string()), Some(&3));
+        // Bytes: one big entry pushes out as many as it needs.
+        assert_eq!(m.insert("big".into(), 9, 85), ["b", "c"]);
+        assert_eq!((m.len(), m.bytes), (2, 95));
+        assert!(m.get(&"c".to_string()).is_none());
+        assert_eq!(m.get(&"d".to_string()), Some(&3));
+        m.remove(&"d".to_string());
+        // Larger than the whole bound: not kept, nothing else lost.
+        assert_eq!(m.insert("huge".into(), 0, 101), ["huge"]);
+        assert!(m.get(&"huge".to_string()).is_none());
+        assert_eq!(m.get(&"big".to_string()), Some(&9));
+        // Replacing a key frees its old size.
+        assert!(m.insert("big".into(), 10, 5).is_empty());
+        assert_eq!((m.len(), m.bytes), (1, 5));
+        assert_eq!(m.remove(&"big".to_string()), Some(10));
+        assert_eq!((m.len(), m.bytes, m.order.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn tokens_expire_and_fetches_at_once_are_bounded() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // An upstream that takes connections and never answers.
+            let quiet = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", quiet.local_addr().unwrap());
+            let dir = tempfile::tempdir().unwrap();
+            let local = Arc::new(FsStorage::open(dir.path(), true).unwrap());
+            let m = Arc::new(Mirror::new(
+                local,
+                vec![Upstream::parse(&base).unwrap()],
+                MirrorOptions {
+                    max_fetches: 1,
+                    ..MirrorOptions::default()
+                },
+            ));
+            let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+            assert!(matches!(m.join_or_lead("x/y", &a), Ok(Joined::Lead { .. })));
+            assert!(matches!(m.join_or_lead("x/z", &a), Ok(Joined::Follow { .. })));
+            let Err(e) = m.join_or_lead("x/y", &b) else {
+                panic!("a second fetch started")
+            };
+            assert!(e.to_string().contains("at once"), "{e}");
+            let _ = m.tokens.lock().unwrap().insert(
+                (base.clone(), "s".into()),
+                ("t".into(), Instant::now() - Duration::from_secs(1)),
+                3,
+            );
+            assert_eq!(m.token(&base, "s"), None, "an expired token is not sent");
+            assert_eq!(m.tokens.lock().unwrap().len(), 0);
+        });
+    }
+
+    #[test]
+    fn manifests_keep_only_manifest_types() {
+        let oci = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+        assert_eq!(
+            manifest_type(Some("text/html"), oci),
+            Some("application/vnd.oci.image.manifest.v1+json")
+        );
+        assert_eq!(
+            manifest_type(
+                Some("application/vnd.docker.distribution.manifest.v2+json; charset=utf-8"),
+                b"{}"
+            ),
+            Some("application/vnd.docker.distribution.manifest.v2+json")
+        );
+        assert_eq!(manifest_type(Some("text/html"), br#"{"mediaType":"text/html"}"#), None);
+        assert_eq!(manifest_type(None, b"<html>"), None);
     }
 }

@@ -2,7 +2,9 @@
 //! token auth (a `/token` endpoint and `WWW-Authenticate: Bearer`
 //! challenges), and faults per blob — a connection cut mid-body, wrong
 //! bytes, a redirect to a second "CDN" origin that records whether a
-//! registry token reached it. It counts the blob requests it served.
+//! registry token reached it (and every connection made to it), a token
+//! realm on that origin, a blob announced as huge and sent without end.
+//! It counts the blob requests it served.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -32,6 +34,16 @@ pub struct Faults {
     /// on another port: another origin on the same machine). Another
     /// loopback address plays an internal service the registry points at.
     pub cdn_host: Option<String>,
+    /// Redirect blobs to this base URL (`scheme://host[:port]`) instead of
+    /// the CDN listener: an address nothing here listens on.
+    pub redirect_to: Option<String>,
+    /// With `token_auth`: the challenge names a realm on the CDN origin.
+    pub realm_on_cdn: bool,
+    /// Answer a GET of this blob with a `Content-Length` of this many
+    /// bytes and send zeros until the connection goes.
+    pub endless_blob: Option<(String, u64)>,
+    /// Serve manifests with this `Content-Type` instead of their own.
+    pub manifest_content_type: Option<String>,
     /// Answer every manifest request with this status.
     pub manifest_status: Option<u16>,
     /// Serve manifests padded to this many bytes.
@@ -55,6 +67,12 @@ pub struct Seen {
     /// Authorization headers that reached the CDN origin.
     pub cdn_authorization: Vec<String>,
     pub cdn_gets: usize,
+    /// Connections accepted by the CDN listener, requests or not.
+    pub cdn_connections: usize,
+    /// Bytes of the endless blob written so far, and whether its
+    /// connection was closed by the other side.
+    pub endless_sent: u64,
+    pub endless_closed: bool,
     /// Every request the proxy read.
     pub requests: usize,
 }
@@ -190,6 +208,7 @@ impl Proxy {
                         return;
                     }
                     let Ok(s) = s else { continue };
+                    seen.lock().unwrap().cdn_connections += 1;
                     let seen = seen.clone();
                     std::thread::spawn(move || {
                         let mut r = BufReader::new(s.try_clone().unwrap());
@@ -282,7 +301,12 @@ fn serve(
             .header("authorization")
             .is_some_and(|a| a.starts_with("Bearer tok-"))
     {
-        let challenge = format!("Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"gantry-test\"");
+        let realm = if faults.realm_on_cdn {
+            format!("http://{cdn}/token")
+        } else {
+            format!("http://127.0.0.1:{port}/token")
+        };
+        let challenge = format!("Bearer realm=\"{realm}\",service=\"gantry-test\"");
         respond(
             &mut w,
             401,
@@ -321,9 +345,26 @@ fn serve(
                 std::thread::sleep(*wait);
             }
         }
-        if faults.redirect_blobs {
+        if let Some((endless, announced)) = &faults.endless_blob {
+            if endless == d && req.method == "GET" {
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {announced}\r\nContent-Type: application/octet-stream\r\nDocker-Content-Digest: {d}\r\n\r\n");
+                if w.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let zeros = vec![0u8; 64 << 10];
+                loop {
+                    if w.write_all(&zeros).is_err() {
+                        seen.lock().unwrap().endless_closed = true;
+                        return;
+                    }
+                    seen.lock().unwrap().endless_sent += zeros.len() as u64;
+                }
+            }
+        }
+        if faults.redirect_blobs || faults.redirect_to.is_some() {
             // Like a presigned URL: the signature is a secret of the query.
-            let loc = format!("http://{cdn}/cdn{}?X-Amz-Signature=s3cret-signature", req.path);
+            let base = faults.redirect_to.clone().unwrap_or_else(|| format!("http://{cdn}"));
+            let loc = format!("{base}/cdn{}?X-Amz-Signature=s3cret-signature", req.path);
             respond(&mut w, 307, &[("Location".into(), loc)], b"");
             return;
         }
@@ -351,6 +392,12 @@ fn serve(
                 body = v.to_string().into_bytes();
                 headers.retain(|(k, _)| !k.eq_ignore_ascii_case("docker-content-digest"));
             }
+        }
+    }
+    if let Some(t) = &faults.manifest_content_type {
+        if req.path.contains("/manifests/") {
+            headers.retain(|(k, _)| !k.eq_ignore_ascii_case("content-type"));
+            headers.push(("Content-Type".into(), t.clone()));
         }
     }
     if let Some(n) = faults.huge_manifest {

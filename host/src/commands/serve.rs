@@ -107,10 +107,18 @@ pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
             }
             // Ingest leftovers are cleared only when no other process shares the store.
             let local = gantry_serve::fs_storage::FsStorage::open(&ctx.store.root().join("mirror"), ctx.alone)?;
+            // The upstreams follow the config's registry tables (plain HTTP,
+            // redirect_hosts), as pulls do.
+            let options = gantry_serve::mirror::MirrorOptions {
+                tag_ttl: Duration::from_secs(mode.tag_ttl),
+                max_blob: ctx.config.mirror.max_blob_mib.saturating_mul(1 << 20),
+                max_fetches: ctx.config.mirror.max_fetches,
+                registries: ctx.config.registries.clone(),
+            };
             Backend::Mirror(Arc::new(gantry_serve::mirror::Mirror::new(
                 Arc::new(local),
                 upstreams,
-                Duration::from_secs(mode.tag_ttl),
+                options,
             )))
         }
     };

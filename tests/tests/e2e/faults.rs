@@ -226,8 +226,10 @@ fn mirrors_come_first_and_fall_back_to_the_registry() {
 
 /// What a registry says is untrusted: an error body with terminal escapes
 /// and line breaks reaches the terminal escaped, on one line; a manifest
-/// that is also an index (CVE-2021-41190) is refused; a redirect to an
-/// internal address other than the registry's own host is not followed.
+/// that is also an index (CVE-2021-41190) is refused; a redirect to a
+/// link-local address (a cloud's metadata service) is not followed, even
+/// from a registry on loopback (which may redirect within internal
+/// networks: `pull.rs`).
 /// A mirror that keeps failing is skipped for a while, remembered in the
 /// store across processes, instead of being waited on at every pull; once
 /// the while is over it is tried again.
@@ -304,8 +306,7 @@ fn hostile_registry_answers_are_refused_and_quoted_safely() {
     let internal = Proxy::start(
         reg.port,
         Faults {
-            redirect_blobs: true,
-            cdn_host: Some("127.0.0.2".into()),
+            redirect_to: Some("http://169.254.169.254".into()),
             ..Default::default()
         },
     );
@@ -313,11 +314,6 @@ fn hostile_registry_answers_are_refused_and_quoted_safely() {
         &g,
         &["pull", &format!("{}/test/rich:v1", internal.addr())],
         "is an internal address",
-    );
-    assert_eq!(
-        internal.seen.lock().unwrap().cdn_gets,
-        0,
-        "the internal service was reached"
     );
     // The redirect named a presigned URL: its signature is not shown.
     let err = g.fails(&["pull", &format!("{}/test/rich:v1", internal.addr())]);

@@ -255,3 +255,257 @@ else:
     );
     assert!(srv.log().contains("\"GET /v2/test/notes/manifests/v1\" 200"));
 }
+
+/// A raw `GET` of `path` from `addr`: the status and up to `max` bytes of
+/// the body, read until the server closes (or `max` is reached: then the
+/// client hangs up, as one that goes away).
+fn get(addr: &str, path: &str, max: usize) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut body_at = None;
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        got.extend_from_slice(&buf[..n]);
+        if body_at.is_none() {
+            body_at = got.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+        }
+        if body_at.is_some_and(|b| got.len() - b >= max) {
+            break;
+        }
+    }
+    let status = String::from_utf8_lossy(&got)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = got.split_off(body_at.unwrap_or(got.len()));
+    (status, body)
+}
+
+/// The upstream is untrusted: a redirect of a blob to an internal address
+/// (here 127.0.0.2, another machine's service as far as the mirror knows)
+/// is not followed, and no connection is made there; the client gets an
+/// error. Listed in the upstream's `redirect_hosts`, the same target is
+/// followed (without the token).
+#[test]
+fn an_upstream_redirecting_a_blob_to_an_internal_address_reaches_nothing() {
+    if !peers() {
+        return;
+    }
+    let upstream = Registry::start();
+    let (_p, _, layers) = publish(&upstream, "test/app", "v1", &control_image());
+    let blob = layers[0].digest.clone();
+    let redirecting = Proxy::start(
+        upstream.port,
+        Faults {
+            token_auth: true,
+            redirect_blobs: true,
+            cdn_host: Some("127.0.0.2".into()),
+            ..Default::default()
+        },
+    );
+    let mirror_store = Gantry::new();
+    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", redirecting.addr())]);
+    let (status, body) = get(&srv.addr, &format!("/v2/test/app/blobs/{blob}"), usize::MAX);
+    assert!(status >= 500, "{status} {}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        redirecting.seen.lock().unwrap().cdn_connections,
+        0,
+        "the internal address was reached"
+    );
+    let g = Gantry::new();
+    assert!(!g.fails(&["pull", &format!("{}/test/app:v1", srv.addr)]).is_empty());
+    assert_eq!(
+        redirecting.seen.lock().unwrap().cdn_connections,
+        0,
+        "the internal address was reached"
+    );
+    assert!(!cached(&mirror_store).contains(&blob));
+
+    // The operator lists the storage host: the redirect is followed.
+    let allowed = Gantry::new().with_config(&format!(
+        "[transport]\ntype = \"v2\"\n[driver]\ntype = \"{}\"\n[registries.\"{}\"]\nredirect_hosts = [\"127.0.0.2\"]\n",
+        Gantry::test_driver(),
+        redirecting.addr()
+    ));
+    let srv = allowed.serve(&["--mirror-of", &format!("http://{}", redirecting.addr())]);
+    let (status, body) = get(&srv.addr, &format!("/v2/test/app/blobs/{blob}"), usize::MAX);
+    assert_eq!(status, 200);
+    assert_eq!(gantry_tests::image::sha256(&body), blob);
+    let seen = redirecting.seen.lock().unwrap();
+    assert!(seen.cdn_gets >= 1);
+    assert!(
+        seen.cdn_authorization.is_empty(),
+        "token leaked: {:?}",
+        seen.cdn_authorization
+    );
+}
+
+/// The token realm an upstream names is a hop like any other: on an
+/// internal address it is not fetched.
+#[test]
+fn an_upstream_naming_an_internal_token_realm_reaches_nothing() {
+    if !peers() {
+        return;
+    }
+    let upstream = Registry::start();
+    publish(&upstream, "test/app", "v1", &control_image());
+    let proxy = Proxy::start(
+        upstream.port,
+        Faults {
+            token_auth: true,
+            realm_on_cdn: true,
+            cdn_host: Some("127.0.0.2".into()),
+            ..Default::default()
+        },
+    );
+    let mirror_store = Gantry::new();
+    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", proxy.addr())]);
+    let (status, _) = get(&srv.addr, "/v2/test/app/manifests/v1", usize::MAX);
+    assert!(status >= 400 && status != 404, "{status}");
+    assert_eq!(
+        proxy.seen.lock().unwrap().cdn_connections,
+        0,
+        "the internal realm was reached"
+    );
+}
+
+/// One upstream fetch of a blob serves every repository that holds it:
+/// a client asking for it in repository B while it is being fetched for A
+/// gets it once the upstream confirmed B has it, and a repository the
+/// upstream does not hold it in gets a 404 although the bytes are cached.
+#[test]
+fn a_blob_being_fetched_for_one_repository_is_served_to_another_that_has_it() {
+    if !peers() {
+        return;
+    }
+    let upstream = Registry::start();
+    let shared = gantry_tests::image::Layer::new()
+        .file("shared", 0o644, &vec![7u8; 300_000])
+        .tar();
+    let (_pa, _, la) = publish(&upstream, "test/a", "v1", &Image::new(vec![shared.clone()]));
+    let (_pb, _, lb) = publish(&upstream, "test/b", "v1", &Image::new(vec![shared]));
+    publish(&upstream, "test/control", "v1", &control_image());
+    let blob = la[0].digest.clone();
+    assert_eq!(lb[0].digest, blob);
+    let slow = Proxy::start(
+        upstream.port,
+        Faults {
+            delay_blob: Some((blob.clone(), Duration::from_millis(1000))),
+            ..Default::default()
+        },
+    );
+    let mirror_store = Gantry::new();
+    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", slow.addr())]);
+    let fetch = |repo: &str| {
+        let (addr, path) = (srv.addr.clone(), format!("/v2/{repo}/blobs/{blob}"));
+        std::thread::spawn(move || get(&addr, &path, usize::MAX))
+    };
+    let a = fetch("test/a");
+    std::thread::sleep(Duration::from_millis(200));
+    let b = fetch("test/b");
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    assert_eq!((a.0, gantry_tests::image::sha256(&a.1)), (200, blob.clone()));
+    assert_eq!((b.0, gantry_tests::image::sha256(&b.1)), (200, blob.clone()));
+    // Cached now, but the upstream's test/control does not hold it.
+    assert!(cached(&mirror_store).contains(&blob));
+    let (status, _) = get(&srv.addr, &format!("/v2/test/control/blobs/{blob}"), usize::MAX);
+    assert_eq!(status, 404);
+    assert_eq!(get(&srv.addr, &format!("/v2/test/b/blobs/{blob}"), usize::MAX).0, 200);
+}
+
+/// A blob announced as 1 TiB is refused at once (over the size cap); with
+/// a cap above it, the fetch stops when the only client leaves.
+#[test]
+fn a_huge_blob_is_refused_and_a_fetch_nobody_waits_for_stops() {
+    if !peers() {
+        return;
+    }
+    let upstream = Registry::start();
+    let huge = format!("sha256:{}", "ab".repeat(32));
+    let proxy = Proxy::start(
+        upstream.port,
+        Faults {
+            endless_blob: Some((huge.clone(), 1 << 40)),
+            ..Default::default()
+        },
+    );
+    let wait_closed = |proxy: &Proxy| {
+        let started = std::time::Instant::now();
+        while !proxy.seen.lock().unwrap().endless_closed {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the mirror kept downloading: {} bytes",
+                proxy.seen.lock().unwrap().endless_sent
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mirror_store = Gantry::new();
+    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", proxy.addr())]);
+    let (status, body) = get(&srv.addr, &format!("/v2/test/app/blobs/{huge}"), 4 << 20);
+    let text = String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned();
+    assert!(status >= 500 && text.contains("limit"), "{status}: {text}");
+    wait_closed(&proxy);
+
+    let proxy = Proxy::start(
+        upstream.port,
+        Faults {
+            endless_blob: Some((huge.clone(), 1 << 40)),
+            ..Default::default()
+        },
+    );
+    let mirror_store = Gantry::new().with_config(&format!(
+        "[transport]\ntype = \"v2\"\n[driver]\ntype = \"{}\"\n[mirror]\nmax_blob_mib = 2097152\n",
+        Gantry::test_driver()
+    ));
+    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", proxy.addr())]);
+    let (status, body) = get(&srv.addr, &format!("/v2/test/app/blobs/{huge}"), 2 << 20);
+    assert_eq!(status, 200);
+    assert!(body.len() >= 2 << 20);
+    wait_closed(&proxy);
+    assert!(ingest_is_empty(&mirror_store));
+}
+
+/// What an upstream says a manifest's type is does not reach clients
+/// unless it is a manifest type: a manifest sent as `text/html` is served
+/// as what its document says it is.
+#[test]
+fn a_manifest_is_served_only_as_a_manifest_type() {
+    if !peers() {
+        return;
+    }
+    let upstream = Registry::start();
+    publish(&upstream, "test/app", "v1", &control_image());
+    let proxy = Proxy::start(
+        upstream.port,
+        Faults {
+            manifest_content_type: Some("text/html".into()),
+            ..Default::default()
+        },
+    );
+    let mirror_store = Gantry::new();
+    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", proxy.addr())]);
+    let mut s = TcpStream::connect(&srv.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET /v2/test/app/manifests/v1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(got.starts_with("http/1.1 200"), "{got}");
+    assert!(!got.contains("content-type: text/html"), "{got}");
+    assert!(
+        got.contains("content-type: application/vnd.oci.image.manifest.v1+json"),
+        "{got}"
+    );
+}

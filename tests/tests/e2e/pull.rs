@@ -268,3 +268,36 @@ fn a_child_layer_never_changes_the_parent_layers_it_shares_files_with() {
     g.fsck_clean();
     assert_export_matches_umoci(&g, &format!("{}/test/family:parent", reg.addr()), dir.path(), "parent");
 }
+
+/// Private networks are where registries live: a registry on a loopback
+/// (or private) address may send its blobs to another internal host, as
+/// distribution with MinIO beside it does; the token does not follow.
+/// (A public registry still may not: `faults.rs` and the unit tests.)
+#[test]
+fn a_loopback_registry_may_redirect_blobs_to_another_loopback_address() {
+    if !peers() {
+        return;
+    }
+    let reg = Registry::start();
+    publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
+    let proxy = gantry_tests::proxy::Proxy::start(
+        reg.port,
+        gantry_tests::proxy::Faults {
+            token_auth: true,
+            redirect_blobs: true,
+            cdn_host: Some("127.0.0.3".into()),
+            ..Default::default()
+        },
+    );
+    let g = Gantry::new();
+    g.ok(&["pull", &format!("{}/test/rich:v1", proxy.addr())]);
+    let seen = proxy.seen.lock().unwrap();
+    assert!(seen.cdn_gets >= 4, "config and layers came from the redirect target");
+    assert!(
+        seen.cdn_authorization.is_empty(),
+        "token leaked: {:?}",
+        seen.cdn_authorization
+    );
+    drop(seen);
+    g.fsck_clean();
+}

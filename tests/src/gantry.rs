@@ -155,6 +155,12 @@ impl Gantry {
         c
     }
 
+    /// A command ready to run with the given stdio, for tests that stream
+    /// one gantry's output into another (`save | load`) or into the test.
+    pub fn piped(&self, args: &[&str]) -> Command {
+        self.command(&binary(), &[], args)
+    }
+
     /// Starts a command without waiting (for tests that kill it).
     pub fn spawn(&self, args: &[&str]) -> std::process::Child {
         let mut c = self.command(&binary(), &[], args);

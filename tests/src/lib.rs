@@ -1,5 +1,6 @@
 //! gantry-tests: what the end-to-end tests stand on.
 //!
+//! - [`big`]: one-layer images with a file over 8 GiB, streamed through zstd;
 //! - [`image`]: writes OCI image layouts from a description (layers of
 //!   files, links, whiteouts, devices…), so no test image is a checked-in
 //!   binary;
@@ -12,6 +13,7 @@
 //! - [`gantry`]: runs the built binary with a fresh `--root`;
 //! - [`tree`]: listings of a tar or a directory for file-by-file comparison.
 
+pub mod big;
 pub mod corpus;
 pub mod gantry;
 pub mod image;

@@ -3,6 +3,7 @@
 //! the tests generate.
 
 mod archives;
+mod bigfiles;
 mod commands;
 mod content;
 mod daemon;

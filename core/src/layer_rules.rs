@@ -286,6 +286,7 @@ mod tests {
             kind,
             size: 0,
             dev: (1, 1),
+            ..EntryHeader::default()
         }
     }
 

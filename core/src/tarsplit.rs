@@ -279,12 +279,11 @@ enum State {
 /// One tar entry as the core reads its header, with the extension records
 /// before it applied the way the `tar` crate (the unpacker) applies them:
 /// a GNU long name or link first, then PAX `path` and `linkpath`, then the
-/// header's own fields (a ustar prefix only in a ustar header). The layer
-/// rules judge these names, so they must be the names the driver sees.
-///
-/// Every field the core reads of a header comes through here: the other
-/// PAX records (`size`, …) belong here too when the core honours them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// header's own fields (a ustar prefix only in a ustar header); PAX `size`,
+/// `uid`, `gid` and `mtime` over the header's numbers. The layer rules judge
+/// this, and the unpacker refuses an entry whose `tar` crate reading differs
+/// from it (`host/src/confined/unpack.rs`), so it is the one view of an entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EntryHeader {
     /// The name, exact bytes.
     pub name: Vec<u8>,
@@ -292,10 +291,19 @@ pub struct EntryHeader {
     pub link: Option<Vec<u8>>,
     /// The type flag (`b'0'` a file, `b'2'` a symbolic link, …).
     pub kind: u8,
-    /// The size the header gives.
+    /// The size of the data after the header (a PAX `size` record's when
+    /// there is one, which a ustar field of 11 octal digits cannot exceed
+    /// 8 GiB).
     pub size: u64,
     /// Device major and minor (0/0 where the header has none).
     pub dev: (u64, u64),
+    /// Owner and group ids.
+    pub uid: u64,
+    pub gid: u64,
+    /// Modification time, whole seconds since the epoch.
+    pub mtime: u64,
+    /// `SCHILY.xattr.*` records: attribute name (after the prefix) and value.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Extension records waiting for the entry they describe.
@@ -307,41 +315,94 @@ struct Pending {
 }
 
 impl Pending {
+    fn is_empty(&self) -> bool {
+        self.long_name.is_none() && self.long_link.is_none() && self.pax.is_none()
+    }
+
     /// The entry the header block `h` describes, taking what was pending.
-    fn entry(&mut self, h: &[u8], size: u64) -> EntryHeader {
+    /// A PAX record the core cannot read, or one that would make the entry
+    /// something the unpacker cannot be trusted to read the same way (a
+    /// GNU sparse map, a NUL in a name, a key twice), refuses the layer.
+    fn entry(&mut self, h: &[u8]) -> io::Result<EntryHeader> {
         let Pending {
             long_name,
             long_link,
             pax,
         } = std::mem::take(self);
-        let pax_value = |key: &[u8]| pax.as_deref().and_then(|p| pax_record(p, key));
-        let name = long_name
-            .map(strip_one_nul)
-            .or_else(|| pax_value(b"path"))
-            .unwrap_or_else(|| header_name(h));
-        let link = long_link
-            .map(strip_one_nul)
-            .or_else(|| pax_value(b"linkpath"))
-            .or_else(|| {
-                let l = cstr(&h[157..257]);
-                (!l.is_empty()).then(|| l.to_vec())
-            });
-        let dev = if is_ustar(h) || is_gnu(h) {
-            (
-                parse_size(&h[329..337]).unwrap_or(0),
-                parse_size(&h[337..345]).unwrap_or(0),
-            )
-        } else {
-            (0, 0)
+        let kind = h[156];
+        let field = |range: std::ops::Range<usize>, what: &str| {
+            parse_numeric(&h[range]).ok_or_else(|| bad_header(h, &format!("its {what} field is not a number")))
         };
-        EntryHeader {
-            name,
-            link,
-            kind: h[156],
-            size,
-            dev,
+        let mut e = EntryHeader {
+            name: Vec::new(),
+            link: None,
+            kind,
+            size: field(124..136, "size")?,
+            dev: (0, 0),
+            uid: field(108..116, "uid")?,
+            gid: field(116..124, "gid")?,
+            mtime: field(136..148, "mtime")?,
+            xattrs: Vec::new(),
+        };
+        if is_ustar(h) || is_gnu(h) {
+            e.dev = (
+                parse_numeric(&h[329..337]).unwrap_or(0),
+                parse_numeric(&h[337..345]).unwrap_or(0),
+            );
         }
+        let (mut pax_path, mut pax_link) = (None, None);
+        if let Some(pax) = &pax {
+            let records = pax_records(pax).map_err(|why| bad_header(h, &why))?;
+            for (key, value) in records {
+                let number = || -> io::Result<u64> {
+                    decimal(value).ok_or_else(|| {
+                        bad_header(h, &format!("its PAX {} record is not a number", String::from_utf8_lossy(key)))
+                    })
+                };
+                match key {
+                    b"path" | b"linkpath" if value.contains(&0) => {
+                        return Err(bad_header(h, "a PAX name holds a NUL byte"))
+                    }
+                    b"path" => pax_path = Some(value.to_vec()),
+                    b"linkpath" => pax_link = Some(value.to_vec()),
+                    // The tar crate applies none of these to a global header.
+                    _ if kind == b'g' => {}
+                    b"size" => e.size = number()?,
+                    b"uid" => e.uid = number()?,
+                    b"gid" => e.gid = number()?,
+                    b"mtime" => e.mtime = pax_time(value).ok_or_else(|| bad_header(h, "its PAX mtime record is not a time"))?,
+                    _ if key.starts_with(b"GNU.sparse.") => {
+                        return Err(bad_header(h, "it is a GNU sparse file, which gantry does not unpack"))
+                    }
+                    _ => {
+                        if let Some(attr) = key.strip_prefix(b"SCHILY.xattr.") {
+                            e.xattrs.push((attr.to_vec(), value.to_vec()));
+                        }
+                    }
+                }
+            }
+        }
+        e.name = long_name
+            .map(strip_one_nul)
+            .or(pax_path)
+            .unwrap_or_else(|| header_name(h));
+        e.link = long_link.map(strip_one_nul).or(pax_link).or_else(|| {
+            let l = cstr(&h[157..257]);
+            (!l.is_empty()).then(|| l.to_vec())
+        });
+        if kind == b'S' {
+            return Err(bad_header(h, "it is a GNU sparse file, which gantry does not unpack"));
+        }
+        Ok(e)
     }
+}
+
+/// A refused header: one line naming the entry (as the header spells it).
+fn bad_header(h: &[u8], why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("tar entry {}: {why}", crate::text::quote_bytes(&header_name(h))),
+    )
 }
 
 /// What a walk does with each entry's header.
@@ -454,51 +515,73 @@ impl Walker {
     fn parse_header(&mut self, rec: &mut RecordWriter, on_entry: OnEntry<'_>) -> io::Result<State> {
         let h = &self.header;
         if h.iter().all(|b| *b == 0) {
+            // The end (the tar crate stops at the first zero block too).
+            if !self.pending.is_empty() {
+                return Err(bad_header(h, "extension records describe an entry that never comes"));
+            }
             return Ok(State::Tail);
         }
-        let Some(size) = parse_size(&h[124..136]) else {
-            return Ok(State::Tail);
-        };
+        // As the tar crate checks it: a header that fails is refused, never
+        // skipped, so the two readers cannot fall out of step.
+        let sum: u64 = h[..148].iter().chain(&h[156..]).map(|b| u64::from(*b)).sum::<u64>() + 8 * 32;
+        if parse_numeric(&h[148..156]) != Some(sum) {
+            return Err(bad_header(h, "its header checksum is wrong"));
+        }
         let typeflag = h[156];
-        if matches!(typeflag, b'x' | b'g' | b'L' | b'K') && size > MAX_EXTENSION {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("a tar extension record of {size} bytes is larger than the limit of {MAX_EXTENSION}"),
-            ));
+        if matches!(typeflag, b'x' | b'g' | b'L' | b'K') {
+            let size = parse_numeric(&h[124..136]).ok_or_else(|| bad_header(h, "its size field is not a number"))?;
+            if size > MAX_EXTENSION {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a tar extension record of {size} bytes is larger than the limit of {MAX_EXTENSION}"),
+                ));
+            }
+            if typeflag != b'g' {
+                // The tar crate reads these as extensions only in a ustar
+                // or GNU header, and refuses two of a kind for one entry.
+                if !(is_ustar(h) || is_gnu(h)) {
+                    return Err(bad_header(h, "an extension record in a pre-POSIX header"));
+                }
+                let twice = match typeflag {
+                    b'x' => self.pending.pax.is_some(),
+                    b'L' => self.pending.long_name.is_some(),
+                    _ => self.pending.long_link.is_some(),
+                };
+                if twice {
+                    return Err(bad_header(h, "two extension records of one kind for one entry"));
+                }
+                return Ok(State::Meta {
+                    left: size,
+                    kind: typeflag,
+                    buf: Vec::new(),
+                });
+            }
         }
+        // An entry (a global PAX header is one to the unpacker too, and
+        // takes what was pending).
+        let entry = self.pending.entry(h)?;
+        on_entry(&entry)?;
+        let size = entry.size;
         Ok(match typeflag {
-            b'x' | b'L' | b'K' => State::Meta {
+            b'g' => State::Meta {
                 left: size,
                 kind: typeflag,
                 buf: Vec::new(),
             },
+            b'0' | 0 | b'7' if size > 0 => {
+                rec.file(entry.name, size);
+                State::Payload {
+                    left: size,
+                    pad: pad_of(size),
+                }
+            }
             _ => {
-                // An entry (a global PAX header is one to the unpacker too,
-                // and takes what was pending).
-                let entry = self.pending.entry(h, size);
-                on_entry(&entry)?;
-                match typeflag {
-                    b'g' => State::Meta {
-                        left: size,
-                        kind: typeflag,
-                        buf: Vec::new(),
-                    },
-                    b'0' | 0 | b'7' if size > 0 => {
-                        rec.file(entry.name, size);
-                        State::Payload {
-                            left: size,
-                            pad: pad_of(size),
-                        }
-                    }
-                    _ => {
-                        let data = size + pad_of(size);
-                        // Other entries with data (rare) are kept verbatim.
-                        if data > 0 {
-                            State::Pad { left: data }
-                        } else {
-                            State::Header
-                        }
-                    }
+                let data = size + pad_of(size);
+                // Other entries with data (rare) are kept verbatim.
+                if data > 0 {
+                    State::Pad { left: data }
+                } else {
+                    State::Header
                 }
             }
         })
@@ -570,6 +653,67 @@ impl<R: Read> Splitter<R> {
     }
 }
 
+/// The core's reading of a tar stream, for an unpacker that parses the same
+/// stream with another reader: every byte passes through unchanged, and
+/// each entry's [`EntryHeader`] is queued as its header passes, so when the
+/// other reader yields entry N the core's N is at the front of the queue.
+/// A header the core refuses fails the read, before its bytes pass on.
+///
+/// The queue holds only the headers between what the tap has passed and
+/// what the unpacker has taken: at most one per 512 bytes of the
+/// unpacker's read-ahead buffer.
+pub struct HeaderTap<R> {
+    inner: R,
+    walker: Walker,
+    queue: HeaderQueue,
+}
+
+/// The headers a [`HeaderTap`] has read and the unpacker not yet taken.
+#[derive(Clone, Default)]
+pub struct HeaderQueue(std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<EntryHeader>>>);
+
+impl HeaderQueue {
+    /// The oldest header not yet taken.
+    pub fn pop(&self) -> Option<EntryHeader> {
+        self.0.borrow_mut().pop_front()
+    }
+
+    /// How many headers wait.
+    pub fn len(&self) -> usize {
+        self.0.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<R: Read> HeaderTap<R> {
+    pub fn new(inner: R) -> (Self, HeaderQueue) {
+        let queue = HeaderQueue::default();
+        (
+            HeaderTap {
+                inner,
+                walker: Walker::new(),
+                queue: queue.clone(),
+            },
+            queue,
+        )
+    }
+}
+
+impl<R: Read> Read for HeaderTap<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let queue = &self.queue;
+        self.walker.feed(&buf[..n], &mut RecordWriter::discard(), &mut |h: &EntryHeader| {
+            queue.0.borrow_mut().push_back(h.clone());
+            Ok(())
+        })?;
+        Ok(n)
+    }
+}
+
 /// Replays the tar-split record of a stored layer into `rules` (which
 /// refuse nothing here: the layer is already in the store).
 pub fn replay_rules<R: Read>(mut record: RecordReader<R>, rules: &mut crate::layer_rules::LayerRules) -> Result<()> {
@@ -602,8 +746,11 @@ fn pad_of(size: u64) -> u64 {
     (512 - size % 512) % 512
 }
 
-/// A tar numeric field: octal, or base-256 when the high bit is set.
-fn parse_size(f: &[u8]) -> Option<u64> {
+/// A tar numeric field: octal up to the first NUL, spaces trimmed, or
+/// base-256 when the high bit is set (GNU, and Go for values octal cannot
+/// hold), read exactly as the `tar` crate reads it; `None` for a value it
+/// would read differently (a negative or over 64 bits).
+fn parse_numeric(f: &[u8]) -> Option<u64> {
     if f[0] & 0x80 != 0 {
         let mut v: u64 = u64::from(f[0] & 0x7f);
         for &b in &f[1..] {
@@ -611,17 +758,71 @@ fn parse_size(f: &[u8]) -> Option<u64> {
         }
         return Some(v);
     }
-    let s: String = f
-        .iter()
-        .take_while(|b| **b != 0)
-        .map(|b| *b as char)
-        .collect::<String>()
-        .trim()
-        .to_string();
+    let s = std::str::from_utf8(cstr(f)).ok()?.trim();
     if s.is_empty() {
         return Some(0);
     }
-    u64::from_str_radix(&s, 8).ok()
+    u64::from_str_radix(s, 8).ok()
+}
+
+/// A PAX decimal number: ASCII digits only.
+fn decimal(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// A PAX time, `seconds[.fraction]`: the whole seconds (the unpacker sets
+/// no finer time than the header's). A time before the epoch is refused.
+fn pax_time(v: &[u8]) -> Option<u64> {
+    let (secs, frac) = match v.iter().position(|b| *b == b'.') {
+        Some(i) => (&v[..i], &v[i + 1..]),
+        None => (v, &[][..]),
+    };
+    if !frac.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    decimal(secs)
+}
+
+/// The records of a PAX extended header, `"<len> <key>=<value>\n"` each,
+/// read strictly: a length that does not match, a missing `=` or newline,
+/// a newline inside a value (the tar crate splits records at newlines), a
+/// key that is not UTF-8 or comes twice are refused, so no reader can take
+/// a record this one did not.
+fn pax_records(data: &[u8]) -> std::result::Result<Vec<(&[u8], &[u8])>, String> {
+    let mut out: Vec<(&[u8], &[u8])> = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let bad = |why: &str| format!("its PAX header is malformed ({why})");
+        let sp = rest.iter().position(|b| *b == b' ').ok_or_else(|| bad("no length"))?;
+        let len = decimal(&rest[..sp]).ok_or_else(|| bad("a length is not a number"))?;
+        if len > rest.len() as u64 || (len as usize) < sp + 3 {
+            return Err(bad("a record's length is wrong"));
+        }
+        let rec = &rest[sp + 1..len as usize];
+        let Some(rec) = rec.strip_suffix(b"\n") else {
+            return Err(bad("a record does not end with a newline"));
+        };
+        let eq = rec.iter().position(|b| *b == b'=').ok_or_else(|| bad("a record has no '='"))?;
+        let (key, value) = (&rec[..eq], &rec[eq + 1..]);
+        if key.is_empty() || std::str::from_utf8(key).is_err() {
+            return Err(bad("a key is empty or not UTF-8"));
+        }
+        if value.contains(&b'\n') {
+            return Err(bad("a value holds a newline"));
+        }
+        if out.iter().any(|(k, _)| *k == key) {
+            return Err(format!(
+                "its PAX header gives {} twice",
+                crate::text::quote_bytes(key)
+            ));
+        }
+        out.push((key, value));
+        rest = &rest[len as usize..];
+    }
+    Ok(out)
 }
 
 fn cstr(f: &[u8]) -> &[u8] {
@@ -654,25 +855,6 @@ fn header_name(h: &[u8]) -> Vec<u8> {
     } else {
         [prefix, b"/", name].concat()
     }
-}
-
-/// The value of the first PAX record named `key`.
-fn pax_record(data: &[u8], key: &[u8]) -> Option<Vec<u8>> {
-    // "<len> <key>=<value>\n" records.
-    let mut rest = data;
-    while !rest.is_empty() {
-        let sp = rest.iter().position(|b| *b == b' ')?;
-        let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
-        if len == 0 || len > rest.len() || sp + 1 > len {
-            return None;
-        }
-        let rec = &rest[sp + 1..len];
-        if let Some(v) = rec.strip_prefix(key).and_then(|r| r.strip_prefix(b"=")) {
-            return Some(v.strip_suffix(b"\n").unwrap_or(v).to_vec());
-        }
-        rest = &rest[len..];
-    }
-    None
 }
 
 /// Rebuilds the tar of a record, reading file contents through `open`
@@ -910,6 +1092,155 @@ mod tests {
         let mut s = Splitter::guard(&next[..]).with_rules(rules);
         let e = io::copy(&mut s, &mut io::sink()).unwrap_err();
         assert!(e.to_string().contains("passes through a link"), "{e}");
+    }
+
+    /// One PAX record.
+    fn rec(key: &str, value: &[u8]) -> Vec<u8> {
+        let mut len = key.len() + value.len() + 3;
+        while len.to_string().len() + key.len() + value.len() + 3 != len {
+            len += 1;
+        }
+        [format!("{len} {key}=").as_bytes(), value, b"\n"].concat()
+    }
+
+    /// A raw header block (checksum set), owner and time 0.
+    fn hdr(name: &str, kind: u8, size: u64, f: impl FnOnce(&mut tar::Header)) -> Vec<u8> {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_entry_type(tar::EntryType::new(kind));
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        f(&mut h);
+        h.set_cksum();
+        h.as_bytes().to_vec()
+    }
+
+    fn padded(mut v: Vec<u8>) -> Vec<u8> {
+        v.resize(v.len().div_ceil(512) * 512, 0);
+        v
+    }
+
+    fn pax_block(records: &[Vec<u8>]) -> Vec<u8> {
+        let data = records.concat();
+        padded([hdr("PaxHeaders/x", b'x', data.len() as u64, |_| {}), data].concat())
+    }
+
+    fn walk(tar: &[u8]) -> io::Result<Vec<EntryHeader>> {
+        let mut out = Vec::new();
+        Walker::new().feed(tar, &mut RecordWriter::discard(), &mut |h: &EntryHeader| {
+            out.push(h.clone());
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Every PAX record that changes what an entry is, and base-256
+    /// numbers, read as the `tar` crate reads them (and mtime, which it
+    /// does not read, as Go does).
+    #[test]
+    fn pax_records_and_base_256_numbers_are_honoured() {
+        let big = (8u64 << 30) + (1 << 20);
+        let mut tar = pax_block(&[
+            rec("path", b"pax/long/name"),
+            rec("size", b"3"),
+            rec("uid", b"3000000000"),
+            rec("gid", b"42"),
+            rec("mtime", b"1700000000.123456789"),
+            rec("SCHILY.xattr.user.k", b"v\x00\xff"),
+            rec("atime", b"1.5"),
+        ]);
+        tar.extend(hdr("header/name", b'0', 512, |_| {}));
+        tar.extend(padded(b"abc".to_vec()));
+        tar.extend(pax_block(&[rec("linkpath", b"pax/long/name")]));
+        tar.extend(hdr("hard", b'1', 0, |h| h.set_link_name("wrong").unwrap()));
+        let mut gnu = tar::Header::new_gnu();
+        gnu.set_path("gnu/big").unwrap();
+        gnu.set_size(big);
+        gnu.set_uid(1 << 40);
+        gnu.set_gid(7);
+        gnu.set_mtime(0);
+        gnu.set_mode(0o644);
+        gnu.set_cksum();
+        assert_eq!(gnu.as_bytes()[124], 0x80, "a base-256 size");
+        // Only the header: the walk never needs the 8 GiB behind it.
+        tar.extend(gnu.as_bytes());
+        let got = walk(&tar).unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(
+            got[0],
+            EntryHeader {
+                name: b"pax/long/name".to_vec(),
+                link: None,
+                kind: b'0',
+                size: 3,
+                dev: (0, 0),
+                uid: 3_000_000_000,
+                gid: 42,
+                mtime: 1_700_000_000,
+                xattrs: vec![(b"user.k".to_vec(), b"v\x00\xff".to_vec())],
+            }
+        );
+        assert_eq!((got[1].kind, got[1].link.as_deref()), (b'1', Some(&b"pax/long/name"[..])));
+        assert_eq!((got[2].size, got[2].uid, got[2].gid), (big, 1 << 40, 7));
+        // The tar crate reads the first two entries the same way.
+        let cut = tar.len() - 512;
+        let mut theirs = Vec::new();
+        for e in tar::Archive::new(&tar[..cut]).entries().unwrap() {
+            let e = e.unwrap();
+            theirs.push((
+                e.path_bytes().into_owned(),
+                e.link_name_bytes().map(|l| l.into_owned()),
+                e.size(),
+                e.header().uid().unwrap(),
+                e.header().gid().unwrap(),
+            ));
+        }
+        let ours: Vec<_> = got[..2]
+            .iter()
+            .map(|h| (h.name.clone(), h.link.clone(), h.size, h.uid, h.gid))
+            .collect();
+        assert_eq!(ours, theirs);
+    }
+
+    /// Whatever another reader could take differently is refused, before a
+    /// byte of the header passes.
+    #[test]
+    fn refuses_headers_two_readers_could_read_apart() {
+        let file = || [hdr("f", b'0', 0, |_| {}), vec![0u8; 1024]].concat();
+        let with_pax = |records: &[Vec<u8>]| [pax_block(records), file()].concat();
+        let mut bad_sum = file();
+        bad_sum[0] = b'g';
+        let mut huge = hdr("f", b'0', 0, |_| {});
+        huge[124..136].copy_from_slice(&[0x80, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let sum: u32 = huge[..148].iter().chain(&huge[156..]).map(|b| u32::from(*b)).sum::<u32>() + 256;
+        huge[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("duplicate key", with_pax(&[rec("path", b"a"), rec("path", b"b")]), "twice"),
+            ("wrong length", with_pax(&[b"99 path=a\n".to_vec()]), "malformed"),
+            ("no newline", with_pax(&[b"9 path=ab".to_vec()]), "malformed"),
+            ("newline in value", with_pax(&[rec("path", b"a\nb")]), "malformed"),
+            ("size not a number", with_pax(&[rec("size", b"+5")]), "not a number"),
+            ("NUL in path", with_pax(&[rec("path", b"a\0b")]), "NUL"),
+            ("PAX sparse", with_pax(&[rec("GNU.sparse.major", b"1")]), "sparse"),
+            ("GNU sparse", [hdr("s", b'S', 0, |_| {}), vec![0; 1024]].concat(), "sparse"),
+            ("bad checksum", bad_sum, "checksum"),
+            ("size over 64 bits", [huge, vec![0; 1024]].concat(), "not a number"),
+            (
+                "two PAX headers",
+                [pax_block(&[rec("path", b"a")]), with_pax(&[rec("path", b"b")])].concat(),
+                "two extension records",
+            ),
+            ("extension then the end", [pax_block(&[rec("path", b"a")]), vec![0; 1024]].concat(), "never comes"),
+        ];
+        for (what, tar, expect) in cases {
+            let (passed, r, _) = split(&tar);
+            let e = r.expect_err(what);
+            assert!(e.to_string().contains(expect), "{what}: {e}");
+            assert!(passed.len() < tar.len() - 512, "{what}: the refused header passed on");
+        }
     }
 
     #[test]

@@ -6,13 +6,21 @@
 //! by this layer or an earlier one) is refused, and a hard link can only
 //! point at a file inside the root. The core refuses all of these before a
 //! driver sees them (`gantry_core::layer_rules`); this is the backstop.
+//!
+//! One reading of each entry: the stream passes through the core's own
+//! header reader ([`HeaderTap`]), the one whose reading the layer rules
+//! judged, and an entry the `tar` crate reads otherwise (name, type, size,
+//! link target, owner, device, attributes) is refused before anything of it
+//! is written. A run of zeros in a file is written as a hole, so a file of
+//! gigabytes of zeros costs neither the disk nor the time to write it.
 
 use super::tree::{ignore_eperm, list, proc_path, remove_tree};
 use super::{components_os, invalid, open_dir_beneath};
+use gantry_core::tarsplit::{EntryHeader, HeaderQueue, HeaderTap};
 use gantry_core::text::quote_bytes;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 use std::ffi::OsStr;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Seek, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 
@@ -59,7 +67,8 @@ fn layer_xattrs<R: Read>(e: &mut tar::Entry<'_, R>) -> io::Result<Vec<(String, V
 pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result<u64> {
     // 64 KiB: a reader without `read_buf` has its buffer zeroed on the first
     // fill, so a bigger one costs every small layer; file contents bypass it.
-    let mut ar = tar::Archive::new(BufReader::with_capacity(64 << 10, r));
+    let (tap, headers) = HeaderTap::new(r);
+    let mut ar = tar::Archive::new(BufReader::with_capacity(64 << 10, tap));
     let mut written = Written::default();
     let mut dir_times = DirTimes::default();
     let mut size = 0u64;
@@ -76,6 +85,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         let mut e = entry.map_err(as_invalid)?;
         let raw = e.path_bytes().into_owned();
         let path = quote_bytes(&raw);
+        let core = agreed(&mut e, &headers).map_err(|err| invalid(format!("tar entry {path}: {err}")))?;
         let comps = components_os(&raw).map_err(|err| invalid(format!("tar entry {path}: {err}")))?;
         let Some((name, parents)) = comps.split_last() else {
             continue; // the root itself
@@ -99,9 +109,12 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         }
         let hdr = e.header().clone();
         let perm = hdr.mode().map_err(as_invalid)? & 0o7777;
-        let uid = hdr.uid().map_err(as_invalid)?;
-        let gid = hdr.gid().map_err(as_invalid)?;
-        let mtime = hdr.mtime().map_err(as_invalid)?;
+        let (uid, gid) = (core.uid, core.gid);
+        if uid > u64::from(u32::MAX) || gid > u64::from(u32::MAX) {
+            return Err(invalid(format!("tar entry {path}: its owner {uid}:{gid} is over 32 bits")));
+        }
+        // The core's: it honours a PAX `mtime`, which the tar crate does not.
+        let mtime = core.mtime;
         let is_dir = etype.is_dir();
         let xattrs = layer_xattrs(&mut e).map_err(|err| invalid(format!("tar entry {path}: {err}")))?;
         let mut removed = false;
@@ -134,14 +147,25 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
                 if buf.len() < want {
                     buf.resize(want, 0);
                 }
+                let mut hole = false;
                 loop {
                     crate::plugin::check_deadline()?;
                     let n = e.read(&mut buf).map_err(as_invalid)?;
                     if n == 0 {
                         break;
                     }
-                    f.write_all(&buf[..n])?;
+                    hole = buf[..n].iter().all(|b| *b == 0);
+                    if hole {
+                        f.seek(io::SeekFrom::Current(n as i64))?;
+                    } else {
+                        f.write_all(&buf[..n])?;
+                    }
                     size += n as u64;
+                }
+                if hole {
+                    // A file that ends in a hole has its length set.
+                    let end = f.stream_position()?;
+                    f.set_len(end)?;
                 }
             }
             tar::EntryType::Symlink => {
@@ -240,8 +264,83 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         }
     }
     // Read what follows the end-of-archive marker so the whole stream is hashed.
-    io::copy(&mut ar.into_inner(), &mut io::sink())?;
+    io::copy(&mut ar.into_inner(), &mut io::sink()).map_err(as_invalid)?;
+    if !headers.is_empty() {
+        return Err(invalid(
+            "corrupt layer: the core reads entries after the tar crate's end of the archive",
+        ));
+    }
     Ok(size)
+}
+
+/// The core's reading of the entry the tar crate yielded as `e`, when the
+/// two agree on everything the unpack acts on.
+fn agreed<R: Read>(e: &mut tar::Entry<'_, R>, headers: &HeaderQueue) -> io::Result<EntryHeader> {
+    let core = headers
+        .pop()
+        .ok_or_else(|| invalid("the core's tar reader has no such entry"))?;
+    let h = e.header();
+    let kind = h.entry_type().as_byte();
+    let mut theirs = EntryHeader {
+        name: e.path_bytes().into_owned(),
+        link: e.link_name_bytes().map(|l| l.into_owned()),
+        kind,
+        size: e.size(),
+        dev: core.dev,
+        uid: 0,
+        gid: 0,
+        mtime: core.mtime,
+        xattrs: core.xattrs.clone(),
+    };
+    theirs.uid = h.uid().map_err(as_invalid)?;
+    theirs.gid = h.gid().map_err(as_invalid)?;
+    if matches!(kind, b'3' | b'4') {
+        theirs.dev = (
+            u64::from(h.device_major().map_err(as_invalid)?.unwrap_or(0)),
+            u64::from(h.device_minor().map_err(as_invalid)?.unwrap_or(0)),
+        );
+    }
+    if kind != b'g' {
+        theirs.xattrs = layer_xattrs(e)?
+            .into_iter()
+            .map(|(k, v)| (k.into_bytes(), v))
+            .collect();
+    }
+    if theirs != core {
+        return Err(invalid(format!(
+            "two tar readers disagree on it ({}), so the layer is refused",
+            differences(&core, &theirs)
+        )));
+    }
+    Ok(core)
+}
+
+/// What differs between two readings of an entry, for the one-line error.
+fn differences(a: &EntryHeader, b: &EntryHeader) -> String {
+    let q = |v: &Option<Vec<u8>>| v.as_deref().map(quote_bytes).unwrap_or_else(|| "none".into());
+    let mut out = Vec::new();
+    if a.name != b.name {
+        out.push(format!("name {} or {}", quote_bytes(&a.name), quote_bytes(&b.name)));
+    }
+    if a.kind != b.kind {
+        out.push(format!("type {:?} or {:?}", a.kind as char, b.kind as char));
+    }
+    if a.size != b.size {
+        out.push(format!("size {} or {}", a.size, b.size));
+    }
+    if a.link != b.link {
+        out.push(format!("link target {} or {}", q(&a.link), q(&b.link)));
+    }
+    if (a.uid, a.gid) != (b.uid, b.gid) {
+        out.push(format!("owner {}:{} or {}:{}", a.uid, a.gid, b.uid, b.gid));
+    }
+    if a.dev != b.dev {
+        out.push(format!("device {:?} or {:?}", a.dev, b.dev));
+    }
+    if a.xattrs != b.xattrs {
+        out.push("extended attributes".into());
+    }
+    out.join(", ")
 }
 
 /// The paths this layer wrote, for opaque whiteouts (which keep them), as
@@ -505,6 +604,134 @@ mod tests {
         let tar = tar_of(|b| link(b, tar::EntryType::Link, "new", "old"));
         unpack(fd.as_fd(), &mut &tar[..], Whiteouts::Delete).unwrap();
         assert_eq!(mode(&t2.path().join("old")), 0o640);
+    }
+
+    /// A raw header block with its checksum: `edit` may write any field.
+    fn block(name: &[u8], kind: u8, size: u64, edit: impl FnOnce(&mut tar::Header)) -> Vec<u8> {
+        let mut h = tar::Header::new_ustar();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_entry_type(tar::EntryType::new(kind));
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_000);
+        edit(&mut h);
+        h.set_cksum();
+        h.as_bytes().to_vec()
+    }
+
+    fn padded(mut v: Vec<u8>) -> Vec<u8> {
+        v.resize(v.len().div_ceil(512) * 512, 0);
+        v
+    }
+
+    fn pax(records: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut data = Vec::new();
+        for (k, v) in records {
+            let mut len = k.len() + v.len() + 3;
+            while len.to_string().len() + k.len() + v.len() + 3 != len {
+                len += 1;
+            }
+            data.extend([format!("{len} {k}=").as_bytes(), v, b"\n"].concat());
+        }
+        padded([block(b"PaxHeaders/x", b'x', data.len() as u64, |_| {}), data].concat())
+    }
+
+    /// A GNU long name (`L`) or link (`K`) record.
+    fn gnu_long(kind: u8, name: &[u8]) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::new(kind));
+        h.set_size(name.len() as u64 + 1);
+        h.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_cksum();
+        padded([h.as_bytes(), name, b"\0"].concat())
+    }
+
+    /// The tar dialects gantry meets (PAX and GNU long names and links, big
+    /// ids, PAX times, attributes, base-256 sizes, hard links to long
+    /// names): for every entry, what the core read of its header is what
+    /// the unpacked tree holds.
+    #[test]
+    fn the_core_reading_and_the_unpacked_tree_agree() {
+        use std::os::unix::fs::MetadataExt;
+        let long = format!("{}/{}", "d".repeat(120), "f".repeat(120));
+        let long_link = format!("{}/target", "t".repeat(150));
+        let mut tar = Vec::new();
+        tar.extend(pax(&[("path", long.as_bytes()), ("size", b"5"), ("mtime", b"1700000000.5")]));
+        tar.extend(block(b"short-name", b'0', 0, |_| {}));
+        tar.extend(padded(b"hello".to_vec()));
+        tar.extend(pax(&[("linkpath", long_link.as_bytes()), ("uid", b"3000000000"), ("gid", b"3000000001")]));
+        tar.extend(block(b"pax-symlink", b'2', 0, |_| {}));
+        tar.extend(gnu_long(b'L', format!("gnu/{}", "g".repeat(130)).as_bytes()));
+        tar.extend(block(b"gnu-trunc", b'0', 0, |h| {
+            // A base-256 size and owner, as GNU tar writes what octal cannot hold.
+            h.as_mut_bytes()[124..136].copy_from_slice(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4]);
+            h.as_mut_bytes()[108..116].copy_from_slice(&[0x80, 0, 0, 0, 0x7f, 0, 0, 1]);
+        }));
+        tar.extend(padded(b"gnu!".to_vec()));
+        tar.extend(gnu_long(b'K', long_link.as_bytes()));
+        tar.extend(block(b"gnu-symlink", b'2', 0, |_| {}));
+        tar.extend(pax(&[("linkpath", long.as_bytes()), ("mtime", b"1700000000")]));
+        tar.extend(block(b"hard-to-long", b'1', 0, |_| {}));
+        tar.extend(pax(&[("SCHILY.xattr.user.dialect", b"pax\xff")]));
+        tar.extend(block(b"with-xattr", b'0', 0, |_| {}));
+        tar.extend([0u8; 1024]);
+
+        let (mut tap, queue) = gantry_core::tarsplit::HeaderTap::new(&tar[..]);
+        io::copy(&mut tap, &mut io::sink()).unwrap();
+        let core: Vec<EntryHeader> = std::iter::from_fn(|| queue.pop()).collect();
+        assert_eq!(core.len(), 6);
+        let (t, r) = run(tar.clone());
+        r.unwrap();
+        let root = t.path().join("a/b/root");
+        let root_user = rustix::process::geteuid().is_root();
+        for h in &core {
+            let name = OsStr::from_bytes(&h.name);
+            let p = root.join(name);
+            let shown = String::from_utf8_lossy(&h.name);
+            let m = std::fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{shown}: {e}"));
+            match h.kind {
+                b'0' => {
+                    assert!(m.is_file(), "{shown}");
+                    assert_eq!(m.len(), h.size, "{shown}");
+                }
+                b'2' => {
+                    assert!(m.file_type().is_symlink(), "{shown}");
+                    let target = std::fs::read_link(&p).unwrap();
+                    assert_eq!(Some(target.as_os_str().as_bytes()), h.link.as_deref(), "{shown}");
+                }
+                b'1' => {
+                    let target = root.join(OsStr::from_bytes(h.link.as_deref().unwrap()));
+                    assert_eq!(m.ino(), std::fs::metadata(target).unwrap().ino(), "{shown}");
+                }
+                k => panic!("{shown}: unexpected type {k}"),
+            }
+            if root_user {
+                assert_eq!((u64::from(m.uid()), u64::from(m.gid())), (h.uid, h.gid), "{shown}");
+            }
+            assert_eq!(m.mtime() as u64, h.mtime, "{shown}");
+        }
+        assert_eq!(core[0].name, long.as_bytes());
+        assert_eq!((core[0].size, core[0].mtime), (5, 1_700_000_000));
+        assert_eq!((core[1].uid, core[1].gid), (3_000_000_000, 3_000_000_001));
+        assert_eq!((core[2].size, core[2].uid), (4, 0x7f00_0001));
+        assert_eq!(std::fs::read(root.join(&long)).unwrap(), b"hello");
+        assert_eq!(core[5].xattrs, vec![(b"user.dialect".to_vec(), b"pax\xff".to_vec())]);
+    }
+
+    /// An owner over 32 bits cannot be set: refused, not truncated.
+    #[test]
+    fn refuses_an_owner_over_32_bits() {
+        let mut tar = pax(&[("uid", b"4294967296")]);
+        tar.extend(block(b"f", b'0', 0, |_| {}));
+        tar.extend([0u8; 1024]);
+        let (_t, r) = run(tar);
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("owner"), "{e}");
     }
 
     #[test]

@@ -356,7 +356,10 @@ impl Pending {
             for (key, value) in records {
                 let number = || -> io::Result<u64> {
                     decimal(value).ok_or_else(|| {
-                        bad_header(h, &format!("its PAX {} record is not a number", String::from_utf8_lossy(key)))
+                        bad_header(
+                            h,
+                            &format!("its PAX {} record is not a number", String::from_utf8_lossy(key)),
+                        )
                     })
                 };
                 match key {
@@ -370,7 +373,9 @@ impl Pending {
                     b"size" => e.size = number()?,
                     b"uid" => e.uid = number()?,
                     b"gid" => e.gid = number()?,
-                    b"mtime" => e.mtime = pax_time(value).ok_or_else(|| bad_header(h, "its PAX mtime record is not a time"))?,
+                    b"mtime" => {
+                        e.mtime = pax_time(value).ok_or_else(|| bad_header(h, "its PAX mtime record is not a time"))?
+                    }
                     _ if key.starts_with(b"GNU.sparse.") => {
                         return Err(bad_header(h, "it is a GNU sparse file, which gantry does not unpack"))
                     }
@@ -706,10 +711,11 @@ impl<R: Read> Read for HeaderTap<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         let queue = &self.queue;
-        self.walker.feed(&buf[..n], &mut RecordWriter::discard(), &mut |h: &EntryHeader| {
-            queue.0.borrow_mut().push_back(h.clone());
-            Ok(())
-        })?;
+        self.walker
+            .feed(&buf[..n], &mut RecordWriter::discard(), &mut |h: &EntryHeader| {
+                queue.0.borrow_mut().push_back(h.clone());
+                Ok(())
+            })?;
         Ok(n)
     }
 }
@@ -805,7 +811,10 @@ fn pax_records(data: &[u8]) -> std::result::Result<Vec<(&[u8], &[u8])>, String> 
         let Some(rec) = rec.strip_suffix(b"\n") else {
             return Err(bad("a record does not end with a newline"));
         };
-        let eq = rec.iter().position(|b| *b == b'=').ok_or_else(|| bad("a record has no '='"))?;
+        let eq = rec
+            .iter()
+            .position(|b| *b == b'=')
+            .ok_or_else(|| bad("a record has no '='"))?;
         let (key, value) = (&rec[..eq], &rec[eq + 1..]);
         if key.is_empty() || std::str::from_utf8(key).is_err() {
             return Err(bad("a key is empty or not UTF-8"));
@@ -814,10 +823,7 @@ fn pax_records(data: &[u8]) -> std::result::Result<Vec<(&[u8], &[u8])>, String> 
             return Err(bad("a value holds a newline"));
         }
         if out.iter().any(|(k, _)| *k == key) {
-            return Err(format!(
-                "its PAX header gives {} twice",
-                crate::text::quote_bytes(key)
-            ));
+            return Err(format!("its PAX header gives {} twice", crate::text::quote_bytes(key)));
         }
         out.push((key, value));
         rest = &rest[len as usize..];
@@ -1183,7 +1189,10 @@ mod tests {
                 xattrs: vec![(b"user.k".to_vec(), b"v\x00\xff".to_vec())],
             }
         );
-        assert_eq!((got[1].kind, got[1].link.as_deref()), (b'1', Some(&b"pax/long/name"[..])));
+        assert_eq!(
+            (got[1].kind, got[1].link.as_deref()),
+            (b'1', Some(&b"pax/long/name"[..]))
+        );
         assert_eq!((got[2].size, got[2].uid, got[2].gid), (big, 1 << 40, 7));
         // The tar crate reads the first two entries the same way.
         let cut = tar.len() - 512;
@@ -1215,17 +1224,30 @@ mod tests {
         bad_sum[0] = b'g';
         let mut huge = hdr("f", b'0', 0, |_| {});
         huge[124..136].copy_from_slice(&[0x80, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        let sum: u32 = huge[..148].iter().chain(&huge[156..]).map(|b| u32::from(*b)).sum::<u32>() + 256;
+        let sum: u32 = huge[..148]
+            .iter()
+            .chain(&huge[156..])
+            .map(|b| u32::from(*b))
+            .sum::<u32>()
+            + 256;
         huge[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-            ("duplicate key", with_pax(&[rec("path", b"a"), rec("path", b"b")]), "twice"),
+            (
+                "duplicate key",
+                with_pax(&[rec("path", b"a"), rec("path", b"b")]),
+                "twice",
+            ),
             ("wrong length", with_pax(&[b"99 path=a\n".to_vec()]), "malformed"),
             ("no newline", with_pax(&[b"9 path=ab".to_vec()]), "malformed"),
             ("newline in value", with_pax(&[rec("path", b"a\nb")]), "malformed"),
             ("size not a number", with_pax(&[rec("size", b"+5")]), "not a number"),
             ("NUL in path", with_pax(&[rec("path", b"a\0b")]), "NUL"),
             ("PAX sparse", with_pax(&[rec("GNU.sparse.major", b"1")]), "sparse"),
-            ("GNU sparse", [hdr("s", b'S', 0, |_| {}), vec![0; 1024]].concat(), "sparse"),
+            (
+                "GNU sparse",
+                [hdr("s", b'S', 0, |_| {}), vec![0; 1024]].concat(),
+                "sparse",
+            ),
             ("bad checksum", bad_sum, "checksum"),
             ("size over 64 bits", [huge, vec![0; 1024]].concat(), "not a number"),
             (
@@ -1233,7 +1255,11 @@ mod tests {
                 [pax_block(&[rec("path", b"a")]), with_pax(&[rec("path", b"b")])].concat(),
                 "two extension records",
             ),
-            ("extension then the end", [pax_block(&[rec("path", b"a")]), vec![0; 1024]].concat(), "never comes"),
+            (
+                "extension then the end",
+                [pax_block(&[rec("path", b"a")]), vec![0; 1024]].concat(),
+                "never comes",
+            ),
         ];
         for (what, tar, expect) in cases {
             let (passed, r, _) = split(&tar);

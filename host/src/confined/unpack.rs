@@ -111,7 +111,9 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         let perm = hdr.mode().map_err(as_invalid)? & 0o7777;
         let (uid, gid) = (core.uid, core.gid);
         if uid > u64::from(u32::MAX) || gid > u64::from(u32::MAX) {
-            return Err(invalid(format!("tar entry {path}: its owner {uid}:{gid} is over 32 bits")));
+            return Err(invalid(format!(
+                "tar entry {path}: its owner {uid}:{gid} is over 32 bits"
+            )));
         }
         // The core's: it honours a PAX `mtime`, which the tar crate does not.
         let mtime = core.mtime;
@@ -301,10 +303,7 @@ fn agreed<R: Read>(e: &mut tar::Entry<'_, R>, headers: &HeaderQueue) -> io::Resu
         );
     }
     if kind != b'g' {
-        theirs.xattrs = layer_xattrs(e)?
-            .into_iter()
-            .map(|(k, v)| (k.into_bytes(), v))
-            .collect();
+        theirs.xattrs = layer_xattrs(e)?.into_iter().map(|(k, v)| (k.into_bytes(), v)).collect();
     }
     if theirs != core {
         return Err(invalid(format!(
@@ -661,10 +660,18 @@ mod tests {
         let long = format!("{}/{}", "d".repeat(120), "f".repeat(120));
         let long_link = format!("{}/target", "t".repeat(150));
         let mut tar = Vec::new();
-        tar.extend(pax(&[("path", long.as_bytes()), ("size", b"5"), ("mtime", b"1700000000.5")]));
+        tar.extend(pax(&[
+            ("path", long.as_bytes()),
+            ("size", b"5"),
+            ("mtime", b"1700000000.5"),
+        ]));
         tar.extend(block(b"short-name", b'0', 0, |_| {}));
         tar.extend(padded(b"hello".to_vec()));
-        tar.extend(pax(&[("linkpath", long_link.as_bytes()), ("uid", b"3000000000"), ("gid", b"3000000001")]));
+        tar.extend(pax(&[
+            ("linkpath", long_link.as_bytes()),
+            ("uid", b"3000000000"),
+            ("gid", b"3000000001"),
+        ]));
         tar.extend(block(b"pax-symlink", b'2', 0, |_| {}));
         tar.extend(gnu_long(b'L', format!("gnu/{}", "g".repeat(130)).as_bytes()));
         tar.extend(block(b"gnu-trunc", b'0', 0, |h| {

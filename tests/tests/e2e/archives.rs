@@ -478,3 +478,95 @@ fn a_fifo_where_a_file_was_fails_save_at_once_and_an_empty_image_exports() {
     assert_eq!(std::fs::read(&exported).unwrap(), vec![0u8; 1024]);
     g.fsck_clean();
 }
+
+/// A raw header block: `name`, type `kind`, size field `size`, owner 0.
+fn raw_header(name: &str, kind: u8, size: u64) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name).unwrap();
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    if kind == b'3' {
+        h.set_device_major(0).unwrap();
+        h.set_device_minor(0).unwrap();
+    }
+    h.set_cksum();
+    h.as_bytes().to_vec()
+}
+
+/// A PAX header holding `records`, padded.
+fn pax(records: &[(&str, &str)]) -> Vec<u8> {
+    let data: Vec<u8> = records
+        .iter()
+        .flat_map(|(k, v)| gantry_tests::big::pax_record(k, v))
+        .collect();
+    let mut out = raw_header("PaxHeaders.0/x", b'x', data.len() as u64);
+    out.extend_from_slice(&data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// A PAX `size` that contradicts the ustar field is the size, for the
+/// layer rules as for the unpacker: an entry hidden in what the ustar size
+/// calls file data (here overlayfs's 0/0 whiteout device, which the rules
+/// refuse) is seen and refused by the rules, not applied unjudged.
+#[test]
+fn a_pax_size_contradicting_the_header_hides_nothing_from_the_rules() {
+    let mut tar = pax(&[("size", "0")]);
+    tar.extend(raw_header("cover", b'0', 1024));
+    tar.extend(raw_header("hidden-whiteout", b'3', 0));
+    tar.extend([0u8; 512 * 3]);
+    let g = Gantry::new();
+    let archive = g.scratch().join("hidden.tar");
+    // A store with something in it, which the refusal must leave as it was.
+    let good = corpus::good_layer();
+    std::fs::write(
+        &archive,
+        corpus::tar_of(&corpus::docker_archive(
+            std::slice::from_ref(&good),
+            std::slice::from_ref(&good),
+            "control/good:1",
+        )),
+    )
+    .unwrap();
+    g.ok(&["load", "-i", archive.to_str().unwrap()]);
+    std::fs::write(
+        &archive,
+        corpus::tar_of(&corpus::docker_archive(
+            std::slice::from_ref(&tar),
+            std::slice::from_ref(&tar),
+            "hostile/pax-size:1",
+        )),
+    )
+    .unwrap();
+    let err = assert_refused(&g, &["load", "-i", archive.to_str().unwrap()], "hidden-whiteout");
+    assert!(err.contains("0/0 character device"), "{err}");
+
+    // A PAX path over the header's name is the name, for both readers: the
+    // file lands where the PAX record says, and nowhere else.
+    let mut tar = pax(&[("path", "pax/named")]);
+    tar.extend(raw_header("header-name", b'0', 3));
+    tar.extend(b"abc".iter().copied().chain(std::iter::repeat_n(0, 509)));
+    tar.extend([0u8; 1024]);
+    std::fs::write(
+        &archive,
+        corpus::tar_of(&corpus::docker_archive(
+            std::slice::from_ref(&tar),
+            std::slice::from_ref(&tar),
+            "hostile/pax-path:1",
+        )),
+    )
+    .unwrap();
+    g.ok(&["load", "-i", archive.to_str().unwrap()]);
+    let exported = g.scratch().join("export.tar");
+    g.ok(&["export", "hostile/pax-path:1", "-o", exported.to_str().unwrap()]);
+    let names: Vec<Vec<u8>> = tar_entries(&std::fs::read(&exported).unwrap())
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert!(names.contains(&b"pax/named".to_vec()), "{names:?}");
+    assert!(!names.iter().any(|n| n.ends_with(b"header-name")), "{names:?}");
+}

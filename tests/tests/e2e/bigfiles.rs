@@ -56,11 +56,7 @@ fn exported(g: &Gantry, name: &str) -> Vec<(String, u64)> {
 /// `a save name | b load`; returns what `b load` said.
 fn save_into(a: &Gantry, b: &Gantry, name: &str) -> String {
     let mut save = a.piped(&["save", name]).stdout(Stdio::piped()).spawn().unwrap();
-    let load = b
-        .piped(&["load"])
-        .stdin(save.stdout.take().unwrap())
-        .output()
-        .unwrap();
+    let load = b.piped(&["load"]).stdin(save.stdout.take().unwrap()).output().unwrap();
     assert!(save.wait().unwrap().success(), "save {name} failed");
     assert!(
         load.status.success(),
@@ -102,20 +98,20 @@ fn a_file_over_8_gib_in_gnu_form_loads_from_an_oci_archive() {
     check_big_image(&g, "big/gnu:1");
 }
 
-/// Both forms in both archive kinds, load only (the checks above cover the rest).
+/// The other two pairings of form and archive kind: load only (the checks
+/// above cover the rest).
 #[test]
-fn a_file_over_8_gib_loads_in_every_form_and_archive() {
-    for form in [Form::Pax, Form::Gnu] {
-        let (blob, diff_id) = layer(form);
-        let g = Gantry::new();
-        let docker = g.scratch().join("docker.tar");
-        std::fs::write(&docker, docker_archive(blob, diff_id, "big/d:1")).unwrap();
-        g.ok(&["load", "-i", docker.to_str().unwrap()]);
-        let oci = g.scratch().join("oci.tar");
-        std::fs::write(&oci, oci_archive(blob, diff_id, "big/o:1")).unwrap();
-        g.ok(&["load", "-i", oci.to_str().unwrap()]);
-        assert_eq!(id(&g, "big/d:1"), id(&g, "big/o:1"), "{form:?}");
-    }
+fn a_file_over_8_gib_loads_in_the_other_form_of_each_archive() {
+    let g = Gantry::new();
+    let (blob, diff_id) = layer(Form::Gnu);
+    let docker = g.scratch().join("docker.tar");
+    std::fs::write(&docker, docker_archive(blob, diff_id, "big/d:1")).unwrap();
+    g.ok(&["load", "-i", docker.to_str().unwrap()]);
+    let (blob, diff_id) = layer(Form::Pax);
+    let oci = g.scratch().join("oci.tar");
+    std::fs::write(&oci, oci_archive(blob, diff_id, "big/o:1")).unwrap();
+    g.ok(&["load", "-i", oci.to_str().unwrap()]);
+    g.ok(&["fsck", "--verify-content"]);
 }
 
 #[test]

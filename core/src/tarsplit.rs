@@ -792,13 +792,16 @@ fn pax_time(v: &[u8]) -> Option<u64> {
     decimal(secs)
 }
 
+/// A PAX record: key and value.
+type PaxRecord<'a> = (&'a [u8], &'a [u8]);
+
 /// The records of a PAX extended header, `"<len> <key>=<value>\n"` each,
 /// read strictly: a length that does not match, a missing `=` or newline,
 /// a newline inside a value (the tar crate splits records at newlines), a
 /// key that is not UTF-8 or comes twice are refused, so no reader can take
 /// a record this one did not.
-fn pax_records(data: &[u8]) -> std::result::Result<Vec<(&[u8], &[u8])>, String> {
-    let mut out: Vec<(&[u8], &[u8])> = Vec::new();
+fn pax_records(data: &[u8]) -> std::result::Result<Vec<PaxRecord<'_>>, String> {
+    let mut out: Vec<PaxRecord<'_>> = Vec::new();
     let mut rest = data;
     while !rest.is_empty() {
         let bad = |why: &str| format!("its PAX header is malformed ({why})");

@@ -6,6 +6,8 @@
 //! gen-image rootfs OUT_LAYOUT             # one layer: a Debian system's own /usr and /etc
 //!                                         # (about 110 MiB, like a distribution base image)
 //! gen-image tiny OUT_LAYOUT               # 60 layers of a few small files each
+//! gen-image big OUT_ARCHIVE               # `docker save` archive: one zstd layer holding
+//!                                         # one 8 GiB + 1 MiB file of zeros (PAX size)
 //! ```
 
 use gantry_tests::image::{Image, Layer, Layout};
@@ -18,9 +20,17 @@ fn main() {
         Some("bench") if args.len() == 3 => bench(Path::new(&args[2])),
         Some("rootfs") if args.len() == 3 => rootfs(Path::new(&args[2])),
         Some("tiny") if args.len() == 3 => tiny(Path::new(&args[2])),
+        Some("big") if args.len() == 3 => {
+            let (blob, diff_id) = gantry_tests::big::big_layer(gantry_tests::big::Form::Pax, gantry_tests::big::BIG);
+            std::fs::write(
+                &args[2],
+                gantry_tests::big::docker_archive(&blob, &diff_id, "big:latest"),
+            )
+            .unwrap();
+        }
         Some("corpus") if args.len() == 3 => gantry_tests::corpus::write(Path::new(&args[2])),
         _ => {
-            eprintln!("usage: gen-image demo OUT ROOTFS | gen-image bench|rootfs|tiny|corpus OUT");
+            eprintln!("usage: gen-image demo OUT ROOTFS | gen-image bench|rootfs|tiny|big|corpus OUT");
             std::process::exit(2);
         }
     }

@@ -294,8 +294,10 @@ fn agreed<R: Read>(e: &mut tar::Entry<'_, R>, headers: &HeaderQueue) -> io::Resu
         mtime: core.mtime,
         xattrs: core.xattrs.clone(),
     };
-    theirs.uid = h.uid().map_err(as_invalid)?;
-    theirs.gid = h.gid().map_err(as_invalid)?;
+    // An empty owner field (a whiteout packed without one) is 0 to the
+    // core and no number to the tar crate, which then has no other view.
+    theirs.uid = h.uid().unwrap_or(core.uid);
+    theirs.gid = h.gid().unwrap_or(core.gid);
     if matches!(kind, b'3' | b'4') {
         theirs.dev = (
             u64::from(h.device_major().map_err(as_invalid)?.unwrap_or(0)),

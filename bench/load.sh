@@ -23,7 +23,7 @@ trap cleanup EXIT
 if [ "${BENCH_BIG:-}" = 1 ]; then
     [ -f "$work/big.tar" ] || "$bin/gen-image" big "$work/big.tar"
     echo "archive: $(du -m "$work/big.tar" | cut -f1) MiB (one 8 GiB + 1 MiB file, zstd)"
-    printf 'plugin_cache_dir = "%s"\n[driver]\ntype = "vfs"\n' "$work/plugin-cache" > "$work/big-vfs.toml"
+    printf 'plugin_cache_dir = "%s"\n[transport]\ntype = "v2"\n[driver]\ntype = "vfs"\n' "$work/plugin-cache" > "$work/big-vfs.toml"
     for who in gantry podman; do
         rm -rf "$work/g" "$work/p"; sync
         echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true

@@ -308,14 +308,19 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn refuses_writes_through_links_of_any_layer() {
-        let below = [
+    /// A directory, a link to it, and a link to it from a subdirectory.
+    fn links_below() -> [EntryHeader; 4] {
+        [
             e(b'5', "real/"),
             link("lnk", "real"),
             e(b'5', "d/"),
             link("d/in", "../real"),
-        ];
+        ]
+    }
+
+    #[test]
+    fn refuses_writes_through_links_of_any_layer() {
+        let below = links_below();
         for bad in [
             e(b'0', "lnk/f"),
             e(b'5', "lnk/sub/"),
@@ -338,12 +343,7 @@ mod tests {
 
     #[test]
     fn a_link_removed_or_replaced_no_longer_counts() {
-        let below = [
-            e(b'5', "real/"),
-            link("lnk", "real"),
-            e(b'5', "d/"),
-            link("d/in", "../real"),
-        ];
+        let below = links_below();
         let ok: Vec<Vec<Vec<EntryHeader>>> = vec![
             vec![vec![e(b'5', "lnk/"), e(b'0', "lnk/f")]],
             vec![vec![e(b'0', ".wh.lnk")], vec![e(b'0', "lnk/f")]],

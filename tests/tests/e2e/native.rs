@@ -93,8 +93,8 @@ fn native_overlay2_passes_conformance_only_with_consent_and_pulls_what_the_compo
 }
 
 /// `gantry --config CONFIG plugin ls`, run from `cwd`.
-fn plugin_ls_from(g: &Gantry, config: &std::path::Path, cwd: &std::path::Path) -> std::process::Output {
-    std::process::Command::new(binary())
+fn plugin_ls_from(g: &Gantry, config: &std::path::Path, cwd: &std::path::Path) -> (bool, String) {
+    let out = std::process::Command::new(binary())
         .arg("--root")
         .arg(g.root_path())
         .arg("--config")
@@ -104,7 +104,13 @@ fn plugin_ls_from(g: &Gantry, config: &std::path::Path, cwd: &std::path::Path) -
         .env("DOCKER_CONFIG", g.scratch().join("no-docker-config"))
         .env("TMPDIR", g.tmpdir.path())
         .output()
-        .unwrap()
+        .unwrap();
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), shown)
 }
 
 #[test]
@@ -128,13 +134,8 @@ fn relative_plugin_paths_resolve_beside_the_config_file_never_the_current_direct
         "[transport]\ntype = \"v2\"\npath = \"plugins/transport.wasm\"\n[driver]\ntype = \"vfs\"\npath = \"drivers/vfs.wasm\"\n",
     )
     .unwrap();
-    let out = plugin_ls_from(&g, &config, &elsewhere);
-    let shown = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{shown}");
+    let (ok, shown) = plugin_ls_from(&g, &config, &elsewhere);
+    assert!(ok, "{shown}");
     assert_eq!(shown.lines().filter(|l| l.ends_with("   ok")).count(), 2, "{shown}");
 
     if !is_root() {
@@ -151,13 +152,8 @@ fn relative_plugin_paths_resolve_beside_the_config_file_never_the_current_direct
         "allow_native_plugins = true\n[transport]\ntype = \"v2\"\npath = \"plugins/transport.wasm\"\n[driver]\ntype = \"overlay2\"\nruntime = \"native\"\npath = \"drivers/libfast.so\"\n",
     )
     .unwrap();
-    let out = plugin_ls_from(&g, &config, &elsewhere);
-    let shown = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{shown}");
+    let (ok, shown) = plugin_ls_from(&g, &config, &elsewhere);
+    assert!(ok, "{shown}");
     assert!(
         shown
             .lines()

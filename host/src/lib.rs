@@ -1,10 +1,11 @@
-//! gantry-host, the library under the `gantry` binary: the sandboxed plugin
-//! host (wasmtime, contract checks, limits), the confined file system
-//! drivers work through, and the HTTP policy transports send through.
+//! gantry-host: the sandboxed plugin host (wasmtime, contract checks,
+//! limits), the confined file system drivers work through, and the HTTP
+//! policy transports send through.
 //!
-//! The CLI is one face of it; `gantry serve` and `gantry daemon` will be
-//! others, so nothing here knows about commands, terminals or the config
-//! file's shape. Errors are typed per layer (`LoadError`, the WIT error);
+//! The `gantry` binary (`cli/`) puts it to work for every command; nothing
+//! here knows about commands, terminals or the config file's shape, and
+//! it is the only package of the workspace that reaches wasmtime (the
+//! servers and the core never do: a tidy test says so). Errors are typed per layer (`LoadError`, the WIT error);
 //! `anyhow` stays in the binary.
 
 pub mod confined;

@@ -49,32 +49,99 @@ fn closure(pkg: &str) -> HashSet<String> {
     seen
 }
 
-#[test]
-fn core_depends_on_neither_wasmtime_nor_the_host() {
-    let deps = closure("gantry-core");
-    let bad: Vec<_> = deps
+/// The direct dependencies of `pkg` on other packages of this workspace
+/// (those in `Cargo.lock` without a `source`).
+fn workspace_deps(pkg: &str) -> HashSet<String> {
+    let text = std::fs::read_to_string(workspace_root().join("Cargo.lock")).unwrap();
+    let lock: toml::Value = toml::from_str(&text).unwrap();
+    let packages = lock["package"].as_array().unwrap();
+    let local: HashSet<&str> = packages
         .iter()
-        .filter(|d| d.starts_with("wasmtime") || *d == "gantry" || d.starts_with("wit-"))
+        .filter(|p| p.get("source").is_none())
+        .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert!(bad.is_empty(), "gantry-core must not depend on {bad:?}");
+    let p = packages.iter().find(|p| p["name"].as_str() == Some(pkg)).unwrap();
+    p.get("dependencies")
+        .and_then(|d| d.as_array())
+        .into_iter()
+        .flatten()
+        .map(|x| x.as_str().unwrap().split(' ').next().unwrap().to_string())
+        .filter(|d| local.contains(d.as_str()))
+        .collect()
 }
 
+/// What a package may have anywhere below it.
+#[derive(Clone, Copy, PartialEq)]
+enum Reach {
+    /// Neither wasmtime nor the WIT bindings: the core, the servers.
+    Plain,
+    /// The WIT bindings a guest needs, never wasmtime: the kit and plugins.
+    Guest,
+    /// wasmtime: the plugin host and what sits on it.
+    Wasmtime,
+}
+
+/// Every package of the workspace: what it may depend on within the
+/// workspace (exactly these, directly), and what may be anywhere below it.
+/// The design's direction: the binary (`gantry`, in `cli/`) sits on the
+/// libraries; the plugin host alone reaches wasmtime; the servers and the
+/// core never do; plugins see only the kit.
+const LAYERS: &[(&str, &[&str], Reach)] = &[
+    ("gantry-core", &[], Reach::Plain),
+    ("gantry-host", &["gantry-core", "gantry-native-abi"], Reach::Wasmtime),
+    ("gantry-serve", &["gantry-core"], Reach::Plain),
+    ("gantry-daemon", &["gantry-core"], Reach::Plain),
+    (
+        "gantry",
+        &["gantry-core", "gantry-host", "gantry-serve", "gantry-daemon"],
+        Reach::Wasmtime,
+    ),
+    ("gantry-native-abi", &[], Reach::Plain),
+    ("gantry-kit", &["gantry-native-abi"], Reach::Guest),
+    ("gantry-transport-v2", &["gantry-kit"], Reach::Guest),
+    ("gantry-transport-v1", &["gantry-kit"], Reach::Guest),
+    ("gantry-driver-vfs", &["gantry-kit"], Reach::Guest),
+    ("gantry-driver-overlay2", &["gantry-kit"], Reach::Guest),
+    ("gantry-bad-driver", &["gantry-kit"], Reach::Guest),
+    ("gantry-bad-transport", &["gantry-kit"], Reach::Guest),
+    ("gantry-tests", &["gantry-host"], Reach::Wasmtime),
+];
+
 #[test]
-fn plugins_depend_only_on_the_kit() {
-    for p in [
-        "gantry-transport-v2",
-        "gantry-driver-vfs",
-        "gantry-bad-driver",
-        "gantry-bad-transport",
-        "gantry-kit",
-    ] {
-        let deps = closure(p);
-        let bad: Vec<_> = deps
-            .iter()
-            .filter(|d| d.starts_with("wasmtime") || *d == "gantry" || *d == "gantry-core")
-            .collect();
-        assert!(bad.is_empty(), "{p} must not depend on {bad:?}");
+fn every_package_depends_only_in_the_design_s_direction() {
+    let text = std::fs::read_to_string(workspace_root().join("Cargo.lock")).unwrap();
+    let lock: toml::Value = toml::from_str(&text).unwrap();
+    let local: Vec<&str> = lock["package"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p.get("source").is_none())
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    let named: HashSet<&str> = LAYERS.iter().map(|(p, _, _)| *p).collect();
+    let unnamed: Vec<_> = local.iter().filter(|p| !named.contains(*p)).collect();
+    assert!(unnamed.is_empty(), "packages the tidy table does not name: {unnamed:?}");
+    let mut wrong = Vec::new();
+    for (pkg, allowed, reach) in LAYERS {
+        let mut direct: Vec<_> = workspace_deps(pkg).into_iter().collect();
+        direct.sort();
+        let mut want: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        if direct != want {
+            wrong.push(format!("{pkg} depends on {direct:?}, the design says {want:?}"));
+        }
+        let forbidden = |d: &str| match reach {
+            Reach::Wasmtime => false,
+            Reach::Guest => d.starts_with("wasmtime") || d.starts_with("cranelift"),
+            Reach::Plain => d.starts_with("wasmtime") || d.starts_with("cranelift") || d.starts_with("wit-"),
+        };
+        let mut below: Vec<_> = closure(pkg).into_iter().filter(|d| forbidden(d)).collect();
+        below.sort();
+        if !below.is_empty() {
+            wrong.push(format!("{pkg} must not reach {below:?}"));
+        }
     }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -94,9 +161,12 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn every_source_file_says_what_it_is_for() {
     let root = workspace_root();
     let mut files = Vec::new();
-    for d in ["core", "host", "plugins", "tests", "examples"] {
-        if root.join(d).is_dir() {
-            rust_files(&root.join(d), &mut files);
+    // Every top-level directory that holds a package, the plugins and the examples.
+    for e in std::fs::read_dir(&root).unwrap() {
+        let d = e.unwrap().path();
+        let name = d.file_name().unwrap().to_string_lossy().into_owned();
+        if d.join("Cargo.toml").is_file() || name == "plugins" || name == "examples" {
+            rust_files(&d, &mut files);
         }
     }
     assert!(files.len() > 20);

@@ -1,35 +1,26 @@
 //! The TOML config: which plugins to load, their limits, and the registries.
 //!
 //! Each plugin owns one table and its implementation is picked by `type`;
-//! an unknown key anywhere is an error, not silently ignored. With no file
-//! the built-in default below applies (v2 transport; the driver `auto`:
-//! overlay2 where the kernel allows it, else vfs, as Docker chooses).
+//! an unknown key anywhere is an error, not silently ignored. Every table
+//! and key may be left out: `Default` implementations are the one source of
+//! the built-in values (v2 transport; the driver `auto`: overlay2 where the
+//! kernel allows it, else vfs, as Docker chooses).
 
 use anyhow::{bail, Context, Result};
 use gantry_core::endpoint::Registries;
+use gantry_host::registry::Runtime;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// The config used when no `--config` is given.
-pub const DEFAULT: &str = r#"
-max_concurrent_downloads = 3
-
-[transport]
-type = "v2"
-
-[driver]
-type = "auto"
-"#;
-
+/// Every key is optional: a missing one takes the value of
+/// `Config::default()`, the one source of the built-in defaults.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Blobs downloaded at once per pull (Docker's max-concurrent-downloads).
-    #[serde(default = "three")]
     pub max_concurrent_downloads: usize,
     /// Blobs uploaded at once per push (Docker's max-concurrent-uploads).
-    #[serde(default = "five")]
     pub max_concurrent_uploads: usize,
     /// Where plugin components are looked up by type.
     pub plugin_dir: Option<PathBuf>,
@@ -39,99 +30,84 @@ pub struct Config {
     /// A Docker-style `config.json` with registry credentials.
     pub auth_file: Option<PathBuf>,
     /// The most one layer may hold uncompressed (a bound on decompression bombs).
-    #[serde(default = "max_layer")]
     pub max_layer_size_mib: u64,
     /// How long a mirror that could not be reached or kept failing is
     /// skipped (remembered in the store across processes).
-    #[serde(default = "thirty")]
     pub mirror_backoff_seconds: u64,
     /// The most layers one image may stack (Docker's overlay2 limit).
-    #[serde(default = "max_depth")]
     pub max_layer_depth: usize,
     /// Whether a commit waits until layer contents and metadata are on disk
     /// (fsync), so power loss never leaves a committed layer with empty
     /// files. Hosts that prefer speed may turn it off.
-    #[serde(default = "yes")]
     pub durable: bool,
     /// Whether pulls keep the compressed blobs and manifests as the
     /// registry served them (`<root>/content`), so `save` and
     /// `serve --from-store` reproduce the registry's digests. Off keeps only
     /// the unpacked layers, as Docker does, for hosts short of disk.
-    #[serde(default = "yes")]
     pub keep_content: bool,
     /// Whether plugins with `runtime = "native"` may load: they run in
     /// gantry's process with its privileges, outside any sandbox.
-    #[serde(default)]
     pub allow_native_plugins: bool,
     pub transport: PluginConfig,
     pub driver: PluginConfig,
-    #[serde(default)]
     pub limits: LimitsConfig,
-    #[serde(default)]
     pub registries: Registries,
     /// Docker's `registry-mirrors`: mirrors of Docker Hub, tried before the
     /// `[registries."docker.io"]` ones.
-    #[serde(default)]
     pub registry_mirrors: Vec<String>,
     /// `gantry serve --mirror-of`: what one fetch and all of them may take.
-    #[serde(default)]
     pub mirror: MirrorConfig,
     /// The registries the daemon may pull from and push to for this store
     /// (a tenant's allow-list: `host[:port]`, `docker.io`); all when unset.
     pub allowed_registries: Option<Vec<String>>,
 }
 
-fn wasm() -> String {
-    "wasm".into()
-}
-
-fn thirty() -> u64 {
-    30
-}
-
-fn three() -> usize {
-    3
-}
-
-fn max_depth() -> usize {
-    gantry_core::stage::DEFAULT_MAX_DEPTH
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn max_layer() -> u64 {
-    gantry_core::stage::DEFAULT_MAX_LAYER_BYTES >> 20
+impl Default for Config {
+    /// The built-in config, used with no `--config` and for every key a
+    /// file leaves out: the v2 transport, the driver `auto` (overlay2 where
+    /// the kernel allows it, else vfs, as Docker chooses) and Docker's
+    /// concurrency.
+    fn default() -> Self {
+        Config {
+            max_concurrent_downloads: 3,
+            max_concurrent_uploads: 5,
+            plugin_dir: None,
+            plugin_cache_dir: None,
+            auth_file: None,
+            max_layer_size_mib: gantry_core::stage::DEFAULT_MAX_LAYER_BYTES >> 20,
+            mirror_backoff_seconds: 30,
+            max_layer_depth: gantry_core::stage::DEFAULT_MAX_DEPTH,
+            durable: true,
+            keep_content: true,
+            allow_native_plugins: false,
+            transport: PluginConfig::named("v2"),
+            driver: PluginConfig::named("auto"),
+            limits: LimitsConfig::default(),
+            registries: Registries::default(),
+            registry_mirrors: Vec::new(),
+            mirror: MirrorConfig::default(),
+            allowed_registries: None,
+        }
+    }
 }
 
 /// The `[mirror]` table: bounds of `gantry serve --mirror-of`.
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct MirrorConfig {
     /// The largest blob fetched from an upstream, in MiB (default 65536:
     /// 64 GiB, as for a layer); a bigger one is refused before it is read.
-    #[serde(default = "mirror_max_blob")]
     pub max_blob_mib: u64,
     /// Blob fetches from upstreams under way at once (default 64); past
     /// it a request for another missing blob is refused until one ends.
-    #[serde(default = "mirror_max_fetches")]
     pub max_fetches: usize,
-}
-
-fn mirror_max_blob() -> u64 {
-    gantry_serve::mirror::DEFAULT_MAX_BLOB >> 20
-}
-
-fn mirror_max_fetches() -> usize {
-    gantry_serve::mirror::DEFAULT_MAX_FETCHES
 }
 
 impl Default for MirrorConfig {
     fn default() -> Self {
         MirrorConfig {
-            max_blob_mib: mirror_max_blob(),
-            max_fetches: mirror_max_fetches(),
+            max_blob_mib: gantry_serve::mirror::DEFAULT_MAX_BLOB >> 20,
+            max_fetches: gantry_serve::mirror::DEFAULT_MAX_FETCHES,
         }
     }
 }
@@ -149,8 +125,8 @@ pub struct PluginConfig {
     pub path: Option<PathBuf>,
     /// `wasm` (a sandboxed component, the default) or `native` (a trusted
     /// shared library; needs `allow_native_plugins = true`, drivers only).
-    #[serde(default = "wasm")]
-    pub runtime: String,
+    #[serde(default)]
+    pub runtime: Runtime,
     /// Options handed to the plugin's `init` (drivers).
     #[serde(default)]
     pub options: BTreeMap<String, String>,
@@ -158,45 +134,40 @@ pub struct PluginConfig {
     pub limits: Option<LimitsConfig>,
 }
 
+impl PluginConfig {
+    /// The table of the built-in plugin `kind`: a sandboxed component,
+    /// found by its type name, with no options of its own.
+    pub fn named(kind: &str) -> PluginConfig {
+        PluginConfig {
+            kind: kind.to_string(),
+            path: None,
+            runtime: Runtime::Wasm,
+            options: BTreeMap::new(),
+            limits: None,
+        }
+    }
+}
+
+/// The sandbox's limits for one plugin instance (`[limits]`, or a
+/// plugin's own `limits` table).
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    #[serde(default = "memory")]
     pub memory_mib: usize,
-    #[serde(default = "cpu")]
     pub cpu_seconds: f64,
     /// Time one call may take in all, host work it started included.
-    #[serde(default = "wall")]
     pub wall_seconds: f64,
     /// Host-owned handles (streams) one instance may hold at once.
-    #[serde(default = "handles")]
     pub handles: usize,
-}
-
-fn memory() -> usize {
-    64
-}
-fn cpu() -> f64 {
-    10.0
-}
-fn five() -> usize {
-    5
-}
-
-fn wall() -> f64 {
-    300.0
-}
-fn handles() -> usize {
-    64
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
-            memory_mib: memory(),
-            cpu_seconds: cpu(),
-            wall_seconds: wall(),
-            handles: handles(),
+            memory_mib: 64,
+            cpu_seconds: 10.0,
+            wall_seconds: 300.0,
+            handles: 64,
         }
     }
 }
@@ -219,7 +190,7 @@ impl Config {
                 std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?,
                 p.display().to_string(),
             ),
-            None => (DEFAULT.to_string(), "built-in config".to_string()),
+            None => (String::new(), "built-in config".to_string()),
         };
         let mut c: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{origin}: {}", e.message()))?;
         if let Some(p) = path {
@@ -252,15 +223,14 @@ impl Config {
             }
         }
         for (table, p) in [("transport", &c.transport), ("driver", &c.driver)] {
-            match p.runtime.as_str() {
-                "wasm" => {}
-                "native" if table == "driver" => {
+            match p.runtime {
+                Runtime::Wasm => {}
+                Runtime::Native if table == "driver" => {
                     if p.path.is_none() {
                         bail!("{origin}: driver: a native driver needs its path");
                     }
                 }
-                "native" => bail!("{origin}: {table}: only drivers may be native"),
-                other => bail!("{origin}: {table}: unknown runtime {other:?} (wasm or native)"),
+                Runtime::Native => bail!("{origin}: {table}: only drivers may be native"),
             }
         }
         if c.mirror.max_blob_mib == 0 || c.mirror.max_fetches == 0 {
@@ -387,9 +357,28 @@ mod tests {
         assert_eq!(c.transport.kind, "v2");
         assert_eq!(c.driver.kind, "auto");
         let t = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(t.path(), format!("{DEFAULT}\nbogus = 1\n")).unwrap();
+        std::fs::write(t.path(), "bogus = 1\n").unwrap();
         let e = Config::load(Some(t.path())).unwrap_err().to_string();
         assert!(e.contains("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn a_file_holds_only_what_it_changes() {
+        let t = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            t.path(),
+            "[registries.\"r.example:5000\"]\ninsecure = true\n[limits]\nmemory_mib = 128\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(t.path())).unwrap();
+        assert!(c.registries["r.example:5000"].insecure);
+        assert_eq!((c.transport.kind.as_str(), c.driver.kind.as_str()), ("v2", "auto"));
+        assert_eq!((c.max_concurrent_downloads, c.max_concurrent_uploads), (3, 5));
+        assert_eq!((c.limits.memory_mib, c.limits.handles), (128, 64));
+        assert!(c.durable && c.keep_content && !c.allow_native_plugins);
+        std::fs::write(t.path(), "[driver]\ntype = \"vfs\"\nruntime = \"jvm\"\n").unwrap();
+        let e = Config::load(Some(t.path())).unwrap_err().to_string();
+        assert!(e.contains("unknown variant `jvm`, expected `wasm` or `native`"), "{e}");
     }
 
     #[test]
@@ -415,14 +404,14 @@ mod tests {
         let t = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(
             t.path(),
-            format!("{DEFAULT}\n[registries.\"10.0.0.5:5000\"]\nredirect_hosts = [\"10.0.0.6:9000\", \"minio\"]\n"),
+            format!("[registries.\"10.0.0.5:5000\"]\nredirect_hosts = [\"10.0.0.6:9000\", \"minio\"]\n"),
         )
         .unwrap();
         let c = Config::load(Some(t.path())).unwrap();
         assert_eq!(c.registries["10.0.0.5:5000"].redirect_hosts, ["10.0.0.6:9000", "minio"]);
         std::fs::write(
             t.path(),
-            format!("{DEFAULT}\n[registries.\"r\"]\nredirect_hosts = [\"http://minio/\"]\n"),
+            format!("[registries.\"r\"]\nredirect_hosts = [\"http://minio/\"]\n"),
         )
         .unwrap();
         let e = Config::load(Some(t.path())).unwrap_err().to_string();
@@ -435,7 +424,7 @@ mod tests {
         std::fs::write(
             t.path(),
             format!(
-                "registry_mirrors = [\"https://a.example/hub\"]\n{DEFAULT}\n[registries.\"docker.io\"]\nmirrors = [\"https://b.example\"]\n"
+                "registry_mirrors = [\"https://a.example/hub\"]\n[registries.\"docker.io\"]\nmirrors = [\"https://b.example\"]\n"
             ),
         )
         .unwrap();
@@ -444,11 +433,7 @@ mod tests {
             c.registries["docker.io"].mirrors,
             vec!["https://a.example/hub".to_string(), "https://b.example".to_string()]
         );
-        std::fs::write(
-            t.path(),
-            format!("registry_mirrors = [\"https://a.example/../x\"]\n{DEFAULT}"),
-        )
-        .unwrap();
+        std::fs::write(t.path(), format!("registry_mirrors = [\"https://a.example/../x\"]")).unwrap();
         let e = Config::load(Some(t.path())).unwrap_err().to_string();
         assert!(e.contains("not a repository name prefix"), "{e}");
     }

@@ -99,11 +99,7 @@ impl Context {
                 Entry {
                     kind,
                     id: p.kind.clone(),
-                    runtime: if p.runtime == "native" {
-                        Runtime::Native
-                    } else {
-                        Runtime::Wasm
-                    },
+                    runtime: p.runtime,
                     path: path.as_ref().cloned().unwrap_or_default(),
                     limits: p.limits.unwrap_or(self.config.limits).to_limits(),
                 },
@@ -126,7 +122,7 @@ impl Context {
         let path = config.plugin_path("driver", &config.driver)?;
         let limits = config.driver.limits.unwrap_or(config.limits).to_limits();
         let options = config.driver.options.clone().into_iter().collect();
-        if config.driver.runtime == "native" {
+        if config.driver.runtime == Runtime::Native {
             return Ok(AnyDriver::Native(NativeDriver::load(
                 &config.driver.kind,
                 &path,
@@ -225,11 +221,8 @@ impl Context {
     /// configured one, with the `[transport]` limits).
     pub fn v1_transport(&self) -> Result<WasmTransport> {
         let table = crate::config::PluginConfig {
-            kind: "v1".into(),
-            path: None,
-            runtime: "wasm".into(),
-            options: Default::default(),
             limits: self.config.transport.limits,
+            ..crate::config::PluginConfig::named("v1")
         };
         let path = self.config.plugin_path("transport", &table)?;
         let limits = table.limits.unwrap_or(self.config.limits).to_limits();

@@ -32,10 +32,12 @@ impl Kind {
     }
 }
 
-/// How a plugin runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a plugin runs (a plugin table's `runtime` key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Runtime {
     /// A WebAssembly component in the sandbox.
+    #[default]
     Wasm,
     /// A trusted shared library, in gantry's own process (no sandbox).
     Native,

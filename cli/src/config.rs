@@ -200,6 +200,14 @@ impl Config {
             let file = std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))?;
             c.resolve_paths(file.parent().unwrap_or(Path::new("/")));
         }
+        c.merge_registry_mirrors();
+        c.validate(&origin)?;
+        Ok(c)
+    }
+
+    /// Docker's `registry-mirrors` come first among Docker Hub's mirrors.
+    fn merge_registry_mirrors(&mut self) {
+        let c = self;
         if !c.registry_mirrors.is_empty() {
             let hub = c
                 .registries
@@ -209,6 +217,11 @@ impl Config {
             mirrors.append(&mut hub.mirrors);
             hub.mirrors = mirrors;
         }
+    }
+
+    /// Refuses values no command could run with, naming the file.
+    fn validate(&self, origin: &str) -> Result<()> {
+        let c = self;
         if c.max_concurrent_downloads == 0 || c.max_concurrent_uploads == 0 {
             bail!("{origin}: max_concurrent_downloads and max_concurrent_uploads must be at least 1");
         }
@@ -268,7 +281,7 @@ impl Config {
                 }
             }
         }
-        Ok(c)
+        Ok(())
     }
 
     /// Makes every relative path of the config relative to `base` (the

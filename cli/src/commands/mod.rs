@@ -54,20 +54,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             gantry_core::images::tag(&ctx.store, &source, &target)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Rmi { images, force } => {
-            let mut failed = false;
-            for i in &images {
-                match gantry_core::images::remove(&ctx.store, &crate::context::LazyDriver(&ctx), i, force) {
-                    Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
-                    Err(e) if images.len() > 1 => {
-                        eprintln!("error: {e}");
-                        failed = true;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
-        }
+        Command::Rmi { images, force } => rmi(&ctx, &images, force),
         Command::Export { image, output } => export::run(&ctx, &image, output.as_deref()),
         Command::Load { input, quiet } => load::run(&ctx, input.as_deref(), quiet),
         Command::Import {
@@ -107,4 +94,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             },
         ),
     }
+}
+
+/// `gantry rmi`: with several images, one that fails is reported and the
+/// rest still removed (Docker's behaviour); the exit says whether all went.
+fn rmi(ctx: &Context, images: &[String], force: bool) -> Result<ExitCode> {
+    let mut failed = false;
+    for i in images {
+        match gantry_core::images::remove(&ctx.store, &crate::context::LazyDriver(ctx), i, force) {
+            Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+            Err(e) if images.len() > 1 => {
+                eprintln!("error: {e}");
+                failed = true;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
     about = "A container image engine with sandboxed WebAssembly transports and graph drivers"
 )]
 pub struct Cli {
-    /// The TOML config (default: the built-in one: v2 transport, vfs driver).
+    /// The TOML config (default: the built-in one: v2 transport, the driver `auto`).
     #[arg(long, global = true, env = "GANTRY_CONFIG")]
     pub config: Option<PathBuf>,
     /// The store root; everything gantry writes lives below it.

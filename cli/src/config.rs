@@ -417,16 +417,12 @@ mod tests {
         let t = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(
             t.path(),
-            format!("[registries.\"10.0.0.5:5000\"]\nredirect_hosts = [\"10.0.0.6:9000\", \"minio\"]\n"),
+            "[registries.\"10.0.0.5:5000\"]\nredirect_hosts = [\"10.0.0.6:9000\", \"minio\"]\n",
         )
         .unwrap();
         let c = Config::load(Some(t.path())).unwrap();
         assert_eq!(c.registries["10.0.0.5:5000"].redirect_hosts, ["10.0.0.6:9000", "minio"]);
-        std::fs::write(
-            t.path(),
-            format!("[registries.\"r\"]\nredirect_hosts = [\"http://minio/\"]\n"),
-        )
-        .unwrap();
+        std::fs::write(t.path(), "[registries.\"r\"]\nredirect_hosts = [\"http://minio/\"]\n").unwrap();
         let e = Config::load(Some(t.path())).unwrap_err().to_string();
         assert!(e.contains("is not a host or host:port"), "{e}");
     }
@@ -436,9 +432,7 @@ mod tests {
         let t = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(
             t.path(),
-            format!(
-                "registry_mirrors = [\"https://a.example/hub\"]\n[registries.\"docker.io\"]\nmirrors = [\"https://b.example\"]\n"
-            ),
+            "registry_mirrors = [\"https://a.example/hub\"]\n[registries.\"docker.io\"]\nmirrors = [\"https://b.example\"]\n",
         )
         .unwrap();
         let c = Config::load(Some(t.path())).unwrap();
@@ -446,7 +440,7 @@ mod tests {
             c.registries["docker.io"].mirrors,
             vec!["https://a.example/hub".to_string(), "https://b.example".to_string()]
         );
-        std::fs::write(t.path(), format!("registry_mirrors = [\"https://a.example/../x\"]")).unwrap();
+        std::fs::write(t.path(), "registry_mirrors = [\"https://a.example/../x\"]").unwrap();
         let e = Config::load(Some(t.path())).unwrap_err().to_string();
         assert!(e.contains("not a repository name prefix"), "{e}");
     }

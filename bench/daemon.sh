@@ -9,29 +9,14 @@
 #
 # BENCH_DIR=DIR keeps the generated image between runs.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-bin=$(dirname "$here")/target/release
-for t in docker-registry skopeo docker curl /usr/bin/time python3; do
-    command -v "$t" >/dev/null || {
-        echo "bench: $t is required (apt-get install docker-registry skopeo docker.io time)" >&2
-        exit 1
-    }
-done
-[ "$(id -u)" -eq 0 ] || { echo "bench: run as root (overlay mounts, dockerd)" >&2; exit 1; }
-work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/gantry-bench.XXXXXX")}
-mkdir -p "$work"
-registry_pid="" daemon_pid="" dockerd_pid=""
-stop() { [ -n "$1" ] && kill "$1" 2>/dev/null && wait "$1" 2>/dev/null || true; }
-cleanup() {
-    stop "$registry_pid"; stop "$daemon_pid"; stop "$dockerd_pid"
-    rm -rf "$work/registry" "$work/gd" "$work/gc" "$work/dd"
-}
-trap cleanup EXIT
-. "$(dirname "$here")/scripts/local-registry.sh"
-start_registry "$work/registry"
-port=$registry_port
-[ -f "$work/bench/index.json" ] || "$bin/gen-image" bench "$work/bench"
-skopeo copy --quiet --dest-tls-verify=false "oci:$work/bench:bench" "docker://127.0.0.1:$port/bench:latest"
+. "$(dirname "$0")/lib.sh"
+require "apt-get install docker-registry skopeo docker.io time" docker-registry skopeo docker curl /usr/bin/time python3
+require_root "overlay mounts, dockerd"
+bench_work
+at_exit 'rm -rf "$work/registry" "$work/gd" "$work/gc" "$work/dd"'
+bench_registry "$work/registry" bench
+daemon_pid="" dockerd_pid=""
+at_exit 'stop "$daemon_pid"; stop "$dockerd_pid"'
 ref="127.0.0.1:$port/bench:latest"
 printf 'plugin_cache_dir = "%s"\n[transport]\ntype = "v2"\n[driver]\ntype = "overlay2"\n' "$work/plugin-cache" > "$work/daemon.toml"
 
@@ -58,22 +43,6 @@ fresh_dockerd() {
     echo "bench: dockerd did not start" >&2; tail -5 "$work/dd/log" >&2; exit 1
 }
 
-runs=${BENCH_RUNS:-3}
-: > "$work/results"
-# measure NAME FRESH CMD...: median wall seconds and peak RSS (KiB) of the
-# client command over BENCH_RUNS runs, each after FRESH, with a cold cache.
-measure() {
-    local name=$1 fresh=$2; shift 2
-    : > "$work/$name.runs"
-    for i in $(seq "$runs"); do
-        $fresh
-        sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-        /usr/bin/time -f "%e %M $i" -o "$work/$name.time" "$@" >/dev/null 2> "$work/$name.err.$i"
-        cat "$work/$name.time" >> "$work/$name.runs"
-    done
-    read -r wall rss i < <(sort -n "$work/$name.runs" | sed -n "$(( (runs + 1) / 2 ))p")
-    echo "$name $wall $rss" >> "$work/results"
-}
 export DOCKER_CONFIG="$work/docker-config"
 fresh_cli() { rm -rf "$work/gc"; }
 measure gantry_cli fresh_cli "$bin/gantry" --root "$work/gc" --config "$work/daemon.toml" pull -q "$ref"

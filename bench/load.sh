@@ -11,22 +11,17 @@
 # only the big-file row: a one-layer image holding one 8 GiB + 1 MiB file
 # (zstd, its size in a PAX record), gantry vs podman load on vfs.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-bin=$(dirname "$here")/target/release
-for t in skopeo podman /usr/bin/time python3; do
-    command -v "$t" >/dev/null || { echo "bench: $t is required (apt-get install skopeo podman time)" >&2; exit 1; }
-done
-work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/gantry-bench.XXXXXX")}
-mkdir -p "$work"
-cleanup() { rm -rf "$work/g" "$work/p" "$work/s" "$work/saved-g.tar" "$work/saved-p.tar"; }
-trap cleanup EXIT
+. "$(dirname "$0")/lib.sh"
+require "apt-get install skopeo podman time" skopeo podman /usr/bin/time python3
+bench_work
+at_exit 'rm -rf "$work/g" "$work/p" "$work/s" "$work/saved-g.tar" "$work/saved-p.tar"'
 if [ "${BENCH_BIG:-}" = 1 ]; then
     [ -f "$work/big.tar" ] || "$bin/gen-image" big "$work/big.tar"
     echo "archive: $(du -m "$work/big.tar" | cut -f1) MiB (one 8 GiB + 1 MiB file, zstd)"
     printf 'plugin_cache_dir = "%s"\n[transport]\ntype = "v2"\n[driver]\ntype = "vfs"\n' "$work/plugin-cache" > "$work/big-vfs.toml"
     for who in gantry podman; do
-        rm -rf "$work/g" "$work/p"; sync
-        echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+        rm -rf "$work/g" "$work/p"
+        cold_cache
         if [ "$who" = gantry ]; then
             /usr/bin/time -f "%e %M" -o "$work/big.time" "$bin/gantry" --root "$work/g" --config "$work/big-vfs.toml" load -q -i "$work/big.tar" >/dev/null
         else
@@ -39,46 +34,31 @@ if [ "${BENCH_BIG:-}" = 1 ]; then
     rm -rf "$work/g" "$work/p"
     exit 0
 fi
-[ -f "$work/layout/index.json" ] || "$bin/gen-image" bench "$work/layout"
-[ -f "$work/bench.tar" ] || skopeo copy --quiet "oci:$work/layout:bench" "docker-archive:$work/bench.tar:bench:latest"
+bench_archive
 echo "archive: $(du -m "$work/bench.tar" | cut -f1) MiB"
 
-# measure NAME CLEAN CMD...: the median wall seconds and peak RSS (KiB) of
-# BENCH_RUNS runs of CMD, each after removing CLEAN and with a cold cache.
-runs=${BENCH_RUNS:-3}
-measure() {
-    local name=$1 clean=$2; shift 2
-    : > "$work/$name.runs"
-    for _ in $(seq "$runs"); do
-        rm -rf "$clean"
-        sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-        /usr/bin/time -f "%e %M" -o "$work/$name.time" "$@" >/dev/null
-        cat "$work/$name.time" >> "$work/$name.runs"
-    done
-    echo "$name $(sort -n "$work/$name.runs" | sed -n "$(( (runs + 1) / 2 ))p")" >> "$work/results"
-}
-: > "$work/results"
 podman_vfs=(podman --root "$work/p/root" --runroot "$work/p/run" --storage-driver vfs)
 # Plugins compile once per machine (as after an install), not once per fresh store.
 printf 'plugin_cache_dir = "%s"\n[transport]\ntype = "v2"\n[driver]\ntype = "vfs"\n' "$work/plugin-cache" > "$work/vfs.toml"
 printf 'plugin_cache_dir = "%s"\n[transport]\ntype = "v2"\n[driver]\ntype = "overlay2"\n' "$work/plugin-cache" > "$work/overlay2.toml"
 
+# Each case starts without what it writes: a store, or the saved archive.
 if [ "$(id -u)" -eq 0 ]; then
-    measure gantry_file_overlay2 "$work/g" "$bin/gantry" --root "$work/g" --config "$work/overlay2.toml" load -q -i "$work/bench.tar"
-    measure gantry_save_overlay2 "$work/saved-g.tar" "$bin/gantry" --root "$work/g" --config "$work/overlay2.toml" save -o "$work/saved-g.tar" bench:latest
+    measure gantry_file_overlay2 'rm -rf "$work/g"' "$bin/gantry" --root "$work/g" --config "$work/overlay2.toml" load -q -i "$work/bench.tar"
+    measure gantry_save_overlay2 'rm -rf "$work/saved-g.tar"' "$bin/gantry" --root "$work/g" --config "$work/overlay2.toml" save -o "$work/saved-g.tar" bench:latest
     rm -rf "$work/g"
-    measure podman_file_overlay "$work/p" podman --root "$work/p/root" --runroot "$work/p/run" --storage-driver overlay load -q -i "$work/bench.tar"
+    measure podman_file_overlay 'rm -rf "$work/p"' podman --root "$work/p/root" --runroot "$work/p/run" --storage-driver overlay load -q -i "$work/bench.tar"
     rm -rf "$work/p"
 fi
-measure gantry_file "$work/g" "$bin/gantry" --root "$work/g" --config "$work/vfs.toml" load -q -i "$work/bench.tar"
-measure gantry_pipe "$work/g" sh -c "exec \"$bin/gantry\" --root \"$work/g\" --config \"$work/vfs.toml\" load -q < \"$work/bench.tar\""
-measure gantry_save "$work/saved-g.tar" "$bin/gantry" --root "$work/g" --config "$work/vfs.toml" save -o "$work/saved-g.tar" bench:latest
-measure podman_file "$work/p" "${podman_vfs[@]}" load -q -i "$work/bench.tar"
-measure podman_pipe "$work/p" sh -c "exec ${podman_vfs[*]} load -q < \"$work/bench.tar\""
-measure podman_save "$work/saved-p.tar" "${podman_vfs[@]}" save -q -o "$work/saved-p.tar" bench:latest
+measure gantry_file 'rm -rf "$work/g"' "$bin/gantry" --root "$work/g" --config "$work/vfs.toml" load -q -i "$work/bench.tar"
+measure gantry_pipe 'rm -rf "$work/g"' sh -c "exec \"$bin/gantry\" --root \"$work/g\" --config \"$work/vfs.toml\" load -q < \"$work/bench.tar\""
+measure gantry_save 'rm -rf "$work/saved-g.tar"' "$bin/gantry" --root "$work/g" --config "$work/vfs.toml" save -o "$work/saved-g.tar" bench:latest
+measure podman_file 'rm -rf "$work/p"' "${podman_vfs[@]}" load -q -i "$work/bench.tar"
+measure podman_pipe 'rm -rf "$work/p"' sh -c "exec ${podman_vfs[*]} load -q < \"$work/bench.tar\""
+measure podman_save 'rm -rf "$work/saved-p.tar"' "${podman_vfs[@]}" save -q -o "$work/saved-p.tar" bench:latest
 rm -rf "$work/p"
-measure skopeo_file "$work/s" skopeo copy --quiet "docker-archive:$work/bench.tar" "containers-storage:[vfs@$work/s/root+$work/s/run]bench:latest"
-measure skopeo_pipe "$work/s" sh -c "exec skopeo copy --quiet docker-archive:/dev/stdin \"containers-storage:[vfs@$work/s/root+$work/s/run]bench:latest\" < \"$work/bench.tar\""
+measure skopeo_file 'rm -rf "$work/s"' skopeo copy --quiet "docker-archive:$work/bench.tar" "containers-storage:[vfs@$work/s/root+$work/s/run]bench:latest"
+measure skopeo_pipe 'rm -rf "$work/s"' sh -c "exec skopeo copy --quiet docker-archive:/dev/stdin \"containers-storage:[vfs@$work/s/root+$work/s/run]bench:latest\" < \"$work/bench.tar\""
 rm -rf "$work/s"
 
 python3 - "$work/results" <<'PY'

@@ -22,26 +22,13 @@
 # for what the runs before it deleted: the many-layer figures drift within
 # a block of runs and depend on the order of the tools.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-bin=$(dirname "$here")/target/release
-for t in docker-registry skopeo curl igzip containerd ctr podman /usr/bin/time python3; do
-    command -v "$t" >/dev/null || {
-        echo "bench: $t is required (apt-get install docker-registry skopeo curl isal containerd podman time)" >&2
-        exit 1
-    }
-done
-[ "$(id -u)" -eq 0 ] || { echo "bench: run as root (overlay mounts, containerd)" >&2; exit 1; }
-work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/gantry-bench.XXXXXX")}
-mkdir -p "$work"
-registry_pid="" containerd_pid="" mounted=""
+. "$(dirname "$0")/lib.sh"
+require "apt-get install docker-registry skopeo curl isal containerd podman time" \
+    docker-registry skopeo curl igzip containerd ctr podman /usr/bin/time python3
+require_root "overlay mounts, containerd"
+bench_work
 stores=$work
-cleanup() {
-    [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null && { wait "$registry_pid" 2>/dev/null || true; }
-    [ -n "$containerd_pid" ] && kill "$containerd_pid" 2>/dev/null && { wait "$containerd_pid" 2>/dev/null || true; }
-    rm -rf "$stores/g" "$stores/cs" "$stores/pm" "$stores/floor" "$stores/registry" "$stores/ctd"
-    if [ -n "$mounted" ]; then umount "$stores" && rm -f "$work/stores.img"; fi
-}
-trap cleanup EXIT
+at_exit 'rm -rf "$stores/g" "$stores/cs" "$stores/pm" "$stores/floor" "$stores/registry" "$stores/ctd"'
 case ${BENCH_FS:-} in
 "") ;;
 ext4)
@@ -51,7 +38,7 @@ ext4)
     truncate -s 32G "$work/stores.img"
     mkfs.ext4 -q -F "$work/stores.img"
     mount -o loop "$work/stores.img" "$stores"
-    mounted=1
+    at_exit 'umount "$stores" && rm -f "$work/stores.img"'
     ;;
 *) echo "bench: BENCH_FS=$BENCH_FS: only ext4 is known" >&2; exit 1 ;;
 esac
@@ -65,9 +52,7 @@ if [ "$stores_fs" = ext4 ]; then
         stores_fs="ext4 without a journal"
     fi
 fi
-. "$(dirname "$here")/scripts/local-registry.sh"
-start_registry "$stores/registry"
-port=$registry_port
+bench_registry "$stores/registry" bench rootfs tiny
 
 # containerd with its own root, state and socket, no CRI.
 mkdir -p "$stores/ctd"
@@ -81,32 +66,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 TOML
 containerd --config "$stores/ctd/config.toml" > "$stores/ctd/log" 2>&1 &
 containerd_pid=$!
+at_exit 'stop "$containerd_pid"'
 for _ in $(seq 100); do [ -S "$stores/ctd/sock" ] && break; sleep 0.1; done
 ctr=(ctr -a "$stores/ctd/sock" -n bench)
-
-for shape in bench rootfs tiny; do
-    [ -f "$work/$shape/index.json" ] || "$bin/gen-image" "$shape" "$work/$shape"
-    skopeo copy --quiet --dest-tls-verify=false "oci:$work/$shape:$shape" "docker://127.0.0.1:$port/$shape:latest"
-done
-
-# measure NAME CLEAN CMD...: the median wall seconds and peak RSS (KiB) of
-# BENCH_RUNS runs of CMD, each after the shell command CLEAN and with a cold
-# cache; the median run's stderr is kept in $work/NAME.err.
-runs=${BENCH_RUNS:-3}
-: > "$work/results"
-measure() {
-    local name=$1 clean=$2; shift 2
-    : > "$work/$name.runs"
-    for i in $(seq "$runs"); do
-        eval "$clean"
-        sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-        /usr/bin/time -f "%e %M $i" -o "$work/$name.time" "$@" >/dev/null 2> "$work/$name.err.$i"
-        cat "$work/$name.time" >> "$work/$name.runs"
-    done
-    read -r wall rss i < <(sort -n "$work/$name.runs" | sed -n "$(( (runs + 1) / 2 ))p")
-    cp "$work/$name.err.$i" "$work/$name.err"
-    echo "$name $wall $rss" >> "$work/results"
-}
 
 # Plugins compile once per machine (as after an install), not once per fresh store.
 config() { printf 'plugin_cache_dir = "%s"\n%s[transport]\ntype = "v2"\n[driver]\ntype = "%s"\n' "$work/plugin-cache" "${2:-}" "$1" > "$work/$1${2:+-fast}.toml"; }
@@ -140,7 +102,7 @@ base="http://127.0.0.1:$port/v2/bench"
 layers=$(curl -s -H 'Accept: application/vnd.oci.image.manifest.v1+json' "$base/manifests/latest" |
     python3 -c 'import json,sys; print(" ".join(l["digest"] for l in json.load(sys.stdin)["layers"]))')
 rm -rf "$stores/floor"; mkdir -p "$stores/floor/blobs" "$stores/floor/root"
-sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+cold_cache
 t0=$(date +%s.%N)
 for d in $layers; do curl -s "$base/blobs/$d" | tee "$stores/floor/blobs/${d#sha256:}" | sha256sum >/dev/null; done
 t1=$(date +%s.%N)

@@ -12,51 +12,24 @@
 #
 # BENCH_DIR=DIR keeps the generated image between runs.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-bin=$(dirname "$here")/target/release
-for t in docker-registry skopeo podman /usr/bin/time python3; do
-    command -v "$t" >/dev/null || {
-        echo "bench: $t is required (apt-get install docker-registry skopeo podman time)" >&2
-        exit 1
-    }
-done
-[ "$(id -u)" -eq 0 ] || { echo "bench: run as root (podman's store)" >&2; exit 1; }
-work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/gantry-bench.XXXXXX")}
-mkdir -p "$work"
-registry_pid="" target_pid=""
-cleanup() {
-    [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null
-    [ -n "$target_pid" ] && kill "$target_pid" 2>/dev/null
-    rm -rf "$work/registry" "$work/target" "$work/pg" "$work/pl" "$work/pm" "$work/raw"
-}
-trap cleanup EXIT
-. "$(dirname "$here")/scripts/local-registry.sh"
-start_registry "$work/registry"
-src=$registry_port
-[ -f "$work/bench/index.json" ] || "$bin/gen-image" bench "$work/bench"
-skopeo copy --quiet --dest-tls-verify=false "oci:$work/bench:bench" "docker://127.0.0.1:$src/bench:latest"
+. "$(dirname "$0")/lib.sh"
+require "apt-get install docker-registry skopeo podman time" docker-registry skopeo podman /usr/bin/time python3
+require_root "podman's store"
+bench_work
+at_exit 'rm -rf "$work/registry" "$work/target" "$work/pg" "$work/pl" "$work/pm" "$work/raw"'
+bench_registry "$work/registry" bench
+src=$port
 
 # The target: a fresh docker-registry on one port, restarted empty before each run.
-tport=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+target_pid="" tport=""
+at_exit 'stop "$target_pid"'
 fresh_target() {
-    [ -n "$target_pid" ] && kill "$target_pid" 2>/dev/null && wait "$target_pid" 2>/dev/null || true
+    stop "$target_pid"
     rm -rf "$work/target"
-    mkdir -p "$work/target"
-    cat > "$work/target/registry.yml" <<YML
-version: 0.1
-log: {level: error, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $work/target/data}}
-http: {addr: 127.0.0.1:$tport}
-YML
-    docker-registry serve "$work/target/registry.yml" >/dev/null 2>&1 &
-    target_pid=$!
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$tport") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "bench: the target docker-registry did not start" >&2
-    exit 1
+    start_registry "$work/target" ${tport:+"$tport"}
+    target_pid=$registry_pid tport=$registry_port
 }
+fresh_target
 
 # The sources, prepared once: skopeo's dir: copy of the blobs, gantry's
 # pulled store, gantry's loaded store, podman's pulled store.
@@ -73,27 +46,10 @@ rm -f "$work/bench.tar"
 pm=(podman --root "$work/pm/root" --runroot "$work/pm/run" --storage-driver overlay --events-backend none)
 "${pm[@]}" pull -q --tls-verify=false "docker://$ref" >/dev/null
 
-runs=${BENCH_RUNS:-3}
-: > "$work/results"
-# measure NAME CMD...: the median wall seconds and peak RSS (KiB) of
-# BENCH_RUNS runs, each into a fresh target with a cold page cache.
-measure() {
-    local name=$1; shift
-    : > "$work/$name.runs"
-    for i in $(seq "$runs"); do
-        fresh_target
-        sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-        /usr/bin/time -f "%e %M $i" -o "$work/$name.time" "$@" >/dev/null 2> "$work/$name.err.$i"
-        cat "$work/$name.time" >> "$work/$name.runs"
-    done
-    read -r wall rss i < <(sort -n "$work/$name.runs" | sed -n "$(( (runs + 1) / 2 ))p")
-    cp "$work/$name.err.$i" "$work/$name.err"
-    echo "$name $wall $rss" >> "$work/results"
-}
-measure skopeo_raw skopeo copy --quiet --dest-tls-verify=false "dir:$work/raw" "docker://$to"
-measure gantry_pulled "$bin/gantry" --root "$work/pg" --config "$work/push.toml" push -q "$to"
-measure gantry_loaded "$bin/gantry" --root "$work/pl" --config "$work/push.toml" push -q "$to"
-measure podman "${pm[@]}" push -q --tls-verify=false "$ref" "docker://$to"
+measure skopeo_raw fresh_target skopeo copy --quiet --dest-tls-verify=false "dir:$work/raw" "docker://$to"
+measure gantry_pulled fresh_target "$bin/gantry" --root "$work/pg" --config "$work/push.toml" push -q "$to"
+measure gantry_loaded fresh_target "$bin/gantry" --root "$work/pl" --config "$work/push.toml" push -q "$to"
+measure podman fresh_target "${pm[@]}" push -q --tls-verify=false "$ref" "docker://$to"
 
 python3 - "$work/results" <<'PY'
 import sys

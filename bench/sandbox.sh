@@ -10,19 +10,13 @@
 # BENCH_DIR=DIR keeps the generated image between runs; BENCH_RUNS=N runs
 # each case N times (default 5) and reports the median.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-bin=$(dirname "$here")/target/release
-for t in skopeo /usr/bin/time python3; do
-    command -v "$t" >/dev/null || { echo "bench: $t is required (apt-get install skopeo time)" >&2; exit 1; }
-done
-[ "$(id -u)" -eq 0 ] || { echo "bench: run as root (overlay2)" >&2; exit 1; }
+. "$(dirname "$0")/lib.sh"
+require "apt-get install skopeo time" skopeo /usr/bin/time python3
+require_root overlay2
 [ -f "$bin/libgantry_driver_overlay2.so" ] || { echo "bench: build first (make build)" >&2; exit 1; }
-work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/gantry-bench.XXXXXX")}
-mkdir -p "$work"
-cleanup() { rm -rf "$work/g" "$work/h"; }
-trap cleanup EXIT
-[ -f "$work/bench/index.json" ] || "$bin/gen-image" bench "$work/bench"
-[ -f "$work/bench.tar" ] || skopeo copy --quiet "oci:$work/bench:bench" "docker-archive:$work/bench.tar:bench:latest"
+bench_work
+at_exit 'rm -rf "$work/g" "$work/h"'
+bench_archive
 mib=$(du -m "$work/bench.tar" | cut -f1)
 echo "archive: $mib MiB"
 
@@ -36,25 +30,15 @@ cfg vfs "" vfs-wasm
 runs=${BENCH_RUNS:-5}
 cases="overlay2_component overlay2_native vfs_component host_alone"
 for c in $cases; do : > "$work/$c.runs"; done
-# one NAME CMD...: one cold-cache run of CMD, its wall seconds and peak RSS appended.
-one() {
-    local name=$1; shift
-    rm -rf "$work/g" "$work/h"
-    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-    /usr/bin/time -f "%e %M" -o "$work/$name.time" "$@" >/dev/null 2>&1
-    cat "$work/$name.time" >> "$work/$name.runs"
-}
+fresh='rm -rf "$work/g" "$work/h"'
 # Interleaved, so drift in the machine touches every case alike.
 for _ in $(seq "$runs"); do
-    one overlay2_component "$bin/gantry" --root "$work/g" --config "$work/overlay2-wasm.toml" load -q -i "$work/bench.tar"
-    one overlay2_native "$bin/gantry" --root "$work/g" --config "$work/overlay2-native.toml" load -q -i "$work/bench.tar"
-    one vfs_component "$bin/gantry" --root "$work/g" --config "$work/vfs-wasm.toml" load -q -i "$work/bench.tar"
-    one host_alone "$bin/unpack-bench" "$work/bench.tar" "$work/h"
+    measure_once overlay2_component "$fresh" "$bin/gantry" --root "$work/g" --config "$work/overlay2-wasm.toml" load -q -i "$work/bench.tar"
+    measure_once overlay2_native "$fresh" "$bin/gantry" --root "$work/g" --config "$work/overlay2-native.toml" load -q -i "$work/bench.tar"
+    measure_once vfs_component "$fresh" "$bin/gantry" --root "$work/g" --config "$work/vfs-wasm.toml" load -q -i "$work/bench.tar"
+    measure_once host_alone "$fresh" "$bin/unpack-bench" "$work/bench.tar" "$work/h"
 done
-: > "$work/results"
-for c in $cases; do
-    echo "$c $(sort -n "$work/$c.runs" | sed -n "$(( (runs + 1) / 2 ))p")" >> "$work/results"
-done
+for c in $cases; do record_median "$c"; done
 
 python3 - "$work/results" "$mib" <<'PY'
 import sys

@@ -10,28 +10,11 @@
 #
 # BENCH_DIR=DIR keeps the generated image between runs.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-bin=$(dirname "$here")/target/release
-for t in docker-registry skopeo curl wrk python3; do
-    command -v "$t" >/dev/null || {
-        echo "bench: $t is required (apt-get install docker-registry skopeo curl wrk)" >&2
-        exit 1
-    }
-done
-work=${BENCH_DIR:-$(mktemp -d "${TMPDIR:-/var/tmp}/gantry-bench.XXXXXX")}
-mkdir -p "$work"
-registry_pid="" serve_pid=""
-cleanup() {
-    [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null
-    [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null
-    rm -rf "$work/registry" "$work/serve-root"
-}
-trap cleanup EXIT
-. "$(dirname "$here")/scripts/local-registry.sh"
-start_registry "$work/registry"
-port=$registry_port
-[ -f "$work/bench/index.json" ] || "$bin/gen-image" bench "$work/bench"
-skopeo copy --quiet --dest-tls-verify=false "oci:$work/bench:bench" "docker://127.0.0.1:$port/bench:latest"
+. "$(dirname "$0")/lib.sh"
+require "apt-get install docker-registry skopeo curl wrk" docker-registry skopeo curl wrk python3
+bench_work
+at_exit 'rm -rf "$work/registry" "$work/serve-root"'
+bench_registry "$work/registry" bench
 
 # The same image pulled into a store, served from it.
 printf 'plugin_cache_dir = "%s"\n[transport]\ntype = "v2"\n[driver]\ntype = "vfs"\n' "$work/plugin-cache" > "$work/serve.toml"
@@ -39,6 +22,7 @@ printf 'plugin_cache_dir = "%s"\n[transport]\ntype = "v2"\n[driver]\ntype = "vfs
 "$bin/gantry" --root "$work/serve-root" --config "$work/serve.toml" serve --from-store --listen 127.0.0.1:0 \
     2> "$work/serve.log" &
 serve_pid=$!
+at_exit 'stop "$serve_pid"'
 for _ in $(seq 200); do grep -q "listening on" "$work/serve.log" && break; sleep 0.05; done
 gantry_addr=$(sed -n 's|^gantry serve: listening on http://||p' "$work/serve.log")
 [ -n "$gantry_addr" ] || { echo "bench: gantry serve did not start" >&2; cat "$work/serve.log" >&2; exit 1; }
@@ -48,8 +32,8 @@ read -r blob size < <(curl -s -H "$accept" "http://127.0.0.1:$port/v2/bench/mani
     python3 -c 'import json,sys; l=max(json.load(sys.stdin)["layers"], key=lambda l: l["size"]); print(l["digest"], l["size"])')
 secs=${BENCH_SECONDS:-10}
 
-# wrk's summary: requests/s and bytes/s.
-measure() {
+# wrk_rate CONNECTIONS URL: wrk's summary, requests/s and bytes/s.
+wrk_rate() {
     local out
     out=$(wrk -t2 -c"$1" -d"${secs}s" -H "$accept" "$2")
     python3 - "$out" <<'PY'
@@ -72,9 +56,9 @@ for who in registry gantry; do
     [ "$who" = gantry ] && addr=$gantry_addr
     # Warm the page cache for both alike.
     curl -s -o /dev/null "http://$addr/v2/bench/blobs/$blob"
-    read -r _ b < <(measure 4 "http://$addr/v2/bench/blobs/$blob")
+    read -r _ b < <(wrk_rate 4 "http://$addr/v2/bench/blobs/$blob")
     bps[$who]=$b
-    read -r r _ < <(measure 32 "http://$addr/v2/bench/manifests/latest")
+    read -r r _ < <(wrk_rate 32 "http://$addr/v2/bench/manifests/latest")
     rps[$who]=$r
 done
 

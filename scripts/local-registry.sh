@@ -1,9 +1,10 @@
-# Sourced by the demo and the benchmarks: start_registry DIR starts Debian's
-# docker-registry on a free 127.0.0.1 port with its storage in DIR, sets
-# $registry_port and $registry_pid, and waits until it accepts connections.
+# Sourced by the demo and the benchmarks: start_registry DIR [PORT] starts
+# Debian's docker-registry on 127.0.0.1 (on PORT, else a free port) with its
+# storage in DIR, sets $registry_port and $registry_pid, and waits until it
+# accepts connections.
 start_registry() {
     local dir=$1
-    registry_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    registry_port=${2:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
     mkdir -p "$dir"
     cat > "$dir/registry.yml" <<YML
 version: 0.1

@@ -26,7 +26,7 @@ pub struct Context {
     transport: OnceLock<std::result::Result<std::sync::Arc<WasmTransport>, String>>,
     /// Blob downloads shared by every pull of this process: two daemon
     /// clients pulling the same image fetch each blob once.
-    downloads: gantry_core::pull::SharedDownloads,
+    downloads: gantry_core::pull::DownloadPool,
     /// Whether credentials may come from the environment's Docker config
     /// (`$DOCKER_CONFIG`, `~/.docker`) when the config names no
     /// `auth_file`: the CLI's user runs it as themself; a daemon serves

@@ -58,7 +58,7 @@ pub fn human_age(secs_ago: i64) -> String {
     format!("{t} ago")
 }
 
-pub use gantry_core::pull::parse_rfc3339;
+pub use gantry_core::date::parse_rfc3339;
 
 pub fn now_secs() -> i64 {
     std::time::SystemTime::now()

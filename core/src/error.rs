@@ -27,6 +27,17 @@ pub enum ErrorClass {
     Integrity,
 }
 
+impl ErrorClass {
+    /// Whether a retry of the same call may succeed: the registry said to
+    /// try again or a connection broke mid-transfer (`Transient`), or the
+    /// plugin call ran past its wall-clock deadline (`TimedOut`: a retry
+    /// resumes where it stopped). The one classification every retry uses
+    /// ([`crate::retry`]); `Unreachable` is the endpoint loop's to handle.
+    pub fn is_transient(self) -> bool {
+        matches!(self, ErrorClass::Transient | ErrorClass::TimedOut)
+    }
+}
+
 /// A failure reported by (or about) a plugin call.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
@@ -43,9 +54,9 @@ impl PluginError {
         }
     }
 
-    /// Whether a retry of the same call may succeed.
+    /// Whether a retry of the same call may succeed (see [`ErrorClass::is_transient`]).
     pub fn is_transient(&self) -> bool {
-        self.class == ErrorClass::Transient
+        self.class.is_transient()
     }
 
     /// Whether the endpoint loop may try the next endpoint after this error,
@@ -96,6 +107,12 @@ impl Error {
             context: context.to_string(),
             source,
         }
+    }
+
+    /// Whether a retry of the same call may succeed: only a plugin's
+    /// passing failure; integrity, I/O and every other error are permanent.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Plugin(p) if p.is_transient())
     }
 
     /// The class of this error, for exit codes and fallback decisions.

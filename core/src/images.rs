@@ -1,11 +1,11 @@
 //! Operations on stored images: lookup by reference or ID, tag, remove, and
 //! releasing layers no image needs any more.
 
+use crate::date::now_rfc3339;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::manifest::ImageConfig;
 use crate::plugin::GraphDriver;
-use crate::pull::now_rfc3339;
 use crate::reference::Reference;
 use crate::store::{LayerMeta, Store};
 use std::collections::HashSet;

@@ -79,7 +79,7 @@ impl Importer<'_> {
         let platform = o.platform.clone().unwrap_or_else(Platform::host);
         let mut staging = Staging::new(self.store, self.driver, self.max_layer_bytes);
         let (diff_id, _) = staging.apply(None, None, Box::new(r), None, "imported tarball", None)?;
-        let created = crate::pull::now_rfc3339();
+        let created = crate::date::now_rfc3339();
         let message = o
             .message
             .clone()

@@ -9,6 +9,7 @@
 
 pub mod archive;
 pub mod changes;
+pub mod date;
 pub mod digest;
 pub mod endpoint;
 pub mod error;
@@ -27,6 +28,7 @@ pub mod pull_v1;
 pub mod push;
 pub mod reference;
 pub mod repair;
+pub mod retry;
 pub mod save;
 pub mod stage;
 pub mod store;

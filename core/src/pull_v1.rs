@@ -15,12 +15,13 @@
 use crate::digest::Digest;
 use crate::error::{Error, ErrorClass, PluginError, Result};
 use crate::plugin::{Endpoint, Resolved, Transport};
-use crate::pull::{PullOutcome, Puller, Spooled, Status};
+use crate::pull::{read_until_done, Done, PullOutcome, Puller, Spooled, Status};
 use crate::reference::Reference;
+use crate::retry::{retry, Policy, Thread};
 use crate::stage::{ImageCommit, Staging};
 use crate::store::random_id;
 use serde_json::{json, Value};
-use std::io::{Read, Write};
+use std::io::Write;
 
 /// One checked image of a v1 chain.
 #[derive(Debug)]
@@ -162,44 +163,32 @@ impl Puller<'_> {
         let spooled = Spooled::at(path.clone());
         let mut file = std::fs::File::create_new(&path).map_err(|e| Error::io("creating a download file", e))?;
         let mut got: u64 = 0;
-        let mut attempt = 0;
-        let mut wait = self.options.backoff;
         let mut buf = vec![0u8; 256 << 10];
-        loop {
-            let failure = match v1.open_v1_layer(ep, repo, id, got) {
-                Ok(mut stream) => loop {
-                    match stream.read(&mut buf) {
-                        Ok(0) => break None,
-                        Ok(n) => {
-                            got += n as u64;
-                            if got > self.options.max_layer_bytes {
-                                return Err(Error::Integrity(format!(
-                                    "v1 layer {id}: larger than the layer limit of {} bytes",
-                                    self.options.max_layer_bytes
-                                )));
-                            }
-                            file.write_all(&buf[..n])
-                                .map_err(|e| Error::io("writing a download", e))?;
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            break Some(PluginError::new(
-                                ErrorClass::Transient,
-                                format!("reading layer {id}: {e}"),
-                            ))
-                        }
+        let policy = Policy::new(self.options.retries, self.options.backoff);
+        retry(
+            policy,
+            &Thread,
+            |_| {},
+            |_| {
+                let mut stream = v1.open_v1_layer(ep, repo, id, got)?;
+                let done = read_until_done(&mut stream, &mut buf, |bytes| {
+                    got += bytes.len() as u64;
+                    if got > self.options.max_layer_bytes {
+                        return Err(Error::Integrity(format!(
+                            "v1 layer {id}: larger than the layer limit of {} bytes",
+                            self.options.max_layer_bytes
+                        )));
                     }
-                },
-                Err(e) => Some(e),
-            };
-            let Some(failure) = failure else { break };
-            if !failure.is_transient() || attempt >= self.options.retries {
-                return Err(Error::Plugin(failure));
-            }
-            attempt += 1;
-            std::thread::sleep(wait);
-            wait *= 2;
-        }
+                    file.write_all(bytes).map_err(|e| Error::io("writing a download", e))
+                })?;
+                match done {
+                    Done::Ended => Ok(()),
+                    Done::Cut(e) => {
+                        Err(PluginError::new(ErrorClass::Transient, format!("reading layer {id}: {e}")).into())
+                    }
+                }
+            },
+        )?;
         Ok(spooled)
     }
 }

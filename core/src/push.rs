@@ -27,6 +27,7 @@ use crate::error::{Error, ErrorClass, IoContext, PluginError, Result};
 use crate::images::layers_of;
 use crate::plugin::{ByteStream, Credentials, Endpoint, GraphDriver, Mounted, Transport, Upload};
 use crate::reference::Reference;
+use crate::retry::{retry, Policy, Thread};
 use crate::store::{LayerMeta, Store};
 use crate::verify::HashingReader;
 use std::io::{self, Read};
@@ -48,8 +49,10 @@ const GZIP_LEVEL: u32 = 1;
 /// session (`PUT ?digest=` with a body), not in a `PATCH` of their own.
 const MONOLITHIC: u64 = 1 << 20;
 
-/// Attempts per blob when the registry or the connection fails passingly.
-const ATTEMPTS: usize = 5;
+/// Retries per blob when the registry or the connection fails passingly,
+/// each resuming from what the registry holds: waits of 0.4, 0.8, 1.6 and
+/// 3.2 s (a registry restarting has time to come back).
+const RETRY: Policy = Policy::new(4, std::time::Duration::from_millis(400));
 
 /// What a push reports as it goes (Docker's lines).
 pub trait PushProgress: Sync {
@@ -420,55 +423,72 @@ impl Pusher<'_> {
     ) -> Result<()> {
         let path = self.session_file(t, digest.as_str());
         let mut session = self.session(t, &path)?;
-        let mut tries = 0;
-        loop {
-            // A small blob goes whole with the closing `PUT`.
-            let mut last: Option<ByteStream> = None;
-            if session.offset == 0 && size <= MONOLITHIC {
-                last = Some(open()?);
-            } else if session.offset < size {
-                let mut body = open()?;
-                if session.offset > 0 {
-                    io::copy(&mut (&mut body).take(session.offset), &mut io::sink())
-                        .ctx(format!("reading blob {digest}"))?;
-                }
-                let left = size - session.offset;
-                match self
-                    .transport
-                    .upload_chunk(t.ep, t.repo, &session, Box::new(body.take(left)), Some(left))
-                {
-                    Ok(u) => {
-                        session = u;
-                        self.remember(&path, &session);
-                    }
-                    Err(e) if retryable(&e) && tries + 1 < ATTEMPTS => {
-                        tries += 1;
-                        std::thread::sleep(std::time::Duration::from_millis(200 << tries));
-                        session = self.recover(t, &path, &session)?;
-                        continue;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            let length = if last.is_some() { size } else { 0 };
-            match self
-                .transport
-                .finish_upload(t.ep, t.repo, &session, digest, last, length)
-            {
-                Ok(()) => {
-                    let _ = std::fs::remove_file(&path);
-                    return Ok(());
-                }
-                Err(e) if retryable(&e) && tries + 1 < ATTEMPTS => {
-                    tries += 1;
+        retry(
+            RETRY,
+            &Thread,
+            |_| {},
+            |attempt| {
+                if attempt > 0 {
                     session = self.recover(t, &path, &session)?;
                 }
-                Err(e) => {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(e.into());
-                }
+                self.send_blob(t, digest, size, open, &path, &mut session)
+            },
+        )
+    }
+
+    /// One pass at blob `digest`: what the registry does not hold yet,
+    /// then the request that closes the session.
+    fn send_blob(
+        &self,
+        t: &Target<'_>,
+        digest: &Digest,
+        size: u64,
+        open: &mut dyn FnMut() -> Result<ByteStream>,
+        path: &std::path::Path,
+        session: &mut Upload,
+    ) -> Result<()> {
+        // A small blob goes whole with the closing `PUT`.
+        let mut last: Option<ByteStream> = None;
+        if session.offset == 0 && size <= MONOLITHIC {
+            last = Some(open()?);
+        } else if session.offset < size {
+            let mut body = open()?;
+            if session.offset > 0 {
+                io::copy(&mut (&mut body).take(session.offset), &mut io::sink())
+                    .ctx(format!("reading blob {digest}"))?;
             }
+            let left = size - session.offset;
+            *session = self
+                .transport
+                .upload_chunk(t.ep, t.repo, session, Box::new(body.take(left)), Some(left))?;
+            self.remember(path, session);
         }
+        let length = if last.is_some() { size } else { 0 };
+        self.finish(t, path, session, digest, last, length)
+    }
+
+    /// Closes `session` as blob `digest`. A refusal forgets the session; a
+    /// passing failure keeps it, to be resumed.
+    fn finish(
+        &self,
+        t: &Target<'_>,
+        path: &std::path::Path,
+        session: &Upload,
+        digest: &Digest,
+        last: Option<ByteStream>,
+        length: u64,
+    ) -> Result<()> {
+        let r = self
+            .transport
+            .finish_upload(t.ep, t.repo, session, digest, last, length);
+        let forget = match &r {
+            Ok(()) => true,
+            Err(e) => !e.is_transient(),
+        };
+        if forget {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(r?)
     }
 
     /// Uploads layer `l` rebuilt from the driver and compressed while it
@@ -477,49 +497,21 @@ impl Pusher<'_> {
     fn upload_rebuilt(&self, t: &Target<'_>, l: &LayerMeta) -> Result<(Digest, u64)> {
         let path = self.session_file(t, &format!("rebuilt {}", l.diff_id));
         let mut session = self.session(t, &path)?;
-        let mut tries = 0;
         let mut restarted = false;
-        loop {
-            let skip = session.offset;
-            let sent = std::thread::scope(|s| -> Result<Result<(Upload, Digest, u64), PluginError>> {
-                let (rx, tx) = io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
-                let producer = s.spawn(move || -> Result<()> {
-                    // Compressed on every core, the same bytes every time.
-                    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-                    std::thread::scope(|zs| {
-                        let mut gz = crate::pargz::ParGz::new(zs, tx, GZIP_LEVEL, threads)
-                            .map_err(|e| Error::io("compressing a layer", e))?;
-                        crate::save::rebuild_layer(self.store, self.driver, l, &mut |r| {
-                            io::copy(r, &mut gz).map(drop)
-                        })?;
-                        gz.finish().map_err(|e| Error::io("compressing a layer", e))?;
-                        Ok(())
-                    })
-                });
-                let (mut hashed, hash) = HashingReader::new(rx);
-                // What the registry holds already is produced again (the
-                // same bytes: same tar, same level) and skipped.
-                if skip > 0 {
-                    io::copy(&mut (&mut hashed).take(skip), &mut io::sink()).ctx("compressing a layer")?;
+        retry(
+            RETRY,
+            &Thread,
+            |_| {},
+            |attempt| {
+                if attempt > 0 {
+                    session = self.recover(t, &path, &session)?;
                 }
-                let reader = SharedReader(std::sync::Arc::new(Mutex::new(hashed)));
-                let r = self
-                    .transport
-                    .upload_chunk(t.ep, t.repo, &session, Box::new(reader.clone()), None);
-                // Whatever the upload left is drained, so the producer ends.
-                let _ = io::copy(&mut reader.clone(), &mut io::sink());
-                producer.join().expect("layer producer panicked")?;
-                let (digest, len) = hash.finish();
-                Ok(r.map(|u| (u, digest, len)))
-            })?;
-            match sent {
-                Ok((u, digest, len)) => {
-                    session = u;
-                    match self.transport.finish_upload(t.ep, t.repo, &session, &digest, None, 0) {
-                        Ok(()) => {
-                            let _ = std::fs::remove_file(&path);
-                            return Ok((digest, len));
-                        }
+                loop {
+                    let skip = session.offset;
+                    let (digest, len);
+                    (session, digest, len) = self.send_rebuilt(t, l, &session)?;
+                    match self.finish(t, &path, &session, &digest, None, 0) {
+                        Ok(()) => return Ok((digest, len)),
                         // A resumed session whose whole is refused (what the
                         // registry held was not these bytes): once more, whole.
                         Err(_) if skip > 0 && !restarted => {
@@ -527,20 +519,45 @@ impl Pusher<'_> {
                             session = self.transport.start_upload(t.ep, t.repo)?;
                             self.remember(&path, &session);
                         }
-                        Err(e) => {
-                            let _ = std::fs::remove_file(&path);
-                            return Err(e.into());
-                        }
+                        Err(e) => return Err(e),
                     }
                 }
-                Err(e) if retryable(&e) && tries + 1 < ATTEMPTS => {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(200 << tries));
-                    session = self.recover(t, &path, &session)?;
-                }
-                Err(e) => return Err(e.into()),
+            },
+        )
+    }
+
+    /// Sends layer `l`, rebuilt and compressed, past the `session.offset`
+    /// bytes the registry holds (produced again, the same bytes, and
+    /// skipped); the session after it, and the blob's digest and size.
+    fn send_rebuilt(&self, t: &Target<'_>, l: &LayerMeta, session: &Upload) -> Result<(Upload, Digest, u64)> {
+        let skip = session.offset;
+        std::thread::scope(|s| {
+            let (rx, tx) = io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
+            let producer = s.spawn(move || -> Result<()> {
+                // Compressed on every core, the same bytes every time.
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                std::thread::scope(|zs| {
+                    let mut gz = crate::pargz::ParGz::new(zs, tx, GZIP_LEVEL, threads)
+                        .map_err(|e| Error::io("compressing a layer", e))?;
+                    crate::save::rebuild_layer(self.store, self.driver, l, &mut |r| io::copy(r, &mut gz).map(drop))?;
+                    gz.finish().map_err(|e| Error::io("compressing a layer", e))?;
+                    Ok(())
+                })
+            });
+            let (mut hashed, hash) = HashingReader::new(rx);
+            if skip > 0 {
+                io::copy(&mut (&mut hashed).take(skip), &mut io::sink()).ctx("compressing a layer")?;
             }
-        }
+            let reader = SharedReader(std::sync::Arc::new(Mutex::new(hashed)));
+            let r = self
+                .transport
+                .upload_chunk(t.ep, t.repo, session, Box::new(reader.clone()), None);
+            // Whatever the upload left is drained, so the producer ends.
+            let _ = io::copy(&mut reader.clone(), &mut io::sink());
+            producer.join().expect("layer producer panicked")?;
+            let (digest, len) = hash.finish();
+            Ok((r?, digest, len))
+        })
     }
 }
 
@@ -552,13 +569,6 @@ enum Sent {
     Existed,
     Mounted,
     Uploaded,
-}
-
-fn retryable(e: &PluginError) -> bool {
-    matches!(
-        e.class,
-        ErrorClass::Transient | ErrorClass::Unreachable | ErrorClass::TimedOut
-    )
 }
 
 /// One reader read from two places (the upload, then the drain after it).

@@ -504,7 +504,7 @@ impl<'a> Staging<'a> {
                 let _ = self.driver.remove(cache_id);
                 let _ = std::fs::remove_file(tar_split);
             }
-            let now = crate::pull::now_rfc3339();
+            let now = crate::date::now_rfc3339();
             let mut ids = Vec::new();
             for img in images {
                 let id = self.store.images.put(img.config)?;

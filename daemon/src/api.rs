@@ -415,7 +415,7 @@ fn until(t: &str, now: i64) -> Option<i64> {
     if let Ok(secs) = t.split('.').next().unwrap_or(t).parse::<i64>() {
         return Some(secs);
     }
-    if let Some(secs) = gantry_core::pull::parse_rfc3339(t) {
+    if let Some(secs) = gantry_core::date::parse_rfc3339(t) {
         return Some(secs);
     }
     // A Go duration before now.

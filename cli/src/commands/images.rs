@@ -78,7 +78,7 @@ pub fn run(ctx: &Context, format: Format, quiet: bool) -> Result<ExitCode> {
             for r in &rows {
                 let v = serde_json::json!({
                     "Containers": "N/A",
-                    "CreatedAt": gantry_core::pull::rfc3339(r.created, 0),
+                    "CreatedAt": gantry_core::date::rfc3339(r.created, 0),
                     "CreatedSince": human_age(now - r.created),
                     "Digest": r.digest,
                     "ID": &r.id[7..19],

@@ -56,97 +56,106 @@ pub fn apply(config: &mut Map<String, Value>, changes: &[String]) -> Result<()> 
         if rest.is_empty() {
             return Err(invalid(format!("{keyword} requires at least one argument")));
         }
-        match keyword.as_str() {
-            "CMD" => {
-                config.insert("Cmd".into(), json!(command(rest)));
-                cmd_set = true;
-            }
-            "ENTRYPOINT" => {
-                config.insert("Entrypoint".into(), json!(command(rest)));
-                if !cmd_set {
-                    config.insert("Cmd".into(), Value::Null);
-                }
-            }
-            "ENV" => {
-                let env = config.entry("Env").or_insert_with(|| json!([]));
-                if !env.is_array() {
-                    *env = json!([]);
-                }
-                let list = env.as_array_mut().expect("an array");
-                for (k, v) in pairs(rest, "ENV")? {
-                    let prefix = format!("{k}=");
-                    list.retain(|e| !e.as_str().is_some_and(|s| s.starts_with(&prefix)));
-                    list.push(json!(format!("{k}={v}")));
-                }
-            }
-            "LABEL" => {
-                let labels = object(config, "Labels");
-                for (k, v) in pairs(rest, "LABEL")? {
-                    labels.insert(k, json!(v));
-                }
-            }
-            "EXPOSE" => {
-                let mut ports = Vec::new();
-                for spec in rest.split_ascii_whitespace() {
-                    ports.extend(expose(spec)?);
-                }
-                let exposed = object(config, "ExposedPorts");
-                for p in ports {
-                    exposed.insert(p, json!({}));
-                }
-            }
-            "VOLUME" => {
-                let paths = match json_form(rest) {
-                    Some(v) => v,
-                    None => rest.split_ascii_whitespace().map(str::to_string).collect(),
-                };
-                if paths.is_empty() || paths.iter().any(|p| p.trim().is_empty()) {
-                    return Err(invalid("VOLUME specified can not be an empty string"));
-                }
-                let volumes = object(config, "Volumes");
-                for p in paths {
-                    volumes.insert(p, json!({}));
-                }
-            }
-            "USER" => {
-                config.insert("User".into(), json!(rest));
-            }
-            "WORKDIR" => {
-                let base = config
-                    .get("WorkingDir")
-                    .and_then(Value::as_str)
-                    .unwrap_or("/")
-                    .to_string();
-                config.insert("WorkingDir".into(), json!(workdir(&base, rest)));
-            }
-            "STOPSIGNAL" => {
-                let ok = rest.parse::<u32>().is_ok_and(|n| (1..=64).contains(&n))
-                    || (rest.len() <= 16
-                        && rest
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-')
-                        && rest.bytes().next().is_some_and(|b| b.is_ascii_alphabetic()));
-                if !ok {
-                    return Err(invalid(format!("invalid signal: {}", crate::text::escape_line(rest))));
-                }
-                config.insert("StopSignal".into(), json!(rest));
-            }
-            "ONBUILD" => {
-                let first = rest.split_ascii_whitespace().next().unwrap_or("").to_ascii_uppercase();
-                if matches!(first.as_str(), "ONBUILD" | "FROM" | "MAINTAINER") {
-                    return Err(invalid(format!("{first} isn't allowed as an ONBUILD trigger")));
-                }
-                let onbuild = config.entry("OnBuild").or_insert_with(|| json!([]));
-                if !onbuild.is_array() {
-                    *onbuild = json!([]);
-                }
-                onbuild.as_array_mut().expect("an array").push(json!(rest));
-            }
-            "HEALTHCHECK" => {
-                config.insert("Healthcheck".into(), healthcheck(rest)?);
-            }
-            _ => unreachable!("checked against the known instructions"),
+        apply_one(config, &keyword, rest, &mut cmd_set)?;
+    }
+    Ok(())
+}
+
+/// Applies one instruction, `keyword` (known, upper case) with its
+/// arguments `rest`; `cmd_set` says an earlier `CMD` of the set ran.
+/// Long on purpose: one short arm per instruction, the eleven read as one
+/// table (as Docker's own dispatch does).
+fn apply_one(config: &mut Map<String, Value>, keyword: &str, rest: &str, cmd_set: &mut bool) -> Result<()> {
+    match keyword {
+        "CMD" => {
+            config.insert("Cmd".into(), json!(command(rest)));
+            *cmd_set = true;
         }
+        "ENTRYPOINT" => {
+            config.insert("Entrypoint".into(), json!(command(rest)));
+            if !*cmd_set {
+                config.insert("Cmd".into(), Value::Null);
+            }
+        }
+        "ENV" => {
+            let env = config.entry("Env").or_insert_with(|| json!([]));
+            if !env.is_array() {
+                *env = json!([]);
+            }
+            let list = env.as_array_mut().expect("an array");
+            for (k, v) in pairs(rest, "ENV")? {
+                let prefix = format!("{k}=");
+                list.retain(|e| !e.as_str().is_some_and(|s| s.starts_with(&prefix)));
+                list.push(json!(format!("{k}={v}")));
+            }
+        }
+        "LABEL" => {
+            let labels = object(config, "Labels");
+            for (k, v) in pairs(rest, "LABEL")? {
+                labels.insert(k, json!(v));
+            }
+        }
+        "EXPOSE" => {
+            let mut ports = Vec::new();
+            for spec in rest.split_ascii_whitespace() {
+                ports.extend(expose(spec)?);
+            }
+            let exposed = object(config, "ExposedPorts");
+            for p in ports {
+                exposed.insert(p, json!({}));
+            }
+        }
+        "VOLUME" => {
+            let paths = match json_form(rest) {
+                Some(v) => v,
+                None => rest.split_ascii_whitespace().map(str::to_string).collect(),
+            };
+            if paths.is_empty() || paths.iter().any(|p| p.trim().is_empty()) {
+                return Err(invalid("VOLUME specified can not be an empty string"));
+            }
+            let volumes = object(config, "Volumes");
+            for p in paths {
+                volumes.insert(p, json!({}));
+            }
+        }
+        "USER" => {
+            config.insert("User".into(), json!(rest));
+        }
+        "WORKDIR" => {
+            let base = config
+                .get("WorkingDir")
+                .and_then(Value::as_str)
+                .unwrap_or("/")
+                .to_string();
+            config.insert("WorkingDir".into(), json!(workdir(&base, rest)));
+        }
+        "STOPSIGNAL" => {
+            let ok = rest.parse::<u32>().is_ok_and(|n| (1..=64).contains(&n))
+                || (rest.len() <= 16
+                    && rest
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-')
+                    && rest.bytes().next().is_some_and(|b| b.is_ascii_alphabetic()));
+            if !ok {
+                return Err(invalid(format!("invalid signal: {}", crate::text::escape_line(rest))));
+            }
+            config.insert("StopSignal".into(), json!(rest));
+        }
+        "ONBUILD" => {
+            let first = rest.split_ascii_whitespace().next().unwrap_or("").to_ascii_uppercase();
+            if matches!(first.as_str(), "ONBUILD" | "FROM" | "MAINTAINER") {
+                return Err(invalid(format!("{first} isn't allowed as an ONBUILD trigger")));
+            }
+            let onbuild = config.entry("OnBuild").or_insert_with(|| json!([]));
+            if !onbuild.is_array() {
+                *onbuild = json!([]);
+            }
+            onbuild.as_array_mut().expect("an array").push(json!(rest));
+        }
+        "HEALTHCHECK" => {
+            config.insert("Healthcheck".into(), healthcheck(rest)?);
+        }
+        _ => unreachable!("checked against the known instructions"),
     }
     Ok(())
 }

@@ -32,6 +32,7 @@ use crate::store::{LayerMeta, Store};
 use crate::verify::HashingReader;
 use std::io::{self, Read};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 const SCHEMA2: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -205,45 +206,7 @@ impl Pusher<'_> {
                 .collect(),
             None => layers.iter().map(Source::Rebuilt).collect(),
         };
-        // Every layer at once, at most `concurrency` in flight.
-        let next = Mutex::new(0usize);
-        let results: Mutex<Vec<Option<Result<Pushed>>>> = Mutex::new((0..sources.len()).map(|_| None).collect());
-        std::thread::scope(|s| {
-            for _ in 0..self.concurrency.clamp(1, 16).min(sources.len().max(1)) {
-                s.spawn(|| loop {
-                    let i = {
-                        let mut n = next.lock().unwrap();
-                        let i = *n;
-                        *n += 1;
-                        i
-                    };
-                    let Some(src) = sources.get(i) else { return };
-                    let r = self.push_layer(t, &layers[i], src);
-                    let failed = r.is_err();
-                    results.lock().unwrap()[i] = Some(r);
-                    if failed {
-                        // Stop taking new layers; those in flight finish.
-                        *next.lock().unwrap() = usize::MAX;
-                        return;
-                    }
-                });
-            }
-        });
-        let mut blobs = Vec::new();
-        let (mut uploaded, mut mounted) = (0, 0);
-        for r in results.into_inner().unwrap() {
-            let Some(r) = r else { continue };
-            let (d, size, sent) = r?;
-            match sent {
-                Sent::Uploaded => uploaded += 1,
-                Sent::Mounted => mounted += 1,
-                Sent::Existed => {}
-            }
-            blobs.push((d, size));
-        }
-        if blobs.len() != sources.len() {
-            return Err(plugin(ErrorClass::Internal, "a layer was not pushed"));
-        }
+        let (blobs, uploaded, mounted) = self.push_layers(t, layers, &sources)?;
         // The config, then the manifest.
         if self.transport.stat_blob(t.ep, t.repo, id)?.is_none() && !self.mount_config(t, id, layers) {
             let mut open = || Ok(Box::new(io::Cursor::new(config.to_vec())) as ByteStream);
@@ -270,6 +233,46 @@ impl Pusher<'_> {
             uploaded,
             mounted,
         })
+    }
+
+    /// Pushes every layer at once, at most `concurrency` in flight; the
+    /// blobs in layer order, and how many were uploaded and mounted.
+    fn push_layers(&self, t: &Target<'_>, layers: &[LayerMeta], sources: &[Source<'_>]) -> Result<PushedLayers> {
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let results: Mutex<Vec<Option<Result<Pushed>>>> = Mutex::new((0..sources.len()).map(|_| None).collect());
+        std::thread::scope(|s| {
+            for _ in 0..self.concurrency.clamp(1, 16).min(sources.len().max(1)) {
+                // After a failure no new layer is taken; those in flight finish.
+                s.spawn(|| {
+                    while !failed.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(src) = sources.get(i) else { return };
+                        let r = self.push_layer(t, &layers[i], src);
+                        if r.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        results.lock().unwrap()[i] = Some(r);
+                    }
+                });
+            }
+        });
+        let mut blobs = Vec::new();
+        let (mut uploaded, mut mounted) = (0, 0);
+        for r in results.into_inner().unwrap() {
+            let Some(r) = r else { continue };
+            let (d, size, sent) = r?;
+            match sent {
+                Sent::Uploaded => uploaded += 1,
+                Sent::Mounted => mounted += 1,
+                Sent::Existed => {}
+            }
+            blobs.push((d, size));
+        }
+        if blobs.len() != sources.len() {
+            return Err(plugin(ErrorClass::Internal, "a layer was not pushed"));
+        }
+        Ok((blobs, uploaded, mounted))
     }
 
     /// Pushes one layer's blob; its digest and size, and how it got there.
@@ -563,6 +566,10 @@ impl Pusher<'_> {
 
 /// A layer's blob in the registry: digest, size, how it got there.
 type Pushed = (Digest, u64, Sent);
+
+/// An image's layer blobs in the registry (digest, size), and how many
+/// were uploaded and mounted.
+type PushedLayers = (Vec<(Digest, u64)>, usize, usize);
 
 #[derive(Debug, Clone, Copy)]
 enum Sent {

@@ -103,7 +103,18 @@ fn images_using(store: &Store, chain: &Digest) -> Vec<String> {
 /// Repairs what can be repaired; `puller` fetches blobs again.
 pub fn repair(store: &Store, driver: &dyn GraphDriver, puller: &Puller<'_>) -> Result<RepairReport> {
     let mut report = RepairReport::default();
-    // References to images that are gone.
+    drop_dangling_refs(store, &mut report)?;
+    drop_unused_layers(store, driver, &mut report)?;
+    // Damaged layers, and every layer built on one.
+    let damaged: HashMap<Digest, String> = verify_content(store, driver)?.into_iter().collect();
+    if !damaged.is_empty() {
+        fetch_damaged_again(store, driver, puller, &damaged, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// Drops references to images that are gone.
+fn drop_dangling_refs(store: &Store, report: &mut RepairReport) -> Result<()> {
     let images: HashSet<Digest> = store.images.list()?.into_iter().collect();
     for (r, id) in store.refs.all()? {
         if !images.contains(&id) {
@@ -114,35 +125,44 @@ pub fn repair(store: &Store, driver: &dyn GraphDriver, puller: &Puller<'_>) -> R
                 .push(format!("reference {} to missing image {id}", r.familiar_string()));
         }
     }
-    // Layers nothing needs, top-down, unless a pull or load holds them.
-    {
-        let _lock = store.write_lock()?;
-        let needed = layers_in_use(store)?;
-        let mut unused: Vec<LayerMeta> = layers_bottom_up(store)?
-            .into_iter()
-            .filter(|l| !needed.contains(&l.chain_id))
-            .collect();
-        while let Some(l) = unused.pop() {
-            if unused.iter().any(|o| o.parent.as_ref() == Some(&l.chain_id)) || store.leased(&l.chain_id)? {
-                continue;
-            }
-            release_layer(store, driver, &l)?;
-            report.dropped.push(format!("unreferenced layer {}", l.chain_id));
+    Ok(())
+}
+
+/// Drops layers nothing needs, top-down, unless a pull or load holds them.
+fn drop_unused_layers(store: &Store, driver: &dyn GraphDriver, report: &mut RepairReport) -> Result<()> {
+    let _lock = store.write_lock()?;
+    let needed = layers_in_use(store)?;
+    let mut unused: Vec<LayerMeta> = layers_bottom_up(store)?
+        .into_iter()
+        .filter(|l| !needed.contains(&l.chain_id))
+        .collect();
+    while let Some(l) = unused.pop() {
+        if unused.iter().any(|o| o.parent.as_ref() == Some(&l.chain_id)) || store.leased(&l.chain_id)? {
+            continue;
         }
+        release_layer(store, driver, &l)?;
+        report.dropped.push(format!("unreferenced layer {}", l.chain_id));
     }
-    // Damaged layers, and every layer built on one.
-    let damaged: HashMap<Digest, String> = verify_content(store, driver)?.into_iter().collect();
-    if damaged.is_empty() {
-        return Ok(report);
-    }
-    let order = layers_bottom_up(store)?;
+    Ok(())
+}
+
+/// Applies the `damaged` layers, and every layer built on one, again from
+/// blobs fetched from where they came from, and replaces them whole; a
+/// layer no source serves (and the layers on it) is reported unrepairable.
+fn fetch_damaged_again(
+    store: &Store,
+    driver: &dyn GraphDriver,
+    puller: &Puller<'_>,
+    damaged: &HashMap<Digest, String>,
+    report: &mut RepairReport,
+) -> Result<()> {
     let mut redo: Vec<LayerMeta> = Vec::new();
     let mut in_redo: HashSet<Digest> = HashSet::new();
-    for l in &order {
+    for l in layers_bottom_up(store)? {
         let under_damage = l.parent.as_ref().is_some_and(|p| in_redo.contains(p));
         if damaged.contains_key(&l.chain_id) || under_damage {
             in_redo.insert(l.chain_id.clone());
-            redo.push(l.clone());
+            redo.push(l);
         }
     }
     let mut staging = Staging::for_repair(store, driver, puller.options.max_layer_bytes);
@@ -152,26 +172,17 @@ pub fn repair(store: &Store, driver: &dyn GraphDriver, puller: &Puller<'_>) -> R
             broken.insert(l.chain_id.clone());
             continue;
         }
-        let sources = store.layers.blob_sources(&l.diff_id);
-        let mut fetched = None;
-        let mut why = String::from("no registry source is recorded for it");
-        for (blob, repo) in &sources {
-            match puller.fetch_blob(repo, blob) {
-                Ok(s) => {
-                    fetched = Some((s, blob.clone(), repo.clone()));
-                    break;
-                }
-                Err(e) => why = format!("fetching {blob} from {repo}: {e}"),
+        let (spooled, blob, repo) = match fetch_layer(store, puller, l) {
+            Ok(fetched) => fetched,
+            Err(why) => {
+                broken.insert(l.chain_id.clone());
+                report.unrepairable.push(format!(
+                    "layer {}: {why}; pull or load again: {}",
+                    l.chain_id,
+                    images_using(store, &l.chain_id).join(", ")
+                ));
+                continue;
             }
-        }
-        let Some((spooled, blob, repo)) = fetched else {
-            broken.insert(l.chain_id.clone());
-            report.unrepairable.push(format!(
-                "layer {}: {why}; pull or load again: {}",
-                l.chain_id,
-                images_using(store, &l.chain_id).join(", ")
-            ));
-            continue;
         };
         let file = spooled
             .open()
@@ -195,5 +206,22 @@ pub fn repair(store: &Store, driver: &dyn GraphDriver, puller: &Puller<'_>) -> R
         ));
     }
     staging.replace()?;
-    Ok(report)
+    Ok(())
+}
+
+/// Layer `l`'s blob fetched again from the first recorded source that
+/// serves it: the spooled blob, its digest and repository; or why not.
+fn fetch_layer(
+    store: &Store,
+    puller: &Puller<'_>,
+    l: &LayerMeta,
+) -> std::result::Result<(crate::pull::Spooled, Digest, String), String> {
+    let mut why = String::from("no registry source is recorded for it");
+    for (blob, repo) in store.layers.blob_sources(&l.diff_id) {
+        match puller.fetch_blob(&repo, &blob) {
+            Ok(s) => return Ok((s, blob, repo)),
+            Err(e) => why = format!("fetching {blob} from {repo}: {e}"),
+        }
+    }
+    Err(why)
 }

@@ -18,8 +18,8 @@ use crate::reference::Reference;
 use crate::store::Store;
 use crate::tarsplit::assemble;
 use crate::verify::HashingReader;
-use serde_json::json;
-use std::collections::HashSet;
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 
@@ -106,7 +106,38 @@ pub fn save(
     format: Format,
     out: &mut dyn Write,
 ) -> Result<()> {
-    // Group the names by image, keeping the tags that were asked for.
+    let images = gather(store, names)?;
+    let mut w = Writer {
+        b: tar::Builder::new(out),
+        written: HashSet::new(),
+        tar_lens: HashMap::new(),
+    };
+    let mut docker_manifest = Vec::new();
+    let mut index = Vec::new();
+    for img in &images {
+        docker_manifest.push(w.image(store, img, &mut index)?);
+    }
+    w.put("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    w.put(
+        "index.json",
+        &serde_json::to_vec(
+            &json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": index}),
+        )
+        .expect("serialisable"),
+    )?;
+    if format == Format::Docker {
+        w.put(
+            "manifest.json",
+            &serde_json::to_vec(&docker_manifest).expect("serialisable"),
+        )?;
+    }
+    w.layers(store, driver, &images)?;
+    w.b.into_inner().map_err(io_err)?.flush().map_err(io_err)?;
+    Ok(())
+}
+
+/// The images `names` name, each once, with the tags that were asked for.
+fn gather(store: &Store, names: &[String]) -> Result<Vec<Image>> {
     let mut images: Vec<Image> = Vec::new();
     for n in names {
         let id = lookup(store, n)?;
@@ -126,21 +157,32 @@ pub fn save(
             tags: tag.into_iter().collect(),
         });
     }
-    let mut b = tar::Builder::new(out);
-    let mut written: HashSet<Digest> = HashSet::new();
-    let put = |b: &mut tar::Builder<&mut dyn Write>, name: &str, data: &[u8]| -> Result<()> {
-        b.append_data(&mut header(data.len() as u64), name, data)
+    Ok(images)
+}
+
+/// The archive being written, and what is in it already.
+struct Writer<'w> {
+    b: tar::Builder<&'w mut dyn Write>,
+    /// Blobs written (or, for layers, planned), so each goes in once.
+    written: HashSet<Digest>,
+    /// Each layer's tar length, read once from its record for the manifest
+    /// and used again when the layer is written.
+    tar_lens: HashMap<Digest, u64>,
+}
+
+impl Writer<'_> {
+    fn put(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        self.b
+            .append_data(&mut header(data.len() as u64), name, data)
             .map_err(io_err)
-    };
-    // Each layer's tar length, read once from its record for the manifest
-    // and used again when the layer is written.
-    let mut tar_lens: std::collections::HashMap<Digest, u64> = std::collections::HashMap::new();
-    let mut docker_manifest = Vec::new();
-    let mut index = Vec::new();
-    for img in &images {
+    }
+
+    /// Writes `img`'s config and manifest, adds its descriptors (one per
+    /// tag) to `index`; its `manifest.json` entry.
+    fn image(&mut self, store: &Store, img: &Image, index: &mut Vec<Value>) -> Result<Value> {
         let config_name = format!("blobs/sha256/{}", img.id.hex());
-        if written.insert(img.id.clone()) {
-            put(&mut b, &config_name, &img.config)?;
+        if self.written.insert(img.id.clone()) {
+            self.put(&config_name, &img.config)?;
         }
         let mut layer_names = Vec::new();
         let mut descriptors = Vec::new();
@@ -149,11 +191,11 @@ pub fn save(
         }
         for l in img.layers.iter().filter(|_| img.original.is_none()) {
             let name = format!("blobs/sha256/{}", l.diff_id.hex());
-            let tar_len = match tar_lens.get(&l.diff_id) {
+            let tar_len = match self.tar_lens.get(&l.diff_id) {
                 Some(n) => *n,
                 None => store.layers.tar_split(&l.chain_id)?.tar_len()?,
             };
-            tar_lens.insert(l.diff_id.clone(), tar_len);
+            self.tar_lens.insert(l.diff_id.clone(), tar_len);
             descriptors.push(json!({"mediaType": LAYER_TYPE, "digest": l.diff_id, "size": tar_len}));
             layer_names.push(name);
         }
@@ -172,8 +214,8 @@ pub fn save(
         };
         let manifest_digest = Digest::of(&manifest);
         debug_assert!(img.original.as_ref().is_none_or(|o| o.digest == manifest_digest));
-        if written.insert(manifest_digest.clone()) {
-            put(&mut b, &format!("blobs/sha256/{}", manifest_digest.hex()), &manifest)?;
+        if self.written.insert(manifest_digest.clone()) {
+            self.put(&format!("blobs/sha256/{}", manifest_digest.hex()), &manifest)?;
         }
         let descriptor = |tag: Option<&Reference>| {
             let mut d = json!({"mediaType": manifest_type, "digest": manifest_digest, "size": manifest.len()});
@@ -191,49 +233,35 @@ pub fn save(
         for t in &img.tags {
             index.push(descriptor(Some(t)));
         }
-        docker_manifest.push(json!({
+        Ok(json!({
             "Config": config_name,
             "RepoTags": img.tags.iter().map(|t| t.familiar_string()).collect::<Vec<_>>(),
             "Layers": layer_names,
-        }));
+        }))
     }
-    put(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    put(
-        &mut b,
-        "index.json",
-        &serde_json::to_vec(
-            &json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": index}),
-        )
-        .expect("serialisable"),
-    )?;
-    if format == Format::Docker {
-        put(
-            &mut b,
-            "manifest.json",
-            &serde_json::to_vec(&docker_manifest).expect("serialisable"),
-        )?;
-    }
-    // Layers last, in the order they stack: a reader that streams the
-    // archive knows every image before the first layer arrives, and can
-    // apply each layer as it comes instead of spooling it.
-    for img in &images {
-        if let Some(o) = &img.original {
-            for (d, size) in &o.layers {
-                if written.insert(d.clone()) {
-                    write_blob(&mut b, store, d, *size)?;
+
+    /// Layers last, in the order they stack: a reader that streams the
+    /// archive knows every image before the first layer arrives, and can
+    /// apply each layer as it comes instead of spooling it.
+    fn layers(&mut self, store: &Store, driver: &dyn GraphDriver, images: &[Image]) -> Result<()> {
+        for img in images {
+            if let Some(o) = &img.original {
+                for (d, size) in &o.layers {
+                    if self.written.insert(d.clone()) {
+                        write_blob(&mut self.b, store, d, *size)?;
+                    }
+                }
+                continue;
+            }
+            for l in &img.layers {
+                if self.written.insert(l.diff_id.clone()) {
+                    let name = format!("blobs/sha256/{}", l.diff_id.hex());
+                    write_layer(&mut self.b, store, driver, &name, l, self.tar_lens[&l.diff_id])?;
                 }
             }
-            continue;
         }
-        for l in &img.layers {
-            if written.insert(l.diff_id.clone()) {
-                let name = format!("blobs/sha256/{}", l.diff_id.hex());
-                write_layer(&mut b, store, driver, &name, l, tar_lens[&l.diff_id])?;
-            }
-        }
+        Ok(())
     }
-    b.into_inner().map_err(io_err)?.flush().map_err(io_err)?;
-    Ok(())
 }
 
 /// Copies a blob from the content store into the archive as it is,

@@ -273,60 +273,18 @@ impl<'a> Staging<'a> {
         self.driver.create(&cache_id, parent_cache.as_deref())?;
         self.times.lock().unwrap().create += t.elapsed();
         let t = Instant::now();
-        let driver = self.driver;
         let record_out = RecordWriter::new(Box::new(std::io::BufWriter::with_capacity(256 << 10, record_file)));
-        let (applied, fed, hash, record) = if compressed_size.is_some_and(|n| n <= INLINE_MAX) {
-            // A small layer: read whole (it is, or soon will be, downloaded)
-            // and fed to the driver from this thread, no pipe, no second thread.
-            let mut bytes = Vec::new();
-            if let Err(e) = blob.take(INLINE_MAX + 1).read_to_end(&mut bytes) {
-                return Err(Error::Integrity(format!("layer {label}: corrupt layer: {e}")));
-            }
-            let (split, hash, record) =
-                self.layer_stream(std::io::Cursor::new(bytes), label, record_out, rules.clone())?;
-            let failure = Arc::new(Mutex::new(None));
-            let recorded = Recording {
-                inner: split,
-                failure: failure.clone(),
-            };
-            let applied = driver.apply_diff(&cache_id, parent_cache.as_deref(), Box::new(recorded));
-            self.early_flush.streamed(hash.bytes());
-            let fed = match failure.lock().unwrap().take() {
-                Some(e) => Err(e),
-                None => Ok(()),
-            };
-            (applied, fed, hash, record)
-        } else {
-            let (split, hash, record) = self.layer_stream(blob, label, record_out, rules.clone())?;
-            let (pipe, tx) = std::io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
-            // A larger pipe means fewer wake-ups between the two threads.
-            let _ = rustix::pipe::fcntl_setpipe_size(&tx, 1 << 20);
-            let early_flush = &self.early_flush;
-            // Decompress, hash and split on a second thread while the driver unpacks.
-            let (applied, fed) = std::thread::scope(|s| {
-                let feeder = s.spawn(move || feed(split, tx, early_flush));
-                let applied = driver.apply_diff(&cache_id, parent_cache.as_deref(), Box::new(pipe));
-                (applied, feeder.join().expect("layer feeder panicked"))
-            });
-            (applied, fed, hash, record)
-        };
-        // A decompression failure or a refused entry is the cause of
-        // whatever the driver saw.
-        match fed {
-            Err(e) if e.get_ref().is_some_and(|i| i.is::<Refusal>()) => {
-                return Err(Error::Integrity(format!("layer {label}: {e}")))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => return Err(Error::Integrity(e.to_string())),
-            Err(e) => return Err(Error::Integrity(format!("layer {label}: corrupt layer: {e}"))),
-            Ok(()) => {}
-        }
-        let size = applied.map_err(|e| match e.class {
-            ErrorClass::Invalid => Error::Integrity(format!("layer {label}: {}", e.message)),
-            _ => Error::Plugin(PluginError::new(
-                e.class,
-                format!("applying layer {label}: {}", e.message),
-            )),
-        })?;
+        let parent_cache = parent_cache.as_deref();
+        let (applied, fed, hash, record) = self.unpack(
+            blob,
+            compressed_size,
+            label,
+            &cache_id,
+            parent_cache,
+            record_out,
+            rules.clone(),
+        )?;
+        let size = applied_size(label, fed, applied)?;
         self.times.lock().unwrap().apply += t.elapsed();
         let (got, _) = hash.finish();
         if let Some(want) = expect.filter(|want| *want != &got) {
@@ -334,21 +292,7 @@ impl<'a> Staging<'a> {
                 "layer {label}: diffID mismatch: the image config says {want}, the content is {got}"
             )));
         }
-        let mut record = record.lock().unwrap();
-        record
-            .finish()
-            .map_err(|e| Error::io("writing the tar-split record", e))?;
-        // The size is the core's own count of the stream, not the driver's word.
-        let counted = record.file_bytes();
-        if counted != size {
-            return Err(Error::Plugin(PluginError::new(
-                ErrorClass::Invalid,
-                format!(
-                    "driver {} said it applied {size} bytes of layer {label}, whose files hold {counted}",
-                    self.driver.name()
-                ),
-            )));
-        }
+        self.finish_record(&record, size, label)?;
         let st = self.staged.last_mut().expect("just pushed");
         st.meta.diff_id = got.clone();
         st.meta.chain_id = Digest::chain(parent, &got);
@@ -390,6 +334,85 @@ impl<'a> Staging<'a> {
         let (hashed, hash) = HashingReader::new(bounded);
         let (split, record) = Splitter::new(hashed, record_out);
         Ok((split.with_rules(rules), hash, record))
+    }
+
+    /// Finishes a layer's tar-split record and checks the driver's `size`
+    /// against it: the size is the core's own count of the stream, not the
+    /// driver's word.
+    fn finish_record(&self, record: &Mutex<RecordWriter>, size: u64, label: &str) -> Result<()> {
+        let mut record = record.lock().unwrap();
+        record
+            .finish()
+            .map_err(|e| Error::io("writing the tar-split record", e))?;
+        let counted = record.file_bytes();
+        if counted != size {
+            return Err(Error::Plugin(PluginError::new(
+                ErrorClass::Invalid,
+                format!(
+                    "driver {} said it applied {size} bytes of layer {label}, whose files hold {counted}",
+                    self.driver.name()
+                ),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Feeds layer `blob` to the driver for `cache_id`: a small one read
+    /// whole and fed from this thread, a larger one decompressed, hashed
+    /// and split on a second thread while the driver unpacks. What the
+    /// driver said, how feeding it went, the hash and the record.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn unpack(
+        &self,
+        blob: Box<dyn Read + Send + '_>,
+        compressed_size: Option<u64>,
+        label: &str,
+        cache_id: &str,
+        parent_cache: Option<&str>,
+        record_out: RecordWriter,
+        rules: Arc<Mutex<LayerRules>>,
+    ) -> Result<(
+        std::result::Result<u64, PluginError>,
+        std::io::Result<()>,
+        Arc<crate::verify::HashState>,
+        Arc<Mutex<RecordWriter>>,
+    )> {
+        let driver = self.driver;
+        if compressed_size.is_some_and(|n| n <= INLINE_MAX) {
+            // A small layer: read whole (it is, or soon will be, downloaded)
+            // and fed to the driver from this thread, no pipe, no second thread.
+            let mut bytes = Vec::new();
+            if let Err(e) = blob.take(INLINE_MAX + 1).read_to_end(&mut bytes) {
+                return Err(Error::Integrity(format!("layer {label}: corrupt layer: {e}")));
+            }
+            let (split, hash, record) =
+                self.layer_stream(std::io::Cursor::new(bytes), label, record_out, rules.clone())?;
+            let failure = Arc::new(Mutex::new(None));
+            let recorded = Recording {
+                inner: split,
+                failure: failure.clone(),
+            };
+            let applied = driver.apply_diff(cache_id, parent_cache, Box::new(recorded));
+            self.early_flush.streamed(hash.bytes());
+            let fed = match failure.lock().unwrap().take() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
+            Ok((applied, fed, hash, record))
+        } else {
+            let (split, hash, record) = self.layer_stream(blob, label, record_out, rules.clone())?;
+            let (pipe, tx) = std::io::pipe().map_err(|e| Error::io("starting a layer pipe", e))?;
+            // A larger pipe means fewer wake-ups between the two threads.
+            let _ = rustix::pipe::fcntl_setpipe_size(&tx, 1 << 20);
+            let early_flush = &self.early_flush;
+            // Decompress, hash and split on a second thread while the driver unpacks.
+            let (applied, fed) = std::thread::scope(|s| {
+                let feeder = s.spawn(move || feed(split, tx, early_flush));
+                let applied = driver.apply_diff(cache_id, parent_cache, Box::new(pipe));
+                (applied, feeder.join().expect("layer feeder panicked"))
+            });
+            Ok((applied, fed, hash, record))
+        }
     }
 
     /// The layer rules of the stack `parent` completes (an empty stack for
@@ -617,6 +640,26 @@ impl Drop for Staging<'_> {
 
 /// Layers this small (compressed) are applied without a feeder thread.
 const INLINE_MAX: u64 = 1 << 20;
+
+/// The size the driver applied, or why the layer failed: a decompression
+/// failure or a refused entry is the cause of whatever the driver saw.
+fn applied_size(label: &str, fed: std::io::Result<()>, applied: std::result::Result<u64, PluginError>) -> Result<u64> {
+    match fed {
+        Err(e) if e.get_ref().is_some_and(|i| i.is::<Refusal>()) => {
+            return Err(Error::Integrity(format!("layer {label}: {e}")))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => return Err(Error::Integrity(e.to_string())),
+        Err(e) => return Err(Error::Integrity(format!("layer {label}: corrupt layer: {e}"))),
+        Ok(()) => {}
+    }
+    applied.map_err(|e| match e.class {
+        ErrorClass::Invalid => Error::Integrity(format!("layer {label}: {}", e.message)),
+        _ => Error::Plugin(PluginError::new(
+            e.class,
+            format!("applying layer {label}: {}", e.message),
+        )),
+    })
+}
 
 /// A reader that keeps its first failure (a corrupt or oversized layer),
 /// which is then reported as the cause of whatever the driver saw.

@@ -40,13 +40,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// How a pull behaves: limits, retries and back-off, cancellation.
 #[derive(Debug, Clone)]
 pub struct PullOptions {
     /// The platform to pick from a manifest list; `None` means the host's.
     pub platform: Option<Platform>,
     pub max_concurrent_downloads: usize,
     /// How many times a transient failure of one blob download is retried
-    /// (resuming where it broke off).
+    /// (resuming where it broke off), under [`crate::retry`]'s policy.
     pub retries: u32,
     /// How many times a transient failure of a manifest or config request is retried.
     pub request_retries: u32,

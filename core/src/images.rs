@@ -10,6 +10,76 @@ use crate::reference::Reference;
 use crate::store::{LayerMeta, Store};
 use std::collections::HashSet;
 
+/// One stored image as listings show it: the CLI's `images` table and the
+/// daemon's `GET /images/json` (and its prune) render this one record.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub id: Digest,
+    /// Every reference naming it, tags and digests.
+    pub refs: Vec<Reference>,
+    /// When it was built, in seconds since the epoch (0 when its config
+    /// does not say, as Docker shows it).
+    pub created: i64,
+    /// What its layers hold unpacked.
+    pub size: u64,
+    /// The config's `Labels` (an object; empty when it has none).
+    pub labels: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Summary {
+    /// Docker's `RepoTags` and `RepoDigests`: familiar names, sorted.
+    pub fn repo_names(&self) -> (Vec<String>, Vec<String>) {
+        repo_names(self.refs.iter())
+    }
+}
+
+/// Splits references into Docker's `RepoTags` and `RepoDigests`, each
+/// sorted, in their familiar form.
+pub fn repo_names<'r>(refs: impl Iterator<Item = &'r Reference>) -> (Vec<String>, Vec<String>) {
+    let (mut tags, mut digests) = (Vec::new(), Vec::new());
+    for r in refs {
+        if r.digest.is_some() {
+            digests.push(r.familiar_string());
+        } else if r.tag.is_some() {
+            tags.push(r.familiar_string());
+        }
+    }
+    tags.sort();
+    digests.sort();
+    (tags, digests)
+}
+
+/// Every stored image's summary, in the image store's order.
+pub fn summaries(store: &Store) -> Result<Vec<Summary>> {
+    let all = store.refs.all()?;
+    let mut out = Vec::new();
+    for id in store.images.list()? {
+        let (config, layers) = layers_of(store, &id)?;
+        let created = config
+            .raw
+            .get("created")
+            .and_then(|c| c.as_str())
+            .and_then(crate::date::parse_rfc3339)
+            .unwrap_or(0);
+        let labels = config
+            .raw
+            .get("config")
+            .and_then(|c| c.get("Labels"))
+            .and_then(|l| l.as_object())
+            .cloned()
+            .unwrap_or_default();
+        let refs = all.iter().filter(|(_, i)| *i == id).map(|(r, _)| r.clone()).collect();
+        out.push(Summary {
+            size: layers.iter().map(|l| l.size).sum(),
+            id,
+            refs,
+            created,
+            labels,
+        });
+    }
+    Ok(out)
+}
+
 /// Finds an image by reference (`name`, `name:tag`, `name@digest`), full ID
 /// (`sha256:…`) or unambiguous ID prefix, as Docker does.
 pub fn lookup(store: &Store, s: &str) -> Result<Digest> {

@@ -4,6 +4,7 @@
 //! daemon does not serve (containers, volumes…), never a hang.
 
 use bytes::Bytes;
+use gantry_core::images::Summary;
 use gantry_core::text::escape_line;
 use gantry_serve::percent_decode;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
@@ -46,6 +47,24 @@ impl EngineError {
     }
 }
 
+/// One image in Docker's `GET /images/json` shape (what its filters and
+/// prune's read, too).
+fn summary_json(s: &Summary) -> Value {
+    let (tags, digests) = s.repo_names();
+    json!({
+        "Id": s.id.to_string(),
+        "ParentId": "",
+        "RepoTags": tags,
+        "RepoDigests": digests,
+        "Created": s.created,
+        "Size": s.size,
+        "SharedSize": -1,
+        "VirtualSize": s.size,
+        "Labels": s.labels,
+        "Containers": -1,
+    })
+}
+
 /// Credentials a client sent in `X-Registry-Auth`.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryAuth {
@@ -57,8 +76,9 @@ pub struct RegistryAuth {
 /// What the daemon's image routes call: the binary implements it over the
 /// same core pipelines as the CLI. Every method may block.
 pub trait Engine: Send + Sync + 'static {
-    /// `GET /images/json`: image summaries as Docker gives them.
-    fn list(&self) -> Result<Vec<Value>, EngineError>;
+    /// `GET /images/json`: every image's summary (rendered here in
+    /// Docker's shape).
+    fn list(&self) -> Result<Vec<Summary>, EngineError>;
     /// `GET /info`: what this daemon's store holds and runs on, in Docker's
     /// `system info` keys (`Images`, `Driver`, `DockerRootDir`, …).
     fn info(&self) -> Result<Value, EngineError>;
@@ -99,7 +119,7 @@ pub trait Engine: Send + Sync + 'static {
     /// `POST /images/prune`: removes the images `select` picks (given each
     /// image's summary, as `list` makes it); Docker's
     /// `{"ImagesDeleted": […], "SpaceReclaimed": N}`.
-    fn prune(&self, select: &(dyn Fn(&Value) -> bool + Sync)) -> Result<Value, EngineError>;
+    fn prune(&self, select: &(dyn Fn(&Summary) -> bool + Sync)) -> Result<Value, EngineError>;
     /// `POST /auth`: checks credentials against a registry as `docker
     /// login` asks (the client stores them; the daemon keeps nothing).
     fn auth(&self, server: &str, auth: RegistryAuth) -> Result<(), EngineError>;
@@ -530,7 +550,7 @@ async fn route(
             return answer(blocking(move || engine.list()).await, |v| {
                 json_response(
                     StatusCode::OK,
-                    &Value::Array(v.into_iter().filter_map(|i| filters.apply(i)).collect()),
+                    &Value::Array(v.iter().map(summary_json).filter_map(|i| filters.apply(i)).collect()),
                 )
             });
         }
@@ -550,7 +570,7 @@ async fn route(
                 Err(m) => return error(StatusCode::BAD_REQUEST, &m),
             };
             return answer(
-                blocking(move || engine.prune(&|image| filters.selects(image))).await,
+                blocking(move || engine.prune(&|image| filters.selects(&summary_json(image)))).await,
                 |v| json_response(StatusCode::OK, &v),
             );
         }

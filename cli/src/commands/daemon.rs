@@ -4,7 +4,7 @@
 use crate::context::Context;
 use crate::output::parse_rfc3339;
 use anyhow::{bail, Result};
-use gantry_core::images::layers_of;
+use gantry_core::images::Summary;
 use gantry_core::pull::{Progress, PullOptions, Status};
 use gantry_core::{ErrorClass, Reference};
 use gantry_daemon::api::{ImportRequest, RegistryAuth};
@@ -355,7 +355,7 @@ impl Engine for Daemon {
         Ok(())
     }
 
-    fn prune(&self, select: &(dyn Fn(&Value) -> bool + Sync)) -> Result<Value, EngineError> {
+    fn prune(&self, select: &(dyn Fn(&Summary) -> bool + Sync)) -> Result<Value, EngineError> {
         // Work in flight: other tenants' guest code gives way meanwhile.
         let _busy = self.ctx.host.busy();
         let store = &self.ctx.store;
@@ -366,17 +366,15 @@ impl Engine for Daemon {
             if !select(&image) {
                 continue;
             }
-            let Some(id) = image["Id"].as_str() else { continue };
-            let size = image["Size"].as_u64().unwrap_or(0);
             // A tagged image (pruned with `dangling=false`) loses every tag.
-            let lines = match gantry_core::images::remove(store, driver, id, true) {
+            let lines = match gantry_core::images::remove(store, driver, &image.id.to_string(), true) {
                 Ok(lines) => lines,
                 // Removed meanwhile by another client.
                 Err(gantry_core::Error::NoSuchImage(_)) => continue,
                 Err(e) => return Err(engine_error(e)),
             };
             deleted.extend(removal_messages(&lines));
-            reclaimed += size;
+            reclaimed += image.size;
         }
         Ok(
             json!({ "ImagesDeleted": if deleted.is_empty() { Value::Null } else { Value::Array(deleted) }, "SpaceReclaimed": reclaimed }),
@@ -443,41 +441,8 @@ impl Engine for Daemon {
         }))
     }
 
-    fn list(&self) -> Result<Vec<Value>, EngineError> {
-        let store = &self.ctx.store;
-        let all = store.refs.all().map_err(engine_error)?;
-        let mut out = Vec::new();
-        for id in store.images.list().map_err(engine_error)? {
-            let (config, layers) = layers_of(store, &id).map_err(engine_error)?;
-            let (tags, digests) = super::inspect::repo_names(all.iter().filter(|(_, i)| *i == id).map(|(r, _)| r));
-            let created = config
-                .raw
-                .get("created")
-                .and_then(|c| c.as_str())
-                .and_then(parse_rfc3339)
-                .unwrap_or(0);
-            let labels = config
-                .raw
-                .get("config")
-                .and_then(|c| c.get("Labels"))
-                .filter(|l| l.is_object())
-                .cloned()
-                .unwrap_or_else(|| json!({}));
-            let size: u64 = layers.iter().map(|l| l.size).sum();
-            out.push(json!({
-                "Id": id,
-                "ParentId": "",
-                "RepoTags": tags,
-                "RepoDigests": digests,
-                "Created": created,
-                "Size": size,
-                "SharedSize": -1,
-                "VirtualSize": size,
-                "Labels": labels,
-                "Containers": -1,
-            }));
-        }
-        Ok(out)
+    fn list(&self) -> Result<Vec<Summary>, EngineError> {
+        gantry_core::images::summaries(&self.ctx.store).map_err(engine_error)
     }
 
     fn inspect(&self, name: &str) -> Result<Value, EngineError> {

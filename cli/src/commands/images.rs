@@ -2,9 +2,9 @@
 
 use crate::cli::Format;
 use crate::context::Context;
-use crate::output::{human_age, human_size, now_secs, parse_rfc3339};
+use crate::output::{human_age, human_size, now_secs};
 use anyhow::Result;
-use gantry_core::images::layers_of;
+use gantry_core::images::Summary;
 use std::process::ExitCode;
 
 struct Row {
@@ -17,37 +17,48 @@ struct Row {
 }
 
 pub fn run(ctx: &Context, format: Format, quiet: bool) -> Result<ExitCode> {
-    let all_refs = ctx.store.refs.all()?;
+    let rows = rows(gantry_core::images::summaries(&ctx.store)?);
+    if quiet {
+        let mut seen = std::collections::HashSet::new();
+        for r in &rows {
+            if seen.insert(r.id.clone()) {
+                println!("{}", &r.id[7..19]);
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    match format {
+        Format::Json => print_json(&rows),
+        Format::Table => print_table(&rows),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Docker's rows: one per tag, or one `<none>` row for an untagged image;
+/// newest first.
+fn rows(summaries: Vec<Summary>) -> Vec<Row> {
     let mut rows = Vec::new();
-    for id in ctx.store.images.list()? {
-        let (config, layers) = layers_of(&ctx.store, &id)?;
-        let size = layers.iter().map(|l| l.size).sum();
-        let created = config
-            .raw
-            .get("created")
-            .and_then(|c| c.as_str())
-            .and_then(parse_rfc3339)
-            .unwrap_or(0);
-        let refs: Vec<_> = all_refs.iter().filter(|(_, i)| *i == id).map(|(r, _)| r).collect();
+    for s in summaries {
         let digest_of = |name: &str| {
-            refs.iter()
+            s.refs
+                .iter()
                 .find(|r| r.familiar_name() == name && r.digest.is_some())
                 .and_then(|r| r.digest.as_ref())
                 .map(|d| d.to_string())
                 .unwrap_or_else(|| "<none>".to_string())
         };
-        let mut tagged: Vec<_> = refs.iter().filter(|r| r.tag.is_some()).collect();
+        let mut tagged: Vec<_> = s.refs.iter().filter(|r| r.tag.is_some()).collect();
         tagged.sort_by_key(|r| r.familiar_string());
         let mk = |repository: String, tag: String, digest: String| Row {
             repository,
             tag,
             digest,
-            id: id.to_string(),
-            created,
-            size,
+            id: s.id.to_string(),
+            created: s.created,
+            size: s.size,
         };
         if tagged.is_empty() {
-            match refs.first() {
+            match s.refs.first() {
                 Some(r) => rows.push(mk(r.familiar_name(), "<none>".into(), digest_of(&r.familiar_name()))),
                 None => rows.push(mk("<none>".into(), "<none>".into(), "<none>".into())),
             }
@@ -63,56 +74,48 @@ pub fn run(ctx: &Context, format: Format, quiet: bool) -> Result<ExitCode> {
             .then(a.repository.cmp(&b.repository))
             .then(a.tag.cmp(&b.tag))
     });
+    rows
+}
+
+fn print_json(rows: &[Row]) {
     let now = now_secs();
-    if quiet {
-        let mut seen = std::collections::HashSet::new();
-        for r in &rows {
-            if seen.insert(r.id.clone()) {
-                println!("{}", &r.id[7..19]);
-            }
-        }
-        return Ok(ExitCode::SUCCESS);
+    for r in rows {
+        let v = serde_json::json!({
+            "Containers": "N/A",
+            "CreatedAt": gantry_core::date::rfc3339(r.created, 0),
+            "CreatedSince": human_age(now - r.created),
+            "Digest": r.digest,
+            "ID": &r.id[7..19],
+            "Repository": r.repository,
+            "SharedSize": "N/A",
+            "Size": human_size(r.size),
+            "Tag": r.tag,
+            "UniqueSize": "N/A",
+            "VirtualSize": human_size(r.size),
+        });
+        println!("{v}");
     }
-    match format {
-        Format::Json => {
-            for r in &rows {
-                let v = serde_json::json!({
-                    "Containers": "N/A",
-                    "CreatedAt": gantry_core::date::rfc3339(r.created, 0),
-                    "CreatedSince": human_age(now - r.created),
-                    "Digest": r.digest,
-                    "ID": &r.id[7..19],
-                    "Repository": r.repository,
-                    "SharedSize": "N/A",
-                    "Size": human_size(r.size),
-                    "Tag": r.tag,
-                    "UniqueSize": "N/A",
-                    "VirtualSize": human_size(r.size),
-                });
-                println!("{v}");
-            }
-        }
-        Format::Table => {
-            let w_repo = rows.iter().map(|r| r.repository.len()).max().unwrap_or(0).max(10);
-            let w_tag = rows.iter().map(|r| r.tag.len()).max().unwrap_or(0).max(3);
-            // Columns as wide as their widest cell, as Docker's tabwriter.
-            let ages: Vec<String> = rows.iter().map(|r| human_age(now - r.created)).collect();
-            let w_age = ages.iter().map(|a| a.chars().count()).max().unwrap_or(0).max(7);
-            println!(
-                "{:<w_repo$}   {:<w_tag$}   {:<12}   {:<w_age$}   SIZE",
-                "REPOSITORY", "TAG", "IMAGE ID", "CREATED"
-            );
-            for (r, age) in rows.iter().zip(&ages) {
-                println!(
-                    "{:<w_repo$}   {:<w_tag$}   {:<12}   {:<w_age$}   {}",
-                    r.repository,
-                    r.tag,
-                    &r.id[7..19],
-                    age,
-                    human_size(r.size)
-                );
-            }
-        }
+}
+
+fn print_table(rows: &[Row]) {
+    let now = now_secs();
+    let w_repo = rows.iter().map(|r| r.repository.len()).max().unwrap_or(0).max(10);
+    let w_tag = rows.iter().map(|r| r.tag.len()).max().unwrap_or(0).max(3);
+    // Columns as wide as their widest cell, as Docker's tabwriter.
+    let ages: Vec<String> = rows.iter().map(|r| human_age(now - r.created)).collect();
+    let w_age = ages.iter().map(|a| a.chars().count()).max().unwrap_or(0).max(7);
+    println!(
+        "{:<w_repo$}   {:<w_tag$}   {:<12}   {:<w_age$}   SIZE",
+        "REPOSITORY", "TAG", "IMAGE ID", "CREATED"
+    );
+    for (r, age) in rows.iter().zip(&ages) {
+        println!(
+            "{:<w_repo$}   {:<w_tag$}   {:<12}   {:<w_age$}   {}",
+            r.repository,
+            r.tag,
+            &r.id[7..19],
+            age,
+            human_size(r.size)
+        );
     }
-    Ok(ExitCode::SUCCESS)
 }

@@ -19,28 +19,13 @@ pub fn run(ctx: &Context, images: &[String]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// An image's `RepoTags` and `RepoDigests`, sorted, from its references.
-pub fn repo_names<'r>(refs: impl Iterator<Item = &'r gantry_core::Reference>) -> (Vec<String>, Vec<String>) {
-    let (mut tags, mut digests) = (Vec::new(), Vec::new());
-    for r in refs {
-        if r.digest.is_some() {
-            digests.push(r.familiar_string());
-        } else if r.tag.is_some() {
-            tags.push(r.familiar_string());
-        }
-    }
-    tags.sort();
-    digests.sort();
-    (tags, digests)
-}
-
 /// One image as `docker image inspect` (and the Engine API) shows it.
 pub fn image_json(ctx: &Context, name: &str) -> Result<Value, gantry_core::Error> {
     {
         let id = lookup(&ctx.store, name)?;
         let (config, layers) = layers_of(&ctx.store, &id)?;
         let refs = ctx.store.refs.refs_of(&id)?;
-        let (tags, digests) = repo_names(refs.iter());
+        let (tags, digests) = gantry_core::images::repo_names(refs.iter());
         let raw = &config.raw;
         let get = |k: &str| raw.get(k).cloned().unwrap_or(Value::Null);
         let str_or_empty = |k: &str| raw.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();

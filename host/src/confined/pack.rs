@@ -19,6 +19,17 @@ pub enum ChangeKind {
     Delete,
 }
 
+impl ChangeKind {
+    /// The kind as the driver contract spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Modify => "modify",
+            ChangeKind::Add => "add",
+            ChangeKind::Delete => "delete",
+        }
+    }
+}
+
 /// One difference between two trees; `path` is relative, without a leading
 /// `/`, and bytes (names need not be UTF-8).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,7 +14,7 @@
 //! is written. A run of zeros in a file is written as a hole, so a file of
 //! gigabytes of zeros costs neither the disk nor the time to write it.
 
-use super::tree::{ignore_eperm, list, proc_path, remove_tree};
+use super::tree::{chown_nofollow, create_new, ignore_eperm, list, proc_path, remove_tree};
 use super::{components_os, invalid, open_dir_beneath};
 use gantry_core::tarsplit::{EntryHeader, HeaderQueue, HeaderTap};
 use gantry_core::text::quote_bytes;
@@ -202,13 +202,7 @@ impl Unpacker<'_> {
 
     /// Writes a regular file's contents; a run of zeros is a hole.
     fn write_file<R: Read>(&mut self, e: &mut tar::Entry<'_, R>, pd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-        let fd = rustix::fs::openat(
-            pd,
-            name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )?;
-        let mut f = std::fs::File::from(fd);
+        let mut f = std::fs::File::from(create_new(pd, name, 0o600)?);
         let want = e.size().clamp(1, 1 << 20) as usize;
         if self.buf.len() < want {
             self.buf.resize(want, 0);
@@ -341,14 +335,7 @@ fn make_node(h: &tar::Header, etype: tar::EntryType, pd: BorrowedFd<'_>, name: &
 fn apply_meta(pd: BorrowedFd<'_>, name: &OsStr, etype: tar::EntryType, meta: &Meta, euid_root: bool) -> io::Result<()> {
     let is_dir = etype.is_dir();
     if euid_root || !is_dir {
-        rustix::fs::chownat(
-            pd,
-            name,
-            Some(rustix::fs::Uid::from_raw(meta.uid)),
-            Some(rustix::fs::Gid::from_raw(meta.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .or_else(ignore_eperm)?;
+        chown_nofollow(pd, name, meta.uid, meta.gid)?;
     }
     // A link has no mode of its own, and chmod would follow it: never
     // for a symlink, nor for a hard link to one.

@@ -18,7 +18,7 @@ use super::tree::{chown_nofollow, create_new, ignore_eperm, list, proc_path, rem
 use super::{components_os, invalid, open_dir_beneath};
 use gantry_core::tarsplit::{EntryHeader, HeaderQueue, HeaderTap};
 use gantry_core::text::quote_bytes;
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps};
 use std::ffi::OsStr;
 use std::io::{self, BufReader, Read, Seek, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -577,6 +577,7 @@ fn apply_whiteout(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::fs::OFlags;
 
     fn tar_of(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());

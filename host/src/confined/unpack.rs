@@ -109,8 +109,8 @@ struct Unpacker<'a> {
     buf: Vec<u8>,
     euid_root: bool,
     /// The last entry's parent directory: tar entries come a directory at a
-    /// time, so most need no lookup. Forgotten whenever anything is removed
-    /// (that could be this directory or one above it).
+    /// time, so most need no lookup. Forgotten after a whiteout and whenever
+    /// anything is removed (that could be this directory or one above it).
     last_parent: Option<(Vec<u8>, OwnedFd)>,
 }
 

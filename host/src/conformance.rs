@@ -117,8 +117,6 @@ fn compare(want: &Listing, got: &Listing) -> Result<(), String> {
     Ok(())
 }
 
-/// The tars the suite applies: a rich base, and a child that modifies,
-/// adds, deletes (whiteout) and makes a directory opaque.
 /// A header owned by root with a fixed time, as the suite's tars use.
 fn header(kind: tar::EntryType, mode: u32, size: u64, mtime: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
@@ -141,6 +139,8 @@ fn add_file(b: &mut tar::Builder<Vec<u8>>, p: &str, mode: u32, data: &[u8], mtim
     .unwrap()
 }
 
+/// The suite's base: a rich tree (its device node only where the suite
+/// runs as root).
 fn base_tar(root: bool) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let header = |kind: tar::EntryType, mode: u32, size: u64| header(kind, mode, size, 1_700_000_000);
@@ -185,6 +185,8 @@ fn base_tar(root: bool) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// The base's child: it modifies, adds, deletes (a whiteout) and makes a
+/// directory opaque.
 fn child_tar() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let mut add = |p: &str, data: &[u8]| add_file(&mut b, p, 0o644, data, 1_700_000_100);
@@ -324,181 +326,240 @@ fn view(d: &AnyDriver, id: &str) -> Result<Listing, String> {
     l
 }
 
+/// What the checks share: the driver, the scratch directory for the
+/// reference trees, and the suite's base and child tars.
+struct Suite<'a> {
+    d: &'a AnyDriver,
+    scratch: &'a Path,
+    base: Vec<u8>,
+    child: Vec<u8>,
+}
+
+impl Suite<'_> {
+    /// Creates layer `id` on `parent` and applies `tar` to it: the size
+    /// `apply-diff` reports.
+    fn apply(&self, id: &str, parent: Option<&str>, tar: &[u8]) -> Result<u64, String> {
+        self.d.create(id, parent).map_err(msg)?;
+        self.d
+            .apply_diff(id, parent, Box::new(std::io::Cursor::new(tar.to_vec())))
+            .map_err(msg)
+    }
+
+    /// The reference tree of `tars`, unpacked in scratch directory `name`.
+    fn reference(&self, name: &str, tars: &[&[u8]]) -> Result<Listing, String> {
+        reference(&self.scratch.join(name), tars)
+    }
+
+    /// Whether layer `id` shows the reference tree of `tars` (unpacked in
+    /// scratch directory `name`).
+    fn shows(&self, id: &str, name: &str, tars: &[&[u8]]) -> Result<(), String> {
+        compare(&self.reference(name, tars)?, &view(self.d, id)?)
+    }
+}
+
+fn msg(e: gantry_core::PluginError) -> String {
+    e.to_string()
+}
+
+/// A check: its line of the report, and what it does.
+type CheckFn = fn(&Suite<'_>) -> Result<(), String>;
+
+/// The first check. Every later one builds on the layer it makes, so the
+/// suite stops when it fails.
+const FIRST: (&str, CheckFn) = (
+    "create and apply-diff a rich tree (files, dirs, links, hard links, fifo, devices, xattrs, setuid, long names)",
+    rich_tree,
+);
+
+/// The other checks, in order: some use the layers earlier ones made, and
+/// the last removes them all.
+const CHECKS: &[(&str, CheckFn)] = &[
+    ("a child layer applies whiteouts and opaque directories", child_layer),
+    ("the parent is unchanged by its child", parent_unchanged),
+    ("diff round-trips through apply-diff to the same tree", diff_round_trip),
+    ("changes lists what the child changed", changes_of_child),
+    (
+        "links, whiteouts and opaque directories across layers show the core's tree",
+        links_across_layers,
+    ),
+    (
+        "a first layer's whiteouts and opaque markers leave nothing to see",
+        first_layer_whiteouts,
+    ),
+    ("diff-size is the size of what changed", diff_size),
+    ("a writable layer is a copy its parent never sees", writable_copy),
+    ("thirty layers deep", thirty_deep),
+    ("concurrent get and put", concurrent_get_put),
+    ("get of a layer that does not exist fails", get_missing),
+    ("remove, and exists says so", remove_all),
+];
+
 /// Runs the suite against `d`, using `scratch` (an empty directory outside
 /// the driver's home) for the reference trees.
 pub fn run(d: &AnyDriver, scratch: &Path) -> Vec<Check> {
     let root = rustix::process::geteuid().is_root();
-    let (base, child) = (base_tar(root), child_tar());
-    let mut out = Vec::new();
-    let mut check = |name: &'static str, f: &mut dyn FnMut() -> Result<(), String>| {
-        let result = f();
-        let ok = result.is_ok();
-        out.push(Check { name, result });
-        ok
+    let suite = Suite {
+        d,
+        scratch,
+        base: base_tar(root),
+        child: child_tar(),
     };
-    let e = |e: gantry_core::PluginError| e.to_string();
-    let apply = |id: &str, parent: Option<&str>, tar: &[u8]| -> Result<u64, String> {
-        d.create(id, parent).map_err(e)?;
-        d.apply_diff(id, parent, Box::new(std::io::Cursor::new(tar.to_vec())))
-            .map_err(e)
+    let check = |&(name, f): &(&'static str, CheckFn)| Check {
+        name,
+        result: f(&suite),
     };
-    let base_ok = check(
-        "create and apply-diff a rich tree (files, dirs, links, hard links, fifo, devices, xattrs, setuid, long names)",
-        &mut || {
-            let size = apply("conf-base", None, &base)?;
-            let want = regular_bytes(&base);
-            if size != want {
-                return Err(format!("apply-diff said {size} bytes, the regular files hold {want}"));
-            }
-            if !d.exists("conf-base").map_err(e)? {
-                return Err("exists says no after create".into());
-            }
-            compare(&reference(&scratch.join("base"), &[&base])?, &view(d, "conf-base")?)
-        },
-    );
-    if !base_ok {
-        return out;
+    let first = check(&FIRST);
+    let go_on = first.result.is_ok();
+    let mut out = vec![first];
+    if go_on {
+        out.extend(CHECKS.iter().map(check));
     }
-    check("a child layer applies whiteouts and opaque directories", &mut || {
-        apply("conf-child", Some("conf-base"), &child)?;
-        compare(
-            &reference(&scratch.join("child"), &[&base, &child])?,
-            &view(d, "conf-child")?,
-        )
-    });
-    check("the parent is unchanged by its child", &mut || {
-        compare(&reference(&scratch.join("base2"), &[&base])?, &view(d, "conf-base")?)
-    });
-    check("diff round-trips through apply-diff to the same tree", &mut || {
-        let mut tar = Vec::new();
-        d.diff("conf-child", Some("conf-base"))
-            .map_err(e)?
-            .read_to_end(&mut tar)
-            .map_err(|e| e.to_string())?;
-        apply("conf-round", Some("conf-base"), &tar)?;
-        compare(&view(d, "conf-child")?, &view(d, "conf-round")?)
-    });
-    check("changes lists what the child changed", &mut || {
-        let mut got = d.changes("conf-child", Some("conf-base")).map_err(e)?;
-        got.sort();
-        for want in [
-            ("/added", "add"),
-            ("/etc/gone", "delete"),
-            ("/etc/passwd", "modify"),
-            ("/opaque/hidden", "delete"),
-            ("/opaque/new", "add"),
-        ] {
-            if !got.iter().any(|(p, k)| p == want.0 && *k == want.1) {
-                return Err(format!("{} ({}) is not in {got:?}", want.0, want.1));
-            }
-        }
-        Ok(())
-    });
-    check(
-        "links, whiteouts and opaque directories across layers show the core's tree",
-        &mut || {
-            let [l0, l1, l2] = link_stack();
-            keeps_the_rules(&[&l0, &l1, &l2])?;
-            apply("conf-links-0", None, &l0)?;
-            apply("conf-links-1", Some("conf-links-0"), &l1)?;
-            apply("conf-links-2", Some("conf-links-1"), &l2)?;
-            compare(
-                &reference(&scratch.join("links1"), &[&l0, &l1])?,
-                &view(d, "conf-links-1")?,
-            )?;
-            compare(
-                &reference(&scratch.join("links2"), &[&l0, &l1, &l2])?,
-                &view(d, "conf-links-2")?,
-            )
-        },
-    );
-    check(
-        "a first layer's whiteouts and opaque markers leave nothing to see",
-        &mut || {
-            let tar = first_whiteouts_tar();
-            apply("conf-first-wh", None, &tar)?;
-            compare(
-                &reference(&scratch.join("first-wh"), &[&tar])?,
-                &view(d, "conf-first-wh")?,
-            )?;
-            let changes = d.changes("conf-first-wh", None).map_err(e)?;
-            match changes.iter().find(|(p, _)| p.contains("ghost")) {
-                Some(c) => Err(format!("changes shows the whiteout: {c:?}")),
-                None => Ok(()),
-            }
-        },
-    );
-    check("diff-size is the size of what changed", &mut || {
-        let n = d.diff_size("conf-child", Some("conf-base")).map_err(e)?;
-        if n == 0 {
-            return Err("diff-size is 0".into());
-        }
-        Ok(())
-    });
-    check("a writable layer is a copy its parent never sees", &mut || {
-        d.create_read_write("conf-rw", Some("conf-base")).map_err(e)?;
-        let fd = d.get("conf-rw").map_err(e)?;
-        let r = std::fs::write(fd_path(&fd).join("etc/passwd"), b"edited in place\n").map_err(|e| e.to_string());
-        d.put("conf-rw").map_err(e)?;
-        r?;
-        compare(&reference(&scratch.join("base3"), &[&base])?, &view(d, "conf-base")?)
-    });
-    check("thirty layers deep", &mut || {
-        let tars: Vec<Vec<u8>> = (0..30).map(layer_tar).collect();
-        let mut parent: Option<String> = None;
-        for (i, t) in tars.iter().enumerate() {
-            let id = format!("conf-deep-{i}");
-            apply(&id, parent.as_deref(), t)?;
-            parent = Some(id);
-        }
-        let refs: Vec<&[u8]> = tars.iter().map(|t| t.as_slice()).collect();
-        compare(&reference(&scratch.join("deep"), &refs)?, &view(d, "conf-deep-29")?)
-    });
-    check("concurrent get and put", &mut || {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..4)
-                .map(|_| {
-                    s.spawn(|| -> Result<(), String> {
-                        for _ in 0..10 {
-                            d.get("conf-base").map_err(e)?;
-                            d.put("conf-base").map_err(e)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles.into_iter().try_for_each(|h| h.join().expect("thread"))
-        })
-    });
-    check(
-        "get of a layer that does not exist fails",
-        &mut || match d.get("conf-missing") {
-            Ok(_) => Err("it returned a directory".into()),
-            Err(_) => Ok(()),
-        },
-    );
-    check("remove, and exists says so", &mut || {
-        let mut ids: Vec<String> = (0..30).rev().map(|i| format!("conf-deep-{i}")).collect();
-        ids.extend(
-            [
-                "conf-round",
-                "conf-rw",
-                "conf-child",
-                "conf-links-2",
-                "conf-links-1",
-                "conf-links-0",
-                "conf-first-wh",
-                "conf-base",
-            ]
-            .map(String::from),
-        );
-        for id in &ids {
-            d.remove(id).map_err(e)?;
-            if d.exists(id).map_err(e)? {
-                return Err(format!("{id} still exists after remove"));
-            }
-        }
-        Ok(())
-    });
     out
+}
+
+fn rich_tree(s: &Suite<'_>) -> Result<(), String> {
+    let size = s.apply("conf-base", None, &s.base)?;
+    let want = regular_bytes(&s.base);
+    if size != want {
+        return Err(format!("apply-diff said {size} bytes, the regular files hold {want}"));
+    }
+    if !s.d.exists("conf-base").map_err(msg)? {
+        return Err("exists says no after create".into());
+    }
+    s.shows("conf-base", "base", &[&s.base])
+}
+
+fn child_layer(s: &Suite<'_>) -> Result<(), String> {
+    s.apply("conf-child", Some("conf-base"), &s.child)?;
+    s.shows("conf-child", "child", &[&s.base, &s.child])
+}
+
+fn parent_unchanged(s: &Suite<'_>) -> Result<(), String> {
+    s.shows("conf-base", "base2", &[&s.base])
+}
+
+fn diff_round_trip(s: &Suite<'_>) -> Result<(), String> {
+    let mut tar = Vec::new();
+    s.d.diff("conf-child", Some("conf-base"))
+        .map_err(msg)?
+        .read_to_end(&mut tar)
+        .map_err(|e| e.to_string())?;
+    s.apply("conf-round", Some("conf-base"), &tar)?;
+    compare(&view(s.d, "conf-child")?, &view(s.d, "conf-round")?)
+}
+
+fn changes_of_child(s: &Suite<'_>) -> Result<(), String> {
+    let mut got = s.d.changes("conf-child", Some("conf-base")).map_err(msg)?;
+    got.sort();
+    for want in [
+        ("/added", "add"),
+        ("/etc/gone", "delete"),
+        ("/etc/passwd", "modify"),
+        ("/opaque/hidden", "delete"),
+        ("/opaque/new", "add"),
+    ] {
+        if !got.iter().any(|(p, k)| p == want.0 && *k == want.1) {
+            return Err(format!("{} ({}) is not in {got:?}", want.0, want.1));
+        }
+    }
+    Ok(())
+}
+
+fn links_across_layers(s: &Suite<'_>) -> Result<(), String> {
+    let [l0, l1, l2] = link_stack();
+    keeps_the_rules(&[&l0, &l1, &l2])?;
+    s.apply("conf-links-0", None, &l0)?;
+    s.apply("conf-links-1", Some("conf-links-0"), &l1)?;
+    s.apply("conf-links-2", Some("conf-links-1"), &l2)?;
+    s.shows("conf-links-1", "links1", &[&l0, &l1])?;
+    s.shows("conf-links-2", "links2", &[&l0, &l1, &l2])
+}
+
+fn first_layer_whiteouts(s: &Suite<'_>) -> Result<(), String> {
+    let tar = first_whiteouts_tar();
+    s.apply("conf-first-wh", None, &tar)?;
+    s.shows("conf-first-wh", "first-wh", &[&tar])?;
+    let changes = s.d.changes("conf-first-wh", None).map_err(msg)?;
+    match changes.iter().find(|(p, _)| p.contains("ghost")) {
+        Some(c) => Err(format!("changes shows the whiteout: {c:?}")),
+        None => Ok(()),
+    }
+}
+
+fn diff_size(s: &Suite<'_>) -> Result<(), String> {
+    let n = s.d.diff_size("conf-child", Some("conf-base")).map_err(msg)?;
+    if n == 0 {
+        return Err("diff-size is 0".into());
+    }
+    Ok(())
+}
+
+fn writable_copy(s: &Suite<'_>) -> Result<(), String> {
+    s.d.create_read_write("conf-rw", Some("conf-base")).map_err(msg)?;
+    let fd = s.d.get("conf-rw").map_err(msg)?;
+    let r = std::fs::write(fd_path(&fd).join("etc/passwd"), b"edited in place\n").map_err(|e| e.to_string());
+    s.d.put("conf-rw").map_err(msg)?;
+    r?;
+    s.shows("conf-base", "base3", &[&s.base])
+}
+
+fn thirty_deep(s: &Suite<'_>) -> Result<(), String> {
+    let tars: Vec<Vec<u8>> = (0..30).map(layer_tar).collect();
+    let mut parent: Option<String> = None;
+    for (i, t) in tars.iter().enumerate() {
+        let id = format!("conf-deep-{i}");
+        s.apply(&id, parent.as_deref(), t)?;
+        parent = Some(id);
+    }
+    let refs: Vec<&[u8]> = tars.iter().map(|t| t.as_slice()).collect();
+    s.shows("conf-deep-29", "deep", &refs)
+}
+
+fn concurrent_get_put(s: &Suite<'_>) -> Result<(), String> {
+    let d = s.d;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| -> Result<(), String> {
+                    for _ in 0..10 {
+                        d.get("conf-base").map_err(msg)?;
+                        d.put("conf-base").map_err(msg)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| h.join().expect("thread"))
+    })
+}
+
+fn get_missing(s: &Suite<'_>) -> Result<(), String> {
+    match s.d.get("conf-missing") {
+        Ok(_) => Err("it returned a directory".into()),
+        Err(_) => Ok(()),
+    }
+}
+
+fn remove_all(s: &Suite<'_>) -> Result<(), String> {
+    let mut ids: Vec<String> = (0..30).rev().map(|i| format!("conf-deep-{i}")).collect();
+    ids.extend(
+        [
+            "conf-round",
+            "conf-rw",
+            "conf-child",
+            "conf-links-2",
+            "conf-links-1",
+            "conf-links-0",
+            "conf-first-wh",
+            "conf-base",
+        ]
+        .map(String::from),
+    );
+    for id in &ids {
+        s.d.remove(id).map_err(msg)?;
+        if s.d.exists(id).map_err(msg)? {
+            return Err(format!("{id} still exists after remove"));
+        }
+    }
+    Ok(())
 }

@@ -222,12 +222,7 @@ impl Home {
         use std::io::Write;
         let (p, n) = self.parent(rel)?;
         let tmp = format!(".gantry-write-{}", &gantry_core::store::random_id()[..16]);
-        let fd = rustix::fs::openat(
-            &p,
-            tmp.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(mode),
-        )?;
+        let fd = tree::create_new(p.as_fd(), OsStr::new(&tmp), mode)?;
         let res = std::fs::File::from(fd)
             .write_all(data)
             .and_then(|()| Ok(rustix::fs::renameat(&p, tmp.as_str(), &p, n)?));

@@ -61,40 +61,54 @@ fn canonical(rel: &str) -> io::Result<String> {
     Ok(components(rel)?.join("/"))
 }
 
-impl Mounts {
-    /// Mounts `spec` beneath `home` (or adds a user to the same mount).
-    pub fn mount_overlay(&self, home: BorrowedFd<'_>, spec: &OverlaySpec) -> io::Result<()> {
-        let target = canonical(&spec.target)?;
+impl OverlaySpec {
+    /// The spec with every path in one spelling ([`canonical`]), refused if
+    /// it mounts over the home itself.
+    fn canonical(&self) -> io::Result<OverlaySpec> {
+        let target = canonical(&self.target)?;
         if target.is_empty() {
             return Err(denied("a mount over the driver's home is not allowed"));
         }
-        let spec = OverlaySpec {
-            target: target.clone(),
-            lowers: spec.lowers.iter().map(|l| canonical(l)).collect::<io::Result<_>>()?,
-            upper: spec.upper.as_deref().map(canonical).transpose()?,
-            work: spec.work.as_deref().map(canonical).transpose()?,
-        };
-        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = table.get_mut(&target) {
-            if e.spec != spec {
-                return Err(denied(format!("{target:?} is already mounted with other directories")));
-            }
-            e.users += 1;
-            return Ok(());
-        }
-        let least = if spec.upper.is_some() { 1 } else { 2 };
-        if spec.lowers.len() < least || spec.lowers.len() > MAX_LOWERS {
+        Ok(OverlaySpec {
+            target,
+            lowers: self.lowers.iter().map(|l| canonical(l)).collect::<io::Result<_>>()?,
+            upper: self.upper.as_deref().map(canonical).transpose()?,
+            work: self.work.as_deref().map(canonical).transpose()?,
+        })
+    }
+
+    /// Refuses a spec overlayfs would: too few or too many lowers, or an
+    /// upper without a work directory (or the other way round).
+    fn check_shape(&self) -> io::Result<()> {
+        let least = if self.upper.is_some() { 1 } else { 2 };
+        if self.lowers.len() < least || self.lowers.len() > MAX_LOWERS {
             return Err(invalid(format!(
                 "an overlay mount takes {least} to {MAX_LOWERS} lower directories (2 without an upper), not {}",
-                spec.lowers.len()
+                self.lowers.len()
             )));
         }
-        if spec.upper.is_some() != spec.work.is_some() {
+        if self.upper.is_some() != self.work.is_some() {
             return Err(invalid("an upper directory needs a work directory, and only then"));
         }
+        Ok(())
+    }
+}
+
+/// The directories of one mount, opened by the host.
+struct OverlayDirs {
+    target: OwnedFd,
+    lowers: Vec<OwnedFd>,
+    upper: Option<OwnedFd>,
+    work: Option<OwnedFd>,
+}
+
+impl OverlayDirs {
+    /// Opens `spec`'s directories beneath `home`: the target, upper and
+    /// work without following any link, lowers following links that stay
+    /// in the home. Every one lives on the home's own mount: never inside
+    /// a mount made earlier (no stacking, no overlay of an overlay).
+    fn open(home: BorrowedFd<'_>, spec: &OverlaySpec) -> io::Result<OverlayDirs> {
         let home_mnt = mnt_id(home)?;
-        // Every directory lives on the home's own mount: never inside a
-        // mount made earlier (no stacking, no overlay of an overlay).
         let open = |rel: &str, follow: bool| -> io::Result<OwnedFd> {
             let fd = open_dir_beneath(home, &components(rel)?, follow)?;
             if rel.is_empty() || mnt_id(fd.as_fd())? != home_mnt {
@@ -102,15 +116,21 @@ impl Mounts {
             }
             Ok(fd)
         };
-        let target_fd = open(&target, false)?;
-        let lowers = spec
-            .lowers
-            .iter()
-            .map(|l| open(l, true))
-            .collect::<io::Result<Vec<_>>>()?;
-        let upper = spec.upper.as_deref().map(|u| open(u, false)).transpose()?;
-        let work = spec.work.as_deref().map(|w| open(w, false)).transpose()?;
+        Ok(OverlayDirs {
+            target: open(&spec.target, false)?,
+            lowers: spec
+                .lowers
+                .iter()
+                .map(|l| open(l, true))
+                .collect::<io::Result<Vec<_>>>()?,
+            upper: spec.upper.as_deref().map(|u| open(u, false)).transpose()?,
+            work: spec.work.as_deref().map(|w| open(w, false)).transpose()?,
+        })
+    }
 
+    /// Makes the overlay mount (`nosuid,nodev`, read-only without an
+    /// upper) and attaches it at the target; the mount, to learn its id.
+    fn mount(&self, target: &str) -> io::Result<OwnedFd> {
         let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
         let mount_err = |what: &str, e: rustix::io::Errno| {
             io::Error::new(
@@ -119,10 +139,10 @@ impl Mounts {
             )
         };
         rustix::mount::fsconfig_set_string(&fs, "source", "overlay").map_err(|e| mount_err("source", e))?;
-        for l in &lowers {
+        for l in &self.lowers {
             rustix::mount::fsconfig_set_fd(&fs, "lowerdir+", l).map_err(|e| mount_err("lowerdir", e))?;
         }
-        if let (Some(u), Some(w)) = (&upper, &work) {
+        if let (Some(u), Some(w)) = (&self.upper, &self.work) {
             rustix::mount::fsconfig_set_fd(&fs, "upperdir", u).map_err(|e| mount_err("upperdir", e))?;
             rustix::mount::fsconfig_set_fd(&fs, "workdir", w).map_err(|e| mount_err("workdir", e))?;
         }
@@ -130,7 +150,7 @@ impl Mounts {
         rustix::mount::fsconfig_set_string(&fs, "index", "off").map_err(|e| mount_err("index", e))?;
         rustix::mount::fsconfig_create(&fs).map_err(|e| mount_err("create", e))?;
         let mut attrs = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
-        if upper.is_none() {
+        if self.upper.is_none() {
             attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY;
         }
         let mnt =
@@ -138,14 +158,35 @@ impl Mounts {
         rustix::mount::move_mount(
             &mnt,
             "",
-            &target_fd,
+            &self.target,
             "",
             MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
         )
         .map_err(|e| mount_err("attaching", e))?;
+        Ok(mnt)
+    }
+}
+
+impl Mounts {
+    /// Mounts `spec` beneath `home` (or adds a user to the same mount).
+    pub fn mount_overlay(&self, home: BorrowedFd<'_>, spec: &OverlaySpec) -> io::Result<()> {
+        let spec = spec.canonical()?;
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = table.get_mut(&spec.target) {
+            if e.spec != spec {
+                return Err(denied(format!(
+                    "{:?} is already mounted with other directories",
+                    spec.target
+                )));
+            }
+            e.users += 1;
+            return Ok(());
+        }
+        spec.check_shape()?;
+        let mnt = OverlayDirs::open(home, &spec)?.mount(&spec.target)?;
         let id = mnt_id(mnt.as_fd())?;
         table.insert(
-            target,
+            spec.target.clone(),
             Entry {
                 spec,
                 users: 1,

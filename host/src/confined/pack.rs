@@ -19,6 +19,17 @@ pub enum ChangeKind {
     Delete,
 }
 
+impl ChangeKind {
+    /// The kind as the driver contract spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Modify => "modify",
+            ChangeKind::Add => "add",
+            ChangeKind::Delete => "delete",
+        }
+    }
+}
+
 /// One difference between two trees; `path` is relative, without a leading
 /// `/`, and bytes (names need not be UTF-8).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,12 +77,7 @@ pub fn pack_changes(lower: OwnedFd, upper: OwnedFd) -> io::Result<PackReader> {
     spawn_writer(move |b| {
         let mut links = HashMap::new();
         for c in &list {
-            let path = c.path.as_bytes();
-            let (parent, name) = match path.iter().rposition(|b| *b == b'/') {
-                Some(i) => (&path[..i], &path[i + 1..]),
-                None => (&b""[..], path),
-            };
-            let (parent, name) = (OsStr::from_bytes(parent), OsStr::from_bytes(name));
+            let (parent, name) = split_parent(&c.path);
             let comps: Vec<&OsStr> = parent
                 .as_bytes()
                 .split(|b| *b == b'/')
@@ -81,14 +87,11 @@ pub fn pack_changes(lower: OwnedFd, upper: OwnedFd) -> io::Result<PackReader> {
             let pd = open_dir_beneath(upper.as_fd(), &comps, false)?;
             match c.kind {
                 ChangeKind::Delete => {
-                    let mut whiteout = OsString::from(".wh.");
-                    whiteout.push(name);
-                    let wh = join_rel(parent, &whiteout);
                     let mut h = tar::Header::new_gnu();
                     h.set_entry_type(tar::EntryType::Regular);
                     h.set_size(0);
                     h.set_mode(0o644);
-                    b.append_data(&mut h, Path::new(&wh), io::empty())?;
+                    b.append_data(&mut h, Path::new(&whiteout_path(&c.path)), io::empty())?;
                 }
                 _ => {
                     append_entry(b, pd.as_fd(), name, &c.path, &mut links, Flavor::Plain)?;
@@ -97,6 +100,24 @@ pub fn pack_changes(lower: OwnedFd, upper: OwnedFd) -> io::Result<PackReader> {
         }
         Ok(())
     })
+}
+
+/// `rel`'s parent (empty at the top) and its last component.
+fn split_parent(rel: &OsStr) -> (&OsStr, &OsStr) {
+    let path = rel.as_bytes();
+    let (parent, name) = match path.iter().rposition(|b| *b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&b""[..], path),
+    };
+    (OsStr::from_bytes(parent), OsStr::from_bytes(name))
+}
+
+/// The layer format's whiteout of `rel`: `.wh.NAME` beside it.
+fn whiteout_path(rel: &OsStr) -> OsString {
+    let (parent, name) = split_parent(rel);
+    let mut whiteout = OsString::from(".wh.");
+    whiteout.push(name);
+    join_rel(parent, &whiteout)
 }
 
 /// The read end of a tar being written on a thread. The writer's error,
@@ -192,48 +213,18 @@ fn append_entry<W: Write>(
     let rel_path = Path::new(rel);
     let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
     let ft = FileType::from_raw_mode(st.st_mode);
-    let mut xattrs = read_xattrs(dir, name).unwrap_or_default();
+    let xattrs = read_xattrs(dir, name).unwrap_or_default();
     let mut opaque = false;
     if flavor == Flavor::Upper {
         if ft == FileType::CharacterDevice && st.st_rdev == 0 {
             // A whiteout: the layer format's empty `.wh.NAME` file.
-            let (parent, leaf) = match rel.as_bytes().iter().rposition(|c| *c == b'/') {
-                Some(i) => (&rel.as_bytes()[..i], &rel.as_bytes()[i + 1..]),
-                None => (&b""[..], rel.as_bytes()),
-            };
-            let mut wh = OsString::from(".wh.");
-            wh.push(OsStr::from_bytes(leaf));
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_mode(0o600);
-            h.set_uid(st.st_uid as u64);
-            h.set_gid(st.st_gid as u64);
-            h.set_mtime(st.st_mtime.max(0) as u64);
-            h.set_size(0);
-            b.append_data(
-                &mut h,
-                Path::new(&join_rel(OsStr::from_bytes(parent), &wh)),
-                io::empty(),
-            )?;
+            append_marker(b, &st, 0o600, &whiteout_path(rel))?;
             return Ok(false);
         }
         opaque = ft == FileType::Directory && xattrs.iter().any(|(k, v)| k == OPAQUE_XATTR && v == b"y");
     }
-    // overlayfs's own attributes belong to no tree and no layer.
-    xattrs.retain(|(k, _)| !is_overlay_xattr(k));
-    if !xattrs.is_empty() {
-        let pax: Vec<(String, Vec<u8>)> = xattrs
-            .into_iter()
-            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
-            .collect();
-        b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
-    }
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(st.st_mode & 0o7777);
-    h.set_uid(st.st_uid as u64);
-    h.set_gid(st.st_gid as u64);
-    h.set_mtime(st.st_mtime.max(0) as u64);
-    h.set_size(0);
+    append_xattrs(b, xattrs)?;
+    let mut h = header_of(&st, st.st_mode & 0o7777);
     if ft != FileType::Directory && st.st_nlink > 1 {
         if let Some(first) = links.get(&(st.st_dev, st.st_ino)) {
             h.set_entry_type(tar::EntryType::Link);
@@ -249,15 +240,7 @@ fn append_entry<W: Write>(
             dir_name.push("/");
             b.append_data(&mut h, Path::new(&dir_name), io::empty())?;
             if opaque {
-                let mut h = tar::Header::new_gnu();
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(st.st_mode & 0o777);
-                h.set_uid(st.st_uid as u64);
-                h.set_gid(st.st_gid as u64);
-                h.set_mtime(st.st_mtime.max(0) as u64);
-                h.set_size(0);
-                let wh = join_rel(rel, OsStr::new(".wh..wh..opq"));
-                b.append_data(&mut h, Path::new(&wh), io::empty())?;
+                append_marker(b, &st, st.st_mode & 0o777, &join_rel(rel, OsStr::new(".wh..wh..opq")))?;
             }
             return Ok(true);
         }
@@ -291,6 +274,39 @@ fn append_entry<W: Write>(
         _ => {}
     }
     Ok(false)
+}
+
+/// A header with `st`'s owner and time, `mode`, and no size yet.
+fn header_of(st: &Stat, mode: u32) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(mode);
+    h.set_uid(st.st_uid as u64);
+    h.set_gid(st.st_gid as u64);
+    h.set_mtime(st.st_mtime.max(0) as u64);
+    h.set_size(0);
+    h
+}
+
+/// Appends an empty marker file at `path` (a whiteout or an opaque
+/// directory's marker), owned and timed as `st`.
+fn append_marker<W: Write>(b: &mut tar::Builder<W>, st: &Stat, mode: u32, path: &OsStr) -> io::Result<()> {
+    let mut h = header_of(st, mode);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, Path::new(path), io::empty())
+}
+
+/// Appends an entry's extended attributes as a PAX header before it;
+/// overlayfs's own attributes belong to no tree and no layer.
+fn append_xattrs<W: Write>(b: &mut tar::Builder<W>, mut xattrs: Vec<(String, Vec<u8>)>) -> io::Result<()> {
+    xattrs.retain(|(k, _)| !is_overlay_xattr(k));
+    if xattrs.is_empty() {
+        return Ok(());
+    }
+    let pax: Vec<(String, Vec<u8>)> = xattrs
+        .into_iter()
+        .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
+        .collect();
+    b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
 }
 
 fn differs(a: &Stat, b: &Stat, dir: bool) -> bool {

@@ -145,19 +145,36 @@ fn finish_meta(
     st: &rustix::fs::Stat,
     chmod: bool,
 ) -> io::Result<()> {
-    rustix::fs::chownat(
-        dd,
-        name,
-        Some(rustix::fs::Uid::from_raw(st.st_uid)),
-        Some(rustix::fs::Gid::from_raw(st.st_gid)),
-        AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .or_else(ignore_eperm)?;
+    chown_nofollow(dd, name, st.st_uid, st.st_gid)?;
     if chmod {
         rustix::fs::chmodat(dd, name, Mode::from_raw_mode(st.st_mode & 0o7777), AtFlags::empty())?;
     }
     copy_xattrs(sd, sname, dd, name).or_else(ignore_eperm)?;
     set_times(dd, name, st)
+}
+
+/// Sets the owner of `name` in `dir` (never through a link); without root
+/// an owner that cannot be set is let be ([`ignore_eperm`]).
+pub(super) fn chown_nofollow(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32) -> io::Result<()> {
+    rustix::fs::chownat(
+        dir,
+        name,
+        Some(rustix::fs::Uid::from_raw(uid)),
+        Some(rustix::fs::Gid::from_raw(gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .or_else(ignore_eperm)
+}
+
+/// Creates `name` in `dir` as a new regular file for writing: never an
+/// existing file, never through a link.
+pub(super) fn create_new(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode),
+    )?)
 }
 
 /// Owners and privileged xattrs cannot be set without root: keep going then.
@@ -225,12 +242,7 @@ impl Copier<'_> {
                         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                         Mode::empty(),
                     )?;
-                    let dst = rustix::fs::openat(
-                        d,
-                        name,
-                        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::from_raw_mode(0o600),
-                    )?;
+                    let dst = create_new(d, name, 0o600)?;
                     copy_data(&src, &dst, st.st_size as u64)?;
                     drop(dst);
                     finish_meta(d, name, s, name, &st, true)?;

@@ -14,14 +14,14 @@
 //! is written. A run of zeros in a file is written as a hole, so a file of
 //! gigabytes of zeros costs neither the disk nor the time to write it.
 
-use super::tree::{ignore_eperm, list, proc_path, remove_tree};
+use super::tree::{chown_nofollow, create_new, ignore_eperm, list, proc_path, remove_tree};
 use super::{components_os, invalid, open_dir_beneath};
 use gantry_core::tarsplit::{EntryHeader, HeaderQueue, HeaderTap};
 use gantry_core::text::quote_bytes;
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps};
 use std::ffi::OsStr;
 use std::io::{self, BufReader, Read, Seek, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 /// How whiteout entries are applied.
@@ -69,202 +69,21 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
     // fill, so a bigger one costs every small layer; file contents bypass it.
     let (tap, headers) = HeaderTap::new(r);
     let mut ar = tar::Archive::new(BufReader::with_capacity(64 << 10, tap));
-    let mut written = Written::default();
-    let mut dir_times = DirTimes::default();
-    let mut size = 0u64;
-    // Grown to the largest file seen (at most 1 MiB): a layer of small
-    // files does not pay for zeroing a big buffer.
-    let mut buf: Vec<u8> = Vec::new();
-    let euid_root = rustix::process::geteuid().is_root();
-    // The last entry's parent directory: tar entries come a directory at a
-    // time, so most need no lookup. Forgotten whenever anything is removed
-    // (that could be this directory or one above it).
-    let mut last_parent: Option<(Vec<u8>, std::os::fd::OwnedFd)> = None;
+    let mut u = Unpacker {
+        root,
+        mode,
+        written: Written::default(),
+        dir_times: DirTimes::default(),
+        size: 0,
+        buf: Vec::new(),
+        euid_root: rustix::process::geteuid().is_root(),
+        last_parent: None,
+    };
     for entry in ar.entries()? {
         crate::plugin::check_deadline()?;
-        let mut e = entry.map_err(as_invalid)?;
-        let raw = e.path_bytes().into_owned();
-        let path = quote_bytes(&raw);
-        let core = agreed(&mut e, &headers).map_err(|err| invalid(format!("tar entry {path}: {err}")))?;
-        let comps = components_os(&raw).map_err(|err| invalid(format!("tar entry {path}: {err}")))?;
-        let Some((name, parents)) = comps.split_last() else {
-            continue; // the root itself
-        };
-        let name: &OsStr = name;
-        let clean: Vec<u8> = comps.iter().map(|c| c.as_bytes()).collect::<Vec<_>>().join(&b'/');
-        let etype = e.header().entry_type();
-        if matches!(etype, tar::EntryType::XGlobalHeader) {
-            continue;
-        }
-        let parent_key = &clean[..clean.len() - name.len()];
-        let parent = match last_parent.take() {
-            Some((key, fd)) if key == parent_key => fd,
-            _ => parent_dir(root, parents).map_err(|err| invalid(format!("tar entry {path}: {err}")))?,
-        };
-        let pd = parent.as_fd();
-        if let Some(target) = name.as_bytes().strip_prefix(WH_PREFIX.as_bytes()) {
-            apply_whiteout(pd, parents, OsStr::from_bytes(target), mode, &mut written)
-                .map_err(|err| io::Error::new(err.kind(), format!("whiteout {path}: {err}")))?;
-            continue;
-        }
-        let hdr = e.header().clone();
-        let perm = hdr.mode().map_err(as_invalid)? & 0o7777;
-        let (uid, gid) = (core.uid, core.gid);
-        if uid > u64::from(u32::MAX) || gid > u64::from(u32::MAX) {
-            return Err(invalid(format!(
-                "tar entry {path}: its owner {uid}:{gid} is over 32 bits"
-            )));
-        }
-        // The core's: it honours a PAX `mtime`, which the tar crate does not.
-        let mtime = core.mtime;
-        let is_dir = etype.is_dir();
-        let xattrs = layer_xattrs(&mut e).map_err(|err| invalid(format!("tar entry {path}: {err}")))?;
-        let mut removed = false;
-        match rustix::fs::statat(pd, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) if is_dir && FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
-            Ok(_) => {
-                remove_tree(pd, name)?;
-                removed = true;
-            }
-            Err(rustix::io::Errno::NOENT) => {}
-            Err(err) => return Err(err.into()),
-        }
-        match etype {
-            tar::EntryType::Directory => {
-                match rustix::fs::mkdirat(pd, name, Mode::from_raw_mode(0o700)) {
-                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                    Err(err) => return Err(err.into()),
-                }
-                dir_times.push((clean.clone(), mtime));
-            }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let fd = rustix::fs::openat(
-                    pd,
-                    name,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )?;
-                let mut f = std::fs::File::from(fd);
-                let want = e.size().clamp(1, 1 << 20) as usize;
-                if buf.len() < want {
-                    buf.resize(want, 0);
-                }
-                let mut hole = false;
-                loop {
-                    crate::plugin::check_deadline()?;
-                    let n = e.read(&mut buf).map_err(as_invalid)?;
-                    if n == 0 {
-                        break;
-                    }
-                    hole = buf[..n].iter().all(|b| *b == 0);
-                    if hole {
-                        f.seek(io::SeekFrom::Current(n as i64))?;
-                    } else {
-                        f.write_all(&buf[..n])?;
-                    }
-                    size += n as u64;
-                }
-                if hole {
-                    // A file that ends in a hole has its length set.
-                    let end = f.stream_position()?;
-                    f.set_len(end)?;
-                }
-            }
-            tar::EntryType::Symlink => {
-                let target = e
-                    .link_name_bytes()
-                    .ok_or_else(|| invalid(format!("symlink {path} has no target")))?
-                    .into_owned();
-                rustix::fs::symlinkat(target.as_slice(), pd, name)?;
-            }
-            tar::EntryType::Link => {
-                let target = e
-                    .link_name_bytes()
-                    .ok_or_else(|| invalid(format!("hard link {path} has no target")))?
-                    .into_owned();
-                let shown = quote_bytes(&target);
-                let tc =
-                    components_os(&target).map_err(|err| invalid(format!("hard link {path} -> {shown}: {err}")))?;
-                let (tname, tparents) = tc
-                    .split_last()
-                    .ok_or_else(|| invalid(format!("hard link {path} has an empty target")))?;
-                let tdir = open_dir_beneath(root, tparents, false)
-                    .map_err(|err| invalid(format!("hard link {path} -> {shown}: {err}")))?;
-                rustix::fs::linkat(&tdir, *tname, pd, name, AtFlags::empty()).map_err(|err| {
-                    io::Error::new(
-                        io::Error::from(err).kind(),
-                        format!("hard link {path} -> {shown}: {err}"),
-                    )
-                })?;
-                let target_clean: Vec<u8> = tc.iter().map(|c| c.as_bytes()).collect::<Vec<_>>().join(&b'/');
-                if !written.contains(&target_clean) {
-                    // A file of an earlier layer (a vfs layer shares its
-                    // parent's inodes): its metadata is not this layer's to change.
-                    written.insert(&clean);
-                    continue;
-                }
-                // As Docker and containers/storage apply it: the link's own
-                // header sets the owner, mode, attributes and time of the
-                // inode it shares with its target.
-            }
-            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                let ft = match etype {
-                    tar::EntryType::Char => FileType::CharacterDevice,
-                    tar::EntryType::Block => FileType::BlockDevice,
-                    _ => FileType::Fifo,
-                };
-                let dev = if ft == FileType::Fifo {
-                    rustix::fs::makedev(0, 0)
-                } else {
-                    let major = hdr.device_major().map_err(as_invalid)?.unwrap_or(0);
-                    let minor = hdr.device_minor().map_err(as_invalid)?.unwrap_or(0);
-                    rustix::fs::makedev(major, minor)
-                };
-                rustix::fs::mknodat(pd, name, ft, Mode::from_raw_mode(perm), dev)?;
-            }
-            other => return Err(invalid(format!("tar entry {path} has unsupported type {other:?}"))),
-        }
-        if euid_root || !is_dir {
-            rustix::fs::chownat(
-                pd,
-                name,
-                Some(rustix::fs::Uid::from_raw(uid as u32)),
-                Some(rustix::fs::Gid::from_raw(gid as u32)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .or_else(ignore_eperm)?;
-        }
-        // A link has no mode of its own, and chmod would follow it: never
-        // for a symlink, nor for a hard link to one.
-        let is_link = etype == tar::EntryType::Symlink
-            || (etype == tar::EntryType::Link
-                && FileType::from_raw_mode(rustix::fs::statat(pd, name, AtFlags::SYMLINK_NOFOLLOW)?.st_mode)
-                    == FileType::Symlink);
-        if !is_link {
-            // After chown, which clears set-id bits.
-            rustix::fs::chmodat(pd, name, Mode::from_raw_mode(perm), AtFlags::empty())?;
-        }
-        for (k, v) in &xattrs {
-            rustix::fs::lsetxattr(proc_path(pd, name), k.as_str(), v, rustix::fs::XattrFlags::empty())
-                .or_else(ignore_eperm)?;
-        }
-        if !is_dir {
-            set_mtime(pd, name, mtime)?;
-        }
-        written.insert(&clean);
-        if !removed {
-            last_parent = Some((parent_key.to_vec(), parent));
-        }
+        u.entry(&mut entry.map_err(as_invalid)?, &headers)?;
     }
-    // Directory times last: their contents changed them while unpacking.
-    for (dir, mtime) in dir_times.iter_rev() {
-        crate::plugin::check_deadline()?;
-        let comps: Vec<&OsStr> = dir.split(|b| *b == b'/').map(OsStr::from_bytes).collect();
-        let (name, parents) = comps.split_last().expect("non-empty");
-        if let Ok(p) = open_dir_beneath(root, parents, false) {
-            let _ = set_mtime(p.as_fd(), name, mtime);
-        }
-    }
+    u.set_dir_times()?;
     // Read what follows the end-of-archive marker so the whole stream is hashed.
     io::copy(&mut ar.into_inner(), &mut io::sink()).map_err(as_invalid)?;
     if !headers.is_empty() {
@@ -272,7 +91,270 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
             "corrupt layer: the core reads entries after the tar crate's end of the archive",
         ));
     }
-    Ok(size)
+    Ok(u.size)
+}
+
+/// One unpack's state from entry to entry.
+struct Unpacker<'a> {
+    root: BorrowedFd<'a>,
+    mode: Whiteouts,
+    /// What this layer wrote: opaque whiteouts keep it, hard links ask.
+    written: Written,
+    /// Directories and their times, set last ([`Unpacker::set_dir_times`]).
+    dir_times: DirTimes,
+    /// Regular file bytes written so far.
+    size: u64,
+    /// Grown to the largest file seen (at most 1 MiB): a layer of small
+    /// files does not pay for zeroing a big buffer.
+    buf: Vec<u8>,
+    euid_root: bool,
+    /// The last entry's parent directory: tar entries come a directory at a
+    /// time, so most need no lookup. Forgotten after a whiteout and whenever
+    /// anything is removed (that could be this directory or one above it).
+    last_parent: Option<(Vec<u8>, OwnedFd)>,
+}
+
+/// What an entry's header sets on what it makes, read (and refused where
+/// it cannot be set) before anything of the entry is written.
+struct Meta {
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    /// The core's: it honours a PAX `mtime`, which the tar crate does not.
+    mtime: u64,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl Unpacker<'_> {
+    /// Applies one entry: the two readers' agreement, its place beneath the
+    /// root, then a whiteout, or what it makes and the metadata it sets.
+    fn entry<R: Read>(&mut self, e: &mut tar::Entry<'_, R>, headers: &HeaderQueue) -> io::Result<()> {
+        let raw = e.path_bytes().into_owned();
+        let path = quote_bytes(&raw);
+        let in_entry = |err: io::Error| invalid(format!("tar entry {path}: {err}"));
+        let core = agreed(e, headers).map_err(in_entry)?;
+        let comps = components_os(&raw).map_err(in_entry)?;
+        let Some((name, parents)) = comps.split_last() else {
+            return Ok(()); // the root itself
+        };
+        let name: &OsStr = name;
+        let clean: Vec<u8> = comps.iter().map(|c| c.as_bytes()).collect::<Vec<_>>().join(&b'/');
+        let etype = e.header().entry_type();
+        if matches!(etype, tar::EntryType::XGlobalHeader) {
+            return Ok(());
+        }
+        let parent_key = &clean[..clean.len() - name.len()];
+        let parent = self.open_parent(parents, parent_key).map_err(in_entry)?;
+        let pd = parent.as_fd();
+        if let Some(target) = name.as_bytes().strip_prefix(WH_PREFIX.as_bytes()) {
+            // The parent is not kept: a whiteout removes things.
+            return apply_whiteout(pd, parents, OsStr::from_bytes(target), self.mode, &mut self.written)
+                .map_err(|err| io::Error::new(err.kind(), format!("whiteout {path}: {err}")));
+        }
+        let meta = entry_meta(e, &core, &path)?;
+        let removed = clear_the_way(pd, name, etype.is_dir())?;
+        let sets_meta = match etype {
+            tar::EntryType::Directory => {
+                match rustix::fs::mkdirat(pd, name, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(err) => return Err(err.into()),
+                }
+                self.dir_times.push((clean.clone(), meta.mtime));
+                true
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                self.write_file(e, pd, name)?;
+                true
+            }
+            tar::EntryType::Symlink => {
+                let target = e
+                    .link_name_bytes()
+                    .ok_or_else(|| invalid(format!("symlink {path} has no target")))?
+                    .into_owned();
+                rustix::fs::symlinkat(target.as_slice(), pd, name)?;
+                true
+            }
+            tar::EntryType::Link => self.hard_link(e, pd, name, &path)?,
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                make_node(e.header(), etype, pd, name, meta.perm)?;
+                true
+            }
+            other => return Err(invalid(format!("tar entry {path} has unsupported type {other:?}"))),
+        };
+        if sets_meta {
+            apply_meta(pd, name, etype, &meta, self.euid_root)?;
+        }
+        self.written.insert(&clean);
+        if sets_meta && !removed {
+            self.last_parent = Some((parent_key.to_vec(), parent));
+        }
+        Ok(())
+    }
+
+    /// The directory an entry goes in: the last entry's when it is the same
+    /// (`key` is its path), otherwise opened, and made where missing.
+    fn open_parent(&mut self, parents: &[&OsStr], key: &[u8]) -> io::Result<OwnedFd> {
+        match self.last_parent.take() {
+            Some((k, fd)) if k == key => Ok(fd),
+            _ => parent_dir(self.root, parents),
+        }
+    }
+
+    /// Writes a regular file's contents; a run of zeros is a hole.
+    fn write_file<R: Read>(&mut self, e: &mut tar::Entry<'_, R>, pd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+        let mut f = std::fs::File::from(create_new(pd, name, 0o600)?);
+        let want = e.size().clamp(1, 1 << 20) as usize;
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        let mut hole = false;
+        loop {
+            crate::plugin::check_deadline()?;
+            let n = e.read(&mut self.buf).map_err(as_invalid)?;
+            if n == 0 {
+                break;
+            }
+            hole = self.buf[..n].iter().all(|b| *b == 0);
+            if hole {
+                f.seek(io::SeekFrom::Current(n as i64))?;
+            } else {
+                f.write_all(&self.buf[..n])?;
+            }
+            self.size += n as u64;
+        }
+        if hole {
+            // A file that ends in a hole has its length set.
+            let end = f.stream_position()?;
+            f.set_len(end)?;
+        }
+        Ok(())
+    }
+
+    /// Links `name` to a file beneath the root; whether the link's header
+    /// then sets the inode's metadata. As Docker and containers/storage
+    /// apply it, it does (owner, mode, attributes and time of the inode it
+    /// shares with its target), unless the target is a file of an earlier
+    /// layer (a vfs layer shares its parent's inodes): that is not this
+    /// layer's to change.
+    fn hard_link<R: Read>(
+        &mut self,
+        e: &tar::Entry<'_, R>,
+        pd: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &str,
+    ) -> io::Result<bool> {
+        let target = e
+            .link_name_bytes()
+            .ok_or_else(|| invalid(format!("hard link {path} has no target")))?
+            .into_owned();
+        let shown = quote_bytes(&target);
+        let tc = components_os(&target).map_err(|err| invalid(format!("hard link {path} -> {shown}: {err}")))?;
+        let (tname, tparents) = tc
+            .split_last()
+            .ok_or_else(|| invalid(format!("hard link {path} has an empty target")))?;
+        let tdir = open_dir_beneath(self.root, tparents, false)
+            .map_err(|err| invalid(format!("hard link {path} -> {shown}: {err}")))?;
+        rustix::fs::linkat(&tdir, *tname, pd, name, AtFlags::empty()).map_err(|err| {
+            io::Error::new(
+                io::Error::from(err).kind(),
+                format!("hard link {path} -> {shown}: {err}"),
+            )
+        })?;
+        let target_clean: Vec<u8> = tc.iter().map(|c| c.as_bytes()).collect::<Vec<_>>().join(&b'/');
+        Ok(self.written.contains(&target_clean))
+    }
+
+    /// Directory times last: their contents changed them while unpacking.
+    fn set_dir_times(&self) -> io::Result<()> {
+        for (dir, mtime) in self.dir_times.iter_rev() {
+            crate::plugin::check_deadline()?;
+            let comps: Vec<&OsStr> = dir.split(|b| *b == b'/').map(OsStr::from_bytes).collect();
+            let (name, parents) = comps.split_last().expect("non-empty");
+            if let Ok(p) = open_dir_beneath(self.root, parents, false) {
+                let _ = set_mtime(p.as_fd(), name, mtime);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The metadata entry `e` (at `path`, as shown) sets; an owner that does not
+/// fit 32 bits cannot be set, so it is refused, not truncated.
+fn entry_meta<R: Read>(e: &mut tar::Entry<'_, R>, core: &EntryHeader, path: &str) -> io::Result<Meta> {
+    let perm = e.header().mode().map_err(as_invalid)? & 0o7777;
+    let (uid, gid) = (core.uid, core.gid);
+    let (Ok(uid32), Ok(gid32)) = (u32::try_from(uid), u32::try_from(gid)) else {
+        return Err(invalid(format!(
+            "tar entry {path}: its owner {uid}:{gid} is over 32 bits"
+        )));
+    };
+    let xattrs = layer_xattrs(e).map_err(|err| invalid(format!("tar entry {path}: {err}")))?;
+    Ok(Meta {
+        perm,
+        uid: uid32,
+        gid: gid32,
+        mtime: core.mtime,
+        xattrs,
+    })
+}
+
+/// Removes whatever stands at `name`, unless the entry is a directory and
+/// so is what stands there; whether anything was removed.
+fn clear_the_way(pd: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> io::Result<bool> {
+    match rustix::fs::statat(pd, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if is_dir && FileType::from_raw_mode(st.st_mode) == FileType::Directory => Ok(false),
+        Ok(_) => {
+            remove_tree(pd, name)?;
+            Ok(true)
+        }
+        Err(rustix::io::Errno::NOENT) => Ok(false),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Makes a character or block device or a FIFO, as header `h` says.
+fn make_node(h: &tar::Header, etype: tar::EntryType, pd: BorrowedFd<'_>, name: &OsStr, perm: u32) -> io::Result<()> {
+    let ft = match etype {
+        tar::EntryType::Char => FileType::CharacterDevice,
+        tar::EntryType::Block => FileType::BlockDevice,
+        _ => FileType::Fifo,
+    };
+    let dev = if ft == FileType::Fifo {
+        rustix::fs::makedev(0, 0)
+    } else {
+        let major = h.device_major().map_err(as_invalid)?.unwrap_or(0);
+        let minor = h.device_minor().map_err(as_invalid)?.unwrap_or(0);
+        rustix::fs::makedev(major, minor)
+    };
+    rustix::fs::mknodat(pd, name, ft, Mode::from_raw_mode(perm), dev)?;
+    Ok(())
+}
+
+/// Sets the header's owner, mode, attributes and (but for a directory's,
+/// set last) time on what entry `name` made.
+fn apply_meta(pd: BorrowedFd<'_>, name: &OsStr, etype: tar::EntryType, meta: &Meta, euid_root: bool) -> io::Result<()> {
+    let is_dir = etype.is_dir();
+    if euid_root || !is_dir {
+        chown_nofollow(pd, name, meta.uid, meta.gid)?;
+    }
+    // A link has no mode of its own, and chmod would follow it: never
+    // for a symlink, nor for a hard link to one.
+    let is_link = etype == tar::EntryType::Symlink
+        || (etype == tar::EntryType::Link
+            && FileType::from_raw_mode(rustix::fs::statat(pd, name, AtFlags::SYMLINK_NOFOLLOW)?.st_mode)
+                == FileType::Symlink);
+    if !is_link {
+        // After chown, which clears set-id bits.
+        rustix::fs::chmodat(pd, name, Mode::from_raw_mode(meta.perm), AtFlags::empty())?;
+    }
+    for (k, v) in &meta.xattrs {
+        rustix::fs::lsetxattr(proc_path(pd, name), k.as_str(), v, rustix::fs::XattrFlags::empty())
+            .or_else(ignore_eperm)?;
+    }
+    if !is_dir {
+        set_mtime(pd, name, meta.mtime)?;
+    }
+    Ok(())
 }
 
 /// The core's reading of the entry the tar crate yielded as `e`, when the
@@ -495,6 +577,7 @@ fn apply_whiteout(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::fs::OFlags;
 
     fn tar_of(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());

@@ -1,13 +1,13 @@
 //! `WasmDriver`: the core's `GraphDriver` trait over a driver component.
 
 use super::bindings::driver::{DriverPlugin, DriverPluginPre};
-use super::{ByteStream as HostStream, Limits, LoadError, PluginHost, Pool, Sandbox};
+use super::{Limits, LoadError, PluginHost, Pool, Sandbox};
 use crate::confined::Home;
 use gantry_core::plugin::{ByteStream, GraphDriver};
-use gantry_core::{ErrorClass, PluginError};
+use gantry_core::PluginError;
 use std::path::Path;
 use std::sync::Arc;
-use wasmtime::component::{HasSelf, Resource};
+use wasmtime::component::HasSelf;
 
 pub struct WasmDriver {
     name: String,
@@ -39,19 +39,17 @@ impl WasmDriver {
         })?);
         Ok(WasmDriver {
             name: name.to_string(),
-            pool: Pool {
-                label: format!("driver/{name}"),
-                engine: host.engine.clone(),
-                tenancy: host.tenancy.clone(),
+            pool: Pool::new(
+                host,
+                format!("driver/{name}"),
                 limits,
-                http: None,
-                home: Some(home.clone()),
-                make: Box::new(move |store| {
+                None,
+                Some(home.clone()),
+                Box::new(move |store| {
                     let d = pre.instantiate(&mut *store)?;
                     Ok(d.gantry_plugin_driver().call_init(&mut *store, &options)?.map(|()| d))
                 }),
-                free: Default::default(),
-            },
+            ),
             home,
         })
     }
@@ -119,12 +117,7 @@ impl GraphDriver for WasmDriver {
             .call("get", |s, d| d.gantry_plugin_driver().call_get(s, id, ""))?;
         // Opened by the host, beneath the home, without links: the handle
         // is what callers read through.
-        self.home.dir(&rel).map_err(|e| {
-            PluginError::new(
-                ErrorClass::Invalid,
-                format!("driver {} returned a bad path {rel:?}: {e}", self.name),
-            )
-        })
+        self.home.dir(&rel).map_err(|e| super::bad_path(&self.name, &rel, e))
     }
 
     fn put(&self, id: &str) -> Result<(), PluginError> {
@@ -133,10 +126,9 @@ impl GraphDriver for WasmDriver {
 
     fn apply_diff(&self, id: &str, parent: Option<&str>, diff: ByteStream) -> Result<u64, PluginError> {
         self.pool.call("apply-diff", |s, d| {
-            let own: Resource<HostStream> = s.data_mut().table.push(HostStream(diff))?;
-            let borrow = Resource::<HostStream>::new_borrow(own.rep());
-            let r = d.gantry_plugin_driver().call_apply_diff(&mut *s, id, parent, borrow)?;
-            let mut rest = s.data_mut().table.delete(own)?;
+            let (r, mut rest) = super::lend(s, diff, |s, borrow| {
+                d.gantry_plugin_driver().call_apply_diff(s, id, parent, borrow)
+            })?;
             if r.is_ok() {
                 // The diffID covers the whole stream: read what the driver left.
                 if let Err(e) = std::io::copy(&mut rest.0, &mut std::io::sink()) {
@@ -150,10 +142,7 @@ impl GraphDriver for WasmDriver {
     fn diff(&self, id: &str, parent: Option<&str>) -> Result<ByteStream, PluginError> {
         self.pool.call("diff", |s, d| {
             let r = d.gantry_plugin_driver().call_diff(&mut *s, id, parent)?;
-            Ok(match r {
-                Ok(res) => Ok(s.data_mut().take_stream(res)?.0),
-                Err(e) => Err(e),
-            })
+            s.data_mut().stream_returned(r)
         })
     }
 

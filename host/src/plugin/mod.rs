@@ -340,6 +340,40 @@ impl Sandbox {
         self.handles = self.handles.saturating_sub(1);
         Ok(s)
     }
+
+    /// Takes back the stream a guest's call returned: its bytes never
+    /// entered the guest.
+    fn stream_returned(
+        &mut self,
+        r: Result<wasmtime::component::Resource<ByteStream>, WitError>,
+    ) -> wasmtime::Result<Result<gantry_core::plugin::ByteStream, WitError>> {
+        Ok(match r {
+            Ok(res) => Ok(self.take_stream(res)?.0),
+            Err(e) => Err(e),
+        })
+    }
+}
+
+/// Lends host-owned `stream` to the guest for call `f` as a borrowed
+/// handle (the guest reads it, never owns it); what it left unread comes back.
+fn lend<R>(
+    store: &mut Store<Sandbox>,
+    stream: gantry_core::plugin::ByteStream,
+    f: impl FnOnce(&mut Store<Sandbox>, wasmtime::component::Resource<ByteStream>) -> wasmtime::Result<R>,
+) -> wasmtime::Result<(R, ByteStream)> {
+    let own = store.data_mut().table.push(ByteStream(stream))?;
+    let borrow = wasmtime::component::Resource::<ByteStream>::new_borrow(own.rep());
+    let r = f(&mut *store, borrow)?;
+    let rest = store.data_mut().table.delete(own)?;
+    Ok((r, rest))
+}
+
+/// A driver answered `get` with a path the host will not open.
+fn bad_path(driver: &str, rel: &str, e: std::io::Error) -> PluginError {
+    PluginError::new(
+        ErrorClass::Invalid,
+        format!("driver {driver} returned a bad path {rel:?}: {e}"),
+    )
 }
 
 /// A sleep the host cut to the call's deadline.
@@ -575,13 +609,36 @@ struct Pool<B> {
     limits: Limits,
     http: Option<Arc<HttpPolicy>>,
     home: Option<Arc<Home>>,
-    #[allow(clippy::type_complexity)]
-    make: Box<dyn Fn(&mut Store<Sandbox>) -> wasmtime::Result<Result<B, WitError>> + Send + Sync>,
+    make: Make<B>,
     /// Idle instances, oldest first, each with the identity it served.
     free: Mutex<std::collections::VecDeque<(Identity, Store<Sandbox>, B)>>,
 }
 
+/// How a pool makes a ready instance in a fresh store.
+type Make<B> = Box<dyn Fn(&mut Store<Sandbox>) -> wasmtime::Result<Result<B, WitError>> + Send + Sync>;
+
 impl<B> Pool<B> {
+    /// A pool of `host`'s, labelled `label` in errors, of instances `make` makes.
+    fn new(
+        host: &PluginHost,
+        label: String,
+        limits: Limits,
+        http: Option<Arc<HttpPolicy>>,
+        home: Option<Arc<Home>>,
+        make: Make<B>,
+    ) -> Pool<B> {
+        Pool {
+            label,
+            engine: host.engine.clone(),
+            tenancy: host.tenancy.clone(),
+            limits,
+            http,
+            home,
+            make,
+            free: Default::default(),
+        }
+    }
+
     fn new_store(&self) -> Store<Sandbox> {
         let mut store = Store::new(
             &self.engine,
@@ -800,22 +857,21 @@ mod tests {
         let pre = Linker::<Sandbox>::new(&host.engine)
             .instantiate_pre(&component)
             .unwrap();
-        let pool = Pool {
-            label: "test/spin".into(),
-            engine: host.engine.clone(),
-            tenancy: host.tenancy.clone(),
-            limits: Limits {
-                cpu: Duration::from_secs(1),
-                ..Limits::default()
-            },
-            http: None,
-            home: None,
-            make: Box::new(move |store| {
+        let limits = Limits {
+            cpu: Duration::from_secs(1),
+            ..Limits::default()
+        };
+        let pool = Pool::new(
+            &host,
+            "test/spin".into(),
+            limits,
+            None,
+            None,
+            Box::new(move |store| {
                 let i = pre.instantiate(&mut *store)?;
                 Ok(Ok(i.get_typed_func::<(), ()>(&mut *store, "spin")?))
             }),
-            free: Default::default(),
-        };
+        );
         let prio = |t| rustix::process::getpriority_process(Some(t)).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::scope(|s| {

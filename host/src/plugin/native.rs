@@ -69,6 +69,19 @@ impl HostState {
     fn take(&self, h: u64) -> Option<Box<dyn Read + Send>> {
         self.streams.lock().unwrap_or_else(|p| p.into_inner()).remove(&h)
     }
+
+    /// Runs `f` on stream `h`, which stays the host's.
+    fn with_stream<R>(
+        &self,
+        h: u64,
+        f: impl FnOnce(&mut Box<dyn Read + Send>) -> Result<R, WireError>,
+    ) -> Result<R, WireError> {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let s = streams
+            .get_mut(&h)
+            .ok_or_else(|| WireError::NotFound(format!("no stream {h}")))?;
+        f(s)
+    }
 }
 
 type Job = Box<dyn FnOnce(&Worker) + Send>;
@@ -382,11 +395,7 @@ fn fs(state: &HostState, call: FsCall) -> Result<FsReply, WireError> {
         FsCall::Symlink { target, path } => unit(h.symlink(&target, &path)),
         FsCall::Unpack { dir, diff, overlay } => {
             let mode = if overlay { Whiteouts::Overlay } else { Whiteouts::Delete };
-            let mut streams = state.streams.lock().unwrap_or_else(|p| p.into_inner());
-            let s = streams
-                .get_mut(&diff)
-                .ok_or_else(|| WireError::NotFound(format!("no stream {diff}")))?;
-            h.unpack(&dir, s, mode).map(FsReply::Size).map_err(io_wire)
+            state.with_stream(diff, |s| h.unpack(&dir, s, mode).map(FsReply::Size).map_err(io_wire))
         }
         FsCall::Pack { dir } => stream(h.pack(&dir)),
         FsCall::PackUpper { dir } => stream(h.pack_upper(&dir)),
@@ -399,12 +408,7 @@ fn fs(state: &HostState, call: FsCall) -> Result<FsReply, WireError> {
                 list.into_iter()
                     .map(|(path, kind)| WireChange {
                         path,
-                        kind: match kind {
-                            confined::ChangeKind::Add => "add",
-                            confined::ChangeKind::Modify => "modify",
-                            confined::ChangeKind::Delete => "delete",
-                        }
-                        .into(),
+                        kind: kind.as_str().into(),
                     })
                     .collect(),
             ))
@@ -422,15 +426,11 @@ fn fs(state: &HostState, call: FsCall) -> Result<FsReply, WireError> {
             work,
         })),
         FsCall::Unmount { target } => unit(h.unmount(&target)),
-        FsCall::StreamRead { handle, len } => {
-            let mut streams = state.streams.lock().unwrap_or_else(|p| p.into_inner());
-            let s = streams
-                .get_mut(&handle)
-                .ok_or_else(|| WireError::NotFound(format!("no stream {handle}")))?;
+        FsCall::StreamRead { handle, len } => state.with_stream(handle, |s| {
             confined::read_chunk(s, len)
                 .map(FsReply::Bytes)
                 .map_err(|e| WireError::Transient(e.to_string()))
-        }
+        }),
         FsCall::StreamDrop { handle } => {
             state.take(handle);
             Ok(FsReply::Unit)
@@ -487,14 +487,7 @@ impl GraphDriver for NativeDriver {
             _ => return Err(self.unexpected()),
         };
         let name = self.name.clone();
-        self.on_worker(move |w| {
-            w.state.home.dir(&rel).map_err(|e| {
-                PluginError::new(
-                    ErrorClass::Invalid,
-                    format!("driver {name} returned a bad path {rel:?}: {e}"),
-                )
-            })
-        })?
+        self.on_worker(move |w| w.state.home.dir(&rel).map_err(|e| super::bad_path(&name, &rel, e)))?
     }
 
     fn put(&self, id: &str) -> Result<(), PluginError> {

@@ -41,6 +41,23 @@ fn identity(salt: &str, c: Option<&gantry_core::plugin::Credentials>) -> Identit
     }
 }
 
+/// `ep` as module `$m`'s WIT endpoint: the pull and the push world each
+/// have their own copy of the type.
+macro_rules! wit_endpoint {
+    ($m:ident, $ep:expr) => {{
+        let ep: &Endpoint = $ep;
+        $m::Endpoint {
+            url: ep.url.clone(),
+            mirror: ep.mirror,
+            credentials: ep.credentials.as_ref().map(|c| $m::Credentials {
+                username: c.username.clone(),
+                password: c.password.clone(),
+                identity_token: c.identity_token.clone(),
+            }),
+        }
+    }};
+}
+
 impl WasmTransport {
     pub fn load(
         host: &PluginHost,
@@ -58,28 +75,15 @@ impl WasmTransport {
             message: e.to_string(),
         })?;
         let http = Arc::new(HttpPolicy::new(registries));
-        let push_pool = push_pre.map(|pre| Pool {
-            label: format!("transport/{name}"),
-            engine: host.engine.clone(),
-            tenancy: host.tenancy.clone(),
-            limits,
-            http: Some(http.clone()),
-            home: None,
-            make: Box::new(move |store| Ok(Ok(pre.instantiate(store)?))),
-            free: Default::default(),
+        let label = format!("transport/{name}");
+        let push_pool = push_pre.map(|pre| {
+            let make = Box::new(move |store: &mut _| Ok(Ok(pre.instantiate(store)?)));
+            Pool::new(host, label.clone(), limits, Some(http.clone()), None, make)
         });
+        let make = Box::new(move |store: &mut _| Ok(Ok(pre.instantiate(store)?)));
         Ok(WasmTransport {
             name: name.to_string(),
-            pool: Pool {
-                label: format!("transport/{name}"),
-                engine: host.engine.clone(),
-                tenancy: host.tenancy.clone(),
-                limits,
-                http: Some(http),
-                home: None,
-                make: Box::new(move |store| Ok(Ok(pre.instantiate(store)?))),
-                free: Default::default(),
-            },
+            pool: Pool::new(host, label, limits, Some(http), None, make),
             push_pool,
             salt: gantry_core::store::random_id(),
         })
@@ -106,15 +110,7 @@ impl WasmTransport {
             ));
         };
         let who = identity(&self.salt, ep.credentials.as_ref());
-        let ep = wit_push_transport::Endpoint {
-            url: ep.url.clone(),
-            mirror: ep.mirror,
-            credentials: ep.credentials.as_ref().map(|c| wit_push_transport::Credentials {
-                username: c.username.clone(),
-                password: c.password.clone(),
-                identity_token: c.identity_token.clone(),
-            }),
-        };
+        let ep = wit_endpoint!(wit_push_transport, ep);
         pool.call_as(who, op, |s, p| {
             s.data_mut().http_scope = Some(CallScope::push(&ep.url));
             f(s, p, &ep)
@@ -135,23 +131,37 @@ impl WasmTransport {
         ) -> wasmtime::Result<Result<R, WitError>>,
     ) -> Result<R, PluginError> {
         let who = identity(&self.salt, ep.credentials.as_ref());
-        let ep = self.endpoint(ep);
+        let ep = wit_endpoint!(wit, ep);
         self.pool.call_as(who, op, |s, p| {
             s.data_mut().http_scope = Some(CallScope::pull(&ep.url));
             f(s, p, &ep)
         })
     }
 
-    fn endpoint(&self, ep: &Endpoint) -> wit::Endpoint {
-        wit::Endpoint {
-            url: ep.url.clone(),
-            mirror: ep.mirror,
-            credentials: ep.credentials.as_ref().map(|c| wit::Credentials {
-                username: c.username.clone(),
-                password: c.password.clone(),
-                identity_token: c.identity_token.clone(),
-            }),
-        }
+    /// Opens blob (or v1 layer) `name` of `repository` at `offset`.
+    fn open_stream(&self, ep: &Endpoint, repository: &str, name: &str, offset: u64) -> Result<ByteStream, PluginError> {
+        self.call("open-blob", ep, |s, p, ep| {
+            let r = p
+                .gantry_plugin_transport()
+                .call_open_blob(&mut *s, ep, repository, name, offset)?;
+            s.data_mut().stream_returned(r)
+        })
+    }
+}
+
+/// An upload session as the core's.
+fn upload(u: wit_push::Upload) -> Upload {
+    Upload {
+        url: u.url,
+        offset: u.offset,
+    }
+}
+
+/// An upload session as the push world's.
+fn wit_upload(u: &Upload) -> wit_push::Upload {
+    wit_push::Upload {
+        url: u.url.clone(),
+        offset: u.offset,
     }
 }
 
@@ -194,28 +204,11 @@ impl Transport for WasmTransport {
         digest: &Digest,
         offset: u64,
     ) -> Result<ByteStream, PluginError> {
-        self.call("open-blob", ep, |s, p, ep| {
-            let r = p
-                .gantry_plugin_transport()
-                .call_open_blob(&mut *s, ep, repository, digest.as_str(), offset)?;
-            Ok(match r {
-                // Take the stream back from the guest: its bytes never enter it.
-                Ok(res) => Ok(s.data_mut().take_stream(res)?.0),
-                Err(e) => Err(e),
-            })
-        })
+        self.open_stream(ep, repository, digest.as_str(), offset)
     }
 
     fn open_v1_layer(&self, ep: &Endpoint, repository: &str, id: &str, offset: u64) -> Result<ByteStream, PluginError> {
-        self.call("open-blob", ep, |s, p, ep| {
-            let r = p
-                .gantry_plugin_transport()
-                .call_open_blob(&mut *s, ep, repository, id, offset)?;
-            Ok(match r {
-                Ok(res) => Ok(s.data_mut().take_stream(res)?.0),
-                Err(e) => Err(e),
-            })
-        })
+        self.open_stream(ep, repository, id, offset)
     }
 
     fn list_tags(&self, ep: &Endpoint, repository: &str) -> Result<Vec<String>, PluginError> {
@@ -248,31 +241,22 @@ impl Transport for WasmTransport {
         })?;
         Ok(match r {
             wit_push::Mounted::Mounted => Mounted::Mounted,
-            wit_push::Mounted::Upload(u) => Mounted::Upload(Upload {
-                url: u.url,
-                offset: u.offset,
-            }),
+            wit_push::Mounted::Upload(u) => Mounted::Upload(upload(u)),
         })
     }
 
     fn start_upload(&self, ep: &Endpoint, repository: &str) -> Result<Upload, PluginError> {
-        let u = self.push_call("start-upload", ep, |s, p, ep| {
+        self.push_call("start-upload", ep, |s, p, ep| {
             p.gantry_plugin_push().call_start_upload(s, ep, repository)
-        })?;
-        Ok(Upload {
-            url: u.url,
-            offset: u.offset,
         })
+        .map(upload)
     }
 
     fn upload_status(&self, ep: &Endpoint, repository: &str, url: &str) -> Result<Upload, PluginError> {
-        let u = self.push_call("upload-status", ep, |s, p, ep| {
+        self.push_call("upload-status", ep, |s, p, ep| {
             p.gantry_plugin_push().call_upload_status(s, ep, repository, url)
-        })?;
-        Ok(Upload {
-            url: u.url,
-            offset: u.offset,
         })
+        .map(upload)
     }
 
     fn upload_chunk(
@@ -283,26 +267,17 @@ impl Transport for WasmTransport {
         body: ByteStream,
         length: Option<u64>,
     ) -> Result<Upload, PluginError> {
-        let session = wit_push::Upload {
-            url: session.url.clone(),
-            offset: session.offset,
-        };
-        let u = self.push_call("upload-chunk", ep, |s, p, ep| {
+        let session = wit_upload(session);
+        self.push_call("upload-chunk", ep, |s, p, ep| {
             // The body stays host-side: the guest gets a borrowed handle it
             // passes back to `send-body`.
-            let own: wasmtime::component::Resource<super::ByteStream> =
-                s.data_mut().table.push(super::ByteStream(body))?;
-            let borrow = wasmtime::component::Resource::<super::ByteStream>::new_borrow(own.rep());
-            let r = p
-                .gantry_plugin_push()
-                .call_upload_chunk(&mut *s, ep, repository, &session, borrow, length)?;
-            s.data_mut().table.delete(own)?;
+            let (r, _) = super::lend(s, body, |s, borrow| {
+                p.gantry_plugin_push()
+                    .call_upload_chunk(s, ep, repository, &session, borrow, length)
+            })?;
             Ok(r)
-        })?;
-        Ok(Upload {
-            url: u.url,
-            offset: u.offset,
         })
+        .map(upload)
     }
 
     fn finish_upload(
@@ -314,31 +289,16 @@ impl Transport for WasmTransport {
         body: Option<ByteStream>,
         length: u64,
     ) -> Result<(), PluginError> {
-        let session = wit_push::Upload {
-            url: session.url.clone(),
-            offset: session.offset,
-        };
+        let session = wit_upload(session);
         self.push_call("finish-upload", ep, |s, p, ep| {
-            let own = match body {
-                Some(b) => Some(s.data_mut().table.push(super::ByteStream(b))?),
-                None => None,
+            let finish = |s: &mut wasmtime::Store<Sandbox>, body| {
+                p.gantry_plugin_push()
+                    .call_finish_upload(s, ep, repository, &session, digest.as_str(), body, length)
             };
-            let borrow = own
-                .as_ref()
-                .map(|o| wasmtime::component::Resource::<super::ByteStream>::new_borrow(o.rep()));
-            let r = p.gantry_plugin_push().call_finish_upload(
-                &mut *s,
-                ep,
-                repository,
-                &session,
-                digest.as_str(),
-                borrow,
-                length,
-            )?;
-            if let Some(o) = own {
-                s.data_mut().table.delete(o)?;
+            match body {
+                Some(b) => Ok(super::lend(s, b, |s, borrow| finish(s, Some(borrow)))?.0),
+                None => finish(s, None),
             }
-            Ok(r)
         })
     }
 

@@ -526,7 +526,10 @@ async fn route(
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            let filters = match query::param(&req, "filters").map(|f| PruneFilters::parse(&f, now)).transpose() {
+            let filters = match query::param(&req, "filters")
+                .map(|f| PruneFilters::parse(&f, now))
+                .transpose()
+            {
                 Ok(f) => f.unwrap_or_default(),
                 Err(m) => return error(StatusCode::BAD_REQUEST, &m),
             };

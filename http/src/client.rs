@@ -56,7 +56,9 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// Builds the clients; must be called within a tokio runtime.
+    /// Builds the clients; must be called within a tokio runtime (which
+    /// is why there is no `Default`).
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Outbound {
         Outbound {
             any: client(Reach::Any),
@@ -142,7 +144,10 @@ pub enum HopError {
     #[error("{url} {reason}")]
     Address { url: String, reason: String },
     /// Plain HTTP where the caller does not allow it.
-    #[error("plain HTTP to {} is not allowed (only loopback or registries marked insecure)", escape_line(domain))]
+    #[error(
+        "plain HTTP to {} is not allowed (only loopback or registries marked insecure)",
+        escape_line(domain)
+    )]
     PlainHttp { url: String, domain: String },
     /// Neither `http` nor `https`.
     #[error("URL scheme {} is not allowed", escape_line(scheme))]
@@ -211,7 +216,11 @@ pub fn redirect(u: &url::Url, method: &str, resp: &Response) -> Result<Option<Re
     if !status.is_redirection() || status == hyper::StatusCode::NOT_MODIFIED {
         return Ok(None);
     }
-    let Some(loc) = resp.headers().get(hyper::header::LOCATION).and_then(|v| v.to_str().ok()) else {
+    let Some(loc) = resp
+        .headers()
+        .get(hyper::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+    else {
         return Ok(None);
     };
     let to = u.join(loc).map_err(|e| RedirectError::Bad {

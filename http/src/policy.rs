@@ -354,9 +354,9 @@ impl HttpPolicy {
             .map_err(|e| PolicyError::Invalid(format!("bad request: {}", escape_line(&e.to_string()))))?;
         let client = self.clients.client(reach);
         let called = match feed {
-            None => self.rt.block_on(async {
-                tokio::time::timeout(CONNECT_TIMEOUT + READ_TIMEOUT, client.request(req)).await
-            }),
+            None => self
+                .rt
+                .block_on(async { tokio::time::timeout(CONNECT_TIMEOUT + READ_TIMEOUT, client.request(req)).await }),
             Some((tx, reader)) => self.rt.block_on(feed_request(client.request(req), tx, reader)),
         };
         match called {
@@ -533,8 +533,12 @@ mod tests {
         assert!(Access::Push.methods().contains(&"PUT"));
         assert!(!Access::Pull.methods().contains(&"PUT"));
         let scope = CallScope::push("http://127.0.0.1:1");
-        assert!(scope.check_request("POST", &[], &url::Url::parse("http://127.0.0.1:1/v2/").unwrap()).is_ok());
-        assert!(scope.check_request("DELETE", &[], &url::Url::parse("http://127.0.0.1:1/v2/").unwrap()).is_ok());
+        assert!(scope
+            .check_request("POST", &[], &url::Url::parse("http://127.0.0.1:1/v2/").unwrap())
+            .is_ok());
+        assert!(scope
+            .check_request("DELETE", &[], &url::Url::parse("http://127.0.0.1:1/v2/").unwrap())
+            .is_ok());
     }
 
     #[test]

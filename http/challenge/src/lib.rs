@@ -85,10 +85,9 @@ mod tests {
 
     #[test]
     fn parses_bearer_challenges() {
-        let (s, p) = parse(
-            r#"Bearer realm="http://127.0.0.1:1/token",service="reg, istry",scope="repository:a/b:pull""#,
-        )
-        .unwrap();
+        let (s, p) =
+            parse(r#"Bearer realm="http://127.0.0.1:1/token",service="reg, istry",scope="repository:a/b:pull""#)
+                .unwrap();
         assert_eq!(s, "Bearer");
         assert_eq!(p[0], ("realm".into(), "http://127.0.0.1:1/token".into()));
         assert_eq!(p[1], ("service".into(), "reg, istry".into()));

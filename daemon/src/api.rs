@@ -6,7 +6,8 @@
 use bytes::Bytes;
 use gantry_core::images::Summary;
 use gantry_core::text::escape_line;
-use gantry_serve::percent_decode;
+use gantry_http::body::{ChannelBody, Chunk};
+use gantry_http::query::{self, percent_decode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -195,29 +196,9 @@ fn strip_version(path: &str) -> Result<&str, String> {
     Ok(&path[2 + version.len()..])
 }
 
-fn query(req: &Request<hyper::body::Incoming>, key: &str) -> Option<String> {
-    req.uri().query()?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == key).then(|| percent_decode(&v.replace('+', " ")))
-    })
-}
-
-/// Every value of a repeated query parameter.
-fn queries(req: &Request<hyper::body::Incoming>, key: &str) -> Vec<String> {
-    req.uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k == key).then(|| percent_decode(&v.replace('+', " ")))
-        })
-        .collect()
-}
-
 /// `name` with the request's `tag` parameter, when it has one (`name:tag`).
 fn with_tag(req: &Request<hyper::body::Incoming>, name: String) -> String {
-    match query(req, "tag").filter(|t| !t.is_empty()) {
+    match query::param(req, "tag").filter(|t| !t.is_empty()) {
         Some(t) => format!("{name}:{t}"),
         None => name,
     }
@@ -543,7 +524,7 @@ async fn route(
             });
         }
         (&Method::GET, "/images/json") => {
-            let filters = match query(&req, "filters").map(|f| Filters::parse(&f)).transpose() {
+            let filters = match query::param(&req, "filters").map(|f| Filters::parse(&f)).transpose() {
                 Ok(f) => f.unwrap_or_default(),
                 Err(m) => return error(StatusCode::BAD_REQUEST, &m),
             };
@@ -558,14 +539,17 @@ async fn route(
         (&Method::POST, "/auth") => return auth(engine, req).await,
         (&Method::POST, "/images/load") => return load(engine, req).await,
         (&Method::GET, "/images/get") => {
-            let names = queries(&req, "names");
+            let names = query::params(&req, "names");
             return save(engine, names);
         }
         (&Method::POST, "/images/prune") => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            let filters = match query(&req, "filters").map(|f| PruneFilters::parse(&f, now)).transpose() {
+            let filters = match query::param(&req, "filters")
+                .map(|f| PruneFilters::parse(&f, now))
+                .transpose()
+            {
                 Ok(f) => f.unwrap_or_default(),
                 Err(m) => return error(StatusCode::BAD_REQUEST, &m),
             };
@@ -583,7 +567,7 @@ async fn route(
         _ => {}
     }
     if let Some(rest) = path.strip_prefix("/images/") {
-        let name_of = |suffix: &str| rest.strip_suffix(suffix).map(percent_decode);
+        let name_of = |suffix: &str| rest.strip_suffix(suffix).map(|n| percent_decode(n).into_owned());
         match *method {
             Method::GET => {
                 if let Some(name) = name_of("/get") {
@@ -613,7 +597,7 @@ async fn route(
                     return stream(move |send, _| engine.push(&reference, auth, send));
                 }
                 if let Some(name) = name_of("/tag") {
-                    let Some(repo) = query(&req, "repo").filter(|r| !r.is_empty()) else {
+                    let Some(repo) = query::param(&req, "repo").filter(|r| !r.is_empty()) else {
                         return error(StatusCode::BAD_REQUEST, "repo is required");
                     };
                     let target = with_tag(&req, repo);
@@ -625,8 +609,8 @@ async fn route(
                 }
             }
             Method::DELETE => {
-                let name = percent_decode(rest);
-                let force = truthy(query(&req, "force"));
+                let name = percent_decode(rest).into_owned();
+                let force = truthy(query::param(&req, "force"));
                 return answer(blocking(move || engine.remove(&name, force)).await, |v| {
                     json_response(StatusCode::OK, &Value::Array(v))
                 });
@@ -643,35 +627,20 @@ async fn route(
     )
 }
 
-/// A streamed response body fed from a channel.
-struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
-        self.0.poll_recv(cx).map(|c| c.map(|b| Ok(hyper::body::Frame::data(b))))
-    }
-}
-
 /// A JSON message stream made by `work` on a blocking thread; a failure
 /// is its last message (`errorDetail`), as dockerd sends it. `work` gets
 /// the flag set once the client is gone (a message could not be delivered).
 fn stream(
     work: impl FnOnce(&(dyn Fn(Value) + Sync), Arc<AtomicBool>) -> Result<(), EngineError> + Send + 'static,
 ) -> Response<Body> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    let (tx, body) = ChannelBody::channel(256);
     let gone = Arc::new(AtomicBool::new(false));
     tokio::task::spawn_blocking(move || {
         let flag = gone.clone();
         let send = move |v: Value| {
             let mut line = serde_json::to_vec(&v).expect("serialisable");
             line.extend_from_slice(b"\r\n");
-            if tx.blocking_send(Bytes::from(line)).is_err() {
+            if tx.blocking_send(Ok(Bytes::from(line))).is_err() {
                 flag.store(true, Ordering::Relaxed);
             }
         };
@@ -680,19 +649,19 @@ fn stream(
             send(json!({"errorDetail": {"message": m}, "error": m}));
         }
     });
-    let mut r = Response::new(ChannelBody(rx).boxed());
+    let mut r = Response::new(body.boxed());
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
 /// Bytes written on a blocking thread, sent as a response body.
-struct ChannelWriter(tokio::sync::mpsc::Sender<Bytes>);
+struct ChannelWriter(tokio::sync::mpsc::Sender<Chunk>);
 
 impl std::io::Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0
-            .blocking_send(Bytes::copy_from_slice(buf))
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away"))?;
         Ok(buf.len())
     }
@@ -709,14 +678,14 @@ fn save(engine: Arc<dyn Engine>, names: Vec<String>) -> Response<Body> {
     if names.is_empty() {
         return error(StatusCode::BAD_REQUEST, "no image named");
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let (tx, body) = ChannelBody::channel(16);
     tokio::task::spawn_blocking(move || {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, ChannelWriter(tx));
         if engine.save(&names, &mut out).is_ok() {
             let _ = std::io::Write::flush(&mut out);
         }
     });
-    let mut r = Response::new(ChannelBody(rx).boxed());
+    let mut r = Response::new(body.boxed());
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/x-tar"));
     r
@@ -856,10 +825,10 @@ async fn auth(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> R
 
 /// `POST /images/create`: a pull (`fromImage`) or an import (`fromSrc`).
 async fn create(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> Response<Body> {
-    if let Some(image) = query(&req, "fromImage").filter(|i| !i.is_empty()) {
+    if let Some(image) = query::param(&req, "fromImage").filter(|i| !i.is_empty()) {
         return pull(engine, image, req);
     }
-    let Some(src) = query(&req, "fromSrc").filter(|s| !s.is_empty()) else {
+    let Some(src) = query::param(&req, "fromSrc").filter(|s| !s.is_empty()) else {
         return error(
             StatusCode::BAD_REQUEST,
             "give fromImage (a pull) or fromSrc (an import)",
@@ -872,12 +841,12 @@ async fn create(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) ->
             "importing from a URL is not supported: send the tarball as the request body (fromSrc=-)",
         );
     }
-    let repo = query(&req, "repo").filter(|r| !r.is_empty());
+    let repo = query::param(&req, "repo").filter(|r| !r.is_empty());
     let request = ImportRequest {
         reference: repo.map(|r| with_tag(&req, r)),
-        message: query(&req, "message").filter(|m| !m.is_empty()),
-        changes: queries(&req, "changes"),
-        platform: query(&req, "platform").filter(|p| !p.is_empty()),
+        message: query::param(&req, "message").filter(|m| !m.is_empty()),
+        changes: query::params(&req, "changes"),
+        platform: query::param(&req, "platform").filter(|p| !p.is_empty()),
     };
     if let Err(e) = engine.check_import(&request) {
         // The client is sending its tarball already: read it out, or it
@@ -893,7 +862,7 @@ async fn create(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) ->
 /// streamed as Docker's JSON messages; a failure after the stream started
 /// is its last message (`errorDetail`), as dockerd sends it.
 fn pull(engine: Arc<dyn Engine>, image: String, req: Request<hyper::body::Incoming>) -> Response<Body> {
-    let reference = match query(&req, "tag") {
+    let reference = match query::param(&req, "tag") {
         Some(t) if t.starts_with("sha256:") => format!("{image}@{t}"),
         _ => with_tag(&req, image),
     };

@@ -8,14 +8,13 @@
 //! blocking thread, and a pull's progress reaches the client as Docker's
 //! JSON message stream through a channel.
 //!
-//! Like `gantry serve`, it is built for clients that misbehave: request
-//! heads are bounded and must arrive in time, and one client's requests
-//! never block another's.
+//! Like `gantry serve`, and on the same accept loop (`gantry-http`), it is
+//! built for clients that misbehave: request heads are bounded and must
+//! arrive in time, and one client's requests never block another's.
 
 pub mod api;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use gantry_http::server;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,12 +40,13 @@ pub enum DaemonError {
     Runtime(std::io::Error),
 }
 
-/// The largest request head accepted.
-const MAX_HEAD: usize = 64 << 10;
 /// Connections past this many are closed at once (the file limit is
 /// raised so that many fit).
 const MAX_CONNECTIONS: usize = 4096;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long requests in flight may take to finish after a signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const STOPPING: &str = "gantry daemon: shutting down";
 
 /// Where the daemon listens: a unix socket, or TCP when asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,7 +148,7 @@ pub fn run_many(
             }
         }
     }
-    gantry_serve::raise_file_limit();
+    server::raise_file_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -196,21 +196,21 @@ pub fn run_many(
             }
             return Err(DaemonError::Setup(m));
         }
+        let limits = server::Limits {
+            header_timeout: HEADER_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+            drain_timeout: DRAIN_TIMEOUT,
+        };
         let mut tasks = Vec::new();
         for (b, engine) in bound {
             tasks.push(tokio::spawn(async move {
                 match b {
                     Bound::Unix(path, l) => {
-                        serve(|| async { l.accept().await.map(|(s, _)| s) }, engine).await;
+                        server::serve(l, limits, STOPPING, move |(), req| api::handle(engine.clone(), req)).await;
                         let _ = std::fs::remove_file(&path);
                     }
                     Bound::Tcp(l) => {
-                        let accept = || async {
-                            let (s, _) = l.accept().await?;
-                            let _ = s.set_nodelay(true);
-                            Ok(s)
-                        };
-                        serve(accept, engine).await
+                        server::serve(l, limits, STOPPING, move |_, req| api::handle(engine.clone(), req)).await
                     }
                 }
             }));
@@ -223,55 +223,6 @@ pub fn run_many(
     drop(rt);
     drop(keep);
     result
-}
-
-/// Answers the connections `accept` yields (a unix or a TCP listener's)
-/// until SIGTERM or SIGINT.
-async fn serve<S, F, Fut>(accept: F, engine: Arc<dyn Engine>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<S>>,
-{
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(MAX_HEAD)
-        .keep_alive(true);
-    let http = Arc::new(http);
-    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    loop {
-        let accepted = tokio::select! {
-            a = accept() => a,
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break,
-            _ = tokio::signal::ctrl_c() => break,
-        };
-        let Ok(stream) = accepted else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        use std::sync::atomic::Ordering;
-        if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-            drop(stream);
-            continue;
-        }
-        open.fetch_add(1, Ordering::Relaxed);
-        let engine = engine.clone();
-        let service = service_fn(move |req| {
-            let engine = engine.clone();
-            async move { Ok::<_, std::convert::Infallible>(api::handle(engine, req).await) }
-        });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        let open = open.clone();
-        tokio::spawn(async move {
-            let _ = conn.await;
-            open.fetch_sub(1, Ordering::Relaxed);
-        });
-    }
-    eprintln!("gantry daemon: shutting down");
-    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
 }
 
 #[cfg(test)]

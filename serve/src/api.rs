@@ -619,9 +619,8 @@ fn link(r: &mut Response<Body>, target: &str) {
 fn page(query: Option<&str>) -> Result<(Option<usize>, Option<String>), ApiError> {
     let mut n = None;
     let mut last = None;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
+    for (k, v) in gantry_http::query::pairs(query) {
+        match &*k {
             "n" => {
                 let parsed: usize = v.parse().map_err(|_| {
                     ApiError::new(
@@ -639,7 +638,7 @@ fn page(query: Option<&str>) -> Result<(Option<usize>, Option<String>), ApiError
                 }
                 n = Some(parsed);
             }
-            "last" => last = Some(v.to_string()),
+            "last" => last = Some(v.into_owned()),
             _ => {}
         }
     }

@@ -33,25 +33,16 @@ use crate::fs_storage::FsStorage;
 use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
 use bytes::Bytes;
 use gantry_core::digest::Digest;
-use gantry_core::endpoint::{
-    allows_plain_http, may_leave_origin, registry_config, HopPolicy, Reach, Registries, MAX_REDIRECTS,
-};
+use gantry_core::endpoint::{registry_config, HopPolicy, Registries, MAX_REDIRECTS};
 use gantry_core::text::{escape_line, redact_url};
-use http_body_util::{BodyExt, Empty};
-use hyper::body::{Body, Frame};
-use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use gantry_http::body::ChannelBody;
+use gantry_http::client::{self, chain, domain_of, origin, HopError, Outbound};
+use http_body_util::BodyExt;
+use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::client::legacy::connect::{HttpConnector, HttpInfo};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::net::SocketAddr;
 use std::ops::Range;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// What manifests are asked for upstream.
@@ -160,8 +151,6 @@ impl Upstream {
     }
 }
 
-type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector<Resolver>>, Empty<Bytes>>;
-
 /// How a mirror fetches, and its bounds.
 #[derive(Debug, Clone)]
 pub struct MirrorOptions {
@@ -232,10 +221,9 @@ enum Lookup {
 pub struct Mirror {
     local: Arc<FsStorage>,
     upstreams: Vec<Upstream>,
-    /// One client per reach: its resolver keeps only what a hop may reach.
-    any: HttpClient,
-    internal: HttpClient,
-    public: HttpClient,
+    /// The outbound clients (one per reach: the resolver keeps only what
+    /// a hop may reach), shared code with the plugin host's.
+    clients: Outbound,
     options: MirrorOptions,
     /// Blobs being fetched, by digest.
     inflight: Mutex<HashMap<Digest, Inflight>>,
@@ -256,81 +244,13 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// The mirror's name resolver: the system's (tokio's), keeping only the
-/// addresses its client's hops may reach — the rule the pull path's
-/// resolver follows.
-#[derive(Clone)]
-struct Resolver {
-    reach: Reach,
-}
-
-impl tower_service::Service<Name> for Resolver {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, name: Name) -> Self::Future {
-        let reach = self.reach;
-        Box::pin(async move {
-            let host = name.as_str().to_string();
-            let kept: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|a| reach.admits(a.ip()))
-                .collect();
-            if kept.is_empty() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    format!("{} is not an address this hop may reach", escape_line(&host)),
-                ));
-            }
-            Ok(kept.into_iter())
-        })
-    }
-}
-
-fn client(reach: Reach) -> HttpClient {
-    let mut http = HttpConnector::new_with_resolver(Resolver { reach });
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(Duration::from_secs(15)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).build(https)
-}
-
-/// `scheme://host:port` of a URL.
-fn origin(u: &url::Url) -> String {
-    format!(
-        "{}://{}:{}",
-        u.scheme(),
-        u.host_str().unwrap_or(""),
-        u.port_or_known_default().unwrap_or(0)
-    )
-}
-
-/// `host[:port]` of a URL, as the config's registry tables are keyed.
-fn domain_of(u: &url::Url) -> String {
-    match u.port() {
-        Some(p) => format!("{}:{p}", u.host_str().unwrap_or("")),
-        None => u.host_str().unwrap_or("").to_string(),
-    }
-}
-
 impl Mirror {
     pub fn new(local: Arc<FsStorage>, upstreams: Vec<Upstream>, options: MirrorOptions) -> Mirror {
         let tags = Mutex::new(Bounded::new(MAX_TAG_ANSWERS, MAX_TAG_ANSWER_BYTES));
         let mirror = Mirror {
             local,
             upstreams,
-            any: client(Reach::Any),
-            internal: client(Reach::Internal),
-            public: client(Reach::Public),
+            clients: Outbound::new(),
             options,
             inflight: Mutex::new(HashMap::new()),
             tokens: Mutex::new(Bounded::new(MAX_TOKENS, MAX_TOKEN_BYTES)),
@@ -414,27 +334,16 @@ impl Mirror {
     /// Checks one hop and picks the client that carries it out: the
     /// address by the hop policy, the scheme (plain HTTP to the upstream's
     /// own origin as configured, to loopback, or to hosts marked insecure).
-    fn hop(&self, hops: &HopPolicy, base: &url::Url, u: &url::Url) -> Result<&HttpClient, StorageError> {
-        let reach = hops
-            .check(u.host_str().unwrap_or(""), u.port_or_known_default().unwrap_or(0))
-            .map_err(|e| upstream_err(format!("{} {e}", redact_url(u.as_str()))))?;
-        let plain_ok = origin(u) == origin(base) || allows_plain_http(&domain_of(u), &self.options.registries);
-        match u.scheme() {
-            "https" => {}
-            "http" if plain_ok => {}
-            s => {
-                return Err(upstream_err(format!(
-                    "{} may not be reached over {}",
-                    redact_url(u.as_str()),
-                    escape_line(s)
-                )))
+    fn hop(&self, hops: &HopPolicy, base: &url::Url, u: &url::Url) -> Result<&client::Client, StorageError> {
+        let plain_ok = origin(u) == origin(base) || client::plain_http_allowed(u, &self.options.registries);
+        let reach = client::check_hop(hops, u, plain_ok).map_err(|e| match e {
+            HopError::Address { .. } => upstream_err(e),
+            HopError::PlainHttp { url, .. } => upstream_err(format!("{url} may not be reached over http")),
+            HopError::Scheme { url, scheme } => {
+                upstream_err(format!("{url} may not be reached over {}", escape_line(&scheme)))
             }
-        }
-        Ok(match reach {
-            Reach::Any => &self.any,
-            Reach::Internal => &self.internal,
-            Reach::Public => &self.public,
-        })
+        })?;
+        Ok(self.clients.client(reach))
     }
 
     /// Sends a request upstream, with a bearer token when the upstream asks
@@ -456,7 +365,7 @@ impl Mirror {
         let mut left = false;
         let mut authorised_once = false;
         for _ in 0..=MAX_REDIRECTS + 1 {
-            let client = self.hop(&hops, &base, &u)?;
+            let http = self.hop(&hops, &base, &u)?;
             let own = !left && origin(&u) == origin(&base);
             let mut req = Request::builder().method(method.clone()).uri(u.as_str());
             if let Some(a) = accept {
@@ -467,16 +376,12 @@ impl Mirror {
                     req = req.header(AUTHORIZATION, format!("Bearer {t}"));
                 }
             }
-            let req = req.body(Empty::new()).map_err(upstream_err)?;
-            let resp = tokio::time::timeout(ANSWER_TIMEOUT, client.request(req))
+            let req = req.body(client::empty()).map_err(upstream_err)?;
+            let resp = tokio::time::timeout(ANSWER_TIMEOUT, http.request(req))
                 .await
                 .map_err(|_| upstream_err(format!("{} did not answer in time", redact_url(&origin(&u)))))?
                 .map_err(|e| upstream_err(format!("{}: {}", redact_url(&origin(&u)), escape_line(&chain(&e)))))?;
-            if hops.is_registry_host(u.host_str().unwrap_or("")) {
-                if let Some(info) = resp.extensions().get::<HttpInfo>() {
-                    hops.saw_registry_at(info.remote_addr().ip());
-                }
-            }
+            client::learn_registry_address(&mut hops, &u, &resp);
             match resp.status() {
                 StatusCode::UNAUTHORIZED if own && !authorised_once => {
                     authorised_once = true;
@@ -488,25 +393,13 @@ impl Mirror {
                         .to_string();
                     self.fetch_token(up, &hops, &base, &challenge, scope).await?;
                 }
-                s if s.is_redirection() && s != StatusCode::NOT_MODIFIED => {
-                    let Some(loc) = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()) else {
-                        return Ok(resp);
-                    };
-                    let next = u
-                        .join(loc)
-                        .map_err(|e| upstream_err(format!("bad redirect {}: {e}", redact_url(loc))))?;
-                    if origin(&next) != origin(&u) {
-                        if !may_leave_origin(method.as_str()) {
-                            return Err(upstream_err(format!(
-                                "a {method} request was redirected to another origin ({})",
-                                redact_url(next.as_str())
-                            )));
-                        }
-                        left = true;
+                _ => match client::redirect(&u, method.as_str(), &resp).map_err(upstream_err)? {
+                    Some(next) => {
+                        left |= next.leaves_origin;
+                        u = next.to;
                     }
-                    u = next;
-                }
-                _ => return Ok(resp),
+                    None => return Ok(resp),
+                },
             }
         }
         Err(upstream_err(format!("more than {MAX_REDIRECTS} redirects")))
@@ -537,22 +430,22 @@ impl Mirror {
         challenge: &str,
         scope: &str,
     ) -> Result<(), StorageError> {
-        let params = parse_challenge(challenge).ok_or_else(|| upstream_err("401 without a Bearer challenge"))?;
-        let realm = params
-            .get("realm")
+        let params =
+            gantry_http::challenge::bearer(challenge).ok_or_else(|| upstream_err("401 without a Bearer challenge"))?;
+        let realm = gantry_http::challenge::param(&params, "realm")
             .ok_or_else(|| upstream_err("Bearer challenge without a realm"))?;
         let mut url =
             url::Url::parse(realm).map_err(|_| upstream_err(format!("invalid token realm {}", redact_url(realm))))?;
         {
             let mut q = url.query_pairs_mut();
             q.append_pair("scope", scope);
-            if let Some(s) = params.get("service") {
+            if let Some(s) = gantry_http::challenge::param(&params, "service") {
                 q.append_pair("service", s);
             }
         }
-        let client = self.hop(hops, base, &url)?;
-        let req = Request::get(url.as_str()).body(Empty::new()).map_err(upstream_err)?;
-        let resp = tokio::time::timeout(ANSWER_TIMEOUT, client.request(req))
+        let http = self.hop(hops, base, &url)?;
+        let req = Request::get(url.as_str()).body(client::empty()).map_err(upstream_err)?;
+        let resp = tokio::time::timeout(ANSWER_TIMEOUT, http.request(req))
             .await
             .map_err(|_| upstream_err("the token service did not answer in time"))?
             .map_err(|e| upstream_err(format!("token service: {}", escape_line(&chain(&e)))))?;
@@ -762,7 +655,7 @@ impl Mirror {
                     // request waits by reading its body.
                     drop(done);
                     return match head.await {
-                        Ok(Ok(Some(size))) => Ok(Some((size, ChannelBody { rx: body }.boxed()))),
+                        Ok(Ok(Some(size))) => Ok(Some((size, ChannelBody::new(body).boxed()))),
                         Ok(Ok(None)) => Ok(None),
                         Ok(Err(e)) => Err(e),
                         Err(_) => Err(upstream_err(format!("the fetch of blob {digest} ended early"))),
@@ -1038,21 +931,6 @@ impl<K: std::hash::Hash + Eq + Clone, V> Bounded<K, V> {
     }
 }
 
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = c.source();
-    }
-    s
-}
-
 /// Waits for a fetch to end; how it ended.
 async fn wait(mut rx: Done) -> Outcome {
     loop {
@@ -1065,23 +943,6 @@ async fn wait(mut rx: Done) -> Outcome {
                 .clone()
                 .unwrap_or_else(|| Outcome::Failed("the fetch ended early".into()));
         }
-    }
-}
-
-/// A body fed by a channel: what a fetch sends, as it arrives.
-struct ChannelBody {
-    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
-}
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
     }
 }
 
@@ -1103,48 +964,9 @@ async fn read_limited(mut body: hyper::body::Incoming, max: usize) -> Result<Vec
     Ok(out)
 }
 
-/// `Bearer realm="…",service="…",scope="…"` as a map.
-fn parse_challenge(h: &str) -> Option<HashMap<String, String>> {
-    let rest = h
-        .trim()
-        .strip_prefix("Bearer ")
-        .or_else(|| h.trim().strip_prefix("bearer "))?;
-    let mut out = HashMap::new();
-    let mut s = rest;
-    while !s.is_empty() {
-        let (k, v) = s.split_once('=')?;
-        let k = k.trim().trim_start_matches(',').trim().to_ascii_lowercase();
-        let v = v.trim_start();
-        let (val, next) = if let Some(q) = v.strip_prefix('"') {
-            let end = q.find('"')?;
-            (&q[..end], &q[end + 1..])
-        } else {
-            match v.find(',') {
-                Some(i) => (&v[..i], &v[i..]),
-                None => (v, ""),
-            }
-        };
-        out.insert(k, val.to_string());
-        s = next.trim_start().trim_start_matches(',').trim_start();
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bearer_challenges_parse() {
-        let m = parse_challenge(
-            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#,
-        )
-        .unwrap();
-        assert_eq!(m["realm"], "https://auth.docker.io/token");
-        assert_eq!(m["service"], "registry.docker.io");
-        assert_eq!(m["scope"], "repository:library/alpine:pull");
-        assert!(parse_challenge("Basic realm=x").is_none());
-    }
 
     #[test]
     fn names_route_by_prefix_and_docker_hub_gets_library() {

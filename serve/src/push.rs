@@ -28,6 +28,7 @@ use bytes::Bytes;
 use gantry_core::digest::Digest;
 use gantry_core::manifest::{self, Kind};
 use gantry_core::reference::valid_tag;
+use gantry_http::query;
 use http_body_util::BodyExt;
 use hyper::header::{
     HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
@@ -72,14 +73,6 @@ impl From<StorageError> for ApiError {
             }
         }
     }
-}
-
-/// A query parameter's value (percent-decoded).
-fn query(req: &Request<hyper::body::Incoming>, key: &str) -> Option<String> {
-    req.uri().query()?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == key).then(|| crate::percent_decode(&v.replace('+', " ")))
-    })
 }
 
 fn parse_digest(s: &str) -> Result<Digest, ApiError> {
@@ -245,16 +238,16 @@ pub(crate) async fn upload(
                 "use POST to start an upload",
             ));
         }
-        if let Some(mount) = query(&req, "mount") {
+        if let Some(mount) = query::param(&req, "mount") {
             let digest = parse_digest(&mount)?;
-            if let Some(from) = query(&req, "from") {
+            if let Some(from) = query::param(&req, "from") {
                 if storage.mount_blob(name, &from, &digest)? {
                     return Ok(blob_created(name, &digest));
                 }
             }
             // Not mountable: a session to upload into, as the spec says.
         }
-        let monolithic = match query(&req, "digest") {
+        let monolithic = match query::param(&req, "digest") {
             Some(d) => Some(parse_digest(&d)?),
             None => None,
         };
@@ -308,7 +301,7 @@ pub(crate) async fn upload(
             Ok(session_response(StatusCode::ACCEPTED, name, uuid, len))
         }
         Method::PUT => {
-            let digest = query(&req, "digest").ok_or_else(|| digest_invalid("digest missing"))?;
+            let digest = query::param(&req, "digest").ok_or_else(|| digest_invalid("digest missing"))?;
             let digest = parse_digest(&digest)?;
             finish(storage, name, uuid, &digest, req).await
         }
@@ -518,15 +511,6 @@ pub(crate) fn delete_blob(storage: &FsStorage, name: &str, digest: &Digest) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn query_values_are_percent_decoded() {
-        use crate::percent_decode;
-        assert_eq!(percent_decode("sha256%3Aab"), "sha256:ab");
-        assert_eq!(percent_decode("a%2Fb"), "a/b");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz"), "%zz");
-    }
 
     #[test]
     fn manifests_name_their_blobs_and_foreign_layers_are_not_held() {

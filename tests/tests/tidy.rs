@@ -88,16 +88,22 @@ enum Reach {
 /// core never do; plugins see only the kit.
 const LAYERS: &[(&str, &[&str], Reach)] = &[
     ("gantry-core", &[], Reach::Plain),
-    ("gantry-host", &["gantry-core", "gantry-native-abi"], Reach::Wasmtime),
-    ("gantry-serve", &["gantry-core"], Reach::Plain),
-    ("gantry-daemon", &["gantry-core"], Reach::Plain),
+    (
+        "gantry-host",
+        &["gantry-core", "gantry-http", "gantry-native-abi"],
+        Reach::Wasmtime,
+    ),
+    ("gantry-http", &["gantry-core", "gantry-challenge"], Reach::Plain),
+    ("gantry-challenge", &[], Reach::Plain),
+    ("gantry-serve", &["gantry-core", "gantry-http"], Reach::Plain),
+    ("gantry-daemon", &["gantry-core", "gantry-http"], Reach::Plain),
     (
         "gantry",
         &["gantry-core", "gantry-host", "gantry-serve", "gantry-daemon"],
         Reach::Wasmtime,
     ),
     ("gantry-native-abi", &[], Reach::Plain),
-    ("gantry-kit", &["gantry-native-abi"], Reach::Guest),
+    ("gantry-kit", &["gantry-challenge", "gantry-native-abi"], Reach::Guest),
     ("gantry-transport-v2", &["gantry-kit"], Reach::Guest),
     ("gantry-transport-v1", &["gantry-kit"], Reach::Guest),
     ("gantry-driver-vfs", &["gantry-kit"], Reach::Guest),

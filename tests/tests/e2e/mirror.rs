@@ -4,7 +4,7 @@
 //! fetch; it answers as docker-registry's own proxy mode does.
 
 use crate::{control_image, peers, publish};
-use gantry_tests::gantry::Gantry;
+use gantry_tests::gantry::{Gantry, Server};
 use gantry_tests::image::{rich_layers, Image};
 use gantry_tests::proxy::{Faults, Proxy};
 use gantry_tests::registry::Registry;
@@ -97,8 +97,7 @@ fn a_lying_upstream_leaves_nothing_cached() {
             ..Default::default()
         },
     );
-    let mirror_store = Gantry::new();
-    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", liar.addr())]);
+    let (mirror_store, srv) = mirror_of(&liar.addr(), &[]);
     let g = Gantry::new();
     g.ok(&["pull", &format!("{}/test/control:v1", srv.addr)]);
     let before = g.store_listing();
@@ -109,21 +108,8 @@ fn a_lying_upstream_leaves_nothing_cached() {
     assert!(!held.contains(&bad), "the wrong bytes were cached: {held:?}");
     assert!(ingest_is_empty(&mirror_store));
     // Asked directly, the client never gets the whole wrong blob either.
-    let mut s = TcpStream::connect(&srv.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "GET /v2/test/app/blobs/{bad} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    let split = got
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4)
-        .unwrap_or(got.len());
-    assert_ne!(gantry_tests::image::sha256(&got[split..]), bad);
+    let (_, body) = get(&srv.addr, &format!("/v2/test/app/blobs/{bad}"), usize::MAX);
+    assert_ne!(gantry_tests::image::sha256(&body), bad);
     assert!(!cached(&mirror_store).contains(&bad));
 }
 
@@ -142,21 +128,11 @@ fn two_clients_missing_the_same_blob_cause_one_upstream_fetch() {
             ..Default::default()
         },
     );
-    let mirror_store = Gantry::new();
-    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", slow.addr())]);
+    let (_mirror_store, srv) = mirror_of(&slow.addr(), &[]);
     let fetch = |addr: String, blob: String| {
         std::thread::spawn(move || {
-            let mut s = TcpStream::connect(&addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            write!(
-                s,
-                "GET /v2/test/app/blobs/{blob} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .unwrap();
-            let mut got = Vec::new();
-            let _ = s.read_to_end(&mut got);
-            let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-            gantry_tests::image::sha256(&got[split..])
+            let (_, body) = get(&addr, &format!("/v2/test/app/blobs/{blob}"), usize::MAX);
+            gantry_tests::image::sha256(&body)
         })
     };
     let a = fetch(srv.addr.clone(), blob.clone());
@@ -166,16 +142,13 @@ fn two_clients_missing_the_same_blob_cause_one_upstream_fetch() {
     assert_eq!(b.join().unwrap(), blob);
     assert_eq!(slow.seen.lock().unwrap().blob_gets.get(&blob).copied(), Some(1));
     // And a ranged request is served from the cache.
-    let mut s = TcpStream::connect(&srv.addr).unwrap();
-    write!(
-        s,
-        "GET /v2/test/app/blobs/{blob} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-3\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    let got = String::from_utf8_lossy(&got);
-    assert!(got.starts_with("HTTP/1.1 206"), "{got}");
+    let ranged = request(
+        &srv.addr,
+        &format!("/v2/test/app/blobs/{blob}"),
+        "Range: bytes=0-3\r\n",
+        usize::MAX,
+    );
+    assert_eq!(ranged.status, 206, "{}", ranged.head);
     assert_eq!(slow.seen.lock().unwrap().blob_gets.get(&blob).copied(), Some(1));
 }
 
@@ -221,8 +194,7 @@ fn oras_pulls_an_artifact_through_the_mirror() {
         return;
     };
     let upstream = Registry::start();
-    let mirror_store = Gantry::new();
-    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", upstream.addr())]);
+    let (_mirror_store, srv) = mirror_of(&upstream.addr(), &[]);
     let work = tempfile::tempdir().unwrap();
     std::fs::write(work.path().join("notes.txt"), b"an artifact, not an image\n").unwrap();
     let script = r#"
@@ -260,9 +232,29 @@ else:
 /// the body, read until the server closes (or `max` is reached: then the
 /// client hangs up, as one that goes away).
 fn get(addr: &str, path: &str, max: usize) -> (u16, Vec<u8>) {
+    let a = request(addr, path, "", max);
+    (a.status, a.body)
+}
+
+/// An answer read off the wire.
+struct Answer {
+    status: u16,
+    /// The status line and headers, as sent.
+    head: String,
+    body: Vec<u8>,
+}
+
+/// A raw `GET` of `path` from `addr` with `headers` (each ending in
+/// `\r\n`): the answer, its body up to `max` bytes, read until the server
+/// closes (or `max` is reached: then the client hangs up).
+fn request(addr: &str, path: &str, headers: &str, max: usize) -> Answer {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut got = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
     let mut body_at = None;
@@ -279,13 +271,20 @@ fn get(addr: &str, path: &str, max: usize) -> (u16, Vec<u8>) {
             break;
         }
     }
-    let status = String::from_utf8_lossy(&got)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
     let body = got.split_off(body_at.unwrap_or(got.len()));
-    (status, body)
+    let head = String::from_utf8_lossy(&got).into_owned();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Answer { status, head, body }
+}
+
+/// A `gantry serve --mirror-of http://UPSTREAM ARGS…` on a store of its own.
+fn mirror_of(upstream: &str, args: &[&str]) -> (Gantry, Server) {
+    let store = Gantry::new();
+    let url = format!("http://{upstream}");
+    let mut all = vec!["--mirror-of", url.as_str()];
+    all.extend_from_slice(args);
+    let srv = store.serve(&all);
+    (store, srv)
 }
 
 /// The upstream is untrusted: a redirect of a blob to an internal address
@@ -310,8 +309,7 @@ fn an_upstream_redirecting_a_blob_to_an_internal_address_reaches_nothing() {
             ..Default::default()
         },
     );
-    let mirror_store = Gantry::new();
-    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", redirecting.addr())]);
+    let (mirror_store, srv) = mirror_of(&redirecting.addr(), &[]);
     let (status, body) = get(&srv.addr, &format!("/v2/test/app/blobs/{blob}"), usize::MAX);
     assert!(status >= 500, "{status} {}", String::from_utf8_lossy(&body));
     assert_eq!(
@@ -365,8 +363,7 @@ fn an_upstream_naming_an_internal_token_realm_reaches_nothing() {
             ..Default::default()
         },
     );
-    let mirror_store = Gantry::new();
-    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", proxy.addr())]);
+    let (_mirror_store, srv) = mirror_of(&proxy.addr(), &[]);
     let (status, _) = get(&srv.addr, "/v2/test/app/manifests/v1", usize::MAX);
     assert!(status >= 400 && status != 404, "{status}");
     assert_eq!(
@@ -401,8 +398,7 @@ fn a_blob_being_fetched_for_one_repository_is_served_to_another_that_has_it() {
             ..Default::default()
         },
     );
-    let mirror_store = Gantry::new();
-    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", slow.addr())]);
+    let (mirror_store, srv) = mirror_of(&slow.addr(), &[]);
     let fetch = |repo: &str| {
         let (addr, path) = (srv.addr.clone(), format!("/v2/{repo}/blobs/{blob}"));
         std::thread::spawn(move || get(&addr, &path, usize::MAX))
@@ -447,8 +443,7 @@ fn a_huge_blob_is_refused_and_a_fetch_nobody_waits_for_stops() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    let mirror_store = Gantry::new();
-    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", proxy.addr())]);
+    let (_mirror_store, srv) = mirror_of(&proxy.addr(), &[]);
     let (status, body) = get(&srv.addr, &format!("/v2/test/app/blobs/{huge}"), 4 << 20);
     let text = String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned();
     assert!(status >= 500 && text.contains("limit"), "{status}: {text}");
@@ -490,19 +485,10 @@ fn a_manifest_is_served_only_as_a_manifest_type() {
             ..Default::default()
         },
     );
-    let mirror_store = Gantry::new();
-    let srv = mirror_store.serve(&["--mirror-of", &format!("http://{}", proxy.addr())]);
-    let mut s = TcpStream::connect(&srv.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "GET /v2/test/app/manifests/v1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
-    assert!(got.starts_with("http/1.1 200"), "{got}");
+    let (_mirror_store, srv) = mirror_of(&proxy.addr(), &[]);
+    let answer = request(&srv.addr, "/v2/test/app/manifests/v1", "", usize::MAX);
+    let got = answer.head.to_ascii_lowercase();
+    assert_eq!(answer.status, 200, "{got}");
     assert!(!got.contains("content-type: text/html"), "{got}");
     assert!(
         got.contains("content-type: application/vnd.oci.image.manifest.v1+json"),

@@ -31,7 +31,7 @@ use crate::retry::{retry, Policy, Thread};
 use crate::store::{LayerMeta, Store};
 use crate::verify::HashingReader;
 use std::io::{self, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -425,16 +425,30 @@ impl Pusher<'_> {
         open: &mut dyn FnMut() -> Result<ByteStream>,
     ) -> Result<()> {
         let path = self.session_file(t, digest.as_str());
-        let mut session = self.session(t, &path)?;
+        self.with_session(t, &path, |session| {
+            self.send_blob(t, digest, size, open, &path, session)
+        })
+    }
+
+    /// Runs `send` on the upload session remembered at `path` (or a new
+    /// one) under the retry policy; before each retry the session is
+    /// recovered from what the registry says it holds.
+    fn with_session<T>(
+        &self,
+        t: &Target<'_>,
+        path: &Path,
+        mut send: impl FnMut(&mut Upload) -> Result<T>,
+    ) -> Result<T> {
+        let mut session = self.session(t, path)?;
         retry(
             RETRY,
             &Thread,
             |_| {},
             |attempt| {
                 if attempt > 0 {
-                    session = self.recover(t, &path, &session)?;
+                    session = self.recover(t, path, &session)?;
                 }
-                self.send_blob(t, digest, size, open, &path, &mut session)
+                send(&mut session)
             },
         )
     }
@@ -499,34 +513,23 @@ impl Pusher<'_> {
     /// the session is remembered under the diffID.
     fn upload_rebuilt(&self, t: &Target<'_>, l: &LayerMeta) -> Result<(Digest, u64)> {
         let path = self.session_file(t, &format!("rebuilt {}", l.diff_id));
-        let mut session = self.session(t, &path)?;
         let mut restarted = false;
-        retry(
-            RETRY,
-            &Thread,
-            |_| {},
-            |attempt| {
-                if attempt > 0 {
-                    session = self.recover(t, &path, &session)?;
+        self.with_session(t, &path, |session| loop {
+            let skip = session.offset;
+            let (digest, len);
+            (*session, digest, len) = self.send_rebuilt(t, l, session)?;
+            match self.finish(t, &path, session, &digest, None, 0) {
+                Ok(()) => return Ok((digest, len)),
+                // A resumed session whose whole is refused (what the
+                // registry held was not these bytes): once more, whole.
+                Err(_) if skip > 0 && !restarted => {
+                    restarted = true;
+                    *session = self.transport.start_upload(t.ep, t.repo)?;
+                    self.remember(&path, session);
                 }
-                loop {
-                    let skip = session.offset;
-                    let (digest, len);
-                    (session, digest, len) = self.send_rebuilt(t, l, &session)?;
-                    match self.finish(t, &path, &session, &digest, None, 0) {
-                        Ok(()) => return Ok((digest, len)),
-                        // A resumed session whose whole is refused (what the
-                        // registry held was not these bytes): once more, whole.
-                        Err(_) if skip > 0 && !restarted => {
-                            restarted = true;
-                            session = self.transport.start_upload(t.ep, t.repo)?;
-                            self.remember(&path, &session);
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            },
-        )
+                Err(e) => return Err(e),
+            }
+        })
     }
 
     /// Sends layer `l`, rebuilt and compressed, past the `session.offset`

@@ -52,6 +52,8 @@ pub struct Config {
     pub driver: PluginConfig,
     pub limits: LimitsConfig,
     pub registries: Registries,
+    /// How registries are reached: trust (`certs.d`), proxies, name overrides.
+    pub network: gantry_http::NetworkConfig,
     /// Docker's `registry-mirrors`: mirrors of Docker Hub, tried before the
     /// `[registries."docker.io"]` ones.
     pub registry_mirrors: Vec<String>,
@@ -85,6 +87,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             registries: Registries::default(),
             registry_mirrors: Vec::new(),
+            network: Default::default(),
             mirror: MirrorConfig::default(),
             allowed_registries: None,
         }

@@ -27,6 +27,9 @@ pub struct Context {
     /// Blob downloads shared by every pull of this process: two daemon
     /// clients pulling the same image fetch each blob once.
     downloads: gantry_core::pull::DownloadPool,
+    /// Trust, client certificates and proxies of every outbound
+    /// connection, built once from the config.
+    network: OnceLock<std::sync::Arc<gantry_http::Network>>,
     /// Whether credentials may come from the environment's Docker config
     /// (`$DOCKER_CONFIG`, `~/.docker`) when the config names no
     /// `auth_file`: the CLI's user runs it as themself; a daemon serves
@@ -66,6 +69,7 @@ impl Context {
             driver: OnceLock::new(),
             transport: OnceLock::new(),
             downloads: Default::default(),
+            network: OnceLock::new(),
             credentials_from_environment: true,
         };
         if alone {
@@ -232,7 +236,18 @@ impl Context {
             &path,
             limits,
             self.config.registries.clone(),
+            self.network(),
         )?)
+    }
+
+    /// How every outbound connection is made: the config's `[network]`
+    /// table, the environment's proxies, the insecure registries.
+    pub fn network(&self) -> std::sync::Arc<gantry_http::Network> {
+        self.network
+            .get_or_init(|| {
+                std::sync::Arc::new(gantry_http::Network::new(&self.config.network, &self.config.registries))
+            })
+            .clone()
     }
 
     /// The configured transport, loaded on first use and kept.
@@ -252,6 +267,7 @@ impl Context {
             &path,
             limits,
             self.config.registries.clone(),
+            self.network(),
         )?)
     }
 }

@@ -164,14 +164,19 @@ pub fn login(
         ep.credentials = Some(credentials.clone());
         match transport.probe(&ep) {
             Ok(_) => return Ok(ep.url),
-            Err(e) if e.class == crate::error::ErrorClass::Unauthorized => return Err(e.into()),
-            Err(e) => last = Some(e),
+            Err(e) if e.class == crate::error::ErrorClass::Unauthorized => {
+                return Err(crate::error::Error::most_telling(last, e.into()))
+            }
+            Err(e) => crate::error::Error::keep_most_telling(&mut last, e.into()),
         }
     }
-    Err(last
-        .map(crate::error::Error::from)
-        .unwrap_or_else(|| crate::error::Error::Config(format!("no endpoint for {domain}"))))
+    Err(last.unwrap_or_else(|| crate::error::Error::Config(format!("no endpoint for {domain}"))))
 }
+
+/// How the HTTP client begins the message of every TLS failure (a
+/// certificate refused, most often), so that it reads the same from every
+/// face.
+pub const TLS_FAILURE: &str = "TLS handshake";
 
 /// The most redirects one request follows.
 pub const MAX_REDIRECTS: usize = 10;

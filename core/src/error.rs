@@ -70,6 +70,20 @@ impl PluginError {
             _ => false,
         }
     }
+
+    /// How much this failure tells about why an endpoint loop failed, when
+    /// every endpoint did: a certificate refused (by either side) says the
+    /// most — more than the plain-HTTP fallback's answer that follows it —
+    /// then any answer, then a connection that never opened.
+    pub fn telling(&self) -> u8 {
+        if self.message.to_ascii_lowercase().contains("certificate") {
+            2
+        } else if self.class != ErrorClass::Unreachable {
+            1
+        } else {
+            0
+        }
+    }
 }
 
 /// Errors of the core's operations.
@@ -115,6 +129,33 @@ impl Error {
         matches!(self, Error::Plugin(p) if p.is_transient())
     }
 
+    /// See [`PluginError::telling`]; errors of the core itself are answers.
+    pub fn telling(&self) -> u8 {
+        match self {
+            Error::Plugin(p) => p.telling(),
+            _ => 1,
+        }
+    }
+
+    /// Keeps `new` in `kept` when it tells at least as much: the error an
+    /// endpoint loop reports once every endpoint failed.
+    pub fn keep_most_telling(kept: &mut Option<Error>, new: Error) {
+        if kept.as_ref().is_none_or(|k| new.telling() >= k.telling()) {
+            *kept = Some(new);
+        }
+    }
+
+    /// The error an endpoint loop ends with when `last` ends it: an earlier
+    /// endpoint's when that one tells more (a certificate refused over
+    /// HTTPS, then the plain-HTTP fallback's "400: an HTTP request to an
+    /// HTTPS server").
+    pub fn most_telling(earlier: Option<Error>, last: Error) -> Error {
+        match earlier {
+            Some(e) if e.telling() > last.telling() => e,
+            _ => last,
+        }
+    }
+
     /// The class of this error, for exit codes and fallback decisions.
     pub fn class(&self) -> ErrorClass {
         match self {
@@ -138,5 +179,37 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, context: impl fmt::Display) -> Result<T> {
         self.map_err(|e| Error::io(context, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plugin(class: ErrorClass, message: &str) -> Error {
+        Error::Plugin(PluginError::new(class, message))
+    }
+
+    #[test]
+    fn a_refused_certificate_outranks_the_plain_http_fallback_s_answer() {
+        let tls = plugin(
+            ErrorClass::Unreachable,
+            "https://r:5443: TLS handshake with r:5443: invalid peer certificate: UnknownIssuer",
+        );
+        let plain = plugin(
+            ErrorClass::Invalid,
+            "HTTP 400: Client sent an HTTP request to an HTTPS server.",
+        );
+        let e = Error::most_telling(Some(tls), plain);
+        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+        // An answer outranks a connection that never opened.
+        let refused = plugin(ErrorClass::Unreachable, "https://r: connection refused");
+        let answer = plugin(ErrorClass::Invalid, "HTTP 400: bad request");
+        assert!(Error::most_telling(Some(refused), answer).to_string().contains("400"));
+        // Of equals, the later one is kept.
+        let mut kept = None;
+        Error::keep_most_telling(&mut kept, plugin(ErrorClass::Unreachable, "first"));
+        Error::keep_most_telling(&mut kept, plugin(ErrorClass::Unreachable, "second"));
+        assert_eq!(kept.unwrap().to_string(), "second");
     }
 }

@@ -153,10 +153,13 @@ impl Pusher<'_> {
                 Ok(o) => return Ok(o),
                 Err(e) => {
                     let fallback = matches!(e.class(), ErrorClass::Unreachable | ErrorClass::Unsupported);
+                    if !fallback && ep.url.starts_with("http://") {
+                        return Err(Error::most_telling(last, e));
+                    }
                     if !fallback {
                         return Err(e);
                     }
-                    last = Some(e);
+                    Error::keep_most_telling(&mut last, e);
                 }
             }
         }

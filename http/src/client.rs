@@ -4,7 +4,8 @@
 //!
 //! The pieces, each used by both callers (the plugin host's call-scoped
 //! client, [`crate::policy`], and the registry mirror's upstream fetches):
-//! - [`Outbound`]: one hyper client (rustls, webpki roots) per [`Reach`],
+//! - [`Outbound`]: one hyper client per [`Reach`] over the one
+//!   [`crate::connect::Connector`] (trust, client certificates, proxies),
 //!   whose resolver keeps only the addresses that reach admits, so a name
 //!   cannot resolve a redirect or a realm onto an internal service (the
 //!   same rule as for a host written as an address);
@@ -20,22 +21,18 @@ use bytes::Bytes;
 use gantry_core::endpoint::{allows_plain_http, may_leave_origin, HopPolicy, Reach, Registries};
 use gantry_core::text::{escape_line, redact_url};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::client::legacy::connect::{HttpConnector, HttpInfo};
-use std::future::Future;
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a connection may take to open.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+pub use crate::connect::CONNECT_TIMEOUT;
+use crate::connect::{Connector, Peer};
+use crate::network::Network;
 
 /// A request body: empty, or a stream fed through a channel.
 pub type ReqBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
-/// One hyper client over rustls, for hops of one reach.
-pub type Client = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector<Resolver>>, ReqBody>;
+/// One hyper client over the one connector, for hops of one reach.
+pub type Client = hyper_util::client::legacy::Client<Connector, ReqBody>;
 
 /// A response as the client hands it back.
 pub type Response = hyper::Response<hyper::body::Incoming>;
@@ -53,22 +50,39 @@ pub struct Outbound {
     internal: Client,
     /// For every other hop: names resolve to public addresses only.
     public: Client,
+    network: Arc<Network>,
 }
 
 impl Outbound {
-    /// Builds the clients; must be called within a tokio runtime (which
-    /// is why there is no `Default`).
-    #[allow(clippy::new_without_default)]
-    pub fn new() -> Outbound {
+    /// Builds the clients over `network`'s trust and proxies; must be
+    /// called within a tokio runtime.
+    pub fn new(network: Arc<Network>) -> Outbound {
         Outbound {
-            any: client(Reach::Any),
-            internal: client(Reach::Internal),
-            public: client(Reach::Public),
+            any: client(Reach::Any, &network),
+            internal: client(Reach::Internal, &network),
+            public: client(Reach::Public, &network),
+            network,
         }
     }
 
+    /// Sends `req` on the client of `reach`: the one way every caller
+    /// sends, so a plain-HTTP request through a proxy carries the proxy's
+    /// credentials (an HTTPS one gives them in its tunnel's `CONNECT`).
+    pub fn request(&self, reach: Reach, mut req: hyper::Request<ReqBody>) -> ResponseFuture {
+        if req.uri().scheme_str() == Some("http") {
+            let host = req.uri().host().unwrap_or("").to_string();
+            let port = req.uri().port_u16().unwrap_or(80);
+            if let Ok(Some(p)) = self.network.proxies.for_target(false, &host, port) {
+                if let Some(v) = p.authorization.as_ref().and_then(|a| a.parse().ok()) {
+                    req.headers_mut().insert(hyper::header::PROXY_AUTHORIZATION, v);
+                }
+            }
+        }
+        self.client(reach).request(req)
+    }
+
     /// The client for a hop of this reach.
-    pub fn client(&self, reach: Reach) -> &Client {
+    fn client(&self, reach: Reach) -> &Client {
         match reach {
             Reach::Any => &self.any,
             Reach::Internal => &self.internal,
@@ -77,64 +91,13 @@ impl Outbound {
     }
 }
 
-fn client(reach: Reach) -> Client {
-    let mut http = HttpConnector::new_with_resolver(Resolver { reach });
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
+/// What [`Outbound::request`] answers with.
+pub type ResponseFuture = hyper_util::client::legacy::ResponseFuture;
+
+fn client(reach: Reach, network: &Arc<Network>) -> Client {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
-        .build(https)
-}
-
-/// The clients' name resolver: the system's, keeping only the addresses
-/// its client's hops may reach.
-#[derive(Clone)]
-pub struct Resolver {
-    reach: Reach,
-}
-
-impl tower_service::Service<Name> for Resolver {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, name: Name) -> Self::Future {
-        let reach = self.reach;
-        Box::pin(async move {
-            let host = name.as_str().to_string();
-            let addrs = tokio::task::spawn_blocking(move || resolve(&host, reach))
-                .await
-                .map_err(std::io::Error::other)??;
-            Ok(addrs.into_iter())
-        })
-    }
-}
-
-/// Resolves `host`, keeping only the addresses `reach` admits.
-fn resolve(host: &str, reach: Reach) -> std::io::Result<Vec<SocketAddr>> {
-    let addrs: Vec<SocketAddr> = (host, 0).to_socket_addrs()?.collect();
-    let kept: Vec<SocketAddr> = addrs.into_iter().filter(|a| reach.admits(a.ip())).collect();
-    if kept.is_empty() {
-        let what = match reach {
-            Reach::Public => "a public address",
-            _ => "an address this hop may reach",
-        };
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!("{} is not {what}", escape_line(host)),
-        ));
-    }
-    Ok(kept)
+        .build(Connector::new(reach, network.clone()))
 }
 
 /// Why a hop may not be made.
@@ -186,8 +149,8 @@ pub fn plain_http_allowed(u: &url::Url, registries: &Registries) -> bool {
 /// Records where the registry's own host answered from, when `u` is it.
 pub fn learn_registry_address(hops: &mut HopPolicy, u: &url::Url, resp: &Response) {
     if hops.is_registry_host(u.host_str().unwrap_or("")) {
-        if let Some(info) = resp.extensions().get::<HttpInfo>() {
-            hops.saw_registry_at(info.remote_addr().ip());
+        if let Some(peer) = resp.extensions().get::<Peer>() {
+            hops.saw_registry_at(peer.addr.ip());
         }
     }
 }
@@ -279,14 +242,6 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_public_only_resolver_drops_internal_addresses() {
-        let e = resolve("localhost", Reach::Public).unwrap_err();
-        assert!(e.to_string().contains("not a public address"), "{e}");
-        assert!(!resolve("localhost", Reach::Internal).unwrap().is_empty());
-        assert!(!resolve("localhost", Reach::Any).unwrap().is_empty());
-    }
 
     #[test]
     fn realms_come_from_bearer_challenges_only() {

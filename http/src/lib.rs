@@ -10,6 +10,10 @@
 //!   redirects, the registry's own address, the resolver that keeps only
 //!   what a hop may reach. Both the plugin host's HTTP ([`policy`]) and
 //!   the registry mirror's upstream requests go through it.
+//! - [`connect`], [`trust`], [`proxy`], [`network`]: how a connection is
+//!   opened — the system trust store and `certs.d` (CAs, client
+//!   certificates), insecure registries, forward proxies (`HTTPS_PROXY`,
+//!   `NO_PROXY`), the config's `[network]` table.
 //! - [`policy`]: the synchronous, call-scoped client transport plugins
 //!   reach through the host (methods, headers, origins, realm learning).
 //!
@@ -18,8 +22,14 @@
 
 pub mod body;
 pub mod client;
+pub mod connect;
+pub mod network;
 pub mod policy;
+pub mod proxy;
 pub mod query;
 pub mod server;
+pub mod trust;
+
+pub use network::{Network, NetworkConfig};
 
 pub use gantry_challenge as challenge;

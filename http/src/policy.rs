@@ -20,12 +20,14 @@
 
 use crate::body::{ChannelBody, Chunk};
 use crate::client::{self, origin, Outbound, ReqBody, Response};
+use crate::network::Network;
 use bytes::Bytes;
 use gantry_core::endpoint::{registry_config, HopPolicy, Reach, Registries, MAX_REDIRECTS};
 use gantry_core::text::{escape_line, redact_url};
 use http_body_util::BodyExt;
 use std::future::Future;
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why a request was not sent or not answered; the host hands each kind
@@ -211,7 +213,8 @@ fn check_headers(headers: &[(String, String)]) -> Result<(), PolicyError> {
 type Streamed<'a> = (&'a mut (dyn Read + Send), Option<u64>);
 
 impl HttpPolicy {
-    pub fn new(registries: Registries) -> HttpPolicy {
+    /// The policy of a transport reaching `registries` over `network`.
+    pub fn new(registries: Registries, network: Arc<Network>) -> HttpPolicy {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("gantry-http")
@@ -220,7 +223,7 @@ impl HttpPolicy {
             .expect("starting the HTTP client's runtime");
         let clients = {
             let _in_rt = rt.enter();
-            Outbound::new()
+            Outbound::new(network)
         };
         HttpPolicy {
             rt,
@@ -352,12 +355,13 @@ impl HttpPolicy {
         let req = req
             .body(req_body)
             .map_err(|e| PolicyError::Invalid(format!("bad request: {}", escape_line(&e.to_string()))))?;
-        let client = self.clients.client(reach);
         let called = match feed {
-            None => self
+            None => self.rt.block_on(async {
+                tokio::time::timeout(CONNECT_TIMEOUT + READ_TIMEOUT, self.clients.request(reach, req)).await
+            }),
+            Some((tx, reader)) => self
                 .rt
-                .block_on(async { tokio::time::timeout(CONNECT_TIMEOUT + READ_TIMEOUT, client.request(req)).await }),
-            Some((tx, reader)) => self.rt.block_on(feed_request(client.request(req), tx, reader)),
+                .block_on(feed_request(self.clients.request(reach, req), tx, reader)),
         };
         match called {
             Ok(Ok(r)) => Ok(r),
@@ -491,7 +495,7 @@ mod tests {
 
     #[test]
     fn refuses_other_origins_methods_headers_and_plain_http() {
-        let p = HttpPolicy::new(Registries::new());
+        let p = HttpPolicy::new(Registries::new(), Arc::new(Network::from_env()));
         let mut scope = CallScope::pull("http://127.0.0.1:1");
         let e = p
             .send(&mut scope, "GET", "http://127.0.0.2:1/v2/", vec![])
@@ -544,7 +548,7 @@ mod tests {
     #[test]
     fn hops_follow_the_cores_policy() {
         let mut scope = CallScope::pull("https://registry.example");
-        let p = HttpPolicy::new(Registries::new());
+        let p = HttpPolicy::new(Registries::new(), Arc::new(Network::from_env()));
         for u in [
             "https://127.0.0.1:2375/",
             "https://localhost/",
@@ -585,7 +589,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let p = HttpPolicy::new(regs);
+        let p = HttpPolicy::new(regs, Arc::new(Network::from_env()));
         let mut scope = CallScope::pull("https://registry.example");
         assert_eq!(
             p.check_hop(&mut scope, &url::Url::parse("https://10.0.0.9:9000/x").unwrap())

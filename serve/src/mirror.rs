@@ -33,10 +33,11 @@ use crate::fs_storage::FsStorage;
 use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
 use bytes::Bytes;
 use gantry_core::digest::Digest;
-use gantry_core::endpoint::{registry_config, HopPolicy, Registries, MAX_REDIRECTS};
+use gantry_core::endpoint::{registry_config, HopPolicy, Reach, Registries, MAX_REDIRECTS};
 use gantry_core::text::{escape_line, redact_url};
 use gantry_http::body::ChannelBody;
 use gantry_http::client::{self, chain, domain_of, origin, HopError, Outbound};
+use gantry_http::Network;
 use http_body_util::BodyExt;
 use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, StatusCode, Uri};
@@ -163,6 +164,8 @@ pub struct MirrorOptions {
     /// The config's registry tables: an upstream's `redirect_hosts`, and
     /// which hosts may be reached over plain HTTP.
     pub registries: Registries,
+    /// Trust, client certificates and proxies for the upstreams.
+    pub network: Arc<Network>,
 }
 
 /// The documented default cap on one fetched blob: 64 GiB, as for a layer.
@@ -177,6 +180,7 @@ impl Default for MirrorOptions {
             max_blob: DEFAULT_MAX_BLOB,
             max_fetches: DEFAULT_MAX_FETCHES,
             registries: Registries::new(),
+            network: Arc::new(Network::from_env()),
         }
     }
 }
@@ -250,7 +254,7 @@ impl Mirror {
         let mirror = Mirror {
             local,
             upstreams,
-            clients: Outbound::new(),
+            clients: Outbound::new(options.network.clone()),
             options,
             inflight: Mutex::new(HashMap::new()),
             tokens: Mutex::new(Bounded::new(MAX_TOKENS, MAX_TOKEN_BYTES)),
@@ -334,7 +338,7 @@ impl Mirror {
     /// Checks one hop and picks the client that carries it out: the
     /// address by the hop policy, the scheme (plain HTTP to the upstream's
     /// own origin as configured, to loopback, or to hosts marked insecure).
-    fn hop(&self, hops: &HopPolicy, base: &url::Url, u: &url::Url) -> Result<&client::Client, StorageError> {
+    fn hop(&self, hops: &HopPolicy, base: &url::Url, u: &url::Url) -> Result<Reach, StorageError> {
         let plain_ok = origin(u) == origin(base) || client::plain_http_allowed(u, &self.options.registries);
         let reach = client::check_hop(hops, u, plain_ok).map_err(|e| match e {
             HopError::Address { .. } => upstream_err(e),
@@ -343,7 +347,7 @@ impl Mirror {
                 upstream_err(format!("{url} may not be reached over {}", escape_line(&scheme)))
             }
         })?;
-        Ok(self.clients.client(reach))
+        Ok(reach)
     }
 
     /// Sends a request upstream, with a bearer token when the upstream asks
@@ -365,7 +369,7 @@ impl Mirror {
         let mut left = false;
         let mut authorised_once = false;
         for _ in 0..=MAX_REDIRECTS + 1 {
-            let http = self.hop(&hops, &base, &u)?;
+            let reach = self.hop(&hops, &base, &u)?;
             let own = !left && origin(&u) == origin(&base);
             let mut req = Request::builder().method(method.clone()).uri(u.as_str());
             if let Some(a) = accept {
@@ -377,7 +381,7 @@ impl Mirror {
                 }
             }
             let req = req.body(client::empty()).map_err(upstream_err)?;
-            let resp = tokio::time::timeout(ANSWER_TIMEOUT, http.request(req))
+            let resp = tokio::time::timeout(ANSWER_TIMEOUT, self.clients.request(reach, req))
                 .await
                 .map_err(|_| upstream_err(format!("{} did not answer in time", redact_url(&origin(&u)))))?
                 .map_err(|e| upstream_err(format!("{}: {}", redact_url(&origin(&u)), escape_line(&chain(&e)))))?;
@@ -443,9 +447,9 @@ impl Mirror {
                 q.append_pair("service", s);
             }
         }
-        let http = self.hop(hops, base, &url)?;
+        let reach = self.hop(hops, base, &url)?;
         let req = Request::get(url.as_str()).body(client::empty()).map_err(upstream_err)?;
-        let resp = tokio::time::timeout(ANSWER_TIMEOUT, http.request(req))
+        let resp = tokio::time::timeout(ANSWER_TIMEOUT, self.clients.request(reach, req))
             .await
             .map_err(|_| upstream_err("the token service did not answer in time"))?
             .map_err(|e| upstream_err(format!("token service: {}", escape_line(&chain(&e)))))?;

@@ -99,7 +99,13 @@ const LAYERS: &[(&str, &[&str], Reach)] = &[
     ("gantry-daemon", &["gantry-core", "gantry-http"], Reach::Plain),
     (
         "gantry",
-        &["gantry-core", "gantry-host", "gantry-serve", "gantry-daemon"],
+        &[
+            "gantry-core",
+            "gantry-host",
+            "gantry-http",
+            "gantry-serve",
+            "gantry-daemon",
+        ],
         Reach::Wasmtime,
     ),
     ("gantry-native-abi", &[], Reach::Plain),

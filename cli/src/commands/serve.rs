@@ -114,6 +114,7 @@ pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
                 max_blob: ctx.config.mirror.max_blob_mib.saturating_mul(1 << 20),
                 max_fetches: ctx.config.mirror.max_fetches,
                 registries: ctx.config.registries.clone(),
+                network: ctx.network(),
             };
             Backend::Mirror(Arc::new(gantry_serve::mirror::Mirror::new(
                 Arc::new(local),

@@ -230,8 +230,11 @@ impl Puller<'_> {
                     } else {
                         format!("{url}: {}", e.message)
                     };
-                    last = Some(Error::Plugin(PluginError::new(e.class, message)));
+                    Error::keep_most_telling(&mut last, Error::Plugin(PluginError::new(e.class, message)));
                 }
+                // The plain-HTTP fallback's answer may say less than why
+                // HTTPS failed; any other endpoint's answer is the answer.
+                Err(e) if ep.url.starts_with("http://") => return Err(Error::most_telling(last, e)),
                 Err(e) => return Err(e),
             }
         }

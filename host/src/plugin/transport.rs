@@ -65,6 +65,7 @@ impl WasmTransport {
         path: &Path,
         limits: Limits,
         registries: Registries,
+        network: Arc<gantry_http::Network>,
     ) -> Result<Self, LoadError> {
         let pre = host.prepare(name, path, "transport", |l| {
             TransportPlugin::add_to_linker::<Sandbox, HasSelf<Sandbox>>(l, |s| s)
@@ -74,7 +75,7 @@ impl WasmTransport {
             name: name.to_string(),
             message: e.to_string(),
         })?;
-        let http = Arc::new(HttpPolicy::new(registries));
+        let http = Arc::new(HttpPolicy::new(registries, network));
         let label = format!("transport/{name}");
         let push_pool = push_pre.map(|pre| {
             let make = Box::new(move |store: &mut _| Ok(Ok(pre.instantiate(store)?)));

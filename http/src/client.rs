@@ -224,8 +224,23 @@ pub fn domain_of(u: &url::Url) -> String {
     }
 }
 
-/// An error and its causes on one line.
+/// An error and its causes on one line, with a hint where the server
+/// refused the TLS handshake for want of a client certificate (the alert
+/// arrives with the first answer, after the handshake, under TLS 1.3).
 pub fn chain(e: &dyn std::error::Error) -> String {
+    let s = causes(e);
+    if ["alert: CertificateRequired", "alert: BadCertificate"]
+        .iter()
+        .any(|a| s.contains(a))
+    {
+        return format!(
+            "{s} (the server wants a client certificate it trusts: a *.cert and its *.key in the registry's certs.d directory)"
+        );
+    }
+    s
+}
+
+fn causes(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {

@@ -4,6 +4,18 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+/// Variables of the surrounding environment no command starts with
+/// (lowercase forms too): proxies and trust stores of the machine running
+/// the tests would make their outcome depend on it.
+pub const NETWORK_ENV: [&str; 6] = [
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+
 pub struct Gantry {
     pub root: tempfile::TempDir,
     /// `TMPDIR` of every run: gantry must never write there.
@@ -149,6 +161,12 @@ impl Gantry {
         // Never read the developer's credentials.
         c.env("DOCKER_CONFIG", self.root.path().join("no-docker-config"));
         c.env("TMPDIR", self.tmpdir.path());
+        // Nor the machine's proxies or trust store: a test that wants them
+        // sets them in `env`, which comes after.
+        for k in NETWORK_ENV {
+            c.env_remove(k);
+            c.env_remove(k.to_ascii_lowercase());
+        }
         for (k, v) in &self.env {
             c.env(k, v);
         }

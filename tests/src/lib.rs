@@ -15,11 +15,13 @@
 
 pub mod big;
 pub mod corpus;
+pub mod forward;
 pub mod gantry;
 pub mod image;
 pub mod proxy;
 pub mod registry;
 pub mod relay;
+pub mod tls;
 pub mod token;
 pub mod tree;
 

@@ -1,8 +1,10 @@
 //! A real registry for the tests: Debian's `docker-registry` on 127.0.0.1,
-//! filled with `skopeo copy`.
+//! filled with `skopeo copy`. It speaks plain HTTP, or HTTPS with a
+//! certificate of the test's own CA ([`crate::tls`]), optionally requiring
+//! client certificates (mutual TLS).
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,6 +12,9 @@ pub struct Registry {
     child: Child,
     pub port: u16,
     _dir: tempfile::TempDir,
+    /// A directory with `client.cert` and `client.key` that `skopeo copy`
+    /// presents (`--dest-cert-dir`), for a registry requiring one.
+    cert_dir: Option<PathBuf>,
 }
 
 pub fn free_port() -> u16 {
@@ -57,6 +62,33 @@ impl Registry {
         ))
     }
 
+    /// docker-registry serving HTTPS on 127.0.0.1 with `cert` and `key`
+    /// (PEM). With `client_cas` (a PEM file of CA certificates) it requires
+    /// a client certificate signed by one of them (`http.tls.clientcas`):
+    /// give [`Registry::push`] one with [`Registry::set_client_cert`].
+    pub fn start_tls(cert: &Path, key: &Path, client_cas: Option<&Path>) -> Registry {
+        let mut tls = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        );
+        if let Some(cas) = client_cas {
+            tls.push_str(&format!("    clientcas:\n      - {}\n", cas.display()));
+        }
+        Registry::start_with(&tls)
+    }
+
+    /// The client certificate `skopeo copy` presents to this registry
+    /// (copied into a directory of the registry's own, as skopeo's
+    /// `--dest-cert-dir` wants it: a `*.cert` and `*.key` pair).
+    pub fn set_client_cert(&mut self, cert: &Path, key: &Path) {
+        let dir = self._dir.path().join("skopeo-certs");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(cert, dir.join("client.cert")).unwrap();
+        std::fs::copy(key, dir.join("client.key")).unwrap();
+        self.cert_dir = Some(dir);
+    }
+
     fn start_with(extra: &str) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -89,17 +121,27 @@ impl Registry {
             .spawn()
             .expect("starting docker-registry");
         wait_for(&format!("127.0.0.1:{port}"));
-        Registry { child, port, _dir: dir }
+        Registry {
+            child,
+            port,
+            _dir: dir,
+            cert_dir: None,
+        }
     }
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `skopeo copy --all oci:LAYOUT:TAG docker://ADDR/REPO:TAG`.
+    /// `skopeo copy --all oci:LAYOUT:TAG docker://ADDR/REPO:TAG` (HTTPS
+    /// without verifying the certificate, or plain HTTP).
     pub fn push(&self, layout: &Path, tag: &str, repo_tag: &str) {
-        let out = Command::new("skopeo")
-            .args(["copy", "--all", "--quiet", "--dest-tls-verify=false"])
+        let mut c = Command::new("skopeo");
+        c.args(["copy", "--all", "--quiet", "--dest-tls-verify=false"]);
+        if let Some(dir) = &self.cert_dir {
+            c.arg("--dest-cert-dir").arg(dir);
+        }
+        let out = c
             .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{}/{repo_tag}", self.addr()))
             .output()

@@ -20,6 +20,7 @@ mod push;
 mod sandbox;
 mod serve;
 mod store;
+mod tls;
 mod v1;
 
 use gantry_tests::gantry::Gantry;

@@ -468,6 +468,73 @@ impl hyper::rt::Write for Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::network::NetworkConfig;
+    use std::io::{Read, Write};
+
+    /// A proxy that records the head of the one request it takes and
+    /// refuses it.
+    fn refusing_proxy() -> (u16, std::thread::JoinHandle<String>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let seen = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap() == 1 {
+                head.push(b[0]);
+            }
+            c.write_all(b"HTTP/1.1 403 Forbidden\r\n\r\n").unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        (port, seen)
+    }
+
+    fn connect(reach: Reach, proxy_port: u16, url: &str) -> Result<Conn, ConnectError> {
+        let mut c = NetworkConfig {
+            https_proxy: Some(format!("http://user:pw@127.0.0.1:{proxy_port}")),
+            no_proxy: Some(String::new()),
+            ..Default::default()
+        };
+        c.hosts.insert("cdn.test".into(), "10.1.2.3".parse().unwrap());
+        let network = Arc::new(Network::new(&c, &Default::default()));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(Connector::new(reach, network).connect(url.parse().unwrap()))
+    }
+
+    #[test]
+    fn a_hop_the_policy_judges_asks_the_proxy_for_the_address_that_passed() {
+        let (port, seen) = refusing_proxy();
+        let e = connect(Reach::Internal, port, "https://cdn.test:8443/blob")
+            .err()
+            .unwrap();
+        let head = seen.join().unwrap();
+        assert!(head.starts_with("CONNECT 10.1.2.3:8443 HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("Proxy-Authorization: Basic dXNlcjpwdw==\r\n"), "{head}");
+        let e = e.to_string();
+        assert!(e.contains("refused CONNECT 10.1.2.3:8443: 403 Forbidden"), "{e}");
+        assert!(!e.contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn the_registry_s_own_host_is_asked_for_by_name() {
+        let (port, seen) = refusing_proxy();
+        let _ = connect(Reach::Any, port, "https://cdn.test/v2/").err().unwrap();
+        let head = seen.join().unwrap();
+        assert!(head.starts_with("CONNECT cdn.test:443 HTTP/1.1\r\n"), "{head}");
+    }
+
+    #[test]
+    fn a_public_hop_to_an_internal_name_never_reaches_the_proxy() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        l.set_nonblocking(true).unwrap();
+        let e = connect(Reach::Public, port, "https://cdn.test/blob").err().unwrap();
+        assert!(e.to_string().contains("cdn.test is not a public address"), "{e}");
+        assert!(l.accept().is_err(), "the proxy was contacted");
+    }
 
     #[test]
     fn the_public_only_resolver_drops_internal_addresses_even_from_the_config() {

@@ -603,7 +603,7 @@ print("ok", img.id)
 }
 
 /// Sends `request` as is over the daemon's socket and reads until it closes.
-fn raw(host: &str, request: &[u8]) -> String {
+pub(crate) fn raw(host: &str, request: &[u8]) -> String {
     use std::io::{Read, Write};
     let path = host.strip_prefix("unix://").unwrap();
     let mut s = std::os::unix::net::UnixStream::connect(path).unwrap_or_else(|e| panic!("connecting to {path}: {e}"));
@@ -622,11 +622,11 @@ fn get(host: &str, method: &str, path: &str) -> String {
     )
 }
 
-fn status(resp: &str) -> u16 {
+pub(crate) fn status(resp: &str) -> u16 {
     resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
-fn message(resp: &str) -> String {
+pub(crate) fn message(resp: &str) -> String {
     let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {resp}"));
     v["message"].as_str().unwrap_or("").to_string()

@@ -320,7 +320,7 @@ fn rmi_stops_on_an_unreadable_config_and_changes_nothing() {
 }
 
 /// Flips one byte in a file of `layer_file` (a path inside layer dirs).
-fn flip_a_byte(g: &Gantry, rel: &str) -> usize {
+pub(crate) fn flip_a_byte(g: &Gantry, rel: &str) -> usize {
     let mut flipped = 0;
     let mut seen = std::collections::HashSet::new();
     for d in g.layer_dirs() {

@@ -435,3 +435,82 @@ fn a_mirror_reaches_its_upstream_through_the_internal_ca_and_the_proxy() {
     assert_hidden(&srv.log(), SECRET, "the mirror's log");
     assert_store_hides(&mirror_store, SECRET);
 }
+
+#[test]
+fn plain_http_to_an_insecure_registry_goes_through_http_proxy_with_its_credentials() {
+    if !peers() {
+        return;
+    }
+    // A plain-HTTP registry gantry knows by name, marked insecure: HTTPS
+    // (direct, no HTTPS_PROXY) fails, plain HTTP goes through HTTP_PROXY
+    // in absolute form, each request carrying the proxy's credentials.
+    let reg = Registry::start();
+    let (published, _, _) = publish(&reg, "t/app", "v1", &app_image());
+    let host = format!("{HOST}:{}", reg.port);
+    let name = format!("{host}/t/app:v1");
+    let proxy = ForwardProxy::start(&[(HOST, "127.0.0.1")], Some((USER, SECRET)));
+    let dir = tempfile::tempdir().unwrap();
+    let rest = format!("[registries.\"{host}\"]\ninsecure = true\n");
+    let g = store(
+        &config(dir.path(), "", &rest),
+        &[("HTTP_PROXY", &proxy.url_with_auth(USER, SECRET))],
+    );
+    ok_hiding(&g, &["pull", &name], SECRET);
+    assert_export_matches_umoci(&g, &name, published.dir.path(), "v1");
+    let seen = proxy.seen();
+    let prefix = format!("http://{host}/v2/");
+    assert!(
+        !seen.is_empty()
+            && seen
+                .iter()
+                .all(|l| l.split_whitespace().nth(1).is_some_and(|u| u.starts_with(&prefix))),
+        "{seen:?}"
+    );
+    assert_eq!(proxy.auth_seen().len(), seen.len(), "{:?}", proxy.auth_seen());
+    assert!(proxy.auth_seen().iter().all(|a| *a == basic(USER, SECRET)));
+}
+
+#[test]
+fn the_daemon_s_login_and_fsck_repair_keep_the_same_trust() {
+    if !tls_peers() {
+        return;
+    }
+    let s = Setup::start(false);
+    let body = format!(
+        "{{\"username\":\"u\",\"password\":\"p\",\"serveraddress\":\"{}\"}}",
+        s.host()
+    );
+    let auth = format!(
+        "POST /v1.47/auth HTTP/1.1\r\nHost: d\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // The daemon's /auth reaches the registry with the config's CA…
+    let g = store(&config(&s.trusted(), "", ""), &[]);
+    let d = g.daemon();
+    let r = crate::daemon::raw(&d.addr, auth.as_bytes());
+    assert_eq!(crate::daemon::status(&r), 200, "{r}");
+    assert!(r.contains("Login Succeeded"), "{r}");
+    drop(d);
+    // …and without it names the certificate.
+    let h = store(&config(&s.untrusted(), "", ""), &[]);
+    let d = h.daemon();
+    let r = crate::daemon::raw(&d.addr, auth.as_bytes());
+    assert_ne!(crate::daemon::status(&r), 200, "{r}");
+    assert!(crate::daemon::message(&r).contains("certificate"), "{r}");
+    drop(d);
+
+    // fsck --repair fetches a damaged layer again through the same CA and
+    // the proxy.
+    let app = s.name("t/app:v1");
+    g.ok(&["pull", &app]);
+    assert!(crate::store::flip_a_byte(&g, "etc/os-release") >= 1);
+    let proxy = ForwardProxy::start(&[(HOST, "127.0.0.1")], None);
+    let mut g = g;
+    g.env.push(("HTTPS_PROXY".into(), proxy.url()));
+    let out = g.ok(&["fsck", "--repair"]);
+    assert!(out.contains("repaired: layer"), "{out}");
+    g.ok(&["fsck", "--verify-content"]);
+    assert_export_matches_umoci(&g, &app, s.app.dir.path(), "v1");
+    let connect = format!("CONNECT {} HTTP/1.1", s.host());
+    assert!(proxy.seen().contains(&connect), "{:?}", proxy.seen());
+}

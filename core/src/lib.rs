@@ -19,6 +19,7 @@ pub mod import;
 pub mod layer_rules;
 pub mod load;
 pub mod manifest;
+pub mod ownership;
 pub mod pargz;
 pub mod path;
 pub mod platform;

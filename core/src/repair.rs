@@ -14,11 +14,16 @@
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::images::{layers_in_use, release_layer};
+use crate::ownership::{stat_at, Ownership};
 use crate::plugin::GraphDriver;
 use crate::pull::Puller;
 use crate::stage::Staging;
 use crate::store::{LayerMeta, Store};
+use crate::tarsplit::{each_header, EntryHeader};
+use rustix::fs::FileType;
 use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 
 /// What a repair did and could not do, a line each.
 #[derive(Debug, Default)]
@@ -58,16 +63,154 @@ fn layers_bottom_up(store: &Store) -> Result<Vec<LayerMeta>> {
     Ok(out)
 }
 
-/// Layers whose rebuilt tar does not hash to their diffID, with why.
+/// Layers whose rebuilt tar does not hash to their diffID, or whose files'
+/// owners, modes, types or devices are not what their entries say, with why.
 pub fn verify_content(store: &Store, driver: &dyn GraphDriver) -> Result<Vec<(Digest, String)>> {
     let mut bad = Vec::new();
+    let own = Ownership::of_process();
     for l in layers_bottom_up(store)? {
         let mut sink = |r: &mut dyn std::io::Read| std::io::copy(r, &mut std::io::sink()).map(|_| ());
         if let Err(e) = crate::save::rebuild_layer(store, driver, &l, &mut sink) {
             bad.push((l.chain_id.clone(), e.to_string()));
+        } else if let Err(e) = check_metadata(store, driver, &l, own) {
+            bad.push((l.chain_id.clone(), e.to_string()));
         }
     }
     Ok(bad)
+}
+
+/// At most this many entries of one layer are looked at again (a later
+/// entry of the same name, or a hard link to it, set them last); more
+/// that differ is a layer whose metadata changed.
+const MAX_SUSPECTS: usize = 64;
+
+/// Checks each entry of layer `l` against its file, read as the store
+/// keeps owners (`own`): the tar's bytes are checked by the rebuild, this
+/// is the rest of what the entry says.
+fn check_metadata(store: &Store, driver: &dyn GraphDriver, l: &LayerMeta, own: Ownership) -> Result<()> {
+    let root = driver.get(&l.cache_id)?;
+    let result = (|| {
+        let mut suspects: Vec<Vec<u8>> = Vec::new();
+        let mut too_many = false;
+        each_header(store.layers.tar_split(&l.chain_id)?, |h| {
+            if let Some(name) = checked_name(h) {
+                if entry_differs(root.as_fd(), &name, h, own).is_some() {
+                    if suspects.len() < MAX_SUSPECTS {
+                        suspects.push(name);
+                    } else {
+                        too_many = true;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        if suspects.is_empty() {
+            return Ok(());
+        }
+        // What set each suspect last: its last entry, with the owner and
+        // mode of a hard link to it that came after.
+        let mut last: HashMap<Vec<u8>, EntryHeader> = HashMap::new();
+        each_header(store.layers.tar_split(&l.chain_id)?, |h| {
+            if let Some(name) = checked_name(h) {
+                if suspects.contains(&name) {
+                    last.insert(name, h.clone());
+                }
+            } else if h.kind == b'1' {
+                let target = h.link.as_deref().and_then(clean_name);
+                if let Some(e) = target.and_then(|t| last.get_mut(&t)) {
+                    (e.uid, e.gid, e.mode) = (h.uid, h.gid, h.mode);
+                }
+            }
+            Ok(())
+        })?;
+        for name in &suspects {
+            if let Some(why) = last.get(name).and_then(|h| entry_differs(root.as_fd(), name, h, own)) {
+                let more = if too_many { " (and more)" } else { "" };
+                return Err(crate::Error::Integrity(format!(
+                    "layer {}: {}: {why}{more}",
+                    l.diff_id,
+                    crate::text::quote_bytes(name)
+                )));
+            }
+        }
+        Ok(())
+    })();
+    let _ = driver.put(&l.cache_id);
+    result
+}
+
+/// The cleaned name of an entry whose file the check compares (not a
+/// whiteout, a hard link or the root).
+fn checked_name(h: &EntryHeader) -> Option<Vec<u8>> {
+    if !matches!(h.kind, b'0' | 0 | b'7' | b'5' | b'2' | b'3' | b'4' | b'6') {
+        return None;
+    }
+    let name = clean_name(&h.name)?;
+    let base = name.rsplit(|b| *b == b'/').next().unwrap_or(&name);
+    (!base.starts_with(b".wh.")).then_some(name)
+}
+
+fn clean_name(raw: &[u8]) -> Option<Vec<u8>> {
+    let comps = crate::path::components_bytes(raw).ok()?;
+    (!comps.is_empty()).then(|| comps.join(&b'/'))
+}
+
+/// How the file at `name` beneath `root` differs from entry `h`; `None`
+/// when it agrees, or is not there to compare (a later entry of the layer
+/// removed it; the rebuild checks every file's bytes).
+fn entry_differs(root: BorrowedFd<'_>, name: &[u8], h: &EntryHeader, own: Ownership) -> Option<String> {
+    let st = match stat_beneath(root, name, own) {
+        Ok(st) => st,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => return None,
+        Err(e) => return Some(format!("cannot read it: {e}")),
+    };
+    let ft = FileType::from_raw_mode(st.st_mode);
+    let want = match h.kind {
+        b'5' => FileType::Directory,
+        b'2' => FileType::Symlink,
+        b'3' => FileType::CharacterDevice,
+        b'4' => FileType::BlockDevice,
+        b'6' => FileType::Fifo,
+        _ => FileType::RegularFile,
+    };
+    if ft != want {
+        return Some(format!("it is a {ft:?} on disk, a {want:?} in the layer"));
+    }
+    if (u64::from(st.st_uid), u64::from(st.st_gid)) != (h.uid, h.gid) {
+        return Some(format!(
+            "owner {}:{} on disk, {}:{} in the layer",
+            st.st_uid, st.st_gid, h.uid, h.gid
+        ));
+    }
+    let perm = st.st_mode & 0o7777;
+    if want != FileType::Symlink && perm != h.mode {
+        return Some(format!("mode {perm:o} on disk, {:o} in the layer", h.mode));
+    }
+    let dev = (
+        u64::from(rustix::fs::major(st.st_rdev)),
+        u64::from(rustix::fs::minor(st.st_rdev)),
+    );
+    if matches!(want, FileType::CharacterDevice | FileType::BlockDevice) && dev != h.dev {
+        return Some(format!("device {dev:?} on disk, {:?} in the layer", h.dev));
+    }
+    None
+}
+
+/// [`stat_at`] of `name` (clean components) beneath `root`, through no link.
+fn stat_beneath(root: BorrowedFd<'_>, name: &[u8], own: Ownership) -> std::io::Result<rustix::fs::Stat> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let (parent, base) = match name.iter().rposition(|b| *b == b'/') {
+        Some(i) => (&name[..i], &name[i + 1..]),
+        None => (&b"."[..], name),
+    };
+    let dir = rustix::fs::openat2(
+        root,
+        parent,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    stat_at(dir.as_fd(), std::ffi::OsStr::from_bytes(base), own)
 }
 
 /// The names of the images that use layer `chain` (tags, or IDs).

@@ -297,6 +297,8 @@ pub struct EntryHeader {
     pub size: u64,
     /// Device major and minor (0/0 where the header has none).
     pub dev: (u64, u64),
+    /// Permission bits with set-id and sticky (`0o7777` of the mode field).
+    pub mode: u32,
     /// Owner and group ids.
     pub uid: u64,
     pub gid: u64,
@@ -339,6 +341,7 @@ impl Pending {
             kind,
             size: field(124..136, "size")?,
             dev: (0, 0),
+            mode: (parse_numeric(&h[100..108]).unwrap_or(0) & 0o7777) as u32,
             uid: field(108..116, "uid")?,
             gid: field(116..124, "gid")?,
             mtime: field(136..148, "mtime")?,
@@ -722,14 +725,21 @@ impl<R: Read> Read for HeaderTap<R> {
 
 /// Replays the tar-split record of a stored layer into `rules` (which
 /// refuse nothing here: the layer is already in the store).
-pub fn replay_rules<R: Read>(mut record: RecordReader<R>, rules: &mut crate::layer_rules::LayerRules) -> Result<()> {
+pub fn replay_rules<R: Read>(record: RecordReader<R>, rules: &mut crate::layer_rules::LayerRules) -> Result<()> {
     rules.begin_layer();
-    let mut walker = Walker::new();
-    let mut sink = RecordWriter::discard();
-    let mut on_entry = |h: &EntryHeader| -> io::Result<()> {
+    each_header(record, |h| {
         rules.replay(h);
         Ok(())
-    };
+    })
+}
+
+/// Hands each entry's header of a tar-split record to `on_entry`, in order.
+pub fn each_header<R: Read>(
+    mut record: RecordReader<R>,
+    mut on_entry: impl FnMut(&EntryHeader) -> io::Result<()>,
+) -> Result<()> {
+    let mut walker = Walker::new();
+    let mut sink = RecordWriter::discard();
     while let Some(s) = record.next_segment()? {
         match &s {
             Segment::Raw { data } => walker.feed(data, &mut sink, &mut on_entry),
@@ -1186,6 +1196,7 @@ mod tests {
                 kind: b'0',
                 size: 3,
                 dev: (0, 0),
+                mode: 0o644,
                 uid: 3_000_000_000,
                 gid: 42,
                 mtime: 1_700_000_000,

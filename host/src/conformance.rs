@@ -9,9 +9,12 @@
 
 use crate::confined::{self, Whiteouts};
 use crate::plugin::AnyDriver;
+use gantry_core::ownership::{image_xattrs, stat_at, Ownership};
 use gantry_core::GraphDriver;
+use rustix::fs::{FileType, Mode, OFlags};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -38,10 +41,16 @@ fn walk(root: &Path, dir: &Path, out: &mut Listing, inodes: &mut HashMap<(u64, u
         let p = e.path();
         let rel = p.strip_prefix(root).expect("below root").to_string_lossy().into_owned();
         let md = std::fs::symlink_metadata(&p)?;
+        // The image's metadata: in a rootless store, the recorded one.
+        let own = Ownership::of_process();
+        let parent = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        let st = stat_at(parent.as_fd(), &e.file_name(), own)?;
         let ft = md.file_type();
+        let recorded_node = ft.is_file() && FileType::from_raw_mode(st.st_mode) != FileType::RegularFile;
         let mut xattrs: Vec<String> = Vec::new();
         if let Ok(names) = xattr_names(&p) {
-            for n in names {
+            let names = image_xattrs(names.into_iter().map(|n| (n, Vec::new())).collect(), own);
+            for (n, _) in names {
                 // overlayfs's own attributes are listed so that none shows:
                 // a mount hides them, a tree never has them.
                 if n.starts_with("user.") || n.starts_with("security.capability") || n.starts_with("trusted.overlay.") {
@@ -49,8 +58,8 @@ fn walk(root: &Path, dir: &Path, out: &mut Listing, inodes: &mut HashMap<(u64, u
                 }
             }
         }
-        let mode = md.mode() & 0o7777;
-        let owner = format!("{}:{}", md.uid(), md.gid());
+        let mode = st.st_mode & 0o7777;
+        let owner = format!("{}:{}", st.st_uid, st.st_gid);
         let what = if ft.is_dir() {
             format!("dir {mode:o} {owner} {xattrs:?}")
         } else if let Some(first) = (!ft.is_dir() && md.nlink() > 1)
@@ -62,7 +71,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Listing, inodes: &mut HashMap<(u64, u
             if md.nlink() > 1 {
                 inodes.insert((md.dev(), md.ino()), rel.clone());
             }
-            if ft.is_file() {
+            if ft.is_file() && !recorded_node {
                 let mut h = sha2::Sha256::default();
                 let mut f = std::fs::File::open(&p)?;
                 let mut buf = vec![0u8; 64 << 10];
@@ -82,7 +91,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Listing, inodes: &mut HashMap<(u64, u
             } else if ft.is_symlink() {
                 format!("symlink -> {} {owner}", std::fs::read_link(&p)?.to_string_lossy())
             } else {
-                format!("node {:o} {mode:o} {owner} rdev {}", md.mode() & 0o170000, md.rdev())
+                format!("node {:o} {mode:o} {owner} rdev {}", st.st_mode & 0o170000, st.st_rdev)
             }
         };
         out.insert(rel, what);
@@ -139,9 +148,9 @@ fn add_file(b: &mut tar::Builder<Vec<u8>>, p: &str, mode: u32, data: &[u8], mtim
     .unwrap()
 }
 
-/// The suite's base: a rich tree (its device node only where the suite
-/// runs as root).
-fn base_tar(root: bool) -> Vec<u8> {
+/// The suite's base: a rich tree (its device node recorded, not made, in a
+/// rootless store).
+fn base_tar() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let header = |kind: tar::EntryType, mode: u32, size: u64| header(kind, mode, size, 1_700_000_000);
     let dir = |b: &mut tar::Builder<Vec<u8>>, p: &str| {
@@ -176,12 +185,10 @@ fn base_tar(root: bool) -> Vec<u8> {
         std::io::empty(),
     )
     .unwrap();
-    if root {
-        let mut h = header(tar::EntryType::Char, 0o666, 0);
-        h.set_device_major(1).unwrap();
-        h.set_device_minor(3).unwrap();
-        b.append_data(&mut h, "etc/null", std::io::empty()).unwrap();
-    }
+    let mut h = header(tar::EntryType::Char, 0o666, 0);
+    h.set_device_major(1).unwrap();
+    h.set_device_minor(3).unwrap();
+    b.append_data(&mut h, "etc/null", std::io::empty()).unwrap();
     b.into_inner().unwrap()
 }
 
@@ -397,11 +404,10 @@ const CHECKS: &[(&str, CheckFn)] = &[
 /// Runs the suite against `d`, using `scratch` (an empty directory outside
 /// the driver's home) for the reference trees.
 pub fn run(d: &AnyDriver, scratch: &Path) -> Vec<Check> {
-    let root = rustix::process::geteuid().is_root();
     let suite = Suite {
         d,
         scratch,
-        base: base_tar(root),
+        base: base_tar(),
         child: child_tar(),
     };
     let check = |&(name, f): &(&'static str, CheckFn)| Check {

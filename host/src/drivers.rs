@@ -4,6 +4,7 @@
 //! overlay mount in a scratch directory of the store); otherwise vfs, with a
 //! line saying why.
 
+use gantry_core::ownership::Ownership;
 use std::path::Path;
 
 /// The drivers `auto` chooses between, in order of preference.
@@ -63,8 +64,14 @@ pub fn choose(root: &Path) -> Result<Choice, String> {
         Err(e) => Choice {
             driver: "vfs".into(),
             notice: Some(format!(
-                "overlay2 is not available here ({}); using vfs",
-                gantry_core::text::escape_line(&e.to_string())
+                "overlay2 is not available here ({}); using vfs{}",
+                gantry_core::text::escape_line(&e.to_string()),
+                match Ownership::of_process() {
+                    Ownership::Real => "",
+                    Ownership::Recorded =>
+                        " (without root: files are yours, each entry's owner, mode and device as the image says \
+                         are kept in its user.containers.override_stat attribute)",
+                }
             )),
         },
     })

@@ -16,12 +16,17 @@ pub const NETWORK_ENV: [&str; 6] = [
     "SSL_CERT_DIR",
 ];
 
+/// The unprivileged user (and group) of [`Gantry::unprivileged`].
+pub const NOBODY: u32 = 65534;
+
 pub struct Gantry {
     pub root: tempfile::TempDir,
     /// `TMPDIR` of every run: gantry must never write there.
     pub tmpdir: tempfile::TempDir,
     pub config: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    /// The user and group every command runs as (`None`: the test's own).
+    pub user: Option<(u32, u32)>,
     /// The test's own directory: `root`, `tmpdir` and the scratch space
     /// live inside it, so a test never touches a shared path. Dropped last.
     work: tempfile::TempDir,
@@ -98,8 +103,20 @@ impl Gantry {
             tmpdir: tempfile::tempdir_in(work.path()).unwrap(),
             config: None,
             env: Vec::new(),
+            user: None,
             work,
         }
+    }
+
+    /// A store whose commands run as user and group `nobody` (65534), in
+    /// a test directory that user owns: gantry without root.
+    pub fn unprivileged() -> Gantry {
+        let mut g = Gantry::new();
+        g.user = Some((NOBODY, NOBODY));
+        for d in [g.work.path(), g.root.path(), g.tmpdir.path(), &g.scratch()] {
+            std::os::unix::fs::chown(d, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        g
     }
 
     /// Uses graph driver `driver` (v2 transport, default limits).
@@ -152,6 +169,11 @@ impl Gantry {
     /// this store's root, config and environment, and `args`.
     fn command(&self, program: &Path, pre: &[&std::ffi::OsStr], args: &[&str]) -> Command {
         let mut c = Command::new(program);
+        if let Some((uid, gid)) = self.user {
+            // std drops the supplementary groups too when it changes user.
+            std::os::unix::process::CommandExt::uid(&mut c, uid);
+            std::os::unix::process::CommandExt::gid(&mut c, gid);
+        }
         c.args(pre);
         c.arg("--root").arg(self.root.path());
         if let Some(cfg) = &self.config {

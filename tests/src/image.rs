@@ -66,6 +66,26 @@ impl Layer {
         self
     }
 
+    /// A symbolic link owned by `uid`:`gid`.
+    pub fn symlink_owned(mut self, path: &str, target: &str, uid: u64, gid: u64) -> Self {
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        self.b.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    /// A directory owned by `uid`:`gid`.
+    pub fn dir_owned(mut self, path: &str, mode: u32, uid: u64, gid: u64) -> Self {
+        let mut h = header(tar::EntryType::Directory, mode, 0);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        self.b
+            .append_data(&mut h, format!("{path}/"), std::io::empty())
+            .unwrap();
+        self
+    }
+
     /// A hard link to `target`, its header carrying `mode` (a real tar
     /// writer records the shared inode's mode, which the runtimes apply).
     pub fn hardlink(mut self, path: &str, target: &str, mode: u32) -> Self {

@@ -59,6 +59,37 @@ impl Drop for Lease {
     }
 }
 
+/// The file that marks a store made without root: its owners, modes and
+/// devices are recorded ([`crate::ownership`]), not set.
+pub const ROOTLESS_MARKER: &str = "rootless";
+
+/// A store is one or the other: one made by root is refused to a process
+/// without root (which could not keep its owners), and one made without
+/// root is refused to root (which would mix real owners into recorded
+/// ones). A new store is marked for what this process can keep.
+fn check_ownership(root: &Path) -> Result<()> {
+    use crate::ownership::Ownership;
+    let marker = root.join(ROOTLESS_MARKER);
+    let fresh = !root.join("image").exists();
+    let marked = marker.exists();
+    let shown = crate::text::escape_line(&root.display().to_string());
+    match (Ownership::of_process(), fresh, marked) {
+        (Ownership::Recorded, true, false) => write_atomic(
+            &marker,
+            b"Made without root: each entry's owner, mode and device are in its user.containers.override_stat attribute.\n",
+        ),
+        (Ownership::Recorded, false, false) => Err(crate::Error::Config(format!(
+            "the store at {shown} was made by root (or by a gantry that did not record owners): \
+             without root its owners cannot be kept; use a store of your own (--root)"
+        ))),
+        (Ownership::Real, _, true) => Err(crate::Error::Config(format!(
+            "the store at {shown} was made without root (owners recorded, not set): \
+             open it as the user who made it, or use another store as root"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Held while a store is being changed (register, tag, remove): serialises
 /// writers across processes.
 pub struct WriteLock(#[allow(dead_code)] File);
@@ -73,6 +104,7 @@ impl Store {
         // The store holds other people's image contents: nobody else may look.
         std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .ctx(format!("making {} private", root.display()))?;
+        check_ownership(&root)?;
         let image_dir = root.join("image").join(driver);
         for d in [
             root.join("tmp"),

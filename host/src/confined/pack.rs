@@ -4,6 +4,7 @@
 use super::join_rel;
 use super::open_dir_beneath;
 use super::tree::{list, read_xattrs};
+use gantry_core::ownership::{image_xattrs, stat_at, Ownership};
 use rustix::fs::{AtFlags, FileType, Stat};
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -65,7 +66,11 @@ pub fn pack_upper(root: OwnedFd) -> io::Result<PackReader> {
     })
 }
 
-const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+/// An overlay upper's opaque directory: `trusted.` with root, `user.` in a
+/// user namespace's mount (`userxattr`).
+fn is_opaque_xattr(k: &str) -> bool {
+    k == "trusted.overlay.opaque" || k == "user.overlay.opaque"
+}
 
 fn is_overlay_xattr(k: &str) -> bool {
     k.starts_with("trusted.overlay.") || k.starts_with("user.overlay.")
@@ -211,19 +216,26 @@ fn append_entry<W: Write>(
     flavor: Flavor,
 ) -> io::Result<bool> {
     let rel_path = Path::new(rel);
-    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
-    let ft = FileType::from_raw_mode(st.st_mode);
+    let disk = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
     let xattrs = read_xattrs(dir, name).unwrap_or_default();
     let mut opaque = false;
     if flavor == Flavor::Upper {
-        if ft == FileType::CharacterDevice && st.st_rdev == 0 {
+        let ft = FileType::from_raw_mode(disk.st_mode);
+        if ft == FileType::CharacterDevice && disk.st_rdev == 0 {
             // A whiteout: the layer format's empty `.wh.NAME` file.
-            append_marker(b, &st, 0o600, &whiteout_path(rel))?;
+            append_marker(b, &disk, 0o600, &whiteout_path(rel))?;
             return Ok(false);
         }
-        opaque = ft == FileType::Directory && xattrs.iter().any(|(k, v)| k == OPAQUE_XATTR && v == b"y");
+        opaque = ft == FileType::Directory && xattrs.iter().any(|(k, v)| is_opaque_xattr(k) && v == b"y");
     }
-    append_xattrs(b, xattrs)?;
+    // What the image says the entry is: in a rootless store, the record.
+    let own = Ownership::of_process();
+    let st = match own {
+        Ownership::Real => disk,
+        Ownership::Recorded => stat_at(dir, name, own)?,
+    };
+    let ft = FileType::from_raw_mode(st.st_mode);
+    append_xattrs(b, image_xattrs(xattrs, own))?;
     let mut h = header_of(&st, st.st_mode & 0o7777);
     if ft != FileType::Directory && st.st_nlink > 1 {
         if let Some(first) = links.get(&(st.st_dev, st.st_ino)) {
@@ -344,13 +356,12 @@ fn diff_dirs(
             });
         }
     }
+    let own = Ownership::of_process();
     for (n, _) in &up {
-        let ust = rustix::fs::statat(upper, n.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        let ust = stat_at(upper, n.as_os_str(), own)?;
         let is_dir = FileType::from_raw_mode(ust.st_mode) == FileType::Directory;
         let lst = match lower {
-            Some(l) if low.iter().any(|(x, _)| x == n) => {
-                Some(rustix::fs::statat(l, n.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)?)
-            }
+            Some(l) if low.iter().any(|(x, _)| x == n) => Some(stat_at(l, n.as_os_str(), own)?),
             _ => None,
         };
         match &lst {

@@ -16,6 +16,7 @@
 
 use super::tree::{chown_nofollow, create_new, ignore_eperm, list, proc_path, remove_tree};
 use super::{components_os, invalid, open_dir_beneath};
+use gantry_core::ownership::Ownership;
 use gantry_core::tarsplit::{EntryHeader, HeaderQueue, HeaderTap};
 use gantry_core::text::quote_bytes;
 use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps};
@@ -76,7 +77,7 @@ pub fn unpack(root: BorrowedFd<'_>, r: impl Read, mode: Whiteouts) -> io::Result
         dir_times: DirTimes::default(),
         size: 0,
         buf: Vec::new(),
-        euid_root: rustix::process::geteuid().is_root(),
+        own: Ownership::of_process(),
         last_parent: None,
     };
     for entry in ar.entries()? {
@@ -107,7 +108,8 @@ struct Unpacker<'a> {
     /// Grown to the largest file seen (at most 1 MiB): a layer of small
     /// files does not pay for zeroing a big buffer.
     buf: Vec<u8>,
-    euid_root: bool,
+    /// Whether owners, modes and devices are set for real or recorded.
+    own: Ownership,
     /// The last entry's parent directory: tar entries come a directory at a
     /// time, so most need no lookup. Forgotten after a whiteout and whenever
     /// anything is removed (that could be this directory or one above it).
@@ -176,13 +178,16 @@ impl Unpacker<'_> {
             }
             tar::EntryType::Link => self.hard_link(e, pd, name, &path)?,
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                make_node(e.header(), etype, pd, name, meta.perm)?;
+                make_node(e.header(), etype, pd, name, meta.perm, self.own)?;
                 true
             }
             other => return Err(invalid(format!("tar entry {path} has unsupported type {other:?}"))),
         };
         if sets_meta {
-            apply_meta(pd, name, etype, &meta, self.euid_root)?;
+            match self.own {
+                Ownership::Real => apply_meta(pd, name, etype, &meta)?,
+                Ownership::Recorded => record_meta(pd, name, etype, &meta, &core)?,
+            }
         }
         self.written.insert(&clean);
         if sets_meta && !removed {
@@ -281,7 +286,7 @@ impl Unpacker<'_> {
 /// The metadata entry `e` (at `path`, as shown) sets; an owner that does not
 /// fit 32 bits cannot be set, so it is refused, not truncated.
 fn entry_meta<R: Read>(e: &mut tar::Entry<'_, R>, core: &EntryHeader, path: &str) -> io::Result<Meta> {
-    let perm = e.header().mode().map_err(as_invalid)? & 0o7777;
+    let perm = core.mode;
     let (uid, gid) = (core.uid, core.gid);
     let (Ok(uid32), Ok(gid32)) = (u32::try_from(uid), u32::try_from(gid)) else {
         return Err(invalid(format!(
@@ -312,8 +317,22 @@ fn clear_the_way(pd: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> io::Result<b
     }
 }
 
-/// Makes a character or block device or a FIFO, as header `h` says.
-fn make_node(h: &tar::Header, etype: tar::EntryType, pd: BorrowedFd<'_>, name: &OsStr, perm: u32) -> io::Result<()> {
+/// Makes a character or block device or a FIFO, as header `h` says; in a
+/// rootless store an empty file its record says it stands for.
+fn make_node(
+    h: &tar::Header,
+    etype: tar::EntryType,
+    pd: BorrowedFd<'_>,
+    name: &OsStr,
+    perm: u32,
+    own: Ownership,
+) -> io::Result<()> {
+    // Attributes of the `user.` namespace go on files and directories
+    // only, so a FIFO is a stand-in too.
+    if own == Ownership::Recorded {
+        drop(create_new(pd, name, 0o600)?);
+        return Ok(());
+    }
     let ft = match etype {
         tar::EntryType::Char => FileType::CharacterDevice,
         tar::EntryType::Block => FileType::BlockDevice,
@@ -332,11 +351,9 @@ fn make_node(h: &tar::Header, etype: tar::EntryType, pd: BorrowedFd<'_>, name: &
 
 /// Sets the header's owner, mode, attributes and (but for a directory's,
 /// set last) time on what entry `name` made.
-fn apply_meta(pd: BorrowedFd<'_>, name: &OsStr, etype: tar::EntryType, meta: &Meta, euid_root: bool) -> io::Result<()> {
+fn apply_meta(pd: BorrowedFd<'_>, name: &OsStr, etype: tar::EntryType, meta: &Meta) -> io::Result<()> {
     let is_dir = etype.is_dir();
-    if euid_root || !is_dir {
-        chown_nofollow(pd, name, meta.uid, meta.gid)?;
-    }
+    chown_nofollow(pd, name, meta.uid, meta.gid)?;
     // A link has no mode of its own, and chmod would follow it: never
     // for a symlink, nor for a hard link to one.
     let is_link = etype == tar::EntryType::Symlink
@@ -350,6 +367,85 @@ fn apply_meta(pd: BorrowedFd<'_>, name: &OsStr, etype: tar::EntryType, meta: &Me
     for (k, v) in &meta.xattrs {
         rustix::fs::lsetxattr(proc_path(pd, name), k.as_str(), v, rustix::fs::XattrFlags::empty())
             .or_else(ignore_eperm)?;
+    }
+    if !is_dir {
+        set_mtime(pd, name, meta.mtime)?;
+    }
+    Ok(())
+}
+
+/// In a rootless store: the caller's file with a mode it may read and no
+/// set-id or sticky bit, and the header's owner, mode and type recorded
+/// ([`gantry_core::ownership`]); a symbolic link's owner on its directory.
+fn record_meta(
+    pd: BorrowedFd<'_>,
+    name: &OsStr,
+    etype: tar::EntryType,
+    meta: &Meta,
+    core: &EntryHeader,
+) -> io::Result<()> {
+    use gantry_core::ownership::{
+        disk_perm, link_owner_xattr, stored_xattr_name, Recorded, RecordedKind, OVERRIDE_XATTR,
+    };
+    let st = rustix::fs::statat(pd, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    let ft = FileType::from_raw_mode(st.st_mode);
+    let set = |k: &str, v: &[u8]| -> io::Result<()> {
+        rustix::fs::lsetxattr(proc_path(pd, name), k, v, rustix::fs::XattrFlags::empty()).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("recording the attribute {k} of {}: {e}", quote_bytes(name.as_bytes())),
+            )
+        })
+    };
+    if ft == FileType::Symlink {
+        // Only an owner other than root is recorded (a link without a
+        // record reads as root's): a directory's attributes share one
+        // block on most file systems, and images have directories of
+        // hundreds of links, nearly all root's. A record left by an
+        // earlier link of the same name is removed.
+        let key = link_owner_xattr(name.as_bytes());
+        if (meta.uid, meta.gid) == (0, 0) {
+            match rustix::fs::fremovexattr(pd, key.as_str()) {
+                Ok(()) | Err(rustix::io::Errno::NODATA) => {}
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            let owner = format!("{}:{}", meta.uid, meta.gid);
+            rustix::fs::fsetxattr(pd, key.as_str(), owner.as_bytes(), rustix::fs::XattrFlags::empty()).map_err(
+                |e| {
+                    invalid(format!(
+                        "cannot record the owner {owner} of symbolic link {} on its directory: {e}",
+                        quote_bytes(name.as_bytes())
+                    ))
+                },
+            )?;
+        }
+        return set_mtime(pd, name, meta.mtime);
+    }
+    let kind = match (etype, ft) {
+        (tar::EntryType::Char, _) => RecordedKind::Char(core.dev.0 as u32, core.dev.1 as u32),
+        (tar::EntryType::Block, _) => RecordedKind::Block(core.dev.0 as u32, core.dev.1 as u32),
+        (tar::EntryType::Fifo, _) => RecordedKind::Pipe,
+        (_, FileType::Directory) => RecordedKind::Dir,
+        (_, FileType::Socket) => RecordedKind::Socket,
+        _ => RecordedKind::File,
+    };
+    let is_dir = ft == FileType::Directory;
+    rustix::fs::chmodat(
+        pd,
+        name,
+        Mode::from_raw_mode(disk_perm(meta.perm, is_dir)),
+        AtFlags::empty(),
+    )?;
+    let record = Recorded {
+        uid: meta.uid,
+        gid: meta.gid,
+        perm: meta.perm,
+        kind: Some(kind),
+    };
+    set(OVERRIDE_XATTR, record.format().as_bytes())?;
+    for (k, v) in &meta.xattrs {
+        set(&stored_xattr_name(k, Ownership::Recorded), v)?;
     }
     if !is_dir {
         set_mtime(pd, name, meta.mtime)?;
@@ -371,6 +467,7 @@ fn agreed<R: Read>(e: &mut tar::Entry<'_, R>, headers: &HeaderQueue) -> io::Resu
         kind,
         size: e.size(),
         dev: core.dev,
+        mode: 0,
         uid: 0,
         gid: 0,
         mtime: core.mtime,
@@ -379,6 +476,7 @@ fn agreed<R: Read>(e: &mut tar::Entry<'_, R>, headers: &HeaderQueue) -> io::Resu
     // An empty owner field (a whiteout packed without one) is 0 to the
     // core and no number to the tar crate, which then has no other view.
     theirs.uid = h.uid().unwrap_or(core.uid);
+    theirs.mode = h.mode().map(|m| m & 0o7777).unwrap_or(core.mode);
     theirs.gid = h.gid().unwrap_or(core.gid);
     if matches!(kind, b'3' | b'4') {
         theirs.dev = (
@@ -419,6 +517,9 @@ fn differences(a: &EntryHeader, b: &EntryHeader) -> String {
     }
     if a.dev != b.dev {
         out.push(format!("device {:?} or {:?}", a.dev, b.dev));
+    }
+    if a.mode != b.mode {
+        out.push(format!("mode {:o} or {:o}", a.mode, b.mode));
     }
     if a.xattrs != b.xattrs {
         out.push("extended attributes".into());

@@ -17,6 +17,7 @@ mod native;
 mod overlay2;
 mod pull;
 mod push;
+mod rootless;
 mod sandbox;
 mod serve;
 mod store;

@@ -11,7 +11,8 @@
 # cache), peak memory and ratios, the cost of durable commits, and for the
 # six-layer image the floor of `curl | sha256sum` + `igzip -dc | tar -x`, for
 # the 60-layer image the time the registry alone takes to serve it (warm,
-# with its CPU, and from a cold cache).
+# with its CPU, and from a cold cache); and, without root, the six-layer
+# image pulled by gantry and by rootless podman as a user with subuid ranges.
 #
 # BENCH_DIR=DIR keeps the generated images between runs.
 # BENCH_FS=ext4 puts every tool's store (and the registry's) on a fresh
@@ -23,8 +24,8 @@
 # a block of runs and depend on the order of the tools.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
-require "apt-get install docker-registry skopeo curl isal containerd podman time" \
-    docker-registry skopeo curl igzip containerd ctr podman /usr/bin/time python3
+require "apt-get install docker-registry skopeo curl isal containerd podman time uidmap" \
+    docker-registry skopeo curl igzip containerd ctr podman /usr/bin/time python3 newuidmap
 require_root "overlay mounts, containerd"
 bench_work
 stores=$work
@@ -97,6 +98,37 @@ measure bench.skopeo_vfs 'rm -rf "$stores/cs"' skopeo copy --quiet --src-tls-ver
     "containers-storage:[vfs@$stores/cs/root+$stores/cs/run]bench:latest"
 rm -rf "$stores/cs"
 
+# Without root, the six-layer image: gantry (vfs, owners recorded) against
+# rootless podman (a user with subuid/subgid ranges, its user namespace made
+# by newuidmap; overlay, and vfs). Both run as that user on the same disk,
+# from copies of gantry and its plugins that user may read.
+rl_user=gantry-bench
+id "$rl_user" >/dev/null 2>&1 ||
+    useradd --system --create-home --home-dir "/var/lib/$rl_user" --shell /usr/sbin/nologin "$rl_user"
+grep -q "^$rl_user:" /etc/subuid || echo "$rl_user:200000:65536" >> /etc/subuid
+grep -q "^$rl_user:" /etc/subgid || echo "$rl_user:200000:65536" >> /etc/subgid
+chmod 711 "$work" "$stores"
+rl=$stores/rl
+at_exit 'rm -rf "$rl"'
+mkdir -p "$rl/bin" "$rl/xdg"
+cp "$bin/gantry" "$rl/bin/"
+cp "$bin/../wasm32-wasip2/release/"gantry_*.wasm "$rl/bin/"
+printf 'plugin_dir = "%s"\nplugin_cache_dir = "%s"\n[transport]\ntype = "v2"\n[driver]\ntype = "vfs"\n' \
+    "$rl/bin" "$rl/plugin-cache" > "$rl/vfs.toml"
+chown -R "$rl_user" "$rl"
+chmod 700 "$rl/xdg"
+as_user=(runuser -u "$rl_user" -- env HOME="$rl" XDG_RUNTIME_DIR="$rl/xdg")
+"${as_user[@]}" "$rl/bin/gantry" --root "$rl/g" --config "$rl/vfs.toml" plugin ls >/dev/null
+measure bench.gantry_rootless_vfs 'rm -rf "$rl/g"' \
+    "${as_user[@]}" "$rl/bin/gantry" --root "$rl/g" --config "$rl/vfs.toml" pull -q "$ref"
+rm -rf "$rl/g"
+for d in overlay vfs; do
+    measure "bench.podman_rootless_$d" 'rm -rf "$rl/pm"' \
+        "${as_user[@]}" podman --root "$rl/pm/root" --runroot "$rl/pm/run" --storage-driver "$d" \
+        --events-backend none --cgroup-manager cgroupfs pull -q --tls-verify=false "docker://$ref"
+    rm -rf "$rl/pm"
+done
+
 # floor: the six-layer image's blobs through curl | sha256sum and igzip -dc | tar -x
 base="http://127.0.0.1:$port/v2/bench"
 layers=$(curl -s -H 'Accept: application/vnd.oci.image.manifest.v1+json' "$base/manifests/latest" |
@@ -159,7 +191,8 @@ t0, t1, t2, tiny_wall, tiny_cpu, tiny_cold = map(float, sys.argv[2:])
 targets = {"bench": 0.40, "rootfs": 0.35, "tiny": 0.35}
 for shape in ["bench", "rootfs", "tiny"]:
     print(f"== {shape}")
-    for tool in ["gantry_overlay2", "gantry_vfs", "containerd", "podman", "gantry_overlay2_fast", "skopeo_vfs"]:
+    for tool in ["gantry_overlay2", "gantry_vfs", "containerd", "podman", "gantry_overlay2_fast", "skopeo_vfs",
+                 "gantry_rootless_vfs", "podman_rootless_overlay", "podman_rootless_vfs"]:
         if f"{shape}.{tool}" in r:
             w, m = r[f"{shape}.{tool}"]
             print(f"  {tool:22s} {w:7.2f} s   peak {m:7.1f} MiB")
@@ -176,6 +209,10 @@ print(f"== bench: durable commits cost {g - fast:+.2f} s ({(g / fast - 1) * 100:
 print(f"== bench: floor curl|sha256sum {dl:.2f} s + igzip -dc|tar -x {inflate:.2f} s = {floor:.2f} s")
 print(f"   gantry overlay2 / floor {g / floor:5.2f}   (target <= 1.30)")
 print(f"   gantry vfs / skopeo vfs {r['bench.gantry_vfs'][0] / r['bench.skopeo_vfs'][0]:5.2f}")
+rl = r["bench.gantry_rootless_vfs"][0]
+print(f"== bench without root: gantry vfs {rl:.2f} s, rootless gantry vfs / gantry vfs as root {rl / r['bench.gantry_vfs'][0]:5.2f}")
+print(f"   rootless gantry vfs / rootless podman overlay {rl / r['bench.podman_rootless_overlay'][0]:5.2f}")
+print(f"   rootless gantry vfs / rootless podman vfs     {rl / r['bench.podman_rootless_vfs'][0]:5.2f}")
 print(f"== tiny: the registry alone serves its 60 blobs in {tiny_wall:.2f} s warm, using {tiny_cpu:.2f} s of CPU,")
 print(f"   and in {tiny_cold:.2f} s from a cold cache (as each tool's run starts)")
 print(f"   gantry overlay2 / the cold floor {r['tiny.gantry_overlay2'][0] / tiny_cold:5.2f}")

@@ -11,6 +11,10 @@ mod output;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Before any thread: without root, a user namespace of gantry's own
+    // (overlay mounts where the kernel allows them); where it is refused,
+    // gantry runs as it is and `auto` says why overlay2 is not there.
+    let _ = gantry_host::confined::userns::enter_without_root();
     let args = <cli::Cli as clap::Parser>::parse();
     match commands::run(args) {
         Ok(code) => code,

@@ -54,14 +54,22 @@ pub enum Ownership {
 }
 
 impl Ownership {
-    /// What this process can keep: root keeps owners for real, any other
-    /// user records them.
+    /// What this process can keep: root keeps owners for real; any other
+    /// user records them, and so does "root" of a user namespace that maps
+    /// less than every user (gantry's own, without root: it can give a
+    /// file no owner but the caller). Read once per process.
     pub fn of_process() -> Ownership {
-        if rustix::process::geteuid().is_root() {
-            Ownership::Real
-        } else {
-            Ownership::Recorded
-        }
+        static OWN: std::sync::OnceLock<Ownership> = std::sync::OnceLock::new();
+        *OWN.get_or_init(|| {
+            let all_users = std::fs::read_to_string("/proc/self/uid_map")
+                .map(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
+                .unwrap_or(true);
+            if rustix::process::geteuid().is_root() && all_users {
+                Ownership::Real
+            } else {
+                Ownership::Recorded
+            }
+        })
     }
 }
 

@@ -11,6 +11,7 @@ mod mount;
 mod pack;
 mod tree;
 mod unpack;
+pub mod userns;
 
 pub use mount::{clear_stale_mounts, probe_overlay, OverlaySpec, MAX_LOWERS};
 pub use pack::{changes, pack, pack_changes, pack_upper, ChangeKind, PackReader};

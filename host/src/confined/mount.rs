@@ -16,6 +16,7 @@
 //! ([`clear_stale_mounts`]), and by this table's `Drop` otherwise.
 
 use super::{components, invalid, open_dir_beneath};
+use gantry_core::ownership::Ownership;
 use rustix::fs::{AtFlags, StatxFlags};
 use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags};
 use std::collections::HashMap;
@@ -148,6 +149,11 @@ impl OverlayDirs {
         }
         // Layers are shared between images: no index binding them to one mount.
         rustix::mount::fsconfig_set_string(&fs, "index", "off").map_err(|e| mount_err("index", e))?;
+        if Ownership::of_process() == Ownership::Recorded {
+            // In gantry's user namespace (without root): overlay's own
+            // attributes in `user.overlay.*`, the only ones it may write.
+            rustix::mount::fsconfig_set_flag(&fs, "userxattr").map_err(|e| mount_err("userxattr", e))?;
+        }
         rustix::mount::fsconfig_create(&fs).map_err(|e| mount_err("create", e))?;
         let mut attrs = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
         if self.upper.is_none() {

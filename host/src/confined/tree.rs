@@ -180,7 +180,9 @@ pub(super) fn create_new(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Re
 /// Owners and privileged xattrs cannot be set without root: keep going then.
 pub(super) fn ignore_eperm(e: impl Into<io::Error>) -> io::Result<()> {
     let e = e.into();
-    if e.raw_os_error() == Some(libc::EPERM) && !rustix::process::geteuid().is_root() {
+    if e.raw_os_error() == Some(libc::EPERM)
+        && gantry_core::ownership::Ownership::of_process() == gantry_core::ownership::Ownership::Recorded
+    {
         Ok(())
     } else {
         Err(e)

@@ -31,7 +31,8 @@ pub enum Whiteouts {
     /// Delete what they name (each layer is a full copy, as in vfs).
     Delete,
     /// Write overlayfs whiteouts: a 0/0 character device, or the
-    /// `trusted.overlay.opaque` attribute for an opaque directory.
+    /// `trusted.overlay.opaque` attribute for an opaque directory
+    /// (`user.overlay.opaque` without root, for a `userxattr` mount).
     Overlay,
 }
 
@@ -655,7 +656,11 @@ fn apply_whiteout(
         }
         (Whiteouts::Overlay, true) => Ok(rustix::fs::fsetxattr(
             pd,
-            "trusted.overlay.opaque",
+            match Ownership::of_process() {
+                Ownership::Real => "trusted.overlay.opaque",
+                // Mounted with `userxattr` in gantry's user namespace.
+                Ownership::Recorded => "user.overlay.opaque",
+            },
             b"y",
             rustix::fs::XattrFlags::empty(),
         )?),

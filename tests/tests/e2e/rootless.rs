@@ -188,6 +188,20 @@ fn without_root_a_store_keeps_the_image_s_owners_modes_and_devices() {
         assert_eq!(pushed_digest(&a), pushed_digest(&b), "{what}: {a}\n{b}");
     }
 
+    // serve --from-store without root: what a root store pulls from it is
+    // root's image, tree for tree.
+    let srv = user.serve(&["--from-store"]);
+    let via = Gantry::new().with_driver("vfs");
+    let served = format!("{}/priv/image:v1", srv.addr);
+    via.ok(&["pull", &served]);
+    assert_eq!(image_id(&via, &served), image_id(&root, &name));
+    tree::assert_same(
+        &export(&via, &served, "served.tar"),
+        &theirs,
+        "a pull from a rootless serve",
+    );
+    drop(srv);
+
     for g in [&user, &loaded] {
         let out = g.ok(&["fsck", "--verify-content"]);
         assert!(out.contains("store is consistent"), "{out}");

@@ -39,6 +39,20 @@ fn privileged_image() -> Image {
     Image::new(layers)
 }
 
+/// A registry holding `img` as `repo:v1`, and that name; `None` (a skip
+/// that says why) without the peers or without root, which the tests need
+/// to become another user.
+fn registry_with(repo: &str, img: &Image) -> Option<(Registry, String)> {
+    if !peers() || !is_root() {
+        eprintln!("skipped: needs the registry peers and root (to become another user)");
+        return None;
+    }
+    let reg = Registry::start();
+    publish(&reg, repo, "v1", img);
+    let name = format!("{}/{repo}:v1", reg.addr());
+    Some((reg, name))
+}
+
 fn image_id(g: &Gantry, name: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(&g.ok(&["inspect", name])).unwrap();
     v[0]["Id"].as_str().unwrap().to_string()
@@ -99,13 +113,9 @@ fn assert_store_is_harmless(root: &Path) {
 
 #[test]
 fn without_root_a_store_keeps_the_image_s_owners_modes_and_devices() {
-    if !peers() || !is_root() {
-        eprintln!("skipped: needs the registry peers and root (to become another user)");
+    let Some((reg, name)) = registry_with("priv/image", &privileged_image()) else {
         return;
-    }
-    let reg = Registry::start();
-    let name = format!("{}/priv/image:v1", reg.addr());
-    publish(&reg, "priv/image", "v1", &privileged_image());
+    };
     let root = Gantry::new().with_driver("vfs");
     let user = Gantry::unprivileged();
     root.ok(&["pull", &name]);
@@ -231,13 +241,9 @@ fn tar_xattrs(tar: &Path) -> Vec<(String, String)> {
 
 #[test]
 fn a_store_is_made_with_root_or_without_and_never_opened_the_other_way() {
-    if !peers() || !is_root() {
-        eprintln!("skipped: needs the registry peers and root (to become another user)");
+    let Some((_reg, name)) = registry_with("test/control", &control_image()) else {
         return;
-    }
-    let reg = Registry::start();
-    let name = format!("{}/test/control:v1", reg.addr());
-    publish(&reg, "test/control", "v1", &control_image());
+    };
     // A root store, opened without root (every file handed to that user,
     // so permissions are not what refuses it).
     let mut g = Gantry::unprivileged();
@@ -277,13 +283,9 @@ fn walk_all(root: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn verify_content_finds_owners_and_modes_that_are_not_the_layer_s() {
-    if !peers() || !is_root() {
-        eprintln!("skipped: needs the registry peers and root (to become another user)");
+    let Some((_reg, name)) = registry_with("priv/image", &privileged_image()) else {
         return;
-    }
-    let reg = Registry::start();
-    let name = format!("{}/priv/image:v1", reg.addr());
-    publish(&reg, "priv/image", "v1", &privileged_image());
+    };
 
     // A root store whose files were chowned to the caller, as a rootless
     // store of old was: its bytes hash to the diffIDs, its owners do not.

@@ -21,10 +21,12 @@ build: plugins
 	$(CARGO) build --release -p gantry-driver-overlay2 --features native
 
 ## Every test: unit tests, the tidy test, end-to-end tests against real peers
-## (with the default driver, overlay2 where the machine allows it, then again with vfs).
+## (with the default driver, overlay2 where the machine allows it, then again with vfs),
+## and the load, pull, export, save and push tests once more as an unprivileged user.
 test: build
 	$(CARGO) test --release
 	GANTRY_TEST_DRIVER=vfs $(CARGO) test --release --test e2e
+	GANTRY_TEST_UNPRIVILEGED=1 $(CARGO) test --release --test e2e -- archives:: pull:: push:: import::
 
 ## Build everything, start a registry on 127.0.0.1 with the example image, pull it.
 demo: build

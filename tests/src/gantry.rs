@@ -77,9 +77,13 @@ impl Default for Gantry {
 impl Gantry {
     /// A store with the built-in config (the driver `auto`), or, when
     /// `GANTRY_TEST_DRIVER` is set, with that driver forced: the suite runs
-    /// once per driver.
+    /// once per driver. When `GANTRY_TEST_UNPRIVILEGED` is set, its
+    /// commands run as `nobody` (see [`Gantry::unprivileged`]).
     pub fn new() -> Gantry {
-        let g = Gantry::bare();
+        let mut g = Gantry::bare();
+        if std::env::var_os("GANTRY_TEST_UNPRIVILEGED").is_some_and(|v| !v.is_empty()) {
+            g.run_unprivileged();
+        }
         match std::env::var("GANTRY_TEST_DRIVER") {
             Ok(d) if !d.is_empty() => g.with_driver(&d),
             _ => g,
@@ -112,11 +116,15 @@ impl Gantry {
     /// a test directory that user owns: gantry without root.
     pub fn unprivileged() -> Gantry {
         let mut g = Gantry::new();
-        g.user = Some((NOBODY, NOBODY));
-        for d in [g.work.path(), g.root.path(), g.tmpdir.path(), &g.scratch()] {
+        g.run_unprivileged();
+        g
+    }
+
+    fn run_unprivileged(&mut self) {
+        self.user = Some((NOBODY, NOBODY));
+        for d in [self.work.path(), self.root.path(), self.tmpdir.path(), &self.scratch()] {
             std::os::unix::fs::chown(d, Some(NOBODY), Some(NOBODY)).unwrap();
         }
-        g
     }
 
     /// Uses graph driver `driver` (v2 transport, default limits).

@@ -70,6 +70,15 @@ pub fn venv_python(module: &str) -> Option<std::path::PathBuf> {
 }
 
 /// Whether we run as root (owners, devices and setuid need it).
+/// A temporary directory of the test's own that the user the store runs
+/// as may read and write (`GANTRY_TEST_UNPRIVILEGED` runs every command as
+/// another user): for archives and outputs a test shares with gantry.
+pub fn open_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    dir
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

@@ -116,7 +116,7 @@ fn without_root_a_store_keeps_the_image_s_owners_modes_and_devices() {
     let Some((reg, name)) = registry_with("priv/image", &privileged_image()) else {
         return;
     };
-    let root = Gantry::new().with_driver("vfs");
+    let root = Gantry::bare().with_driver("vfs");
     let user = Gantry::unprivileged();
     root.ok(&["pull", &name]);
     let pulled = user.run(&["pull", &name]);
@@ -187,7 +187,7 @@ fn without_root_a_store_keeps_the_image_s_owners_modes_and_devices() {
 
     // push of a loaded image rebuilds its layers from the store: the same
     // digests as root's push of the same archive; a pulled one, the same too.
-    let root_loaded = Gantry::new().with_driver("vfs");
+    let root_loaded = Gantry::bare().with_driver("vfs");
     root_loaded.ok(&["load", "-i", root_archive.to_str().unwrap()]);
     for (ours, theirs, what) in [(&loaded, &root_loaded, "loaded"), (&user, &root, "pulled")] {
         let to_user = format!("{}/priv/{what}-by-user:v1", reg.addr());
@@ -201,7 +201,7 @@ fn without_root_a_store_keeps_the_image_s_owners_modes_and_devices() {
     // serve --from-store without root: what a root store pulls from it is
     // root's image, tree for tree.
     let srv = user.serve(&["--from-store"]);
-    let via = Gantry::new().with_driver("vfs");
+    let via = Gantry::bare().with_driver("vfs");
     let served = format!("{}/priv/image:v1", srv.addr);
     via.ok(&["pull", &served]);
     assert_eq!(image_id(&via, &served), image_id(&root, &name));
@@ -289,7 +289,7 @@ fn verify_content_finds_owners_and_modes_that_are_not_the_layer_s() {
 
     // A root store whose files were chowned to the caller, as a rootless
     // store of old was: its bytes hash to the diffIDs, its owners do not.
-    let root = Gantry::new().with_driver("vfs");
+    let root = Gantry::bare().with_driver("vfs");
     root.ok(&["pull", &name]);
     let owned: Vec<_> = root
         .layer_dirs()

@@ -27,6 +27,10 @@ pub struct Gantry {
     pub env: Vec<(String, String)>,
     /// The user and group every command runs as (`None`: the test's own).
     pub user: Option<(u32, u32)>,
+    /// The binary that user runs: [`binary`] itself, or a link to it (and
+    /// to the plugins beside it) in the test's directory, which that user
+    /// may reach wherever the build tree is.
+    exe: Option<PathBuf>,
     /// The test's own directory: `root`, `tmpdir` and the scratch space
     /// live inside it, so a test never touches a shared path. Dropped last.
     work: tempfile::TempDir,
@@ -108,6 +112,7 @@ impl Gantry {
             config: None,
             env: Vec::new(),
             user: None,
+            exe: None,
             work,
         }
     }
@@ -124,6 +129,51 @@ impl Gantry {
         self.user = Some((NOBODY, NOBODY));
         for d in [self.work.path(), self.root.path(), self.tmpdir.path(), &self.scratch()] {
             std::os::unix::fs::chown(d, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        if self.exe.is_some() {
+            return;
+        }
+        // The build tree may be where that user cannot go (a home of mode
+        // 0700): the binary and its plugins are linked (or copied) into the
+        // test's directory, where gantry finds `plugins/` beside itself.
+        let bin = self.work.path().join("bin");
+        std::fs::create_dir_all(bin.join("plugins")).unwrap();
+        let place = |from: &Path, to: &Path| {
+            if std::fs::hard_link(from, to).is_err() {
+                std::fs::copy(from, to).unwrap();
+            }
+        };
+        let exe = binary();
+        place(&exe, &bin.join("gantry"));
+        let plugins = exe.parent().unwrap().parent().unwrap().join("wasm32-wasip2/release");
+        for e in std::fs::read_dir(&plugins).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "wasm") {
+                place(&p, &bin.join("plugins").join(p.file_name().unwrap()));
+            }
+        }
+        for d in [&bin, &bin.join("plugins")] {
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        self.exe = Some(bin.join("gantry"));
+    }
+
+    /// The binary this store's commands run.
+    pub fn exe(&self) -> PathBuf {
+        self.exe.clone().unwrap_or_else(binary)
+    }
+
+    /// The plugin component `name` (`gantry_driver_vfs`, …) as this store's
+    /// binary finds it.
+    pub fn component(&self, name: &str) -> PathBuf {
+        match &self.exe {
+            Some(exe) => exe.parent().unwrap().join("plugins").join(format!("{name}.wasm")),
+            None => binary()
+                .parent()
+                .unwrap()
+                .parent()
+                .unwrap()
+                .join(format!("wasm32-wasip2/release/{name}.wasm")),
         }
     }
 
@@ -206,12 +256,12 @@ impl Gantry {
     /// A command ready to run with the given stdio, for tests that stream
     /// one gantry's output into another (`save | load`) or into the test.
     pub fn piped(&self, args: &[&str]) -> Command {
-        self.command(&binary(), &[], args)
+        self.command(&self.exe(), &[], args)
     }
 
     /// Starts a command without waiting (for tests that kill it).
     pub fn spawn(&self, args: &[&str]) -> std::process::Child {
-        let mut c = self.command(&binary(), &[], args);
+        let mut c = self.command(&self.exe(), &[], args);
         let log = self.work.path().join(format!("spawned-{}.log", std::process::id()));
         c.stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap());
         c.spawn().unwrap()
@@ -224,7 +274,7 @@ impl Gantry {
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
-        let mut c = self.command(&binary(), &[], args);
+        let mut c = self.command(&self.exe(), &[], args);
         Run {
             args: args.join(" "),
             out: c.output().unwrap(),
@@ -237,7 +287,7 @@ impl Gantry {
         let log = self.work.path().join(format!("serve-{}.log", std::process::id()));
         let mut all = vec!["serve", "--listen", "127.0.0.1:0"];
         all.extend_from_slice(args);
-        let mut c = self.command(&binary(), &[], &all);
+        let mut c = self.command(&self.exe(), &[], &all);
         c.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         // Waited for by `Server`'s drop.
         #[allow(clippy::zombie_processes)]
@@ -252,7 +302,7 @@ impl Gantry {
         let log = self.work.path().join(format!("daemon-{}.log", std::process::id()));
         let sock = self.work.path().join("gantry.sock");
         let host = format!("unix://{}", sock.display());
-        let mut c = self.command(&binary(), &[], &["daemon", "--host", &host]);
+        let mut c = self.command(&self.exe(), &[], &["daemon", "--host", &host]);
         c.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         // Waited for by `Server`'s drop.
         #[allow(clippy::zombie_processes)]
@@ -263,7 +313,7 @@ impl Gantry {
 
     /// Runs with `input` on standard input.
     pub fn run_stdin(&self, args: &[&str], input: &Path) -> Run {
-        let mut c = self.command(&binary(), &[], args);
+        let mut c = self.command(&self.exe(), &[], args);
         c.stdin(std::fs::File::open(input).unwrap());
         Run {
             args: format!("{} < {}", args.join(" "), input.display()),
@@ -278,7 +328,7 @@ impl Gantry {
     /// child shares until it execs.
     pub fn run_peak(&self, args: &[&str]) -> (Run, u64) {
         let report = self.work.path().join("peak-kib");
-        let bin = binary();
+        let bin = self.exe();
         let pre = [
             "-f".as_ref(),
             "%M".as_ref(),

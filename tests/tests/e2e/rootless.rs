@@ -344,7 +344,7 @@ fn the_driver_conformance_suite_passes_without_root() {
     }
     for driver in ["gantry_driver_overlay2", "gantry_driver_vfs"] {
         let g = Gantry::unprivileged();
-        let out = g.ok(&["plugin", "test", crate::sandbox::component(driver).to_str().unwrap()]);
+        let out = g.ok(&["plugin", "test", g.component(driver).to_str().unwrap()]);
         assert!(
             out.contains(" checks passed") && !out.contains("FAIL"),
             "{driver}: {out}"

@@ -64,8 +64,9 @@ pub fn choose(root: &Path) -> Result<Choice, String> {
         Err(e) => Choice {
             driver: "vfs".into(),
             notice: Some(format!(
-                "overlay2 is not available here ({}); using vfs{}",
-                gantry_core::text::escape_line(&e.to_string()),
+                "overlay2 is not available here ({}; {}); using vfs{}",
+                gantry_core::text::escape_line(&why_no_overlay(&e)),
+                where_it_ran(root),
                 match Ownership::of_process() {
                     Ownership::Real => "",
                     Ownership::Recorded =>
@@ -75,6 +76,36 @@ pub fn choose(root: &Path) -> Result<Choice, String> {
             )),
         },
     })
+}
+
+/// The probe's failure in words a user can act on.
+fn why_no_overlay(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => format!(
+            "{e}: mounting needs root, or a user namespace of gantry's own, which this system refuses \
+             (see kernel.unprivileged_userns_clone and AppArmor's userns restrictions)"
+        ),
+        Some(libc::ENODEV) => format!("{e}: this kernel has no overlay file system (modprobe overlay)"),
+        Some(libc::EINVAL) => format!("{e}: the store's file system cannot hold overlay layers"),
+        _ => e.to_string(),
+    }
+}
+
+/// The kernel and the store's file system, for the fallback line.
+fn where_it_ran(root: &Path) -> String {
+    let release = rustix::system::uname().release().to_string_lossy().into_owned();
+    let fs = match rustix::fs::statfs(root).map(|s| s.f_type as u64) {
+        Ok(0xEF53) => "ext4".to_string(),
+        Ok(0x5846_5342) => "xfs".into(),
+        Ok(0x9123_683E) => "btrfs".into(),
+        Ok(0x0102_1994) => "tmpfs".into(),
+        Ok(0x794C_7630) => "overlay".into(),
+        Ok(0x2FC1_2FC1) => "zfs".into(),
+        Ok(0x6969) => "nfs".into(),
+        Ok(other) => format!("file system type {other:#x}"),
+        Err(_) => "an unknown file system".into(),
+    };
+    format!("Linux {release}, the store on {fs}")
 }
 
 use std::os::unix::fs::DirBuilderExt;

@@ -10,6 +10,15 @@
 //! chdir'd helper process) and no path a driver could swap between the check
 //! and the mount. Every mount is `nosuid,nodev`, read-only without an upper.
 //!
+//! Kernels before 6.13 take no layer by descriptor. There the host makes the
+//! classic `mount(2)` whose options name each handle it opened as
+//! `/proc/self/fd/N` (the kernel resolves such a name to the very directory
+//! the handle holds, so nothing can be swapped in either) and the target
+//! likewise; the one cost is a page of options, about 200 layers (Docker
+//! stops at 125). Not `fsconfig` with string options (Linux 5.2): it caps a
+//! value at 256 bytes, a dozen layers. The first mount of a process tries
+//! descriptors and keeps to whichever way the kernel took.
+//!
 //! Mounts are counted per target: the first user mounts, the last one's
 //! `unmount` unmounts. What a process leaves mounted when it ends (a crash,
 //! a kill) is unmounted by the next process alone on the store
@@ -27,6 +36,43 @@ use std::sync::Mutex;
 
 /// Overlayfs refuses more lower layers than this.
 pub const MAX_LOWERS: usize = 500;
+
+/// `statfs`'s `f_type` of an overlay mount.
+const OVERLAYFS_SUPER_MAGIC: u64 = 0x794c_7630;
+
+/// How a mount hands the kernel its layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum LayerPassing {
+    /// `fsconfig` with `lowerdir+` given file descriptors (Linux 6.13).
+    Fds = 0,
+    /// `mount(2)` whose options name `/proc/self/fd/N` (any kernel with
+    /// overlay; its option string is one page).
+    ProcPaths = 1,
+}
+
+/// The process's way of passing layers: descriptors until the kernel
+/// refuses them, or what `GANTRY_OVERLAY_LAYERS` (`fds`, `proc-paths`)
+/// forces (the tests run the overlay2 suite both ways).
+static PASSING: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// See [`PASSING`].
+pub fn layer_passing() -> LayerPassing {
+    use std::sync::atomic::Ordering::Relaxed;
+    match PASSING.load(Relaxed) {
+        0 => LayerPassing::Fds,
+        1 => LayerPassing::ProcPaths,
+        _ => {
+            let forced = std::env::var("GANTRY_OVERLAY_LAYERS").ok();
+            let p = match forced.as_deref() {
+                Some("proc-paths") => LayerPassing::ProcPaths,
+                _ => LayerPassing::Fds,
+            };
+            PASSING.store(p as u8, Relaxed);
+            p
+        }
+    }
+}
 
 /// What a driver asked to mount; paths relative to its home.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,8 +176,75 @@ impl OverlayDirs {
     }
 
     /// Makes the overlay mount (`nosuid,nodev`, read-only without an
-    /// upper) and attaches it at the target; the mount, to learn its id.
-    fn mount(&self, target: &str) -> io::Result<OwnedFd> {
+    /// upper) and attaches it at the target, the way this kernel takes
+    /// layers ([`LayerPassing`]); the mount's root, to learn its id.
+    fn mount(&self, home: BorrowedFd<'_>, target: &str, passing: LayerPassing) -> io::Result<OwnedFd> {
+        match passing {
+            LayerPassing::ProcPaths => self.mount_by_proc_paths(home, target),
+            LayerPassing::Fds => match self.mount_by_fds(target) {
+                // `lowerdir+` by descriptor is new in Linux 6.13: older
+                // kernels refuse the key, and every later mount of this
+                // process takes the other way.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && e.to_string().contains("lowerdir") => {
+                    PASSING.store(LayerPassing::ProcPaths as u8, std::sync::atomic::Ordering::Relaxed);
+                    self.mount_by_proc_paths(home, target)
+                }
+                r => r,
+            },
+        }
+    }
+
+    /// The classic `mount(2)` for kernels before 6.13: its option string
+    /// names each directory the host opened as `/proc/self/fd/N`, which the
+    /// kernel resolves to that very directory (no path a driver could swap
+    /// in between), and the target likewise. The string must fit a page.
+    fn mount_by_proc_paths(&self, home: BorrowedFd<'_>, target: &str) -> io::Result<OwnedFd> {
+        let fd_path = |fd: &OwnedFd| format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let mut data = format!(
+            "lowerdir={}",
+            self.lowers.iter().map(fd_path).collect::<Vec<_>>().join(":")
+        );
+        if let (Some(u), Some(w)) = (&self.upper, &self.work) {
+            data.push_str(&format!(",upperdir={},workdir={}", fd_path(u), fd_path(w)));
+        }
+        data.push_str(",index=off");
+        if Ownership::of_process() == Ownership::Recorded {
+            data.push_str(",userxattr");
+        }
+        let page = rustix::param::page_size();
+        if data.len() >= page {
+            return Err(invalid(format!(
+                "an overlay mount of {} layers needs {} bytes of options, over this kernel's {page} \
+                 (Linux 6.13 takes any number up to {MAX_LOWERS})",
+                self.lowers.len(),
+                data.len()
+            )));
+        }
+        let mut flags = rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV;
+        if self.upper.is_none() {
+            flags |= rustix::mount::MountFlags::RDONLY;
+        }
+        let data = std::ffi::CString::new(data).map_err(|_| invalid("a NUL in overlay options"))?;
+        rustix::mount::mount(
+            "overlay",
+            fd_path(&self.target).as_str(),
+            "overlay",
+            flags,
+            data.as_c_str(),
+        )
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("overlay mount at {target:?}: {e}")))?;
+        // The mount's root, reached by name beneath the home: it must be
+        // the overlay just made on the target the host opened.
+        let root = open_dir_beneath(home, &components(target)?, false)?;
+        let fs = rustix::fs::fstatfs(&root)?;
+        if fs.f_type as u64 != OVERLAYFS_SUPER_MAGIC || mnt_id(root.as_fd())? == mnt_id(self.target.as_fd())? {
+            return Err(denied(format!("{target:?} is not the overlay mount just made")));
+        }
+        Ok(root)
+    }
+
+    /// The new mount API with every layer as a file descriptor (Linux 6.13).
+    fn mount_by_fds(&self, target: &str) -> io::Result<OwnedFd> {
         let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
         let mount_err = |what: &str, e: rustix::io::Errno| {
             io::Error::new(
@@ -189,7 +302,7 @@ impl Mounts {
             return Ok(());
         }
         spec.check_shape()?;
-        let mnt = OverlayDirs::open(home, &spec)?.mount(&spec.target)?;
+        let mnt = OverlayDirs::open(home, &spec)?.mount(home, &spec.target, layer_passing())?;
         let id = mnt_id(mnt.as_fd())?;
         table.insert(
             spec.target.clone(),
@@ -340,6 +453,61 @@ pub fn probe_overlay(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both ways of passing layers make the same read-only overlay, and
+    /// the classic one names only the descriptors the host opened.
+    #[test]
+    fn both_ways_of_passing_layers_mount_the_same_tree() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        for d in ["lower1", "lower2", "merged"] {
+            std::fs::create_dir(t.path().join(d)).unwrap();
+        }
+        std::fs::write(t.path().join("lower1/top"), b"1").unwrap();
+        std::fs::write(t.path().join("lower2/bottom"), b"2").unwrap();
+        let home = rustix::fs::open(t.path(), super::super::DIR_FLAGS, rustix::fs::Mode::empty()).unwrap();
+        let spec = OverlaySpec {
+            target: "merged".into(),
+            lowers: vec!["lower1".into(), "lower2".into()],
+            upper: None,
+            work: None,
+        };
+        for passing in [LayerPassing::Fds, LayerPassing::ProcPaths] {
+            let dirs = OverlayDirs::open(home.as_fd(), &spec).unwrap();
+            let mnt = match dirs.mount(home.as_fd(), "merged", passing) {
+                Err(e) if passing == LayerPassing::Fds && e.raw_os_error() == Some(libc::EINVAL) => {
+                    eprintln!("this kernel takes no layers by descriptor: {e}");
+                    continue;
+                }
+                r => r.unwrap(),
+            };
+            let id = mnt_id(mnt.as_fd()).unwrap();
+            let merged = t.path().join("merged");
+            assert_eq!(std::fs::read(merged.join("top")).unwrap(), b"1", "{passing:?}");
+            assert_eq!(std::fs::read(merged.join("bottom")).unwrap(), b"2", "{passing:?}");
+            assert!(
+                std::fs::write(merged.join("new"), b"x").is_err(),
+                "{passing:?}: not read-only"
+            );
+            let line = std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .lines()
+                .find(|l| l.split(' ').next() == Some(&id.to_string()))
+                .unwrap()
+                .to_string();
+            assert!(line.contains("nosuid") && line.contains("nodev"), "{line}");
+            assert_eq!(
+                line.contains("lowerdir=/proc/self/fd/"),
+                passing == LayerPassing::ProcPaths,
+                "{line}"
+            );
+            drop(mnt);
+            detach(home.as_fd(), "merged", id).unwrap();
+        }
+    }
 
     #[test]
     fn unescapes_mount_points() {

@@ -183,9 +183,13 @@ impl OverlayDirs {
             LayerPassing::ProcPaths => self.mount_by_proc_paths(home, target),
             LayerPassing::Fds => match self.mount_by_fds(target) {
                 // `lowerdir+` by descriptor is new in Linux 6.13: older
-                // kernels refuse the key, and every later mount of this
-                // process takes the other way.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && e.to_string().contains("lowerdir") => {
+                // kernels refuse it (6.1 with EOPNOTSUPP, as no parameter
+                // may be a descriptor there; others with EINVAL), and every
+                // later mount of this process takes the other way.
+                Err(e)
+                    if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported)
+                        && e.to_string().contains(": lowerdir:") =>
+                {
                     PASSING.store(LayerPassing::ProcPaths as u8, std::sync::atomic::Ordering::Relaxed);
                     self.mount_by_proc_paths(home, target)
                 }
@@ -478,7 +482,10 @@ mod tests {
         for passing in [LayerPassing::Fds, LayerPassing::ProcPaths] {
             let dirs = OverlayDirs::open(home.as_fd(), &spec).unwrap();
             let mnt = match dirs.mount(home.as_fd(), "merged", passing) {
-                Err(e) if passing == LayerPassing::Fds && e.raw_os_error() == Some(libc::EINVAL) => {
+                Err(e)
+                    if passing == LayerPassing::Fds
+                        && matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported) =>
+                {
                     eprintln!("this kernel takes no layers by descriptor: {e}");
                     continue;
                 }

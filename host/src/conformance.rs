@@ -37,13 +37,13 @@ fn listing(root: &Path) -> Result<Listing, String> {
 fn walk(root: &Path, dir: &Path, out: &mut Listing, inodes: &mut HashMap<(u64, u64), String>) -> std::io::Result<()> {
     let mut names: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     names.sort_by_key(|e| e.file_name());
+    let own = Ownership::of_process();
+    let parent = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
     for e in names {
         let p = e.path();
         let rel = p.strip_prefix(root).expect("below root").to_string_lossy().into_owned();
         let md = std::fs::symlink_metadata(&p)?;
         // The image's metadata: in a rootless store, the recorded one.
-        let own = Ownership::of_process();
-        let parent = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
         let st = stat_at(parent.as_fd(), &e.file_name(), own)?;
         let ft = md.file_type();
         let recorded_node = ft.is_file() && FileType::from_raw_mode(st.st_mode) != FileType::RegularFile;

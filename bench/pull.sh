@@ -12,7 +12,9 @@
 # six-layer image the floor of `curl | sha256sum` + `igzip -dc | tar -x`, for
 # the 60-layer image the time the registry alone takes to serve it (warm,
 # with its CPU, and from a cold cache); and, without root, the six-layer
-# image pulled by gantry and by rootless podman as a user with subuid ranges.
+# image pulled by gantry and by rootless podman as a user with subuid ranges;
+# and overlay2's two ways of passing layers to the kernel (by descriptor, by
+# /proc/self/fd path for kernels before 6.13) in a pull and a `save`.
 #
 # BENCH_DIR=DIR keeps the generated images between runs.
 # BENCH_FS=ext4 puts every tool's store (and the registry's) on a fresh
@@ -29,7 +31,7 @@ require "apt-get install docker-registry skopeo curl isal containerd podman time
 require_root "overlay mounts, containerd"
 bench_work
 stores=$work
-at_exit 'rm -rf "$stores/g" "$stores/cs" "$stores/pm" "$stores/floor" "$stores/registry" "$stores/ctd"'
+at_exit 'rm -rf "$stores/g" "$stores/gw" "$stores/gs-bench" "$stores/gs-tiny" "$stores/save.tar" "$stores/cs" "$stores/pm" "$stores/floor" "$stores/registry" "$stores/ctd"'
 case ${BENCH_FS:-} in
 "") ;;
 ext4)
@@ -97,6 +99,35 @@ rm -rf "$stores/g"
 measure bench.skopeo_vfs 'rm -rf "$stores/cs"' skopeo copy --quiet --src-tls-verify=false "docker://$ref" \
     "containers-storage:[vfs@$stores/cs/root+$stores/cs/run]bench:latest"
 rm -rf "$stores/cs"
+
+# The two ways overlay2 hands the kernel its layers, side by side and
+# interleaved run by run: by descriptor (fsconfig `lowerdir+`, Linux 6.13)
+# and by /proc/self/fd/N paths in mount(2)'s options (older kernels;
+# GANTRY_OVERLAY_LAYERS=proc-paths forces it here). A pull writes each
+# layer's own directory and mounts nothing; `save` mounts every layer over
+# its lowers (the six-layer image, and the 60-layer one for deep stacks).
+passing() { with=(env GANTRY_OVERLAY_LAYERS="$1" "$bin/gantry" --root "$stores/$2" --config "$work/overlay2.toml"); }
+for _ in $(seq "$runs"); do
+    for w in fds proc-paths; do
+        passing "$w" gw
+        measure_once "bench.overlay2_pull_$w" 'rm -rf "$stores/gw"' "${with[@]}" pull -q "$ref"
+    done
+done
+for w in fds proc-paths; do record_median "bench.overlay2_pull_$w"; done
+rm -rf "$stores/gw"
+for shape in bench tiny; do
+    passing fds "gs-$shape"
+    "${with[@]}" pull -q "127.0.0.1:$port/$shape:latest"
+    for _ in $(seq "$runs"); do
+        for w in fds proc-paths; do
+            passing "$w" "gs-$shape"
+            measure_once "$shape.overlay2_save_$w" 'rm -f "$stores/save.tar"' \
+                "${with[@]}" save -o "$stores/save.tar" "127.0.0.1:$port/$shape:latest"
+        done
+    done
+    for w in fds proc-paths; do record_median "$shape.overlay2_save_$w"; done
+    rm -rf "$stores/gs-$shape" "$stores/save.tar"
+done
 
 # Without root, the six-layer image: gantry (owners recorded; overlay2 in its
 # own user namespace, and vfs) against rootless podman (a user with
@@ -218,6 +249,11 @@ rlo, rlv = r["bench.gantry_rootless_overlay2"][0], r["bench.gantry_rootless_vfs"
 print(f"== bench without root: gantry overlay2 {rlo:.2f} s ({rlo / g:4.2f}x as root), vfs {rlv:.2f} s ({rlv / r['bench.gantry_vfs'][0]:4.2f}x as root)")
 print(f"   rootless gantry overlay2 / rootless podman overlay {rlo / r['bench.podman_rootless_overlay'][0]:5.2f}")
 print(f"   rootless gantry vfs / rootless podman vfs          {rlv / r['bench.podman_rootless_vfs'][0]:5.2f}")
+print("== overlay2's two ways of passing layers (interleaved runs): by descriptor, by /proc/self/fd path")
+for name, label in [("bench.overlay2_pull", "six-layer pull"), ("bench.overlay2_save", "six-layer save"),
+                    ("tiny.overlay2_save", "60-layer save")]:
+    fd, pp = r[f"{name}_fds"][0], r[f"{name}_proc-paths"][0]
+    print(f"   {label:15s} fds {fd:6.2f} s   proc-paths {pp:6.2f} s   proc-paths / fds {pp / fd:5.3f}   (target within 5 %)")
 print(f"== tiny: the registry alone serves its 60 blobs in {tiny_wall:.2f} s warm, using {tiny_cpu:.2f} s of CPU,")
 print(f"   and in {tiny_cold:.2f} s from a cold cache (as each tool's run starts)")
 print(f"   gantry overlay2 / the cold floor {r['tiny.gantry_overlay2'][0] / tiny_cold:5.2f}")

@@ -80,13 +80,34 @@ pub fn choose(root: &Path) -> Result<Choice, String> {
 
 /// The probe's failure in words a user can act on.
 fn why_no_overlay(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
+    use crate::confined::{errno_of, userns};
+    let root = rustix::process::geteuid().is_root();
+    match errno_of(e) {
+        Some(libc::EPERM) | Some(libc::EACCES) if !root => match userns::refusal() {
+            Some(r) => format!(
+                "{e}: not root, and the kernel refused gantry a user namespace of its own ({r}: {}); \
+                 run as root, or allow unprivileged user namespaces",
+                match r.raw_os_error() {
+                    Some(libc::ENOSPC) => "the sysctl user.max_user_namespaces is 0 or used up",
+                    Some(libc::EPERM) | Some(libc::EACCES) =>
+                        "turned off by the sysctl kernel.unprivileged_userns_clone, by AppArmor's \
+                         kernel.apparmor_restrict_unprivileged_userns, or by a seccomp policy",
+                    _ => "see user_namespaces(7)",
+                }
+            ),
+            None => format!(
+                "{e}: not root, and this kernel does not let a user namespace mount overlay \
+                 (Linux 5.11 and later do); run as root"
+            ),
+        },
         Some(libc::EPERM) | Some(libc::EACCES) => format!(
-            "{e}: mounting needs root, or a user namespace of gantry's own, which this system refuses \
-             (see kernel.unprivileged_userns_clone and AppArmor's userns restrictions)"
+            "{e}: root without the right to mount (a container without CAP_SYS_ADMIN, \
+             or a security policy); give gantry a mount namespace of its own"
         ),
         Some(libc::ENODEV) => format!("{e}: this kernel has no overlay file system (modprobe overlay)"),
-        Some(libc::EINVAL) => format!("{e}: the store's file system cannot hold overlay layers"),
+        Some(libc::EINVAL) => {
+            format!("{e}: the store's file system cannot hold overlay layers (put the store on ext4, xfs or btrfs)")
+        }
         _ => e.to_string(),
     }
 }

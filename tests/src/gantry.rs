@@ -226,8 +226,13 @@ impl Gantry {
     /// `program` (the binary, or a wrapper given the binary first) with
     /// this store's root, config and environment, and `args`.
     fn command(&self, program: &Path, pre: &[&std::ffi::OsStr], args: &[&str]) -> Command {
+        self.command_as(program, pre, args, self.user)
+    }
+
+    /// [`Gantry::command`], run as `user` (`None`: as the test itself).
+    fn command_as(&self, program: &Path, pre: &[&std::ffi::OsStr], args: &[&str], user: Option<(u32, u32)>) -> Command {
         let mut c = Command::new(program);
-        if let Some((uid, gid)) = self.user {
+        if let Some((uid, gid)) = user {
             // std drops the supplementary groups too when it changes user.
             std::os::unix::process::CommandExt::uid(&mut c, uid);
             std::os::unix::process::CommandExt::gid(&mut c, gid);
@@ -309,6 +314,17 @@ impl Gantry {
         let child = c.spawn().unwrap();
         wait_for_line(&log, "gantry daemon: listening on ");
         Server { child, addr: host, log }
+    }
+
+    /// Runs through `wrapper` (given the binary first), started as the
+    /// test itself: the wrapper becomes this store's user on its own.
+    pub fn run_wrapped(&self, wrapper: &Path, args: &[&str]) -> Run {
+        let bin = self.exe();
+        let mut c = self.command_as(wrapper, &[bin.as_os_str()], args, None);
+        Run {
+            args: format!("{} {}", wrapper.display(), args.join(" ")),
+            out: c.output().unwrap(),
+        }
     }
 
     /// Runs with `input` on standard input.

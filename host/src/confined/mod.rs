@@ -13,7 +13,7 @@ mod tree;
 mod unpack;
 pub mod userns;
 
-pub use mount::{clear_stale_mounts, probe_overlay, OverlaySpec, MAX_LOWERS};
+pub use mount::{clear_stale_mounts, errno_of, probe_overlay, OverlaySpec, MAX_LOWERS};
 pub use pack::{changes, pack, pack_changes, pack_upper, ChangeKind, PackReader};
 pub use tree::{copy_tree, disk_usage, remove_tree, CopyMode};
 pub use unpack::{unpack, Whiteouts};

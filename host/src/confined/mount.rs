@@ -236,7 +236,7 @@ impl OverlayDirs {
             flags,
             data.as_c_str(),
         )
-        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("overlay mount at {target:?}: {e}")))?;
+        .map_err(|e| refused(e, format!("overlay mount at {target:?}: {e}")))?;
         // The mount's root, reached by name beneath the home: it must be
         // the overlay just made on the target the host opened.
         let root = open_dir_beneath(home, &components(target)?, false)?;
@@ -249,13 +249,10 @@ impl OverlayDirs {
 
     /// The new mount API with every layer as a file descriptor (Linux 6.13).
     fn mount_by_fds(&self, target: &str) -> io::Result<OwnedFd> {
-        let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
-        let mount_err = |what: &str, e: rustix::io::Errno| {
-            io::Error::new(
-                io::Error::from(e).kind(),
-                format!("overlay mount at {target:?}: {what}: {e}"),
-            )
-        };
+        let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+            .map_err(|e| refused(e, format!("overlay mount at {target:?}: fsopen: {e}")))?;
+        let mount_err =
+            |what: &str, e: rustix::io::Errno| refused(e, format!("overlay mount at {target:?}: {what}: {e}"));
         rustix::mount::fsconfig_set_string(&fs, "source", "overlay").map_err(|e| mount_err("source", e))?;
         for l in &self.lowers {
             rustix::mount::fsconfig_set_fd(&fs, "lowerdir+", l).map_err(|e| mount_err("lowerdir", e))?;
@@ -288,6 +285,38 @@ impl OverlayDirs {
         .map_err(|e| mount_err("attaching", e))?;
         Ok(mnt)
     }
+}
+
+/// A mount the kernel refused: its message says where, and the error
+/// keeps the kernel's errno for [`errno_of`].
+#[derive(Debug)]
+struct Refused {
+    errno: i32,
+    text: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+fn refused(e: rustix::io::Errno, text: String) -> io::Error {
+    io::Error::new(
+        io::Error::from(e).kind(),
+        Refused {
+            errno: e.raw_os_error(),
+            text,
+        },
+    )
+}
+
+/// The kernel's errno behind `e`: its own, or that of a refused mount.
+pub fn errno_of(e: &io::Error) -> Option<i32> {
+    e.raw_os_error()
+        .or_else(|| e.get_ref()?.downcast_ref::<Refused>().map(|r| r.errno))
 }
 
 impl Mounts {

@@ -16,9 +16,30 @@
 
 use std::io;
 
+use std::sync::OnceLock;
+
+/// Why the kernel refused the namespace, when it did: for the line `auto`
+/// prints when it falls back to vfs.
+static REFUSED: OnceLock<io::Error> = OnceLock::new();
+
+/// The error the kernel gave [`enter_without_root`], if it refused.
+pub fn refusal() -> Option<&'static io::Error> {
+    REFUSED.get()
+}
+
 /// Enters a user and mount namespace of this process's own when it runs
-/// without root; whether it did. Must run before any thread starts.
+/// without root; whether it did. Must run before any thread starts. A
+/// refusal is also kept for [`refusal`].
 pub fn enter_without_root() -> io::Result<bool> {
+    enter().inspect_err(|e| {
+        let _ = REFUSED.set(match e.raw_os_error() {
+            Some(errno) => io::Error::from_raw_os_error(errno),
+            None => io::Error::new(e.kind(), e.to_string()),
+        });
+    })
+}
+
+fn enter() -> io::Result<bool> {
     let (uid, gid) = (rustix::process::getuid(), rustix::process::getgid());
     if rustix::process::geteuid().is_root() {
         return Ok(false);

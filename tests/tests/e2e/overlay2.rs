@@ -383,3 +383,109 @@ fn a_first_layer_whiteout_is_never_exported_as_a_device() {
     }
     g.fsck_clean();
 }
+
+/// The kernel release, as the fallback line names it.
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The lines of `stderr` that say `auto` fell back to vfs.
+fn fallback_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("overlay2 is not available here"))
+        .collect()
+}
+
+/// A store on a file system overlay cannot take as its upper layer (here
+/// an overlay mount itself): `auto` picks vfs once, and its line names the
+/// file system, the kernel and what to do; the store then stays vfs
+/// without a word.
+#[test]
+fn auto_on_a_file_system_overlay_refuses_says_which_and_uses_vfs() {
+    if !peers() || !overlay_here() {
+        return;
+    }
+    let reg = Registry::start();
+    publish(&reg, "test/fallback", "v1", &crate::control_image());
+    let name = format!("{}/test/fallback:v1", reg.addr());
+    let g = Gantry::bare().with_driver("auto");
+    let under = g.scratch().join("under");
+    for d in ["lower", "upper", "work"] {
+        std::fs::create_dir_all(under.join(d)).unwrap();
+    }
+    let opts = format!(
+        "lowerdir={0}/lower,upperdir={0}/upper,workdir={0}/work",
+        under.display()
+    );
+    let st = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(g.root_path())
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "mount: {}", String::from_utf8_lossy(&st.stderr));
+    let _mounted = Mounted(g.root_path().to_path_buf());
+
+    let pulled = g.run(&["pull", &name]);
+    assert!(pulled.out.status.success(), "{}", pulled.stderr());
+    let stderr = pulled.stderr();
+    let lines = fallback_lines(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    for words in [
+        "the store's file system cannot hold overlay layers",
+        "put the store on ext4, xfs or btrfs",
+        &format!("Linux {}, the store on overlay", kernel_release()),
+        "using vfs",
+    ] {
+        assert!(lines[0].contains(words), "no {words:?} in: {}", lines[0]);
+    }
+    assert_eq!(g.driver(), "vfs");
+    // The store holds vfs layers now: `auto` keeps them, and says nothing.
+    let again = g.run(&["images"]);
+    assert!(again.out.status.success(), "{}", again.stderr());
+    assert!(fallback_lines(&again.stderr()).is_empty(), "{}", again.stderr());
+    g.fsck_clean();
+}
+
+/// Without root, where the kernel refuses gantry a user namespace (here a
+/// namespace whose `user.max_user_namespaces` is 0, as a system that turns
+/// them off): `auto` picks vfs and its line says not root, what the kernel
+/// refused, which setting does it, and what to do; the pull keeps the
+/// image's owners as recorded.
+#[test]
+fn auto_without_root_and_without_user_namespaces_says_why_and_uses_vfs() {
+    if !peers() || !overlay_here() {
+        return;
+    }
+    let reg = Registry::start();
+    publish(&reg, "test/fallback", "v1", &crate::control_image());
+    let name = format!("{}/test/fallback:v1", reg.addr());
+    let g = Gantry::unprivileged().with_driver("auto");
+    let no_userns = Path::new(env!("CARGO_BIN_EXE_no-userns"));
+    let pulled = g.run_wrapped(no_userns, &["pull", &name]);
+    assert!(pulled.out.status.success(), "{}", pulled.stderr());
+    let stderr = pulled.stderr();
+    let lines = fallback_lines(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    for words in [
+        "not root, and the kernel refused gantry a user namespace of its own",
+        "No space left on device",
+        "the sysctl user.max_user_namespaces is 0 or used up",
+        "run as root, or allow unprivileged user namespaces",
+        &format!("Linux {}, the store on ", kernel_release()),
+        "using vfs",
+        "user.containers.override_stat",
+    ] {
+        assert!(lines[0].contains(words), "no {words:?} in: {}", lines[0]);
+    }
+    assert_eq!(g.driver(), "vfs");
+    assert!(g.root_path().join("rootless").is_file());
+    // Where user namespaces are allowed, the store keeps its vfs layers.
+    let again = g.run(&["images"]);
+    assert!(again.out.status.success(), "{}", again.stderr());
+    assert!(fallback_lines(&again.stderr()).is_empty(), "{}", again.stderr());
+    assert_eq!(g.driver(), "vfs");
+}

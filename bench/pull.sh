@@ -104,9 +104,13 @@ rm -rf "$stores/cs"
 # interleaved run by run: by descriptor (fsconfig `lowerdir+`, Linux 6.13)
 # and by /proc/self/fd/N paths in mount(2)'s options (older kernels;
 # GANTRY_OVERLAY_LAYERS=proc-paths forces it here). A pull writes each
-# layer's own directory and mounts nothing; `save` mounts every layer over
-# its lowers (the six-layer image, and the 60-layer one for deep stacks).
+# layer's own directory and mounts nothing. `save` of a loaded image (no
+# compressed blobs kept to copy) rebuilds each layer's tar from the layer
+# mounted over its lowers: the six-layer image, and the 60-layer one for
+# deep stacks.
 passing() { with=(env GANTRY_OVERLAY_LAYERS="$1" "$bin/gantry" --root "$stores/$2" --config "$work/overlay2.toml"); }
+: > "$work/bench.overlay2_pull_fds.runs"
+: > "$work/bench.overlay2_pull_proc-paths.runs"
 for _ in $(seq "$runs"); do
     for w in fds proc-paths; do
         passing "$w" gw
@@ -116,13 +120,16 @@ done
 for w in fds proc-paths; do record_median "bench.overlay2_pull_$w"; done
 rm -rf "$stores/gw"
 for shape in bench tiny; do
+    [ -f "$work/$shape.tar" ] ||
+        skopeo copy --quiet "oci:$work/$shape:$shape" "docker-archive:$work/$shape.tar:$shape:latest"
     passing fds "gs-$shape"
-    "${with[@]}" pull -q "127.0.0.1:$port/$shape:latest"
+    "${with[@]}" load -q -i "$work/$shape.tar" >/dev/null
+    for w in fds proc-paths; do : > "$work/$shape.overlay2_save_$w.runs"; done
     for _ in $(seq "$runs"); do
         for w in fds proc-paths; do
             passing "$w" "gs-$shape"
             measure_once "$shape.overlay2_save_$w" 'rm -f "$stores/save.tar"' \
-                "${with[@]}" save -o "$stores/save.tar" "127.0.0.1:$port/$shape:latest"
+                "${with[@]}" save -o "$stores/save.tar" "$shape:latest"
         done
     done
     for w in fds proc-paths; do record_median "$shape.overlay2_save_$w"; done

@@ -27,5 +27,11 @@ if ! "$venv/bin/python" -c 'import oras.client, docker' 2>/dev/null; then
     }
     "$venv/bin/pip" install -q oras docker
 fi
+# The OCI distribution-spec conformance suite (third_party/, built with Go
+# 1.23 from Debian's backports, no module proxy), for the registry's test.
+if [ ! -x "$here/target/oci-conformance.test" ]; then
+    mkdir -p "$here/target"
+    $sudo "$here/third_party/oci-conformance/build.sh" "$here/target/oci-conformance.test" >/dev/null
+fi
 rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

@@ -1,15 +1,20 @@
 //! Content digests (`sha256:<hex>`) and the chain IDs derived from diffIDs.
 //!
-//! Only sha256 is accepted: it is what Docker and OCI registries use, and a
-//! digest we cannot compute is a digest we cannot verify.
+//! The engine accepts only sha256 (`str::parse`): it is what Docker's image
+//! IDs, diffIDs and chain IDs are, and what every pull, load and save names
+//! content by. A registry stores whatever its clients name, so
+//! [`Digest::parse_any`] also takes `sha512:` (OCI's other registered
+//! algorithm) and [`Hasher`] computes either: a digest we can compute is a
+//! digest we can verify.
 
 use crate::error::{Error, Result};
 use sha2::{Digest as _, Sha256};
 use std::fmt;
 use std::str::FromStr;
 
-/// A validated `sha256:` digest. Its hex part is always 64 lowercase hex digits,
-/// so it is safe to use as a file name.
+/// A validated digest: `sha256:` and 64 lowercase hex digits, or (from
+/// [`Digest::parse_any`] or a sha512 [`Hasher`]) `sha512:` and 128. Its hex
+/// part is safe to use as a file name, and the two lengths never collide.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(String);
 
@@ -54,6 +59,94 @@ impl Digest {
             out.push(c);
         }
         out
+    }
+}
+
+/// A digest algorithm OCI registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    Sha256,
+    Sha512,
+}
+
+impl Algorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Sha256 => "sha256",
+            Algorithm::Sha512 => "sha512",
+        }
+    }
+
+    fn hex_len(self) -> usize {
+        match self {
+            Algorithm::Sha256 => 64,
+            Algorithm::Sha512 => 128,
+        }
+    }
+}
+
+/// A running hash of either algorithm.
+#[derive(Clone)]
+pub enum Hasher {
+    Sha256(Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    pub fn new(a: Algorithm) -> Hasher {
+        match a {
+            Algorithm::Sha256 => Hasher::Sha256(Sha256::new()),
+            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        }
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(bytes),
+            Hasher::Sha512(h) => h.update(bytes),
+        }
+    }
+
+    /// The digest of everything so far.
+    pub fn digest(&self) -> Digest {
+        match self {
+            Hasher::Sha256(h) => Digest::from_hasher(h.clone()),
+            Hasher::Sha512(h) => Digest(format!("sha512:{}", hex::encode(h.clone().finalize()))),
+        }
+    }
+}
+
+impl Digest {
+    /// A `sha256:` or `sha512:` digest, as a registry takes them.
+    pub fn parse_any(s: &str) -> Result<Digest> {
+        let (algorithm, hex) = match s.split_once(':') {
+            Some(("sha256", hex)) => (Algorithm::Sha256, hex),
+            Some(("sha512", hex)) => (Algorithm::Sha512, hex),
+            _ => {
+                return Err(Error::Integrity(format!(
+                    "unsupported digest {s:?}: only sha256 and sha512 are accepted"
+                )))
+            }
+        };
+        if hex.len() != algorithm.hex_len() || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(Error::Integrity(format!("invalid digest {s:?}")));
+        }
+        Ok(Digest(s.to_string()))
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        if self.0.starts_with("sha512:") {
+            Algorithm::Sha512
+        } else {
+            Algorithm::Sha256
+        }
+    }
+
+    /// The digest of `bytes` by algorithm `a`.
+    pub fn of_with(a: Algorithm, bytes: &[u8]) -> Digest {
+        let mut h = Hasher::new(a);
+        h.update(bytes);
+        h.digest()
     }
 }
 
@@ -107,6 +200,24 @@ mod tests {
         assert!(upper.parse::<Digest>().is_err());
         let bad_path = format!("sha256:../{}", "a".repeat(61));
         assert!(bad_path.parse::<Digest>().is_err());
+    }
+
+    #[test]
+    fn a_registry_takes_sha512_and_the_engine_does_not() {
+        let d = Digest::of_with(Algorithm::Sha512, b"");
+        assert_eq!(
+            d.as_str(),
+            "sha512:cf83e1357eefb8bdf1542850d66d8007d620e4050b5715dc83f4a921d36ce9ce47d0d13c5d85f2b0ff8318d2877eec2f63b931bd47417a81a538327af927da3e"
+        );
+        assert_eq!(Digest::parse_any(d.as_str()).unwrap(), d);
+        assert_eq!(d.algorithm(), Algorithm::Sha512);
+        assert!(d.as_str().parse::<Digest>().is_err(), "the engine's parse stays sha256");
+        let short = format!("sha512:{}", "a".repeat(64));
+        assert!(Digest::parse_any(&short).is_err());
+        assert!(Digest::parse_any("sha384:00").is_err());
+        let s = Digest::of(b"x");
+        assert_eq!(Digest::parse_any(s.as_str()).unwrap(), s);
+        assert_eq!(Digest::of_with(Algorithm::Sha256, b"x"), s);
     }
 
     #[test]

@@ -103,6 +103,8 @@ enum Route<'a> {
     Blob(&'a str, &'a str),
     /// A repository's upload sessions, or one of them.
     Upload(&'a str, Option<&'a str>),
+    /// The manifests whose `subject` is a digest (OCI 1.1).
+    Referrers(&'a str, &'a str),
 }
 
 fn route(path: &str) -> Option<Route<'_>> {
@@ -115,6 +117,11 @@ fn route(path: &str) -> Option<Route<'_>> {
     }
     if let Some(name) = rest.strip_suffix("/tags/list") {
         return Some(Route::Tags(name));
+    }
+    if let Some((name, digest)) = rest.rsplit_once("/referrers/") {
+        if digest.contains(':') && !digest.contains('/') {
+            return Some(Route::Referrers(name, digest));
+        }
     }
     if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
         return Some(Route::Manifest(name, reference));
@@ -147,6 +154,17 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Whether content named by `d` can be here at all: a registry's own
+    /// storage keeps what its clients push, sha512 too; a gantry store and
+    /// a mirror (which verifies what it fetches as the engine does) hold
+    /// sha256 content only.
+    fn holds(&self, d: &Digest) -> bool {
+        match self {
+            Backend::Registry { .. } => true,
+            Backend::Storage(_) | Backend::Mirror(_) => d.algorithm() == gantry_core::digest::Algorithm::Sha256,
+        }
+    }
+
     async fn catalog(&self) -> Result<Vec<String>, StorageError> {
         match self {
             Backend::Storage(s) => s.catalog(),
@@ -172,6 +190,11 @@ impl Backend {
     }
 
     async fn manifest(&self, repo: &str, r: &ManifestRef) -> Result<Option<Manifest>, StorageError> {
+        if let ManifestRef::Digest(d) = r {
+            if !self.holds(d) {
+                return Ok(None);
+            }
+        }
         match self {
             Backend::Storage(s) => s.manifest(repo, r),
             Backend::Registry { storage, .. } => storage.manifest(repo, r),
@@ -179,7 +202,19 @@ impl Backend {
         }
     }
 
+    /// The descriptors of the manifests of `repo` whose subject is `d`; a
+    /// gantry store and a mirror keep none.
+    async fn referrers(&self, repo: &str, d: &Digest) -> Result<Vec<serde_json::Value>, StorageError> {
+        match self {
+            Backend::Registry { storage, .. } => storage.referrers(repo, d),
+            Backend::Storage(_) | Backend::Mirror(_) => Ok(Vec::new()),
+        }
+    }
+
     async fn blob_size(&self, repo: &str, d: &Digest) -> Result<Option<u64>, StorageError> {
+        if !self.holds(d) {
+            return Ok(None);
+        }
         match self {
             Backend::Storage(s) => s.blob_size(repo, d),
             Backend::Registry { storage, .. } => storage.blob_size(repo, d),
@@ -188,6 +223,9 @@ impl Backend {
     }
 
     async fn blob(&self, repo: &str, d: &Digest, range: std::ops::Range<u64>) -> Result<Option<Body>, StorageError> {
+        if !self.holds(d) {
+            return Ok(None);
+        }
         match self {
             Backend::Storage(s) => s.blob(repo, d, range),
             Backend::Registry { storage, .. } => storage.blob(repo, d, range),
@@ -341,8 +379,7 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
         }
         Route::Blob(name, digest) => {
             name_ok(name)?;
-            let digest: Digest = digest
-                .parse()
+            let digest = Digest::parse_any(digest)
                 .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest"))?;
             let unknown = || ApiError::new(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown to registry");
             // A mirror streams a whole blob it lacks as it fetches it.
@@ -362,6 +399,31 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
                 storage.blob(name, &digest, span.clone()).await?.ok_or_else(unknown)?
             };
             Ok(blob_response(body, &digest, size, range))
+        }
+        Route::Referrers(name, digest) => {
+            name_ok(name)?;
+            let digest = Digest::parse_any(digest)
+                .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest"))?;
+            let mut manifests = storage.referrers(name, &digest).await?;
+            let wanted = gantry_http::query::param(req, "artifactType");
+            if let Some(t) = &wanted {
+                manifests.retain(|m| m.get("artifactType").and_then(|a| a.as_str()) == Some(t.as_str()));
+            }
+            let index = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": gantry_core::manifest::OCI_INDEX,
+                "manifests": manifests,
+            });
+            let bytes = serde_json::to_vec(&index).expect("serialisable");
+            let len = bytes.len();
+            let mut r = Response::new(if head { empty() } else { full(bytes) });
+            let h = r.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static(gantry_core::manifest::OCI_INDEX));
+            h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+            if wanted.is_some() {
+                h.insert("OCI-Filters-Applied", HeaderValue::from_static("artifactType"));
+            }
+            Ok(r)
         }
         Route::Upload(name, _) => {
             name_ok(name)?;
@@ -413,8 +475,7 @@ async fn write(
         }
         Route::Blob(name, digest) if req.method() == Method::DELETE => {
             name_ok(name)?;
-            let digest: Digest = digest
-                .parse()
+            let digest = Digest::parse_any(digest)
                 .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest"))?;
             crate::push::delete_blob(storage, name, &digest)
         }
@@ -425,7 +486,7 @@ async fn write(
 /// A manifest reference from a path: a digest or a tag.
 fn manifest_ref(reference: &str) -> Result<ManifestRef, ApiError> {
     if reference.starts_with("sha256:") || reference.contains(':') {
-        Ok(ManifestRef::Digest(reference.parse::<Digest>().map_err(|_| {
+        Ok(ManifestRef::Digest(Digest::parse_any(reference).map_err(|_| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "DIGEST_INVALID",

@@ -2,12 +2,15 @@
 //! `--mirror-of` writes here, and so do pushes):
 //!
 //! ```text
-//! <dir>/blobs/sha256/<hex>                      verified blobs and manifests
+//! <dir>/blobs/{sha256,sha512}/<hex>             verified blobs and manifests
 //! <dir>/ingest/<random>                         being written; never served
 //! <dir>/uploads/<uuid>/{repository,data}        a push's upload session
 //! <dir>/repositories/<name>/_blobs/<hex>        the blob is linked to the repository
 //! <dir>/repositories/<name>/_manifests/<hex>    the manifest's media type
 //! <dir>/repositories/<name>/_tags/<tag>         {"digest", "fetched"} (seconds)
+//! <dir>/repositories/<name>/_referrers/<subject hex>/<hex>
+//!                                               the descriptor of a manifest whose
+//!                                               `subject` is that digest (OCI 1.1)
 //! ```
 //!
 //! A blob becomes visible only by a rename after its bytes hashed to its
@@ -28,7 +31,7 @@
 
 use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
 use bytes::Bytes;
-use gantry_core::digest::Digest;
+use gantry_core::digest::{Algorithm, Digest, Hasher};
 use gantry_core::reference::{valid_repository, valid_tag};
 use sha2::Digest as _;
 use std::collections::HashMap;
@@ -127,16 +130,17 @@ impl Upload {
     }
 }
 
-/// The SHA-256 and length of what `file` holds, read from its start.
-fn hash_file(file: &std::fs::File) -> std::io::Result<(Digest, u64)> {
+/// The digest by `algorithm` and length of what `file` holds, read from
+/// its start.
+fn hash_file(file: &std::fs::File, algorithm: Algorithm) -> std::io::Result<(Digest, u64)> {
     use std::os::unix::fs::FileExt as _;
-    let mut hasher = sha2::Sha256::new();
+    let mut hasher = Hasher::new(algorithm);
     let mut len = 0u64;
     let mut buf = vec![0u8; 256 << 10];
     loop {
         let n = file.read_at(&mut buf, len)?;
         if n == 0 {
-            return Ok((Digest::from_hasher(hasher), len));
+            return Ok((hasher.digest(), len));
         }
         hasher.update(&buf[..n]);
         len += n as u64;
@@ -146,12 +150,19 @@ fn hash_file(file: &std::fs::File) -> std::io::Result<(Digest, u64)> {
 /// The digest of what `file` holds on disk, for a commit: the hash kept
 /// while writing when the file's length agrees with it, else the file's
 /// bytes hashed again.
-fn digest_on_disk(file: &std::fs::File, len: u64, hasher: &sha2::Sha256) -> Result<Digest, StorageError> {
+/// The hash kept is sha256; a blob named by another algorithm is hashed
+/// again from its file by that one.
+fn digest_on_disk(
+    file: &std::fs::File,
+    len: u64,
+    hasher: &sha2::Sha256,
+    algorithm: Algorithm,
+) -> Result<Digest, StorageError> {
     let on_disk = file.metadata().map_err(|e| backend("checking a blob", e))?.len();
-    if on_disk == len {
+    if on_disk == len && algorithm == Algorithm::Sha256 {
         return Ok(Digest::from_hasher(hasher.clone()));
     }
-    hash_file(file)
+    hash_file(file, algorithm)
         .map(|(d, _)| d)
         .map_err(|e| backend("checking a blob", e))
 }
@@ -212,9 +223,16 @@ impl Drop for Ingest {
     }
 }
 
+/// A registry's tag may name a sha512 manifest (pushed with `?tag=`).
+fn any_digest<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    Digest::parse_any(&s).map_err(serde::de::Error::custom)
+}
+
 /// A tag as cached: what it named and when that was learnt.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TagEntry {
+    #[serde(deserialize_with = "any_digest")]
     pub digest: Digest,
     /// Seconds since the epoch.
     pub fetched: u64,
@@ -224,7 +242,7 @@ impl FsStorage {
     /// Opens (creating) the storage at `dir`. `alone`: no other process
     /// uses it, so ingest files a crash left (never visible) are removed.
     pub fn open(dir: &Path, alone: bool) -> Result<FsStorage, StorageError> {
-        for d in ["blobs/sha256", "ingest", "repositories", "uploads"] {
+        for d in ["blobs/sha256", "blobs/sha512", "ingest", "repositories", "uploads"] {
             std::fs::create_dir_all(dir.join(d)).map_err(|e| backend(format!("creating {}", dir.display()), e))?;
         }
         if alone {
@@ -443,7 +461,7 @@ impl FsStorage {
         }
         // What is on disk is what becomes visible: check that, not only
         // the hash kept while writing.
-        let got = digest_on_disk(&up.file, up.len, &up.hasher)?;
+        let got = digest_on_disk(&up.file, up.len, &up.hasher, digest.algorithm())?;
         if got != *digest {
             return Err(StorageError::DigestMismatch {
                 expected: digest.clone(),
@@ -487,6 +505,16 @@ impl FsStorage {
     /// false when the repository has no such manifest.
     pub fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool, StorageError> {
         let dir = self.repo_dir(repo)?;
+        // Its referrer record goes with it (the listing also skips records
+        // whose manifest is gone, so a crash here hides nothing stale).
+        if let Ok(bytes) = std::fs::read(self.blob_path(digest)) {
+            if let Some(subject) = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|doc| Digest::parse_any(doc.get("subject")?.get("digest")?.as_str()?).ok())
+            {
+                let _ = std::fs::remove_file(dir.join("_referrers").join(subject.hex()).join(digest.hex()));
+            }
+        }
         match std::fs::remove_file(dir.join("_manifests").join(digest.hex())) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -523,7 +551,7 @@ impl FsStorage {
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.dir.join("blobs/sha256").join(d.hex())
+        self.dir.join("blobs").join(d.algorithm().name()).join(d.hex())
     }
 
     /// `<dir>/repositories/<name>`, for a name the grammar accepted.
@@ -560,7 +588,7 @@ impl FsStorage {
         if ingest.failed {
             return Err(StorageError::Backend("a write to this blob failed".into()));
         }
-        let got = digest_on_disk(&ingest.file, ingest.len, &ingest.hasher)?;
+        let got = digest_on_disk(&ingest.file, ingest.len, &ingest.hasher, digest.algorithm())?;
         if got != *digest {
             return Err(StorageError::DigestMismatch {
                 expected: digest.clone(),
@@ -582,9 +610,12 @@ impl FsStorage {
     }
 
     /// Stores a manifest (checked against its digest) for `repo`, and
-    /// points `tag` at it when given.
-    pub fn put_manifest(&self, repo: &str, m: &Manifest, tag: Option<&str>) -> Result<(), StorageError> {
-        if Digest::of(&m.bytes) != m.digest {
+    /// points each of `tags` at it.
+    pub fn put_manifest(&self, repo: &str, m: &Manifest, tags: &[&str]) -> Result<(), StorageError> {
+        if tags.iter().any(|t| !valid_tag(t)) {
+            return Err(StorageError::Backend("invalid tag".into()));
+        }
+        if Digest::of_with(m.digest.algorithm(), &m.bytes) != m.digest {
             return Err(StorageError::Backend(format!(
                 "manifest does not match its digest {}",
                 m.digest
@@ -599,10 +630,7 @@ impl FsStorage {
         let manifests = dir.join("_manifests");
         std::fs::create_dir_all(&manifests).map_err(|e| backend("storing a manifest", e))?;
         write_atomic(&manifests.join(m.digest.hex()), m.media_type.as_bytes())?;
-        if let Some(tag) = tag {
-            if !valid_tag(tag) {
-                return Err(StorageError::Backend("invalid tag".into()));
-            }
+        for tag in tags {
             let tags = dir.join("_tags");
             std::fs::create_dir_all(&tags).map_err(|e| backend("storing a tag", e))?;
             let entry = TagEntry {
@@ -615,6 +643,52 @@ impl FsStorage {
             write_atomic(&tags.join(tag), &serde_json::to_vec(&entry).expect("serialisable"))?;
         }
         Ok(())
+    }
+
+    /// Records that manifest `descriptor` (its `digest` is `of`) of `repo`
+    /// refers to `subject`, for the referrers API.
+    pub fn add_referrer(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        of: &Digest,
+        descriptor: &serde_json::Value,
+    ) -> Result<(), StorageError> {
+        let dir = self.repo_dir(repo)?.join("_referrers").join(subject.hex());
+        std::fs::create_dir_all(&dir).map_err(|e| backend("recording a referrer", e))?;
+        write_atomic(
+            &dir.join(of.hex()),
+            &serde_json::to_vec(descriptor).expect("serialisable"),
+        )
+    }
+
+    /// The descriptors of `repo`'s manifests whose subject is `subject`,
+    /// sorted by digest; a record whose manifest is gone is skipped.
+    pub fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<serde_json::Value>, StorageError> {
+        let repo_dir = self.repo_dir(repo)?;
+        let dir = repo_dir.join("_referrers").join(subject.hex());
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(backend("listing referrers", e)),
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| !n.contains(".tmp-"))
+            .collect();
+        names.sort();
+        let mut out = Vec::new();
+        for n in names {
+            if !repo_dir.join("_manifests").join(&n).is_file() {
+                continue;
+            }
+            match std::fs::read(dir.join(&n)) {
+                Ok(b) => out.extend(serde_json::from_slice::<serde_json::Value>(&b).ok()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(backend("reading a referrer", e)),
+            }
+        }
+        Ok(out)
     }
 
     /// What `tag` of `repo` named when last learnt.

@@ -556,7 +556,7 @@ impl Mirror {
                     ManifestRef::Tag(t) => Some(t.as_str()),
                     ManifestRef::Digest(_) => None,
                 };
-                self.local.put_manifest(repo, &m, tag)?;
+                self.local.put_manifest(repo, &m, tag.as_slice())?;
                 if let Some(t) = tag {
                     self.remember_tag(repo, t, m.bytes.len() as u64);
                 }

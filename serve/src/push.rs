@@ -39,6 +39,9 @@ use std::time::Duration;
 /// The largest manifest accepted (distribution's limit).
 const MAX_MANIFEST: usize = 4 << 20;
 
+/// The most `tag` parameters one manifest push may carry.
+const MAX_TAG_PARAMS: usize = 100;
+
 /// Manifest bodies read at once (each up to [`MAX_MANIFEST`] in memory):
 /// more wait, so manifests in flight never hold more than 64 MiB.
 static MANIFEST_BODIES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(16);
@@ -76,7 +79,7 @@ impl From<StorageError> for ApiError {
 }
 
 fn parse_digest(s: &str) -> Result<Digest, ApiError> {
-    s.parse().map_err(|_| digest_invalid("invalid digest"))
+    Digest::parse_any(s).map_err(|_| digest_invalid("invalid digest"))
 }
 
 /// Whether the request may write, answering 401 when it may not, and 429
@@ -240,9 +243,19 @@ pub(crate) async fn upload(
         }
         if let Some(mount) = query::param(&req, "mount") {
             let digest = parse_digest(&mount)?;
-            if let Some(from) = query::param(&req, "from") {
-                if storage.mount_blob(name, &from, &digest)? {
-                    return Ok(blob_created(name, &digest));
+            match query::param(&req, "from") {
+                Some(from) => {
+                    if storage.mount_blob(name, &from, &digest)? {
+                        return Ok(blob_created(name, &digest));
+                    }
+                }
+                // Without `from` (OCI 1.1): any blob the registry holds, as
+                // every repository may be read by whoever may push here.
+                None => {
+                    if storage.contains_blob(&digest) {
+                        storage.link_blob(name, &digest)?;
+                        return Ok(blob_created(name, &digest));
+                    }
                 }
             }
             // Not mountable: a session to upload into, as the spec says.
@@ -275,25 +288,8 @@ pub(crate) async fn upload(
             let mut slot = session.lock().await;
             blocking(|| storage.load_upload(uuid, &mut slot))?;
             let up = slot.as_mut().expect("loaded");
-            if let Some(range) = req.headers().get("content-range").and_then(|v| v.to_str().ok()) {
-                let start = range
-                    .trim()
-                    .trim_start_matches("bytes ")
-                    .split(['-', '/'])
-                    .next()
-                    .and_then(|s| s.trim().parse::<u64>().ok());
-                if start != Some(up.len()) {
-                    let mut r = session_response(StatusCode::RANGE_NOT_SATISFIABLE, name, uuid, up.len());
-                    let body = serde_json::json!({"errors": [{"code": "BLOB_UPLOAD_INVALID", "message": "chunk out of order: the session holds a different length", "detail": null}]});
-                    let bytes = serde_json::to_vec(&body).expect("serialisable");
-                    r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-                    r.headers_mut().insert(
-                        CONTENT_TYPE,
-                        HeaderValue::from_static("application/json; charset=utf-8"),
-                    );
-                    *r.body_mut() = crate::api::full(bytes);
-                    return Ok(r);
-                }
+            if let Some(r) = out_of_order(&req, name, uuid, up.len()) {
+                return Ok(r);
             }
             pump(storage, name, uuid, req, &mut slot).await?;
             storage.touch_upload(uuid);
@@ -319,6 +315,33 @@ pub(crate) async fn upload(
     }
 }
 
+/// The answer to a chunk whose `Content-Range` does not start where the
+/// session ends (416, with the session's length), if it does not.
+fn out_of_order(req: &Request<hyper::body::Incoming>, name: &str, uuid: &str, len: u64) -> Option<Response<Body>> {
+    let range = req.headers().get("content-range")?;
+    let start = range
+        .to_str()
+        .ok()?
+        .trim()
+        .trim_start_matches("bytes ")
+        .split(['-', '/'])
+        .next()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if start == Some(len) {
+        return None;
+    }
+    let mut r = session_response(StatusCode::RANGE_NOT_SATISFIABLE, name, uuid, len);
+    let body = serde_json::json!({"errors": [{"code": "BLOB_UPLOAD_INVALID", "message": "chunk out of order: the session holds a different length", "detail": null}]});
+    let bytes = serde_json::to_vec(&body).expect("serialisable");
+    r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    *r.body_mut() = crate::api::full(bytes);
+    Some(r)
+}
+
 /// Writes the last chunk (the request's body, maybe empty) and ends the
 /// session as `digest`. A mismatch cancels the session: nothing is kept.
 async fn finish(
@@ -331,6 +354,10 @@ async fn finish(
     let session = storage.upload(name, uuid)?;
     let mut slot = session.lock().await;
     blocking(|| storage.load_upload(uuid, &mut slot))?;
+    let len = slot.as_ref().map(|u| u.len()).unwrap_or(0);
+    if let Some(r) = out_of_order(&req, name, uuid, len) {
+        return Ok(r);
+    }
     pump(storage, name, uuid, req, &mut slot).await?;
     match blocking(|| storage.finish_upload(name, uuid, &mut slot, digest)) {
         Ok(()) => Ok(blob_created(name, digest)),
@@ -402,6 +429,7 @@ pub(crate) async fn put_manifest(
         .acquire()
         .await
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "shutting down"))?;
+    let tag_params = query::params(&req, "tag");
     let bytes = read_body(req.into_body(), MAX_MANIFEST).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -409,7 +437,12 @@ pub(crate) async fn put_manifest(
             "manifest is larger than 4 MiB",
         )
     })?;
-    let digest = Digest::of(&bytes);
+    // By digest, the client's algorithm names it; by tag, sha256 (the
+    // canonical one, as distribution's).
+    let digest = match &reference {
+        ManifestRef::Digest(d) => Digest::of_with(d.algorithm(), &bytes),
+        ManifestRef::Tag(_) => Digest::of(&bytes),
+    };
     if let ManifestRef::Digest(d) = &reference {
         if *d != digest {
             return Err(digest_invalid(format!("manifest is {digest}, not {d}")));
@@ -451,10 +484,44 @@ pub(crate) async fn put_manifest(
             ));
         }
     }
-    let tag = match &reference {
-        ManifestRef::Tag(t) => Some(t.as_str()),
-        ManifestRef::Digest(_) => None,
+    // OCI 1.1: a manifest may name the manifest it is about (a signature,
+    // an SBOM); that one need not be here yet.
+    let subject = match doc.get("subject") {
+        None => None,
+        Some(s) => Some(
+            s.get("digest")
+                .and_then(|d| d.as_str())
+                .and_then(|d| Digest::parse_any(d).ok())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "MANIFEST_INVALID",
+                        "manifest invalid: its subject has no valid digest",
+                    )
+                })?,
+        ),
     };
+    // By tag, that tag; by digest, the `tag` parameters (OCI 1.1: how a
+    // manifest named by a non-canonical digest gets tags).
+    let tags: Vec<&str> = match &reference {
+        ManifestRef::Tag(t) => vec![t.as_str()],
+        ManifestRef::Digest(_) => tag_params.iter().map(String::as_str).collect(),
+    };
+    if tags.len() > MAX_TAG_PARAMS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "TAG_INVALID",
+            format!("at most {MAX_TAG_PARAMS} tags in one push"),
+        ));
+    }
+    if let Some(bad) = tags.iter().find(|t| !valid_tag(t)) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "TAG_INVALID",
+            format!("invalid tag {}", gantry_core::text::escape_line(bad)),
+        ));
+    }
+    let size = bytes.len();
     storage.put_manifest(
         name,
         &Manifest {
@@ -462,15 +529,51 @@ pub(crate) async fn put_manifest(
             digest: digest.clone(),
             bytes,
         },
-        tag,
+        &tags,
     )?;
+    if let Some(subject) = &subject {
+        storage.add_referrer(name, subject, &digest, &referrer(kind, media_type, &digest, size, &doc))?;
+    }
     let mut r = Response::new(empty());
     *r.status_mut() = StatusCode::CREATED;
     let h = r.headers_mut();
+    if let Some(subject) = &subject {
+        h.insert("OCI-Subject", value(subject.as_str()));
+    }
+    if matches!(reference, ManifestRef::Digest(_)) {
+        for t in &tags {
+            h.append("OCI-Tag", value(t));
+        }
+    }
     h.insert(LOCATION, value(&format!("/v2/{name}/manifests/{digest}")));
     h.insert("Docker-Content-Digest", value(digest.as_str()));
     h.insert(CONTENT_LENGTH, HeaderValue::from(0));
     Ok(r)
+}
+
+/// The descriptor the referrers API lists for a manifest: its
+/// `artifactType` (for an image manifest without one, its config's media
+/// type, as OCI 1.1 says) and its annotations.
+fn referrer(kind: Kind, media_type: &str, digest: &Digest, size: usize, doc: &serde_json::Value) -> serde_json::Value {
+    let mut d = serde_json::json!({
+        "mediaType": media_type,
+        "digest": digest.as_str(),
+        "size": size,
+    });
+    let artifact_type = doc.get("artifactType").and_then(|a| a.as_str()).or(match kind {
+        Kind::Image => doc
+            .get("config")
+            .and_then(|c| c.get("mediaType"))
+            .and_then(|m| m.as_str()),
+        Kind::Index => None,
+    });
+    if let Some(a) = artifact_type {
+        d["artifactType"] = a.into();
+    }
+    if let Some(a) = doc.get("annotations").filter(|a| a.is_object()) {
+        d["annotations"] = a.clone();
+    }
+    d
 }
 
 /// `DELETE …/manifests/REF`: by digest, the manifest and its tags; by tag,

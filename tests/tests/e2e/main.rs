@@ -5,6 +5,7 @@
 mod archives;
 mod bigfiles;
 mod commands;
+mod conformance;
 mod content;
 mod daemon;
 mod faults;

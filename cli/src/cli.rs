@@ -163,6 +163,8 @@ pub enum Command {
         htpasswd: Option<std::path::PathBuf>,
         #[command(flatten)]
         uploads: crate::commands::serve::UploadArgs,
+        #[command(flatten)]
+        operate: crate::commands::serve::OperateArgs,
     },
     /// Answer Docker's Engine API image routes on a unix socket (the
     /// `docker` CLI with `DOCKER_HOST=unix://…`), until SIGTERM.

@@ -8,16 +8,113 @@
 //!   lets that many fit);
 //! - a failed accept (out of file descriptors, a reset) does not stop it;
 //! - on SIGTERM or SIGINT it stops accepting, closes the listener, lets
-//!   requests in flight finish (up to the drain timeout) and returns.
+//!   requests in flight finish (up to the drain timeout) and returns;
+//! - with TLS ([`TlsFiles`], rustls) the handshake runs on the
+//!   connection's own task within the header timeout, HTTP/2 is spoken
+//!   when the client offers it (ALPN `h2`), and SIGHUP reads the
+//!   certificate and key again: new connections get the new pair,
+//!   connections already open keep theirs, and a pair that does not load
+//!   leaves the old one in place.
 
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+/// Streams one HTTP/2 connection may have open at once.
+const MAX_STREAMS: u32 = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading the certificate {path}: {reason}")]
+    Cert { path: PathBuf, reason: String },
+    #[error("reading the key {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("the certificate {cert} and the key {key} do not make a server identity: {reason}")]
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+}
+
+/// A server's certificate chain and key, from PEM files, as the TLS
+/// configuration new connections get; [`TlsFiles::reload`] reads them
+/// again.
+pub struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<Arc<rustls::ServerConfig>>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsFiles {
+    /// Reads `cert` (the chain, leaf first) and `key`.
+    pub fn load(cert: &Path, key: &Path) -> Result<TlsFiles, TlsError> {
+        Ok(TlsFiles {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: RwLock::new(Arc::new(server_config(cert, key)?)),
+        })
+    }
+
+    /// Reads the files again; on an error the pair in use stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = Arc::new(server_config(&self.cert, &self.key)?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
+    let cert_err = |reason: String| TlsError::Cert {
+        path: cert.to_path_buf(),
+        reason,
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| cert_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_err(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(cert_err("it holds no PEM certificate".into()));
+    }
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+        path: key.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let pair = |reason: String| TlsError::Pair {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        reason,
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| pair(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| pair(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
 
 /// The largest request head accepted (hyper's buffer bound).
 pub const MAX_HEAD: usize = 64 << 10;
@@ -66,7 +163,7 @@ impl Listener for tokio::net::UnixListener {
 /// Answers the connections `listener` accepts with `handler` until
 /// SIGTERM or SIGINT; then prints `stopping` (to stderr), drains and
 /// returns. The listener is closed before the drain.
-pub async fn serve<L, H, F, B>(mut listener: L, limits: Limits, stopping: &str, handler: H)
+pub async fn serve<L, H, F, B>(listener: L, limits: Limits, stopping: &str, handler: H)
 where
     L: Listener,
     H: Fn(L::Peer, Request<Incoming>) -> F + Send + Sync + 'static,
@@ -75,20 +172,60 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    serve_tls(listener, limits, stopping, None, handler).await
+}
+
+/// [`serve`], over TLS when `tls` is given (and then reloading it on
+/// SIGHUP, saying so on stderr).
+pub async fn serve_tls<L, H, F, B>(
+    mut listener: L,
+    limits: Limits,
+    stopping: &str,
+    tls: Option<Arc<TlsFiles>>,
+    handler: H,
+) where
+    L: Listener,
+    H: Fn(L::Peer, Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    // SIGHUP is taken only to reload a certificate; otherwise it stays fatal.
+    let mut hup = tls.as_ref().and_then(|_| signal(SignalKind::hangup()).ok());
+    let who = stopping.split(':').next().unwrap_or("server");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let open = Arc::new(AtomicUsize::new(0));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_HEAD)
         .keep_alive(true);
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD as u32)
+        .max_concurrent_streams(MAX_STREAMS)
+        .keep_alive_interval(Some(limits.header_timeout))
+        .keep_alive_timeout(limits.header_timeout);
     let handler = Arc::new(handler);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break,
+            _ = next(&mut term) => break,
             _ = tokio::signal::ctrl_c() => break,
+            _ = next(&mut hup) => {
+                if let Some(t) = &tls {
+                    match t.reload() {
+                        Ok(()) => eprintln!("{who}: reloaded the TLS certificate"),
+                        Err(e) => eprintln!("{who}: keeping the TLS certificate in use: {e}"),
+                    }
+                }
+                continue;
+            }
         };
         let Ok((stream, peer)) = accepted else {
             // Out of file descriptors or a reset before accept: keep serving.
@@ -105,16 +242,45 @@ where
             let answer = handler(peer.clone(), req);
             async move { Ok::<_, std::convert::Infallible>(answer.await) }
         });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let watcher = graceful.watcher();
+        let (http1, http2) = (http1.clone(), http2.clone());
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         let open = open.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            match acceptor {
+                None => {
+                    let _ = watcher
+                        .watch(http1.serve_connection(TokioIo::new(stream), service))
+                        .await;
+                }
+                // A client that does not finish its handshake in time is
+                // closed like one that does not send its request head.
+                Some(acceptor) => {
+                    if let Ok(Ok(tls)) = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
+                        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            let _ = watcher.watch(http2.serve_connection(TokioIo::new(tls), service)).await;
+                        } else {
+                            let _ = watcher.watch(http1.serve_connection(TokioIo::new(tls), service)).await;
+                        }
+                    }
+                }
+            }
             open.fetch_sub(1, Ordering::Relaxed);
         });
     }
     drop(listener);
     eprintln!("{stopping}");
     let _ = tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await;
+}
+
+/// The next delivery of a signal stream, or never without one.
+async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s.as_mut() {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Lifts the soft limit on open files to the hard one, so thousands of

@@ -50,6 +50,8 @@ pub struct Options {
     pub drain_timeout: Duration,
     /// Worker threads (default: one per core).
     pub threads: Option<usize>,
+    /// HTTPS (and HTTP/2) with this certificate, reloaded on SIGHUP.
+    pub tls: Option<Arc<server::TlsFiles>>,
 }
 
 impl Options {
@@ -60,6 +62,7 @@ impl Options {
             max_connections: 16_384,
             drain_timeout: Duration::from_secs(10),
             threads: None,
+            tls: None,
         }
     }
 }
@@ -97,7 +100,7 @@ async fn serve(listener: tokio::net::TcpListener, options: Options, backend: Arc
         drain_timeout: options.drain_timeout,
     };
     let stopping = "gantry serve: shutting down, letting requests in flight finish";
-    server::serve(listener, limits, stopping, move |peer, req| {
+    server::serve_tls(listener, limits, stopping, options.tls.clone(), move |peer, req| {
         let backend = backend.clone();
         async move {
             let started = Instant::now();

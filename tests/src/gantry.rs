@@ -297,7 +297,12 @@ impl Gantry {
         // Waited for by `Server`'s drop.
         #[allow(clippy::zombie_processes)]
         let child = c.spawn().unwrap();
-        let addr = wait_for_line(&log, "gantry serve: listening on http://");
+        let url = wait_for_line(&log, "gantry serve: listening on ");
+        let addr = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+            .unwrap_or(&url)
+            .to_string();
         Server { child, addr, log }
     }
 
@@ -468,6 +473,21 @@ impl Server {
     /// What it wrote to stderr so far (the access log).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` (SIGHUP, …) and returns at once.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits until the log holds a line containing `text`.
+    pub fn wait_for(&self, text: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !self.log().lines().any(|l| l.contains(text)) {
+            assert!(std::time::Instant::now() < deadline, "no {text:?} in:\n{}", self.log());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// Sends SIGTERM and waits; returns the exit status.

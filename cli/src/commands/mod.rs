@@ -81,6 +81,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             header_timeout,
             htpasswd,
             uploads,
+            operate,
         } => serve::run(
             &ctx,
             serve::Mode {
@@ -91,6 +92,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 header_timeout,
                 htpasswd,
                 uploads,
+                operate,
             },
         ),
     }

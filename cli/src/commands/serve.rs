@@ -20,6 +20,19 @@ pub struct Mode {
     pub header_timeout: u64,
     pub htpasswd: Option<std::path::PathBuf>,
     pub uploads: UploadArgs,
+    pub operate: OperateArgs,
+}
+
+/// How the server is reached and watched, in every mode.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OperateArgs {
+    /// Serve HTTPS with this certificate chain (PEM, leaf first), and
+    /// HTTP/2 to clients that offer it; SIGHUP reads it and the key again.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 /// What pushes may take of the registry's disk (a registry of its own
@@ -71,6 +84,11 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
 }
 
 pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
+    // A certificate that does not load stops it before anything else.
+    let tls = match (&mode.operate.tls_cert, &mode.operate.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(gantry_http::server::TlsFiles::load(cert, key)?)),
+        _ => None,
+    };
     if mode.htpasswd.is_some() && (mode.from_store || !mode.mirror_of.is_empty()) {
         bail!("--htpasswd guards pushes, which only a registry of its own takes (no --from-store or --mirror-of)");
     }
@@ -125,8 +143,10 @@ pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
     };
     let mut options = gantry_serve::Options::new(mode.listen);
     options.header_timeout = Duration::from_secs(mode.header_timeout.max(1));
+    options.tls = tls;
+    let scheme = if options.tls.is_some() { "https" } else { "http" };
     gantry_serve::run(options, backend, |addr| {
-        crate::commands::stderr_line(&format!("gantry serve: listening on http://{addr}"));
+        crate::commands::stderr_line(&format!("gantry serve: listening on {scheme}://{addr}"));
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -21,6 +21,7 @@ mod push;
 mod rootless;
 mod sandbox;
 mod serve;
+mod serve_ops;
 mod store;
 mod tls;
 mod v1;

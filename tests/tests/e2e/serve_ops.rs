@@ -1,0 +1,221 @@
+//! Operating `gantry serve` as platforms run a registry: HTTPS (and HTTP/2)
+//! with a certificate replaced on SIGHUP without dropping a connection.
+
+use crate::peers;
+use crate::serve::skopeo;
+use gantry_tests::gantry::Gantry;
+use gantry_tests::image::Layout;
+use gantry_tests::require;
+use gantry_tests::tls::TestCa;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A directory holding only `ca` as `ca.crt`: what skopeo's and podman's
+/// `--cert-dir` read.
+fn trusting(dir: &Path, ca: &TestCa) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(ca.cert(), dir.join("ca.crt")).unwrap();
+    dir.to_path_buf()
+}
+
+/// skopeo copies `image` from the registry into a fresh OCI layout,
+/// trusting what `certs` holds; its output on failure.
+fn skopeo_pull(image: &str, certs: &Path, into: &Path) -> Result<(), String> {
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-cert-dir"])
+        .arg(certs)
+        .arg(format!("docker://{image}"))
+        .arg(format!("oci:{}:v1", into.display()))
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn podman_pull(image: &str, certs: &Path, root: &Path) {
+    let out = Command::new("podman")
+        .arg("--root")
+        .arg(root.join("root"))
+        .arg("--runroot")
+        .arg(root.join("run"))
+        .args([
+            "--storage-driver",
+            "vfs",
+            "--events-backend",
+            "none",
+            "pull",
+            "-q",
+            "--cert-dir",
+        ])
+        .arg(certs)
+        .arg(format!("docker://{image}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "podman: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A keep-alive HTTPS connection held by a Python client: one request
+/// when started, the next when told to, on the same connection.
+const HOLD: &str = r#"
+import http.client, ssl, sys
+host, port = sys.argv[1].rsplit(":", 1)
+c = http.client.HTTPSConnection(host, int(port), context=ssl.create_default_context(cafile=sys.argv[2]))
+for step in ("first", "second"):
+    if step == "second":
+        sys.stdin.readline()
+    c.request("GET", "/v2/")
+    r = c.getresponse()
+    r.read()
+    print(step, r.status, c.sock.getpeercert()["serialNumber"], flush=True)
+"#;
+
+/// HTTPS with a test CA: skopeo pushes, skopeo and podman pull, curl
+/// speaks HTTP/2. The certificate is replaced by one of another CA and
+/// SIGHUP sent: a connection open across it keeps working with the old
+/// one, new connections get the new one (clients trusting only the old CA
+/// are refused, the new CA's pull), and a pair that does not load leaves
+/// the one in use.
+#[test]
+fn skopeo_and_podman_pull_over_tls_and_again_after_the_certificate_is_replaced() {
+    if !peers() || !require("podman") || !require("curl") {
+        return;
+    }
+    let g = Gantry::new();
+    let work = g.scratch().join("tls");
+    std::fs::create_dir_all(&work).unwrap();
+    let (cert, key) = (work.join("server.crt"), work.join("server.key"));
+    let old_ca = TestCa::new(&work);
+    let (c, k) = old_ca.server_cert(&["localhost"], &["127.0.0.1"]);
+    std::fs::copy(&c, &cert).unwrap();
+    std::fs::copy(&k, &key).unwrap();
+    let srv = g.serve(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--header-timeout",
+        "60",
+    ]);
+    assert!(srv.log().contains("listening on https://"), "{}", srv.log());
+    let old = trusting(&work.join("trust-old"), &old_ca);
+    let image = format!("{}/test/app:v1", srv.addr);
+
+    let layout_dir = tempfile::tempdir().unwrap();
+    let mut layout = Layout::create(layout_dir.path());
+    let (m, _) = layout.image(&crate::control_image());
+    layout.tag("v1", &m, None);
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--dest-cert-dir",
+        old.to_str().unwrap(),
+        &format!("oci:{}:v1", layout_dir.path().display()),
+        &format!("docker://{image}"),
+    ]);
+    skopeo_pull(&image, &old, &work.join("pulled-old")).unwrap();
+    podman_pull(&image, &old, &work.join("podman-old"));
+    // Plain HTTP to the TLS port is not answered as a registry.
+    assert!(!crate::serve::get(&srv.addr, "/v2/").starts_with("HTTP/1.1 200"));
+
+    let curl = |ca: &Path, http: &str| {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{http_code}",
+                http,
+                "--cacert",
+            ])
+            .arg(ca)
+            .arg(format!("https://{}/v2/", srv.addr))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    assert_eq!(curl(&old_ca.cert(), "--http2"), "2 200");
+    assert_eq!(curl(&old_ca.cert(), "--http1.1"), "1.1 200");
+
+    // A connection opened before the certificate changes.
+    let mut held = Command::new("python3")
+        .args(["-c", HOLD, &srv.addr, old_ca.cert().to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(held.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("the held connection's first answer").unwrap();
+    assert!(first.starts_with("first 200 "), "{first}");
+
+    let new_ca = TestCa::new(&work);
+    let (c, k) = new_ca.server_cert(&["localhost"], &["127.0.0.1"]);
+    std::fs::copy(&c, &cert).unwrap();
+    std::fs::copy(&k, &key).unwrap();
+    srv.signal(libc::SIGHUP);
+    srv.wait_for("gantry serve: reloaded the TLS certificate");
+
+    // The old connection goes on, with the certificate it started with.
+    writeln!(held.stdin.as_mut().unwrap()).unwrap();
+    let second = lines.next().expect("the held connection's second answer").unwrap();
+    assert_eq!(
+        second.replacen("second", "first", 1),
+        first,
+        "same connection, same certificate"
+    );
+    assert!(held.wait().unwrap().success());
+
+    // New connections get the new certificate.
+    let refused = skopeo_pull(&image, &old, &work.join("pulled-refused")).unwrap_err();
+    assert!(refused.contains("certificate"), "{refused}");
+    let new = trusting(&work.join("trust-new"), &new_ca);
+    skopeo_pull(&image, &new, &work.join("pulled-new")).unwrap();
+    podman_pull(&image, &new, &work.join("podman-new"));
+    assert_eq!(curl(&new_ca.cert(), "--http2"), "2 200");
+
+    // A key that does not load: the pair in use stays, and says so.
+    std::fs::write(&key, b"not a key\n").unwrap();
+    srv.signal(libc::SIGHUP);
+    srv.wait_for("gantry serve: keeping the TLS certificate in use: reading the key");
+    skopeo_pull(&image, &new, &work.join("pulled-kept")).unwrap();
+}
+
+/// A certificate and key that do not load stop `serve` before it listens,
+/// with one line naming the file.
+#[test]
+fn serve_refuses_a_certificate_it_cannot_use() {
+    let g = Gantry::new();
+    let work = g.scratch().join("bad-tls");
+    std::fs::create_dir_all(&work).unwrap();
+    let ca = TestCa::new(&work);
+    let (cert, key) = ca.server_cert(&["localhost"], &[]);
+    let (_, other_key) = ca.server_cert(&["elsewhere"], &[]);
+    let empty = work.join("empty.pem");
+    std::fs::write(&empty, b"").unwrap();
+    for (c, k, expect) in [
+        (&empty, &key, "holds no PEM certificate"),
+        (&cert, &empty, "reading the key"),
+        (&cert, &other_key, "do not make a server identity"),
+    ] {
+        let err = g.fails(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            c.to_str().unwrap(),
+            "--tls-key",
+            k.to_str().unwrap(),
+        ]);
+        assert!(err.contains(expect), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    // The usage error clap gives a flag without its partner.
+    let half = g.run(&["serve", "--listen", "127.0.0.1:0", "--tls-cert", cert.to_str().unwrap()]);
+    assert_eq!(half.out.status.code(), Some(2));
+    assert!(half.stderr().contains("--tls-key"), "{}", half.stderr());
+}

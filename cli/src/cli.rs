@@ -164,6 +164,8 @@ pub enum Command {
         #[command(flatten)]
         uploads: crate::commands::serve::UploadArgs,
         #[command(flatten)]
+        token: crate::commands::serve::TokenArgs,
+        #[command(flatten)]
         operate: crate::commands::serve::OperateArgs,
     },
     /// Answer Docker's Engine API image routes on a unix socket (the

@@ -14,6 +14,7 @@ use crate::fs_storage::FsStorage;
 use crate::htpasswd::Htpasswd;
 use crate::mirror::Mirror;
 use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
+use crate::token::{Scope, TokenAuth, TokenError};
 use bytes::Bytes;
 use gantry_core::digest::Digest;
 use gantry_core::reference::{valid_repository, valid_tag};
@@ -142,15 +143,112 @@ fn route(path: &str) -> Option<Route<'_>> {
 
 /// What the handlers read from: a storage, or a pull-through mirror
 /// (a storage of its own filled from upstreams), or a registry's own
-/// storage that takes pushes (writes allowed to the htpasswd file's users,
-/// or to anyone without one).
+/// storage that takes pushes, guarded by `auth`.
 pub enum Backend {
     Storage(Arc<dyn Storage>),
     Mirror(Arc<Mirror>),
-    Registry {
-        storage: Arc<FsStorage>,
-        htpasswd: Option<Arc<Htpasswd>>,
-    },
+    Registry { storage: Arc<FsStorage>, auth: Auth },
+}
+
+/// Who may do what with a registry of its own.
+pub enum Auth {
+    /// Anyone who reaches the port may read and push.
+    Open,
+    /// Writes need basic auth from the htpasswd file's users; reads are open.
+    Basic(Arc<Htpasswd>),
+    /// Every request needs a bearer token granting its scope.
+    Token(Arc<TokenAuth>),
+}
+
+/// The scopes a token must grant for `route` by `req`'s method: pull to
+/// read, push to write (and pull of the repository a blob is mounted
+/// from), delete to delete, `registry:catalog:*` for the catalog.
+fn scopes_needed(route: &Route<'_>, req: &Request<hyper::body::Incoming>) -> Vec<Scope> {
+    let m = req.method();
+    let read = *m == Method::GET || *m == Method::HEAD;
+    let by_method = |name: &str| {
+        let action = if read {
+            "pull"
+        } else if *m == Method::DELETE {
+            "delete"
+        } else {
+            "push"
+        };
+        vec![Scope::repository(name, action)]
+    };
+    match route {
+        Route::Base => Vec::new(),
+        Route::Catalog => vec![Scope::catalog()],
+        Route::Tags(n) | Route::Referrers(n, _) => vec![Scope::repository(n, "pull")],
+        Route::Manifest(n, _) | Route::Blob(n, _) => by_method(n),
+        Route::Upload(n, _) => {
+            // Every upload request, cancelling one too, is part of pushing.
+            let mut s = vec![Scope::repository(n, "push")];
+            if let (Some(_), Some(from)) = (
+                gantry_http::query::param(req, "mount"),
+                gantry_http::query::param(req, "from"),
+            ) {
+                if valid_repository(&from) {
+                    s.push(Scope::repository(&from, "pull"));
+                }
+            }
+            s
+        }
+    }
+}
+
+/// The `scope` of a challenge for `need`: the actions of one resource
+/// joined (`repository:a:pull,push`), a push asking for pull too, as
+/// clients need both.
+fn challenge_scope(need: &[Scope]) -> Option<String> {
+    let mut parts: Vec<(String, String, Vec<&str>)> = Vec::new();
+    for s in need {
+        let actions: &[&str] = if s.action == "push" {
+            &["pull", "push"]
+        } else {
+            std::slice::from_ref(&s.action)
+        };
+        match parts.iter_mut().find(|(k, n, _)| k == s.kind && *n == s.name) {
+            Some((_, _, a)) => a.extend(actions.iter().filter(|x| !a.contains(x)).collect::<Vec<_>>()),
+            None => parts.push((s.kind.to_string(), s.name.clone(), actions.to_vec())),
+        }
+    }
+    (!parts.is_empty()).then(|| {
+        parts
+            .iter()
+            .map(|(k, n, a)| format!("{k}:{n}:{}", a.join(",")))
+            .collect::<Vec<_>>()
+            .join(" ")
+    })
+}
+
+/// 401 with a bearer challenge unless `req`'s token grants what `route` needs.
+fn check_token(t: &TokenAuth, route: &Route<'_>, req: &Request<hyper::body::Incoming>) -> Result<(), ApiError> {
+    if let Route::Tags(n) | Route::Referrers(n, _) | Route::Manifest(n, _) | Route::Blob(n, _) | Route::Upload(n, _) =
+        route
+    {
+        if !valid_repository(n) {
+            return Err(ApiError::name_invalid());
+        }
+    }
+    let need = scopes_needed(route, req);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let header = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    t.check(header, &need, now).map_err(|e| {
+        let insufficient = matches!(e, TokenError::Scope(_));
+        let challenge = t.challenge(challenge_scope(&need).as_deref(), insufficient);
+        let code = if insufficient { "DENIED" } else { "UNAUTHORIZED" };
+        ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string()).with_header(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_str(&challenge).unwrap_or_else(|_| HeaderValue::from_static("Bearer")),
+        )
+    })
 }
 
 impl Backend {
@@ -299,15 +397,25 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
     }
     let route = route(&path).ok_or_else(ApiError::not_found)?;
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
-    if let Backend::Registry { storage, htpasswd } = storage {
+    if let Backend::Registry { storage, auth } = storage {
+        if let Auth::Token(t) = auth {
+            check_token(t, &route, &req)?;
+        }
+        let basic = match auth {
+            Auth::Basic(h) => Some(&**h),
+            Auth::Open | Auth::Token(_) => None,
+        };
         if !read || matches!(route, Route::Upload(..)) {
-            return write(storage, htpasswd.as_deref(), route, req).await;
+            // Without `from`, a mount could link a blob of a repository
+            // the token does not grant: only where every read is open.
+            let anonymous_mounts = !matches!(auth, Auth::Token(_));
+            return write(storage, basic, anonymous_mounts, route, req).await;
         }
         // Clients learn from `/v2/` whether to send credentials (skopeo
         // sends them only when challenged there): with an htpasswd file it
         // challenges anyone without them, though every read stays open.
         if route == Route::Base {
-            crate::push::authorize(htpasswd.as_deref(), &req).await?;
+            crate::push::authorize(basic, &req).await?;
         }
     }
     let req = &req;
@@ -441,6 +549,7 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
 async fn write(
     storage: &FsStorage,
     htpasswd: Option<&Htpasswd>,
+    anonymous_mounts: bool,
     route: Route<'_>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, ApiError> {
@@ -462,7 +571,7 @@ async fn write(
     match route {
         Route::Upload(name, session) => {
             name_ok(name)?;
-            crate::push::upload(storage, name, session, req).await
+            crate::push::upload(storage, name, session, anonymous_mounts, req).await
         }
         Route::Manifest(name, reference) => {
             name_ok(name)?;

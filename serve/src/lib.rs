@@ -23,6 +23,7 @@ pub mod htpasswd;
 pub mod mirror;
 mod push;
 pub mod storage;
+pub mod token;
 pub mod v1;
 
 use gantry_http::server;

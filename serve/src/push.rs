@@ -230,6 +230,7 @@ pub(crate) async fn upload(
     storage: &FsStorage,
     name: &str,
     uuid: Option<&str>,
+    anonymous_mounts: bool,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let method = req.method().clone();
@@ -249,10 +250,10 @@ pub(crate) async fn upload(
                         return Ok(blob_created(name, &digest));
                     }
                 }
-                // Without `from` (OCI 1.1): any blob the registry holds, as
-                // every repository may be read by whoever may push here.
+                // Without `from` (OCI 1.1): any blob the registry holds,
+                // where every repository may be read by whoever may push.
                 None => {
-                    if storage.contains_blob(&digest) {
+                    if anonymous_mounts && storage.contains_blob(&digest) {
                         storage.link_blob(name, &digest)?;
                         return Ok(blob_created(name, &digest));
                     }

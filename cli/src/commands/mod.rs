@@ -81,6 +81,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             header_timeout,
             htpasswd,
             uploads,
+            token,
             operate,
         } => serve::run(
             &ctx,
@@ -92,6 +93,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 header_timeout,
                 htpasswd,
                 uploads,
+                token,
                 operate,
             },
         ),

@@ -6,7 +6,7 @@
 use crate::context::Context;
 use anyhow::{anyhow, bail, Context as _, Result};
 use gantry_core::store::Store;
-use gantry_serve::api::Backend;
+use gantry_serve::api::{Auth, Backend};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,7 +20,28 @@ pub struct Mode {
     pub header_timeout: u64,
     pub htpasswd: Option<std::path::PathBuf>,
     pub uploads: UploadArgs,
+    pub token: TokenArgs,
     pub operate: OperateArgs,
+}
+
+/// Distribution's token auth for a registry of its own: every request
+/// needs a bearer token from the realm granting its scope.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TokenArgs {
+    /// Require bearer tokens from this token server (distribution's
+    /// `auth.token` realm); clients are sent there by the 401's challenge.
+    #[arg(long, value_name = "URL", requires_all = ["token_service", "token_issuer", "token_certs"], conflicts_with = "htpasswd")]
+    pub token_realm: Option<String>,
+    /// The service the tokens must be for (their `aud`).
+    #[arg(long, value_name = "NAME", requires = "token_realm")]
+    pub token_service: Option<String>,
+    /// The issuer the tokens must come from (their `iss`).
+    #[arg(long, value_name = "NAME", requires = "token_realm")]
+    pub token_issuer: Option<String>,
+    /// The issuer's certificates (PEM bundle): a token must be signed by
+    /// the key of one of them.
+    #[arg(long, value_name = "FILE", requires = "token_realm")]
+    pub token_certs: Option<std::path::PathBuf>,
 }
 
 /// How the server is reached and watched, in every mode.
@@ -92,21 +113,36 @@ pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
     if mode.htpasswd.is_some() && (mode.from_store || !mode.mirror_of.is_empty()) {
         bail!("--htpasswd guards pushes, which only a registry of its own takes (no --from-store or --mirror-of)");
     }
+    if mode.token.token_realm.is_some() && (mode.from_store || !mode.mirror_of.is_empty()) {
+        bail!("--token-realm guards a registry of its own (no --from-store or --mirror-of)");
+    }
     let backend = match (mode.from_store, mode.mirror_of.is_empty()) {
         (true, false) => bail!("serve takes --from-store or --mirror-of, not both"),
         (false, true) => {
-            let htpasswd = match &mode.htpasswd {
-                Some(p) => Some(Arc::new(gantry_serve::htpasswd::Htpasswd::read(p)?)),
-                None => {
-                    eprintln!("gantry serve: pushes need no credentials (give --htpasswd FILE to require them)");
-                    None
+            let t = &mode.token;
+            let auth = match (
+                &mode.htpasswd,
+                &t.token_realm,
+                &t.token_service,
+                &t.token_issuer,
+                &t.token_certs,
+            ) {
+                (Some(p), ..) => Auth::Basic(Arc::new(gantry_serve::htpasswd::Htpasswd::read(p)?)),
+                (None, Some(realm), Some(service), Some(issuer), Some(certs)) => Auth::Token(Arc::new(
+                    gantry_serve::token::TokenAuth::load(realm, service, issuer, certs)?,
+                )),
+                _ => {
+                    eprintln!(
+                        "gantry serve: pushes need no credentials (give --htpasswd FILE or --token-realm … to require them)"
+                    );
+                    Auth::Open
                 }
             };
             let storage = gantry_serve::fs_storage::FsStorage::open(&ctx.store.root().join("registry"), ctx.alone)?
                 .with_upload_limits(mode.uploads.limits());
             Backend::Registry {
                 storage: Arc::new(storage),
-                htpasswd,
+                auth,
             }
         }
         (true, true) => {

@@ -10,7 +10,7 @@ use gantry_tests::require;
 use std::process::{Command, Output};
 
 /// The docker CLI speaking to `host`, with a config of the test's own.
-fn docker_command(g: &Gantry, host: &str) -> Command {
+pub(crate) fn docker_command(g: &Gantry, host: &str) -> Command {
     let mut c = Command::new("docker");
     c.env("DOCKER_HOST", host)
         // Never the developer's config or credentials.
@@ -22,7 +22,7 @@ fn docker(g: &Gantry, host: &str, args: &[&str]) -> Output {
     docker_command(g, host).args(args).output().unwrap()
 }
 
-fn ok(g: &Gantry, host: &str, args: &[&str]) -> String {
+pub(crate) fn ok(g: &Gantry, host: &str, args: &[&str]) -> String {
     let out = docker(g, host, args);
     assert!(
         out.status.success(),
@@ -427,7 +427,7 @@ fn the_client_s_credentials_reach_the_registry_through_x_registry_auth() {
 }
 
 /// `docker login SERVER -u USER --password-stdin` against the daemon.
-fn login(g: &Gantry, host: &str, server: &str, user: &str, password: &str) -> Output {
+pub(crate) fn login(g: &Gantry, host: &str, server: &str, user: &str, password: &str) -> Output {
     use std::io::Write;
     let mut child = docker_command(g, host)
         .args(["login", server, "-u", user, "--password-stdin"])

@@ -219,3 +219,183 @@ fn serve_refuses_a_certificate_it_cannot_use() {
     assert_eq!(half.out.status.code(), Some(2));
     assert!(half.stderr().contains("--tls-key"), "{}", half.stderr());
 }
+
+/// One request with `token` as its bearer credentials: the whole answer.
+fn with_token(addr: &str, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> String {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Accept: application/vnd.oci.image.manifest.v1+json\r\n\
+         Content-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    crate::serve::raw(addr, &req)
+}
+
+fn www_authenticate(resp: &str) -> String {
+    crate::serve::header(resp, "WWW-Authenticate")
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Distribution's token auth with a token server of the test's own
+/// (users may pull and push `<user>/…`): skopeo pushes and reads only what
+/// its user's tokens grant; a token for one repository reads no other and
+/// pushes nowhere without `push`; no token, a forged one and a catalog
+/// request without its scope get 401 with the challenge; and the docker
+/// CLI logs in and pushes and pulls through `gantry daemon`.
+#[test]
+fn token_scopes_decide_who_reads_and_pushes_what() {
+    if !peers() {
+        return;
+    }
+    use gantry_tests::token::{TokenServer, ISSUER, SERVICE};
+    let ts = TokenServer::start(&[("alice", "a-pw"), ("bob", "b-pw")]);
+    let g = Gantry::new();
+    let certs = ts.cert();
+    let realm = ts.realm();
+    let srv = g.serve(&[
+        "--token-realm",
+        &realm,
+        "--token-service",
+        SERVICE,
+        "--token-issuer",
+        ISSUER,
+        "--token-certs",
+        certs.to_str().unwrap(),
+    ]);
+    let layout_dir = tempfile::tempdir().unwrap();
+    let mut layout = Layout::create(layout_dir.path());
+    let (m, _) = layout.image(&crate::control_image());
+    layout.tag("v1", &m, None);
+    let src = format!("oci:{}:v1", layout_dir.path().display());
+    let push = |creds: &str, repo: &str| {
+        Command::new("skopeo")
+            .args([
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                "--dest-creds",
+                creds,
+                &src,
+            ])
+            .arg(format!("docker://{}/{repo}:v1", srv.addr))
+            .output()
+            .unwrap()
+    };
+    let inspect = |creds: &str, repo: &str| {
+        Command::new("skopeo")
+            .args(["inspect", "--tls-verify=false", "--creds", creds])
+            .arg(format!("docker://{}/{repo}:v1", srv.addr))
+            .output()
+            .unwrap()
+    };
+    let pushed = push("alice:a-pw", "alice/app");
+    assert!(pushed.status.success(), "{}", String::from_utf8_lossy(&pushed.stderr));
+    assert!(
+        !push("alice:a-pw", "bob/app").status.success(),
+        "alice pushed into bob/"
+    );
+    assert!(
+        !push("alice:wrong", "alice/other").status.success(),
+        "a wrong password pushed"
+    );
+    let read = inspect("alice:a-pw", "alice/app");
+    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    assert_eq!(v["Digest"], m.digest.as_str());
+    assert!(!inspect("bob:b-pw", "alice/app").status.success(), "bob read alice/");
+
+    // No token: the challenge says where to get one, and for what.
+    let path = "/v2/alice/app/manifests/v1";
+    let r = with_token(&srv.addr, "GET", path, None, b"");
+    assert_eq!(crate::serve::status(&r), 401, "{r}");
+    assert_eq!(
+        www_authenticate(&r),
+        format!("Bearer realm=\"{realm}\",service=\"{SERVICE}\",scope=\"repository:alice/app:pull\"")
+    );
+    // A token for alice/app (pull only) reads it, and nothing else.
+    let pull_a = ts.token(Some("alice"), &[("alice/app", &["pull"])]);
+    let r = with_token(&srv.addr, "GET", path, Some(&pull_a), b"");
+    assert_eq!(crate::serve::status(&r), 200, "{r}");
+    let manifest = crate::serve::body(&r).to_string();
+    let r = with_token(&srv.addr, "GET", "/v2/bob/app/manifests/v1", Some(&pull_a), b"");
+    assert_eq!(crate::serve::status(&r), 401, "{r}");
+    assert!(www_authenticate(&r).contains("error=\"insufficient_scope\""), "{r}");
+    assert!(
+        www_authenticate(&r).contains("scope=\"repository:bob/app:pull\""),
+        "{r}"
+    );
+    // …and pushes nowhere without `push`.
+    let r = with_token(
+        &srv.addr,
+        "PUT",
+        "/v2/alice/app/manifests/v2",
+        Some(&pull_a),
+        manifest.as_bytes(),
+    );
+    assert_eq!(crate::serve::status(&r), 401, "{r}");
+    assert!(
+        www_authenticate(&r).contains("scope=\"repository:alice/app:pull,push\""),
+        "{r}"
+    );
+    let push_a = ts.token(Some("alice"), &[("alice/app", &["pull", "push"])]);
+    let r = with_token(
+        &srv.addr,
+        "PUT",
+        "/v2/alice/app/manifests/v2",
+        Some(&push_a),
+        manifest.as_bytes(),
+    );
+    assert_eq!(crate::serve::status(&r), 201, "{r}");
+    // Deleting needs `delete`, the catalog `registry:catalog:*`.
+    let r = with_token(&srv.addr, "DELETE", "/v2/alice/app/manifests/v2", Some(&push_a), b"");
+    assert_eq!(crate::serve::status(&r), 401, "{r}");
+    let r = with_token(&srv.addr, "GET", "/v2/_catalog", Some(&push_a), b"");
+    assert_eq!(crate::serve::status(&r), 401, "{r}");
+    assert!(www_authenticate(&r).contains("scope=\"registry:catalog:*\""), "{r}");
+    // A token another issuer's key signed, naming our issuer, is refused.
+    let forger = TokenServer::start(&[]);
+    let forged = forger.token(Some("alice"), &[("alice/app", &["pull"])]);
+    let r = with_token(&srv.addr, "GET", path, Some(&forged), b"");
+    assert_eq!(crate::serve::status(&r), 401, "{r}");
+    assert!(r.contains("signature"), "{r}");
+    // Unsigned, or "signed" with the public certificate as an HMAC secret.
+    use base64::Engine as _;
+    let b64 = |v: &serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let claims = serde_json::json!({"iss": ISSUER, "aud": SERVICE, "exp": u64::MAX / 2,
+        "access": [{"type": "repository", "name": "alice/app", "actions": ["pull"]}]});
+    let none = format!("{}.{}.", b64(&serde_json::json!({"alg": "none"})), b64(&claims));
+    let hmac = format!("{}.{}.AAAA", b64(&serde_json::json!({"alg": "HS256"})), b64(&claims));
+    for junk in ["", "a.b", "e30.e30.e30", "not a token at all", &none, &hmac] {
+        let r = with_token(&srv.addr, "GET", path, Some(junk), b"");
+        assert_eq!(crate::serve::status(&r), 401, "{junk:?}: {r}");
+    }
+
+    // The docker CLI, through gantry daemon: login, push, pull.
+    if require("docker") {
+        let client = Gantry::new();
+        let d = client.daemon();
+        let out = crate::daemon::login(&client, &d.addr, &srv.addr, "alice", "wrong");
+        assert!(!out.status.success(), "{out:?}");
+        let out = crate::daemon::login(&client, &d.addr, &srv.addr, "alice", "a-pw");
+        assert!(out.status.success(), "{out:?}");
+        let image = format!("{}/alice/app:v1", srv.addr);
+        crate::daemon::ok(&client, &d.addr, &["pull", &image]);
+        let copy = format!("{}/alice/copy:v1", srv.addr);
+        crate::daemon::ok(&client, &d.addr, &["tag", &image, &copy]);
+        crate::daemon::ok(&client, &d.addr, &["push", &copy]);
+        let read = inspect("alice:a-pw", "alice/copy");
+        assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+        let theirs = format!("{}/bob/copy:v1", srv.addr);
+        crate::daemon::ok(&client, &d.addr, &["tag", &image, &theirs]);
+        let out = crate::daemon::docker_command(&client, &d.addr)
+            .args(["push", &theirs])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "alice pushed into bob/ through the daemon");
+    }
+}

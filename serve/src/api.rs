@@ -108,6 +108,24 @@ enum Route<'a> {
     Referrers(&'a str, &'a str),
 }
 
+/// The kind of route `path` names, as the metrics label it (never a
+/// name a client chose).
+pub fn route_label(path: &str) -> &'static str {
+    if path.starts_with("/v1/") || path == "/_ping" {
+        return "v1";
+    }
+    match route(path) {
+        Some(Route::Base) => "base",
+        Some(Route::Catalog) => "catalog",
+        Some(Route::Tags(_)) => "tags",
+        Some(Route::Manifest(..)) => "manifest",
+        Some(Route::Blob(..)) => "blob",
+        Some(Route::Upload(..)) => "upload",
+        Some(Route::Referrers(..)) => "referrers",
+        None => "other",
+    }
+}
+
 fn route(path: &str) -> Option<Route<'_>> {
     if path == "/v2/" || path == "/v2" {
         return Some(Route::Base);
@@ -252,6 +270,15 @@ fn check_token(t: &TokenAuth, route: &Route<'_>, req: &Request<hyper::body::Inco
 }
 
 impl Backend {
+    /// Whether the storage answers (for `/healthz`).
+    pub fn check(&self) -> Result<(), StorageError> {
+        match self {
+            Backend::Registry { storage, .. } => storage.check(),
+            Backend::Mirror(m) => m.local().check(),
+            Backend::Storage(s) => s.catalog().map(|_| ()),
+        }
+    }
+
     /// Whether content named by `d` can be here at all: a registry's own
     /// storage keeps what its clients push, sha512 too; a gantry store and
     /// a mirror (which verifies what it fetches as the engine does) hold

@@ -296,6 +296,20 @@ impl FsStorage {
         &self.limits
     }
 
+    /// Upload sessions open now.
+    pub fn uploads_open(&self) -> usize {
+        self.sessions().len()
+    }
+
+    /// Whether the storage answers: its directories can be listed, and a
+    /// file can be made and removed where blobs are written.
+    pub fn check(&self) -> Result<(), StorageError> {
+        std::fs::read_dir(self.dir.join("repositories")).map_err(|e| backend("listing repositories", e))?;
+        let probe = self.ingest()?;
+        drop(probe);
+        Ok(())
+    }
+
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         self.uploads.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -20,6 +20,7 @@ pub mod api;
 pub mod from_store;
 pub mod fs_storage;
 pub mod htpasswd;
+pub mod metrics;
 pub mod mirror;
 mod push;
 pub mod storage;
@@ -53,6 +54,8 @@ pub struct Options {
     pub threads: Option<usize>,
     /// HTTPS (and HTTP/2) with this certificate, reloaded on SIGHUP.
     pub tls: Option<Arc<server::TlsFiles>>,
+    /// Where `/metrics` and `/healthz` answer (plain HTTP), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Options {
@@ -64,13 +67,19 @@ impl Options {
             drain_timeout: Duration::from_secs(10),
             threads: None,
             tls: None,
+            metrics_listen: None,
         }
     }
 }
 
 /// Serves `storage` until SIGTERM or SIGINT. `ready` is called with the
-/// bound address once the socket listens (port 0 picks a free port).
-pub fn run(options: Options, backend: api::Backend, ready: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
+/// bound addresses (the registry's, and the metrics' when asked for) once
+/// the sockets listen (port 0 picks a free port).
+pub fn run(
+    options: Options,
+    backend: api::Backend,
+    ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
+) -> Result<(), ServeError> {
     server::raise_file_limit();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = options.threads {
@@ -78,20 +87,92 @@ pub fn run(options: Options, backend: api::Backend, ready: impl FnOnce(SocketAdd
     }
     let rt = rt.enable_all().build().map_err(ServeError::Runtime)?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(options.listen)
-            .await
-            .map_err(|source| ServeError::Listen {
-                addr: options.listen,
-                source,
-            })?;
+        let bind = |addr: SocketAddr| async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen { addr, source })
+        };
+        let listener = bind(options.listen).await?;
+        let metrics_listener = match options.metrics_listen {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
         let bound = listener.local_addr().map_err(ServeError::Runtime)?;
-        ready(bound);
-        serve(listener, options, Arc::new(backend)).await;
+        let metrics_bound = match &metrics_listener {
+            Some(l) => Some(l.local_addr().map_err(ServeError::Runtime)?),
+            None => None,
+        };
+        ready(bound, metrics_bound);
+        let backend = Arc::new(backend);
+        let metrics = Arc::new(metrics::Metrics::new(&backend));
+        if let Some(l) = metrics_listener {
+            tokio::spawn(serve_metrics(l, options.clone(), backend.clone(), metrics.clone()));
+        }
+        serve(listener, options, backend, metrics).await;
         Ok(())
     })
 }
 
-async fn serve(listener: tokio::net::TcpListener, options: Options, backend: Arc<api::Backend>) {
+/// `/metrics` and `/healthz`, on their own listener.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    options: Options,
+    backend: Arc<api::Backend>,
+    metrics: Arc<metrics::Metrics>,
+) {
+    let limits = server::Limits {
+        header_timeout: options.header_timeout,
+        max_connections: 256,
+        drain_timeout: options.drain_timeout,
+    };
+    server::serve(
+        listener,
+        limits,
+        "gantry serve: metrics and health stop answering",
+        move |_, req| {
+            let (backend, metrics) = (backend.clone(), metrics.clone());
+            async move {
+                let text = |status: u16, body: String, kind: &'static str| {
+                    let mut r = hyper::Response::new(api::full(body));
+                    *r.status_mut() = hyper::StatusCode::from_u16(status).expect("a status");
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static(kind),
+                    );
+                    r
+                };
+                match (req.method().as_str(), req.uri().path()) {
+                    ("GET", "/metrics") => text(
+                        200,
+                        metrics.render(&backend),
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    ),
+                    ("GET", "/healthz") => {
+                        let b = backend.clone();
+                        match tokio::task::spawn_blocking(move || b.check()).await {
+                            Ok(Ok(())) => text(200, "ok\n".into(), "text/plain; charset=utf-8"),
+                            Ok(Err(e)) => text(
+                                503,
+                                format!("storage: {}\n", gantry_core::text::escape_line(&e.to_string())),
+                                "text/plain; charset=utf-8",
+                            ),
+                            Err(_) => text(503, "storage: the check failed\n".into(), "text/plain; charset=utf-8"),
+                        }
+                    }
+                    _ => text(404, "not found\n".into(), "text/plain; charset=utf-8"),
+                }
+            }
+        },
+    )
+    .await;
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    options: Options,
+    backend: Arc<api::Backend>,
+    metrics: Arc<metrics::Metrics>,
+) {
     if let api::Backend::Registry { storage, .. } = &*backend {
         sweep_uploads(storage.clone());
     }
@@ -102,11 +183,24 @@ async fn serve(listener: tokio::net::TcpListener, options: Options, backend: Arc
     };
     let stopping = "gantry serve: shutting down, letting requests in flight finish";
     server::serve_tls(listener, limits, stopping, options.tls.clone(), move |peer, req| {
-        let backend = backend.clone();
+        let (backend, metrics) = (backend.clone(), metrics.clone());
         async move {
             let started = Instant::now();
             let (method, target) = (req.method().clone(), req.uri().clone());
             let resp = api::handle(&backend, req).await;
+            let sent = resp
+                .headers()
+                .get(hyper::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            metrics.observe(
+                api::route_label(target.path()),
+                &method,
+                resp.status().as_u16(),
+                started.elapsed(),
+                if method == hyper::Method::HEAD { 0 } else { sent },
+            );
             log(peer, &method, &target, &resp, started);
             resp
         }

@@ -235,6 +235,7 @@ pub struct Mirror {
     tokens: Mutex<Bounded<(String, String), (String, Instant)>>,
     /// The tag answers on disk (repository, tag), oldest first.
     tags: Mutex<Bounded<(String, String), ()>>,
+    stats: crate::metrics::MirrorStats,
 }
 
 fn upstream_err(msg: impl std::fmt::Display) -> StorageError {
@@ -259,9 +260,15 @@ impl Mirror {
             inflight: Mutex::new(HashMap::new()),
             tokens: Mutex::new(Bounded::new(MAX_TOKENS, MAX_TOKEN_BYTES)),
             tags,
+            stats: Default::default(),
         };
         mirror.index_tags();
         mirror
+    }
+
+    /// The cache's hits and misses and the upstream requests, so far.
+    pub fn stats(&self) -> &crate::metrics::MirrorStats {
+        &self.stats
     }
 
     /// Counts the tag answers a previous run left, oldest first, so the
@@ -365,6 +372,7 @@ impl Mirror {
         let mut u = base
             .join(path)
             .map_err(|e| upstream_err(format!("{}: {e}", escape_line(path))))?;
+        self.stats.upstream_fetches.inc();
         let mut hops = self.hops(&base);
         let mut left = false;
         let mut authorised_once = false;
@@ -483,17 +491,20 @@ impl Mirror {
         let stale = match reference {
             ManifestRef::Digest(_) => {
                 if cached.is_some() {
+                    self.stats.hits.inc();
                     return Ok(cached);
                 }
                 None
             }
             ManifestRef::Tag(t) => match (self.local.tag(repo, t)?, cached) {
                 (Some(e), Some(m)) if now_secs().saturating_sub(e.fetched) < self.options.tag_ttl.as_secs() => {
+                    self.stats.hits.inc();
                     return Ok(Some(m));
                 }
                 (_, c) => c,
             },
         };
+        self.stats.misses.inc();
         let Some((up, name)) = self.route(repo) else {
             return Ok(stale);
         };
@@ -612,9 +623,11 @@ impl Mirror {
     /// confirmed it holds the blob under this name too.
     async fn lookup(&self, repo: &str, digest: &Digest) -> Result<Lookup, StorageError> {
         if let Some(n) = self.local.blob_size(repo, digest)? {
+            self.stats.hits.inc();
             return Ok(Lookup::Hit(n));
         }
         if !self.local.contains_blob(digest) {
+            self.stats.misses.inc();
             return Ok(Lookup::Miss);
         }
         if self.upstream_size(repo, digest).await?.is_none() {

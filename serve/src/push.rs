@@ -168,6 +168,7 @@ async fn copy_body(body: hyper::body::Incoming, up: &mut Upload) -> Result<(), A
             }
             Some(Ok(f)) => {
                 if let Ok(data) = f.into_data() {
+                    crate::metrics::count_in(data.len());
                     up.write(&data)?;
                 }
             }
@@ -184,7 +185,11 @@ async fn read_body(body: hyper::body::Incoming, limit: usize) -> Result<Option<B
             "MANIFEST_INVALID",
             "request body stalled",
         )),
-        Ok(Ok(c)) => Ok(Some(c.to_bytes())),
+        Ok(Ok(c)) => {
+            let bytes = c.to_bytes();
+            crate::metrics::count_in(bytes.len());
+            Ok(Some(bytes))
+        }
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Ok(None),
         Ok(Err(e)) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -54,6 +54,10 @@ pub struct OperateArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+    /// Answer `/metrics` (Prometheus text) and `/healthz` (the storage
+    /// answers) on this address, plain HTTP; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What pushes may take of the registry's disk (a registry of its own
@@ -180,8 +184,12 @@ pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
     let mut options = gantry_serve::Options::new(mode.listen);
     options.header_timeout = Duration::from_secs(mode.header_timeout.max(1));
     options.tls = tls;
+    options.metrics_listen = mode.operate.metrics_listen;
     let scheme = if options.tls.is_some() { "https" } else { "http" };
-    gantry_serve::run(options, backend, |addr| {
+    gantry_serve::run(options, backend, |addr, metrics| {
+        if let Some(m) = metrics {
+            crate::commands::stderr_line(&format!("gantry serve: metrics and health on http://{m}"));
+        }
         crate::commands::stderr_line(&format!("gantry serve: listening on {scheme}://{addr}"));
     })?;
     Ok(ExitCode::SUCCESS)

@@ -278,7 +278,7 @@ fn request(addr: &str, path: &str, headers: &str, max: usize) -> Answer {
 }
 
 /// A `gantry serve --mirror-of http://UPSTREAM ARGS…` on a store of its own.
-fn mirror_of(upstream: &str, args: &[&str]) -> (Gantry, Server) {
+pub(crate) fn mirror_of(upstream: &str, args: &[&str]) -> (Gantry, Server) {
     let store = Gantry::new();
     let url = format!("http://{upstream}");
     let mut all = vec!["--mirror-of", url.as_str()];

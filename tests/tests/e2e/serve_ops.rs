@@ -399,3 +399,158 @@ fn token_scopes_decide_who_reads_and_pushes_what() {
         assert!(!out.status.success(), "alice pushed into bob/ through the daemon");
     }
 }
+
+/// The metrics address `srv` printed.
+fn metrics_addr(srv: &gantry_tests::gantry::Server) -> String {
+    srv.log()
+        .lines()
+        .find_map(|l| l.strip_prefix("gantry serve: metrics and health on http://"))
+        .expect("the metrics line")
+        .trim()
+        .to_string()
+}
+
+/// The value of the sample `name{labels}` (labels as printed, in order),
+/// 0 when there is none yet.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+fn scrape(addr: &str) -> String {
+    let r = crate::serve::get(addr, "/metrics");
+    assert_eq!(crate::serve::status(&r), 200, "{r}");
+    assert!(r.contains("text/plain; version=0.0.4"), "{r}");
+    crate::serve::body(&r).to_string()
+}
+
+/// `/metrics` moves as requests are made: requests by route, method and
+/// status, latency histograms, bytes in and out, upload sessions open;
+/// through a mirror, its cache hits, misses and upstream fetches.
+/// `/healthz` says ok while the storage answers and 503 once it does not.
+/// Neither is on the registry's own address.
+#[test]
+fn metrics_move_with_requests_and_healthz_checks_the_storage() {
+    if !peers() {
+        return;
+    }
+    let g = Gantry::new();
+    let srv = g.serve(&["--metrics-listen", "127.0.0.1:0"]);
+    let m = metrics_addr(&srv);
+    let before = scrape(&m);
+    let pushes = r#"gantry_serve_requests_total{route="upload",method="PUT",status="201"}"#;
+    assert_eq!(sample(&before, pushes), 0.0);
+
+    let layout_dir = tempfile::tempdir().unwrap();
+    let mut layout = Layout::create(layout_dir.path());
+    let (manifest, _) = layout.image(&crate::control_image());
+    layout.tag("v1", &manifest, None);
+    let src = format!("oci:{}:v1", layout_dir.path().display());
+    let image = format!("docker://{}/test/app:v1", srv.addr);
+    skopeo(&["copy", "--quiet", "--dest-tls-verify=false", &src, &image]);
+    let pushed = scrape(&m);
+    assert!(sample(&pushed, pushes) >= 2.0, "{pushed}");
+    let blob_bytes: u64 = std::fs::read_dir(layout_dir.path().join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    let bytes_in = sample(&pushed, "gantry_serve_request_bytes_total");
+    assert!(
+        bytes_in >= (blob_bytes / 2) as f64,
+        "{bytes_in} of {blob_bytes}: {pushed}"
+    );
+    let out_before = sample(&pushed, "gantry_serve_response_bytes_total");
+
+    let into = tempfile::tempdir().unwrap();
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &image,
+        &format!("oci:{}:v1", into.path().display()),
+    ]);
+    let pulled = scrape(&m);
+    let gets = r#"gantry_serve_requests_total{route="blob",method="GET",status="200"}"#;
+    assert!(sample(&pulled, gets) >= 2.0, "{pulled}");
+    assert!(
+        sample(&pulled, "gantry_serve_response_bytes_total") > out_before + 1000.0,
+        "{pulled}"
+    );
+    assert!(
+        sample(
+            &pulled,
+            r#"gantry_serve_request_duration_seconds_count{route="manifest"}"#
+        ) >= 1.0,
+        "{pulled}"
+    );
+    let missing = crate::serve::get(&srv.addr, "/v2/test/app/manifests/nope");
+    assert_eq!(crate::serve::status(&missing), 404);
+    let unknown = r#"gantry_serve_requests_total{route="manifest",method="GET",status="404"}"#;
+    assert_eq!(sample(&scrape(&m), unknown), 1.0);
+
+    // An upload session left open shows until it is cancelled.
+    let started = crate::serve::raw(
+        &srv.addr,
+        format!(
+            "POST /v2/test/app/blobs/uploads/ HTTP/1.1\r\nHost: {0}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            srv.addr
+        )
+        .as_bytes(),
+    );
+    assert_eq!(crate::serve::status(&started), 202, "{started}");
+    assert_eq!(sample(&scrape(&m), "gantry_serve_uploads_open"), 1.0);
+
+    // Not on the registry's address; health while the storage answers.
+    assert_eq!(crate::serve::status(&crate::serve::get(&srv.addr, "/metrics")), 404);
+    let ok = crate::serve::get(&m, "/healthz");
+    assert_eq!(crate::serve::status(&ok), 200, "{ok}");
+    assert_eq!(crate::serve::body(&ok), "ok\n");
+    std::fs::remove_dir_all(g.root_path().join("registry")).unwrap();
+    let down = crate::serve::get(&m, "/healthz");
+    assert_eq!(crate::serve::status(&down), 503, "{down}");
+    assert!(crate::serve::body(&down).starts_with("storage: "), "{down}");
+
+    // A mirror counts its cache.
+    let upstream = gantry_tests::registry::Registry::start();
+    crate::publish(&upstream, "test/app", "v1", &crate::control_image());
+    let (_store, mirror) = crate::mirror::mirror_of(&upstream.addr(), &["--metrics-listen", "127.0.0.1:0"]);
+    let mm = metrics_addr(&mirror);
+    let pull = |dir: &Path| {
+        skopeo(&[
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            &format!("docker://{}/test/app:v1", mirror.addr),
+            &format!("oci:{}:v1", dir.display()),
+        ])
+    };
+    let first = tempfile::tempdir().unwrap();
+    pull(first.path());
+    let cold = scrape(&mm);
+    let (hits, misses, fetches) = (
+        sample(&cold, "gantry_serve_mirror_cache_hits_total"),
+        sample(&cold, "gantry_serve_mirror_cache_misses_total"),
+        sample(&cold, "gantry_serve_mirror_upstream_fetches_total"),
+    );
+    assert!(misses >= 3.0 && fetches >= 3.0, "{cold}");
+    let second = tempfile::tempdir().unwrap();
+    pull(second.path());
+    let warm = scrape(&mm);
+    assert!(
+        sample(&warm, "gantry_serve_mirror_cache_hits_total") >= hits + 2.0,
+        "{warm}"
+    );
+    assert_eq!(
+        sample(&warm, "gantry_serve_mirror_cache_misses_total"),
+        misses,
+        "{warm}"
+    );
+    assert_eq!(
+        sample(&warm, "gantry_serve_mirror_upstream_fetches_total"),
+        fetches,
+        "{warm}"
+    );
+}

@@ -4,14 +4,18 @@
 # run, with wrk as the load generator:
 #   - big-blob GET throughput, 4 connections (the largest layer of the
 #     six-layer `bench` image, ~74 MB), BENCH_SECONDS each (default 10);
-#   - manifest GET by tag, 32 connections.
+#   - manifest GET by tag, 32 connections;
+# and both rows again over TLS (each server with the same self-signed
+# P-256 certificate): HTTP/1.1 with wrk, HTTP/2 with h2load (nghttp2; the
+# big blob on 4 connections of one stream each, manifests on 32 connections
+# of 8 streams each).
 # gantry writes its access log (to a file); docker-registry's is disabled,
 # as the shared registry script configures it.
 #
 # BENCH_DIR=DIR keeps the generated image between runs.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
-require "apt-get install docker-registry skopeo curl wrk" docker-registry skopeo curl wrk python3
+require "apt-get install docker-registry skopeo curl wrk nghttp2-client openssl" docker-registry skopeo curl wrk h2load openssl python3
 bench_work
 at_exit 'rm -rf "$work/registry" "$work/serve-root"'
 bench_registry "$work/registry" bench
@@ -26,6 +30,25 @@ at_exit 'stop "$serve_pid"'
 for _ in $(seq 200); do grep -q "listening on" "$work/serve.log" && break; sleep 0.05; done
 gantry_addr=$(sed -n 's|^gantry serve: listening on http://||p' "$work/serve.log")
 [ -n "$gantry_addr" ] || { echo "bench: gantry serve did not start" >&2; cat "$work/serve.log" >&2; exit 1; }
+
+# The same two over TLS: docker-registry on the same storage, gantry serve
+# on the same store, one certificate for both.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=127.0.0.1 \
+    -addext subjectAltName=IP:127.0.0.1 -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
+plain_port=$port
+plain_pid=$registry_pid
+start_registry "$work/registry" "" "$work/tls.crt" "$work/tls.key"
+at_exit "stop $registry_pid"
+tls_port=$registry_port
+registry_pid=$plain_pid
+"$bin/gantry" --root "$work/serve-root" --config "$work/serve.toml" serve --from-store --listen 127.0.0.1:0 \
+    --tls-cert "$work/tls.crt" --tls-key "$work/tls.key" 2> "$work/serve-tls.log" &
+serve_tls_pid=$!
+at_exit 'stop "$serve_tls_pid"'
+for _ in $(seq 200); do grep -q "listening on" "$work/serve-tls.log" && break; sleep 0.05; done
+gantry_tls_addr=$(sed -n 's|^gantry serve: listening on https://||p' "$work/serve-tls.log")
+[ -n "$gantry_tls_addr" ] || { echo "bench: gantry serve (TLS) did not start" >&2; cat "$work/serve-tls.log" >&2; exit 1; }
+port=$plain_port
 
 accept='Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json'
 read -r blob size < <(curl -s -H "$accept" "http://127.0.0.1:$port/v2/bench/manifests/latest" |
@@ -49,6 +72,23 @@ print(rps, bps)
 PY
 }
 
+# h2_rate CONNECTIONS STREAMS URL: h2load's requests/s and bytes/s over HTTP/2.
+h2_rate() {
+    local out
+    out=$(h2load -D "$secs" -c"$1" -m"$2" -H "$accept" "$3")
+    python3 - "$out" <<'PY'
+import re, sys
+out = sys.argv[1]
+if re.search(r"ALPN.*not.*negotiated|No protocol negotiated", out, re.I) or "h2" not in out:
+    sys.exit(f"bench: h2load did not speak HTTP/2:\n{out}")
+m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s, ([\d.]+)([KMG]?B)/s", out)
+st = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+if not m or not st or int(st.group(3)) + int(st.group(4)):
+    sys.exit(f"bench: h2load failed:\n{out}")
+print(float(m.group(1)), float(m.group(2)) * {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}[m.group(3)])
+PY
+}
+
 echo "big blob: $blob ($size bytes); $secs s per measurement"
 declare -A rps bps
 for who in registry gantry; do
@@ -62,9 +102,26 @@ for who in registry gantry; do
     rps[$who]=$r
 done
 
-python3 - "${bps[registry]}" "${bps[gantry]}" "${rps[registry]}" "${rps[gantry]}" <<'PY'
+for who in registry gantry; do
+    addr="127.0.0.1:$tls_port"
+    [ "$who" = gantry ] && addr=$gantry_tls_addr
+    curl -sk -o /dev/null "https://$addr/v2/bench/blobs/$blob"
+    read -r _ b < <(wrk_rate 4 "https://$addr/v2/bench/blobs/$blob")
+    bps[tls1-$who]=$b
+    read -r r _ < <(wrk_rate 32 "https://$addr/v2/bench/manifests/latest")
+    rps[tls1-$who]=$r
+    read -r _ b < <(h2_rate 4 1 "https://$addr/v2/bench/blobs/$blob")
+    bps[tls2-$who]=$b
+    read -r r _ < <(h2_rate 32 8 "https://$addr/v2/bench/manifests/latest")
+    rps[tls2-$who]=$r
+done
+
+python3 - "${bps[registry]}" "${bps[gantry]}" "${rps[registry]}" "${rps[gantry]}" \
+    "${bps[tls1-registry]}" "${bps[tls1-gantry]}" "${rps[tls1-registry]}" "${rps[tls1-gantry]}" \
+    "${bps[tls2-registry]}" "${bps[tls2-gantry]}" "${rps[tls2-registry]}" "${rps[tls2-gantry]}" <<'PY'
 import sys
-breg, bgan, rreg, rgan = map(float, sys.argv[1:])
-print(f"big blob GET, 4 connections:   docker-registry {breg / 1e9:6.2f} GB/s   gantry {bgan / 1e9:6.2f} GB/s   gantry/registry {bgan / breg:5.2f}   (target >= 1.0)")
-print(f"manifest GET, 32 connections:  docker-registry {rreg:8.0f} /s    gantry {rgan:8.0f} /s    gantry/registry {rgan / rreg:5.1f}   (target >= 10)")
+v = list(map(float, sys.argv[1:]))
+for (label, (breg, bgan, rreg, rgan)) in [("plain HTTP/1.1", v[0:4]), ("TLS HTTP/1.1  ", v[4:8]), ("TLS HTTP/2    ", v[8:12])]:
+    print(f"{label} big blob GET, 4 connections:   docker-registry {breg / 1e9:6.2f} GB/s   gantry {bgan / 1e9:6.2f} GB/s   gantry/registry {bgan / breg:5.2f}   (target >= 1.0)")
+    print(f"{label} manifest GET, 32 connections:  docker-registry {rreg:8.0f} /s    gantry {rgan:8.0f} /s    gantry/registry {rgan / rreg:5.1f}   (target >= 10)")
 PY

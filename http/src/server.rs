@@ -21,7 +21,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::PrivateKeyDer;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -90,13 +90,7 @@ fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsErr
         path: cert.to_path_buf(),
         reason,
     };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| cert_err(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| cert_err(e.to_string()))?;
-    if chain.is_empty() {
-        return Err(cert_err("it holds no PEM certificate".into()));
-    }
+    let chain = crate::trust::pem_certificates(cert).map_err(cert_err)?;
     let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
         path: key.to_path_buf(),
         reason: e.to_string(),

@@ -216,16 +216,22 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, TrustError> {
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TrustError> {
-    let bad = |reason: String| TrustError::Read {
+    pem_certificates(path).map_err(|reason| TrustError::Read {
         path: path.to_path_buf(),
         reason,
-    };
+    })
+}
+
+/// Every PEM certificate in the file at `path` (a CA bundle, a server's
+/// chain, a token issuer's certificates); an error, as the reason, when
+/// it cannot be read or holds none.
+pub fn pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     if certs.is_empty() {
-        return Err(bad("no PEM certificate in it".into()));
+        return Err("it holds no PEM certificate".into());
     }
     Ok(certs)
 }

@@ -20,7 +20,6 @@
 //! not followed.
 
 use base64::Engine as _;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use std::path::{Path, PathBuf};
 use webpki::ring as algs;
@@ -156,13 +155,7 @@ impl TokenAuth {
             path: certs.to_path_buf(),
             reason,
         };
-        let list = CertificateDer::pem_file_iter(certs)
-            .map_err(|e| err(e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| err(e.to_string()))?;
-        if list.is_empty() {
-            return Err(err("it holds no PEM certificate".into()));
-        }
+        let list = gantry_http::trust::pem_certificates(certs).map_err(err)?;
         for c in &list {
             webpki::EndEntityCert::try_from(c).map_err(|e| err(format!("a certificate does not parse: {e}")))?;
         }

@@ -162,7 +162,7 @@ where
     L: Listener,
     H: Fn(L::Peer, Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: Body + Send + 'static,
+    B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -181,7 +181,7 @@ pub async fn serve_tls<L, H, F, B>(
     L: Listener,
     H: Fn(L::Peer, Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: Body + Send + 'static,
+    B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -232,9 +232,19 @@ pub async fn serve_tls<L, H, F, B>(
         }
         open.fetch_add(1, Ordering::Relaxed);
         let handler = handler.clone();
+        // What the connection is doing: an HTTP/2 connection without a
+        // stream for a header timeout is closed (HTTP/1.1's own header
+        // timeout covers it there).
+        let activity = Arc::new(Activity::new());
+        let busy = activity.clone();
         let service = service_fn(move |req| {
+            let guard = Busy::start(busy.clone());
             let answer = handler(peer.clone(), req);
-            async move { Ok::<_, std::convert::Infallible>(answer.await) }
+            async move {
+                let resp = answer.await;
+                // The stream is busy until its body is sent (or dropped).
+                Ok::<_, std::convert::Infallible>(resp.map(|inner| Tracked { inner, _guard: guard }))
+            }
         });
         let watcher = graceful.watcher();
         let (http1, http2) = (http1.clone(), http2.clone());
@@ -252,7 +262,20 @@ pub async fn serve_tls<L, H, F, B>(
                 Some(acceptor) => {
                     if let Ok(Ok(tls)) = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
                         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                            let _ = watcher.watch(http2.serve_connection(TokioIo::new(tls), service)).await;
+                            let conn = watcher.watch(http2.serve_connection(TokioIo::new(tls), service));
+                            tokio::pin!(conn);
+                            let tick = (limits.header_timeout / 4).max(Duration::from_millis(100));
+                            loop {
+                                tokio::select! {
+                                    _ = &mut conn => break,
+                                    _ = tokio::time::sleep(tick) => {
+                                        if activity.idle_for() > limits.header_timeout {
+                                            // Dropped: no stream is open to lose.
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
                         } else {
                             let _ = watcher.watch(http1.serve_connection(TokioIo::new(tls), service)).await;
                         }
@@ -265,6 +288,73 @@ pub async fn serve_tls<L, H, F, B>(
     drop(listener);
     eprintln!("{stopping}");
     let _ = tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await;
+}
+
+/// Requests of one connection in flight (a response counts until its body
+/// is sent or dropped), and when the last one ended.
+struct Activity {
+    inflight: AtomicUsize,
+    since: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            inflight: AtomicUsize::new(0),
+            since: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    /// How long the connection has had nothing in flight (zero while it has).
+    fn idle_for(&self) -> Duration {
+        if self.inflight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        self.since.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+    }
+}
+
+/// One request in flight, until dropped.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn start(a: Arc<Activity>) -> Busy {
+        a.inflight.fetch_add(1, Ordering::AcqRel);
+        Busy(a)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.since.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted in flight.
+struct Tracked<B> {
+    inner: B,
+    _guard: Busy,
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The next delivery of a signal stream, or never without one.

@@ -329,10 +329,15 @@ impl Backend {
 
     /// The descriptors of the manifests of `repo` whose subject is `d`; a
     /// gantry store and a mirror keep none.
-    async fn referrers(&self, repo: &str, d: &Digest) -> Result<Vec<serde_json::Value>, StorageError> {
+    async fn referrers(
+        &self,
+        repo: &str,
+        d: &Digest,
+        after: Option<&str>,
+    ) -> Result<(Vec<serde_json::Value>, bool), StorageError> {
         match self {
-            Backend::Registry { storage, .. } => storage.referrers(repo, d),
-            Backend::Storage(_) | Backend::Mirror(_) => Ok(Vec::new()),
+            Backend::Registry { storage, .. } => tokio::task::block_in_place(|| storage.referrers(repo, d, after)),
+            Backend::Storage(_) | Backend::Mirror(_) => Ok((Vec::new(), false)),
         }
     }
 
@@ -539,7 +544,13 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
             name_ok(name)?;
             let digest = Digest::parse_any(digest)
                 .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest"))?;
-            let mut manifests = storage.referrers(name, &digest).await?;
+            // Pages of at most a megabyte of records, the next by `Link`.
+            let after = gantry_http::query::param(req, "last")
+                .filter(|l| l.len() <= 128 && l.bytes().all(|b| b.is_ascii_hexdigit()));
+            let (mut manifests, more) = storage.referrers(name, &digest, after.as_deref()).await?;
+            let last = manifests
+                .last()
+                .and_then(|m| m.get("digest")?.as_str()?.split_once(':').map(|(_, h)| h.to_string()));
             let wanted = gantry_http::query::param(req, "artifactType");
             if let Some(t) = &wanted {
                 manifests.retain(|m| m.get("artifactType").and_then(|a| a.as_str()) == Some(t.as_str()));
@@ -557,6 +568,14 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
             h.insert(CONTENT_LENGTH, HeaderValue::from(len));
             if wanted.is_some() {
                 h.insert("OCI-Filters-Applied", HeaderValue::from_static("artifactType"));
+            }
+            if let (true, Some(last)) = (more, last) {
+                let mut next = format!("/v2/{name}/referrers/{digest}?last={last}");
+                if let Some(t) = &wanted {
+                    next.push_str("&artifactType=");
+                    next.extend(url::form_urlencoded::byte_serialize(t.as_bytes()));
+                }
+                link(&mut r, &next);
             }
             Ok(r)
         }

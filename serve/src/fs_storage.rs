@@ -41,6 +41,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The most bytes of referrer records one page of the referrers API
+/// holds; the rest follow by `Link`.
+pub const MAX_REFERRERS_PAGE: usize = 1 << 20;
+
+/// A referrer record at most this long keeps the manifest's annotations;
+/// a longer one is kept without them.
+pub const MAX_REFERRER_RECORD: usize = 16 << 10;
+
+/// The largest manifest the registry stores.
+const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
 pub struct FsStorage {
     dir: PathBuf,
     limits: UploadLimits,
@@ -519,17 +530,25 @@ impl FsStorage {
     /// false when the repository has no such manifest.
     pub fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool, StorageError> {
         let dir = self.repo_dir(repo)?;
+        let record = dir.join("_manifests").join(digest.hex());
+        if !record.is_file() {
+            // Not this repository's: nothing is read or changed.
+            return Ok(false);
+        }
         // Its referrer record goes with it (the listing also skips records
         // whose manifest is gone, so a crash here hides nothing stale).
-        if let Ok(bytes) = std::fs::read(self.blob_path(digest)) {
-            if let Some(subject) = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|doc| Digest::parse_any(doc.get("subject")?.get("digest")?.as_str()?).ok())
-            {
-                let _ = std::fs::remove_file(dir.join("_referrers").join(subject.hex()).join(digest.hex()));
-            }
+        // Only a manifest's worth of the blob is read.
+        let mut bytes = Vec::new();
+        if let Ok(f) = std::fs::File::open(self.blob_path(digest)) {
+            let _ = f.take(MAX_MANIFEST_BYTES as u64 + 1).read_to_end(&mut bytes);
         }
-        match std::fs::remove_file(dir.join("_manifests").join(digest.hex())) {
+        if let Some(subject) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|doc| Digest::parse_any(doc.get("subject")?.get("digest")?.as_str()?).ok())
+        {
+            let _ = std::fs::remove_file(dir.join("_referrers").join(subject.hex()).join(digest.hex()));
+        }
+        match std::fs::remove_file(&record) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(backend("deleting a manifest", e)),
@@ -670,39 +689,56 @@ impl FsStorage {
     ) -> Result<(), StorageError> {
         let dir = self.repo_dir(repo)?.join("_referrers").join(subject.hex());
         std::fs::create_dir_all(&dir).map_err(|e| backend("recording a referrer", e))?;
-        write_atomic(
-            &dir.join(of.hex()),
-            &serde_json::to_vec(descriptor).expect("serialisable"),
-        )
+        let mut record = serde_json::to_vec(descriptor).expect("serialisable");
+        if record.len() > MAX_REFERRER_RECORD {
+            let mut bare = descriptor.clone();
+            if let Some(o) = bare.as_object_mut() {
+                o.remove("annotations");
+            }
+            record = serde_json::to_vec(&bare).expect("serialisable");
+        }
+        write_atomic(&dir.join(of.hex()), &record)
     }
 
     /// The descriptors of `repo`'s manifests whose subject is `subject`,
-    /// sorted by digest; a record whose manifest is gone is skipped.
-    pub fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<serde_json::Value>, StorageError> {
+    /// sorted by digest, after `after` (a hex digest) when given, up to
+    /// [`MAX_REFERRERS_PAGE`] bytes of records; and whether more follow.
+    /// A record whose manifest is gone is skipped.
+    pub fn referrers(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        after: Option<&str>,
+    ) -> Result<(Vec<serde_json::Value>, bool), StorageError> {
         let repo_dir = self.repo_dir(repo)?;
         let dir = repo_dir.join("_referrers").join(subject.hex());
         let entries = match std::fs::read_dir(&dir) {
             Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), false)),
             Err(e) => return Err(backend("listing referrers", e)),
         };
         let mut names: Vec<String> = entries
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| !n.contains(".tmp-"))
+            .filter(|n| !n.contains(".tmp-") && after.is_none_or(|a| n.as_str() > a))
             .collect();
         names.sort();
-        let mut out = Vec::new();
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
         for n in names {
             if !repo_dir.join("_manifests").join(&n).is_file() {
                 continue;
             }
-            match std::fs::read(dir.join(&n)) {
-                Ok(b) => out.extend(serde_json::from_slice::<serde_json::Value>(&b).ok()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            let record = match std::fs::read(dir.join(&n)) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(backend("reading a referrer", e)),
+            };
+            if bytes + record.len() > MAX_REFERRERS_PAGE && !out.is_empty() {
+                return Ok((out, true));
             }
+            bytes += record.len();
+            out.extend(serde_json::from_slice::<serde_json::Value>(&record).ok());
         }
-        Ok(out)
+        Ok((out, false))
     }
 
     /// What `tag` of `repo` named when last learnt.

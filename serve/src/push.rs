@@ -42,9 +42,15 @@ const MAX_MANIFEST: usize = 4 << 20;
 /// The most `tag` parameters one manifest push may carry.
 const MAX_TAG_PARAMS: usize = 100;
 
-/// Manifest bodies read at once (each up to [`MAX_MANIFEST`] in memory):
-/// more wait, so manifests in flight never hold more than 64 MiB.
-static MANIFEST_BODIES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(16);
+/// Manifest bytes in memory at once are charged against this budget (in
+/// [`BUDGET_UNIT`]s) as they arrive, so manifests in flight never hold more
+/// than 64 MiB, and a client trickling a body holds only what it sent:
+/// slow clients cannot keep everyone else's manifests waiting.
+static MANIFEST_BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new((64 << 20) / BUDGET_UNIT);
+const BUDGET_UNIT: usize = 4 << 10;
+
+/// How long a manifest's body may take to arrive, in all.
+const MANIFEST_DEADLINE: Duration = Duration::from_secs(20);
 
 /// How long a request body may stall between two reads.
 const BODY_IDLE: Duration = Duration::from_secs(60);
@@ -177,26 +183,50 @@ async fn copy_body(body: hyper::body::Incoming, up: &mut Upload) -> Result<(), A
 }
 
 /// Reads a whole request body of at most `limit` bytes.
-async fn read_body(body: hyper::body::Incoming, limit: usize) -> Result<Option<Bytes>, ApiError> {
-    let limited = http_body_util::Limited::new(body, limit);
-    match tokio::time::timeout(BODY_IDLE, limited.collect()).await {
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "MANIFEST_INVALID",
-            "request body stalled",
-        )),
-        Ok(Ok(c)) => {
-            let bytes = c.to_bytes();
-            crate::metrics::count_in(bytes.len());
-            Ok(Some(bytes))
+/// A manifest's body, at most `limit` bytes (`None` past it), with the
+/// share of [`MANIFEST_BUDGET`] it holds until dropped.
+async fn read_body(
+    mut body: hyper::body::Incoming,
+    limit: usize,
+) -> Result<Option<(Bytes, Option<tokio::sync::SemaphorePermit<'static>>)>, ApiError> {
+    let deadline = tokio::time::Instant::now() + MANIFEST_DEADLINE;
+    let stalled = |_| ApiError::new(StatusCode::REQUEST_TIMEOUT, "MANIFEST_INVALID", "request body stalled");
+    let mut buf: Vec<u8> = Vec::new();
+    let mut held: Option<tokio::sync::SemaphorePermit<'static>> = None;
+    while let Some(frame) = tokio::time::timeout_at(deadline, body.frame()).await.map_err(stalled)? {
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "MANIFEST_INVALID",
+                format!("reading the request body: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else { continue };
+        if buf.len() + data.len() > limit {
+            return Ok(None);
         }
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Ok(None),
-        Ok(Err(e)) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "MANIFEST_INVALID",
-            format!("reading the request body: {e}"),
-        )),
+        let units = (buf.len() + data.len()).div_ceil(BUDGET_UNIT) - held.as_ref().map_or(0, |p| p.num_permits());
+        if units > 0 {
+            let more = tokio::time::timeout_at(deadline, MANIFEST_BUDGET.acquire_many(units as u32))
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "TOOMANYREQUESTS",
+                        "too many manifests in flight",
+                    )
+                    .with_header(RETRY_AFTER, HeaderValue::from_static("1"))
+                })?
+                .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "shutting down"))?;
+            match &mut held {
+                Some(h) => h.merge(more),
+                None => held = Some(more),
+            }
+        }
+        crate::metrics::count_in(data.len());
+        buf.extend_from_slice(&data);
     }
+    Ok(Some((Bytes::from(buf), held)))
 }
 
 /// `202 Accepted` for session `uuid` holding `len` bytes.
@@ -431,12 +461,8 @@ pub(crate) async fn put_manifest(
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|c| c.split(';').next().unwrap_or("").trim().to_string());
-    let _reading = MANIFEST_BODIES
-        .acquire()
-        .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "shutting down"))?;
     let tag_params = query::params(&req, "tag");
-    let bytes = read_body(req.into_body(), MAX_MANIFEST).await?.ok_or_else(|| {
+    let (bytes, _budget) = read_body(req.into_body(), MAX_MANIFEST).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "MANIFEST_INVALID",
@@ -528,6 +554,11 @@ pub(crate) async fn put_manifest(
         ));
     }
     let size = bytes.len();
+    // The referrer record first: one whose manifest never arrives is not
+    // listed, while a manifest stored without its record would be missing.
+    if let Some(subject) = &subject {
+        storage.add_referrer(name, subject, &digest, &referrer(kind, media_type, &digest, size, &doc))?;
+    }
     storage.put_manifest(
         name,
         &Manifest {
@@ -537,9 +568,6 @@ pub(crate) async fn put_manifest(
         },
         &tags,
     )?;
-    if let Some(subject) = &subject {
-        storage.add_referrer(name, subject, &digest, &referrer(kind, media_type, &digest, size, &doc))?;
-    }
     let mut r = Response::new(empty());
     *r.status_mut() = StatusCode::CREATED;
     let h = r.headers_mut();

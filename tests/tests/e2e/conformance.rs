@@ -155,3 +155,99 @@ print(json.dumps({"subject": subject.digest, "all": referrers(),
     assert!(after.starts_with("HTTP/1.1 200"), "{after}");
     assert!(after.contains("\"manifests\":[]"), "{after}");
 }
+
+/// One `PUT` of `body` as `content_type`: the whole answer.
+fn put(addr: &str, path: &str, content_type: &str, body: &[u8]) -> String {
+    let mut req = format!(
+        "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    crate::serve::raw(addr, &req)
+}
+
+/// Many referrers: the listing comes in pages of about a megabyte linked
+/// by `Link`, every referrer once; a referrer whose annotations would make
+/// its record over 16 KiB is listed without them.
+#[test]
+fn referrers_come_in_pages_and_big_annotations_are_left_out() {
+    let g = Gantry::new();
+    let srv = g.serve(&[]);
+    let empty = b"{}";
+    let empty_digest = gantry_tests::image::sha256(empty);
+    let r = crate::serve::raw(
+        &srv.addr,
+        &[
+            format!(
+                "POST /v2/art/blobs/uploads/?digest={empty_digest} HTTP/1.1\r\nHost: {}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
+                srv.addr
+            )
+            .into_bytes(),
+            empty.to_vec(),
+        ]
+        .concat(),
+    );
+    assert_eq!(crate::serve::status(&r), 201, "{r}");
+    let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+    let index_type = "application/vnd.oci.image.index.v1+json";
+    let r = put(&srv.addr, "/v2/art/manifests/subject", index_type, index);
+    assert_eq!(crate::serve::status(&r), 201, "{r}");
+    let subject = gantry_tests::image::sha256(index);
+    let referrer = |i: usize, note: usize| {
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": "application/vnd.example.note",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty_digest, "size": 2},
+            "layers": [],
+            "subject": {"mediaType": index_type, "digest": subject, "size": index.len()},
+            "annotations": {"i": i.to_string(), "note": "n".repeat(note)},
+        })
+        .to_string()
+    };
+    let mut pushed = std::collections::BTreeSet::new();
+    for i in 0..80 {
+        let body = referrer(i, if i == 0 { 20_000 } else { 15_000 });
+        let r = put(
+            &srv.addr,
+            &format!("/v2/art/manifests/n{i}"),
+            "application/vnd.oci.image.manifest.v1+json",
+            body.as_bytes(),
+        );
+        assert_eq!(crate::serve::status(&r), 201, "{r}");
+        assert_eq!(crate::serve::header(&r, "OCI-Subject"), Some(subject.as_str()));
+        pushed.insert(gantry_tests::image::sha256(body.as_bytes()));
+    }
+    let big = gantry_tests::image::sha256(referrer(0, 20_000).as_bytes());
+    let mut listed = Vec::new();
+    let mut next = Some(format!("/v2/art/referrers/{subject}"));
+    let mut pages = 0;
+    while let Some(path) = next.take() {
+        let r = crate::serve::get(&srv.addr, &path);
+        assert_eq!(crate::serve::status(&r), 200, "{r}");
+        assert!(
+            crate::serve::body(&r).len() < (1 << 20) + (64 << 10),
+            "a page of {} bytes",
+            r.len()
+        );
+        let doc: serde_json::Value = serde_json::from_str(crate::serve::body(&r)).unwrap();
+        for m in doc["manifests"].as_array().unwrap() {
+            let d = m["digest"].as_str().unwrap().to_string();
+            assert_eq!(
+                m["annotations"].is_null(),
+                d == big,
+                "{d}: {}",
+                m["annotations"].is_null()
+            );
+            listed.push(d);
+        }
+        next =
+            crate::serve::header(&r, "Link").map(|l| l.trim_start_matches('<').split('>').next().unwrap().to_string());
+        pages += 1;
+    }
+    assert!(pages >= 2, "one page held everything");
+    let unique: std::collections::BTreeSet<String> = listed.iter().cloned().collect();
+    assert_eq!(listed.len(), unique.len(), "a referrer listed twice");
+    assert_eq!(unique, pushed);
+}

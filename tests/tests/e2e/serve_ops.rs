@@ -554,3 +554,162 @@ fn metrics_move_with_requests_and_healthz_checks_the_storage() {
         "{warm}"
     );
 }
+
+/// `DELETE` of a manifest by the digest of a big blob the repository does
+/// not hold reads nothing of it (before, the whole blob was read into
+/// memory first): a few at once leave the server's peak memory where it was.
+#[test]
+fn deleting_a_manifest_another_repository_holds_reads_nothing() {
+    let g = Gantry::new();
+    let srv = g.serve(&[]);
+    // A 96 MiB blob in one repository.
+    let blob: Vec<u8> = (0..96u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let digest = gantry_tests::image::sha256(&blob);
+    let mut req = format!(
+        "POST /v2/big/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: {0}\r\nContent-Length: {1}\r\nConnection: close\r\n\r\n",
+        srv.addr,
+        blob.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&blob);
+    drop(blob);
+    let r = crate::serve::raw(&srv.addr, &req);
+    drop(req);
+    assert_eq!(crate::serve::status(&r), 201, "{r}");
+    let peak = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().to_string();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+    };
+    let before = peak(srv.child.id());
+    let deletes: Vec<_> = (0..4)
+        .map(|i| {
+            let (addr, digest) = (srv.addr.clone(), digest.clone());
+            std::thread::spawn(move || {
+                crate::serve::raw(
+                    &addr,
+                    format!(
+                        "DELETE /v2/other{i}/manifests/{digest} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+            })
+        })
+        .collect();
+    for d in deletes {
+        let r = d.join().unwrap();
+        assert_eq!(crate::serve::status(&r), 404, "{r}");
+    }
+    let after = peak(srv.child.id());
+    assert!(after < before + 32, "peak memory went from {before} MiB to {after} MiB");
+    // The blob is still served where it is.
+    let head = crate::serve::raw(
+        &srv.addr,
+        format!(
+            "HEAD /v2/big/blobs/{digest} HTTP/1.1\r\nHost: {0}\r\nConnection: close\r\n\r\n",
+            srv.addr
+        )
+        .as_bytes(),
+    );
+    assert_eq!(crate::serve::status(&head), 200, "{head}");
+}
+
+/// Clients trickling manifest bodies hold only what they sent: with more
+/// of them than there used to be slots for manifests, another client's
+/// manifest push still goes through at once.
+#[test]
+fn trickled_manifest_bodies_do_not_hold_up_other_pushes() {
+    let g = Gantry::new();
+    let srv = g.serve(&["--header-timeout", "60"]);
+    let mut stalled = Vec::new();
+    for i in 0..24 {
+        let mut s = std::net::TcpStream::connect(&srv.addr).unwrap();
+        write!(
+            s,
+            "PUT /v2/slow/manifests/t{i} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: 1000\r\n\r\n{{",
+            srv.addr
+        )
+        .unwrap();
+        stalled.push(s);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // An index of no manifests needs nothing else in the repository.
+    let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+    let mut s = std::net::TcpStream::connect(&srv.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "PUT /v2/fast/manifests/v1 HTTP/1.1\r\nHost: {}\r\nContent-Type: application/vnd.oci.image.index.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        srv.addr,
+        index.len()
+    )
+    .unwrap();
+    s.write_all(index).unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 201"),
+        "the push waited on the stalled ones: {answer:?}"
+    );
+    drop(stalled);
+}
+
+/// A client speaking HTTP/2 that opens no stream (answering only the
+/// server's pings) is closed after the header timeout, as an idle
+/// HTTP/1.1 client is, instead of holding a connection slot for ever.
+#[test]
+fn an_idle_http2_connection_is_closed() {
+    let g = Gantry::new();
+    let work = g.scratch().join("h2");
+    std::fs::create_dir_all(&work).unwrap();
+    let ca = TestCa::new(&work);
+    let (cert, key) = ca.server_cert(&["localhost"], &["127.0.0.1"]);
+    let srv = g.serve(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--header-timeout",
+        "2",
+    ]);
+    let script = r#"
+import socket, ssl, struct, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+ctx.set_alpn_protocols(["h2"])
+s = ctx.wrap_socket(socket.create_connection((host, int(port))), server_hostname=host)
+assert s.selected_alpn_protocol() == "h2", s.selected_alpn_protocol()
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + struct.pack(">I", 0)[1:] + bytes([4, 0]) + struct.pack(">I", 0))
+s.settimeout(30)
+start, buf = time.time(), b""
+# Never longer than 20 s: a server that keeps it open fails the test, not hangs it.
+while time.time() - start < 20:
+    try:
+        data = s.recv(65536)
+    except (ConnectionResetError, ssl.SSLError):
+        data = b""
+    if not data:
+        break
+    buf += data
+    while len(buf) >= 9:
+        n = int.from_bytes(buf[:3], "big")
+        if len(buf) < 9 + n:
+            break
+        kind, flags, payload = buf[3], buf[4], buf[9:9 + n]
+        buf = buf[9 + n:]
+        if kind == 6 and not flags & 1:
+            s.sendall(struct.pack(">I", 8)[1:] + bytes([6, 1]) + struct.pack(">I", 0) + payload)
+        if kind == 4 and not flags & 1:
+            s.sendall(struct.pack(">I", 0)[1:] + bytes([4, 1]) + struct.pack(">I", 0))
+print(round(time.time() - start, 1))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &srv.addr, ca.cert().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let held: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(held < 10.0, "an idle HTTP/2 connection stayed open {held} s");
+}

@@ -240,8 +240,13 @@ fn challenge_scope(need: &[Scope]) -> Option<String> {
     })
 }
 
-/// 401 with a bearer challenge unless `req`'s token grants what `route` needs.
-fn check_token(t: &TokenAuth, route: &Route<'_>, req: &Request<hyper::body::Incoming>) -> Result<(), ApiError> {
+/// 401 with a bearer challenge unless `req`'s token grants what `route`
+/// needs; the token's subject.
+fn check_token(
+    t: &TokenAuth,
+    route: &Route<'_>,
+    req: &Request<hyper::body::Incoming>,
+) -> Result<Option<String>, ApiError> {
     if let Route::Tags(n) | Route::Referrers(n, _) | Route::Manifest(n, _) | Route::Blob(n, _) | Route::Upload(n, _) =
         route
     {
@@ -430,9 +435,10 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
     let route = route(&path).ok_or_else(ApiError::not_found)?;
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     if let Backend::Registry { storage, auth } = storage {
-        if let Auth::Token(t) = auth {
-            check_token(t, &route, &req)?;
-        }
+        let owner = match auth {
+            Auth::Token(t) => check_token(t, &route, &req)?,
+            Auth::Open | Auth::Basic(_) => None,
+        };
         let basic = match auth {
             Auth::Basic(h) => Some(&**h),
             Auth::Open | Auth::Token(_) => None,
@@ -441,7 +447,7 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
             // Without `from`, a mount could link a blob of a repository
             // the token does not grant: only where every read is open.
             let anonymous_mounts = !matches!(auth, Auth::Token(_));
-            return write(storage, basic, anonymous_mounts, route, req).await;
+            return write(storage, basic, anonymous_mounts, owner.as_deref(), route, req).await;
         }
         // Clients learn from `/v2/` whether to send credentials (skopeo
         // sends them only when challenged there): with an htpasswd file it
@@ -596,6 +602,7 @@ async fn write(
     storage: &FsStorage,
     htpasswd: Option<&Htpasswd>,
     anonymous_mounts: bool,
+    owner: Option<&str>,
     route: Route<'_>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, ApiError> {
@@ -617,7 +624,7 @@ async fn write(
     match route {
         Route::Upload(name, session) => {
             name_ok(name)?;
-            crate::push::upload(storage, name, session, anonymous_mounts, req).await
+            crate::push::upload(storage, name, session, anonymous_mounts, owner, req).await
         }
         Route::Manifest(name, reference) => {
             name_ok(name)?;

@@ -90,6 +90,8 @@ impl Default for UploadLimits {
 /// A session as the storage tracks it.
 struct Session {
     repo: String,
+    /// Who started it, where the registry knows (a token's subject).
+    owner: Option<String>,
     /// When a request last asked for it.
     touched: Instant,
     state: Arc<tokio::sync::Mutex<Option<Upload>>>,
@@ -280,10 +282,12 @@ impl FsStorage {
                     .and_then(|t| t.elapsed().ok())
                     .unwrap_or_default();
                 let now = Instant::now();
+                let owner = std::fs::read_to_string(e.path().join("owner")).ok();
                 uploads.insert(
                     uuid,
                     Session {
                         repo,
+                        owner,
                         touched: now.checked_sub(age).unwrap_or(now),
                         state: Arc::default(),
                     },
@@ -327,15 +331,21 @@ impl FsStorage {
 
     /// Starts an upload session for `repo`; its id. Refused past the
     /// session caps (expired sessions are cleared first).
-    pub fn start_upload(&self, repo: &str) -> Result<String, StorageError> {
+    pub fn start_upload(&self, repo: &str, owner: Option<&str>) -> Result<String, StorageError> {
         self.repo_dir(repo)?;
+        let per_owner = (self.limits.max_sessions / 4).max(1);
         let full = |map: &HashMap<String, Session>| {
             if map.len() >= self.limits.max_sessions {
                 return Some(format!("{} upload sessions are open", map.len()));
             }
             let here = map.values().filter(|s| s.repo == repo).count();
-            (here >= self.limits.max_per_repository)
-                .then(|| format!("{here} upload sessions are open for this repository"))
+            if here >= self.limits.max_per_repository {
+                return Some(format!("{here} upload sessions are open for this repository"));
+            }
+            // One client (a token's subject) takes at most a quarter of
+            // all, however many repositories it may push to.
+            let theirs = owner.map_or(0, |o| map.values().filter(|s| s.owner.as_deref() == Some(o)).count());
+            (owner.is_some() && theirs >= per_owner).then(|| format!("{theirs} upload sessions are open for you"))
         };
         if full(&self.sessions()).is_some() {
             self.sweep_uploads();
@@ -348,6 +358,7 @@ impl FsStorage {
         let dir = self.dir.join("uploads").join(&uuid);
         let made = std::fs::create_dir(&dir)
             .and_then(|()| std::fs::write(dir.join("repository"), repo))
+            .and_then(|()| owner.map_or(Ok(()), |o| std::fs::write(dir.join("owner"), o)))
             .and_then(|()| std::fs::File::create_new(dir.join("data")).map(drop));
         if let Err(e) = made {
             let _ = std::fs::remove_dir_all(&dir);
@@ -357,6 +368,7 @@ impl FsStorage {
             uuid.clone(),
             Session {
                 repo: repo.to_string(),
+                owner: owner.map(str::to_string),
                 touched: Instant::now(),
                 state: Arc::default(),
             },
@@ -382,6 +394,7 @@ impl FsStorage {
         // A session another process started on this storage is adopted.
         let s = map.entry(uuid.to_string()).or_insert_with(|| Session {
             repo: repo.to_string(),
+            owner: std::fs::read_to_string(dir.join("owner")).ok(),
             touched: Instant::now(),
             state: Arc::default(),
         });
@@ -907,7 +920,7 @@ mod tests {
     fn a_commit_checks_the_file_not_only_the_hash_kept_beside_it() {
         let dir = tempfile::tempdir().unwrap();
         let s = FsStorage::open(dir.path(), true).unwrap();
-        let uuid = s.start_upload("a/b").unwrap();
+        let uuid = s.start_upload("a/b", None).unwrap();
         let session = s.upload("a/b", &uuid).unwrap();
         let mut slot = session.try_lock().unwrap();
         s.load_upload(&uuid, &mut slot).unwrap();
@@ -943,11 +956,17 @@ mod tests {
         let s = FsStorage::open(dir.path(), true)
             .unwrap()
             .with_upload_limits(limits.clone());
-        let a = s.start_upload("a").unwrap();
-        s.start_upload("a").unwrap();
-        assert!(matches!(s.start_upload("a"), Err(StorageError::TooManyUploads(_))));
-        s.start_upload("b").unwrap();
-        assert!(matches!(s.start_upload("c"), Err(StorageError::TooManyUploads(_))));
+        let a = s.start_upload("a", None).unwrap();
+        s.start_upload("a", None).unwrap();
+        assert!(matches!(
+            s.start_upload("a", None),
+            Err(StorageError::TooManyUploads(_))
+        ));
+        s.start_upload("b", None).unwrap();
+        assert!(matches!(
+            s.start_upload("c", None),
+            Err(StorageError::TooManyUploads(_))
+        ));
         let session = s.upload("a", &a).unwrap();
         let mut slot = session.try_lock().unwrap();
         s.load_upload(&a, &mut slot).unwrap();
@@ -961,7 +980,7 @@ mod tests {
         drop(slot);
         assert_eq!(s.sweep_uploads(), 1);
         assert_eq!(std::fs::read_dir(dir.path().join("uploads")).unwrap().count(), 0);
-        s.start_upload("c").unwrap();
+        s.start_upload("c", None).unwrap();
 
         // Sessions found on disk at open count against the caps.
         let s = FsStorage::open(dir.path(), true)
@@ -970,6 +989,9 @@ mod tests {
                 max_sessions: 1,
                 ..limits
             });
-        assert!(matches!(s.start_upload("d"), Err(StorageError::TooManyUploads(_))));
+        assert!(matches!(
+            s.start_upload("d", None),
+            Err(StorageError::TooManyUploads(_))
+        ));
     }
 }

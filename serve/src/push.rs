@@ -266,6 +266,7 @@ pub(crate) async fn upload(
     name: &str,
     uuid: Option<&str>,
     anonymous_mounts: bool,
+    owner: Option<&str>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let method = req.method().clone();
@@ -300,7 +301,7 @@ pub(crate) async fn upload(
             Some(d) => Some(parse_digest(&d)?),
             None => None,
         };
-        let uuid = storage.start_upload(name)?;
+        let uuid = storage.start_upload(name, owner)?;
         if let Some(digest) = monolithic {
             // One request, one blob: a failure leaves no session behind.
             let result = finish(storage, name, &uuid, &digest, req).await;

@@ -121,6 +121,7 @@ struct Header {
 #[derive(serde::Deserialize)]
 struct Claims {
     iss: Option<String>,
+    sub: Option<String>,
     aud: Option<Audience>,
     exp: Option<u64>,
     nbf: Option<u64>,
@@ -186,8 +187,9 @@ impl TokenAuth {
     }
 
     /// Checks the `Authorization` header against every scope of `need`
-    /// (none: any valid token), at `now` (seconds since the epoch).
-    pub fn check(&self, authorization: Option<&str>, need: &[Scope], now: u64) -> Result<(), TokenError> {
+    /// (none: any valid token), at `now` (seconds since the epoch); the
+    /// token's subject (`sub`, at most 256 bytes), when it names one.
+    pub fn check(&self, authorization: Option<&str>, need: &[Scope], now: u64) -> Result<Option<String>, TokenError> {
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
             .map(str::trim)
@@ -223,7 +225,7 @@ impl TokenAuth {
                 return Err(TokenError::Scope(s.to_string()));
             }
         }
-        Ok(())
+        Ok(claims.sub.filter(|s| !s.is_empty() && s.len() <= 256))
     }
 
     /// The claims of `token` once its signature checks out.

@@ -713,3 +713,49 @@ print(round(time.time() - start, 1))
     let held: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert!(held < 10.0, "an idle HTTP/2 connection stayed open {held} s");
 }
+
+/// Under token auth one user cannot take every upload session by opening
+/// them in repositories of their own: a token's subject gets at most a
+/// quarter of `--max-uploads`, and others still push.
+#[test]
+fn one_token_subject_cannot_take_every_upload_session() {
+    use gantry_tests::token::{TokenServer, ISSUER, SERVICE};
+    if !require("openssl") {
+        return;
+    }
+    let ts = TokenServer::start(&[("alice", "a-pw"), ("bob", "b-pw")]);
+    let g = Gantry::new();
+    let (certs, realm) = (ts.cert(), ts.realm());
+    let srv = g.serve(&[
+        "--token-realm",
+        &realm,
+        "--token-service",
+        SERVICE,
+        "--token-issuer",
+        ISSUER,
+        "--token-certs",
+        certs.to_str().unwrap(),
+        "--max-uploads",
+        "8",
+        "--max-uploads-per-repo",
+        "8",
+    ]);
+    let repos: [(&str, &[&str]); 3] = [("alice/a", &["push"]), ("alice/b", &["push"]), ("alice/c", &["push"])];
+    let alice = ts.token(Some("alice"), &repos);
+    let bob = ts.token(Some("bob"), &[("bob/x", &["push"])]);
+    let start = |token: &str, repo: &str| {
+        with_token(
+            &srv.addr,
+            "POST",
+            &format!("/v2/{repo}/blobs/uploads/"),
+            Some(token),
+            b"",
+        )
+    };
+    assert_eq!(crate::serve::status(&start(&alice, "alice/a")), 202);
+    assert_eq!(crate::serve::status(&start(&alice, "alice/b")), 202);
+    let third = start(&alice, "alice/c");
+    assert_eq!(crate::serve::status(&third), 429, "{third}");
+    assert!(third.contains("open for you"), "{third}");
+    assert_eq!(crate::serve::status(&start(&bob, "bob/x")), 202);
+}

@@ -32,6 +32,7 @@
 use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
 use bytes::Bytes;
 use gantry_core::digest::{Algorithm, Digest, Hasher};
+use gantry_core::manifest::MAX_MANIFEST_BYTES;
 use gantry_core::reference::{valid_repository, valid_tag};
 use sha2::Digest as _;
 use std::collections::HashMap;
@@ -48,9 +49,6 @@ pub const MAX_REFERRERS_PAGE: usize = 1 << 20;
 /// A referrer record at most this long keeps the manifest's annotations;
 /// a longer one is kept without them.
 pub const MAX_REFERRER_RECORD: usize = 16 << 10;
-
-/// The largest manifest the registry stores.
-const MAX_MANIFEST_BYTES: usize = 4 << 20;
 
 pub struct FsStorage {
     dir: PathBuf,

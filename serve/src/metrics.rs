@@ -13,15 +13,14 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Request body bytes read by the push handlers (chunked bodies have no
 /// length to read off the head), counted where they are read.
-pub(crate) static BYTES_IN: AtomicU64 = AtomicU64::new(0);
+static BYTES_IN: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::default);
 
 pub(crate) fn count_in(n: usize) {
-    BYTES_IN.fetch_add(n as u64, Ordering::Relaxed);
+    BYTES_IN.inc_by(n as u64);
 }
 
 /// A mirror's cache at work.
@@ -47,10 +46,7 @@ pub struct Metrics {
     requests: Family<Labels, Counter>,
     latency: Family<Labels, Histogram, fn() -> Histogram>,
     bytes_out: Counter,
-    bytes_in: Counter,
     uploads_open: Gauge,
-    /// Two scrapes at once bring `bytes_in` up to date one at a time.
-    scrape: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -65,7 +61,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("gantry_serve");
         let requests = Family::<Labels, Counter>::default();
         let latency = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
-        let (bytes_out, bytes_in, uploads_open) = (Counter::default(), Counter::default(), Gauge::default());
+        let (bytes_out, uploads_open) = (Counter::default(), Gauge::default());
         registry.register(
             "requests",
             "Requests answered, by route, method and status",
@@ -77,7 +73,7 @@ impl Metrics {
             latency.clone(),
         );
         registry.register("response_bytes", "Response body bytes sent", bytes_out.clone());
-        registry.register("request_bytes", "Request body bytes received", bytes_in.clone());
+        registry.register("request_bytes", "Request body bytes received", BYTES_IN.clone());
         registry.register("uploads_open", "Upload sessions open", uploads_open.clone());
         if let Backend::Mirror(m) = backend {
             let s = m.stats();
@@ -98,9 +94,7 @@ impl Metrics {
             requests,
             latency,
             bytes_out,
-            bytes_in,
             uploads_open,
-            scrape: std::sync::Mutex::new(()),
         }
     }
 
@@ -133,10 +127,6 @@ impl Metrics {
         if let Backend::Registry { storage, .. } = backend {
             self.uploads_open.set(storage.uploads_open() as i64);
         }
-        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
-        let seen = self.bytes_in.get();
-        self.bytes_in
-            .inc_by(BYTES_IN.load(Ordering::Relaxed).saturating_sub(seen));
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry).expect("writing to a String");
         out

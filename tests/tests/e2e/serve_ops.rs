@@ -58,6 +58,37 @@ fn podman_pull(image: &str, certs: &Path, root: &Path) {
     assert!(out.status.success(), "podman: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// The control image as an OCI layout tagged `v1`: its directory, its
+/// manifest digest and its `oci:` name for skopeo.
+fn control_layout() -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut layout = Layout::create(dir.path());
+    let (m, _) = layout.image(&crate::control_image());
+    layout.tag("v1", &m, None);
+    let src = format!("oci:{}:v1", dir.path().display());
+    (dir, m.digest.to_string(), src)
+}
+
+/// `gantry serve` trusting `ts`'s tokens, with `extra` flags.
+fn token_registry(ts: &gantry_tests::token::TokenServer, extra: &[&str]) -> (Gantry, gantry_tests::gantry::Server) {
+    use gantry_tests::token::{ISSUER, SERVICE};
+    let g = Gantry::new();
+    let (certs, realm) = (ts.cert(), ts.realm());
+    let mut args = vec![
+        "--token-realm",
+        &realm,
+        "--token-service",
+        SERVICE,
+        "--token-issuer",
+        ISSUER,
+        "--token-certs",
+        certs.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let srv = g.serve(&args);
+    (g, srv)
+}
+
 /// A keep-alive HTTPS connection held by a Python client: one request
 /// when started, the next when told to, on the same connection.
 const HOLD: &str = r#"
@@ -104,16 +135,13 @@ fn skopeo_and_podman_pull_over_tls_and_again_after_the_certificate_is_replaced()
     let old = trusting(&work.join("trust-old"), &old_ca);
     let image = format!("{}/test/app:v1", srv.addr);
 
-    let layout_dir = tempfile::tempdir().unwrap();
-    let mut layout = Layout::create(layout_dir.path());
-    let (m, _) = layout.image(&crate::control_image());
-    layout.tag("v1", &m, None);
+    let (_layout, _, src) = control_layout();
     skopeo(&[
         "copy",
         "--quiet",
         "--dest-cert-dir",
         old.to_str().unwrap(),
-        &format!("oci:{}:v1", layout_dir.path().display()),
+        &src,
         &format!("docker://{image}"),
     ]);
     skopeo_pull(&image, &old, &work.join("pulled-old")).unwrap();
@@ -254,24 +282,9 @@ fn token_scopes_decide_who_reads_and_pushes_what() {
     }
     use gantry_tests::token::{TokenServer, ISSUER, SERVICE};
     let ts = TokenServer::start(&[("alice", "a-pw"), ("bob", "b-pw")]);
-    let g = Gantry::new();
-    let certs = ts.cert();
+    let (_g, srv) = token_registry(&ts, &[]);
     let realm = ts.realm();
-    let srv = g.serve(&[
-        "--token-realm",
-        &realm,
-        "--token-service",
-        SERVICE,
-        "--token-issuer",
-        ISSUER,
-        "--token-certs",
-        certs.to_str().unwrap(),
-    ]);
-    let layout_dir = tempfile::tempdir().unwrap();
-    let mut layout = Layout::create(layout_dir.path());
-    let (m, _) = layout.image(&crate::control_image());
-    layout.tag("v1", &m, None);
-    let src = format!("oci:{}:v1", layout_dir.path().display());
+    let (_layout, manifest_digest, src) = control_layout();
     let push = |creds: &str, repo: &str| {
         Command::new("skopeo")
             .args([
@@ -306,7 +319,7 @@ fn token_scopes_decide_who_reads_and_pushes_what() {
     let read = inspect("alice:a-pw", "alice/app");
     assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
     let v: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
-    assert_eq!(v["Digest"], m.digest.as_str());
+    assert_eq!(v["Digest"], manifest_digest.as_str());
     assert!(!inspect("bob:b-pw", "alice/app").status.success(), "bob read alice/");
 
     // No token: the challenge says where to get one, and for what.
@@ -444,11 +457,7 @@ fn metrics_move_with_requests_and_healthz_checks_the_storage() {
     let pushes = r#"gantry_serve_requests_total{route="upload",method="PUT",status="201"}"#;
     assert_eq!(sample(&before, pushes), 0.0);
 
-    let layout_dir = tempfile::tempdir().unwrap();
-    let mut layout = Layout::create(layout_dir.path());
-    let (manifest, _) = layout.image(&crate::control_image());
-    layout.tag("v1", &manifest, None);
-    let src = format!("oci:{}:v1", layout_dir.path().display());
+    let (layout_dir, _, src) = control_layout();
     let image = format!("docker://{}/test/app:v1", srv.addr);
     skopeo(&["copy", "--quiet", "--dest-tls-verify=false", &src, &image]);
     let pushed = scrape(&m);
@@ -719,27 +728,11 @@ print(round(time.time() - start, 1))
 /// quarter of `--max-uploads`, and others still push.
 #[test]
 fn one_token_subject_cannot_take_every_upload_session() {
-    use gantry_tests::token::{TokenServer, ISSUER, SERVICE};
     if !require("openssl") {
         return;
     }
-    let ts = TokenServer::start(&[("alice", "a-pw"), ("bob", "b-pw")]);
-    let g = Gantry::new();
-    let (certs, realm) = (ts.cert(), ts.realm());
-    let srv = g.serve(&[
-        "--token-realm",
-        &realm,
-        "--token-service",
-        SERVICE,
-        "--token-issuer",
-        ISSUER,
-        "--token-certs",
-        certs.to_str().unwrap(),
-        "--max-uploads",
-        "8",
-        "--max-uploads-per-repo",
-        "8",
-    ]);
+    let ts = gantry_tests::token::TokenServer::start(&[("alice", "a-pw"), ("bob", "b-pw")]);
+    let (_g, srv) = token_registry(&ts, &["--max-uploads", "8", "--max-uploads-per-repo", "8"]);
     let repos: [(&str, &[&str]); 3] = [("alice/a", &["push"]), ("alice/b", &["push"]), ("alice/c", &["push"])];
     let alice = ts.token(Some("alice"), &repos);
     let bob = ts.token(Some("bob"), &[("bob/x", &["push"])]);

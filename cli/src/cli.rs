@@ -136,7 +136,10 @@ pub enum Command {
     /// Serve a registry until SIGTERM: one that takes pushes (its storage
     /// is `<root>/registry`), the store's images (`--from-store`), or a
     /// pull-through cache (`--mirror-of`).
+    #[command(args_conflicts_with_subcommands = true)]
     Serve {
+        #[command(subcommand)]
+        action: Option<ServeAction>,
         /// The address to listen on; port 0 picks a free port (the address
         /// is printed once listening).
         #[arg(long, default_value = "127.0.0.1:5000")]
@@ -228,4 +231,21 @@ pub enum SaveFormat {
 pub enum Format {
     Table,
     Json,
+}
+
+/// What `gantry serve` does besides serving.
+#[derive(clap::Subcommand, Debug)]
+pub enum ServeAction {
+    /// Remove the blobs of the registry's own storage (`[serve.storage]`)
+    /// that no manifest worth keeping names; safe while the registry takes
+    /// pushes (what was written within `[serve] gc_grace_seconds` stays).
+    Gc {
+        /// Say what would go, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also remove manifests no tag names (and what only they name);
+        /// manifests about a kept one (signatures) are kept.
+        #[arg(long)]
+        delete_untagged: bool,
+    },
 }

@@ -59,6 +59,9 @@ pub struct Config {
     pub registry_mirrors: Vec<String>,
     /// `gantry serve --mirror-of`: what one fetch and all of them may take.
     pub mirror: MirrorConfig,
+    /// `gantry serve` as a registry of its own: where it keeps what is
+    /// pushed, and how `gantry serve gc` treats recent writes.
+    pub serve: ServeConfig,
     /// The registries the daemon may pull from and push to for this store
     /// (a tenant's allow-list: `host[:port]`, `docker.io`); all when unset.
     pub allowed_registries: Option<Vec<String>>,
@@ -89,6 +92,7 @@ impl Default for Config {
             registry_mirrors: Vec::new(),
             network: Default::default(),
             mirror: MirrorConfig::default(),
+            serve: ServeConfig::default(),
             allowed_registries: None,
         }
     }
@@ -111,6 +115,73 @@ impl Default for MirrorConfig {
         MirrorConfig {
             max_blob_mib: gantry_serve::mirror::DEFAULT_MAX_BLOB >> 20,
             max_fetches: gantry_serve::mirror::DEFAULT_MAX_FETCHES,
+        }
+    }
+}
+
+/// The `[serve]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// Seconds a blob stays safe from `gantry serve gc` after it was
+    /// uploaded or named by a pushed manifest (default 3600), so pushes may
+    /// go on while it runs.
+    pub gc_grace_seconds: u64,
+    pub storage: ServeStorageConfig,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            gc_grace_seconds: 3600,
+            storage: ServeStorageConfig::default(),
+        }
+    }
+}
+
+/// The `[serve.storage]` table: `type = "filesystem"` (`<root>/registry`,
+/// the default) or `type = "s3"`, a bucket of an S3-API object store that
+/// several replicas share. Credentials come from the environment or the
+/// shared credentials file as AWS tools read them, unless
+/// `access_key`/`secret_key` are given here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeStorageConfig {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The object store's URL (`https://s3.eu-west-1.amazonaws.com`, `http://127.0.0.1:8333`).
+    pub endpoint: Option<String>,
+    /// The region requests are signed for (default `us-east-1`).
+    pub region: String,
+    pub bucket: Option<String>,
+    /// Every key is written under this prefix (default none).
+    pub prefix: String,
+    /// Address the bucket as `ENDPOINT/BUCKET/…` rather than
+    /// `BUCKET.ENDPOINT/…` (MinIO, SeaweedFS, Ceph; default false).
+    pub path_style: bool,
+    /// Answer blob GETs with a redirect to a presigned URL of the object
+    /// store, rather than streaming the bytes through (default false:
+    /// clients need not reach the object store).
+    pub redirect: bool,
+    /// The size of an upload's parts in MiB (at least 5; default 8).
+    pub part_size_mib: usize,
+    pub access_key: Option<String>,
+    pub secret_key: Option<String>,
+}
+
+impl Default for ServeStorageConfig {
+    fn default() -> Self {
+        ServeStorageConfig {
+            kind: "filesystem".into(),
+            endpoint: None,
+            region: "us-east-1".into(),
+            bucket: None,
+            prefix: String::new(),
+            path_style: false,
+            redirect: false,
+            part_size_mib: gantry_serve::s3_storage::DEFAULT_PART_SIZE >> 20,
+            access_key: None,
+            secret_key: None,
         }
     }
 }

@@ -10,7 +10,8 @@
 //! media type only when that is a manifest type (else as plain bytes), so
 //! nothing a client stored is ever rendered as a page.
 
-use crate::fs_storage::FsStorage;
+use crate::registry_storage::{Registry, RegistryStorage};
+use crate::with_registry;
 use crate::htpasswd::Htpasswd;
 use crate::mirror::Mirror;
 use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
@@ -19,7 +20,7 @@ use bytes::Bytes;
 use gantry_core::digest::Digest;
 use gantry_core::reference::{valid_repository, valid_tag};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::header::{HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, LINK, RANGE};
+use hyper::header::{HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, LINK, LOCATION, RANGE};
 use hyper::{Method, Request, Response, StatusCode};
 use std::sync::Arc;
 
@@ -165,7 +166,7 @@ fn route(path: &str) -> Option<Route<'_>> {
 pub enum Backend {
     Storage(Arc<dyn Storage>),
     Mirror(Arc<Mirror>),
-    Registry { storage: Arc<FsStorage>, auth: Auth },
+    Registry { storage: Registry, auth: Auth },
 }
 
 /// Who may do what with a registry of its own.
@@ -276,11 +277,11 @@ fn check_token(
 
 impl Backend {
     /// Whether the storage answers (for `/healthz`).
-    pub fn check(&self) -> Result<(), StorageError> {
+    pub async fn check(&self) -> Result<(), StorageError> {
         match self {
-            Backend::Registry { storage, .. } => storage.check(),
-            Backend::Mirror(m) => m.local().check(),
-            Backend::Storage(s) => s.catalog().map(|_| ()),
+            Backend::Registry { storage, .. } => with_registry!(storage, s => RegistryStorage::check(&**s).await),
+            Backend::Mirror(m) => tokio::task::block_in_place(|| m.local().check()),
+            Backend::Storage(s) => tokio::task::block_in_place(|| s.catalog().map(|_| ())),
         }
     }
 
@@ -298,24 +299,24 @@ impl Backend {
     async fn catalog(&self) -> Result<Vec<String>, StorageError> {
         match self {
             Backend::Storage(s) => s.catalog(),
-            Backend::Registry { storage, .. } => storage.catalog(),
-            Backend::Mirror(m) => m.local().catalog(),
+            Backend::Registry { storage, .. } => with_registry!(storage, s => RegistryStorage::catalog(&**s).await),
+            Backend::Mirror(m) => Storage::catalog(m.local()),
         }
     }
 
     async fn tags(&self, repo: &str) -> Result<Option<Vec<String>>, StorageError> {
         match self {
             Backend::Storage(s) => s.tags(repo),
-            Backend::Registry { storage, .. } => storage.tags(repo),
-            Backend::Mirror(m) => m.local().tags(repo),
+            Backend::Registry { storage, .. } => with_registry!(storage, s => RegistryStorage::tags(&**s, repo).await),
+            Backend::Mirror(m) => Storage::tags(m.local(), repo),
         }
     }
 
     async fn has_repository(&self, repo: &str) -> Result<bool, StorageError> {
         match self {
             Backend::Storage(s) => s.has_repository(repo),
-            Backend::Registry { storage, .. } => storage.has_repository(repo),
-            Backend::Mirror(m) => Ok(m.local().has_repository(repo)? || m.serves(repo)),
+            Backend::Registry { storage, .. } => with_registry!(storage, s => RegistryStorage::has_repository(&**s, repo).await),
+            Backend::Mirror(m) => Ok(Storage::has_repository(m.local(), repo)? || m.serves(repo)),
         }
     }
 
@@ -327,7 +328,7 @@ impl Backend {
         }
         match self {
             Backend::Storage(s) => s.manifest(repo, r),
-            Backend::Registry { storage, .. } => storage.manifest(repo, r),
+            Backend::Registry { storage, .. } => with_registry!(storage, s => RegistryStorage::manifest(&**s, repo, r).await),
             Backend::Mirror(m) => m.manifest(repo, r).await,
         }
     }
@@ -341,7 +342,7 @@ impl Backend {
         after: Option<&str>,
     ) -> Result<(Vec<serde_json::Value>, bool), StorageError> {
         match self {
-            Backend::Registry { storage, .. } => tokio::task::block_in_place(|| storage.referrers(repo, d, after)),
+            Backend::Registry { storage, .. } => with_registry!(storage, s => RegistryStorage::referrers(&**s, repo, d, after).await),
             Backend::Storage(_) | Backend::Mirror(_) => Ok((Vec::new(), false)),
         }
     }
@@ -352,7 +353,7 @@ impl Backend {
         }
         match self {
             Backend::Storage(s) => s.blob_size(repo, d),
-            Backend::Registry { storage, .. } => storage.blob_size(repo, d),
+            Backend::Registry { storage, .. } => with_registry!(storage, s => RegistryStorage::blob_size(&**s, repo, d).await),
             Backend::Mirror(m) => m.blob_size(repo, d).await,
         }
     }
@@ -363,7 +364,7 @@ impl Backend {
         }
         match self {
             Backend::Storage(s) => s.blob(repo, d, range),
-            Backend::Registry { storage, .. } => storage.blob(repo, d, range),
+            Backend::Registry { storage, .. } => with_registry!(storage, s => RegistryStorage::blob(&**s, repo, d, range).await),
             Backend::Mirror(m) => m.blob(repo, d, range).await,
         }
     }
@@ -374,7 +375,11 @@ impl Backend {
     fn v1_storage(&self) -> Option<&dyn Storage> {
         match self {
             Backend::Storage(s) => Some(&**s),
-            Backend::Registry { storage, .. } => Some(&**storage),
+            Backend::Registry {
+                storage: Registry::Fs(s),
+                ..
+            } => Some(&**s),
+            Backend::Registry { .. } => None,
             Backend::Mirror(_) => None,
         }
     }
@@ -534,6 +539,17 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
                 return Ok(blob_response(body, &digest, size, None));
             }
             let size = storage.blob_size(name, &digest).await?.ok_or_else(unknown)?;
+            // An object store's bytes may be fetched from it directly.
+            if let (Backend::Registry { storage: r, .. }, false) = (storage, head) {
+                if let Some(to) = with_registry!(r, s => RegistryStorage::redirect(&**s, &digest)) {
+                    let mut resp = Response::new(empty());
+                    *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+                    resp.headers_mut().insert(LOCATION, value(&to));
+                    resp.headers_mut().insert("Docker-Content-Digest", value(digest.as_str()));
+                    resp.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(0));
+                    return Ok(resp);
+                }
+            }
             let range = match requested_range(req, size) {
                 Ok(r) => r,
                 Err(()) => return Ok(unsatisfiable(size)),
@@ -599,7 +615,7 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
 /// The write side of a registry's own storage (see `push`), and upload
 /// session status (`GET` of a session), which needs the same rights.
 async fn write(
-    storage: &FsStorage,
+    storage: &Registry,
     htpasswd: Option<&Htpasswd>,
     anonymous_mounts: bool,
     owner: Option<&str>,
@@ -624,14 +640,14 @@ async fn write(
     match route {
         Route::Upload(name, session) => {
             name_ok(name)?;
-            crate::push::upload(storage, name, session, anonymous_mounts, owner, req).await
+            with_registry!(storage, s => crate::push::upload(&**s, name, session, anonymous_mounts, owner, req).await)
         }
         Route::Manifest(name, reference) => {
             name_ok(name)?;
             let reference = manifest_ref(reference)?;
             match *req.method() {
-                Method::PUT => crate::push::put_manifest(storage, name, reference, req).await,
-                Method::DELETE => crate::push::delete_manifest(storage, name, &reference),
+                Method::PUT => with_registry!(storage, s => crate::push::put_manifest(&**s, name, reference, req).await),
+                Method::DELETE => with_registry!(storage, s => crate::push::delete_manifest(&**s, name, &reference).await),
                 _ => Err(not_allowed()),
             }
         }
@@ -639,7 +655,7 @@ async fn write(
             name_ok(name)?;
             let digest = Digest::parse_any(digest)
                 .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest"))?;
-            crate::push::delete_blob(storage, name, &digest)
+            with_registry!(storage, s => crate::push::delete_blob(&**s, name, &digest).await)
         }
         _ => Err(not_allowed()),
     }

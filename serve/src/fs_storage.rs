@@ -5,6 +5,8 @@
 //! <dir>/blobs/{sha256,sha512}/<hex>             verified blobs and manifests
 //! <dir>/ingest/<random>                         being written; never served
 //! <dir>/uploads/<uuid>/{repository,data}        a push's upload session
+//! <dir>/linked/{sha256,sha512}/<hex>            when a push last claimed the blob
+//! <dir>/gc/{sha256,sha512}/<hex>                the collector means to remove it
 //! <dir>/repositories/<name>/_blobs/<hex>        the blob is linked to the repository
 //! <dir>/repositories/<name>/_manifests/<hex>    the manifest's media type
 //! <dir>/repositories/<name>/_tags/<tag>         {"digest", "fetched"} (seconds)
@@ -253,7 +255,17 @@ impl FsStorage {
     /// Opens (creating) the storage at `dir`. `alone`: no other process
     /// uses it, so ingest files a crash left (never visible) are removed.
     pub fn open(dir: &Path, alone: bool) -> Result<FsStorage, StorageError> {
-        for d in ["blobs/sha256", "blobs/sha512", "ingest", "repositories", "uploads"] {
+        for d in [
+            "blobs/sha256",
+            "blobs/sha512",
+            "ingest",
+            "repositories",
+            "uploads",
+            "linked/sha256",
+            "linked/sha512",
+            "gc/sha256",
+            "gc/sha512",
+        ] {
             std::fs::create_dir_all(dir.join(d)).map_err(|e| backend(format!("creating {}", dir.display()), e))?;
         }
         if alone {
@@ -594,7 +606,12 @@ impl FsStorage {
         }
     }
 
-    fn blob_path(&self, d: &Digest) -> PathBuf {
+    /// The storage's directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn blob_path(&self, d: &Digest) -> PathBuf {
         self.dir.join("blobs").join(d.algorithm().name()).join(d.hex())
     }
 
@@ -650,7 +667,39 @@ impl FsStorage {
     pub fn link_blob(&self, repo: &str, digest: &Digest) -> Result<(), StorageError> {
         let dir = self.repo_dir(repo)?.join("_blobs");
         std::fs::create_dir_all(&dir).map_err(|e| backend("linking a blob", e))?;
-        std::fs::write(dir.join(digest.hex()), b"").map_err(|e| backend("linking a blob", e))
+        std::fs::write(dir.join(digest.hex()), b"").map_err(|e| backend("linking a blob", e))?;
+        self.mark_linked(digest)
+    }
+
+    /// Notes that blob `digest` was just claimed (its marker's time), for
+    /// the collector's grace period.
+    fn mark_linked(&self, digest: &Digest) -> Result<(), StorageError> {
+        std::fs::write(self.marker_path("linked", digest), b"").map_err(|e| backend("claiming a blob", e))
+    }
+
+    /// `<dir>/<kind>/<alg>/<hex>`: a blob's claim (`linked`) or the
+    /// collector's intent to remove it (`gc`).
+    pub(crate) fn marker_path(&self, kind: &str, d: &Digest) -> PathBuf {
+        self.dir.join(kind).join(d.algorithm().name()).join(d.hex())
+    }
+
+    /// A manifest of `repo` is about to name these blobs (or manifests):
+    /// each is claimed, then checked not to be on its way out and to be
+    /// held, so a collection running beside the push either sees the claim
+    /// or is seen by it. The digests not held.
+    pub fn claim_blobs(&self, repo: &str, digests: &[Digest]) -> Result<Vec<Digest>, StorageError> {
+        let mut missing = Vec::new();
+        for d in digests {
+            if !self.linked(repo, d)? {
+                missing.push(d.clone());
+                continue;
+            }
+            self.mark_linked(d)?;
+            if self.marker_path("gc", d).exists() || !self.contains_blob(d) {
+                missing.push(d.clone());
+            }
+        }
+        Ok(missing)
     }
 
     /// Stores a manifest (checked against its digest) for `repo`, and
@@ -670,6 +719,7 @@ impl FsStorage {
             ingest.write(&m.bytes)?;
             self.commit_blob(repo, ingest, &m.digest)?;
         }
+        self.mark_linked(&m.digest)?;
         let dir = self.repo_dir(repo)?;
         let manifests = dir.join("_manifests");
         std::fs::create_dir_all(&manifests).map_err(|e| backend("storing a manifest", e))?;

@@ -19,10 +19,15 @@
 pub mod api;
 pub mod from_store;
 pub mod fs_storage;
+pub mod gc;
 pub mod htpasswd;
 pub mod metrics;
 pub mod mirror;
 mod push;
+pub mod registry_storage;
+pub mod s3_client;
+pub mod s3_storage;
+mod sha256_state;
 pub mod storage;
 pub mod token;
 pub mod v1;
@@ -148,15 +153,13 @@ async fn serve_metrics(
                         "text/plain; version=0.0.4; charset=utf-8",
                     ),
                     ("GET", "/healthz") => {
-                        let b = backend.clone();
-                        match tokio::task::spawn_blocking(move || b.check()).await {
-                            Ok(Ok(())) => text(200, "ok\n".into(), "text/plain; charset=utf-8"),
-                            Ok(Err(e)) => text(
+                        match backend.check().await {
+                            Ok(()) => text(200, "ok\n".into(), "text/plain; charset=utf-8"),
+                            Err(e) => text(
                                 503,
                                 format!("storage: {}\n", gantry_core::text::escape_line(&e.to_string())),
                                 "text/plain; charset=utf-8",
                             ),
-                            Err(_) => text(503, "storage: the check failed\n".into(), "text/plain; charset=utf-8"),
                         }
                     }
                     _ => text(404, "not found\n".into(), "text/plain; charset=utf-8"),
@@ -174,7 +177,10 @@ async fn serve(
     metrics: Arc<metrics::Metrics>,
 ) {
     if let api::Backend::Registry { storage, .. } = &*backend {
-        sweep_uploads(storage.clone());
+        match storage {
+            registry_storage::Registry::Fs(s) => sweep_uploads(s.clone()),
+            registry_storage::Registry::S3(s) => sweep_uploads(s.clone()),
+        }
     }
     let limits = server::Limits {
         header_timeout: options.header_timeout,
@@ -211,15 +217,14 @@ async fn serve(
 /// Removes expired upload sessions, with their files, every quarter of the
 /// expiry (at most a minute apart), so abandoned sessions go even when no
 /// one starts another.
-fn sweep_uploads(storage: Arc<fs_storage::FsStorage>) {
+fn sweep_uploads<S: registry_storage::RegistryStorage>(storage: Arc<S>) {
     let every = (storage.upload_limits().expiry / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let s = storage.clone();
-            let _ = tokio::task::spawn_blocking(move || s.sweep_uploads()).await;
+            storage.sweep_uploads().await;
         }
     });
 }

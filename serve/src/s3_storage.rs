@@ -426,11 +426,10 @@ impl S3Storage {
     /// running beside this push either sees the claim or is seen by it.
     /// The digests not held.
     pub async fn claim_blobs(&self, repo: &str, digests: &[Digest]) -> Result<Vec<Digest>, StorageError> {
-        let p = repo_prefix(repo)?;
-        let checks = digests.iter().map(|d| {
-            let p = p.clone();
-            async move {
-                if self.s3.head(&format!("{p}_blobs/{}", d.hex())).await?.is_none() {
+        repo_prefix(repo)?;
+        let checks = digests.iter().map(|d| async move {
+            {
+                if !self.linked(repo, d).await? {
                     return Ok::<bool, StorageError>(false);
                 }
                 self.mark_linked(d).await?;

@@ -21,6 +21,7 @@ pub mod image;
 pub mod proxy;
 pub mod registry;
 pub mod relay;
+pub mod s3;
 pub mod tls;
 pub mod token;
 pub mod tree;

@@ -10,7 +10,7 @@ use std::process::Command;
 
 /// The suite `make deps` builds, or `None` (a skip that says why; a failure
 /// under `GANTRY_REQUIRE_PEERS`).
-fn suite() -> Option<PathBuf> {
+pub(crate) fn suite() -> Option<PathBuf> {
     let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/oci-conformance.test");
     if bin.is_file() {
         return Some(bin);
@@ -27,7 +27,7 @@ fn suite() -> Option<PathBuf> {
 
 /// Runs the suite (its `version`'s set of checks) against `url`; its
 /// summary line `N passed, N failed, N skipped`, and the whole output.
-fn run_suite(bin: &Path, url: &str, version: &str, out: &Path) -> ((u32, u32, u32), String) {
+pub(crate) fn run_suite(bin: &Path, url: &str, version: &str, out: &Path) -> ((u32, u32, u32), String) {
     let run = Command::new("bash")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../third_party/oci-conformance/run.sh"))
         .arg(url)

@@ -22,6 +22,7 @@ mod rootless;
 mod sandbox;
 mod serve;
 mod serve_ops;
+mod serve_s3;
 mod store;
 mod tls;
 mod v1;

@@ -1,0 +1,286 @@
+//! `gantry serve` with its storage on an object store (the S3 API): a real
+//! SeaweedFS per test, replicas that share its bucket and keep nothing of
+//! their own, the conformance suite, and `gantry serve gc` (on both
+//! storages) while pushes go on.
+
+use crate::peers;
+use crate::serve::skopeo;
+use gantry_tests::gantry::{Gantry, Server};
+use gantry_tests::image::{sha256, Image, Layer, Layout};
+use gantry_tests::s3::SeaweedFs;
+use std::path::Path;
+
+/// A replica: a store of its own whose serve keeps everything in `s3`'s bucket.
+fn replica(s3: &SeaweedFs, extra: &str) -> (Gantry, Server) {
+    let g = Gantry::new().with_config(&format!("{}{extra}", s3.config()));
+    let srv = g.serve(&[]);
+    (g, srv)
+}
+
+fn url(srv: &Server, path: &str) -> String {
+    format!("http://{}{path}", srv.addr)
+}
+
+/// A one-layer image of `size` bytes of `seed` in a fresh OCI layout at `dir`.
+fn layout(dir: &Path, seed: u8, size: usize) -> String {
+    let data: Vec<u8> = (0..size).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    let mut l = Layout::create(dir);
+    let (m, _) = l.image(&Image::new(vec![Layer::new().file("data", 0o644, &data).tar()]));
+    l.tag("v1", &m, None);
+    m.digest
+}
+
+fn copy_in(dir: &Path, to: &str) {
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", dir.display()),
+        &format!("docker://{to}"),
+    ]);
+}
+
+fn copy_out(from: &str, dir: &Path) {
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{from}"),
+        &format!("oci:{}:v1", dir.display()),
+    ]);
+}
+
+/// Starts an upload session; its path.
+fn start(srv: &Server, repo: &str) -> String {
+    let r = ureq::post(&url(srv, &format!("/v2/{repo}/blobs/uploads/"))).call().unwrap();
+    assert_eq!(r.status(), 202);
+    r.header("Location").unwrap().to_string()
+}
+
+fn patch(srv: &Server, session: &str, from: usize, chunk: &[u8]) -> ureq::Response {
+    ureq::request("PATCH", &url(srv, session))
+        .set("Content-Type", "application/octet-stream")
+        .set(
+            "Content-Range",
+            &format!("{from}-{}", from + chunk.len() - 1),
+        )
+        .send_bytes(chunk)
+        .unwrap()
+}
+
+fn finish(srv: &Server, session: &str, digest: &str) -> Result<ureq::Response, ureq::Error> {
+    let sep = if session.contains('?') { '&' } else { '?' };
+    ureq::put(&url(srv, &format!("{session}{sep}digest={digest}"))).send_bytes(b"")
+}
+
+fn get_blob(srv: &Server, repo: &str, digest: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(
+        &mut ureq::get(&url(srv, &format!("/v2/{repo}/blobs/{digest}")))
+            .call()
+            .unwrap()
+            .into_reader(),
+        &mut out,
+    )
+    .unwrap();
+    out
+}
+
+/// Both sets of the OCI conformance suite pass with the storage in a bucket.
+#[test]
+fn the_conformance_suite_passes_on_an_object_store() {
+    let Some(bin) = crate::conformance::suite() else { return };
+    let Some(s3) = SeaweedFs::start() else { return };
+    let (g, srv) = replica(&s3, "");
+    let out = g.scratch().join("conformance");
+    std::fs::create_dir_all(&out).unwrap();
+    let addr = format!("http://{}", srv.addr);
+    let ((passed, failed, skipped), text) = crate::conformance::run_suite(&bin, &addr, "1.1", &out);
+    assert_eq!(failed, 0, "{text}");
+    assert!(passed > 800 && skipped <= 2, "{text}");
+    let ((passed, failed, skipped), text) = crate::conformance::run_suite(&bin, &addr, "dev", &out);
+    assert_eq!((failed, skipped), (0, 0), "{text}");
+    assert!(passed > 900, "{text}");
+    // Nothing of the registry's state is on the replica's disk.
+    assert!(!g.root_path().join("registry").exists());
+}
+
+/// Three replicas on one bucket: an image pushed through one is pulled
+/// through another with the same digest (skopeo both ways, and `gantry
+/// pull` with the same image ID); a chunked upload begun on one ends on
+/// another, after the first was killed; a tag moved on one is what the
+/// others serve at once; the same blob pushed through two at once is one
+/// object; a blob whose bytes do not match its digest is never visible.
+#[test]
+fn replicas_on_one_bucket_serve_and_continue_each_others_work() {
+    if !peers() {
+        return;
+    }
+    let Some(s3) = SeaweedFs::start() else { return };
+    let (_ga, mut a) = replica(&s3, "");
+    let (_gb, b) = replica(&s3, "");
+    let (_gc, c) = replica(&s3, "");
+    let work = tempfile::tempdir().unwrap();
+
+    // Push through A (7 MiB: a multipart upload), pull through B and C.
+    let manifest = layout(&work.path().join("in"), 1, 7 << 20);
+    copy_in(&work.path().join("in"), &format!("{}/team/app:v1", a.addr));
+    copy_out(&format!("{}/team/app:v1", b.addr), &work.path().join("out"));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.path().join("out/index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"][0]["digest"], manifest.as_str());
+    let puller = Gantry::new();
+    puller.ok(&["pull", &format!("{}/team/app:v1", c.addr)]);
+    let pusher = Gantry::new();
+    pusher.ok(&["pull", &format!("{}/team/app:v1", a.addr)]);
+    let id = |g: &Gantry, r: &str| {
+        serde_json::from_str::<serde_json::Value>(&g.ok(&["inspect", r])).unwrap()[0]["Id"].clone()
+    };
+    assert_eq!(
+        id(&puller, &format!("{}/team/app:v1", c.addr)),
+        id(&pusher, &format!("{}/team/app:v1", a.addr))
+    );
+
+    // A chunked upload: 6 MiB on A (a part goes to the bucket, the rest
+    // waits in the session's tail), A killed, the client asks B how far it
+    // got, sends the rest there and ends it on C.
+    let blob: Vec<u8> = (0..(13usize << 20)).map(|i| (i % 251) as u8).collect();
+    let digest = sha256(&blob);
+    let session = start(&a, "team/chunked");
+    let r = patch(&a, &session, 0, &blob[..6 << 20]);
+    assert_eq!(r.header("Range"), Some(format!("0-{}", (6 << 20) - 1).as_str()));
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let status = ureq::get(&url(&b, &session)).call().unwrap();
+    assert_eq!(status.status(), 204);
+    assert_eq!(status.header("Range"), Some(format!("0-{}", (6 << 20) - 1).as_str()));
+    // A chunk that does not start where the session ends is refused.
+    let wrong = ureq::request("PATCH", &url(&b, &session))
+        .set("Content-Range", "5-9")
+        .send_bytes(b"12345");
+    assert!(matches!(wrong, Err(ureq::Error::Status(416, _))), "{wrong:?}");
+    patch(&b, &session, 6 << 20, &blob[6 << 20..]);
+    let done = finish(&c, &session, &digest).unwrap();
+    assert_eq!(done.status(), 201);
+    assert_eq!(get_blob(&b, "team/chunked", &digest), blob);
+    assert!(
+        s3.keys("_uploads/").is_empty(),
+        "a finished session leaves nothing: {:?}",
+        s3.keys("_uploads/")
+    );
+
+    // A session whose bytes are not its digest: nothing becomes visible.
+    let session = start(&b, "team/bad");
+    patch(&b, &session, 0, b"not what the digest says");
+    let wrong = sha256(b"something else");
+    assert!(matches!(finish(&c, &session, &wrong), Err(ureq::Error::Status(400, _))));
+    assert!(s3.keys(&format!("blobs/sha256/{}", &wrong[7..])).is_empty());
+    assert!(s3.keys(&format!("blobs/sha256/{}", &sha256(b"not what the digest says")[7..])).is_empty());
+
+    // A tag moved on B is what C serves straight after.
+    let second = layout(&work.path().join("in2"), 2, 1000);
+    copy_in(&work.path().join("in2"), &format!("{}/team/app:v1", b.addr));
+    let head = ureq::head(&url(&c, "/v2/team/app/manifests/v1"))
+        .set("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .call()
+        .unwrap();
+    assert_eq!(head.header("Docker-Content-Digest"), Some(second.as_str()));
+
+    // The same blob through B and C at once: one object, both answers 201.
+    let same: Vec<u8> = (0..(9usize << 20)).map(|i| (i % 241) as u8).collect();
+    let same_digest = sha256(&same);
+    let pushes: Vec<_> = [&b, &c]
+        .into_iter()
+        .map(|srv| {
+            let (addr, same, d) = (srv.addr.clone(), same.clone(), same_digest.clone());
+            std::thread::spawn(move || {
+                let r = ureq::post(&format!("http://{addr}/v2/team/same/blobs/uploads/"))
+                    .call()
+                    .unwrap();
+                let loc = r.header("Location").unwrap().to_string();
+                ureq::request("PATCH", &format!("http://{addr}{loc}"))
+                    .send_bytes(&same)
+                    .unwrap();
+                ureq::put(&format!("http://{addr}{loc}?digest={d}"))
+                    .send_bytes(b"")
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for p in pushes {
+        assert_eq!(p.join().unwrap(), 201);
+    }
+    assert_eq!(s3.keys(&format!("blobs/sha256/{}", &same_digest[7..])).len(), 1);
+    assert_eq!(get_blob(&c, "team/same", &same_digest), same);
+}
+
+/// `gantry serve gc` on both storages: what no tag names goes, what the
+/// tags name stays, a dry run removes nothing, and pushes that run while
+/// it collects all pull whole afterwards.
+#[test]
+fn gc_removes_what_nothing_names_while_pushes_go_on() {
+    if !peers() {
+        return;
+    }
+    let s3 = SeaweedFs::start();
+    let mut configs = vec![String::new()];
+    if let Some(s3) = &s3 {
+        configs.push(s3.config());
+    }
+    for config in configs {
+        let g = Gantry::new().with_config(&format!("[serve]\ngc_grace_seconds = 2\n{config}"));
+        let srv = g.serve(&[]);
+        let work = tempfile::tempdir().unwrap();
+        let kept = layout(&work.path().join("kept"), 3, 4096);
+        copy_in(&work.path().join("kept"), &format!("{}/gc/kept:v1", srv.addr));
+        // An image whose tag is then deleted, and a blob nothing names.
+        layout(&work.path().join("old"), 4, 4096);
+        copy_in(&work.path().join("old"), &format!("{}/gc/old:v1", srv.addr));
+        let orphan = b"a blob no manifest names".to_vec();
+        let session = start(&srv, "gc/orphan");
+        patch(&srv, &session, 0, &orphan);
+        finish(&srv, &session, &sha256(&orphan)).unwrap();
+        let del = ureq::delete(&url(&srv, "/v2/gc/old/manifests/v1")).call().unwrap();
+        assert_eq!(del.status(), 202);
+        std::thread::sleep(std::time::Duration::from_secs(3));
+
+        let dry = g.ok(&["serve", "gc", "--dry-run", "--delete-untagged"]);
+        assert!(dry.contains("would remove 4 blobs"), "{dry}");
+        assert_eq!(get_blob(&srv, "gc/orphan", &sha256(&orphan)), orphan);
+
+        // Pushes of new images go on through the collection.
+        let addr = srv.addr.clone();
+        let dirs = work.path().to_path_buf();
+        let pushing = std::thread::spawn(move || {
+            for i in 0..6u8 {
+                let d = dirs.join(format!("new{i}"));
+                layout(&d, 10 + i, 200_000);
+                copy_in(&d, &format!("{addr}/gc/new{i}:v1"));
+            }
+        });
+        let mut report = String::new();
+        for _ in 0..3 {
+            report = g.ok(&["serve", "gc", "--delete-untagged"]);
+        }
+        pushing.join().unwrap();
+        assert!(report.contains("removed"), "{report}");
+        let gone = ureq::get(&url(&srv, &format!("/v2/gc/orphan/blobs/{}", sha256(&orphan)))).call();
+        assert!(matches!(gone, Err(ureq::Error::Status(404, _))), "{config}: {gone:?}");
+        let old = ureq::get(&url(&srv, "/v2/gc/old/tags/list")).call().unwrap().into_string().unwrap();
+        assert!(old.contains("\"tags\":[]"), "{old}");
+        copy_out(&format!("{}/gc/kept:v1", srv.addr), &work.path().join("kept-out"));
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(work.path().join("kept-out/index.json")).unwrap()).unwrap();
+        assert_eq!(index["manifests"][0]["digest"], kept.as_str());
+        for i in 0..6 {
+            copy_out(
+                &format!("{}/gc/new{i}:v1", srv.addr),
+                &work.path().join(format!("new{i}-out")),
+            );
+        }
+        // A collection now finds nothing more to take.
+        let again = g.ok(&["serve", "gc", "--delete-untagged"]);
+        assert!(again.starts_with("removed 0 blobs"), "{again}");
+    }
+}

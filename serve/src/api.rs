@@ -10,17 +10,19 @@
 //! media type only when that is a manifest type (else as plain bytes), so
 //! nothing a client stored is ever rendered as a page.
 
-use crate::registry_storage::{Registry, RegistryStorage};
-use crate::with_registry;
 use crate::htpasswd::Htpasswd;
 use crate::mirror::Mirror;
+use crate::registry_storage::{Registry, RegistryStorage};
 use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
 use crate::token::{Scope, TokenAuth, TokenError};
+use crate::with_registry;
 use bytes::Bytes;
 use gantry_core::digest::Digest;
 use gantry_core::reference::{valid_repository, valid_tag};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::header::{HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, LINK, LOCATION, RANGE};
+use hyper::header::{
+    HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, LINK, LOCATION, RANGE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use std::sync::Arc;
 
@@ -315,7 +317,9 @@ impl Backend {
     async fn has_repository(&self, repo: &str) -> Result<bool, StorageError> {
         match self {
             Backend::Storage(s) => s.has_repository(repo),
-            Backend::Registry { storage, .. } => with_registry!(storage, s => RegistryStorage::has_repository(&**s, repo).await),
+            Backend::Registry { storage, .. } => {
+                with_registry!(storage, s => RegistryStorage::has_repository(&**s, repo).await)
+            }
             Backend::Mirror(m) => Ok(Storage::has_repository(m.local(), repo)? || m.serves(repo)),
         }
     }
@@ -328,7 +332,9 @@ impl Backend {
         }
         match self {
             Backend::Storage(s) => s.manifest(repo, r),
-            Backend::Registry { storage, .. } => with_registry!(storage, s => RegistryStorage::manifest(&**s, repo, r).await),
+            Backend::Registry { storage, .. } => {
+                with_registry!(storage, s => RegistryStorage::manifest(&**s, repo, r).await)
+            }
             Backend::Mirror(m) => m.manifest(repo, r).await,
         }
     }
@@ -342,7 +348,9 @@ impl Backend {
         after: Option<&str>,
     ) -> Result<(Vec<serde_json::Value>, bool), StorageError> {
         match self {
-            Backend::Registry { storage, .. } => with_registry!(storage, s => RegistryStorage::referrers(&**s, repo, d, after).await),
+            Backend::Registry { storage, .. } => {
+                with_registry!(storage, s => RegistryStorage::referrers(&**s, repo, d, after).await)
+            }
             Backend::Storage(_) | Backend::Mirror(_) => Ok((Vec::new(), false)),
         }
     }
@@ -353,7 +361,9 @@ impl Backend {
         }
         match self {
             Backend::Storage(s) => s.blob_size(repo, d),
-            Backend::Registry { storage, .. } => with_registry!(storage, s => RegistryStorage::blob_size(&**s, repo, d).await),
+            Backend::Registry { storage, .. } => {
+                with_registry!(storage, s => RegistryStorage::blob_size(&**s, repo, d).await)
+            }
             Backend::Mirror(m) => m.blob_size(repo, d).await,
         }
     }
@@ -364,7 +374,9 @@ impl Backend {
         }
         match self {
             Backend::Storage(s) => s.blob(repo, d, range),
-            Backend::Registry { storage, .. } => with_registry!(storage, s => RegistryStorage::blob(&**s, repo, d, range).await),
+            Backend::Registry { storage, .. } => {
+                with_registry!(storage, s => RegistryStorage::blob(&**s, repo, d, range).await)
+            }
             Backend::Mirror(m) => m.blob(repo, d, range).await,
         }
     }
@@ -545,7 +557,8 @@ async fn answer(storage: &Backend, req: Request<hyper::body::Incoming>) -> Resul
                     let mut resp = Response::new(empty());
                     *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
                     resp.headers_mut().insert(LOCATION, value(&to));
-                    resp.headers_mut().insert("Docker-Content-Digest", value(digest.as_str()));
+                    resp.headers_mut()
+                        .insert("Docker-Content-Digest", value(digest.as_str()));
                     resp.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(0));
                     return Ok(resp);
                 }
@@ -646,8 +659,12 @@ async fn write(
             name_ok(name)?;
             let reference = manifest_ref(reference)?;
             match *req.method() {
-                Method::PUT => with_registry!(storage, s => crate::push::put_manifest(&**s, name, reference, req).await),
-                Method::DELETE => with_registry!(storage, s => crate::push::delete_manifest(&**s, name, &reference).await),
+                Method::PUT => {
+                    with_registry!(storage, s => crate::push::put_manifest(&**s, name, reference, req).await)
+                }
+                Method::DELETE => {
+                    with_registry!(storage, s => crate::push::delete_manifest(&**s, name, &reference).await)
+                }
                 _ => Err(not_allowed()),
             }
         }

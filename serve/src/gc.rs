@@ -90,8 +90,11 @@ fn digest_of_hex(hex: &str) -> Option<Digest> {
     Digest::parse_any(&format!("{alg}:{hex}")).ok()
 }
 
-/// The digests a manifest names: (manifests, blobs, subject).
-fn named(bytes: &[u8]) -> (Vec<Digest>, Vec<Digest>, Option<Digest>) {
+/// What a manifest names: its manifests (an index's), its blobs (an
+/// image's config and layers), and its subject.
+type Named = (Vec<Digest>, Vec<Digest>, Option<Digest>);
+
+fn named(bytes: &[u8]) -> Named {
     let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) else {
         return (Vec::new(), Vec::new(), None);
     };
@@ -136,7 +139,7 @@ pub async fn collect<S: Collectable>(storage: &S, options: &GcOptions) -> Result
     for repo in storage.catalog().await? {
         let tagged: BTreeSet<Digest> = storage.gc_tags(&repo).await?.into_iter().collect();
         let records = storage.gc_manifests(&repo).await?;
-        let mut docs: BTreeMap<Digest, (Vec<Digest>, Vec<Digest>, Option<Digest>)> = BTreeMap::new();
+        let mut docs: BTreeMap<Digest, Named> = BTreeMap::new();
         for (d, _) in &records {
             if let Some(b) = storage.gc_manifest_bytes(d).await? {
                 docs.insert(d.clone(), named(&b));
@@ -239,7 +242,9 @@ fn read_dir_names(dir: &std::path::Path) -> Result<Vec<(String, std::fs::Metadat
     };
     let mut out = Vec::new();
     for e in rd.flatten() {
-        let Ok(name) = e.file_name().into_string() else { continue };
+        let Ok(name) = e.file_name().into_string() else {
+            continue;
+        };
         if name.contains(".tmp-") {
             continue;
         }

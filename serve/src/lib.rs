@@ -152,16 +152,14 @@ async fn serve_metrics(
                         metrics.render(&backend),
                         "text/plain; version=0.0.4; charset=utf-8",
                     ),
-                    ("GET", "/healthz") => {
-                        match backend.check().await {
-                            Ok(()) => text(200, "ok\n".into(), "text/plain; charset=utf-8"),
-                            Err(e) => text(
-                                503,
-                                format!("storage: {}\n", gantry_core::text::escape_line(&e.to_string())),
-                                "text/plain; charset=utf-8",
-                            ),
-                        }
-                    }
+                    ("GET", "/healthz") => match backend.check().await {
+                        Ok(()) => text(200, "ok\n".into(), "text/plain; charset=utf-8"),
+                        Err(e) => text(
+                            503,
+                            format!("storage: {}\n", gantry_core::text::escape_line(&e.to_string())),
+                            "text/plain; charset=utf-8",
+                        ),
+                    },
                     _ => text(404, "not found\n".into(), "text/plain; charset=utf-8"),
                 }
             }

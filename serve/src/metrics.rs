@@ -125,8 +125,10 @@ impl Metrics {
     /// The text a scrape gets, with the gauges read now.
     pub fn render(&self, backend: &Backend) -> String {
         if let Backend::Registry { storage, .. } = backend {
-            self.uploads_open
-                .set(crate::with_registry!(storage, s => crate::registry_storage::RegistryStorage::uploads_open(&**s)) as i64);
+            self.uploads_open.set(
+                crate::with_registry!(storage, s => crate::registry_storage::RegistryStorage::uploads_open(&**s))
+                    as i64,
+            );
         }
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry).expect("writing to a String");

@@ -21,8 +21,8 @@
 //! With an htpasswd file every write needs basic auth; reads stay open.
 
 use crate::api::{empty, value, ApiError, Body};
-use crate::registry_storage::{RegistryStorage, UploadSession};
 use crate::htpasswd::Htpasswd;
+use crate::registry_storage::{RegistryStorage, UploadSession};
 use crate::storage::{Manifest, ManifestRef, StorageError};
 use bytes::Bytes;
 use gantry_core::digest::Digest;
@@ -564,16 +564,17 @@ pub(crate) async fn put_manifest<S: RegistryStorage>(
             .add_referrer(name, subject, &digest, &referrer(kind, media_type, &digest, size, &doc))
             .await?;
     }
-    storage.put_manifest(
-        name,
-        &Manifest {
-            media_type: media_type.to_string(),
-            digest: digest.clone(),
-            bytes,
-        },
-        &tags,
-    )
-    .await?;
+    storage
+        .put_manifest(
+            name,
+            &Manifest {
+                media_type: media_type.to_string(),
+                digest: digest.clone(),
+                bytes,
+            },
+            &tags,
+        )
+        .await?;
     let mut r = Response::new(empty());
     *r.status_mut() = StatusCode::CREATED;
     let h = r.headers_mut();

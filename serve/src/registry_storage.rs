@@ -21,6 +21,9 @@ pub type SessionLock<U> = Arc<tokio::sync::Mutex<Option<U>>>;
 /// An upload session's bytes as a request appends to them.
 pub trait UploadSession: Send + 'static {
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// A failed write left the session out of step: it can only be cancelled
     /// (or, on an object store, picked up again from where it was written down).
     fn is_dead(&self) -> bool;
@@ -63,7 +66,11 @@ pub trait RegistryStorage: Send + Sync + 'static {
         after: Option<&str>,
     ) -> impl Future<Output = Result<(Vec<serde_json::Value>, bool), StorageError>> + Send;
 
-    fn start_upload(&self, repo: &str, owner: Option<&str>) -> impl Future<Output = Result<String, StorageError>> + Send;
+    fn start_upload(
+        &self,
+        repo: &str,
+        owner: Option<&str>,
+    ) -> impl Future<Output = Result<String, StorageError>> + Send;
     fn upload(
         &self,
         repo: &str,
@@ -86,15 +93,24 @@ pub trait RegistryStorage: Send + Sync + 'static {
     /// Removes expired sessions; how many went.
     fn sweep_uploads(&self) -> impl Future<Output = usize> + Send;
 
-    fn mount_blob(&self, repo: &str, from: &str, d: &Digest) -> impl Future<Output = Result<bool, StorageError>> + Send;
+    fn mount_blob(&self, repo: &str, from: &str, d: &Digest)
+        -> impl Future<Output = Result<bool, StorageError>> + Send;
     fn contains_blob(&self, d: &Digest) -> impl Future<Output = Result<bool, StorageError>> + Send;
     fn link_blob(&self, repo: &str, d: &Digest) -> impl Future<Output = Result<(), StorageError>> + Send;
     /// A manifest of `repo` is about to name these blobs: each is claimed
     /// (so a collection beside the push spares it) and checked to be held;
     /// the digests that are not.
-    fn claim_blobs(&self, repo: &str, digests: &[Digest])
-        -> impl Future<Output = Result<Vec<Digest>, StorageError>> + Send;
-    fn put_manifest(&self, repo: &str, m: &Manifest, tags: &[&str]) -> impl Future<Output = Result<(), StorageError>> + Send;
+    fn claim_blobs(
+        &self,
+        repo: &str,
+        digests: &[Digest],
+    ) -> impl Future<Output = Result<Vec<Digest>, StorageError>> + Send;
+    fn put_manifest(
+        &self,
+        repo: &str,
+        m: &Manifest,
+        tags: &[&str],
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
     fn add_referrer(
         &self,
         repo: &str,

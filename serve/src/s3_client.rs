@@ -93,13 +93,8 @@ impl S3Client {
         } else {
             UrlStyle::VirtualHost
         };
-        let bucket = Bucket::new(
-            endpoint,
-            style,
-            config.bucket.clone(),
-            config.region.clone(),
-        )
-        .map_err(|e| failed("the endpoint", e))?;
+        let bucket = Bucket::new(endpoint, style, config.bucket.clone(), config.region.clone())
+            .map_err(|e| failed("the endpoint", e))?;
         Ok(S3Client {
             bucket,
             credentials,
@@ -296,7 +291,10 @@ impl S3Client {
             action.headers_mut().insert("x-amz-copy-source", source.clone());
             action.headers_mut().insert("x-amz-copy-source-range", range.clone());
             let url = action.sign(SIGNED_FOR);
-            let headers = [("x-amz-copy-source", source.clone()), ("x-amz-copy-source-range", range)];
+            let headers = [
+                ("x-amz-copy-source", source.clone()),
+                ("x-amz-copy-source-range", range),
+            ];
             let resp = self.send(Method::PUT, url, &headers, None).await?;
             let what = format!("copying part {number} of {target}");
             if !resp.status().is_success() {
@@ -345,7 +343,9 @@ impl S3Client {
                 .map_err(|e| failed(&what, e))?;
             let page = rusty_s3::actions::ListObjectsV2::parse_response(&body).map_err(|e| failed(&what, e))?;
             for c in page.contents {
-                let Some(key) = c.key.strip_prefix(&self.prefix) else { continue };
+                let Some(key) = c.key.strip_prefix(&self.prefix) else {
+                    continue;
+                };
                 let modified = c
                     .last_modified
                     .parse::<jiff::Timestamp>()
@@ -425,7 +425,10 @@ impl S3Client {
     /// Abandons upload `id` and its parts.
     pub async fn abort_multipart(&self, key: &str, id: &str) -> Result<(), StorageError> {
         let key = self.key(key);
-        let url = self.bucket.abort_multipart_upload(self.creds(), &key, id).sign(SIGNED_FOR);
+        let url = self
+            .bucket
+            .abort_multipart_upload(self.creds(), &key, id)
+            .sign(SIGNED_FOR);
         let resp = self.send(Method::DELETE, url, &[], None).await?;
         if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND {
             drain(resp).await;
@@ -466,7 +469,11 @@ fn between<'a>(text: &'a str, open: &str, close: &str) -> Option<&'a str> {
 /// percent-encoded, `/` kept).
 fn encode_key(key: &str) -> String {
     key.split('/')
-        .map(|s| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20"))
+        .map(|s| {
+            url::form_urlencoded::byte_serialize(s.as_bytes())
+                .collect::<String>()
+                .replace('+', "%20")
+        })
         .collect::<Vec<_>>()
         .join("/")
 }

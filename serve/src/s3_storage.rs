@@ -123,7 +123,9 @@ impl S3Upload {
     /// parts go to the object store as they fill, one while the next fills.
     pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StorageError> {
         if self.lost {
-            return Err(StorageError::Backend("the upload lost a part; ask how far it got".into()));
+            return Err(StorageError::Backend(
+                "the upload lost a part; ask how far it got".into(),
+            ));
         }
         if self.len().saturating_add(chunk.len() as u64) > self.max {
             return Err(StorageError::TooLarge { limit: self.max });
@@ -174,7 +176,9 @@ impl S3Upload {
     /// parts, the hash state, the tail.
     pub async fn persist(&mut self) -> Result<(), StorageError> {
         if self.lost {
-            return Err(StorageError::Backend("the upload lost a part; ask how far it got".into()));
+            return Err(StorageError::Backend(
+                "the upload lost a part; ask how far it got".into(),
+            ));
         }
         if let Err(e) = self.settle().await {
             self.lost = true;
@@ -182,7 +186,10 @@ impl S3Upload {
         }
         if !self.buf.is_empty() {
             self.s3
-                .put(&format!("_uploads/{}/tail", self.uuid), Bytes::copy_from_slice(&self.buf))
+                .put(
+                    &format!("_uploads/{}/tail", self.uuid),
+                    Bytes::copy_from_slice(&self.buf),
+                )
                 .await?;
         }
         self.state.tail = self.buf.len() as u64;
@@ -316,10 +323,8 @@ impl S3Storage {
         };
         let record = format!("{}_manifests/{}", repo_prefix(repo)?, digest.hex());
         let bytes_key = blob_key(&digest);
-        let (media_type, bytes) = tokio::join!(
-            self.s3.get(&record, SMALL),
-            self.s3.get(&bytes_key, MAX_MANIFEST_BYTES)
-        );
+        let (media_type, bytes) =
+            tokio::join!(self.s3.get(&record, SMALL), self.s3.get(&bytes_key, MAX_MANIFEST_BYTES));
         let (Some(media_type), Some(bytes)) = (media_type?, bytes?) else {
             return Ok(None);
         };
@@ -379,7 +384,9 @@ impl S3Storage {
         let listed = self.s3.list_after(&prefix, after.as_deref(), usize::MAX).await?;
         let (mut out, mut bytes) = (Vec::new(), 0usize);
         for l in listed {
-            let Some(hex) = l.key.strip_prefix(&prefix) else { continue };
+            let Some(hex) = l.key.strip_prefix(&prefix) else {
+                continue;
+            };
             if self.s3.head(&format!("{p}_manifests/{hex}")).await?.is_none() {
                 continue;
             }
@@ -501,7 +508,10 @@ impl S3Storage {
             record = serde_json::to_vec(&bare).expect("serialisable");
         }
         self.s3
-            .put(&format!("{p}_referrers/{}/{}", subject.hex(), of.hex()), Bytes::from(record))
+            .put(
+                &format!("{p}_referrers/{}/{}", subject.hex(), of.hex()),
+                Bytes::from(record),
+            )
             .await
     }
 
@@ -568,7 +578,10 @@ impl S3Storage {
             let expiry = self.limits.expiry;
             map.retain(|_, s| s.touched.elapsed() < expiry || s.state.try_lock().is_err());
             if map.len() >= self.limits.max_sessions {
-                return Err(StorageError::TooManyUploads(format!("{} upload sessions are open", map.len())));
+                return Err(StorageError::TooManyUploads(format!(
+                    "{} upload sessions are open",
+                    map.len()
+                )));
             }
             if map.values().filter(|s| s.repo == repo).count() >= self.limits.max_per_repository {
                 return Err(StorageError::TooManyUploads("too many for this repository".into()));
@@ -700,7 +713,9 @@ impl S3Storage {
         }
         let up = slot.as_mut().expect("loaded");
         if up.lost {
-            return Err(StorageError::Backend("the upload lost a part; ask how far it got".into()));
+            return Err(StorageError::Backend(
+                "the upload lost a part; ask how far it got".into(),
+            ));
         }
         up.settle().await?;
         if digest.algorithm() == Algorithm::Sha256 {

@@ -118,7 +118,7 @@ mod hex_bytes {
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s: String = serde::Deserialize::deserialize(d)?;
         let bad = || serde::de::Error::custom("not a partial block in hex");
-        if s.len() % 2 != 0 || s.len() >= 128 || !s.is_ascii() {
+        if !s.len().is_multiple_of(2) || s.len() >= 128 || !s.is_ascii() {
             return Err(bad());
         }
         (0..s.len())

@@ -27,7 +27,10 @@ pub fn weed() -> Option<PathBuf> {
         return Some(p);
     }
     if std::env::var_os("GANTRY_REQUIRE_PEERS").is_some() {
-        panic!("{} is required (GANTRY_REQUIRE_PEERS is set): run make deps", p.display());
+        panic!(
+            "{} is required (GANTRY_REQUIRE_PEERS is set): run make deps",
+            p.display()
+        );
     }
     eprintln!("skipped: SeaweedFS is not installed (make deps)");
     None
@@ -131,9 +134,7 @@ impl SeaweedFs {
             let creds = Self::credentials();
             let url = bucket.create_bucket(&creds).sign(Duration::from_secs(60));
             let made = ureq::put(url.as_str()).send_bytes(b"");
-            let probe = bucket
-                .put_object(Some(&creds), "_ready")
-                .sign(Duration::from_secs(60));
+            let probe = bucket.put_object(Some(&creds), "_ready").sign(Duration::from_secs(60));
             let written = made.is_ok() || matches!(made, Err(ureq::Error::Status(409, _)));
             if written && ureq::put(probe.as_str()).send_bytes(b"ok").is_ok() {
                 let gone = bucket

@@ -74,7 +74,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             ..
         } => daemon::run(ctx, &host, allow_remote_tcp, group.as_deref()),
         Command::Serve {
-            action: Some(crate::cli::ServeAction::Gc { dry_run, delete_untagged }),
+            action:
+                Some(crate::cli::ServeAction::Gc {
+                    dry_run,
+                    delete_untagged,
+                }),
             ..
         } => serve::gc(&ctx, dry_run, delete_untagged),
         Command::Serve {

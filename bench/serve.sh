@@ -125,3 +125,125 @@ for (label, (breg, bgan, rreg, rgan)) in [("plain HTTP/1.1", v[0:4]), ("TLS HTTP
     print(f"{label} big blob GET, 4 connections:   docker-registry {breg / 1e9:6.2f} GB/s   gantry {bgan / 1e9:6.2f} GB/s   gantry/registry {bgan / breg:5.2f}   (target >= 1.0)")
     print(f"{label} manifest GET, 32 connections:  docker-registry {rreg:8.0f} /s    gantry {rgan:8.0f} /s    gantry/registry {rgan / rreg:5.1f}   (target >= 10)")
 PY
+
+# --- On an object store: gantry serve with `[serve.storage] type = "s3"`
+# against docker-registry with its s3 driver (`redirect: disable`, both
+# streaming), each on its own bucket of one SeaweedFS (`make deps` puts it
+# in target/oras-venv), in this same run:
+#   - a push of a 500 MiB single-layer image (incompressible) with skopeo;
+#   - big-blob GET throughput (that layer), 4 connections;
+#   - manifest GET by tag, 32 connections;
+#   - gantry serve's peak RSS while 64 connections pull that blob.
+weed=$(dirname "$here")/target/oras-venv/bin/weed
+[ -x "$weed" ] || { echo "bench: $weed is required (make deps)" >&2; exit 1; }
+s3port=$(python3 -c 'import socket
+for _ in range(200):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+    ok = True
+    for q in range(p, p + 8):
+        t = socket.socket()
+        try: t.bind(("127.0.0.1", q))
+        except OSError: ok = False
+        t.close()
+    if ok and p + 8 < 65536: print(p); break')
+mkdir -p "$work/weed"
+rm -rf "$work/weed/data"; mkdir -p "$work/weed/data"
+printf '{"identities":[{"name":"bench","credentials":[{"accessKey":"benchkey","secretKey":"benchsecret"}],"actions":["Admin","Read","Write","List","Tagging"]}]}\n' > "$work/weed/s3.json"
+"$weed" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false -dir="$work/weed/data" \
+    -master.port=$s3port -master.port.grpc=$((s3port + 1)) -volume.port=$((s3port + 2)) \
+    -volume.port.grpc=$((s3port + 3)) -filer.port=$((s3port + 4)) -filer.port.grpc=$((s3port + 5)) \
+    -s3 -s3.port=$((s3port + 6)) -s3.port.grpc=$((s3port + 7)) -s3.config="$work/weed/s3.json" \
+    -s3.port.iceberg=0 -s3.port.lance=0 -volume.max=0 > "$work/weed/weed.log" 2>&1 &
+weed_pid=$!
+at_exit 'stop "$weed_pid"'
+s3=http://127.0.0.1:$((s3port + 6))
+for b in gantry distribution; do
+    for _ in $(seq 200); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --aws-sigv4 "aws:amz:us-east-1:s3" --user benchkey:benchsecret -X PUT "$s3/$b" || true)
+        [ "$code" = 200 ] || [ "$code" = 409 ] && break
+        sleep 0.2
+    done
+done
+
+printf 'plugin_cache_dir = "%s"\n[serve.storage]\ntype = "s3"\nendpoint = "%s"\nbucket = "gantry"\npath_style = true\naccess_key = "benchkey"\nsecret_key = "benchsecret"\n' \
+    "$work/plugin-cache" "$s3" > "$work/serve-s3.toml"
+"$bin/gantry" --root "$work/serve-s3-root" --config "$work/serve-s3.toml" serve --listen 127.0.0.1:0 \
+    2> "$work/serve-s3.log" &
+serve_s3_pid=$!
+at_exit 'stop "$serve_s3_pid"'
+for _ in $(seq 200); do grep -q "listening on" "$work/serve-s3.log" && break; sleep 0.05; done
+gantry_s3_addr=$(sed -n 's|^gantry serve: listening on http://||p' "$work/serve-s3.log")
+[ -n "$gantry_s3_addr" ] || { echo "bench: gantry serve (s3) did not start" >&2; cat "$work/serve-s3.log" >&2; exit 1; }
+
+reg_s3_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat > "$work/registry-s3.yml" <<YML
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage:
+  s3: {accesskey: benchkey, secretkey: benchsecret, region: us-east-1, regionendpoint: "$s3", bucket: distribution, secure: false, v4auth: true}
+  redirect: {disable: true}
+http: {addr: "127.0.0.1:$reg_s3_port"}
+YML
+# distribution 2.8's S3 driver refuses to start with AWS_CA_BUNDLE set.
+env -u AWS_CA_BUNDLE docker-registry serve "$work/registry-s3.yml" > "$work/registry-s3.log" 2>&1 &
+reg_s3_pid=$!
+at_exit 'stop "$reg_s3_pid"'
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$reg_s3_port") 2>/dev/null && break; sleep 0.1; done
+
+# A single-layer image of 500 MiB of random bytes.
+if [ ! -f "$work/big500/index.json" ]; then
+    python3 - "$work/big500" <<'PY'
+import hashlib, json, os, sys
+d = sys.argv[1]
+os.makedirs(f"{d}/blobs/sha256", exist_ok=True)
+def put(data):
+    h = hashlib.sha256(data).hexdigest()
+    open(f"{d}/blobs/sha256/{h}", "wb").write(data)
+    return {"digest": f"sha256:{h}", "size": len(data)}
+layer = os.urandom(500 << 20)
+l = put(layer) | {"mediaType": "application/vnd.oci.image.layer.v1.tar"}
+c = put(json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [l["digest"]]}}).encode()) | {"mediaType": "application/vnd.oci.image.config.v1+json"}
+m = put(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": c, "layers": [l]}).encode()) | {"mediaType": "application/vnd.oci.image.manifest.v1+json"}
+m["annotations"] = {"org.opencontainers.image.ref.name": "big"}
+json.dump({"schemaVersion": 2, "manifests": [m]}, open(f"{d}/index.json", "w"))
+open(f"{d}/oci-layout", "w").write('{"imageLayoutVersion":"1.0.0"}')
+PY
+fi
+big_blob=$(python3 -c 'import json,sys; d=sys.argv[1]; m=json.load(open(d+"/index.json"))["manifests"][0]["digest"].split(":")[1]; print(json.load(open(d+"/blobs/sha256/"+m))["layers"][0]["digest"])' "$work/big500")
+
+# The 500 MiB push, runs interleaved, each to a repository of its own.
+: > "$work/push-s3-registry.runs"; : > "$work/push-s3-gantry.runs"
+for i in $(seq "$runs"); do
+    for who in registry gantry; do
+        addr=127.0.0.1:$reg_s3_port
+        [ "$who" = gantry ] && addr=$gantry_s3_addr
+        measure_once "push-s3-$who" "" skopeo copy --quiet --dest-tls-verify=false \
+            "oci:$work/big500:big" "docker://$addr/big$i:latest"
+    done
+done
+push_median() { sort -n "$work/$1.runs" | sed -n "$((($(wc -l < "$work/$1.runs") + 1) / 2))p" | cut -d' ' -f1; }
+push_reg=$(push_median push-s3-registry)
+push_gan=$(push_median push-s3-gantry)
+
+for who in registry gantry; do
+    addr=127.0.0.1:$reg_s3_port
+    [ "$who" = gantry ] && addr=$gantry_s3_addr
+    curl -s -o /dev/null "http://$addr/v2/big1/blobs/$big_blob"
+    read -r _ b < <(wrk_rate 4 "http://$addr/v2/big1/blobs/$big_blob")
+    bps[s3-$who]=$b
+    read -r r _ < <(wrk_rate 32 "http://$addr/v2/big1/manifests/latest")
+    rps[s3-$who]=$r
+done
+
+# gantry serve's peak RSS while 64 clients pull the 500 MiB blob.
+wrk -t2 -c64 -d"${secs}s" "http://$gantry_s3_addr/v2/big1/blobs/$big_blob" > "$work/wrk64.out"
+hwm=$(awk '/VmHWM/ {print $2}' "/proc/$serve_s3_pid/status")
+
+python3 - "${bps[s3-registry]}" "${bps[s3-gantry]}" "${rps[s3-registry]}" "${rps[s3-gantry]}" "$push_reg" "$push_gan" "$hwm" <<'PY'
+import sys
+breg, bgan, rreg, rgan, preg, pgan, hwm = map(float, sys.argv[1:])
+print(f"S3 (SeaweedFS) big blob GET, 4 connections:  docker-registry {breg / 1e9:6.2f} GB/s   gantry {bgan / 1e9:6.2f} GB/s   gantry/registry {bgan / breg:5.2f}   (target >= 1.0)")
+print(f"S3 (SeaweedFS) manifest GET, 32 connections: docker-registry {rreg:8.0f} /s    gantry {rgan:8.0f} /s    gantry/registry {rgan / rreg:5.1f}   (target >= 10)")
+print(f"S3 (SeaweedFS) 500 MiB push (skopeo), median: docker-registry {preg:6.2f} s     gantry {pgan:6.2f} s     gantry/registry {pgan / preg:5.2f}   (target <= 1.0)")
+print(f"S3 (SeaweedFS) gantry serve peak RSS, 64 clients pulling the 500 MiB blob: {hwm / 1024:.0f} MiB (target < 128)")
+PY

@@ -121,6 +121,12 @@ impl Context {
             .map_err(|e| anyhow!("{e}"))
     }
 
+    /// A graph driver of the caller's own for the rest of the process
+    /// (`serve --from-store` rebuilds layers through it on its threads).
+    pub fn driver_for_process(&self) -> Result<&'static AnyDriver> {
+        Ok(Box::leak(Box::new(self.load_driver()?)))
+    }
+
     fn load_driver(&self) -> Result<AnyDriver> {
         let config = &self.config;
         let path = config.plugin_path("driver", &config.driver)?;

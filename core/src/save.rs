@@ -196,19 +196,13 @@ impl Writer<'_> {
                 None => store.layers.tar_split(&l.chain_id)?.tar_len()?,
             };
             self.tar_lens.insert(l.diff_id.clone(), tar_len);
-            descriptors.push(json!({"mediaType": LAYER_TYPE, "digest": l.diff_id, "size": tar_len}));
+            descriptors.push((l.diff_id.clone(), tar_len));
             layer_names.push(name);
         }
         let (manifest, manifest_type) = match &img.original {
             Some(o) => (o.manifest.clone(), o.media_type.as_str()),
             None => (
-                serde_json::to_vec(&json!({
-                    "schemaVersion": 2,
-                    "mediaType": MANIFEST_TYPE,
-                    "config": {"mediaType": CONFIG_TYPE, "digest": img.id, "size": img.config.len()},
-                    "layers": descriptors,
-                }))
-                .expect("serialisable"),
+                rebuilt_manifest_bytes(&img.id, img.config.len(), &descriptors),
                 MANIFEST_TYPE,
             ),
         };
@@ -290,6 +284,50 @@ fn write_blob(b: &mut tar::Builder<&mut dyn Write>, store: &Store, d: &Digest, s
         )));
     }
     Ok(())
+}
+
+/// The OCI manifest of an image whose registry content is not held: its
+/// config, and its layers as rebuilt (uncompressed: digest = diffID, size
+/// = the tar's length). The same bytes every time, so the digest too.
+fn rebuilt_manifest_bytes(id: &Digest, config_len: usize, layers: &[(Digest, u64)]) -> Vec<u8> {
+    let descriptors: Vec<Value> = layers
+        .iter()
+        .map(|(d, len)| json!({"mediaType": LAYER_TYPE, "digest": d, "size": len}))
+        .collect();
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "config": {"mediaType": CONFIG_TYPE, "digest": id, "size": config_len},
+        "layers": descriptors,
+    }))
+    .expect("serialisable")
+}
+
+/// An image as `save` writes it when its registry content is not held
+/// (loaded from an archive, imported, pulled without `keep_content`).
+pub struct Rebuilt {
+    /// The OCI manifest (`application/vnd.oci.image.manifest.v1+json`).
+    pub manifest: Vec<u8>,
+    pub config: Vec<u8>,
+    /// Each layer, bottom first, with its tar's length.
+    pub layers: Vec<(crate::store::LayerMeta, u64)>,
+}
+
+/// Image `id` as `save` writes it without its registry content.
+pub fn rebuilt(store: &Store, id: &Digest) -> Result<Rebuilt> {
+    let config = store.images.get(id)?;
+    let (_, layers) = layers_of(store, id)?;
+    let mut out = Vec::new();
+    for l in layers {
+        let len = store.layers.tar_split(&l.chain_id)?.tar_len()?;
+        out.push((l, len));
+    }
+    let lens: Vec<(Digest, u64)> = out.iter().map(|(l, n)| (l.diff_id.clone(), *n)).collect();
+    Ok(Rebuilt {
+        manifest: rebuilt_manifest_bytes(id, config.len(), &lens),
+        config,
+        layers: out,
+    })
 }
 
 /// Rebuilds one layer's tar into the archive, checking it hashes to its diffID.

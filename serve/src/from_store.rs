@@ -3,9 +3,13 @@
 //! Repositories are the paths of the store's references (`127.0.0.1:5000/
 //! team/app:v1` is served as `team/app:v1`; when two registries held the
 //! same path, the one whose name sorts last wins a tag). A tag answers with
-//! the manifest (or manifest list) it was pulled by; images the store holds
-//! without their registry content (loaded from archives, or pulled with
-//! `keep_content = false`) are not served.
+//! the manifest (or manifest list) it was pulled by. An image the store
+//! holds without its registry content (loaded from an archive, imported,
+//! or pulled with `keep_content = false`: the air-gapped way in) answers
+//! with the manifest `save` writes for it — its config, and its layers
+//! uncompressed, each rebuilt byte for byte from its tar-split record and
+//! its directory (digest = diffID) as it is sent — so the digests are the
+//! same on every request, after every restart, and in `save`'s archives.
 //!
 //! The index of what is served is rebuilt when the store's references
 //! change (their file's identity and time are checked on each request), so
@@ -38,6 +42,16 @@ struct Index {
     repos: BTreeMap<String, Repo>,
     /// v1 images by id, of every repository.
     v1: HashMap<String, crate::v1::V1Image>,
+    /// The blobs of images served as `save` writes them: made, not stored.
+    rebuilt: HashMap<Digest, RebuiltBlob>,
+}
+
+/// A blob of an image without its registry content.
+#[derive(Clone)]
+enum RebuiltBlob {
+    Config(Bytes),
+    /// A layer and its tar's length.
+    Layer(gantry_core::store::LayerMeta, u64),
 }
 
 /// The v1 images of the image `c` names, if its manifest and config are held.
@@ -67,15 +81,22 @@ type Stamp = Vec<(u64, u64, i64, i64)>;
 
 pub struct StoreStorage {
     store: Arc<Store>,
+    /// The graph driver layers are rebuilt through, for images without
+    /// their registry content; without one those are not served.
+    driver: Option<&'static dyn gantry_core::plugin::GraphDriver>,
     index: RwLock<(Stamp, Arc<Index>)>,
     /// Rebuilds one at a time.
     rebuild: std::sync::Mutex<()>,
 }
 
 impl StoreStorage {
-    pub fn new(store: Arc<Store>) -> Result<StoreStorage, StorageError> {
+    pub fn new(
+        store: Arc<Store>,
+        driver: Option<&'static dyn gantry_core::plugin::GraphDriver>,
+    ) -> Result<StoreStorage, StorageError> {
         let s = StoreStorage {
             store,
+            driver,
             index: RwLock::new((Vec::new(), Arc::new(Index::default()))),
             rebuild: std::sync::Mutex::new(()),
         };
@@ -111,7 +132,7 @@ impl StoreStorage {
         } {
             return Ok(i);
         }
-        let index = Arc::new(build(&self.store)?);
+        let index = Arc::new(build(&self.store, self.driver.is_some())?);
         *self.index.write().unwrap() = (stamp, index.clone());
         Ok(index)
     }
@@ -160,7 +181,35 @@ fn hold(store: &Store, repo: &mut Repo, d: &Digest, media_type: &str) -> Result<
     })
 }
 
-fn build(store: &Store) -> Result<Index, StorageError> {
+/// Serves image `id` under `tag` of `repo` as `save` writes it.
+fn add_rebuilt(
+    store: &Store,
+    repo: &mut Repo,
+    rebuilt: &mut HashMap<Digest, RebuiltBlob>,
+    tag: &str,
+    id: &Digest,
+) -> Result<(), StorageError> {
+    let r = gantry_core::save::rebuilt(store, id)?;
+    let digest = Digest::of(&r.manifest);
+    repo.manifests.insert(
+        digest.clone(),
+        Manifest {
+            media_type: gantry_core::manifest::OCI_MANIFEST.to_string(),
+            digest: digest.clone(),
+            bytes: Bytes::from(r.manifest),
+        },
+    );
+    repo.tags.insert(tag.to_string(), digest);
+    repo.blobs.insert(id.clone());
+    rebuilt.insert(id.clone(), RebuiltBlob::Config(Bytes::from(r.config)));
+    for (l, len) in r.layers {
+        repo.blobs.insert(l.diff_id.clone());
+        rebuilt.insert(l.diff_id.clone(), RebuiltBlob::Layer(l, len));
+    }
+    Ok(())
+}
+
+fn build(store: &Store, rebuild: bool) -> Result<Index, StorageError> {
     let mut index = Index::default();
     let mut refs = store.refs.all()?;
     // Digest references first, so a tag can prefer the manifest its own
@@ -168,10 +217,14 @@ fn build(store: &Store) -> Result<Index, StorageError> {
     refs.sort_by(|(a, _), (b, _)| (a.tag.is_some(), &a.domain).cmp(&(b.tag.is_some(), &b.domain)));
     for (r, id) in refs {
         let records = store.content.image(&id)?;
+        let Index { repos, v1, rebuilt } = &mut index;
         if records.is_empty() {
+            if let (true, Some(tag), None) = (rebuild, &r.tag, &r.digest) {
+                let repo = repos.entry(r.path.clone()).or_default();
+                add_rebuilt(store, repo, rebuilt, tag, &id)?;
+            }
             continue;
         }
-        let Index { repos, v1 } = &mut index;
         let repo = repos.entry(r.path.clone()).or_default();
         match (&r.tag, &r.digest) {
             (_, Some(d)) => {
@@ -200,6 +253,10 @@ fn build(store: &Store) -> Result<Index, StorageError> {
                         repo.v1_ids.insert(img.id.clone());
                         v1.insert(img.id.clone(), img);
                     }
+                } else if rebuild {
+                    // Its registry manifest is not held (an archive's
+                    // record without it): as `save` writes it.
+                    add_rebuilt(store, repo, rebuilt, tag, &id)?;
                 }
             }
             (None, None) => {}
@@ -252,7 +309,11 @@ impl Storage for StoreStorage {
         }
         match std::fs::metadata(self.store.content.path(digest)) {
             Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(match index.rebuilt.get(digest) {
+                Some(RebuiltBlob::Config(b)) => Some(b.len() as u64),
+                Some(RebuiltBlob::Layer(_, len)) => Some(*len),
+                None => None,
+            }),
             Err(e) => Err(StorageError::Backend(format!("reading blob {digest}: {e}"))),
         }
     }
@@ -284,7 +345,25 @@ impl Storage for StoreStorage {
         if self.blob_size(repo, digest)?.is_none() {
             return Ok(None);
         }
-        self.mapped(digest, range)
+        if let Some(b) = self.mapped(digest, range.clone())? {
+            return Ok(Some(b));
+        }
+        let rebuilt = self.current()?.rebuilt.get(digest).cloned();
+        match (rebuilt, self.driver) {
+            (Some(RebuiltBlob::Config(b)), _) => {
+                let end = (range.end as usize).min(b.len());
+                let start = (range.start as usize).min(end);
+                Ok(Some(
+                    http_body_util::Full::new(b.slice(start..end))
+                        .map_err(|never| match never {})
+                        .boxed(),
+                ))
+            }
+            (Some(RebuiltBlob::Layer(l, _)), Some(driver)) => {
+                Ok(Some(rebuild_stream(self.store.clone(), driver, l, range)))
+            }
+            _ => Ok(None),
+        }
     }
 }
 
@@ -321,4 +400,58 @@ fn map(file: &std::fs::File) -> std::io::Result<Bytes> {
     // place; removal (garbage collection) keeps the mapped inode alive.
     let map = unsafe { memmap2::Mmap::map(file)? };
     Ok(Bytes::from_owner(map))
+}
+
+/// Layer `l`'s tar, bytes `range`, rebuilt on a thread of its own as the
+/// client reads (a bounded channel between them). `rebuild_layer` checks
+/// the whole stream against the diffID as it goes: a layer whose files
+/// changed ends the body with an error, so the client's own digest check
+/// never passes on wrong bytes.
+fn rebuild_stream(
+    store: Arc<Store>,
+    driver: &'static dyn gantry_core::plugin::GraphDriver,
+    l: gantry_core::store::LayerMeta,
+    range: Range<u64>,
+) -> BlobBody {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    std::thread::spawn(move || {
+        let mut at = 0u64;
+        let result = gantry_core::save::rebuild_layer(&store, driver, &l, &mut |r| {
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = r.read(&mut buf)?;
+                if n == 0 || at >= range.end {
+                    return Ok(());
+                }
+                let (start, end) = (at, at + n as u64);
+                at = end;
+                let (from, to) = (range.start.max(start), range.end.min(end));
+                if from < to {
+                    let chunk = Bytes::copy_from_slice(&buf[(from - start) as usize..(to - start) as usize]);
+                    if tx.blocking_send(Ok(chunk)).is_err() {
+                        return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client left"));
+                    }
+                }
+            }
+        });
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    ChannelBody(rx).boxed()
+}
+
+/// A body fed through a channel.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|r| r.map(hyper::body::Frame::data)))
+    }
 }

@@ -153,7 +153,23 @@ pub fn run(ctx: &Context, mode: Mode) -> Result<ExitCode> {
         (true, true) => {
             // A handle of the server's own, shared with its threads.
             let (store, _) = Store::open(ctx.store.root(), ctx.store.driver_name()).context("opening the store")?;
-            Backend::Storage(Arc::new(gantry_serve::from_store::StoreStorage::new(Arc::new(store))?))
+            // Images without their registry content (loaded, imported) are
+            // served as `save` writes them, their layers rebuilt through the
+            // driver; without one, only pulled images are served.
+            let driver: Option<&'static dyn gantry_core::plugin::GraphDriver> = match ctx.driver_for_process() {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    crate::commands::stderr_line(&format!(
+                        "gantry serve: images loaded or imported are not served (the graph driver did not load: {})",
+                        escape_line(&format!("{e:#}"))
+                    ));
+                    None
+                }
+            };
+            Backend::Storage(Arc::new(gantry_serve::from_store::StoreStorage::new(
+                Arc::new(store),
+                driver,
+            )?))
         }
         (false, false) => {
             let upstreams = mode

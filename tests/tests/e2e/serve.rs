@@ -5,7 +5,7 @@
 
 use crate::{control_image, peers, publish};
 use gantry_tests::gantry::Gantry;
-use gantry_tests::image::{rich_layers, sha256, Image};
+use gantry_tests::image::{rich_layers, sha256, Image, Layout};
 use gantry_tests::registry::Registry;
 use gantry_tests::require;
 use std::io::{Read, Write};
@@ -286,4 +286,99 @@ fn bad_requests_get_registry_errors_and_the_server_keeps_serving() {
     assert_eq!(closed, idle.len(), "idle connections are closed");
     let r = get(&a, "/v2/test/app/manifests/v1");
     assert_eq!(status(&r), 200, "{r}");
+}
+
+/// The air-gapped way: an image that came in by `load` (no registry
+/// content) is served with the manifest `save --format oci` writes for it,
+/// its layers rebuilt as they are sent: skopeo copies it out, `gantry
+/// pull` of it gives the image ID that was loaded, the digest is the same
+/// after a restart, and a byte range of a layer is that range of the tar.
+#[test]
+fn loaded_images_are_served_as_save_writes_them() {
+    if !peers() {
+        return;
+    }
+    let dir = gantry_tests::open_tempdir();
+    let layout_dir = dir.path().join("layout");
+    let mut layout = Layout::create(&layout_dir);
+    let (m, _) = layout.image(&Image::new(rich_layers()));
+    layout.tag("v1", &m, None);
+    let archive = dir.path().join("docker.tar");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        &format!("oci:{}:v1", layout_dir.display()),
+        &format!("docker-archive:{}:example.com/air/gapped:v1", archive.display()),
+    ]);
+    let g = Gantry::new();
+    g.ok(&["load", "-i", archive.to_str().unwrap()]);
+    let id = serde_json::from_str::<serde_json::Value>(&g.ok(&["inspect", "example.com/air/gapped:v1"])).unwrap()[0]
+        ["Id"]
+        .clone();
+    // What `save --format oci` writes is what the registry answers.
+    let saved = dir.path().join("saved.tar");
+    g.ok(&[
+        "save",
+        "--format",
+        "oci",
+        "-o",
+        saved.to_str().unwrap(),
+        "example.com/air/gapped:v1",
+    ]);
+    let saved_digest =
+        serde_json::from_str::<serde_json::Value>(&skopeo(&["inspect", &format!("oci-archive:{}", saved.display())]))
+            .unwrap()["Digest"]
+            .clone();
+
+    let mut srv = g.serve(&["--from-store"]);
+    let inspected: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{}/air/gapped:v1", srv.addr),
+    ]))
+    .unwrap();
+    assert_eq!(inspected["Digest"], saved_digest, "{inspected}");
+    let out = dir.path().join("out");
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{}/air/gapped:v1", srv.addr),
+        &format!("oci:{}:v1", out.display()),
+    ]);
+    let other = Gantry::new();
+    other.ok(&["pull", &format!("{}/air/gapped:v1", srv.addr)]);
+    let pulled =
+        serde_json::from_str::<serde_json::Value>(&other.ok(&["inspect", &format!("{}/air/gapped:v1", srv.addr)]))
+            .unwrap()[0]["Id"]
+            .clone();
+    assert_eq!(pulled, id);
+
+    // A range of a layer is that range of the rebuilt tar.
+    let layer = inspected["Layers"][0].as_str().unwrap().to_string();
+    let whole = ureq::get(&format!("http://{}/v2/air/gapped/blobs/{layer}", srv.addr))
+        .call()
+        .unwrap();
+    let mut all = Vec::new();
+    whole.into_reader().read_to_end(&mut all).unwrap();
+    assert_eq!(sha256(&all), layer);
+    let part = ureq::get(&format!("http://{}/v2/air/gapped/blobs/{layer}", srv.addr))
+        .set("Range", "bytes=100-1123")
+        .call()
+        .unwrap();
+    assert_eq!(part.status(), 206);
+    let mut bytes = Vec::new();
+    part.into_reader().read_to_end(&mut bytes).unwrap();
+    assert_eq!(bytes, all[100..1124]);
+
+    // The same digest after a restart.
+    srv.terminate();
+    let srv = g.serve(&["--from-store"]);
+    let again: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{}/air/gapped:v1", srv.addr),
+    ]))
+    .unwrap();
+    assert_eq!(again["Digest"], saved_digest);
 }

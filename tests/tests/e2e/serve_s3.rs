@@ -295,3 +295,54 @@ fn gc_removes_what_nothing_names_while_pushes_go_on() {
         assert!(again.starts_with("removed 0 blobs"), "{again}");
     }
 }
+
+/// 64 clients pulling a 200 MiB blob from the bucket at once, reading
+/// slowly (the case that would fill a replica's memory if it read ahead
+/// of its clients): the replica's peak RSS stays under 128 MiB, and each
+/// client gets the blob whole.
+#[test]
+fn a_replica_streams_big_blobs_to_many_slow_clients_in_little_memory() {
+    let Some(s3) = SeaweedFs::start() else { return };
+    let (_g, srv) = replica(&s3, "");
+    let blob: Vec<u8> = (0..(200usize << 20)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let digest = sha256(&blob);
+    let session = start(&srv, "big/blob");
+    ureq::request("PATCH", &url(&srv, &session)).send_bytes(&blob).unwrap();
+    assert_eq!(finish(&srv, &session, &digest), 201);
+    drop(blob);
+    let clients: Vec<_> = (0..64)
+        .map(|i| {
+            let u = url(&srv, &format!("/v2/big/blob/blobs/{digest}"));
+            std::thread::spawn(move || {
+                let r = ureq::get(&u).call().unwrap();
+                let mut reader = r.into_reader();
+                let mut h = <sha2::Sha256 as sha2::Digest>::new();
+                let mut buf = vec![0u8; 64 << 10];
+                let mut got = 0usize;
+                loop {
+                    let n = std::io::Read::read(&mut reader, &mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    sha2::Digest::update(&mut h, &buf[..n]);
+                    got += n;
+                    // Slow readers first, then at full speed.
+                    if got < (8 << 20) && i % 2 == 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                }
+                format!("sha256:{}", hex::encode(sha2::Digest::finalize(h)))
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap(), digest);
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", srv.child.id())).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(hwm_kib < 128 << 10, "peak RSS {} MiB", hwm_kib >> 10);
+}

@@ -112,8 +112,9 @@ fn the_conformance_suite_passes_on_an_object_store() {
 }
 
 /// Three replicas on one bucket: an image pushed through one is pulled
-/// through another with the same digest (skopeo both ways, and `gantry
-/// pull` with the same image ID); a chunked upload begun on one ends on
+/// through another with the same digest (skopeo both ways, `gantry pull`
+/// with the same image ID, `gantry push` through one and podman's pull
+/// through another); a chunked upload begun on one ends on
 /// another, after the first was killed; a tag moved on one is what the
 /// others serve at once; the same blob pushed through two at once is one
 /// object; a blob whose bytes do not match its digest is never visible.
@@ -146,6 +147,26 @@ fn replicas_on_one_bucket_serve_and_continue_each_others_work() {
         id(&puller, &format!("{}/team/app:v1", c.addr)),
         id(&pusher, &format!("{}/team/app:v1", a.addr))
     );
+    // `gantry push` through B, podman pulls it through C.
+    pusher.ok(&[
+        "tag",
+        &format!("{}/team/app:v1", a.addr),
+        &format!("{}/team/pushed:v2", b.addr),
+    ]);
+    pusher.ok(&["push", &format!("{}/team/pushed:v2", b.addr)]);
+    if gantry_tests::require("podman") {
+        let pm = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("podman")
+            .arg("--root")
+            .arg(pm.path().join("root"))
+            .arg("--runroot")
+            .arg(pm.path().join("run"))
+            .args(["--storage-driver", "vfs", "--events-backend", "none", "pull", "-q", "--tls-verify=false"])
+            .arg(format!("docker://{}/team/pushed:v2", c.addr))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "podman: {}", String::from_utf8_lossy(&out.stderr));
+    }
 
     // A chunked upload: 6 MiB on A (a part goes to the bucket, the rest
     // waits in the session's tail), A killed, the client asks B how far it

@@ -714,12 +714,16 @@ impl FsStorage {
                 m.digest
             )));
         }
+        // Claimed before it is written, as the blobs it names were.
+        self.mark_linked(&m.digest)?;
+        if self.marker_path("gc", &m.digest).exists() {
+            return Err(crate::s3_storage::being_collected());
+        }
         if !self.contains_blob(&m.digest) {
             let mut ingest = self.ingest()?;
             ingest.write(&m.bytes)?;
             self.commit_blob(repo, ingest, &m.digest)?;
         }
-        self.mark_linked(&m.digest)?;
         let dir = self.repo_dir(repo)?;
         let manifests = dir.join("_manifests");
         std::fs::create_dir_all(&manifests).map_err(|e| backend("storing a manifest", e))?;

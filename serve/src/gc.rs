@@ -20,8 +20,15 @@
 //! A push whose claim comes before the collector's second look is seen and
 //! B stays; one whose claim comes after it finds B marked (or already
 //! gone) and is refused — the client uploads B again. Either way no stored
-//! manifest names a removed blob. Distribution's collector, by contrast,
+//! manifest names a removed blob. Untagged manifests (`--delete-untagged`)
+//! go by the same handshake: a push of the manifest itself, or of an index
+//! naming it, claims it. The mark is cleared whatever happens, and a
+//! collection first clears the marks one killed half-way left (one
+//! collection runs at a time). Distribution's collector, by contrast,
 //! wants the registry read-only while it runs.
+//!
+//! The grace period must outlast a manifest push and the clocks' skew
+//! between replicas (claims carry the pushing replica's time).
 
 use crate::fs_storage::FsStorage;
 use crate::registry_storage::RegistryStorage;
@@ -78,6 +85,8 @@ pub trait Collectable: RegistryStorage {
     fn gc_intent(&self, d: &Digest, on: bool) -> impl Future<Output = Result<(), StorageError>> + Send;
     fn gc_remove_blob(&self, d: &Digest) -> impl Future<Output = Result<(), StorageError>> + Send;
     fn gc_remove_link(&self, repo: &str, d: &Digest) -> impl Future<Output = Result<(), StorageError>> + Send;
+    /// Clears every mark a collection left (one killed half-way).
+    fn gc_clear_intents(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
 }
 
 /// A digest from a record's name (hex alone: its length says which algorithm).
@@ -131,7 +140,40 @@ fn within(t: SystemTime, grace: Duration, now: SystemTime) -> bool {
 }
 
 /// Runs one collection over `storage`.
+/// Removes `d` (a blob, or with `record` a manifest of that repository)
+/// unless a push claimed it since the collector's first look: marks it,
+/// looks again, removes, and always clears the mark, failure or not.
+/// Whether it went.
+async fn remove_unclaimed<S: Collectable>(
+    storage: &S,
+    d: &Digest,
+    record: Option<&str>,
+    grace: Duration,
+) -> Result<bool, StorageError> {
+    storage.gc_intent(d, true).await?;
+    let result = async {
+        let claimed = storage.gc_claimed(d).await?;
+        if claimed.is_some_and(|t| within(t, grace, SystemTime::now())) {
+            return Ok(false);
+        }
+        match record {
+            // A tag pushed since the listing saves it.
+            Some(repo) if storage.gc_tags(repo).await?.contains(d) => Ok(false),
+            Some(repo) => storage.delete_manifest(repo, d).await.map(|_| true),
+            None => storage.gc_remove_blob(d).await.map(|()| true),
+        }
+    }
+    .await;
+    let cleared = storage.gc_intent(d, false).await;
+    let removed = result?;
+    cleared?;
+    Ok(removed)
+}
+
 pub async fn collect<S: Collectable>(storage: &S, options: &GcOptions) -> Result<GcReport, StorageError> {
+    if !options.dry_run {
+        storage.gc_clear_intents().await?;
+    }
     let now = SystemTime::now();
     let mut report = GcReport::default();
     let mut keep_blobs: BTreeSet<Digest> = BTreeSet::new();
@@ -181,17 +223,17 @@ pub async fn collect<S: Collectable>(storage: &S, options: &GcOptions) -> Result
         }
     }
     for (repo, d) in &remove_records {
-        report.manifests_removed += 1;
-        if options.dry_run {
-            continue;
-        }
-        // A tag pushed since the listing saves it.
-        if storage.gc_tags(repo).await?.contains(d) {
-            report.manifests_removed -= 1;
+        if options.dry_run || remove_unclaimed(storage, d, Some(repo), options.grace).await? {
+            report.manifests_removed += 1;
+        } else {
+            // Pushed again (or tagged) since: it and what it names stay.
             keep_blobs.insert(d.clone());
-            continue;
+            if let Some(b) = storage.gc_manifest_bytes(d).await? {
+                let (_, blobs, _) = named(&b);
+                keep_blobs.extend(blobs);
+            }
+            report.manifests_kept += 1;
         }
-        storage.delete_manifest(repo, d).await?;
     }
     let mut removed: BTreeSet<Digest> = BTreeSet::new();
     for b in storage.gc_blobs().await? {
@@ -204,17 +246,10 @@ pub async fn collect<S: Collectable>(storage: &S, options: &GcOptions) -> Result
             report.blobs_spared += 1;
             continue;
         }
-        if !options.dry_run {
-            storage.gc_intent(&b.digest, true).await?;
+        if !options.dry_run && !remove_unclaimed(storage, &b.digest, None, options.grace).await? {
             // The second look: a claim made since the first one wins.
-            let claimed = storage.gc_claimed(&b.digest).await?;
-            if claimed.is_some_and(|t| within(t, options.grace, SystemTime::now())) {
-                storage.gc_intent(&b.digest, false).await?;
-                report.blobs_spared += 1;
-                continue;
-            }
-            storage.gc_remove_blob(&b.digest).await?;
-            storage.gc_intent(&b.digest, false).await?;
+            report.blobs_spared += 1;
+            continue;
         }
         removed.insert(b.digest);
         report.blobs_removed += 1;
@@ -222,7 +257,8 @@ pub async fn collect<S: Collectable>(storage: &S, options: &GcOptions) -> Result
     }
     if !options.dry_run {
         for (repo, d) in storage.gc_links().await? {
-            if removed.contains(&d) {
+            // A blob pushed again since it went keeps its links.
+            if removed.contains(&d) && !storage.contains_blob(&d).await? {
                 storage.gc_remove_link(&repo, &d).await?;
             }
         }
@@ -344,6 +380,16 @@ impl Collectable for FsStorage {
     async fn gc_remove_link(&self, repo: &str, d: &Digest) -> Result<(), StorageError> {
         FsStorage::delete_blob(self, repo, d).map(|_| ())
     }
+
+    async fn gc_clear_intents(&self) -> Result<(), StorageError> {
+        for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+            let dir = self.dir().join("gc").join(alg.name());
+            for (name, _) in read_dir_names(&dir)? {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Collectable for S3Storage {
@@ -427,6 +473,13 @@ impl Collectable for S3Storage {
 
     async fn gc_remove_link(&self, repo: &str, d: &Digest) -> Result<(), StorageError> {
         S3Storage::delete_blob(self, repo, d).await.map(|_| ())
+    }
+
+    async fn gc_clear_intents(&self) -> Result<(), StorageError> {
+        for l in self.client().list("_gc/").await? {
+            self.client().delete(&l.key).await?;
+        }
+        Ok(())
     }
 }
 

@@ -498,27 +498,6 @@ pub(crate) async fn put_manifest<S: RegistryStorage>(
         )
     })?;
     let (blobs, manifests) = references(kind, &doc)?;
-    // Each named blob and manifest is claimed before the manifest is
-    // stored, so a collection under way either sees the claim and spares
-    // it, or has taken it and this push is refused.
-    let named: Vec<Digest> = blobs.iter().chain(&manifests).cloned().collect();
-    let missing = storage.claim_blobs(name, &named).await?;
-    if let Some(b) = blobs.iter().find(|b| missing.contains(b)) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "MANIFEST_BLOB_UNKNOWN",
-            format!("blob unknown to registry: {b}"),
-        ));
-    }
-    for m in &manifests {
-        if missing.contains(m) || storage.manifest(name, &ManifestRef::Digest(m.clone())).await?.is_none() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "MANIFEST_UNKNOWN",
-                format!("manifest unknown: {m}"),
-            ));
-        }
-    }
     // OCI 1.1: a manifest may name the manifest it is about (a signature,
     // an SBOM); that one need not be here yet.
     let subject = match doc.get("subject") {
@@ -555,6 +534,30 @@ pub(crate) async fn put_manifest<S: RegistryStorage>(
             "TAG_INVALID",
             format!("invalid tag {}", gantry_core::text::escape_line(bad)),
         ));
+    }
+    // Last of the checks (a refused push claims nothing): each named blob
+    // and manifest is claimed before the manifest is
+    // stored, so a collection under way either sees the claim and spares
+    // it, or has taken it and this push is refused.
+    let mut named: Vec<Digest> = blobs.iter().chain(&manifests).cloned().collect();
+    named.sort();
+    named.dedup();
+    let missing = storage.claim_blobs(name, &named).await?;
+    if let Some(b) = blobs.iter().find(|b| missing.contains(b)) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "MANIFEST_BLOB_UNKNOWN",
+            format!("blob unknown to registry: {b}"),
+        ));
+    }
+    for m in &manifests {
+        if missing.contains(m) || storage.manifest(name, &ManifestRef::Digest(m.clone())).await?.is_none() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "MANIFEST_UNKNOWN",
+                format!("manifest unknown: {m}"),
+            ));
+        }
     }
     let size = bytes.len();
     // The referrer record first: one whose manifest never arrives is not

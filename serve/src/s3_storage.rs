@@ -10,10 +10,12 @@
 //! repositories/<name>/_tags/<tag>              {"digest", "fetched"}
 //! repositories/<name>/_referrers/<subject hex>/<hex>
 //!                                              a referrer's descriptor (OCI 1.1)
-//! _repositories/<name>                         the catalog: one empty object a name
+//! _repositories/<name>/_                       the catalog: one empty object a name
+//!                                              (never a prefix of another's key: object
+//!                                              stores on a file tree refuse those)
 //! _linked/<alg>/<hex>                          when a manifest last claimed the blob
 //! _gc/<alg>/<hex>                              the collector means to remove the blob
-//! _uploads/<uuid>/{state,tail,data}            an upload session
+//! _uploads/<uuid>/{state,tail,data-<rand>}     an upload session
 //! ```
 //!
 //! An upload session is an S3 multipart upload of `_uploads/<uuid>/data`
@@ -35,6 +37,7 @@ use gantry_core::digest::{Algorithm, Digest};
 use gantry_core::manifest::MAX_MANIFEST_BYTES;
 use gantry_core::reference::{valid_repository, valid_tag};
 use http_body_util::BodyExt;
+use sha2::Digest as _;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -80,8 +83,15 @@ struct SessionState {
     /// The ETags of the parts written, part 1 first.
     parts: Vec<String>,
     sha256: Sha256State,
-    /// How many bytes the tail object holds.
+    /// How many bytes the tail object holds, and their SHA-256 (hex):
+    /// a tail another request wrote since is refused, not used.
     tail: u64,
+    #[serde(default)]
+    tail_sha256: String,
+    /// The multipart upload's object, of this session's own generation
+    /// (`data-<random>`): two requests racing to begin one never share it.
+    #[serde(default)]
+    data: Option<String>,
 }
 
 /// An upload session as one request sees it.
@@ -116,7 +126,7 @@ impl S3Upload {
     }
 
     fn data_key(&self) -> String {
-        format!("_uploads/{}/data", self.uuid)
+        data_key(&self.uuid, &self.state)
     }
 
     /// Appends `chunk`; past the size cap nothing of it is taken. Whole
@@ -147,6 +157,7 @@ impl S3Upload {
         let id = match &self.state.multipart {
             Some(id) => id.clone(),
             None => {
+                self.state.data = Some(format!("data-{}", &gantry_core::store::random_id()[..16]));
                 let id = self.s3.create_multipart(&self.data_key()).await?;
                 self.state.multipart = Some(id.clone());
                 id
@@ -168,6 +179,10 @@ impl S3Upload {
                 .await
                 .map_err(|e| StorageError::Backend(format!("uploading a part: {e}")))??;
             self.state.parts.push(etag);
+            // A long request keeps its session from the sweepers' expiry.
+            self.s3
+                .put(&format!("_uploads/{}/alive", self.uuid), Bytes::new())
+                .await?;
         }
         Ok(())
     }
@@ -193,6 +208,7 @@ impl S3Upload {
                 .await?;
         }
         self.state.tail = self.buf.len() as u64;
+        self.state.tail_sha256 = hex_of(&sha2::Sha256::digest(&self.buf));
         self.s3
             .put(
                 &format!("_uploads/{}/state", self.uuid),
@@ -270,7 +286,12 @@ impl S3Storage {
             .list("_repositories/")
             .await?
             .into_iter()
-            .filter_map(|l| l.key.strip_prefix("_repositories/").map(str::to_string))
+            .filter_map(|l| {
+                l.key
+                    .strip_prefix("_repositories/")
+                    .and_then(|k| k.strip_suffix("/_"))
+                    .map(str::to_string)
+            })
             .filter(|n| valid_repository(n))
             .collect();
         names.sort();
@@ -281,7 +302,7 @@ impl S3Storage {
         if !valid_repository(repo) {
             return Ok(false);
         }
-        Ok(self.s3.head(&format!("_repositories/{repo}")).await?.is_some())
+        Ok(self.s3.head(&catalog_key(repo)).await?.is_some())
     }
 
     pub async fn tags(&self, repo: &str) -> Result<Option<Vec<String>>, StorageError> {
@@ -380,26 +401,33 @@ impl S3Storage {
     ) -> Result<(Vec<serde_json::Value>, bool), StorageError> {
         let p = repo_prefix(repo)?;
         let prefix = format!("{p}_referrers/{}/", subject.hex());
-        let after = after.map(|a| format!("{prefix}{a}"));
-        let listed = self.s3.list_after(&prefix, after.as_deref(), usize::MAX).await?;
+        let mut after = after.map(|a| format!("{prefix}{a}"));
         let (mut out, mut bytes) = (Vec::new(), 0usize);
-        for l in listed {
-            let Some(hex) = l.key.strip_prefix(&prefix) else {
-                continue;
-            };
-            if self.s3.head(&format!("{p}_manifests/{hex}")).await?.is_none() {
-                continue;
+        // A listing page at a time, until a page of the answer is full.
+        loop {
+            let listed = self.s3.list_after(&prefix, after.as_deref(), 1000).await?;
+            let last_page = listed.len() < 1000;
+            for l in &listed {
+                let Some(hex) = l.key.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if self.s3.head(&format!("{p}_manifests/{hex}")).await?.is_none() {
+                    continue;
+                }
+                let Some(record) = self.s3.get(&l.key, MAX_REFERRER_RECORD * 2).await? else {
+                    continue;
+                };
+                if bytes + record.len() > MAX_REFERRERS_PAGE && !out.is_empty() {
+                    return Ok((out, true));
+                }
+                bytes += record.len();
+                out.extend(serde_json::from_slice::<serde_json::Value>(&record).ok());
             }
-            let Some(record) = self.s3.get(&l.key, MAX_REFERRER_RECORD * 2).await? else {
-                continue;
-            };
-            if bytes + record.len() > MAX_REFERRERS_PAGE && !out.is_empty() {
-                return Ok((out, true));
+            match listed.last() {
+                Some(l) if !last_page => after = Some(l.key.clone()),
+                _ => return Ok((out, false)),
             }
-            bytes += record.len();
-            out.extend(serde_json::from_slice::<serde_json::Value>(&record).ok());
         }
-        Ok((out, false))
     }
 
     // --- writing
@@ -434,26 +462,30 @@ impl S3Storage {
     /// The digests not held.
     pub async fn claim_blobs(&self, repo: &str, digests: &[Digest]) -> Result<Vec<Digest>, StorageError> {
         repo_prefix(repo)?;
-        let checks = digests.iter().map(|d| async move {
-            {
-                if !self.linked(repo, d).await? {
-                    return Ok::<bool, StorageError>(false);
-                }
-                self.mark_linked(d).await?;
-                if self.s3.head(&gc_key(d)).await?.is_some() {
-                    return Ok(false);
-                }
-                Ok(self.s3.head(&blob_key(d)).await?.is_some())
-            }
-        });
-        let held = futures_util::future::join_all(checks).await;
         let mut missing = Vec::new();
-        for (d, h) in digests.iter().zip(held) {
-            if !h? {
-                missing.push(d.clone());
+        // A handful at a time: a manifest may name thousands.
+        for group in digests.chunks(16) {
+            let held = futures_util::future::join_all(group.iter().map(|d| self.claim_one(repo, d))).await;
+            for (d, h) in group.iter().zip(held) {
+                if !h? {
+                    missing.push(d.clone());
+                }
             }
         }
         Ok(missing)
+    }
+
+    /// Claims `d` for a manifest of `repo`: whether it is the repository's,
+    /// not on its way out, and held.
+    async fn claim_one(&self, repo: &str, d: &Digest) -> Result<bool, StorageError> {
+        if !self.linked(repo, d).await? {
+            return Ok(false);
+        }
+        self.mark_linked(d).await?;
+        if self.s3.head(&gc_key(d)).await?.is_some() {
+            return Ok(false);
+        }
+        Ok(self.s3.head(&blob_key(d)).await?.is_some())
     }
 
     pub async fn put_manifest(&self, repo: &str, m: &Manifest, tags: &[&str]) -> Result<(), StorageError> {
@@ -467,15 +499,19 @@ impl S3Storage {
             )));
         }
         let p = repo_prefix(repo)?;
-        self.s3.put(&blob_key(&m.digest), m.bytes.clone()).await?;
+        // Claimed before it is written, as the blobs it names were.
         self.mark_linked(&m.digest).await?;
+        if self.s3.head(&gc_key(&m.digest)).await?.is_some() {
+            return Err(being_collected());
+        }
+        self.s3.put(&blob_key(&m.digest), m.bytes.clone()).await?;
         self.s3
             .put(
                 &format!("{p}_manifests/{}", m.digest.hex()),
                 Bytes::from(m.media_type.clone()),
             )
             .await?;
-        self.s3.put(&format!("_repositories/{repo}"), Bytes::new()).await?;
+        self.s3.put(&catalog_key(repo), Bytes::new()).await?;
         for tag in tags {
             let entry = TagEntry {
                 digest: m.digest.clone(),
@@ -601,6 +637,8 @@ impl S3Storage {
             parts: Vec::new(),
             sha256: Sha256State::default(),
             tail: 0,
+            tail_sha256: String::new(),
+            data: None,
         };
         self.s3
             .put(
@@ -681,8 +719,8 @@ impl S3Storage {
                 .get(&format!("_uploads/{uuid}/tail"), self.part_size * 2)
                 .await?
                 .ok_or_else(|| damaged("its tail is missing"))?;
-            if tail.len() as u64 != state.tail {
-                return Err(damaged("its tail has the wrong length"));
+            if tail.len() as u64 != state.tail || hex_of(&sha2::Sha256::digest(&tail)) != state.tail_sha256 {
+                return Err(damaged("its tail is not the one its state names"));
             }
             buf.extend_from_slice(&tail);
         }
@@ -749,7 +787,10 @@ impl S3Storage {
                 }
                 let data = up.data_key();
                 self.s3.complete_multipart(&data, &id, &up.state.parts).await?;
-                if digest.algorithm() != Algorithm::Sha256 {
+                if self.s3.head(&target).await?.is_none() {
+                    // What becomes visible is what the object holds: hashed
+                    // again, not only the state kept while writing (parts
+                    // are tied to it only by their ETags).
                     let got = self.hash_object(&data, digest.algorithm()).await?;
                     if got != *digest {
                         *slot = None;
@@ -759,8 +800,6 @@ impl S3Storage {
                             got,
                         });
                     }
-                }
-                if self.s3.head(&target).await?.is_none() {
                     self.s3.copy_sized(&data, &target, up.len()).await?;
                 }
                 let _ = self.s3.delete(&data).await;
@@ -780,7 +819,10 @@ impl S3Storage {
             .await?
             .ok_or_else(|| StorageError::Backend(format!("object store: {key} vanished")))?;
         let mut h = gantry_core::digest::Hasher::new(algorithm);
-        while let Some(frame) = body.frame().await {
+        while let Some(frame) = tokio::time::timeout(Duration::from_secs(60), body.frame())
+            .await
+            .map_err(|_| StorageError::Backend(format!("object store: {key} stopped coming")))?
+        {
             let frame = frame.map_err(|e| StorageError::Backend(format!("object store: reading {key}: {e}")))?;
             if let Ok(d) = frame.into_data() {
                 h.update(&d);
@@ -800,11 +842,21 @@ impl S3Storage {
             Some(s) => Some(s),
             None => self.read_state(uuid).await.ok().flatten(),
         };
-        if let Some(id) = state.and_then(|s| s.multipart) {
-            let _ = self.s3.abort_multipart(&format!("_uploads/{uuid}/data"), &id).await;
+        let Some(state) = state else {
+            // Unreadable: kept, so its multipart upload is not lost track of.
+            return Err(StorageError::Backend(format!("upload session {uuid} cannot be read")));
+        };
+        let data = data_key(uuid, &state);
+        if let Some(id) = &state.multipart {
+            let _ = self.s3.abort_multipart(&data, id).await;
         }
-        for k in ["data", "tail", "state"] {
-            self.s3.delete(&format!("_uploads/{uuid}/{k}")).await?;
+        for k in [
+            data,
+            format!("_uploads/{uuid}/tail"),
+            format!("_uploads/{uuid}/alive"),
+            format!("_uploads/{uuid}/state"),
+        ] {
+            self.s3.delete(&k).await?;
         }
         self.sessions().remove(uuid);
         Ok(())
@@ -817,11 +869,21 @@ impl S3Storage {
         let expiry = self.limits.expiry;
         let now = SystemTime::now();
         let mut gone = 0;
-        for l in self.s3.list("_uploads/").await? {
+        let listed = self.s3.list("_uploads/").await?;
+        // A session's age: since its state or its last part, whichever is later.
+        let mut touched: HashMap<&str, SystemTime> = HashMap::new();
+        for l in &listed {
+            if let Some((uuid, _)) = l.key.strip_prefix("_uploads/").and_then(|k| k.split_once('/')) {
+                let t = touched.entry(uuid).or_insert(l.modified);
+                *t = (*t).max(l.modified);
+            }
+        }
+        for l in &listed {
             let Some(uuid) = l.key.strip_prefix("_uploads/").and_then(|k| k.strip_suffix("/state")) else {
                 continue;
             };
-            if !valid_uuid(uuid) || now.duration_since(l.modified).unwrap_or_default() < expiry {
+            let age = touched.get(uuid).map(|t| now.duration_since(*t).unwrap_or_default());
+            if !valid_uuid(uuid) || age.unwrap_or_default() < expiry {
                 continue;
             }
             let held = self.sessions().get(uuid).is_some_and(|s| s.state.try_lock().is_err());
@@ -838,6 +900,24 @@ impl S3Storage {
             .retain(|_, s| s.touched.elapsed() < expiry || s.state.try_lock().is_err());
         Ok(gone)
     }
+}
+
+/// A manifest push met the collector removing that very manifest.
+pub(crate) fn being_collected() -> StorageError {
+    StorageError::Backend("the manifest is being garbage-collected this moment; push it again".into())
+}
+
+fn data_key(uuid: &str, state: &SessionState) -> String {
+    format!("_uploads/{uuid}/{}", state.data.as_deref().unwrap_or("data"))
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The catalog's record of `repo`.
+fn catalog_key(repo: &str) -> String {
+    format!("_repositories/{repo}/_")
 }
 
 pub fn linked_key(d: &Digest) -> String {

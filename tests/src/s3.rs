@@ -172,6 +172,17 @@ impl SeaweedFs {
         }
     }
 
+    /// Writes object `key` behind the registry's back (a store that changed
+    /// under it, or a hostile one).
+    pub fn put(&self, key: &str, data: &[u8]) {
+        use rusty_s3::S3Action;
+        let url = self
+            .bucket_handle(&self.bucket)
+            .put_object(Some(&Self::credentials()), key)
+            .sign(Duration::from_secs(60));
+        ureq::put(url.as_str()).send_bytes(data).unwrap();
+    }
+
     /// A config table putting `gantry serve`'s storage in this bucket.
     pub fn config(&self) -> String {
         format!(

@@ -161,7 +161,15 @@ fn replicas_on_one_bucket_serve_and_continue_each_others_work() {
             .arg(pm.path().join("root"))
             .arg("--runroot")
             .arg(pm.path().join("run"))
-            .args(["--storage-driver", "vfs", "--events-backend", "none", "pull", "-q", "--tls-verify=false"])
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--events-backend",
+                "none",
+                "pull",
+                "-q",
+                "--tls-verify=false",
+            ])
             .arg(format!("docker://{}/team/pushed:v2", c.addr))
             .output()
             .unwrap();
@@ -204,6 +212,45 @@ fn replicas_on_one_bucket_serve_and_continue_each_others_work() {
     assert!(s3
         .keys(&format!("blobs/sha256/{}", &sha256(b"not what the digest says")[7..]))
         .is_empty());
+
+    // A session's tail changed behind its back (another request's, a
+    // store that lost a write): refused, nothing visible.
+    // 9 MiB: a part in the multipart upload, 1 MiB in the tail.
+    let session = start(&b, "team/tail");
+    let hashed: Vec<u8> = (0..(9usize << 20)).map(|i| (i % 239) as u8).collect();
+    patch(&b, &session, 0, &hashed);
+    let uuid = session.rsplit('/').next().unwrap();
+    let mut other = hashed[8 << 20..].to_vec();
+    other[0] ^= 0xff;
+    s3.put(&format!("_uploads/{uuid}/tail"), &other);
+    assert_ne!(finish(&c, &session, &sha256(&hashed)), 201);
+    assert!(s3.keys(&format!("blobs/sha256/{}", &sha256(&hashed)[7..])).is_empty());
+
+    // A repository inside another's name, in either order: both listed,
+    // both served.
+    let nested = layout(&work.path().join("nested"), 5, 1000);
+    copy_in(&work.path().join("nested"), &format!("{}/team/app/cache:v1", b.addr));
+    copy_in(&work.path().join("nested"), &format!("{}/team/lib/cache:v1", b.addr));
+    copy_in(&work.path().join("nested"), &format!("{}/team/lib:v1", b.addr));
+    let catalog = ureq::get(&url(&c, "/v2/_catalog"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    for name in ["team/app", "team/app/cache", "team/lib", "team/lib/cache"] {
+        assert!(catalog.contains(&format!("\"{name}\"")), "{name}: {catalog}");
+        let tags = ureq::get(&url(&c, &format!("/v2/{name}/tags/list")))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        assert!(tags.contains("\"v1\""), "{name}: {tags}");
+    }
+    let head = ureq::head(&url(&c, "/v2/team/app/cache/manifests/v1"))
+        .set("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .call()
+        .unwrap();
+    assert_eq!(head.header("Docker-Content-Digest"), Some(nested.as_str()));
 
     // A tag moved on B is what C serves straight after.
     let second = layout(&work.path().join("in2"), 2, 1000);
@@ -325,7 +372,9 @@ fn gc_removes_what_nothing_names_while_pushes_go_on() {
 fn a_replica_streams_big_blobs_to_many_slow_clients_in_little_memory() {
     let Some(s3) = SeaweedFs::start() else { return };
     let (_g, srv) = replica(&s3, "");
-    let blob: Vec<u8> = (0..(200usize << 20)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let blob: Vec<u8> = (0..(200usize << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let digest = sha256(&blob);
     let session = start(&srv, "big/blob");
     ureq::request("PATCH", &url(&srv, &session)).send_bytes(&blob).unwrap();

@@ -79,6 +79,12 @@ impl Network {
         Network::new(&NetworkConfig::default(), &Registries::new())
     }
 
+    /// The same settings, trusting `certs` too for every host.
+    pub fn with_extra_roots(mut self, certs: Vec<rustls::pki_types::CertificateDer<'static>>) -> Network {
+        self.trust = self.trust.with_extra_roots(certs);
+        self
+    }
+
     /// The address the config gives `host`, if any.
     pub fn host_override(&self, host: &str) -> Option<IpAddr> {
         self.hosts.get(&host.to_ascii_lowercase()).copied()

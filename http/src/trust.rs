@@ -61,6 +61,9 @@ pub struct Trust {
     /// `host[:port]` of registries whose certificates are not verified.
     insecure: BTreeSet<String>,
     provider: Arc<CryptoProvider>,
+    /// Trusted beside the system's roots, for every host (a client's own
+    /// CA bundle: `AWS_CA_BUNDLE` for the object store).
+    extra: Vec<CertificateDer<'static>>,
     system: OnceLock<Result<Arc<RootCertStore>, String>>,
     /// Configs of registries with a `certs.d` entry or marked insecure.
     configs: Mutex<HashMap<String, (Arc<ClientConfig>, Instant)>>,
@@ -74,10 +77,17 @@ impl Trust {
             certs_dirs,
             insecure,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
+            extra: Vec::new(),
             system: OnceLock::new(),
             configs: Mutex::new(HashMap::new()),
             default: OnceLock::new(),
         }
+    }
+
+    /// The same settings, trusting `certs` too for every host.
+    pub fn with_extra_roots(mut self, certs: Vec<CertificateDer<'static>>) -> Trust {
+        self.extra.extend(certs);
+        self
     }
 
     /// The TLS config for a connection to `domain` (`host[:port]`, as the
@@ -168,7 +178,11 @@ impl Trust {
     /// The system's roots, read once.
     fn system(&self) -> Result<Arc<RootCertStore>, TrustError> {
         self.system
-            .get_or_init(load_system_roots)
+            .get_or_init(|| {
+                let mut roots = (*load_system_roots()?).clone();
+                roots.add_parsable_certificates(self.extra.iter().cloned());
+                Ok(Arc::new(roots))
+            })
             .clone()
             .map_err(TrustError::System)
     }

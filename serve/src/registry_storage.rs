@@ -1,14 +1,14 @@
 //! What a registry of its own keeps: the read side of [`crate::storage`]
 //! plus everything a push writes, as one trait with two implementations —
-//! a directory ([`FsStorage`]) and an object store's bucket
-//! ([`S3Storage`]). The handlers (`api`, `push`) are written once over it,
+//! a directory ([`FsStorage`], whose synchronous calls are wrapped here)
+//! and an object store's bucket ([`S3Storage`], in `s3_storage`). The handlers (`api`, `push`) are written once over it,
 //! so the two answer the same requests the same way (the conformance
 //! suite runs against both).
 //!
 //! Calls are async: on an object store each is a request or a few.
 
 use crate::fs_storage::{FsStorage, Upload as FsUpload, UploadLimits};
-use crate::s3_storage::{S3Storage, S3Upload};
+use crate::s3_storage::S3Storage;
 use crate::storage::{BlobBody, Manifest, ManifestRef, Storage, StorageError};
 use gantry_core::digest::Digest;
 use std::future::Future;
@@ -242,124 +242,6 @@ impl RegistryStorage for FsStorage {
     }
     async fn delete_blob(&self, repo: &str, d: &Digest) -> Result<bool, StorageError> {
         FsStorage::delete_blob(self, repo, d)
-    }
-}
-
-impl UploadSession for S3Upload {
-    fn len(&self) -> u64 {
-        S3Upload::len(self)
-    }
-    fn is_dead(&self) -> bool {
-        S3Upload::is_dead(self)
-    }
-    async fn write(&mut self, chunk: &[u8]) -> Result<(), StorageError> {
-        S3Upload::write(self, chunk).await
-    }
-    async fn persist(&mut self) -> Result<(), StorageError> {
-        S3Upload::persist(self).await
-    }
-}
-
-impl RegistryStorage for S3Storage {
-    type Upload = S3Upload;
-
-    fn upload_limits(&self) -> &UploadLimits {
-        S3Storage::upload_limits(self)
-    }
-    fn uploads_open(&self) -> usize {
-        S3Storage::uploads_open(self)
-    }
-    async fn check(&self) -> Result<(), StorageError> {
-        S3Storage::check(self).await
-    }
-    async fn catalog(&self) -> Result<Vec<String>, StorageError> {
-        S3Storage::catalog(self).await
-    }
-    async fn tags(&self, repo: &str) -> Result<Option<Vec<String>>, StorageError> {
-        S3Storage::tags(self, repo).await
-    }
-    async fn has_repository(&self, repo: &str) -> Result<bool, StorageError> {
-        S3Storage::has_repository(self, repo).await
-    }
-    async fn manifest(&self, repo: &str, reference: &ManifestRef) -> Result<Option<Manifest>, StorageError> {
-        S3Storage::manifest(self, repo, reference).await
-    }
-    async fn blob_size(&self, repo: &str, d: &Digest) -> Result<Option<u64>, StorageError> {
-        S3Storage::blob_size(self, repo, d).await
-    }
-    async fn blob(&self, repo: &str, d: &Digest, range: Range<u64>) -> Result<Option<BlobBody>, StorageError> {
-        S3Storage::blob(self, repo, d, range).await
-    }
-    fn redirect(&self, d: &Digest) -> Option<String> {
-        S3Storage::redirect(self, d)
-    }
-    async fn referrers(
-        &self,
-        repo: &str,
-        subject: &Digest,
-        after: Option<&str>,
-    ) -> Result<(Vec<serde_json::Value>, bool), StorageError> {
-        S3Storage::referrers(self, repo, subject, after).await
-    }
-    async fn start_upload(&self, repo: &str, owner: Option<&str>) -> Result<String, StorageError> {
-        S3Storage::start_upload(self, repo, owner).await
-    }
-    async fn upload(&self, repo: &str, uuid: &str) -> Result<SessionLock<S3Upload>, StorageError> {
-        S3Storage::upload(self, repo, uuid).await
-    }
-    async fn load_upload(&self, uuid: &str, slot: &mut Option<S3Upload>) -> Result<(), StorageError> {
-        S3Storage::load_upload(self, uuid, slot).await
-    }
-    fn touch_upload(&self, uuid: &str) {
-        S3Storage::touch_upload(self, uuid)
-    }
-    async fn finish_upload(
-        &self,
-        repo: &str,
-        uuid: &str,
-        slot: &mut Option<S3Upload>,
-        digest: &Digest,
-    ) -> Result<(), StorageError> {
-        S3Storage::finish_upload(self, repo, uuid, slot, digest).await
-    }
-    async fn cancel_upload(&self, repo: &str, uuid: &str) -> Result<(), StorageError> {
-        S3Storage::cancel_upload(self, repo, uuid).await
-    }
-    async fn sweep_uploads(&self) -> usize {
-        S3Storage::sweep_uploads(self).await.unwrap_or(0)
-    }
-    async fn mount_blob(&self, repo: &str, from: &str, d: &Digest) -> Result<bool, StorageError> {
-        S3Storage::mount_blob(self, repo, from, d).await
-    }
-    async fn contains_blob(&self, d: &Digest) -> Result<bool, StorageError> {
-        S3Storage::contains_blob(self, d).await
-    }
-    async fn link_blob(&self, repo: &str, d: &Digest) -> Result<(), StorageError> {
-        S3Storage::link_blob(self, repo, d).await
-    }
-    async fn claim_blobs(&self, repo: &str, digests: &[Digest]) -> Result<Vec<Digest>, StorageError> {
-        S3Storage::claim_blobs(self, repo, digests).await
-    }
-    async fn put_manifest(&self, repo: &str, m: &Manifest, tags: &[&str]) -> Result<(), StorageError> {
-        S3Storage::put_manifest(self, repo, m, tags).await
-    }
-    async fn add_referrer(
-        &self,
-        repo: &str,
-        subject: &Digest,
-        of: &Digest,
-        descriptor: &serde_json::Value,
-    ) -> Result<(), StorageError> {
-        S3Storage::add_referrer(self, repo, subject, of, descriptor).await
-    }
-    async fn delete_manifest(&self, repo: &str, d: &Digest) -> Result<bool, StorageError> {
-        S3Storage::delete_manifest(self, repo, d).await
-    }
-    async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool, StorageError> {
-        S3Storage::delete_tag(self, repo, tag).await
-    }
-    async fn delete_blob(&self, repo: &str, d: &Digest) -> Result<bool, StorageError> {
-        S3Storage::delete_blob(self, repo, d).await
     }
 }
 

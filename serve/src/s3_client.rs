@@ -156,6 +156,23 @@ impl S3Client {
         failed(what, format!("{status} {code} {message}").trim())
     }
 
+    /// The body of a successful answer (an error's status and code
+    /// otherwise; a copy or a completion can also fail after its 200, with
+    /// the error as the body).
+    async fn answer(what: &str, resp: hyper::Response<Incoming>) -> Result<Bytes, StorageError> {
+        if !resp.status().is_success() {
+            return Err(Self::refused(what, resp).await);
+        }
+        let body = read_limited(resp.into_body(), MAX_ERROR_BODY)
+            .await
+            .map_err(|e| failed(what, e))?;
+        let text = String::from_utf8_lossy(&body);
+        if text.contains("<Error>") {
+            return Err(failed(what, between(&text, "<Code>", "</Code>").unwrap_or("failed")));
+        }
+        Ok(body)
+    }
+
     /// The bytes of `key` (at most `limit`); `None` when there is no such object.
     pub async fn get(&self, key: &str, limit: usize) -> Result<Option<Bytes>, StorageError> {
         let key = self.key(key);
@@ -256,18 +273,7 @@ impl S3Client {
             .send(Method::PUT, url, &[("x-amz-copy-source", source)], None)
             .await?;
         let what = format!("copying {from} to {to}");
-        if !resp.status().is_success() {
-            return Err(Self::refused(&what, resp).await);
-        }
-        // A copy can fail after its 200: the error is then the body.
-        let body = read_limited(resp.into_body(), MAX_ERROR_BODY)
-            .await
-            .map_err(|e| failed(&what, e))?;
-        let text = String::from_utf8_lossy(&body);
-        if text.contains("<Error>") {
-            return Err(failed(&what, between(&text, "<Code>", "</Code>").unwrap_or("failed")));
-        }
-        Ok(())
+        Self::answer(&what, resp).await.map(|_| ())
     }
 
     /// A server-side copy of `from` (`size` bytes) to `to`: one request up
@@ -377,12 +383,7 @@ impl S3Client {
         let url = self.bucket.create_multipart_upload(self.creds(), &key).sign(SIGNED_FOR);
         let resp = self.send(Method::POST, url, &[], None).await?;
         let what = format!("starting a multipart upload of {key}");
-        if !resp.status().is_success() {
-            return Err(Self::refused(&what, resp).await);
-        }
-        let body = read_limited(resp.into_body(), MAX_ERROR_BODY)
-            .await
-            .map_err(|e| failed(&what, e))?;
+        let body = Self::answer(&what, resp).await?;
         let r = rusty_s3::actions::CreateMultipartUpload::parse_response(&body).map_err(|e| failed(&what, e))?;
         Ok(r.upload_id().to_string())
     }
@@ -416,17 +417,7 @@ impl S3Client {
         let body = action.body();
         let resp = self.send(Method::POST, url, &[], Some(Bytes::from(body))).await?;
         let what = format!("completing the multipart upload of {key}");
-        if !resp.status().is_success() {
-            return Err(Self::refused(&what, resp).await);
-        }
-        let body = read_limited(resp.into_body(), MAX_ERROR_BODY)
-            .await
-            .map_err(|e| failed(&what, e))?;
-        let text = String::from_utf8_lossy(&body);
-        if text.contains("<Error>") {
-            return Err(failed(&what, between(&text, "<Code>", "</Code>").unwrap_or("failed")));
-        }
-        Ok(())
+        Self::answer(&what, resp).await.map(|_| ())
     }
 
     /// Abandons upload `id` and its parts.

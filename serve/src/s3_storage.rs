@@ -29,6 +29,7 @@
 //! written twice to the same key: one object, the same bytes.
 
 use crate::fs_storage::{TagEntry, UploadLimits, MAX_REFERRERS_PAGE, MAX_REFERRER_RECORD};
+use crate::registry_storage::{RegistryStorage, SessionLock, UploadSession};
 use crate::s3_client::S3Client;
 use crate::sha256_state::Sha256State;
 use crate::storage::{BlobBody, Manifest, ManifestRef, StorageError};
@@ -111,45 +112,8 @@ pub struct S3Upload {
 }
 
 impl S3Upload {
-    pub fn len(&self) -> u64 {
-        self.state.sha256.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Never: a lost part costs only the request it came in (the state
-    /// written before it still stands), not the session.
-    pub fn is_dead(&self) -> bool {
-        false
-    }
-
     fn data_key(&self) -> String {
         data_key(&self.uuid, &self.state)
-    }
-
-    /// Appends `chunk`; past the size cap nothing of it is taken. Whole
-    /// parts go to the object store as they fill, one while the next fills.
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StorageError> {
-        if self.lost {
-            return Err(StorageError::Backend(
-                "the upload lost a part; ask how far it got".into(),
-            ));
-        }
-        if self.len().saturating_add(chunk.len() as u64) > self.max {
-            return Err(StorageError::TooLarge { limit: self.max });
-        }
-        self.state.sha256.update(chunk);
-        self.buf.extend_from_slice(chunk);
-        while self.buf.len() >= self.part_size {
-            let part = self.buf.split_to(self.part_size).freeze();
-            if let Err(e) = self.send_part(part).await {
-                self.lost = true;
-                return Err(e);
-            }
-        }
-        Ok(())
     }
 
     async fn send_part(&mut self, part: Bytes) -> Result<(), StorageError> {
@@ -186,10 +150,45 @@ impl S3Upload {
         }
         Ok(())
     }
+}
+
+impl UploadSession for S3Upload {
+    fn len(&self) -> u64 {
+        self.state.sha256.len()
+    }
+
+    /// Never: a lost part costs only the request it came in (the state
+    /// written before it still stands), not the session.
+    fn is_dead(&self) -> bool {
+        false
+    }
+
+    /// Appends `chunk`; past the size cap nothing of it is taken. Whole
+    /// parts go to the object store as they fill, one while the next fills.
+    async fn write(&mut self, chunk: &[u8]) -> Result<(), StorageError> {
+        if self.lost {
+            return Err(StorageError::Backend(
+                "the upload lost a part; ask how far it got".into(),
+            ));
+        }
+        if self.len().saturating_add(chunk.len() as u64) > self.max {
+            return Err(StorageError::TooLarge { limit: self.max });
+        }
+        self.state.sha256.update(chunk);
+        self.buf.extend_from_slice(chunk);
+        while self.buf.len() >= self.part_size {
+            let part = self.buf.split_to(self.part_size).freeze();
+            if let Err(e) = self.send_part(part).await {
+                self.lost = true;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
 
     /// Writes down where the session stands (after a request's body): the
     /// parts, the hash state, the tail.
-    pub async fn persist(&mut self) -> Result<(), StorageError> {
+    async fn persist(&mut self) -> Result<(), StorageError> {
         if self.lost {
             return Err(StorageError::Backend(
                 "the upload lost a part; ask how far it got".into(),
@@ -258,29 +257,163 @@ impl S3Storage {
         &self.s3
     }
 
-    pub fn upload_limits(&self) -> &UploadLimits {
-        &self.limits
-    }
-
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, LocalSession>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn uploads_open(&self) -> usize {
+    pub async fn tag(&self, repo: &str, tag: &str) -> Result<Option<TagEntry>, StorageError> {
+        if !valid_tag(tag) {
+            return Ok(None);
+        }
+        let key = format!("{}_tags/{tag}", repo_prefix(repo)?);
+        Ok(self
+            .s3
+            .get(&key, SMALL)
+            .await?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    async fn linked(&self, repo: &str, d: &Digest) -> Result<bool, StorageError> {
+        let p = repo_prefix(repo)?;
+        let (blob_link, manifest_record) = (format!("{p}_blobs/{}", d.hex()), format!("{p}_manifests/{}", d.hex()));
+        let (blob, manifest) = tokio::join!(self.s3.head(&blob_link), self.s3.head(&manifest_record));
+        Ok(blob?.is_some() || manifest?.is_some())
+    }
+
+    /// Notes that the blob was just claimed, for the collector's grace.
+    async fn mark_linked(&self, digest: &Digest) -> Result<(), StorageError> {
+        self.s3
+            .put(&linked_key(digest), Bytes::from(now_secs().to_string()))
+            .await
+    }
+
+    /// Claims `d` for a manifest of `repo`: whether it is the repository's,
+    /// not on its way out, and held.
+    async fn claim_one(&self, repo: &str, d: &Digest) -> Result<bool, StorageError> {
+        if !self.linked(repo, d).await? {
+            return Ok(false);
+        }
+        self.mark_linked(d).await?;
+        if self.s3.head(&gc_key(d)).await?.is_some() {
+            return Ok(false);
+        }
+        Ok(self.s3.head(&blob_key(d)).await?.is_some())
+    }
+
+    async fn read_state(&self, uuid: &str) -> Result<Option<SessionState>, StorageError> {
+        let Some(b) = self.s3.get(&format!("_uploads/{uuid}/state"), 1 << 20).await? else {
+            return Ok(None);
+        };
+        let state: SessionState = serde_json::from_slice(&b)
+            .map_err(|e| StorageError::Backend(format!("upload session {uuid} is damaged: {e}")))?;
+        Ok(Some(state))
+    }
+
+    /// The digest of what object `key` holds.
+    async fn hash_object(&self, key: &str, algorithm: Algorithm) -> Result<Digest, StorageError> {
+        let (mut body, _) = self
+            .s3
+            .get_range(key, 0..0)
+            .await?
+            .ok_or_else(|| StorageError::Backend(format!("object store: {key} vanished")))?;
+        let mut h = gantry_core::digest::Hasher::new(algorithm);
+        while let Some(frame) = tokio::time::timeout(Duration::from_secs(60), body.frame())
+            .await
+            .map_err(|_| StorageError::Backend(format!("object store: {key} stopped coming")))?
+        {
+            let frame = frame.map_err(|e| StorageError::Backend(format!("object store: reading {key}: {e}")))?;
+            if let Ok(d) = frame.into_data() {
+                h.update(&d);
+            }
+        }
+        Ok(h.digest())
+    }
+
+    async fn drop_upload(&self, uuid: &str, state: Option<SessionState>) -> Result<(), StorageError> {
+        let state = match state {
+            Some(s) => Some(s),
+            None => self.read_state(uuid).await.ok().flatten(),
+        };
+        let Some(state) = state else {
+            // Unreadable: kept, so its multipart upload is not lost track of.
+            return Err(StorageError::Backend(format!("upload session {uuid} cannot be read")));
+        };
+        let data = data_key(uuid, &state);
+        if let Some(id) = &state.multipart {
+            let _ = self.s3.abort_multipart(&data, id).await;
+        }
+        for k in [
+            data,
+            format!("_uploads/{uuid}/tail"),
+            format!("_uploads/{uuid}/alive"),
+            format!("_uploads/{uuid}/state"),
+        ] {
+            self.s3.delete(&k).await?;
+        }
+        self.sessions().remove(uuid);
+        Ok(())
+    }
+
+    /// Removes the sessions whose state no replica touched for longer than
+    /// the expiry (each replica sweeps; a session a request here holds is
+    /// spared). How many went.
+    async fn sweep_expired(&self) -> Result<usize, StorageError> {
+        let expiry = self.limits.expiry;
+        let now = SystemTime::now();
+        let mut gone = 0;
+        let listed = self.s3.list("_uploads/").await?;
+        // A session's age: since its state or its last part, whichever is later.
+        let mut touched: HashMap<&str, SystemTime> = HashMap::new();
+        for l in &listed {
+            if let Some((uuid, _)) = l.key.strip_prefix("_uploads/").and_then(|k| k.split_once('/')) {
+                let t = touched.entry(uuid).or_insert(l.modified);
+                *t = (*t).max(l.modified);
+            }
+        }
+        for l in &listed {
+            let Some(uuid) = l.key.strip_prefix("_uploads/").and_then(|k| k.strip_suffix("/state")) else {
+                continue;
+            };
+            let age = touched.get(uuid).map(|t| now.duration_since(*t).unwrap_or_default());
+            if !valid_uuid(uuid) || age.unwrap_or_default() < expiry {
+                continue;
+            }
+            let held = self.sessions().get(uuid).is_some_and(|s| s.state.try_lock().is_err());
+            if held {
+                continue;
+            }
+            let state = self.read_state(uuid).await.ok().flatten();
+            if self.drop_upload(uuid, state).await.is_ok() {
+                gone += 1;
+            }
+        }
+        let expiry = self.limits.expiry;
+        self.sessions()
+            .retain(|_, s| s.touched.elapsed() < expiry || s.state.try_lock().is_err());
+        Ok(gone)
+    }
+}
+
+impl RegistryStorage for S3Storage {
+    type Upload = S3Upload;
+
+    fn upload_limits(&self) -> &UploadLimits {
+        &self.limits
+    }
+
+    fn uploads_open(&self) -> usize {
         self.sessions().len()
     }
 
     /// Whether the bucket answers: a listing, and an object written and removed.
-    pub async fn check(&self) -> Result<(), StorageError> {
+    async fn check(&self) -> Result<(), StorageError> {
         self.s3.list_after("_repositories/", None, 1).await?;
         let probe = format!("_uploads/probe-{}", gantry_core::store::random_id());
         self.s3.put(&probe, Bytes::new()).await?;
         self.s3.delete(&probe).await
     }
 
-    // --- reading
-
-    pub async fn catalog(&self) -> Result<Vec<String>, StorageError> {
+    async fn catalog(&self) -> Result<Vec<String>, StorageError> {
         let mut names: Vec<String> = self
             .s3
             .list("_repositories/")
@@ -298,14 +431,14 @@ impl S3Storage {
         Ok(names)
     }
 
-    pub async fn has_repository(&self, repo: &str) -> Result<bool, StorageError> {
+    async fn has_repository(&self, repo: &str) -> Result<bool, StorageError> {
         if !valid_repository(repo) {
             return Ok(false);
         }
         Ok(self.s3.head(&catalog_key(repo)).await?.is_some())
     }
 
-    pub async fn tags(&self, repo: &str) -> Result<Option<Vec<String>>, StorageError> {
+    async fn tags(&self, repo: &str) -> Result<Option<Vec<String>>, StorageError> {
         if !self.has_repository(repo).await? {
             return Ok(None);
         }
@@ -322,19 +455,7 @@ impl S3Storage {
         Ok(Some(tags))
     }
 
-    pub async fn tag(&self, repo: &str, tag: &str) -> Result<Option<TagEntry>, StorageError> {
-        if !valid_tag(tag) {
-            return Ok(None);
-        }
-        let key = format!("{}_tags/{tag}", repo_prefix(repo)?);
-        Ok(self
-            .s3
-            .get(&key, SMALL)
-            .await?
-            .and_then(|b| serde_json::from_slice(&b).ok()))
-    }
-
-    pub async fn manifest(&self, repo: &str, reference: &ManifestRef) -> Result<Option<Manifest>, StorageError> {
+    async fn manifest(&self, repo: &str, reference: &ManifestRef) -> Result<Option<Manifest>, StorageError> {
         let digest = match reference {
             ManifestRef::Digest(d) => d.clone(),
             ManifestRef::Tag(t) => match self.tag(repo, t).await? {
@@ -356,14 +477,7 @@ impl S3Storage {
         }))
     }
 
-    async fn linked(&self, repo: &str, d: &Digest) -> Result<bool, StorageError> {
-        let p = repo_prefix(repo)?;
-        let (blob_link, manifest_record) = (format!("{p}_blobs/{}", d.hex()), format!("{p}_manifests/{}", d.hex()));
-        let (blob, manifest) = tokio::join!(self.s3.head(&blob_link), self.s3.head(&manifest_record));
-        Ok(blob?.is_some() || manifest?.is_some())
-    }
-
-    pub async fn blob_size(&self, repo: &str, d: &Digest) -> Result<Option<u64>, StorageError> {
+    async fn blob_size(&self, repo: &str, d: &Digest) -> Result<Option<u64>, StorageError> {
         let key = blob_key(d);
         let (linked, size) = tokio::join!(self.linked(repo, d), self.s3.head(&key));
         if !linked? {
@@ -372,7 +486,7 @@ impl S3Storage {
         size
     }
 
-    pub async fn blob(&self, repo: &str, d: &Digest, range: Range<u64>) -> Result<Option<BlobBody>, StorageError> {
+    async fn blob(&self, repo: &str, d: &Digest, range: Range<u64>) -> Result<Option<BlobBody>, StorageError> {
         if !self.linked(repo, d).await? {
             return Ok(None);
         }
@@ -384,16 +498,16 @@ impl S3Storage {
 
     /// Where a client may fetch blob `d` itself, when the storage sends
     /// clients to the object store (`redirect = true`).
-    pub fn redirect(&self, d: &Digest) -> Option<String> {
+    fn redirect(&self, d: &Digest) -> Option<String> {
         self.redirect
             .then(|| self.s3.presigned_get(&blob_key(d), REDIRECT_VALID).to_string())
     }
 
-    pub async fn contains_blob(&self, d: &Digest) -> Result<bool, StorageError> {
+    async fn contains_blob(&self, d: &Digest) -> Result<bool, StorageError> {
         Ok(self.s3.head(&blob_key(d)).await?.is_some())
     }
 
-    pub async fn referrers(
+    async fn referrers(
         &self,
         repo: &str,
         subject: &Digest,
@@ -430,24 +544,15 @@ impl S3Storage {
         }
     }
 
-    // --- writing
-
     /// Records that `repo` holds blob `digest` (already stored).
-    pub async fn link_blob(&self, repo: &str, digest: &Digest) -> Result<(), StorageError> {
+    async fn link_blob(&self, repo: &str, digest: &Digest) -> Result<(), StorageError> {
         let p = repo_prefix(repo)?;
         let link = format!("{p}_blobs/{}", digest.hex());
         let (a, b) = tokio::join!(self.s3.put(&link, Bytes::new()), self.mark_linked(digest));
         a.and(b)
     }
 
-    /// Notes that the blob was just claimed, for the collector's grace.
-    async fn mark_linked(&self, digest: &Digest) -> Result<(), StorageError> {
-        self.s3
-            .put(&linked_key(digest), Bytes::from(now_secs().to_string()))
-            .await
-    }
-
-    pub async fn mount_blob(&self, repo: &str, from: &str, digest: &Digest) -> Result<bool, StorageError> {
+    async fn mount_blob(&self, repo: &str, from: &str, digest: &Digest) -> Result<bool, StorageError> {
         if !valid_repository(from) || !self.linked(from, digest).await? || !self.contains_blob(digest).await? {
             return Ok(false);
         }
@@ -460,7 +565,7 @@ impl S3Storage {
     /// refreshed, then checked not to be on its way out), so a collection
     /// running beside this push either sees the claim or is seen by it.
     /// The digests not held.
-    pub async fn claim_blobs(&self, repo: &str, digests: &[Digest]) -> Result<Vec<Digest>, StorageError> {
+    async fn claim_blobs(&self, repo: &str, digests: &[Digest]) -> Result<Vec<Digest>, StorageError> {
         repo_prefix(repo)?;
         let mut missing = Vec::new();
         // A handful at a time: a manifest may name thousands.
@@ -475,29 +580,8 @@ impl S3Storage {
         Ok(missing)
     }
 
-    /// Claims `d` for a manifest of `repo`: whether it is the repository's,
-    /// not on its way out, and held.
-    async fn claim_one(&self, repo: &str, d: &Digest) -> Result<bool, StorageError> {
-        if !self.linked(repo, d).await? {
-            return Ok(false);
-        }
-        self.mark_linked(d).await?;
-        if self.s3.head(&gc_key(d)).await?.is_some() {
-            return Ok(false);
-        }
-        Ok(self.s3.head(&blob_key(d)).await?.is_some())
-    }
-
-    pub async fn put_manifest(&self, repo: &str, m: &Manifest, tags: &[&str]) -> Result<(), StorageError> {
-        if tags.iter().any(|t| !valid_tag(t)) {
-            return Err(StorageError::Backend("invalid tag".into()));
-        }
-        if Digest::of_with(m.digest.algorithm(), &m.bytes) != m.digest {
-            return Err(StorageError::Backend(format!(
-                "manifest does not match its digest {}",
-                m.digest
-            )));
-        }
+    async fn put_manifest(&self, repo: &str, m: &Manifest, tags: &[&str]) -> Result<(), StorageError> {
+        m.check(tags)?;
         let p = repo_prefix(repo)?;
         // Claimed before it is written, as the blobs it names were.
         self.mark_linked(&m.digest).await?;
@@ -527,7 +611,7 @@ impl S3Storage {
         Ok(())
     }
 
-    pub async fn add_referrer(
+    async fn add_referrer(
         &self,
         repo: &str,
         subject: &Digest,
@@ -535,14 +619,7 @@ impl S3Storage {
         descriptor: &serde_json::Value,
     ) -> Result<(), StorageError> {
         let p = repo_prefix(repo)?;
-        let mut record = serde_json::to_vec(descriptor).expect("serialisable");
-        if record.len() > MAX_REFERRER_RECORD {
-            let mut bare = descriptor.clone();
-            if let Some(o) = bare.as_object_mut() {
-                o.remove("annotations");
-            }
-            record = serde_json::to_vec(&bare).expect("serialisable");
-        }
+        let record = crate::fs_storage::referrer_record(descriptor);
         self.s3
             .put(
                 &format!("{p}_referrers/{}/{}", subject.hex(), of.hex()),
@@ -551,7 +628,7 @@ impl S3Storage {
             .await
     }
 
-    pub async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool, StorageError> {
+    async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool, StorageError> {
         let p = repo_prefix(repo)?;
         let record = format!("{p}_manifests/{}", digest.hex());
         if self.s3.head(&record).await?.is_none() {
@@ -582,7 +659,7 @@ impl S3Storage {
         Ok(true)
     }
 
-    pub async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool, StorageError> {
+    async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool, StorageError> {
         if !valid_tag(tag) {
             return Ok(false);
         }
@@ -594,7 +671,7 @@ impl S3Storage {
         Ok(true)
     }
 
-    pub async fn delete_blob(&self, repo: &str, digest: &Digest) -> Result<bool, StorageError> {
+    async fn delete_blob(&self, repo: &str, digest: &Digest) -> Result<bool, StorageError> {
         let key = format!("{}_blobs/{}", repo_prefix(repo)?, digest.hex());
         if self.s3.head(&key).await?.is_none() {
             return Ok(false);
@@ -603,11 +680,9 @@ impl S3Storage {
         Ok(true)
     }
 
-    // --- upload sessions
-
     /// Starts an upload session for `repo`; its id. Refused past the
     /// session caps, which count the sessions this replica knows of.
-    pub async fn start_upload(&self, repo: &str, owner: Option<&str>) -> Result<String, StorageError> {
+    async fn start_upload(&self, repo: &str, owner: Option<&str>) -> Result<String, StorageError> {
         repo_prefix(repo)?;
         {
             let mut map = self.sessions();
@@ -658,22 +733,9 @@ impl S3Storage {
         Ok(uuid)
     }
 
-    async fn read_state(&self, uuid: &str) -> Result<Option<SessionState>, StorageError> {
-        let Some(b) = self.s3.get(&format!("_uploads/{uuid}/state"), 1 << 20).await? else {
-            return Ok(None);
-        };
-        let state: SessionState = serde_json::from_slice(&b)
-            .map_err(|e| StorageError::Backend(format!("upload session {uuid} is damaged: {e}")))?;
-        Ok(Some(state))
-    }
-
     /// The lock of session `uuid` of `repo` (a session another replica
     /// started is looked up in the bucket).
-    pub async fn upload(
-        &self,
-        repo: &str,
-        uuid: &str,
-    ) -> Result<Arc<tokio::sync::Mutex<Option<S3Upload>>>, StorageError> {
+    async fn upload(&self, repo: &str, uuid: &str) -> Result<SessionLock<S3Upload>, StorageError> {
         if !valid_uuid(uuid) {
             return Err(StorageError::UploadUnknown);
         }
@@ -698,7 +760,7 @@ impl S3Storage {
         Ok(s.state.clone())
     }
 
-    pub fn touch_upload(&self, uuid: &str) {
+    fn touch_upload(&self, uuid: &str) {
         if let Some(s) = self.sessions().get_mut(uuid) {
             s.touched = Instant::now();
         }
@@ -706,7 +768,7 @@ impl S3Storage {
 
     /// Reads session `uuid` as the bucket has it now (another replica may
     /// have moved it on since this one last saw it).
-    pub async fn load_upload(&self, uuid: &str, slot: &mut Option<S3Upload>) -> Result<(), StorageError> {
+    async fn load_upload(&self, uuid: &str, slot: &mut Option<S3Upload>) -> Result<(), StorageError> {
         let state = self.read_state(uuid).await?.ok_or(StorageError::UploadUnknown)?;
         let damaged = |what: &str| StorageError::Backend(format!("upload session {uuid} is damaged: {what}"));
         if !state.sha256.consistent() {
@@ -739,7 +801,7 @@ impl S3Storage {
 
     /// Ends a session as blob `digest` of `repo`, only if its bytes hash to
     /// it (a mismatch leaves the session as it was).
-    pub async fn finish_upload(
+    async fn finish_upload(
         &self,
         repo: &str,
         uuid: &str,
@@ -811,94 +873,14 @@ impl S3Storage {
         Ok(())
     }
 
-    /// The digest of what object `key` holds.
-    async fn hash_object(&self, key: &str, algorithm: Algorithm) -> Result<Digest, StorageError> {
-        let (mut body, _) = self
-            .s3
-            .get_range(key, 0..0)
-            .await?
-            .ok_or_else(|| StorageError::Backend(format!("object store: {key} vanished")))?;
-        let mut h = gantry_core::digest::Hasher::new(algorithm);
-        while let Some(frame) = tokio::time::timeout(Duration::from_secs(60), body.frame())
-            .await
-            .map_err(|_| StorageError::Backend(format!("object store: {key} stopped coming")))?
-        {
-            let frame = frame.map_err(|e| StorageError::Backend(format!("object store: reading {key}: {e}")))?;
-            if let Ok(d) = frame.into_data() {
-                h.update(&d);
-            }
-        }
-        Ok(h.digest())
-    }
-
-    pub async fn cancel_upload(&self, repo: &str, uuid: &str) -> Result<(), StorageError> {
+    async fn cancel_upload(&self, repo: &str, uuid: &str) -> Result<(), StorageError> {
         self.upload(repo, uuid).await?;
         let state = self.read_state(uuid).await?.ok_or(StorageError::UploadUnknown)?;
         self.drop_upload(uuid, Some(state)).await
     }
 
-    async fn drop_upload(&self, uuid: &str, state: Option<SessionState>) -> Result<(), StorageError> {
-        let state = match state {
-            Some(s) => Some(s),
-            None => self.read_state(uuid).await.ok().flatten(),
-        };
-        let Some(state) = state else {
-            // Unreadable: kept, so its multipart upload is not lost track of.
-            return Err(StorageError::Backend(format!("upload session {uuid} cannot be read")));
-        };
-        let data = data_key(uuid, &state);
-        if let Some(id) = &state.multipart {
-            let _ = self.s3.abort_multipart(&data, id).await;
-        }
-        for k in [
-            data,
-            format!("_uploads/{uuid}/tail"),
-            format!("_uploads/{uuid}/alive"),
-            format!("_uploads/{uuid}/state"),
-        ] {
-            self.s3.delete(&k).await?;
-        }
-        self.sessions().remove(uuid);
-        Ok(())
-    }
-
-    /// Removes the sessions whose state no replica touched for longer than
-    /// the expiry (each replica sweeps; a session a request here holds is
-    /// spared). How many went.
-    pub async fn sweep_uploads(&self) -> Result<usize, StorageError> {
-        let expiry = self.limits.expiry;
-        let now = SystemTime::now();
-        let mut gone = 0;
-        let listed = self.s3.list("_uploads/").await?;
-        // A session's age: since its state or its last part, whichever is later.
-        let mut touched: HashMap<&str, SystemTime> = HashMap::new();
-        for l in &listed {
-            if let Some((uuid, _)) = l.key.strip_prefix("_uploads/").and_then(|k| k.split_once('/')) {
-                let t = touched.entry(uuid).or_insert(l.modified);
-                *t = (*t).max(l.modified);
-            }
-        }
-        for l in &listed {
-            let Some(uuid) = l.key.strip_prefix("_uploads/").and_then(|k| k.strip_suffix("/state")) else {
-                continue;
-            };
-            let age = touched.get(uuid).map(|t| now.duration_since(*t).unwrap_or_default());
-            if !valid_uuid(uuid) || age.unwrap_or_default() < expiry {
-                continue;
-            }
-            let held = self.sessions().get(uuid).is_some_and(|s| s.state.try_lock().is_err());
-            if held {
-                continue;
-            }
-            let state = self.read_state(uuid).await.ok().flatten();
-            if self.drop_upload(uuid, state).await.is_ok() {
-                gone += 1;
-            }
-        }
-        let expiry = self.limits.expiry;
-        self.sessions()
-            .retain(|_, s| s.touched.elapsed() < expiry || s.state.try_lock().is_err());
-        Ok(gone)
+    async fn sweep_uploads(&self) -> usize {
+        self.sweep_expired().await.unwrap_or(0)
     }
 }
 

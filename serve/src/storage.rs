@@ -49,6 +49,23 @@ pub struct Manifest {
     pub bytes: Bytes,
 }
 
+impl Manifest {
+    /// Whether it may be stored under `tags`: every tag valid, and its
+    /// bytes what its digest names.
+    pub fn check(&self, tags: &[&str]) -> Result<(), StorageError> {
+        if tags.iter().any(|t| !gantry_core::reference::valid_tag(t)) {
+            return Err(StorageError::Backend("invalid tag".into()));
+        }
+        if Digest::of_with(self.digest.algorithm(), &self.bytes) != self.digest {
+            return Err(StorageError::Backend(format!(
+                "manifest does not match its digest {}",
+                self.digest
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// How a manifest is asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ManifestRef {

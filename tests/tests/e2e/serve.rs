@@ -22,6 +22,33 @@ pub(crate) fn skopeo(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// podman pulls `image` over plain HTTP into a storage of its own (a
+/// skip when podman is not installed).
+pub(crate) fn podman_pull(image: &str) {
+    if !require("podman") {
+        return;
+    }
+    let pm = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("podman")
+        .arg("--root")
+        .arg(pm.path().join("root"))
+        .arg("--runroot")
+        .arg(pm.path().join("run"))
+        .args([
+            "--storage-driver",
+            "vfs",
+            "--events-backend",
+            "none",
+            "pull",
+            "-q",
+            "--tls-verify=false",
+        ])
+        .arg(format!("docker://{image}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "podman: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Sends `request` as is and reads the answer until the server closes.
 pub(crate) fn raw(addr: &str, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -130,27 +157,7 @@ fn registry_clients_pull_from_the_store_with_the_registry_digests() {
     g2.fsck_clean();
 
     // podman pulls into its own storage.
-    if require("podman") {
-        let pm = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("podman")
-            .arg("--root")
-            .arg(pm.path().join("root"))
-            .arg("--runroot")
-            .arg(pm.path().join("run"))
-            .args([
-                "--storage-driver",
-                "vfs",
-                "--events-backend",
-                "none",
-                "pull",
-                "-q",
-                "--tls-verify=false",
-            ])
-            .arg(format!("docker://{a}/test/app:v1"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "podman: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    podman_pull(&format!("{a}/test/app:v1"));
 
     // The API itself: base, catalog pages, HEAD, ranges.
     let r = get(&a, "/v2/");

@@ -154,27 +154,7 @@ fn replicas_on_one_bucket_serve_and_continue_each_others_work() {
         &format!("{}/team/pushed:v2", b.addr),
     ]);
     pusher.ok(&["push", &format!("{}/team/pushed:v2", b.addr)]);
-    if gantry_tests::require("podman") {
-        let pm = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("podman")
-            .arg("--root")
-            .arg(pm.path().join("root"))
-            .arg("--runroot")
-            .arg(pm.path().join("run"))
-            .args([
-                "--storage-driver",
-                "vfs",
-                "--events-backend",
-                "none",
-                "pull",
-                "-q",
-                "--tls-verify=false",
-            ])
-            .arg(format!("docker://{}/team/pushed:v2", c.addr))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "podman: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    crate::serve::podman_pull(&format!("{}/team/pushed:v2", c.addr));
 
     // A chunked upload: 6 MiB on A (a part goes to the bucket, the rest
     // waits in the session's tail), A killed, the client asks B how far it

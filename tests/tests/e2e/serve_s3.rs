@@ -438,3 +438,66 @@ fn an_object_store_behind_a_private_ca_is_trusted_by_aws_ca_bundle() {
         }
     }
 }
+
+/// The keys come as AWS tools find them when the config has none: the
+/// environment's, else a profile of the shared credentials file; with
+/// none at all (or wrong ones) the object store refuses, one line.
+#[test]
+fn object_store_keys_come_from_the_environment_or_the_shared_credentials_file() {
+    let Some(s3) = SeaweedFs::start() else { return };
+    let keyless: String = s3
+        .config()
+        .lines()
+        .filter(|l| !l.starts_with("access_key") && !l.starts_with("secret_key"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("credentials");
+    std::fs::write(
+        &file,
+        format!(
+            "[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n\n[registry]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            gantry_tests::s3::ACCESS_KEY,
+            gantry_tests::s3::SECRET_KEY
+        ),
+    )
+    .unwrap();
+    let cases: [(&str, Vec<(&str, String)>, bool); 4] = [
+        (
+            "environment",
+            vec![
+                ("AWS_ACCESS_KEY_ID", gantry_tests::s3::ACCESS_KEY.into()),
+                ("AWS_SECRET_ACCESS_KEY", gantry_tests::s3::SECRET_KEY.into()),
+            ],
+            true,
+        ),
+        (
+            "profile",
+            vec![
+                ("AWS_SHARED_CREDENTIALS_FILE", file.display().to_string()),
+                ("AWS_PROFILE", "registry".into()),
+            ],
+            true,
+        ),
+        (
+            "default profile",
+            vec![("AWS_SHARED_CREDENTIALS_FILE", file.display().to_string())],
+            false,
+        ),
+        ("none", vec![("HOME", work.path().display().to_string())], false),
+    ];
+    for (what, env, works) in cases {
+        let mut g = Gantry::new().with_config(&keyless);
+        g.env.extend(env.into_iter().map(|(k, v)| (k.to_string(), v)));
+        let srv = g.serve(&[]);
+        let r = ureq::post(&url(&srv, "/v2/keys/check/blobs/uploads/")).call();
+        match (works, r) {
+            (true, Ok(r)) => assert_eq!(r.status(), 202, "{what}"),
+            (false, Err(ureq::Error::Status(500, resp))) => {
+                let body = resp.into_string().unwrap();
+                assert!(body.contains("object store") && !body.contains('\n'), "{what}: {body}");
+            }
+            (_, r) => panic!("{what}: {r:?}"),
+        }
+    }
+}

@@ -462,7 +462,9 @@ fn object_store_keys_come_from_the_environment_or_the_shared_credentials_file() 
         ),
     )
     .unwrap();
-    let cases: [(&str, Vec<(&str, String)>, bool); 4] = [
+    // (what, environment, whether the store accepts the keys)
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, bool);
+    let cases: [Case; 4] = [
         (
             "environment",
             vec![

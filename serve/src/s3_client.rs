@@ -356,7 +356,10 @@ impl S3Client {
                 .map_err(|e| failed(&what, e))?;
             let page = rusty_s3::actions::ListObjectsV2::parse_response(&body).map_err(|e| failed(&what, e))?;
             for c in page.contents {
-                let Some(key) = c.key.strip_prefix(&self.prefix) else {
+                // Listings ask for `encoding-type=url` (rusty-s3 does):
+                // stores that honour it (radosgw) send keys percent-encoded.
+                let decoded = percent_encoding::percent_decode_str(&c.key).decode_utf8_lossy();
+                let Some(key) = decoded.strip_prefix(&self.prefix) else {
                     continue;
                 };
                 let modified = c

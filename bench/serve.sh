@@ -156,7 +156,7 @@ printf '{"identities":[{"name":"bench","credentials":[{"accessKey":"benchkey","s
     -master.port=$s3port -master.port.grpc=$((s3port + 1)) -volume.port=$((s3port + 2)) \
     -volume.port.grpc=$((s3port + 3)) -filer.port=$((s3port + 4)) -filer.port.grpc=$((s3port + 5)) \
     -s3 -s3.port=$((s3port + 6)) -s3.port.grpc=$((s3port + 7)) -s3.config="$work/weed/s3.json" \
-    -s3.port.iceberg=0 -s3.port.lance=0 -volume.max=0 > "$work/weed/weed.log" 2>&1 &
+    -s3.port.iceberg=0 -s3.port.lance=0 -volume.max=32 -master.volumeSizeLimitMB=1024 > "$work/weed/weed.log" 2>&1 &
 weed_pid=$!
 at_exit 'stop "$weed_pid"'
 s3=http://127.0.0.1:$((s3port + 6))
@@ -189,26 +189,30 @@ reg_s3_pid=$!
 at_exit 'stop "$reg_s3_pid"'
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$reg_s3_port") 2>/dev/null && break; sleep 0.1; done
 
-# A single-layer image of 500 MiB of random bytes.
-if [ ! -f "$work/big500/index.json" ]; then
-    python3 - "$work/big500" <<'PY'
-import hashlib, json, os, sys
+# Single-layer images of 500 MiB of random bytes (gzip'd: ~500 MiB still),
+# one per run (a blob a registry holds already is mounted, not pushed).
+for i in $(seq "$runs"); do
+    [ -f "$work/big500-$i/index.json" ] && continue
+    python3 - "$work/big500-$i" <<'PY'
+import gzip, hashlib, json, os, sys
 d = sys.argv[1]
 os.makedirs(f"{d}/blobs/sha256", exist_ok=True)
 def put(data):
     h = hashlib.sha256(data).hexdigest()
     open(f"{d}/blobs/sha256/{h}", "wb").write(data)
     return {"digest": f"sha256:{h}", "size": len(data)}
-layer = os.urandom(500 << 20)
-l = put(layer) | {"mediaType": "application/vnd.oci.image.layer.v1.tar"}
-c = put(json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [l["digest"]]}}).encode()) | {"mediaType": "application/vnd.oci.image.config.v1+json"}
+raw = os.urandom(500 << 20)
+# Compressed already, so skopeo sends it as it is (it compresses a plain tar).
+l = put(gzip.compress(raw, compresslevel=1)) | {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"}
+diff_id = "sha256:" + hashlib.sha256(raw).hexdigest()
+c = put(json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()) | {"mediaType": "application/vnd.oci.image.config.v1+json"}
 m = put(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": c, "layers": [l]}).encode()) | {"mediaType": "application/vnd.oci.image.manifest.v1+json"}
 m["annotations"] = {"org.opencontainers.image.ref.name": "big"}
 json.dump({"schemaVersion": 2, "manifests": [m]}, open(f"{d}/index.json", "w"))
 open(f"{d}/oci-layout", "w").write('{"imageLayoutVersion":"1.0.0"}')
 PY
-fi
-big_blob=$(python3 -c 'import json,sys; d=sys.argv[1]; m=json.load(open(d+"/index.json"))["manifests"][0]["digest"].split(":")[1]; print(json.load(open(d+"/blobs/sha256/"+m))["layers"][0]["digest"])' "$work/big500")
+done
+big_blob=$(python3 -c 'import json,sys; d=sys.argv[1]; m=json.load(open(d+"/index.json"))["manifests"][0]["digest"].split(":")[1]; print(json.load(open(d+"/blobs/sha256/"+m))["layers"][0]["digest"])' "$work/big500-1")
 
 # The 500 MiB push, runs interleaved, each to a repository of its own.
 : > "$work/push-s3-registry.runs"; : > "$work/push-s3-gantry.runs"
@@ -217,7 +221,7 @@ for i in $(seq "$runs"); do
         addr=127.0.0.1:$reg_s3_port
         [ "$who" = gantry ] && addr=$gantry_s3_addr
         measure_once "push-s3-$who" "" skopeo copy --quiet --dest-tls-verify=false \
-            "oci:$work/big500:big" "docker://$addr/big$i:latest"
+            "oci:$work/big500-$i:big" "docker://$addr/big$i:latest"
     done
 done
 push_median() { sort -n "$work/$1.runs" | sed -n "$((($(wc -l < "$work/$1.runs") + 1) / 2))p" | cut -d' ' -f1; }

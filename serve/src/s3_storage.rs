@@ -47,6 +47,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// The default size of an upload's parts (S3 wants at least 5 MiB).
 pub const DEFAULT_PART_SIZE: usize = 8 << 20;
 
+/// Parts of one upload on their way at once.
+const PARTS_IN_FLIGHT: usize = 4;
+
 /// The smallest part S3 takes (but the last).
 pub const MIN_PART_SIZE: usize = 5 << 20;
 
@@ -102,8 +105,8 @@ pub struct S3Upload {
     state: SessionState,
     /// The bytes not yet in a part: the tail, then what this request sent.
     buf: BytesMut,
-    /// A part on its way: its number and the upload's answer.
-    pending: Option<tokio::task::JoinHandle<Result<String, StorageError>>>,
+    /// The parts on their way, in order (at most [`PARTS_IN_FLIGHT`]).
+    pending: std::collections::VecDeque<tokio::task::JoinHandle<Result<String, StorageError>>>,
     max: u64,
     part_size: usize,
     /// A part failed: what this request sent is lost, and only the state
@@ -117,7 +120,9 @@ impl S3Upload {
     }
 
     async fn send_part(&mut self, part: Bytes) -> Result<(), StorageError> {
-        self.settle().await?;
+        while self.pending.len() >= PARTS_IN_FLIGHT {
+            self.settle_one().await?;
+        }
         let id = match &self.state.multipart {
             Some(id) => id.clone(),
             None => {
@@ -127,23 +132,35 @@ impl S3Upload {
                 id
             }
         };
-        let number = u16::try_from(self.state.parts.len() + 1)
+        let number = u16::try_from(self.state.parts.len() + self.pending.len() + 1)
             .map_err(|_| StorageError::Backend("an upload may have at most 10000 parts".into()))?;
         let (s3, key) = (self.s3.clone(), self.data_key());
-        self.pending = Some(tokio::spawn(
+        self.pending.push_back(tokio::spawn(
             async move { s3.upload_part(&key, &id, number, part).await },
         ));
         Ok(())
     }
 
-    /// Waits for the part on its way.
+    /// Waits for every part on its way.
     async fn settle(&mut self) -> Result<(), StorageError> {
-        if let Some(p) = self.pending.take() {
-            let etag = p
-                .await
-                .map_err(|e| StorageError::Backend(format!("uploading a part: {e}")))??;
-            self.state.parts.push(etag);
-            // A long request keeps its session from the sweepers' expiry.
+        while !self.pending.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest part on its way.
+    async fn settle_one(&mut self) -> Result<(), StorageError> {
+        let Some(p) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        let etag = p
+            .await
+            .map_err(|e| StorageError::Backend(format!("uploading a part: {e}")))??;
+        self.state.parts.push(etag);
+        // A long request keeps its session from the sweepers' expiry
+        // (every 64 MiB or so).
+        if self.state.parts.len() % 8 == 0 {
             self.s3
                 .put(&format!("_uploads/{}/alive", self.uuid), Bytes::new())
                 .await?;
@@ -791,7 +808,7 @@ impl RegistryStorage for S3Storage {
             s3: self.s3.clone(),
             state,
             buf,
-            pending: None,
+            pending: Default::default(),
             max: self.limits.max_size,
             part_size: self.part_size,
             lost: false,

@@ -165,6 +165,10 @@ pub struct ServeStorageConfig {
     pub redirect: bool,
     /// The size of an upload's parts in MiB (at least 5; default 8).
     pub part_size_mib: usize,
+    /// Milliseconds a replica answers a manifest from memory before it
+    /// asks the bucket again (default 0: never; a tag moved through another
+    /// replica shows on the next request).
+    pub manifest_cache_ms: u64,
     pub access_key: Option<String>,
     pub secret_key: Option<String>,
 }
@@ -180,6 +184,7 @@ impl Default for ServeStorageConfig {
             path_style: false,
             redirect: false,
             part_size_mib: gantry_serve::s3_storage::DEFAULT_PART_SIZE >> 20,
+            manifest_cache_ms: 0,
             access_key: None,
             secret_key: None,
         }

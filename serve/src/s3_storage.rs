@@ -68,7 +68,15 @@ pub struct S3Storage {
     /// (a replica serves one request of a session at a time), and what the
     /// caps count.
     sessions: Mutex<HashMap<String, LocalSession>>,
+    /// Manifest answers kept this long (zero: none), by repository and
+    /// reference: a tag moved through another replica shows here after at
+    /// most this long; through this one, at once.
+    cache_ttl: Duration,
+    answers: Mutex<HashMap<(String, String), (Instant, Manifest)>>,
 }
+
+/// The most manifest answers kept.
+const MAX_CACHED_ANSWERS: usize = 4096;
 
 struct LocalSession {
     repo: String,
@@ -260,13 +268,16 @@ pub fn blob_key(d: &Digest) -> String {
 }
 
 impl S3Storage {
-    pub fn new(s3: S3Client, limits: UploadLimits, part_size: usize, redirect: bool) -> S3Storage {
+    /// The storage in `s3`'s bucket; manifest answers kept `cache_ttl`.
+    pub fn new(s3: S3Client, limits: UploadLimits, part_size: usize, redirect: bool, cache_ttl: Duration) -> S3Storage {
         S3Storage {
             s3: Arc::new(s3),
             limits,
             part_size: part_size.max(MIN_PART_SIZE),
             redirect,
             sessions: Mutex::new(HashMap::new()),
+            cache_ttl,
+            answers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -288,6 +299,39 @@ impl S3Storage {
             .get(&key, SMALL)
             .await?
             .and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    fn cached(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), (Instant, Manifest)>> {
+        self.answers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the kept answers of `repo` (after this replica changed it).
+    fn forget(&self, repo: &str) {
+        if !self.cache_ttl.is_zero() {
+            self.cached().retain(|(r, _), _| r != repo);
+        }
+    }
+
+    async fn manifest_uncached(&self, repo: &str, reference: &ManifestRef) -> Result<Option<Manifest>, StorageError> {
+        let digest = match reference {
+            ManifestRef::Digest(d) => d.clone(),
+            ManifestRef::Tag(t) => match self.tag(repo, t).await? {
+                Some(e) => e.digest,
+                None => return Ok(None),
+            },
+        };
+        let record = format!("{}_manifests/{}", repo_prefix(repo)?, digest.hex());
+        let bytes_key = blob_key(&digest);
+        let (media_type, bytes) =
+            tokio::join!(self.s3.get(&record, SMALL), self.s3.get(&bytes_key, MAX_MANIFEST_BYTES));
+        let (Some(media_type), Some(bytes)) = (media_type?, bytes?) else {
+            return Ok(None);
+        };
+        Ok(Some(Manifest {
+            media_type: String::from_utf8_lossy(&media_type).into_owned(),
+            digest,
+            bytes,
+        }))
     }
 
     async fn linked(&self, repo: &str, d: &Digest) -> Result<bool, StorageError> {
@@ -473,25 +517,33 @@ impl RegistryStorage for S3Storage {
     }
 
     async fn manifest(&self, repo: &str, reference: &ManifestRef) -> Result<Option<Manifest>, StorageError> {
-        let digest = match reference {
-            ManifestRef::Digest(d) => d.clone(),
-            ManifestRef::Tag(t) => match self.tag(repo, t).await? {
-                Some(e) => e.digest,
-                None => return Ok(None),
+        let key = (
+            repo.to_string(),
+            match reference {
+                ManifestRef::Tag(t) => t.clone(),
+                ManifestRef::Digest(d) => d.to_string(),
             },
-        };
-        let record = format!("{}_manifests/{}", repo_prefix(repo)?, digest.hex());
-        let bytes_key = blob_key(&digest);
-        let (media_type, bytes) =
-            tokio::join!(self.s3.get(&record, SMALL), self.s3.get(&bytes_key, MAX_MANIFEST_BYTES));
-        let (Some(media_type), Some(bytes)) = (media_type?, bytes?) else {
-            return Ok(None);
-        };
-        Ok(Some(Manifest {
-            media_type: String::from_utf8_lossy(&media_type).into_owned(),
-            digest,
-            bytes,
-        }))
+        );
+        if !self.cache_ttl.is_zero() {
+            if let Some((at, m)) = self.cached().get(&key) {
+                if at.elapsed() < self.cache_ttl {
+                    return Ok(Some(m.clone()));
+                }
+            }
+        }
+        let m = self.manifest_uncached(repo, reference).await?;
+        if let (false, Some(m)) = (self.cache_ttl.is_zero(), &m) {
+            let mut cache = self.cached();
+            if cache.len() >= MAX_CACHED_ANSWERS {
+                let ttl = self.cache_ttl;
+                cache.retain(|_, (at, _)| at.elapsed() < ttl);
+                if cache.len() >= MAX_CACHED_ANSWERS {
+                    cache.clear();
+                }
+            }
+            cache.insert(key, (Instant::now(), m.clone()));
+        }
+        Ok(m)
     }
 
     async fn blob_size(&self, repo: &str, d: &Digest) -> Result<Option<u64>, StorageError> {
@@ -598,6 +650,7 @@ impl RegistryStorage for S3Storage {
     }
 
     async fn put_manifest(&self, repo: &str, m: &Manifest, tags: &[&str]) -> Result<(), StorageError> {
+        self.forget(repo);
         m.check(tags)?;
         let p = repo_prefix(repo)?;
         // Claimed before it is written, as the blobs it names were.
@@ -625,6 +678,7 @@ impl RegistryStorage for S3Storage {
                 )
                 .await?;
         }
+        self.forget(repo);
         Ok(())
     }
 
@@ -646,6 +700,7 @@ impl RegistryStorage for S3Storage {
     }
 
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool, StorageError> {
+        self.forget(repo);
         let p = repo_prefix(repo)?;
         let record = format!("{p}_manifests/{}", digest.hex());
         if self.s3.head(&record).await?.is_none() {
@@ -673,10 +728,12 @@ impl RegistryStorage for S3Storage {
                 self.s3.delete(&format!("{p}_tags/{tag}")).await?;
             }
         }
+        self.forget(repo);
         Ok(true)
     }
 
     async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool, StorageError> {
+        self.forget(repo);
         if !valid_tag(tag) {
             return Ok(false);
         }
@@ -685,6 +742,7 @@ impl RegistryStorage for S3Storage {
             return Ok(false);
         }
         self.s3.delete(&key).await?;
+        self.forget(repo);
         Ok(true)
     }
 

@@ -106,7 +106,12 @@ impl SeaweedFs {
             .arg(format!("-s3.port.grpc={}", p + 7))
             .arg(format!("-s3.config={}", config.display()))
             // Small volumes, a fixed number: not a share of whatever disk is free.
-            .args(["-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=32", "-master.volumeSizeLimitMB=1024"])
+            .args([
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-volume.max=32",
+                "-master.volumeSizeLimitMB=1024",
+            ])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

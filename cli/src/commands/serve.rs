@@ -242,7 +242,11 @@ fn open_registry(ctx: &Context, limits: gantry_serve::fs_storage::UploadLimits) 
             let network = gantry_http::Network::new(&ctx.config.network, &ctx.config.registries);
             let client = S3Client::new(&config, network)?;
             Ok(Registry::S3(Arc::new(gantry_serve::s3_storage::S3Storage::new(
-                client, limits, part, c.redirect,
+                client,
+                limits,
+                part,
+                c.redirect,
+                Duration::from_millis(c.manifest_cache_ms),
             ))))
         }
         other => bail!(

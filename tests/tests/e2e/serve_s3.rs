@@ -503,3 +503,38 @@ fn object_store_keys_come_from_the_environment_or_the_shared_credentials_file() 
         }
     }
 }
+
+/// With `manifest_cache_ms`, a replica answers manifests from memory: a tag
+/// moved through itself shows at once, one moved through another replica
+/// within the configured time (and not before the cache has expired).
+#[test]
+fn a_manifest_cache_shows_another_replicas_tag_within_its_time() {
+    if !peers() {
+        return;
+    }
+    let Some(s3) = SeaweedFs::start() else { return };
+    let (_ga, a) = replica(&s3, "");
+    let (_gb, b) = replica(&s3, "manifest_cache_ms = 8000\n");
+    let work = tempfile::tempdir().unwrap();
+    let served = |srv: &Server| {
+        ureq::head(&url(srv, "/v2/cache/app/manifests/v1"))
+            .set("Accept", "application/vnd.oci.image.manifest.v1+json")
+            .call()
+            .unwrap()
+            .header("Docker-Content-Digest")
+            .unwrap()
+            .to_string()
+    };
+    let first = layout(&work.path().join("one"), 1, 1000);
+    copy_in(&work.path().join("one"), &format!("{}/cache/app:v1", b.addr));
+    assert_eq!(served(&b), first, "through itself: at once");
+    let second = layout(&work.path().join("two"), 2, 1000);
+    copy_in(&work.path().join("two"), &format!("{}/cache/app:v1", a.addr));
+    assert_eq!(served(&a), second);
+    let moved = std::time::Instant::now();
+    assert_eq!(served(&b), first, "another replica's move waits for the cache");
+    while served(&b) != second {
+        assert!(moved.elapsed() < std::time::Duration::from_secs(9), "not within 8 s");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

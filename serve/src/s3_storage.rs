@@ -168,7 +168,7 @@ impl S3Upload {
         self.state.parts.push(etag);
         // A long request keeps its session from the sweepers' expiry
         // (every 64 MiB or so).
-        if self.state.parts.len() % 8 == 0 {
+        if self.state.parts.len().is_multiple_of(8) {
             self.s3
                 .put(&format!("_uploads/{}/alive", self.uuid), Bytes::new())
                 .await?;

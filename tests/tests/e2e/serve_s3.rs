@@ -538,3 +538,42 @@ fn a_manifest_cache_shows_another_replicas_tag_within_its_time() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// With `redirect = true` a blob GET answers 307 to a presigned URL of the
+/// object store, which gives the blob's bytes to anyone holding it; a HEAD
+/// still answers from the registry, with the size.
+#[test]
+fn blob_gets_redirect_to_a_presigned_url_when_asked() {
+    let Some(s3) = SeaweedFs::start() else { return };
+    let (_g, srv) = replica(&s3, "redirect = true\n");
+    let blob = b"fetched from the object store itself".to_vec();
+    let digest = sha256(&blob);
+    let session = start(&srv, "redirect/me");
+    patch(&srv, &session, 0, &blob);
+    assert_eq!(finish(&srv, &session, &digest), 201);
+    let plain = ureq::AgentBuilder::new().redirects(0).build();
+    let r = plain
+        .get(&url(&srv, &format!("/v2/redirect/me/blobs/{digest}")))
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 307);
+    let to = r.header("Location").unwrap().to_string();
+    assert!(
+        to.starts_with(&s3.endpoint()) && to.contains("X-Amz-Signature="),
+        "{to}"
+    );
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut ureq::get(&to).call().unwrap().into_reader(), &mut got).unwrap();
+    assert_eq!(got, blob);
+    let head = plain
+        .head(&url(&srv, &format!("/v2/redirect/me/blobs/{digest}")))
+        .call()
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.header("Content-Length"), Some(blob.len().to_string().as_str()));
+    // A blob of another repository is not redirected to.
+    let other = plain
+        .get(&url(&srv, &format!("/v2/someone/else/blobs/{digest}")))
+        .call();
+    assert!(matches!(other, Err(ureq::Error::Status(404, _))), "{other:?}");
+}

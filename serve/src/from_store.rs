@@ -413,7 +413,7 @@ fn rebuild_stream(
     l: gantry_core::store::LayerMeta,
     range: Range<u64>,
 ) -> BlobBody {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let (tx, body) = gantry_http::body::ChannelBody::channel(8);
     std::thread::spawn(move || {
         let mut at = 0u64;
         let result = gantry_core::save::rebuild_layer(&store, driver, &l, &mut |r| {
@@ -438,20 +438,5 @@ fn rebuild_stream(
             let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
         }
     });
-    ChannelBody(rx).boxed()
-}
-
-/// A body fed through a channel.
-struct ChannelBody(tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>);
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
-        self.0.poll_recv(cx).map(|o| o.map(|r| r.map(hyper::body::Frame::data)))
-    }
+    body.boxed()
 }

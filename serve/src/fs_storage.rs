@@ -181,7 +181,7 @@ fn digest_on_disk(
 }
 
 /// A session id: 32 lowercase hex digits (anything else never reaches a path).
-fn valid_uuid(s: &str) -> bool {
+pub(crate) fn valid_uuid(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 

@@ -48,6 +48,8 @@ pub trait RegistryStorage: Send + Sync + 'static {
         reference: &ManifestRef,
     ) -> impl Future<Output = Result<Option<Manifest>, StorageError>> + Send;
     fn blob_size(&self, repo: &str, d: &Digest) -> impl Future<Output = Result<Option<u64>, StorageError>> + Send;
+    /// Bytes `range` of blob `d` of `repo`; called right after
+    /// [`RegistryStorage::blob_size`] answered for the same blob.
     fn blob(
         &self,
         repo: &str,

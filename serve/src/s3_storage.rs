@@ -28,7 +28,7 @@
 //! completed upload. The same blob pushed through two replicas at once is
 //! written twice to the same key: one object, the same bytes.
 
-use crate::fs_storage::{TagEntry, UploadLimits, MAX_REFERRERS_PAGE, MAX_REFERRER_RECORD};
+use crate::fs_storage::{valid_uuid, TagEntry, UploadLimits, MAX_REFERRERS_PAGE, MAX_REFERRER_RECORD};
 use crate::registry_storage::{RegistryStorage, SessionLock, UploadSession};
 use crate::s3_client::S3Client;
 use crate::sha256_state::Sha256State;
@@ -249,8 +249,10 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn valid_uuid(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+/// Forgets the sessions no request here touched for `expiry` (one a
+/// request holds stays): they are still in the bucket for whoever asks.
+fn forget_stale(map: &mut HashMap<String, LocalSession>, expiry: Duration) {
+    map.retain(|_, s| s.touched.elapsed() < expiry || s.state.try_lock().is_err());
 }
 
 fn repo_prefix(repo: &str) -> Result<String, StorageError> {
@@ -448,9 +450,7 @@ impl S3Storage {
                 gone += 1;
             }
         }
-        let expiry = self.limits.expiry;
-        self.sessions()
-            .retain(|_, s| s.touched.elapsed() < expiry || s.state.try_lock().is_err());
+        forget_stale(&mut self.sessions(), self.limits.expiry);
         Ok(gone)
     }
 }
@@ -555,10 +555,9 @@ impl RegistryStorage for S3Storage {
         size
     }
 
-    async fn blob(&self, repo: &str, d: &Digest, range: Range<u64>) -> Result<Option<BlobBody>, StorageError> {
-        if !self.linked(repo, d).await? {
-            return Ok(None);
-        }
+    /// The repository's hold on `d` was just checked by `blob_size` (the
+    /// handler's first call): not asked of the bucket a second time.
+    async fn blob(&self, _repo: &str, d: &Digest, range: Range<u64>) -> Result<Option<BlobBody>, StorageError> {
         let Some((body, _)) = self.s3.get_range(&blob_key(d), range).await? else {
             return Ok(None);
         };
@@ -761,8 +760,7 @@ impl RegistryStorage for S3Storage {
         repo_prefix(repo)?;
         {
             let mut map = self.sessions();
-            let expiry = self.limits.expiry;
-            map.retain(|_, s| s.touched.elapsed() < expiry || s.state.try_lock().is_err());
+            forget_stale(&mut map, self.limits.expiry);
             if map.len() >= self.limits.max_sessions {
                 return Err(StorageError::TooManyUploads(format!(
                     "{} upload sessions are open",

@@ -1,19 +1,42 @@
-//! Registry credentials from a Docker-style `config.json` (`auths`).
+//! Registry credentials as the Docker CLI finds them in its `config.json`,
+//! in its order: the registry's `credHelpers` entry, else the `credsStore`,
+//! else the secrets in `auths`. Helpers are run on demand
+//! ([`crate::credential_helper`]), once per host and operation.
 
 use base64::Engine as _;
 use gantry_core::plugin::Credentials;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
 
 #[derive(Default)]
 pub struct AuthFile {
     by_host: HashMap<String, Credentials>,
+    /// `credHelpers`: the helper of each (normalised) registry host.
+    helpers: HashMap<String, String>,
+    /// `credsStore`: the helper of every other host.
+    store: Option<String>,
+    timeout: Duration,
+    /// What helpers answered, by host: a pull asks once per endpoint.
+    /// Bounded by the hosts one operation reaches, and by [`MAX_ASKED`].
+    asked: Mutex<HashMap<String, Option<Credentials>>>,
 }
+
+/// The most helper answers one [`AuthFile`] keeps.
+const MAX_ASKED: usize = 64;
+
+/// The address Docker files Docker Hub's credentials under.
+const DOCKER_HUB_SERVER: &str = "https://index.docker.io/v1/";
 
 #[derive(serde::Deserialize)]
 struct File {
     #[serde(default)]
     auths: HashMap<String, Entry>,
+    #[serde(rename = "credsStore", default)]
+    creds_store: Option<String>,
+    #[serde(rename = "credHelpers", default)]
+    cred_helpers: HashMap<String, String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -43,8 +66,9 @@ fn normalise(key: &str) -> String {
 }
 
 impl AuthFile {
-    /// Reads `path`; a missing file means no credentials.
-    pub fn load(path: Option<&Path>) -> anyhow::Result<AuthFile> {
+    /// Reads `path`; a missing file means no credentials. Helpers get
+    /// `timeout` to answer.
+    pub fn load(path: Option<&Path>, timeout: Duration) -> anyhow::Result<AuthFile> {
         let Some(path) = path else {
             return Ok(AuthFile::default());
         };
@@ -55,6 +79,26 @@ impl AuthFile {
         };
         let f: File =
             serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?;
+        let valid = |what: &str, name: &str| {
+            if crate::credential_helper::valid_name(name) {
+                Ok(name.to_string())
+            } else {
+                Err(anyhow::anyhow!(
+                    "{}: {what}: {} is not a credential helper's name",
+                    path.display(),
+                    gantry_core::text::quote_bytes(name.as_bytes())
+                ))
+            }
+        };
+        // Docker takes an empty credsStore as none.
+        let store = match f.creds_store.as_deref() {
+            None | Some("") => None,
+            Some(name) => Some(valid("credsStore", name)?),
+        };
+        let mut helpers = HashMap::new();
+        for (host, name) in &f.cred_helpers {
+            helpers.insert(normalise(host), valid(&format!("credHelpers.{host}"), name)?);
+        }
         let mut by_host = HashMap::new();
         for (k, e) in f.auths {
             let (username, password) = match (&e.auth, e.username, e.password) {
@@ -80,10 +124,39 @@ impl AuthFile {
                 },
             );
         }
-        Ok(AuthFile { by_host })
+        Ok(AuthFile {
+            by_host,
+            helpers,
+            store,
+            timeout,
+            asked: Mutex::default(),
+        })
     }
 
-    pub fn get(&self, domain: &str) -> Option<Credentials> {
-        self.by_host.get(domain).cloned()
+    /// `domain`'s credentials (`docker.io`, `host:port`): its helper's, else
+    /// the store's, else the file's own. A helper that fails is an error,
+    /// as for `docker pull`.
+    pub fn get(&self, domain: &str) -> Result<Option<Credentials>, gantry_core::Error> {
+        let Some(helper) = self.helpers.get(domain).or(self.store.as_ref()) else {
+            return Ok(self.by_host.get(domain).cloned());
+        };
+        if let Some(known) = self.asked.lock().unwrap().get(domain) {
+            return Ok(known.clone().or_else(|| self.by_host.get(domain).cloned()));
+        }
+        let server = match domain {
+            gantry_core::reference::DEFAULT_DOMAIN => DOCKER_HUB_SERVER,
+            d => d,
+        };
+        let answer = crate::credential_helper::get(helper, server, self.timeout).map_err(|message| {
+            gantry_core::Error::Credentials {
+                host: gantry_core::text::escape_line(domain),
+                message,
+            }
+        })?;
+        let mut asked = self.asked.lock().unwrap();
+        if asked.len() < MAX_ASKED {
+            asked.insert(domain.to_string(), answer.clone());
+        }
+        Ok(answer.or_else(|| self.by_host.get(domain).cloned()))
     }
 }

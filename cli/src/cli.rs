@@ -196,6 +196,11 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         tenants: Option<std::path::PathBuf>,
     },
+    /// The config file.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// The plugin registry: what is configured, and what a component is.
     Plugin {
         #[command(subcommand)]
@@ -219,6 +224,14 @@ pub enum PluginCommand {
         #[arg(long = "option", value_name = "KEY=VALUE")]
         options: Vec<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigAction {
+    /// Print the effective config as TOML: every key, with the value it
+    /// takes (the file's, else the built-in default); unset keys as
+    /// comments saying what that means. Secrets are not shown.
+    Show,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,13 +9,13 @@
 use anyhow::{bail, Context, Result};
 use gantry_core::endpoint::Registries;
 use gantry_host::registry::Runtime;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Every key is optional: a missing one takes the value of
 /// `Config::default()`, the one source of the built-in defaults.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Blobs downloaded at once per pull (Docker's max-concurrent-downloads).
@@ -27,8 +27,12 @@ pub struct Config {
     /// Where compiled components are kept (default `<root>/plugins-cache`);
     /// a directory shared by stores compiles each plugin once per machine.
     pub plugin_cache_dir: Option<PathBuf>,
-    /// A Docker-style `config.json` with registry credentials.
+    /// A Docker-style `config.json` with registry credentials (`auths`,
+    /// `credsStore`, `credHelpers`).
     pub auth_file: Option<PathBuf>,
+    /// Seconds a credential helper (`docker-credential-NAME get`) may take
+    /// to answer before it is killed and the operation fails.
+    pub credential_helper_timeout_seconds: f64,
     /// The most one layer may hold uncompressed (a bound on decompression bombs).
     pub max_layer_size_mib: u64,
     /// How long a mirror that could not be reached or kept failing is
@@ -79,6 +83,7 @@ impl Default for Config {
             plugin_dir: None,
             plugin_cache_dir: None,
             auth_file: None,
+            credential_helper_timeout_seconds: 30.0,
             max_layer_size_mib: gantry_core::stage::DEFAULT_MAX_LAYER_BYTES >> 20,
             mirror_backoff_seconds: 30,
             max_layer_depth: gantry_core::stage::DEFAULT_MAX_DEPTH,
@@ -99,7 +104,7 @@ impl Default for Config {
 }
 
 /// The `[mirror]` table: bounds of `gantry serve --mirror-of`.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MirrorConfig {
     /// The largest blob fetched from an upstream, in MiB (default 65536:
@@ -120,7 +125,7 @@ impl Default for MirrorConfig {
 }
 
 /// The `[serve]` table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
     /// Seconds a blob stays safe from `gantry serve gc` after it was
@@ -144,7 +149,7 @@ impl Default for ServeConfig {
 /// several replicas share. Credentials come from the environment or the
 /// shared credentials file as AWS tools read them, unless
 /// `access_key`/`secret_key` are given here.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeStorageConfig {
     #[serde(rename = "type")]
@@ -192,7 +197,7 @@ impl Default for ServeStorageConfig {
 }
 
 /// One plugin's table.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// The implementation: `v2`, `overlay2`, `vfs`, `auto` (drivers: overlay2
@@ -229,7 +234,7 @@ impl PluginConfig {
 
 /// The sandbox's limits for one plugin instance (`[limits]`, or a
 /// plugin's own `limits` table).
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub memory_mib: usize,
@@ -327,6 +332,10 @@ impl Config {
         }
         if c.mirror.max_blob_mib == 0 || c.mirror.max_fetches == 0 {
             bail!("{origin}: mirror: max_blob_mib and max_fetches must be at least 1");
+        }
+        let t = c.credential_helper_timeout_seconds;
+        if !(t.is_finite() && t > 0.0 && t <= 3600.0) {
+            bail!("{origin}: credential_helper_timeout_seconds must be between 0 and 3600");
         }
         if c.max_layer_depth == 0 {
             bail!("{origin}: max_layer_depth must be at least 1");

@@ -155,13 +155,16 @@ impl Context {
     /// (the CLI only) the user's own Docker `config.json`. A daemon's
     /// clients and tenants never get the environment's login: theirs is
     /// what they send, or the `auth_file` their config names.
-    pub fn credentials(&self) -> Result<impl Fn(&str) -> Option<gantry_core::plugin::Credentials> + Sync> {
+    pub fn credentials(
+        &self,
+    ) -> Result<impl Fn(&str) -> Result<Option<gantry_core::plugin::Credentials>, gantry_core::Error> + Sync> {
         let path = match &self.config.auth_file {
             Some(p) => Some(p.clone()),
             None if self.credentials_from_environment => crate::auth::default_path(),
             None => None,
         };
-        let auth = crate::auth::AuthFile::load(path.as_deref())?;
+        let timeout = std::time::Duration::from_secs_f64(self.config.credential_helper_timeout_seconds);
+        let auth = crate::auth::AuthFile::load(path.as_deref(), timeout)?;
         Ok(move |domain: &str| auth.get(domain))
     }
 
@@ -200,7 +203,7 @@ impl Context {
         };
         let from_file = self.credentials()?;
         let credentials = move |domain: &str| match &given {
-            Some((d, c)) if d == domain => Some(c.clone()),
+            Some((d, c)) if d == domain => Ok(Some(c.clone())),
             _ => from_file(domain),
         };
         f(&gantry_core::pull::Puller {

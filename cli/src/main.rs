@@ -5,7 +5,9 @@ mod auth;
 mod cli;
 mod commands;
 mod config;
+mod config_show;
 mod context;
+mod credential_helper;
 mod output;
 
 use std::process::ExitCode;

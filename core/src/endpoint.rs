@@ -14,12 +14,12 @@
 
 use crate::plugin::Endpoint;
 use crate::reference::DEFAULT_DOMAIN;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// Per-registry settings from the config file's `[registries."domain"]` tables.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// Mirror base URLs tried before the registry itself.

@@ -107,6 +107,9 @@ pub enum Error {
     Conflict(String),
     #[error("{0}")]
     Config(String),
+    /// Asking for a registry's credentials failed.
+    #[error("error getting credentials for {host}: {message}")]
+    Credentials { host: String, message: String },
     #[error("{context}: {source}")]
     Io {
         context: String,

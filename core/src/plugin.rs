@@ -18,6 +18,11 @@ pub struct Credentials {
     pub identity_token: Option<String>,
 }
 
+/// Where a pull or push finds a registry host's credentials: `None` when
+/// it has none; an error when asking failed (a credential helper that is
+/// missing, failed or did not answer), which ends the operation.
+pub type CredentialLookup = dyn Fn(&str) -> Result<Option<Credentials>, crate::Error> + Sync;
+
 /// One endpoint of the endpoint loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {

@@ -25,7 +25,7 @@ use crate::digest::Digest;
 use crate::endpoint::{pull_endpoints, Registries};
 use crate::error::{Error, ErrorClass, IoContext, PluginError, Result};
 use crate::images::layers_of;
-use crate::plugin::{ByteStream, Credentials, Endpoint, GraphDriver, Mounted, Transport, Upload};
+use crate::plugin::{ByteStream, CredentialLookup, Endpoint, GraphDriver, Mounted, Transport, Upload};
 use crate::reference::Reference;
 use crate::retry::{retry, Policy, Thread};
 use crate::store::{LayerMeta, Store};
@@ -66,7 +66,7 @@ pub struct Pusher<'a> {
     pub driver: &'a dyn GraphDriver,
     pub transport: &'a dyn Transport,
     pub registries: &'a Registries,
-    pub credentials: &'a (dyn Fn(&str) -> Option<Credentials> + Sync),
+    pub credentials: &'a CredentialLookup,
     pub progress: &'a dyn PushProgress,
     /// Blobs sent at once (Docker's max-concurrent-uploads, 5).
     pub concurrency: usize,
@@ -106,15 +106,16 @@ fn plugin(class: ErrorClass, m: impl Into<String>) -> Error {
 impl Pusher<'_> {
     /// The endpoints a push may use: the registry's own, never a mirror
     /// or v1.
-    fn endpoints(&self, domain: &str) -> Vec<Endpoint> {
-        pull_endpoints(domain, self.registries)
+    fn endpoints(&self, domain: &str) -> Result<Vec<Endpoint>> {
+        let credentials = (self.credentials)(domain)?;
+        Ok(pull_endpoints(domain, self.registries)
             .into_iter()
             .filter(|e| !e.mirror && !e.v1)
             .map(|mut e| {
-                e.credentials = (self.credentials)(domain);
+                e.credentials = credentials.clone();
                 e
             })
-            .collect()
+            .collect())
     }
 
     /// Pushes the image `reference` names (a tag) to its registry.
@@ -142,7 +143,7 @@ impl Pusher<'_> {
         // One push of a repository at a time; the second finds the first's blobs.
         let _lock = self.lock(&reference.name())?;
         let mut last: Option<Error> = None;
-        for ep in self.endpoints(&reference.domain) {
+        for ep in self.endpoints(&reference.domain)? {
             let target = Target {
                 ep: &ep,
                 repo: &reference.path,

@@ -33,7 +33,7 @@ impl Kind {
 }
 
 /// How a plugin runs (a plugin table's `runtime` key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Runtime {
     /// A WebAssembly component in the sandbox.

@@ -6,13 +6,13 @@
 use crate::proxy::Proxies;
 use crate::trust::{Trust, DEFAULT_CERTS_DIRS};
 use gantry_core::endpoint::Registries;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 /// The `[network]` table.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
     /// Directories of per-registry certificates (`<dir>/<host[:port]>/`

@@ -62,6 +62,15 @@ impl Registry {
         ))
     }
 
+    /// docker-registry requiring basic auth of the users in `htpasswd`
+    /// (bcrypt entries) for every request, pulls too.
+    pub fn start_htpasswd(htpasswd: &Path) -> Registry {
+        Registry::start_with(&format!(
+            "auth:\n  htpasswd:\n    realm: gantry-test\n    path: {}\n",
+            htpasswd.display()
+        ))
+    }
+
     /// docker-registry serving HTTPS on 127.0.0.1 with `cert` and `key`
     /// (PEM). With `client_cas` (a PEM file of CA certificates) it requires
     /// a client certificate signed by one of them (`http.tls.clientcas`):

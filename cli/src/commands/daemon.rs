@@ -303,7 +303,7 @@ impl Engine for Daemon {
         let given = auth.map(credentials_of);
         let domain = r.domain.clone();
         let credentials = move |d: &str| match &given {
-            Some(c) if d == domain => Some(c.clone()),
+            Some(c) if d == domain => Ok(Some(c.clone())),
             _ => from_file(d),
         };
         let lines = PushMessages(progress);

@@ -35,6 +35,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     {
         return daemon::run_tenants(file);
     }
+    // The config alone: no store is opened.
+    if let Command::Config {
+        action: crate::cli::ConfigAction::Show,
+    } = &cli.command
+    {
+        let config = crate::config::Config::load(cli.config.as_deref())?;
+        print!(
+            "{}",
+            crate::config_show::render(&config).map_err(|e| anyhow::anyhow!("config show: {e}"))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let ctx = Context::open(cli.config.as_deref(), &cli.root)?;
     match cli.command {
         Command::Pull {
@@ -67,6 +79,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Save { images, output, format } => save::run(&ctx, &images, output.as_deref(), format),
         Command::Fsck { verify_content, repair } => fsck::run(&ctx, verify_content, repair),
         Command::Plugin { command } => plugin::run(&ctx, command),
+        Command::Config { .. } => unreachable!("answered before the store opens"),
         Command::Daemon {
             host,
             allow_remote_tcp,

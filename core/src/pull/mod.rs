@@ -28,7 +28,7 @@ use crate::endpoint::{pull_endpoints, Registries};
 use crate::error::{Error, ErrorClass, PluginError, Result};
 use crate::manifest::{self, Blob, ImageConfig, ImageManifest, Parsed};
 use crate::platform::Platform;
-use crate::plugin::{Credentials, Endpoint, GraphDriver, Resolved, Transport};
+use crate::plugin::{CredentialLookup, Endpoint, GraphDriver, Resolved, Transport};
 use crate::reference::Reference;
 use crate::retry::{retry, Policy, Thread};
 use crate::stage::{ImageCommit, Staging};
@@ -173,7 +173,7 @@ pub struct Puller<'a> {
     pub v1_transport: Option<&'a dyn Transport>,
     pub driver: &'a dyn GraphDriver,
     pub registries: &'a Registries,
-    pub credentials: &'a (dyn Fn(&str) -> Option<Credentials> + Sync),
+    pub credentials: &'a CredentialLookup,
     pub downloads: &'a DownloadPool,
     pub progress: &'a dyn Progress,
     pub options: PullOptions,
@@ -209,7 +209,7 @@ impl Puller<'_> {
             }
             // Credentials by the endpoint's own host: a mirror never sees the
             // registry's, and the registry never sees a mirror's.
-            ep.credentials = (self.credentials)(&credential_host(&ep, domain));
+            ep.credentials = (self.credentials)(&credential_host(&ep, domain))?;
             let result = attempt(&ep);
             if ep.mirror {
                 match &result {

@@ -7,6 +7,7 @@ mod bigfiles;
 mod commands;
 mod conformance;
 mod content;
+mod credentials;
 mod daemon;
 mod faults;
 mod hostile;

@@ -5,7 +5,7 @@ set -euo pipefail
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 need=()
-for p in docker-registry skopeo umoci podman make time mount openssl; do
+for p in docker-registry skopeo umoci podman make time mount openssl gnupg pass golang-docker-credential-helpers; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 # A `docker` CLI for the daemon's tests: the machine's own (28.x) when it

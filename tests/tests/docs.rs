@@ -347,3 +347,30 @@ fn the_readme_leads_to_every_page() {
         assert_eq!(v.trim_end_matches('.'), version, "docs/ names gantry:plugin@{v}");
     }
 }
+
+/// The README's config section is `gantry config show` with no file: the
+/// code's defaults and the README come from one source.
+#[test]
+fn the_readme_shows_every_config_key_at_its_default() {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let section = readme
+        .split_once("## The config\n")
+        .expect("README.md has a `## The config` section")
+        .1;
+    let block = section
+        .split_once("```toml\n")
+        .and_then(|(_, rest)| rest.split_once("```\n"))
+        .expect("the config section holds a ```toml block")
+        .0;
+    let out = Command::new(binary())
+        .args(["config", "show"])
+        .env_remove("GANTRY_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "gantry config show: {out:?}");
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        block, shown,
+        "README.md's config block differs from `gantry config show`: paste its output"
+    );
+}

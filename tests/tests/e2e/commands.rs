@@ -106,3 +106,31 @@ fn fsck_reports_a_damaged_store() {
     );
     assert!(r.stdout().contains("reading the tar-split"), "{}", r.stdout());
 }
+
+/// A config of only what it changes runs every command; `config show`
+/// prints it whole, with the defaults filled in, and refuses an unknown key.
+#[test]
+fn a_config_of_only_what_it_changes_runs_and_shows_whole() {
+    let Some((reg, g)) = crate::control_store() else { return };
+    let g = g.with_config(&format!("[registries.\"{}\"]\ninsecure = true\n", reg.addr()));
+    g.ok(&["pull", &format!("{}/test/control:v1", reg.addr())]);
+    let shown = g.ok(&["config", "show"]);
+    assert!(
+        shown.contains(&format!(
+            "[registries.\"{}\"]\ninsecure = true\nmirrors = []\n",
+            reg.addr()
+        )),
+        "{shown}"
+    );
+    for default in [
+        "max_concurrent_downloads = 3\n",
+        "[transport]\n",
+        "type = \"v2\"\n",
+        "type = \"auto\"\n",
+    ] {
+        assert!(shown.contains(default), "{default:?} missing: {shown}");
+    }
+    let bad = Gantry::new().with_config("[registries.\"r\"]\ninsecure = true\nbogus = 1\n");
+    let err = bad.fails(&["config", "show"]);
+    assert!(err.contains("unknown field `bogus`"), "{err}");
+}

@@ -196,6 +196,11 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         tenants: Option<std::path::PathBuf>,
     },
+    /// The store as a whole.
+    System {
+        #[command(subcommand)]
+        command: SystemCommand,
+    },
     /// The config file.
     Config {
         #[command(subcommand)]
@@ -223,6 +228,17 @@ pub enum PluginCommand {
         /// An option for the driver's `init`, `KEY=VALUE` (repeatable).
         #[arg(long = "option", value_name = "KEY=VALUE")]
         options: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SystemCommand {
+    /// Show what the images take, what the store takes on disk, and its
+    /// quota (`max_store_gib`).
+    Df {
+        /// `table` (default) or `json` (one object).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
 }
 

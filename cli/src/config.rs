@@ -44,6 +44,10 @@ pub struct Config {
     /// (fsync), so power loss never leaves a committed layer with empty
     /// files. Hosts that prefer speed may turn it off.
     pub durable: bool,
+    /// The most the store may hold, in GiB (fractions allowed): a pull,
+    /// load, import or push to `gantry serve` that would pass it is refused
+    /// before it fills the disk. None: no quota.
+    pub max_store_gib: Option<f64>,
     /// Whether pulls keep the compressed blobs and manifests as the
     /// registry served them (`<root>/content`), so `save` and
     /// `serve --from-store` reproduce the registry's digests. Off keeps only
@@ -88,6 +92,7 @@ impl Default for Config {
             mirror_backoff_seconds: 30,
             max_layer_depth: gantry_core::stage::DEFAULT_MAX_DEPTH,
             durable: true,
+            max_store_gib: None,
             keep_content: true,
             allow_native_plugins: false,
             transport: PluginConfig::named("v2"),
@@ -267,6 +272,11 @@ impl LimitsConfig {
     }
 }
 
+/// `gib` GiB in bytes.
+pub fn gib_bytes(gib: f64) -> u64 {
+    (gib * (1u64 << 30) as f64) as u64
+}
+
 impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config> {
         let (text, origin) = match path {
@@ -336,6 +346,11 @@ impl Config {
         let t = c.credential_helper_timeout_seconds;
         if !(t.is_finite() && t > 0.0 && t <= 3600.0) {
             bail!("{origin}: credential_helper_timeout_seconds must be between 0 and 3600");
+        }
+        if let Some(g) = c.max_store_gib {
+            if !(g.is_finite() && g > 0.0) {
+                bail!("{origin}: max_store_gib must be more than 0");
+            }
         }
         if c.max_layer_depth == 0 {
             bail!("{origin}: max_layer_depth must be at least 1");

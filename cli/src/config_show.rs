@@ -22,6 +22,7 @@ const UNSET: &[(&str, &str)] = &[
         "the CLI: $DOCKER_CONFIG/config.json, else ~/.docker/config.json; the daemon: none",
     ),
     ("allowed_registries", "every registry"),
+    ("max_store_gib", "no quota"),
     ("transport.path", "<plugin_dir>/gantry_transport_<type>.wasm"),
     ("transport.limits", "the [limits] table"),
     ("driver.path", "<plugin_dir>/gantry_driver_<type>.wasm"),

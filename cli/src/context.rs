@@ -52,6 +52,9 @@ impl Context {
         let (store, alone) = Store::open(root, &config.driver.kind).context("opening the store")?;
         store.set_durable(config.durable);
         store.set_keep_content(config.keep_content);
+        if let Some(gib) = config.max_store_gib {
+            store.set_quota(crate::config::gib_bytes(gib));
+        }
         let cache = config
             .plugin_cache_dir
             .clone()

@@ -180,12 +180,18 @@ impl ArchiveIndex {
     /// Reads an archive from a stream, spooling what is large into `spool`
     /// (a fresh directory, removed when the index is dropped).
     pub fn from_stream(r: impl Read, spool: &Path) -> Result<ArchiveIndex> {
-        Self::from_stream_with(r, spool, &mut |_, _, _| Ok(false))
+        Self::from_stream_with(r, spool, &mut |_, _, _| Ok(false), &|_| Ok(()))
     }
 
     /// Like [`from_stream`](Self::from_stream), offering each large entry to
-    /// `take` first: what it consumes is never spooled.
-    pub fn from_stream_with(r: impl Read, spool: &Path, take: &mut TakeHook<'_>) -> Result<ArchiveIndex> {
+    /// `take` first: what it consumes is never spooled. What is spooled is
+    /// first given to `charge` by its declared size (a quota's refusal).
+    pub fn from_stream_with(
+        r: impl Read,
+        spool: &Path,
+        take: &mut TakeHook<'_>,
+        charge: &dyn Fn(u64) -> Result<()>,
+    ) -> Result<ArchiveIndex> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .create(spool)
@@ -231,6 +237,7 @@ impl ArchiveIndex {
                     } else if take(&name, &index, &mut e)? {
                         Data::Taken
                     } else {
+                        charge(size)?;
                         let path = spool.join(n.to_string());
                         let mut f = File::create(&path).ctx("spooling standard input")?;
                         let mut copied = 0u64;

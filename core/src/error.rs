@@ -107,6 +107,9 @@ pub enum Error {
     Conflict(String),
     #[error("{0}")]
     Config(String),
+    /// The store's quota would be passed.
+    #[error("{0}")]
+    Quota(#[from] crate::store::quota::Exceeded),
     /// Asking for a registry's credentials failed.
     #[error("error getting credentials for {host}: {message}")]
     Credentials { host: String, message: String },

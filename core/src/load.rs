@@ -124,55 +124,68 @@ impl Loader<'_> {
     pub fn load_stream(&self, r: impl Read, spool: &std::path::Path) -> Result<LoadOutcome> {
         let mut staging = Staging::new(self.store, self.driver, self.max_layer_bytes);
         let mut plan: Option<StreamPlan> = None;
-        let ar = ArchiveIndex::from_stream_with(r, spool, &mut |name, partial, data| {
-            if plan.is_none() {
-                // Only once the documents naming the images have arrived.
-                let known = partial.contains("manifest.json")
-                    || (partial.contains("index.json") && partial.contains("oci-layout"));
-                if let Some(c) = known.then(|| self.candidates(partial, true).ok()).flatten() {
-                    let n = c.len();
-                    plan = Some(StreamPlan {
-                        images: c,
-                        next: vec![0; n],
-                        parents: vec![None; n],
-                    });
+        // The spool is charged apart from the staging (which the hook
+        // below holds): entries spooled now are unpacked, and charged
+        // again, later.
+        let spool_charges = self.store.charges();
+        let charge_spool = |n: u64| match &spool_charges {
+            Some(c) => Ok(c.charge(n)?),
+            None => Ok(()),
+        };
+        let ar = ArchiveIndex::from_stream_with(
+            r,
+            spool,
+            &mut |name, partial, data| {
+                if plan.is_none() {
+                    // Only once the documents naming the images have arrived.
+                    let known = partial.contains("manifest.json")
+                        || (partial.contains("index.json") && partial.contains("oci-layout"));
+                    if let Some(c) = known.then(|| self.candidates(partial, true).ok()).flatten() {
+                        let n = c.len();
+                        plan = Some(StreamPlan {
+                            images: c,
+                            next: vec![0; n],
+                            parents: vec![None; n],
+                        });
+                    }
                 }
-            }
-            let Some(StreamPlan {
-                images: cands,
-                next,
-                parents,
-            }) = plan.as_mut()
-            else {
-                return Ok(false);
-            };
-            let Some(ci) = (0..cands.len()).find(|&i| cands[i].layers.get(next[i]).is_some_and(|l| l.name == name))
-            else {
-                return Ok(false);
-            };
-            let c = &cands[ci];
-            let k = next[ci];
-            let ConfigSource::Bytes(config) = &c.config else {
-                return Ok(false);
-            };
-            let diff_ids = ImageConfig::parse(config)?.diff_ids;
-            let Some(want) = diff_ids.get(k) else {
-                return Ok(false);
-            };
-            let parent = parents[ci].clone();
-            let chain = Digest::chain(parent.as_ref(), want);
-            if !staging.reuse(&chain)? {
-                self.apply_streamed(&mut staging, data, &c.layers[k], parent.as_ref(), want)?;
-            }
-            // Every image waiting for this same layer moves on.
-            for i in 0..cands.len() {
-                if cands[i].layers.get(next[i]).is_some_and(|l| l.name == name) && parents[i] == parent {
-                    next[i] += 1;
-                    parents[i] = Some(chain.clone());
+                let Some(StreamPlan {
+                    images: cands,
+                    next,
+                    parents,
+                }) = plan.as_mut()
+                else {
+                    return Ok(false);
+                };
+                let Some(ci) = (0..cands.len()).find(|&i| cands[i].layers.get(next[i]).is_some_and(|l| l.name == name))
+                else {
+                    return Ok(false);
+                };
+                let c = &cands[ci];
+                let k = next[ci];
+                let ConfigSource::Bytes(config) = &c.config else {
+                    return Ok(false);
+                };
+                let diff_ids = ImageConfig::parse(config)?.diff_ids;
+                let Some(want) = diff_ids.get(k) else {
+                    return Ok(false);
+                };
+                let parent = parents[ci].clone();
+                let chain = Digest::chain(parent.as_ref(), want);
+                if !staging.reuse(&chain)? {
+                    self.apply_streamed(&mut staging, data, &c.layers[k], parent.as_ref(), want)?;
                 }
-            }
-            Ok(true)
-        })?;
+                // Every image waiting for this same layer moves on.
+                for i in 0..cands.len() {
+                    if cands[i].layers.get(next[i]).is_some_and(|l| l.name == name) && parents[i] == parent {
+                        next[i] += 1;
+                        parents[i] = Some(chain.clone());
+                    }
+                }
+                Ok(true)
+            },
+            &charge_spool,
+        )?;
         let spooled = ar.spooled();
         let result = self.finish(&ar, &mut staging);
         drop(ar);

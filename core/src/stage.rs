@@ -106,6 +106,8 @@ pub struct Staging<'a> {
     /// chainID): the next layer on it goes on from there, any other layer
     /// reads its stack's back from the tar-split records.
     rules: Option<(Digest, Arc<Mutex<LayerRules>>)>,
+    /// This staging's charges against the store's quota, if it has one.
+    charges: Option<Arc<crate::store::quota::Charges>>,
 }
 
 /// How much a layer's stream may grow between two early flushes: big
@@ -171,6 +173,16 @@ impl<'a> Staging<'a> {
             keep: Vec::new(),
             anchor: None,
             rules: None,
+            charges: store.charges().map(Arc::new),
+        }
+    }
+
+    /// Charges `bytes` about to be written against the store's quota
+    /// (declared sizes, before they are fetched).
+    pub fn charge(&self, bytes: u64) -> Result<()> {
+        match &self.charges {
+            Some(c) => Ok(c.charge(bytes)?),
+            None => Ok(()),
         }
     }
 
@@ -191,6 +203,8 @@ impl<'a> Staging<'a> {
     pub fn for_repair(store: &'a Store, driver: &'a dyn GraphDriver, max_layer_bytes: u64) -> Staging<'a> {
         let mut staging = Staging::new(store, driver, max_layer_bytes);
         staging.prepare_early = false;
+        // A repair replaces what the store already holds: no quota charge.
+        staging.charges = None;
         staging
     }
 
@@ -321,7 +335,7 @@ impl<'a> Staging<'a> {
         record_out: RecordWriter,
         rules: Arc<Mutex<LayerRules>>,
     ) -> Result<(
-        Splitter<HashingReader<LimitedReader<Box<dyn Read + Send + 'r>>>>,
+        Splitter<HashingReader<Charged<LimitedReader<Box<dyn Read + Send + 'r>>>>>,
         Arc<crate::verify::HashState>,
         Arc<Mutex<RecordWriter>>,
     )> {
@@ -331,7 +345,11 @@ impl<'a> Staging<'a> {
             self.max_layer_bytes,
             format!("layer {label}: its uncompressed size"),
         );
-        let (hashed, hash) = HashingReader::new(bounded);
+        let charged = Charged {
+            inner: bounded,
+            charges: self.charges.clone(),
+        };
+        let (hashed, hash) = HashingReader::new(charged);
         let (split, record) = Splitter::new(hashed, record_out);
         Ok((split.with_rules(rules), hash, record))
     }
@@ -649,6 +667,10 @@ fn applied_size(label: &str, fed: std::io::Result<()>, applied: std::result::Res
             return Err(Error::Integrity(format!("layer {label}: {e}")))
         }
         Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => return Err(Error::Integrity(e.to_string())),
+        Err(e) if e.get_ref().is_some_and(|i| i.is::<crate::store::quota::Exceeded>()) => {
+            let exceeded = e.into_inner().and_then(|i| i.downcast().ok()).expect("just checked");
+            return Err(Error::Quota(*exceeded));
+        }
         Err(e) => return Err(Error::Integrity(format!("layer {label}: corrupt layer: {e}"))),
         Ok(()) => {}
     }
@@ -659,6 +681,24 @@ fn applied_size(label: &str, fed: std::io::Result<()>, applied: std::result::Res
             format!("applying layer {label}: {}", e.message),
         )),
     })
+}
+
+/// A layer's uncompressed stream, charged against the store's quota as it
+/// is read: the driver writes what it reads.
+pub(crate) struct Charged<R> {
+    inner: R,
+    charges: Option<Arc<crate::store::quota::Charges>>,
+}
+
+impl<R: Read> Read for Charged<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(c) = &self.charges {
+            c.charge(n as u64)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::StorageFull, e))?;
+        }
+        Ok(n)
+    }
 }
 
 /// A reader that keeps its first failure (a corrupt or oversized layer),

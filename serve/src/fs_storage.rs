@@ -74,6 +74,9 @@ pub struct UploadLimits {
     pub max_per_repository: usize,
     /// How long a session may sit untouched before it is removed.
     pub expiry: Duration,
+    /// The quota of the store the storage lives in: uploads are charged
+    /// their declared length, else their bytes as they arrive.
+    pub quota: Option<std::sync::Arc<gantry_core::store::quota::Quota>>,
 }
 
 impl Default for UploadLimits {
@@ -83,6 +86,7 @@ impl Default for UploadLimits {
             max_sessions: 1024,
             max_per_repository: 64,
             expiry: Duration::from_secs(3600),
+            quota: None,
         }
     }
 }
@@ -1003,6 +1007,7 @@ mod tests {
             max_sessions: 3,
             max_per_repository: 2,
             expiry: Duration::from_millis(50),
+            quota: None,
         };
         let s = FsStorage::open(dir.path(), true)
             .unwrap()
@@ -1038,7 +1043,7 @@ mod tests {
             .unwrap()
             .with_upload_limits(UploadLimits {
                 max_sessions: 1,
-                ..limits
+                ..limits.clone()
             });
         assert!(matches!(
             s.start_upload("d", None),

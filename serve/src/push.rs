@@ -76,6 +76,8 @@ impl From<StorageError> for ApiError {
             e @ StorageError::TooLarge { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID", e.to_string())
             }
+            // As Harbor answers a push past a project's quota.
+            e @ StorageError::Quota(_) => ApiError::new(StatusCode::FORBIDDEN, "DENIED", e.to_string()),
             e @ StorageError::TooManyUploads(_) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", e.to_string())
                     .with_header(RETRY_AFTER, HeaderValue::from_static("60"))
@@ -127,13 +129,18 @@ async fn pump<S: RegistryStorage>(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
+    let charges = storage.upload_limits().quota.as_ref().map(|q| q.charges());
     let result = match declared {
         // Refused before a byte is read.
         Some(n) if up.len().saturating_add(n) > storage.upload_limits().max_size => Err(StorageError::TooLarge {
             limit: storage.upload_limits().max_size,
         }
         .into()),
-        _ => copy_body(req.into_body(), up).await,
+        Some(n) => match charges.as_ref().map(|c| c.charge(n)) {
+            Some(Err(e)) => Err(StorageError::from(e).into()),
+            _ => copy_body(req.into_body(), up, None).await,
+        },
+        None => copy_body(req.into_body(), up, charges.as_ref()).await,
     };
     let too_large = result
         .as_ref()
@@ -152,7 +159,13 @@ async fn pump<S: RegistryStorage>(
     result
 }
 
-async fn copy_body(body: hyper::body::Incoming, up: &mut impl UploadSession) -> Result<(), ApiError> {
+/// Copies a body into the session, charging `charges` for each piece
+/// before it is written (a body of no declared length).
+async fn copy_body(
+    body: hyper::body::Incoming,
+    up: &mut impl UploadSession,
+    charges: Option<&gantry_core::store::quota::Charges>,
+) -> Result<(), ApiError> {
     let mut body = body;
     loop {
         let frame = tokio::time::timeout(BODY_IDLE, body.frame()).await.map_err(|_| {
@@ -174,6 +187,9 @@ async fn copy_body(body: hyper::body::Incoming, up: &mut impl UploadSession) -> 
             Some(Ok(f)) => {
                 if let Ok(data) = f.into_data() {
                     crate::metrics::count_in(data.len());
+                    if let Some(c) = charges {
+                        c.charge(data.len() as u64).map_err(StorageError::from)?;
+                    }
                     up.write(&data).await?;
                 }
             }

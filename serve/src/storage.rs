@@ -30,6 +30,9 @@ pub enum StorageError {
     /// An upload would grow past the size cap.
     #[error("an upload may hold at most {limit} bytes")]
     TooLarge { limit: u64 },
+    /// The store the storage lives in would pass its quota.
+    #[error("{0}")]
+    Quota(#[from] gantry_core::store::quota::Exceeded),
     /// No room for another upload session (the session caps).
     #[error("too many upload sessions: {0}")]
     TooManyUploads(String),

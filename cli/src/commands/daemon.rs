@@ -83,6 +83,8 @@ struct Tenant {
     config: Option<std::path::PathBuf>,
     /// The group that may use this tenant's socket (a name or a gid).
     group: Option<GroupName>,
+    /// The most the tenant's store may hold, in GiB (over its config's).
+    max_store_gib: Option<f64>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -131,6 +133,18 @@ pub fn run_tenants(file: &std::path::Path) -> Result<ExitCode> {
         // A tenant's registry identity is its own: its auth_file, or what
         // its clients send; never the daemon's environment.
         ctx.credentials_from_environment = false;
+        match tenant.max_store_gib {
+            Some(gib) if gib.is_finite() && gib > 0.0 => {
+                ctx.config.max_store_gib = Some(gib);
+                ctx.store.set_quota(crate::config::gib_bytes(gib));
+            }
+            Some(_) => bail!(
+                "{}: tenant {:?}: max_store_gib must be more than 0",
+                file.display(),
+                tenant.name
+            ),
+            None => {}
+        }
         if let Some(g) = &tenant.group {
             let gid = match g {
                 GroupName::Id(n) => *n,

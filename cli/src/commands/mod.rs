@@ -13,6 +13,7 @@ mod pull;
 mod push;
 mod save;
 pub(crate) mod serve;
+mod system;
 
 use crate::cli::{Cli, Command};
 use crate::context::Context;
@@ -79,6 +80,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Save { images, output, format } => save::run(&ctx, &images, output.as_deref(), format),
         Command::Fsck { verify_content, repair } => fsck::run(&ctx, verify_content, repair),
         Command::Plugin { command } => plugin::run(&ctx, command),
+        Command::System {
+            command: crate::cli::SystemCommand::Df { format },
+        } => system::df(&ctx, format),
         Command::Config { .. } => unreachable!("answered before the store opens"),
         Command::Daemon {
             host,

@@ -90,6 +90,7 @@ impl UploadArgs {
             max_sessions: self.max_uploads.max(1),
             max_per_repository: self.max_uploads_per_repo.max(1),
             expiry: Duration::from_secs(self.upload_expiry.max(1)),
+            quota: None,
         }
     }
 }
@@ -218,6 +219,11 @@ fn open_registry(ctx: &Context, limits: gantry_serve::fs_storage::UploadLimits) 
     let c = &ctx.config.serve.storage;
     match c.kind.as_str() {
         "filesystem" => {
+            // What is pushed lives in the store, under its quota.
+            let limits = gantry_serve::fs_storage::UploadLimits {
+                quota: ctx.store.quota(),
+                ..limits
+            };
             let s = gantry_serve::fs_storage::FsStorage::open(&ctx.store.root().join("registry"), ctx.alone)?
                 .with_upload_limits(limits);
             Ok(Registry::Fs(Arc::new(s)))

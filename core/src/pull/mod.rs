@@ -374,6 +374,14 @@ impl Puller<'_> {
                 missing.push(i);
             }
         }
+        // The blobs about to be fetched, by the sizes the manifest declares
+        // (and the fetch enforces): refused by a quota before a byte comes.
+        let declared = missing
+            .iter()
+            .map(|&i| image.layers[i].blob.size)
+            .filter(|&s| s != download::UNKNOWN_SIZE)
+            .fold(config_bytes.len() as u64, u64::saturating_add);
+        staging.charge(declared)?;
         let downloaded = !(missing.is_empty() && self.store.images.exists(&image_id));
         let job = Job {
             ep,

@@ -20,6 +20,7 @@ mod content;
 mod fs;
 mod image;
 mod layer;
+pub mod quota;
 mod refs;
 
 pub use content::{ContentStore, ImageContent};
@@ -47,6 +48,8 @@ pub struct Store {
     keep_content: std::sync::atomic::AtomicBool,
     /// Whether commits wait for layer contents and records to reach the disk.
     durable: std::sync::atomic::AtomicBool,
+    /// The most the store may hold, when it has a quota.
+    quota: std::sync::Mutex<Option<std::sync::Arc<quota::Quota>>>,
     _process_lock: File,
 }
 
@@ -141,6 +144,7 @@ impl Store {
             root,
             driver: driver.to_string(),
             durable: std::sync::atomic::AtomicBool::new(true),
+            quota: std::sync::Mutex::new(None),
             _process_lock: lock,
         };
         Ok((store, alone))
@@ -164,6 +168,21 @@ impl Store {
     /// or only the unpacked layers, as Docker does.
     pub fn set_keep_content(&self, keep: bool) {
         self.keep_content.store(keep, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Gives the store a quota of `limit` bytes (see [`quota`]), for the
+    /// operations that begin from now on.
+    pub fn set_quota(&self, limit: u64) {
+        *self.quota.lock().unwrap() = Some(quota::Quota::new(&self.root, limit));
+    }
+
+    pub fn quota(&self) -> Option<std::sync::Arc<quota::Quota>> {
+        self.quota.lock().unwrap().clone()
+    }
+
+    /// The charges of one operation against the quota, if there is one.
+    pub fn charges(&self) -> Option<quota::Charges> {
+        self.quota().map(|q| q.charges())
     }
 
     pub fn keep_content(&self) -> bool {

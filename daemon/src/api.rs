@@ -66,7 +66,8 @@ fn summary_json(s: &Summary) -> Value {
         "Size": s.size,
         "SharedSize": -1,
         "VirtualSize": s.size,
-        "Labels": s.labels,
+        // dockerd's `null` for an image without labels.
+        "Labels": if s.labels.is_empty() { Value::Null } else { Value::Object(s.labels.clone()) },
         "Containers": -1,
     })
 }

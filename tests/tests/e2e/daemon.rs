@@ -1560,7 +1560,7 @@ fn system_df_image_ls_digests_and_inspect_templates_match_the_store() {
         let ours: serde_json::Value = serde_json::from_str(&g.ok(&["inspect", name])).unwrap();
         assert_eq!(i["Id"], ours[0]["Id"], "{i}");
         assert_eq!(i["ParentId"], json!(""), "{i}");
-        assert!(i["Created"].as_i64().unwrap() > 0 && i["Labels"].is_object(), "{i}");
+        assert!(i["Created"].as_i64().unwrap() > 0 && i["Labels"].is_null(), "{i}");
     }
     assert_eq!(row(&a)["RepoTags"], json!([a, "again/a:v2"]), "{df}");
     assert_eq!(

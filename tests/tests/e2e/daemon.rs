@@ -14,8 +14,21 @@ pub(crate) fn docker_command(g: &Gantry, host: &str) -> Command {
     let mut c = Command::new("docker");
     c.env("DOCKER_HOST", host)
         // Never the developer's config or credentials.
-        .env("DOCKER_CONFIG", g.scratch().join("docker-config"));
+        .env("DOCKER_CONFIG", docker_config(&g.scratch().join("docker-config")));
     c
+}
+
+/// A docker CLI config directory that keeps logins in its `config.json`.
+/// Without one, the CLI picks a credential helper of the machine's
+/// (`pass` when it is installed) and a login fails where it is not set up;
+/// one `credHelpers` entry, for a host nothing uses, turns that guess off.
+fn docker_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let file = dir.join("config.json");
+    if !file.exists() {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(&file, r#"{"credHelpers": {"helper.invalid": "none"}}"#).unwrap();
+    }
+    dir.to_path_buf()
 }
 
 fn docker(g: &Gantry, host: &str, args: &[&str]) -> Output {
@@ -911,8 +924,10 @@ fn tenants_have_their_own_stores_and_a_looping_plugin_does_not_slow_another_tena
 /// so what it logs in with is its own.
 fn client(g: &Gantry, host: &str, who: &str) -> Command {
     let mut c = Command::new("docker");
-    c.env("DOCKER_HOST", host)
-        .env("DOCKER_CONFIG", g.scratch().join(format!("docker-config-{who}")));
+    c.env("DOCKER_HOST", host).env(
+        "DOCKER_CONFIG",
+        docker_config(&g.scratch().join(format!("docker-config-{who}"))),
+    );
     c
 }
 
@@ -1663,3 +1678,4 @@ fn system_df_image_ls_digests_and_inspect_templates_match_the_store() {
     assert_eq!(format("{{.Config.Cmd}}"), "[/bin/sh]");
     assert_eq!(format("{{.Size}}"), (base_size + a_size).to_string());
 }
+

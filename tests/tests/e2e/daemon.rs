@@ -1679,3 +1679,228 @@ fn system_df_image_ls_digests_and_inspect_templates_match_the_store() {
     assert_eq!(format("{{.Size}}"), (base_size + a_size).to_string());
 }
 
+/// dockerd (Debian's `docker.io`), with a socket, data and state of the
+/// test's own and no networking of its own, for answers to compare with
+/// gantry's; `None` (a skip that says why) without it or without root.
+struct Dockerd {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Dockerd {
+    fn start() -> Option<Dockerd> {
+        let installed = Command::new("sh")
+            .args(["-c", "command -v dockerd"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !installed || !gantry_tests::is_root() {
+            eprintln!("skipped: comparing with dockerd needs dockerd (Debian's docker.io) and root");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("docker.sock");
+        let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+        let child = Command::new("dockerd")
+            .args([
+                "--data-root",
+                &p("root"),
+                "--exec-root",
+                &p("exec"),
+                "--pidfile",
+                &p("pid"),
+            ])
+            .args(["-H", &format!("unix://{}", sock.display())])
+            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"])
+            .args(["--insecure-registry", "127.0.0.0/8"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("dockerd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let addr = format!("unix://{}", sock.display());
+        // Waits for it to answer (a bound, not a measure: a dockerd that
+        // never comes up fails the test with its log).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !(sock.exists() && status(&get(&addr, "GET", "/_ping")) == 200) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dockerd did not start: {}",
+                std::fs::read_to_string(dir.path().join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        Some(Dockerd { child, addr, _dir: dir })
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        // SIGTERM: dockerd stops the containerd it started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn gantry_answers_the_image_routes_as_dockerd_does() {
+    if !(peers() && require("docker")) {
+        return;
+    }
+    let Some(dockerd) = Dockerd::start() else { return };
+    use gantry_tests::image::{Image, Layer, Layout};
+    use serde_json::json;
+    let reg = Registry::start();
+    // (No symbolic link: a layer's size counts regular files only, where
+    // dockerd adds each link's length.)
+    let base = Layer::new()
+        .dir("etc", 0o755)
+        .file("etc/base", 0o644, &[b'b'; 3000])
+        .tar();
+    let a_top = Layer::new().file("a", 0o644, &[b'a'; 1500]).tar();
+    let b_top = Layer::new().file("b", 0o644, &[b'c'; 700]).tar();
+    let (_pa, _, _) = publish(&reg, "test/a", "v1", &Image::new(vec![base.clone(), a_top]));
+    let (_pb, _, _) = publish(&reg, "test/b", "v1", &Image::new(vec![base, b_top]));
+    let dir = tempfile::tempdir().unwrap();
+    let mut layout = Layout::create(dir.path());
+    let (amd, _) = layout.image(&control_image());
+    let mut arm_image = control_image();
+    arm_image.arch = "arm64";
+    let (arm, _) = layout.image(&arm_image);
+    let entries = vec![
+        index_entry(&amd, json!({"os": "linux", "architecture": "amd64"})),
+        index_entry(&arm, json!({"os": "linux", "architecture": "arm64", "variant": "v8"})),
+    ];
+    let idx = layout.blob(
+        json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries})
+            .to_string()
+            .as_bytes(),
+        "application/vnd.oci.image.index.v1+json",
+    );
+    layout.tag("multi", &idx, None);
+    reg.push(dir.path(), "multi", "test/multi:v1");
+
+    let g = Gantry::new();
+    let d = g.daemon();
+    let both = |method: &str, path: &str| (get(&d.addr, method, path), get(&dockerd.addr, method, path));
+
+    // /version: every field dockerd gives (it leaves a false
+    // `Experimental` out), and the Engine component's details.
+    let (ours, theirs) = both("GET", "/v1.41/version");
+    let (ours, theirs) = (json_body(&ours), json_body(&theirs));
+    for key in theirs.as_object().unwrap().keys() {
+        assert!(ours.get(key).is_some(), "{key}: ours {ours}, dockerd's {theirs}");
+    }
+    for key in ["Os", "Arch", "KernelVersion"] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    let details = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v["Components"][0]["Details"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(details(&ours), details(&theirs));
+    // An unknown path.
+    let (ours, theirs) = both("GET", "/v1.41/nonsense");
+    assert_eq!((status(&ours), json_body(&ours)), (status(&theirs), json_body(&theirs)));
+
+    // /distribution: an index alike; a missing image the same status. (A
+    // single OCI manifest's platform dockerd leaves out: it reads Docker
+    // schema 2 configs only.)
+    let multi = format!("/v1.41/distribution/{}/test/multi:v1/json", reg.addr());
+    let (ours, theirs) = both("GET", &multi);
+    assert_eq!(status(&theirs), 200, "{theirs}");
+    assert_eq!(json_body(&ours), json_body(&theirs));
+    let single = format!("/v1.41/distribution/{}/test/a:v1/json", reg.addr());
+    let (ours, theirs) = both("GET", &single);
+    assert_eq!(json_body(&ours)["Descriptor"], json_body(&theirs)["Descriptor"]);
+    let missing = format!("/v1.41/distribution/{}/test/none:v1/json", reg.addr());
+    let (ours, theirs) = both("GET", &missing);
+    assert_eq!(status(&ours), status(&theirs), "ours {ours}\ndockerd's {theirs}");
+
+    // The same two images pulled into both: system df, image ls
+    // --digests and inspect templates say the same.
+    let (a, b) = (format!("{}/test/a:v1", reg.addr()), format!("{}/test/b:v1", reg.addr()));
+    for host in [&d.addr, &dockerd.addr] {
+        ok(&g, host, &["pull", "-q", &a]);
+        ok(&g, host, &["pull", "-q", &b]);
+    }
+    let (ours, theirs) = both("GET", "/v1.41/system/df");
+    let (ours, theirs) = (json_body(&ours), json_body(&theirs));
+    assert_eq!(
+        ours["LayersSize"], theirs["LayersSize"],
+        "ours {ours}\ndockerd's {theirs}"
+    );
+    let by_id = |v: &serde_json::Value| {
+        let mut images: Vec<serde_json::Value> = v["Images"].as_array().unwrap().clone();
+        images.sort_by_key(|i| i["Id"].as_str().unwrap().to_string());
+        images
+    };
+    let (mine, dockers) = (by_id(&ours), by_id(&theirs));
+    assert_eq!(mine.len(), dockers.len());
+    for (m, t) in mine.iter().zip(&dockers) {
+        for key in [
+            "Id",
+            "ParentId",
+            "RepoTags",
+            "RepoDigests",
+            "Created",
+            "Size",
+            "SharedSize",
+            "Labels",
+            "Containers",
+        ] {
+            assert_eq!(m[key], t[key], "{key}: ours {m}\ndockerd's {t}");
+        }
+    }
+    let cli = |host: &str, args: &[&str]| ok(&g, host, args);
+    let row = |out: &str, name: &str| -> String {
+        out.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name}: {out}"))
+            .to_string()
+    };
+    let (ours, theirs) = (cli(&d.addr, &["system", "df"]), cli(&dockerd.addr, &["system", "df"]));
+    assert_eq!(
+        row(&ours, "Images "),
+        row(&theirs, "Images "),
+        "ours\n{ours}\ndockerd's\n{theirs}"
+    );
+    let (ours, theirs) = (
+        cli(&d.addr, &["system", "df", "-v"]),
+        cli(&dockerd.addr, &["system", "df", "-v"]),
+    );
+    for repo in [format!("{}/test/a ", reg.addr()), format!("{}/test/b ", reg.addr())] {
+        assert_eq!(
+            row(&ours, &repo),
+            row(&theirs, &repo),
+            "ours\n{ours}\ndockerd's\n{theirs}"
+        );
+    }
+    let format = "{{.Repository}} {{.Tag}} {{.Digest}} {{.ID}} {{.Size}}";
+    let ls = |host: &str| {
+        let mut l: Vec<String> = cli(host, &["image", "ls", "--digests", "--format", format])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        l.sort();
+        l
+    };
+    assert_eq!(ls(&d.addr), ls(&dockerd.addr));
+    for template in [
+        "{{.Id}}",
+        "{{.Os}}/{{.Architecture}}",
+        "{{json .RootFS}}",
+        "{{index .RepoDigests 0}}",
+        "{{.Config.Cmd}}",
+        "{{.Size}}",
+        "{{json .RepoTags}}",
+    ] {
+        let f = |host: &str| cli(host, &["image", "inspect", "--format", template, &a]);
+        assert_eq!(f(&d.addr), f(&dockerd.addr), "{template}");
+    }
+}

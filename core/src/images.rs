@@ -51,6 +51,11 @@ pub fn repo_names<'r>(refs: impl Iterator<Item = &'r Reference>) -> (Vec<String>
 
 /// Every stored image's summary, in the image store's order.
 pub fn summaries(store: &Store) -> Result<Vec<Summary>> {
+    Ok(summaries_with_layers(store)?.into_iter().map(|(s, _)| s).collect())
+}
+
+/// Every stored image's summary with its layers (base first).
+fn summaries_with_layers(store: &Store) -> Result<Vec<(Summary, Vec<LayerMeta>)>> {
     let all = store.refs.all()?;
     let mut out = Vec::new();
     for id in store.images.list()? {
@@ -69,15 +74,48 @@ pub fn summaries(store: &Store) -> Result<Vec<Summary>> {
             .cloned()
             .unwrap_or_default();
         let refs = all.iter().filter(|(_, i)| *i == id).map(|(r, _)| r.clone()).collect();
-        out.push(Summary {
+        let summary = Summary {
             size: layers.iter().map(|l| l.size).sum(),
             id,
             refs,
             created,
             labels,
-        });
+        };
+        out.push((summary, layers));
     }
     Ok(out)
+}
+
+/// What the store's images take, as dockerd's `system df` counts it.
+#[derive(Debug, Clone)]
+pub struct DiskUsage {
+    /// Each image's summary and its shared size: the bytes of its layers
+    /// that at least one other image uses too.
+    pub images: Vec<(Summary, u64)>,
+    /// Every layer some image uses, each counted once.
+    pub layers_size: u64,
+}
+
+/// The store's disk usage by image. A layer is shared when more than one
+/// image's chain includes it (an image's own layers count once however
+/// many names it has).
+pub fn disk_usage(store: &Store) -> Result<DiskUsage> {
+    let images = summaries_with_layers(store)?;
+    let mut users: std::collections::HashMap<&Digest, (usize, u64)> = std::collections::HashMap::new();
+    for (_, layers) in &images {
+        for l in layers {
+            users.entry(&l.chain_id).or_insert((0, l.size)).0 += 1;
+        }
+    }
+    let layers_size = users.values().map(|(_, size)| size).sum();
+    let shared: Vec<u64> = images
+        .iter()
+        .map(|(_, layers)| layers.iter().filter(|l| users[&l.chain_id].0 > 1).map(|l| l.size).sum())
+        .collect();
+    Ok(DiskUsage {
+        images: images.into_iter().zip(shared).map(|((s, _), n)| (s, n)).collect(),
+        layers_size,
+    })
 }
 
 /// Finds an image by reference (`name`, `name:tag`, `name@digest`), full ID

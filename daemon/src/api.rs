@@ -1,15 +1,20 @@
 //! The Engine API routes: version negotiation (`/_ping`, `/version`, an
-//! optional `/v1.NN` prefix), the image routes an [`Engine`] answers, and
-//! a 501 with Docker's error JSON (`{"message": …}`) for every route this
-//! daemon does not serve (containers, volumes…), never a hang.
+//! optional `/v1.NN` prefix), the image routes an [`Engine`] answers
+//! (with `/distribution/{name}/json` and `/system/df`, which speak of
+//! images), a 501 with Docker's error JSON (`{"message": …}`) for the
+//! Engine API's routes this daemon does not serve (containers, volumes…)
+//! and dockerd's 404 `page not found` for any other path — never a hang,
+//! and never a broken pipe for a client still sending a body: a refused
+//! request's body is read (up to a bound) before the answer goes.
 
 use bytes::Bytes;
-use gantry_core::images::Summary;
+use gantry_core::images::{DiskUsage, Summary};
+use gantry_core::pull::Distribution;
 use gantry_core::text::escape_line;
 use gantry_http::body::{ChannelBody, Chunk};
 use gantry_http::query::{self, percent_decode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,8 +66,47 @@ fn summary_json(s: &Summary) -> Value {
         "Size": s.size,
         "SharedSize": -1,
         "VirtualSize": s.size,
-        "Labels": s.labels,
+        // dockerd's `null` for an image without labels.
+        "Labels": if s.labels.is_empty() { Value::Null } else { Value::Object(s.labels.clone()) },
         "Containers": -1,
+    })
+}
+
+/// An image summary as `GET /system/df` (and `/images/json?shared-size=1`)
+/// gives it: the bytes it shares with other images, and how many
+/// containers use it (none: gantry runs none).
+fn summary_with_usage(s: &Summary, shared: u64) -> Value {
+    let mut v = summary_json(s);
+    v["SharedSize"] = json!(shared);
+    v["Containers"] = json!(0);
+    v
+}
+
+/// Docker's `DistributionInspect`: the manifest's descriptor and the
+/// platforms offered, in the OCI spec's keys (the optional ones only when
+/// present, as Go's `omitempty` writes them — the SDK compares whole
+/// dictionaries).
+fn distribution_json(d: &Distribution) -> Value {
+    let platforms: Vec<Value> = d
+        .platforms
+        .iter()
+        .map(|p| {
+            let mut v = json!({"architecture": p.architecture, "os": p.os});
+            if let Some(x) = &p.os_version {
+                v["os.version"] = json!(x);
+            }
+            if !p.os_features.is_empty() {
+                v["os.features"] = json!(p.os_features);
+            }
+            if let Some(x) = &p.variant {
+                v["variant"] = json!(x);
+            }
+            v
+        })
+        .collect();
+    json!({
+        "Descriptor": {"mediaType": d.media_type, "digest": d.digest.to_string(), "size": d.size},
+        "Platforms": platforms,
     })
 }
 
@@ -80,6 +124,13 @@ pub trait Engine: Send + Sync + 'static {
     /// `GET /images/json`: every image's summary (rendered here in
     /// Docker's shape).
     fn list(&self) -> Result<Vec<Summary>, EngineError>;
+    /// `GET /system/df` (and `/images/json?shared-size=1`): each image's
+    /// summary with its shared size, and the layers' total.
+    fn disk_usage(&self) -> Result<DiskUsage, EngineError>;
+    /// `GET /distribution/{name}/json`: what `reference` resolves to at its
+    /// registry (with the client's credentials, within the allow-list),
+    /// without pulling it.
+    fn distribution(&self, reference: &str, auth: Option<RegistryAuth>) -> Result<Distribution, EngineError>;
     /// `GET /info`: what this daemon's store holds and runs on, in Docker's
     /// `system info` keys (`Images`, `Driver`, `DockerRootDir`, …).
     fn info(&self) -> Result<Value, EngineError>;
@@ -460,7 +511,7 @@ pub async fn handle(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>
     let raw_path = req.uri().path().to_string();
     let path = match strip_version(&raw_path) {
         Ok(p) => p.to_string(),
-        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+        Err(message) => return refuse(req, StatusCode::BAD_REQUEST, &message).await,
     };
     let method = req.method().clone();
     let mut resp = route(engine, &method, &path, req).await;
@@ -492,34 +543,28 @@ async fn route(
             );
             return r;
         }
-        (&Method::GET, "/version") => {
-            return json_response(
-                StatusCode::OK,
-                &json!({
-                    "Platform": {"Name": "gantry"},
-                    "Components": [{"Name": "gantry", "Version": env!("CARGO_PKG_VERSION"), "Details": {}}],
-                    "Version": env!("CARGO_PKG_VERSION"),
-                    "ApiVersion": crate::API_VERSION,
-                    "MinAPIVersion": crate::MIN_API_VERSION,
-                    "Os": "linux",
-                    "Arch": std::env::consts::ARCH,
-                    "GoVersion": "none",
-                    "GitCommit": "",
-                    "KernelVersion": "",
-                    "BuildTime": "",
-                }),
-            );
-        }
+        (&Method::GET, "/version") => return json_response(StatusCode::OK, &version_json()),
         (&Method::GET, "/info") => {
             return answer(blocking(move || engine.info()).await, |mut v| {
                 v["ServerVersion"] = json!(env!("CARGO_PKG_VERSION"));
                 v["OSType"] = json!("linux");
+                // dockerd's `Architecture` is the kernel's name (`x86_64`),
+                // unlike `/version`'s `Arch` (Go's `amd64`).
                 v["Architecture"] = json!(std::env::consts::ARCH);
                 v["Containers"] = json!(0);
                 v["ContainersRunning"] = json!(0);
                 v["ContainersPaused"] = json!(0);
                 v["ContainersStopped"] = json!(0);
                 v["IndexServerAddress"] = json!("https://index.docker.io/v1/");
+                // What `docker info` prints as `Experimental:`, `Debug
+                // Mode:` and `Swarm:`.
+                v["ExperimentalBuild"] = json!(false);
+                v["Debug"] = json!(false);
+                v["LiveRestoreEnabled"] = json!(false);
+                v["Swarm"] = json!({
+                    "NodeID": "", "NodeAddr": "", "LocalNodeState": "inactive",
+                    "ControlAvailable": false, "Error": "", "RemoteManagers": null,
+                });
                 json_response(StatusCode::OK, &v)
             });
         }
@@ -528,6 +573,22 @@ async fn route(
                 Ok(f) => f.unwrap_or_default(),
                 Err(m) => return error(StatusCode::BAD_REQUEST, &m),
             };
+            // API 1.42's `shared-size`: each image's `SharedSize` counted
+            // (else -1, as dockerd leaves it).
+            if truthy(query::param(&req, "shared-size")) {
+                return answer(blocking(move || engine.disk_usage()).await, |du| {
+                    let images = du
+                        .images
+                        .iter()
+                        .filter_map(|(s, shared)| {
+                            let mut v = filters.apply(summary_json(s))?;
+                            v["SharedSize"] = json!(shared);
+                            Some(v)
+                        })
+                        .collect();
+                    json_response(StatusCode::OK, &Value::Array(images))
+                });
+            }
             return answer(blocking(move || engine.list()).await, |v| {
                 json_response(
                     StatusCode::OK,
@@ -535,6 +596,7 @@ async fn route(
                 )
             });
         }
+        (&Method::GET, "/system/df") => return system_df(engine, &req).await,
         (&Method::POST, "/images/create") => return create(engine, req).await,
         (&Method::POST, "/auth") => return auth(engine, req).await,
         (&Method::POST, "/images/load") => return load(engine, req).await,
@@ -559,12 +621,22 @@ async fn route(
             );
         }
         (&Method::GET, "/images/search") => {
-            return error(
+            return refuse(
+                req,
                 StatusCode::NOT_IMPLEMENTED,
                 "searching a registry is not supported: gantry keeps no index of Docker Hub",
-            );
+            )
+            .await;
         }
         _ => {}
+    }
+    if let Some(name) = path
+        .strip_prefix("/distribution/")
+        .and_then(|p| p.strip_suffix("/json"))
+    {
+        if *method == Method::GET {
+            return distribution(engine, percent_decode(name).into_owned(), &req).await;
+        }
     }
     if let Some(rest) = path.strip_prefix("/images/") {
         let name_of = |suffix: &str| rest.strip_suffix(suffix).map(|n| percent_decode(n).into_owned());
@@ -618,13 +690,144 @@ async fn route(
             _ => {}
         }
     }
-    error(
-        StatusCode::NOT_IMPLEMENTED,
-        &format!(
+    if is_docker_route(path) {
+        let message = format!(
             "gantry's daemon serves images only: {method} {} is not implemented",
             path.escape_default()
-        ),
-    )
+        );
+        return refuse(req, StatusCode::NOT_IMPLEMENTED, &message).await;
+    }
+    // dockerd's answer to a path (or method) it has no route for.
+    refuse(req, StatusCode::NOT_FOUND, "page not found").await
+}
+
+/// The Engine API's routes outside images, which gantry does not serve:
+/// a 501 says so (dockerd would serve them). Any other path is a 404.
+const NOT_SERVED: &[&str] = &[
+    "/containers",
+    "/build",
+    "/commit",
+    "/exec",
+    "/networks",
+    "/volumes",
+    "/swarm",
+    "/nodes",
+    "/services",
+    "/tasks",
+    "/secrets",
+    "/configs",
+    "/plugins",
+    "/session",
+    "/grpc",
+    "/events",
+];
+
+fn is_docker_route(path: &str) -> bool {
+    NOT_SERVED.iter().any(|p| {
+        path.strip_prefix(p)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
+/// `GET /version`: every field the Engine API documents, and the `Engine`
+/// component with its details, which `docker version` prints.
+fn version_json() -> Value {
+    static KERNEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let kernel = KERNEL.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    });
+    let version = env!("CARGO_PKG_VERSION");
+    // Go's architecture names (`amd64`), as dockerd's `runtime.GOARCH`;
+    // the SDK matches them against registry platforms.
+    let arch = gantry_core::platform::Platform::host().arch;
+    // dockerd names the Go compiler; gantry names the Rust one.
+    let compiler = env!("GANTRY_RUSTC_VERSION");
+    let git_commit = option_env!("GANTRY_GIT_COMMIT").unwrap_or("");
+    let build_time = option_env!("GANTRY_BUILD_TIME").unwrap_or("");
+    json!({
+        "Platform": {"Name": "gantry"},
+        "Components": [{
+            "Name": "Engine",
+            "Version": version,
+            "Details": {
+                "ApiVersion": crate::API_VERSION,
+                "Arch": arch,
+                "BuildTime": build_time,
+                "Experimental": "false",
+                "GitCommit": git_commit,
+                "GoVersion": compiler,
+                "KernelVersion": kernel,
+                "MinAPIVersion": crate::MIN_API_VERSION,
+                "Os": "linux",
+            },
+        }],
+        "Version": version,
+        "ApiVersion": crate::API_VERSION,
+        "MinAPIVersion": crate::MIN_API_VERSION,
+        "GitCommit": git_commit,
+        "GoVersion": compiler,
+        "Os": "linux",
+        "Arch": arch,
+        "KernelVersion": kernel,
+        "Experimental": false,
+        "BuildTime": build_time,
+    })
+}
+
+/// `GET /distribution/{name}/json`: the reference resolved at its
+/// registry with the client's credentials (an unreadable
+/// `X-Registry-Auth` is a 400, as for a pull).
+async fn distribution(engine: Arc<dyn Engine>, name: String, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    if let Err(e) = engine.valid_reference(&name) {
+        return error(e.status(), &e.to_string());
+    }
+    let auth = match registry_auth(req) {
+        Ok(a) => a,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    answer(blocking(move || engine.distribution(&name, auth)).await, |d| {
+        json_response(StatusCode::OK, &distribution_json(&d))
+    })
+}
+
+/// `GET /system/df`: images with their shared sizes and the layers'
+/// total; containers, volumes and build cache are empty (gantry has
+/// none). `type` (API 1.42) asks for some of them only; the others are
+/// `null`, as dockerd leaves them.
+async fn system_df(engine: Arc<dyn Engine>, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    let types = query::params(req, "type");
+    for t in &types {
+        if !matches!(t.as_str(), "container" | "image" | "volume" | "build-cache") {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("unknown object type: {}", t.escape_default()),
+            );
+        }
+    }
+    let asked = |t: &str| types.is_empty() || types.iter().any(|x| x == t);
+    let empty = |t: &str| if asked(t) { json!([]) } else { Value::Null };
+    let mut out = json!({
+        "LayersSize": 0,
+        "Images": null,
+        "Containers": empty("container"),
+        "Volumes": empty("volume"),
+        "BuildCache": empty("build-cache"),
+    });
+    if !asked("image") {
+        return json_response(StatusCode::OK, &out);
+    }
+    answer(blocking(move || engine.disk_usage()).await, |du| {
+        out["LayersSize"] = json!(du.layers_size);
+        out["Images"] = du
+            .images
+            .iter()
+            .map(|(s, shared)| summary_with_usage(s, *shared))
+            .collect();
+        json_response(StatusCode::OK, &out)
+    })
 }
 
 /// A JSON message stream made by `work` on a blocking thread; a failure
@@ -747,26 +950,66 @@ async fn load(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) -> R
     stream(move |send, _| engine.load(&mut reader, send))
 }
 
-/// The most of a refused request's body read (and dropped) so that its
-/// client gets the answer; past it, or past [`DRAIN_TIME`], the connection
-/// is closed instead.
+/// The most of a refused import's body read (and dropped) so that its
+/// client gets the answer (a client still sending when the answer goes
+/// sees a broken pipe, not the answer); past it, or past [`DRAIN_TIME`],
+/// the connection is closed instead.
 const DRAIN_MAX: u64 = 1 << 30;
+/// The same bound for a route that is not served or does not exist:
+/// enough for what a client sends before it reads (a container's config,
+/// a small build context), not a stream worth reading to refuse it.
+const REFUSED_BODY_MAX: u64 = 16 << 20;
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Reads a refused request's body to its end, within bounds.
-async fn drain(mut body: hyper::body::Incoming) {
-    let mut left = DRAIN_MAX;
-    let _ = tokio::time::timeout(DRAIN_TIME, async {
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Ok(d) = frame.into_data() {
-                match left.checked_sub(d.len() as u64) {
-                    Some(l) => left = l,
-                    None => return,
+/// Reads a refused request's body to its end, within `max` bytes and
+/// [`DRAIN_TIME`]; whether it ended (else the connection must close: the
+/// rest is still coming). A declared length past `max` is not read at all.
+async fn drain(mut body: hyper::body::Incoming, max: u64) -> bool {
+    use hyper::body::Body as _;
+    if body.size_hint().lower() > max {
+        return false;
+    }
+    let mut left = max;
+    tokio::time::timeout(DRAIN_TIME, async {
+        loop {
+            match body.frame().await {
+                None => return true,
+                Some(Err(_)) => return false,
+                Some(Ok(frame)) => {
+                    if let Ok(d) = frame.into_data() {
+                        match left.checked_sub(d.len() as u64) {
+                            Some(l) => left = l,
+                            None => return false,
+                        }
+                    }
                 }
             }
         }
     })
-    .await;
+    .await
+    .unwrap_or(false)
+}
+
+/// Docker's error JSON for a request refused before its body was read:
+/// the body is drained first (within `max`), and past the bound the
+/// answer closes the connection.
+async fn refuse_within(
+    req: Request<hyper::body::Incoming>,
+    max: u64,
+    status: StatusCode,
+    message: &str,
+) -> Response<Body> {
+    let ended = drain(req.into_body(), max).await;
+    let mut r = error(status, message);
+    if !ended {
+        r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+/// [`refuse_within`] the bound for routes not served.
+async fn refuse(req: Request<hyper::body::Incoming>, status: StatusCode, message: &str) -> Response<Body> {
+    refuse_within(req, REFUSED_BODY_MAX, status, message).await
 }
 
 /// The largest `POST /auth` body.
@@ -835,11 +1078,13 @@ async fn create(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) ->
         );
     };
     if src != "-" {
-        drain(req.into_body()).await;
-        return error(
+        return refuse_within(
+            req,
+            DRAIN_MAX,
             StatusCode::NOT_IMPLEMENTED,
             "importing from a URL is not supported: send the tarball as the request body (fromSrc=-)",
-        );
+        )
+        .await;
     }
     let repo = query::param(&req, "repo").filter(|r| !r.is_empty());
     let request = ImportRequest {
@@ -851,8 +1096,7 @@ async fn create(engine: Arc<dyn Engine>, req: Request<hyper::body::Incoming>) ->
     if let Err(e) = engine.check_import(&request) {
         // The client is sending its tarball already: read it out, or it
         // sees a broken pipe instead of the answer.
-        drain(req.into_body()).await;
-        return error(e.status(), &e.to_string());
+        return refuse_within(req, DRAIN_MAX, e.status(), &e.to_string()).await;
     }
     let mut reader = body_reader(req);
     stream(move |send, _| engine.import(&request, &mut reader, send))

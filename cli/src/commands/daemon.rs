@@ -459,6 +459,34 @@ impl Engine for Daemon {
         gantry_core::images::summaries(&self.ctx.store).map_err(engine_error)
     }
 
+    fn disk_usage(&self) -> Result<gantry_core::images::DiskUsage, EngineError> {
+        gantry_core::images::disk_usage(&self.ctx.store).map_err(engine_error)
+    }
+
+    fn distribution(
+        &self,
+        reference: &str,
+        auth: Option<RegistryAuth>,
+    ) -> Result<gantry_core::pull::Distribution, EngineError> {
+        let r = Reference::parse(reference).map_err(engine_error)?;
+        self.allowed(&r)?;
+        let domain = r.domain.clone();
+        self.ctx
+            .with_puller_auth(
+                &gantry_core::pull::Quiet,
+                self.ctx.pull_options(),
+                auth.map(|a| (domain, credentials_of(a))),
+                |puller| puller.inspect_distribution(&r).map_err(anyhow::Error::from),
+            )
+            .map_err(|e| match e.downcast::<gantry_core::Error>() {
+                // The registry's DENIED is dockerd's 403 here (a push's
+                // refusal is not this).
+                Ok(e) if e.class() == ErrorClass::Denied => EngineError::Forbidden(e.to_string()),
+                Ok(e) => engine_error(e),
+                Err(e) => EngineError::Internal(format!("{e:#}")),
+            })
+    }
+
     fn inspect(&self, name: &str) -> Result<Value, EngineError> {
         super::inspect::image_json(&self.ctx, name).map_err(no_such)
     }

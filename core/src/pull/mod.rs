@@ -2,8 +2,9 @@
 //! apply → register.
 //!
 //! This module holds the pipeline itself; [`progress`] the statuses it (and
-//! `load`) reports, `download` the spooled, verified, shared downloads, and
-//! `follow` the reader that applies a layer while its blob arrives.
+//! `load`) reports, `download` the spooled, verified, shared downloads,
+//! `follow` the reader that applies a layer while its blob arrives, and
+//! `distribution` what a reference resolves to without pulling it.
 //!
 //! Blobs download concurrently (a limit, default 3) into spooled files under
 //! `<root>/tmp/blobs`, each checked against its manifest digest and size as
@@ -14,10 +15,12 @@
 //! references committed; on any failure the staged driver layers are removed
 //! and the store is as it was.
 
+mod distribution;
 mod download;
 mod follow;
 pub mod progress;
 
+pub use distribution::{Distribution, Offered};
 pub use download::{DownloadPool, Spooled};
 pub use progress::{Progress, Quiet, Status};
 

@@ -14,8 +14,21 @@ pub(crate) fn docker_command(g: &Gantry, host: &str) -> Command {
     let mut c = Command::new("docker");
     c.env("DOCKER_HOST", host)
         // Never the developer's config or credentials.
-        .env("DOCKER_CONFIG", g.scratch().join("docker-config"));
+        .env("DOCKER_CONFIG", docker_config(&g.scratch().join("docker-config")));
     c
+}
+
+/// A docker CLI config directory that keeps logins in its `config.json`.
+/// Without one, the CLI picks a credential helper of the machine's
+/// (`pass` when it is installed) and a login fails where it is not set up;
+/// one `credHelpers` entry, for a host nothing uses, turns that guess off.
+fn docker_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let file = dir.join("config.json");
+    if !file.exists() {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(&file, r#"{"credHelpers": {"helper.invalid": "none"}}"#).unwrap();
+    }
+    dir.to_path_buf()
 }
 
 fn docker(g: &Gantry, host: &str, args: &[&str]) -> Output {
@@ -911,8 +924,10 @@ fn tenants_have_their_own_stores_and_a_looping_plugin_does_not_slow_another_tena
 /// so what it logs in with is its own.
 fn client(g: &Gantry, host: &str, who: &str) -> Command {
     let mut c = Command::new("docker");
-    c.env("DOCKER_HOST", host)
-        .env("DOCKER_CONFIG", g.scratch().join(format!("docker-config-{who}")));
+    c.env("DOCKER_HOST", host).env(
+        "DOCKER_CONFIG",
+        docker_config(&g.scratch().join(format!("docker-config-{who}"))),
+    );
     c
 }
 
@@ -1159,4 +1174,733 @@ fn a_tenant_gets_only_its_own_credentials_never_the_daemon_s() {
         .unwrap();
     assert!(!succeeded(&out), "a client pushed with the daemon's own login: {out:?}");
     assert_eq!(tokens.tags(&server, "alice/app"), ["from-b"]);
+}
+
+/// The JSON body of a response `raw` read.
+fn json_body(resp: &str) -> serde_json::Value {
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {resp}"))
+}
+
+/// A descriptor as an index lists it, with a platform.
+fn index_entry(d: &gantry_tests::image::Desc, platform: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"mediaType": d.media_type, "digest": d.digest, "size": d.size, "platform": platform})
+}
+
+#[test]
+fn distribution_inspect_resolves_a_reference_at_its_registry_as_dockerd_does() {
+    if !peers() {
+        return;
+    }
+    use gantry_tests::image::{Image, Layer, Layout};
+    use gantry_tests::proxy::{Faults, Proxy};
+    use serde_json::json;
+    let reg = Registry::start();
+    let (_single, single, _) = publish(&reg, "test/app", "v1", &control_image());
+    // An index of three platforms: one with a variant, one with Windows'
+    // os.version and os.features (Docker's platform keys).
+    let dir = tempfile::tempdir().unwrap();
+    let mut layout = Layout::create(dir.path());
+    let image = |arch: &'static str, os: &'static str, file: &[u8]| {
+        let mut i = Image::new(vec![Layer::new().file("arch", 0o644, file).tar()]);
+        (i.arch, i.os) = (arch, os);
+        i
+    };
+    let (amd, _) = layout.image(&image("amd64", "linux", b"amd64\n"));
+    let (arm, _) = layout.image(&image("arm64", "linux", b"arm64\n"));
+    let (win, _) = layout.image(&image("amd64", "windows", b"windows\n"));
+    let platforms = json!([
+        {"architecture": "amd64", "os": "linux"},
+        {"architecture": "arm64", "os": "linux", "variant": "v8"},
+        {"architecture": "amd64", "os": "windows", "os.version": "10.0.17763.1", "os.features": ["win32k"]},
+    ]);
+    let entries: Vec<serde_json::Value> = [amd, arm, win]
+        .iter()
+        .zip(platforms.as_array().unwrap())
+        .map(|(d, p)| index_entry(d, p.clone()))
+        .collect();
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries,
+    });
+    let idx = layout.blob(index.to_string().as_bytes(), "application/vnd.oci.image.index.v1+json");
+    layout.tag("multi", &idx, None);
+    reg.push(dir.path(), "multi", "test/multi:v1");
+
+    let g = Gantry::new();
+    let d = g.daemon();
+    let inspect = |name: &str| get(&d.addr, "GET", &format!("/v1.47/distribution/{name}/json"));
+    let descriptor = |desc: &gantry_tests::image::Desc| json!({"mediaType": desc.media_type, "digest": desc.digest, "size": desc.size});
+    // A single image: its manifest, and the platform its config names.
+    let r = inspect(&format!("{}/test/app:v1", reg.addr()));
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(
+        json_body(&r),
+        json!({"Descriptor": descriptor(&single), "Platforms": [{"architecture": "amd64", "os": "linux"}]}),
+        "{r}"
+    );
+    // An index: every entry's platform, in order; by tag and by digest.
+    let r = inspect(&format!("{}/test/multi:v1", reg.addr()));
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(
+        json_body(&r),
+        json!({"Descriptor": descriptor(&idx), "Platforms": platforms}),
+        "{r}"
+    );
+    let r = inspect(&format!("{}/test/multi@{}", reg.addr(), idx.digest));
+    assert_eq!(json_body(&r)["Descriptor"], descriptor(&idx), "{r}");
+    // Nothing was pulled.
+    assert_eq!(status(&get(&d.addr, "GET", "/images/json")), 200);
+    assert!(get(&d.addr, "GET", "/images/json").ends_with("[]"));
+    // Unknown: a 404 with Docker's error JSON, for a missing tag and a
+    // missing repository; a bad name is a 400.
+    for missing in ["test/app:v2", "test/none:v1"] {
+        let r = inspect(&format!("{}/{missing}", reg.addr()));
+        assert_eq!(status(&r), 404, "{r}");
+        assert!(!message(&r).is_empty(), "{r}");
+    }
+    let r = inspect("Bad%2F..%2Fname");
+    assert_eq!(status(&r), 400, "{r}");
+
+    // The Python SDK's registry data: the digest, and its platform check
+    // (which compares whole dictionaries, and fills in the daemon's own
+    // `Os`/`Arch` from /version).
+    if let Some(python) = gantry_tests::venv_python("docker") {
+        let script = r#"
+import sys, docker
+host, single, multi, digest, missing = sys.argv[1:6]
+c = docker.DockerClient(base_url=host)
+data = c.images.get_registry_data(single)
+assert data.id == digest, data.attrs
+assert data.has_platform("linux/amd64") and data.has_platform("linux"), data.attrs
+assert not data.has_platform("linux/arm64")
+m = c.images.get_registry_data(multi)
+assert m.has_platform("linux/arm64/v8") and not m.has_platform("linux/s390x"), m.attrs
+assert c.api.inspect_distribution(multi)["Descriptor"]["mediaType"] == "application/vnd.oci.image.index.v1+json"
+try:
+    c.api.inspect_distribution(missing)
+    sys.exit("found a missing image")
+except docker.errors.NotFound:
+    pass
+print("ok")
+"#;
+        let out = Command::new(python)
+            .args([
+                "-c",
+                script,
+                &d.addr,
+                &format!("{}/test/app:v1", reg.addr()),
+                &format!("{}/test/multi:v1", reg.addr()),
+                &single.digest,
+                &format!("{}/test/none:v1", reg.addr()),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Behind authentication: the client's X-Registry-Auth, as a pull.
+    let proxy = Proxy::start(
+        reg.port,
+        Faults {
+            token_auth: true,
+            basic_user: Some(("alice".into(), "s3cret".into())),
+            ..Default::default()
+        },
+    );
+    let path = format!("/distribution/{}/test/app:v1/json", proxy.addr());
+    let r = get(&d.addr, "GET", &path);
+    assert_eq!(status(&r), 401, "{r}");
+    let r = with_auth(&d.addr, "GET", &path, "alice", "wrong");
+    assert_eq!(status(&r), 401, "{r}");
+    let r = with_auth(&d.addr, "GET", &path, "alice", "s3cret");
+    assert_eq!(status(&r), 200, "{r}");
+    assert_eq!(json_body(&r)["Descriptor"], descriptor(&single), "{r}");
+
+    // A registry outside the allow-list is refused before it is asked.
+    let fenced = Gantry::new().with_config(&format!(
+        "allowed_registries = [\"registry.example\"]\n[transport]\ntype = \"v2\"\n[driver]\ntype = \"{}\"\n",
+        Gantry::test_driver()
+    ));
+    let fd = fenced.daemon();
+    let r = get(
+        &fd.addr,
+        "GET",
+        &format!("/distribution/{}/test/app:v1/json", reg.addr()),
+    );
+    assert_eq!(status(&r), 403, "{r}");
+    assert!(message(&r).contains("not allowed"), "{r}");
+}
+
+#[test]
+fn version_and_info_carry_every_field_the_engine_api_documents() {
+    use serde_json::Value;
+    let g = Gantry::new();
+    let d = g.daemon();
+    let r = get(&d.addr, "GET", "/v1.47/version");
+    assert_eq!(status(&r), 200, "{r}");
+    let v = json_body(&r);
+    // The Engine API's SystemVersion, field by field.
+    let go_arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let strings = [
+        ("Version", Some(env!("CARGO_PKG_VERSION"))),
+        ("ApiVersion", Some("1.47")),
+        ("MinAPIVersion", Some("1.24")),
+        ("Os", Some("linux")),
+        ("Arch", Some(go_arch)),
+        ("KernelVersion", Some(kernel.trim())),
+        ("GitCommit", None),
+        ("GoVersion", None),
+        ("BuildTime", None),
+    ];
+    for (key, want) in strings {
+        let got = v[key].as_str().unwrap_or_else(|| panic!("{key} is not a string: {v}"));
+        if let Some(want) = want {
+            assert_eq!(got, want, "{key}: {v}");
+        }
+    }
+    assert!(v["GoVersion"].as_str().unwrap().starts_with("rustc "), "{v}");
+    assert_eq!(v["Experimental"], Value::Bool(false), "{v}");
+    assert!(v["Platform"]["Name"].is_string(), "{v}");
+    // The one component, the Engine, whose details `docker version` prints.
+    let c = &v["Components"][0];
+    assert_eq!(
+        (c["Name"].as_str(), c["Version"].as_str()),
+        (Some("Engine"), v["Version"].as_str())
+    );
+    for key in [
+        "ApiVersion",
+        "Arch",
+        "BuildTime",
+        "Experimental",
+        "GitCommit",
+        "GoVersion",
+        "KernelVersion",
+        "MinAPIVersion",
+        "Os",
+    ] {
+        let detail = &c["Details"][key];
+        assert!(detail.is_string(), "{key}: {v}");
+        if key != "Experimental" {
+            assert_eq!(detail, &v[key], "{key}: {v}");
+        }
+    }
+    assert_eq!(v.as_object().unwrap().len(), 12, "only the documented fields: {v}");
+    // What the docker CLI reads of them.
+    if require("docker") {
+        let out = ok(
+            &g,
+            &d.addr,
+            &[
+                "version",
+                "--format",
+                "{{.Server.Os}}/{{.Server.Arch}} {{.Server.APIVersion}} {{.Server.Experimental}}",
+            ],
+        );
+        assert_eq!(out.trim(), format!("linux/{go_arch} 1.47 false"));
+        let out = ok(
+            &g,
+            &d.addr,
+            &[
+                "info",
+                "--format",
+                "{{.ExperimentalBuild}} {{.Swarm.LocalNodeState}} {{.Debug}} {{.OSType}}",
+            ],
+        );
+        assert_eq!(out.trim(), "false inactive false linux");
+    }
+}
+
+/// Sends a request with a `len`-byte body as the client would (all of it
+/// before reading), then reads the answer until the daemon closes;
+/// whether the whole body could be sent, and the answer.
+fn post_body(host: &str, path: &str, len: usize) -> (bool, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(host.strip_prefix("unix://").unwrap()).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+    s.set_write_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\nContent-Type: application/x-tar\r\nContent-Length: {len}\r\n\r\n"
+    );
+    let body = vec![b'x'; len];
+    let sent = s.write_all(head.as_bytes()).and_then(|()| s.write_all(&body)).is_ok();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    (sent, String::from_utf8_lossy(&out).into_owned())
+}
+
+#[test]
+fn unknown_paths_are_404_and_refused_routes_read_the_body_before_answering() {
+    let g = Gantry::new();
+    let d = g.daemon();
+    let h = &d.addr;
+    // dockerd's answer to a path it has no route for, with or without a
+    // version prefix, and to a method a route does not take.
+    for (method, path) in [
+        ("GET", "/nonsense"),
+        ("GET", "/v1.47/images/x/nonsense"),
+        ("PUT", "/images/json"),
+        ("POST", "/v1.47/distribution/x/json"),
+    ] {
+        let r = get(h, method, path);
+        assert_eq!(status(&r), 404, "{method} {path}: {r}");
+        assert_eq!(message(&r), "page not found", "{r}");
+    }
+    // The Engine API's routes outside images: still 501.
+    for path in [
+        "/containers/json",
+        "/v1.47/networks",
+        "/volumes/prune",
+        "/swarm",
+        "/exec/x/start",
+    ] {
+        let r = get(h, "GET", path);
+        assert_eq!(status(&r), 501, "{path}: {r}");
+        assert!(message(&r).contains("not implemented"), "{r}");
+    }
+    // A client that sends a few MiB before it reads (a container config
+    // with a large payload, a build context) gets the answer, not a
+    // broken pipe; the daemon keeps serving after each.
+    for (path, code) in [
+        ("/v1.47/containers/create", 501),
+        ("/build?t=x", 501),
+        ("/v1.47/no/such/route", 404),
+    ] {
+        let (sent, r) = post_body(h, path, 4 << 20);
+        assert!(sent, "{path}: the body could not be sent whole: {r}");
+        assert_eq!(status(&r), code, "{path}: {r}");
+        assert!(!message(&r).is_empty(), "{path}: {r}");
+        assert_eq!(status(&get(h, "GET", "/_ping")), 200);
+    }
+    // A body past the bound is not read: the answer comes at once and
+    // the connection closes (the client sent only its head here).
+    let r = raw(
+        h,
+        b"POST /build HTTP/1.1\r\nHost: d\r\nContent-Length: 1073741824\r\n\r\n",
+    );
+    assert_eq!(status(&r), 501, "{r}");
+    assert!(r.to_lowercase().contains("connection: close"), "{r}");
+}
+
+/// go-units' `HumanSizeWithPrecision`, which the docker CLI prints sizes
+/// with: decimal units, `precision` significant digits (`%.*g`).
+fn human_size(size: u64, precision: usize) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let (mut v, mut i) = (size as f64, 0);
+    while v >= 1000.0 && i < units.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    let digits = if v == 0.0 {
+        1
+    } else {
+        v.abs().log10().floor() as i64 + 1
+    };
+    let decimals = (precision as i64 - digits).max(0) as usize;
+    let mut s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s = s.trim_end_matches('0').trim_end_matches('.').to_string();
+    }
+    format!("{s}{}", units[i])
+}
+
+#[test]
+fn system_df_image_ls_digests_and_inspect_templates_match_the_store() {
+    if !(peers() && require("docker")) {
+        return;
+    }
+    use gantry_tests::image::{sha256, Image, Layer};
+    use serde_json::json;
+    let reg = Registry::start();
+    // Two images on one base layer; a third name for the first.
+    let base = Layer::new().file("base", 0o644, &[b'b'; 3000]).tar();
+    let a_top = Layer::new().file("a", 0o644, &[b'a'; 1500]).tar();
+    let b_top = Layer::new().file("b", 0o644, &[b'c'; 700]).tar();
+    let (_pa, a_manifest, _) = publish(&reg, "test/a", "v1", &Image::new(vec![base.clone(), a_top.clone()]));
+    let (_pb, b_manifest, _) = publish(&reg, "test/b", "v1", &Image::new(vec![base.clone(), b_top.clone()]));
+    let g = Gantry::new();
+    let d = g.daemon();
+    let (a, b) = (format!("{}/test/a:v1", reg.addr()), format!("{}/test/b:v1", reg.addr()));
+    ok(&g, &d.addr, &["pull", "-q", &a]);
+    ok(&g, &d.addr, &["pull", "-q", &b]);
+    ok(&g, &d.addr, &["tag", &a, "again/a:v2"]);
+
+    // Each layer's size as the store records it, by chain ID.
+    let size_of = |chain: &str| -> u64 {
+        std::fs::read_to_string(g.image_dir(&format!("layerdb/sha256/{}/size", &chain[7..])))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let chain = |parent: &str, diff: &str| sha256(format!("{parent} {diff}").as_bytes());
+    let base_id = sha256(&base);
+    let (a_id, b_id) = (chain(&base_id, &sha256(&a_top)), chain(&base_id, &sha256(&b_top)));
+    let (base_size, a_size, b_size) = (size_of(&base_id), size_of(&a_id), size_of(&b_id));
+    assert!(base_size >= 3000 && a_size >= 1500 && b_size >= 700);
+
+    // GET /system/df: dockerd's shape; SharedSize is the base layer (used
+    // by both), LayersSize each layer once.
+    let r = get(&d.addr, "GET", "/v1.47/system/df");
+    assert_eq!(status(&r), 200, "{r}");
+    let df = json_body(&r);
+    assert_eq!(df["LayersSize"], json!(base_size + a_size + b_size), "{df}");
+    for key in ["Containers", "Volumes", "BuildCache"] {
+        assert_eq!(df[key], json!([]), "{key}: {df}");
+    }
+    let images = df["Images"].as_array().unwrap();
+    assert_eq!(images.len(), 2, "{df}");
+    let row = |tag: &str| {
+        images
+            .iter()
+            .find(|i| i["RepoTags"].as_array().unwrap().iter().any(|t| t == tag))
+            .unwrap_or_else(|| panic!("{tag}: {df}"))
+    };
+    for (name, own) in [(&a, a_size), (&b, b_size)] {
+        let i = row(name);
+        assert_eq!(i["Size"], json!(base_size + own), "{i}");
+        assert_eq!(i["SharedSize"], json!(base_size), "{i}");
+        assert_eq!(i["Containers"], json!(0), "{i}");
+        let ours: serde_json::Value = serde_json::from_str(&g.ok(&["inspect", name])).unwrap();
+        assert_eq!(i["Id"], ours[0]["Id"], "{i}");
+        assert_eq!(i["ParentId"], json!(""), "{i}");
+        assert!(i["Created"].as_i64().unwrap() > 0 && i["Labels"].is_null(), "{i}");
+    }
+    assert_eq!(row(&a)["RepoTags"], json!([a, "again/a:v2"]), "{df}");
+    assert_eq!(
+        row(&a)["RepoDigests"],
+        json!([format!("{}/test/a@{}", reg.addr(), a_manifest.digest)])
+    );
+    // `type` asks for some parts only; a type dockerd does not know is a 400.
+    let r = json_body(&get(&d.addr, "GET", "/system/df?type=volume"));
+    assert_eq!((r["Images"].is_null(), &r["Volumes"]), (true, &json!([])), "{r}");
+    assert_eq!(status(&get(&d.addr, "GET", "/system/df?type=colour")), 400);
+    // `shared-size` on the image list counts the same way (-1 without).
+    let listed = json_body(&get(&d.addr, "GET", "/images/json?shared-size=1"));
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["SharedSize"] == json!(base_size)),
+        "{listed}"
+    );
+    let listed = json_body(&get(&d.addr, "GET", "/images/json"));
+    assert!(
+        listed.as_array().unwrap().iter().all(|i| i["SharedSize"] == json!(-1)),
+        "{listed}"
+    );
+
+    // `docker system df`: the images row, as the CLI renders those numbers.
+    let total = base_size + a_size + b_size;
+    let out = ok(&g, &d.addr, &["system", "df"]);
+    let images_row: Vec<&str> = out
+        .lines()
+        .find(|l| l.starts_with("Images "))
+        .unwrap_or_else(|| panic!("{out}"))
+        .split_whitespace()
+        .collect();
+    let size = human_size(total, 4);
+    assert_eq!(
+        images_row,
+        ["Images", "2", "0", size.as_str(), size.as_str(), "(100%)"],
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Containers", "0", "0", "0B", "0B"]),
+        "{out}"
+    );
+    // `docker system df -v`: per image, its size, shared and unique sizes.
+    let out = ok(&g, &d.addr, &["system", "df", "-v"]);
+    for (repo, own) in [
+        (format!("{}/test/a", reg.addr()), a_size),
+        (format!("{}/test/b", reg.addr()), b_size),
+    ] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{repo} ")))
+            .unwrap_or_else(|| panic!("{repo}: {out}"));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let tail = &cols[cols.len() - 4..];
+        assert_eq!(
+            tail,
+            [
+                human_size(base_size + own, 3),
+                human_size(base_size, 4),
+                human_size(own, 4),
+                "0".to_string()
+            ],
+            "{line}"
+        );
+    }
+
+    // `docker image ls --digests`: the digest each name was pulled by.
+    let out = ok(&g, &d.addr, &["image", "ls", "--digests"]);
+    for (repo, m) in [("test/a", &a_manifest), ("test/b", &b_manifest)] {
+        let repo = format!("{}/{repo}", reg.addr());
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{repo} ")))
+            .unwrap_or_else(|| panic!("{repo}: {out}"));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(&cols[1..3], ["v1", m.digest.as_str()], "{out}");
+    }
+
+    // `docker image inspect --format`: what the store knows.
+    let ours: serde_json::Value = serde_json::from_str(&g.ok(&["inspect", &a])).unwrap();
+    let format = |template: &str| {
+        ok(&g, &d.addr, &["image", "inspect", "--format", template, &a])
+            .trim()
+            .to_string()
+    };
+    assert_eq!(format("{{.Id}}"), ours[0]["Id"].as_str().unwrap());
+    assert_eq!(format("{{.Os}}/{{.Architecture}}"), "linux/amd64");
+    assert_eq!(
+        format("{{json .RootFS.Layers}}"),
+        json!([sha256(&base), sha256(&a_top)]).to_string()
+    );
+    assert_eq!(
+        format("{{index .RepoDigests 0}}"),
+        format!("{}/test/a@{}", reg.addr(), a_manifest.digest)
+    );
+    assert_eq!(format("{{.Config.Cmd}}"), "[/bin/sh]");
+    assert_eq!(format("{{.Size}}"), (base_size + a_size).to_string());
+}
+
+/// dockerd (Debian's `docker.io`), with a socket, data and state of the
+/// test's own and no networking of its own, for answers to compare with
+/// gantry's; `None` (a skip that says why) without it or without root.
+struct Dockerd {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Dockerd {
+    fn start() -> Option<Dockerd> {
+        let installed = Command::new("sh")
+            .args(["-c", "command -v dockerd"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !installed || !gantry_tests::is_root() {
+            eprintln!("skipped: comparing with dockerd needs dockerd (Debian's docker.io) and root");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("docker.sock");
+        let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+        let child = Command::new("dockerd")
+            .args([
+                "--data-root",
+                &p("root"),
+                "--exec-root",
+                &p("exec"),
+                "--pidfile",
+                &p("pid"),
+            ])
+            .args(["-H", &format!("unix://{}", sock.display())])
+            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"])
+            .args(["--insecure-registry", "127.0.0.0/8"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("dockerd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let addr = format!("unix://{}", sock.display());
+        // Waits for it to answer (a bound, not a measure: a dockerd that
+        // never comes up fails the test with its log).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !(sock.exists() && status(&get(&addr, "GET", "/_ping")) == 200) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dockerd did not start: {}",
+                std::fs::read_to_string(dir.path().join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        Some(Dockerd { child, addr, _dir: dir })
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        // SIGTERM: dockerd stops the containerd it started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn gantry_answers_the_image_routes_as_dockerd_does() {
+    if !(peers() && require("docker")) {
+        return;
+    }
+    let Some(dockerd) = Dockerd::start() else { return };
+    use gantry_tests::image::{Image, Layer, Layout};
+    use serde_json::json;
+    let reg = Registry::start();
+    // (No symbolic link: a layer's size counts regular files only, where
+    // dockerd adds each link's length.)
+    let base = Layer::new()
+        .dir("etc", 0o755)
+        .file("etc/base", 0o644, &[b'b'; 3000])
+        .tar();
+    let a_top = Layer::new().file("a", 0o644, &[b'a'; 1500]).tar();
+    let b_top = Layer::new().file("b", 0o644, &[b'c'; 700]).tar();
+    let (_pa, _, _) = publish(&reg, "test/a", "v1", &Image::new(vec![base.clone(), a_top]));
+    let (_pb, _, _) = publish(&reg, "test/b", "v1", &Image::new(vec![base, b_top]));
+    let dir = tempfile::tempdir().unwrap();
+    let mut layout = Layout::create(dir.path());
+    let (amd, _) = layout.image(&control_image());
+    let mut arm_image = control_image();
+    arm_image.arch = "arm64";
+    let (arm, _) = layout.image(&arm_image);
+    let entries = vec![
+        index_entry(&amd, json!({"os": "linux", "architecture": "amd64"})),
+        index_entry(&arm, json!({"os": "linux", "architecture": "arm64", "variant": "v8"})),
+    ];
+    let idx = layout.blob(
+        json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries})
+            .to_string()
+            .as_bytes(),
+        "application/vnd.oci.image.index.v1+json",
+    );
+    layout.tag("multi", &idx, None);
+    reg.push(dir.path(), "multi", "test/multi:v1");
+
+    let g = Gantry::new();
+    let d = g.daemon();
+    let both = |method: &str, path: &str| (get(&d.addr, method, path), get(&dockerd.addr, method, path));
+
+    // /version: every field dockerd gives (it leaves a false
+    // `Experimental` out), and the Engine component's details.
+    let (ours, theirs) = both("GET", "/v1.41/version");
+    let (ours, theirs) = (json_body(&ours), json_body(&theirs));
+    for key in theirs.as_object().unwrap().keys() {
+        assert!(ours.get(key).is_some(), "{key}: ours {ours}, dockerd's {theirs}");
+    }
+    for key in ["Os", "Arch", "KernelVersion"] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    let details = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v["Components"][0]["Details"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(details(&ours), details(&theirs));
+    // An unknown path.
+    let (ours, theirs) = both("GET", "/v1.41/nonsense");
+    assert_eq!((status(&ours), json_body(&ours)), (status(&theirs), json_body(&theirs)));
+
+    // /distribution: an index alike; a missing image the same status. (A
+    // single OCI manifest's platform dockerd leaves out: it reads Docker
+    // schema 2 configs only.)
+    let multi = format!("/v1.41/distribution/{}/test/multi:v1/json", reg.addr());
+    let (ours, theirs) = both("GET", &multi);
+    assert_eq!(status(&theirs), 200, "{theirs}");
+    assert_eq!(json_body(&ours), json_body(&theirs));
+    let single = format!("/v1.41/distribution/{}/test/a:v1/json", reg.addr());
+    let (ours, theirs) = both("GET", &single);
+    assert_eq!(json_body(&ours)["Descriptor"], json_body(&theirs)["Descriptor"]);
+    let missing = format!("/v1.41/distribution/{}/test/none:v1/json", reg.addr());
+    let (ours, theirs) = both("GET", &missing);
+    assert_eq!(status(&ours), status(&theirs), "ours {ours}\ndockerd's {theirs}");
+
+    // The same two images pulled into both: system df, image ls
+    // --digests and inspect templates say the same.
+    let (a, b) = (format!("{}/test/a:v1", reg.addr()), format!("{}/test/b:v1", reg.addr()));
+    for host in [&d.addr, &dockerd.addr] {
+        ok(&g, host, &["pull", "-q", &a]);
+        ok(&g, host, &["pull", "-q", &b]);
+    }
+    let (ours, theirs) = both("GET", "/v1.41/system/df");
+    let (ours, theirs) = (json_body(&ours), json_body(&theirs));
+    assert_eq!(
+        ours["LayersSize"], theirs["LayersSize"],
+        "ours {ours}\ndockerd's {theirs}"
+    );
+    let by_id = |v: &serde_json::Value| {
+        let mut images: Vec<serde_json::Value> = v["Images"].as_array().unwrap().clone();
+        images.sort_by_key(|i| i["Id"].as_str().unwrap().to_string());
+        images
+    };
+    let (mine, dockers) = (by_id(&ours), by_id(&theirs));
+    assert_eq!(mine.len(), dockers.len());
+    for (m, t) in mine.iter().zip(&dockers) {
+        for key in [
+            "Id",
+            "ParentId",
+            "RepoTags",
+            "RepoDigests",
+            "Created",
+            "Size",
+            "SharedSize",
+            "Labels",
+            "Containers",
+        ] {
+            assert_eq!(m[key], t[key], "{key}: ours {m}\ndockerd's {t}");
+        }
+    }
+    let cli = |host: &str, args: &[&str]| ok(&g, host, args);
+    let row = |out: &str, name: &str| -> String {
+        out.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name}: {out}"))
+            .to_string()
+    };
+    let (ours, theirs) = (cli(&d.addr, &["system", "df"]), cli(&dockerd.addr, &["system", "df"]));
+    assert_eq!(
+        row(&ours, "Images "),
+        row(&theirs, "Images "),
+        "ours\n{ours}\ndockerd's\n{theirs}"
+    );
+    let (ours, theirs) = (
+        cli(&d.addr, &["system", "df", "-v"]),
+        cli(&dockerd.addr, &["system", "df", "-v"]),
+    );
+    for repo in [format!("{}/test/a ", reg.addr()), format!("{}/test/b ", reg.addr())] {
+        assert_eq!(
+            row(&ours, &repo),
+            row(&theirs, &repo),
+            "ours\n{ours}\ndockerd's\n{theirs}"
+        );
+    }
+    let format = "{{.Repository}} {{.Tag}} {{.Digest}} {{.ID}} {{.Size}}";
+    let ls = |host: &str| {
+        let mut l: Vec<String> = cli(host, &["image", "ls", "--digests", "--format", format])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        l.sort();
+        l
+    };
+    assert_eq!(ls(&d.addr), ls(&dockerd.addr));
+    for template in [
+        "{{.Id}}",
+        "{{.Os}}/{{.Architecture}}",
+        "{{json .RootFS}}",
+        "{{index .RepoDigests 0}}",
+        "{{.Config.Cmd}}",
+        "{{.Size}}",
+        "{{json .RepoTags}}",
+    ] {
+        let f = |host: &str| cli(host, &["image", "inspect", "--format", template, &a]);
+        assert_eq!(f(&d.addr), f(&dockerd.addr), "{template}");
+    }
 }

@@ -11,6 +11,8 @@ done
 # A `docker` CLI for the daemon's tests: the machine's own (28.x) when it
 # has one, else Debian's (20.10).
 command -v docker >/dev/null 2>&1 || need+=(docker.io)
+# dockerd itself (Debian's docker.io, 20.10), which the daemon tests compare gantry with.
+command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "installing ${need[*]}" >&2
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq

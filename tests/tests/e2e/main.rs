@@ -19,6 +19,7 @@ mod native;
 mod overlay2;
 mod pull;
 mod push;
+mod quota;
 mod rootless;
 mod sandbox;
 mod serve;

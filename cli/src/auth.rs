@@ -1,11 +1,17 @@
 //! Registry credentials as the Docker CLI finds them in its `config.json`,
 //! in its order: the registry's `credHelpers` entry, else the `credsStore`,
-//! else the secrets in `auths`. Helpers are run on demand
-//! ([`crate::credential_helper`]), once per host and operation.
+//! else the secrets in `auths`. A registry a helper answers for gets the
+//! helper's answer alone (as Docker: a stale `auths` secret is never
+//! used instead). Helpers are run on demand ([`crate::credential_helper`]),
+//! once per host and operation.
+//!
+//! Keys that name one registry in two ways (`docker.io`,
+//! `https://index.docker.io/v1/`) resolve the same way every time: the
+//! form Docker writes (the server address a helper is asked for) wins.
 
 use base64::Engine as _;
 use gantry_core::plugin::Credentials;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -32,11 +38,29 @@ const DOCKER_HUB_SERVER: &str = "https://index.docker.io/v1/";
 #[derive(serde::Deserialize)]
 struct File {
     #[serde(default)]
-    auths: HashMap<String, Entry>,
+    auths: BTreeMap<String, Entry>,
     #[serde(rename = "credsStore", default)]
     creds_store: Option<String>,
     #[serde(rename = "credHelpers", default)]
-    cred_helpers: HashMap<String, String>,
+    cred_helpers: BTreeMap<String, String>,
+}
+
+/// The address Docker asks helpers for, and files `domain` under.
+fn server_address(domain: &str) -> &str {
+    match domain {
+        gantry_core::reference::DEFAULT_DOMAIN => DOCKER_HUB_SERVER,
+        d => d,
+    }
+}
+
+/// Puts `value` under `key`'s registry unless the registry already has one
+/// filed under its canonical key.
+fn file_under<T>(map: &mut HashMap<String, T>, key: &str, value: T) {
+    let host = normalise(key);
+    let canonical = key == server_address(&host);
+    if canonical || !map.contains_key(&host) {
+        map.insert(host, value);
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -67,8 +91,11 @@ fn normalise(key: &str) -> String {
 
 impl AuthFile {
     /// Reads `path`; a missing file means no credentials. Helpers get
-    /// `timeout` to answer.
-    pub fn load(path: Option<&Path>, timeout: Duration) -> anyhow::Result<AuthFile> {
+    /// `timeout` to answer. Without `creds_store` (a daemon serving
+    /// clients) the file's `credsStore` is passed over: it would answer,
+    /// with the daemon's own keychain or cloud role, for whatever registry
+    /// a client names; `credHelpers` name each registry they serve.
+    pub fn load(path: Option<&Path>, timeout: Duration, creds_store: bool) -> anyhow::Result<AuthFile> {
         let Some(path) = path else {
             return Ok(AuthFile::default());
         };
@@ -94,10 +121,11 @@ impl AuthFile {
         let store = match f.creds_store.as_deref() {
             None | Some("") => None,
             Some(name) => Some(valid("credsStore", name)?),
-        };
+        }
+        .filter(|_| creds_store);
         let mut helpers = HashMap::new();
         for (host, name) in &f.cred_helpers {
-            helpers.insert(normalise(host), valid(&format!("credHelpers.{host}"), name)?);
+            file_under(&mut helpers, host, valid(&format!("credHelpers.{host}"), name)?);
         }
         let mut by_host = HashMap::new();
         for (k, e) in f.auths {
@@ -115,8 +143,9 @@ impl AuthFile {
                 (_, Some(u), Some(p)) => (u, p),
                 _ => continue,
             };
-            by_host.insert(
-                normalise(&k),
+            file_under(
+                &mut by_host,
+                &k,
                 Credentials {
                     username,
                     password,
@@ -141,12 +170,9 @@ impl AuthFile {
             return Ok(self.by_host.get(domain).cloned());
         };
         if let Some(known) = self.asked.lock().unwrap().get(domain) {
-            return Ok(known.clone().or_else(|| self.by_host.get(domain).cloned()));
+            return Ok(known.clone());
         }
-        let server = match domain {
-            gantry_core::reference::DEFAULT_DOMAIN => DOCKER_HUB_SERVER,
-            d => d,
-        };
+        let server = server_address(domain);
         let answer = crate::credential_helper::get(helper, server, self.timeout).map_err(|message| {
             gantry_core::Error::Credentials {
                 host: gantry_core::text::escape_line(domain),
@@ -157,6 +183,46 @@ impl AuthFile {
         if asked.len() < MAX_ASKED {
             asked.insert(domain.to_string(), answer.clone());
         }
-        Ok(answer.or_else(|| self.by_host.get(domain).cloned()))
+        Ok(answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(json: &str, creds_store: bool) -> AuthFile {
+        let t = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(t.path(), json).unwrap();
+        AuthFile::load(Some(t.path()), Duration::from_secs(1), creds_store).unwrap()
+    }
+
+    #[test]
+    fn one_registry_named_twice_resolves_to_the_form_docker_writes() {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        for _ in 0..8 {
+            let a = load(
+                &serde_json::json!({"auths": {
+                    "docker.io": {"auth": b64("old:x")},
+                    "https://index.docker.io/v1/": {"auth": b64("new:y")},
+                    "index.docker.io": {"auth": b64("other:z")},
+                }})
+                .to_string(),
+                true,
+            );
+            assert_eq!(a.get("docker.io").unwrap().unwrap().username, "new");
+        }
+    }
+
+    #[test]
+    fn a_daemon_passes_over_the_creds_store() {
+        let json = r#"{"credsStore": "nosuchhelper-x", "credHelpers": {"r.example": "nosuchhelper-y"}}"#;
+        let cli = load(json, true);
+        assert!(cli.get("other.example").is_err());
+        let daemon = load(json, false);
+        assert_eq!(daemon.get("other.example").unwrap(), None);
+        let e = daemon.get("r.example").unwrap_err().to_string();
+        assert!(e.contains("docker-credential-nosuchhelper-y: not found in PATH"), "{e}");
     }
 }

@@ -167,7 +167,7 @@ impl Context {
             None => None,
         };
         let timeout = std::time::Duration::from_secs_f64(self.config.credential_helper_timeout_seconds);
-        let auth = crate::auth::AuthFile::load(path.as_deref(), timeout)?;
+        let auth = crate::auth::AuthFile::load(path.as_deref(), timeout, self.credentials_from_environment)?;
         Ok(move |domain: &str| auth.get(domain))
     }
 

@@ -59,10 +59,19 @@ pub fn get(name: &str, server: &str, timeout: Duration) -> Result<Option<Credent
         #[serde(rename = "Secret", default)]
         secret: String,
     }
+    // What it printed is never quoted: it may hold the secret itself.
     let a: Answer = serde_json::from_slice(&out).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax => "a syntax error",
+            serde_json::error::Category::Data => "not the fields of credentials",
+            serde_json::error::Category::Eof => "it ends early",
+            serde_json::error::Category::Io => "unreadable",
+        };
         format!(
-            "{program} get answered {}, not credentials JSON: {e}",
-            quote_bytes(out.trim_ascii())
+            "{program} get answered {} bytes that are not credentials JSON ({what} at line {}, column {})",
+            out.len(),
+            e.line(),
+            e.column()
         )
     })?;
     Ok(match (a.username.as_str(), a.secret) {
@@ -111,7 +120,11 @@ fn run(program: &str, input: &str, timeout: Duration) -> Result<(std::process::E
         if let Some(pipe) = pipe {
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
-                let _ = pipe.take(limit).read_to_end(&mut buf);
+                let mut pipe = pipe;
+                let _ = (&mut pipe).take(limit).read_to_end(&mut buf);
+                // The rest is read and dropped: a helper writing more must
+                // not die of a closed pipe.
+                let _ = std::io::copy(&mut pipe, &mut std::io::sink());
                 let _ = tx.send(buf);
             });
         }
@@ -137,7 +150,11 @@ fn run(program: &str, input: &str, timeout: Duration) -> Result<(std::process::E
                 let _ = child.wait();
                 return Err(format!("did not answer within {} s", timeout.as_secs_f64()));
             }
-            Err(e) => return Err(format!("waiting for it: {e}")),
+            Err(e) => {
+                kill_group();
+                let _ = child.wait();
+                return Err(format!("waiting for it: {e}"));
+            }
         }
     };
     // Everything in the group is gone: the pipes are at their end, unless

@@ -124,10 +124,10 @@ impl Loader<'_> {
     pub fn load_stream(&self, r: impl Read, spool: &std::path::Path) -> Result<LoadOutcome> {
         let mut staging = Staging::new(self.store, self.driver, self.max_layer_bytes);
         let mut plan: Option<StreamPlan> = None;
-        // The spool is charged apart from the staging (which the hook
-        // below holds): entries spooled now are unpacked, and charged
-        // again, later.
-        let spool_charges = self.store.charges();
+        // The spool is charged with the staging's own charges (the hook
+        // below holds the staging): entries spooled now are unpacked, and
+        // charged again, later.
+        let spool_charges = staging.charges();
         let charge_spool = |n: u64| match &spool_charges {
             Some(c) => Ok(c.charge(n)?),
             None => Ok(()),

@@ -177,6 +177,12 @@ impl<'a> Staging<'a> {
         }
     }
 
+    /// This staging's charges, for what the same operation writes beside
+    /// it (a load's spool).
+    pub fn charges(&self) -> Option<Arc<crate::store::quota::Charges>> {
+        self.charges.clone()
+    }
+
     /// Charges `bytes` about to be written against the store's quota
     /// (declared sizes, before they are fetched).
     pub fn charge(&self, bytes: u64) -> Result<()> {

@@ -129,22 +129,27 @@ async fn pump<S: RegistryStorage>(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let charges = storage.upload_limits().quota.as_ref().map(|q| q.charges());
-    let result = match declared {
+    let charges = match declared {
+        Some(n) if up.len().saturating_add(n) > storage.upload_limits().max_size => None,
+        _ => quota_charges(storage.upload_limits(), declared).await,
+    };
+    let result = match (declared, charges) {
         // Refused before a byte is read.
-        Some(n) if up.len().saturating_add(n) > storage.upload_limits().max_size => Err(StorageError::TooLarge {
+        (Some(n), _) if up.len().saturating_add(n) > storage.upload_limits().max_size => Err(StorageError::TooLarge {
             limit: storage.upload_limits().max_size,
         }
         .into()),
-        Some(n) => match charges.as_ref().map(|c| c.charge(n)) {
-            Some(Err(e)) => Err(StorageError::from(e).into()),
-            _ => copy_body(req.into_body(), up, None).await,
-        },
-        None => copy_body(req.into_body(), up, charges.as_ref()).await,
+        (_, Some(Err(e))) => Err(StorageError::from(e).into()),
+        // Charged its declared length already.
+        (Some(_), charges) => copy_body(req.into_body(), up, None).await.map(|()| drop(charges)),
+        (None, Some(Ok(c))) => copy_body(req.into_body(), up, Some(&c)).await,
+        (None, None) => copy_body(req.into_body(), up, None).await,
     };
+    // A session past its size cap or the store's quota goes with its bytes
+    // (a client refused so is not expected to come back for it).
     let too_large = result
         .as_ref()
-        .is_err_and(|e| e.status() == StatusCode::PAYLOAD_TOO_LARGE);
+        .is_err_and(|e| e.status() == StatusCode::PAYLOAD_TOO_LARGE || e.status() == StatusCode::FORBIDDEN);
     if !too_large && !up.is_dead() {
         // What arrived is written down, even when the body broke off.
         if let Err(e) = up.persist().await {
@@ -157,6 +162,29 @@ async fn pump<S: RegistryStorage>(
         let _ = storage.cancel_upload(name, uuid).await;
     }
     result
+}
+
+/// The charges of one request against the store's quota, if it has one:
+/// its declared length charged at once. The store is walked (when its
+/// standing measure is old) on a blocking thread, never the runtime's.
+async fn quota_charges(
+    limits: &crate::fs_storage::UploadLimits,
+    declared: Option<u64>,
+) -> Option<Result<gantry_core::store::quota::Charges, gantry_core::store::quota::Exceeded>> {
+    let quota = limits.quota.clone()?;
+    let charged = tokio::task::spawn_blocking(move || {
+        let charges = quota.charges();
+        match declared {
+            Some(n) => charges.charge(n).map(|()| charges),
+            None => {
+                quota.measure();
+                Ok(charges)
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(charged)
 }
 
 /// Copies a body into the session, charging `charges` for each piece
@@ -188,7 +216,7 @@ async fn copy_body(
                 if let Ok(data) = f.into_data() {
                     crate::metrics::count_in(data.len());
                     if let Some(c) = charges {
-                        c.charge(data.len() as u64).map_err(StorageError::from)?;
+                        c.charge_measured(data.len() as u64).map_err(StorageError::from)?;
                     }
                     up.write(&data).await?;
                 }
@@ -576,6 +604,11 @@ pub(crate) async fn put_manifest<S: RegistryStorage>(
         }
     }
     let size = bytes.len();
+    // Manifests are small, but without end in number: charged too.
+    let _charges = match quota_charges(storage.upload_limits(), Some(size as u64)).await {
+        Some(Err(e)) => return Err(StorageError::from(e).into()),
+        charges => charges,
+    };
     // The referrer record first: one whose manifest never arrives is not
     // listed, while a manifest stored without its record would be missing.
     if let Some(subject) = &subject {

@@ -383,7 +383,9 @@ impl Puller<'_> {
             .iter()
             .map(|&i| image.layers[i].blob.size)
             .filter(|&s| s != download::UNKNOWN_SIZE)
-            .fold(config_bytes.len() as u64, u64::saturating_add);
+            .fold(config_bytes.len() as u64, u64::saturating_add)
+            .saturating_add(chosen.manifest.bytes.len() as u64)
+            .saturating_add(chosen.index.as_ref().map_or(0, |i| i.bytes.len() as u64));
         staging.charge(declared)?;
         let downloaded = !(missing.is_empty() && self.store.images.exists(&image_id));
         let job = Job {

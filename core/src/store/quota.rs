@@ -11,14 +11,17 @@
 //! and refused the moment a charge would pass the limit, so a failed
 //! operation rolls back as any other, before the disk fills.
 //!
+//! A walk stands for a few seconds, with what operations of this process
+//! finished since added to it; a charge it would refuse walks again first.
 //! Charges of one process's operations add up (two pulls at once share
 //! one budget); what another process is writing at the same moment is seen
-//! only once it is on disk. Counting is conservative: an operation's walk
-//! may also see what a concurrent one already charged.
+//! only once it is on disk. Counting errs on the safe side: a walk may also
+//! see bytes a running operation wrote and is charged for.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Directories below the root a walk does not count: compiled plugins are
 /// the machine's, not the tenant's images.
@@ -31,7 +34,22 @@ pub struct Quota {
     /// Bytes this process's operations have been charged and may not yet
     /// have written.
     in_flight: AtomicU64,
+    /// The last walk, and what operations of this process that ended since
+    /// were charged (on disk now, and not in that walk).
+    measured: Mutex<Option<Measured>>,
 }
+
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    base: u64,
+    settled: u64,
+    at: Instant,
+}
+
+/// How long a walk stands for the store's usage. A charge the standing
+/// measure would refuse walks again first, so what was removed meanwhile
+/// (`rmi`, another process's) never refuses an operation.
+const FRESH_FOR: Duration = Duration::from_secs(10);
 
 /// A charge the quota refused.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -53,6 +71,7 @@ impl Quota {
             root: root.to_path_buf(),
             limit,
             in_flight: AtomicU64::new(0),
+            measured: Mutex::new(None),
         })
     }
 
@@ -60,16 +79,66 @@ impl Quota {
         self.limit
     }
 
-    /// The bytes the store's directory holds now.
+    /// The bytes the store's directory holds now (a walk).
     pub fn usage(&self) -> u64 {
-        usage(&self.root)
+        self.on_disk(true)
+    }
+
+    /// Walks the store unless a recent walk stands: for a caller that must
+    /// not block (a server's runtime thread), on a thread that may, before
+    /// it charges with [`Charges::charge_measured`].
+    pub fn measure(&self) {
+        self.on_disk(false);
+    }
+
+    /// What the store holds: the standing walk plus what settled since, or
+    /// (`fresh`, or none standing) a new walk.
+    fn on_disk(&self, fresh: bool) -> u64 {
+        let mut m = self.measured.lock().unwrap();
+        let stale = m.is_none_or(|m| m.at.elapsed() > FRESH_FOR);
+        if fresh || stale {
+            *m = Some(Measured {
+                base: usage(&self.root),
+                settled: 0,
+                at: Instant::now(),
+            });
+        }
+        m.map(|m| m.base.saturating_add(m.settled)).unwrap_or_default()
+    }
+
+    /// What the standing walk says, without walking (none: nothing).
+    fn measured(&self) -> u64 {
+        let m = self.measured.lock().unwrap();
+        m.map(|m| m.base.saturating_add(m.settled)).unwrap_or_default()
+    }
+
+    /// Adds `n` to what is in flight unless the store would pass its
+    /// limit with `on_disk` bytes on disk: checked and added at once.
+    fn add(&self, on_disk: u64, n: u64) -> Result<(), Exceeded> {
+        let mut current = self.in_flight.load(Ordering::SeqCst);
+        loop {
+            let used = on_disk.saturating_add(current);
+            if used.saturating_add(n) > self.limit {
+                return Err(Exceeded {
+                    limit: self.limit,
+                    used,
+                    wanted: n,
+                });
+            }
+            match self
+                .in_flight
+                .compare_exchange(current, current + n, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Ok(()),
+                Err(now) => current = now,
+            }
+        }
     }
 
     /// The charges of one operation, released when it ends.
     pub fn charges(self: &Arc<Self>) -> Charges {
         Charges {
             quota: self.clone(),
-            base: Mutex::new(None),
             mine: AtomicU64::new(0),
         }
     }
@@ -79,26 +148,23 @@ impl Quota {
 /// are on disk by then, or were removed with it).
 pub struct Charges {
     quota: Arc<Quota>,
-    /// The store's usage when the operation first charged.
-    base: Mutex<Option<u64>>,
     mine: AtomicU64,
 }
 
 impl Charges {
     /// Charges `n` more bytes, or refuses them when the store would pass
-    /// its limit.
+    /// its limit — after a fresh walk, so a stale measure never refuses.
     pub fn charge(&self, n: u64) -> Result<(), Exceeded> {
-        let base = *self.base.lock().unwrap().get_or_insert_with(|| self.quota.usage());
-        let before = self.quota.in_flight.fetch_add(n, Ordering::SeqCst);
-        let used = base.saturating_add(before);
-        if used.saturating_add(n) > self.quota.limit {
-            self.quota.in_flight.fetch_sub(n, Ordering::SeqCst);
-            return Err(Exceeded {
-                limit: self.quota.limit,
-                used,
-                wanted: n,
-            });
-        }
+        let q = &self.quota;
+        q.add(q.on_disk(false), n).or_else(|_| q.add(q.on_disk(true), n))?;
+        self.mine.fetch_add(n, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// [`Charges::charge`] that never walks: against the standing measure
+    /// (see [`Quota::measure`]).
+    pub fn charge_measured(&self, n: u64) -> Result<(), Exceeded> {
+        self.quota.add(self.quota.measured(), n)?;
         self.mine.fetch_add(n, Ordering::SeqCst);
         Ok(())
     }
@@ -106,9 +172,13 @@ impl Charges {
 
 impl Drop for Charges {
     fn drop(&mut self) {
-        self.quota
-            .in_flight
-            .fetch_sub(self.mine.load(Ordering::SeqCst), Ordering::SeqCst);
+        // What it wrote is on disk now (or gone with it, and counted until
+        // the next walk: the safe side).
+        let mine = self.mine.load(Ordering::SeqCst);
+        if let Some(m) = self.quota.measured.lock().unwrap().as_mut() {
+            m.settled = m.settled.saturating_add(mine);
+        }
+        self.quota.in_flight.fetch_sub(mine, Ordering::SeqCst);
     }
 }
 
@@ -165,6 +235,11 @@ mod tests {
         drop(a);
         b.charge(500).unwrap();
         assert!(b.charge(101).is_err());
+        // A size near the top of u64 is refused and leaves nothing in flight.
+        assert!(b.charge(u64::MAX - 10).is_err());
+        assert_eq!(q.in_flight.load(Ordering::SeqCst), 900);
+        drop(b);
+        assert_eq!(q.in_flight.load(Ordering::SeqCst), 0);
     }
 
     #[test]

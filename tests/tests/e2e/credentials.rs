@@ -119,6 +119,17 @@ fn bad_helpers(dir: &Path) -> PathBuf {
             "notfound",
             "#!/bin/sh\necho 'credentials not found in native keychain'\nexit 1\n".to_string(),
         ),
+        // The secret, then a warning: the answer is refused and never shown.
+        (
+            "trailing",
+            "#!/bin/sh\necho '{\"Username\":\"u\",\"Secret\":\"TOPSECRET\"}'\necho 'warning: keychain slow'\n"
+                .to_string(),
+        ),
+        // 64 KiB of chatter on standard error, then pass's own answer.
+        (
+            "chatty",
+            "#!/bin/sh\nhead -c 65536 /dev/zero | tr '\\0' x >&2\nexec docker-credential-pass get\n".to_string(),
+        ),
     ] {
         let p = bin.join(format!("docker-credential-{name}"));
         std::fs::write(&p, script).unwrap();
@@ -190,20 +201,13 @@ fn credential_helpers_give_pull_push_and_repair_their_credentials() {
     assert!(out.contains("repaired: layer"), "{out}");
     h.ok(&["fsck", "--verify-content"]);
 
-    // A helper that has nothing for the registry: the `auths` entry, then
-    // none at all (the registry's own refusal).
+    // A helper that has nothing for the registry: no credentials, as for
+    // Docker, even beside an `auths` secret (a stale one is never used).
     use base64::Engine as _;
     let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
-    let fallback = with_docker_config(
-        Gantry::new(),
-        serde_json::json!({"credsStore": "notfound", "auths": {srv.addr.clone(): {"auth": auth}}}),
-        &pass,
-        &bin,
-    );
-    fallback.ok(&["pull", &private]);
     let none = with_docker_config(
         Gantry::new(),
-        serde_json::json!({"credsStore": "notfound"}),
+        serde_json::json!({"credsStore": "notfound", "auths": {srv.addr.clone(): {"auth": auth}}}),
         &pass,
         &bin,
     );
@@ -212,6 +216,17 @@ fn credential_helpers_give_pull_push_and_repair_their_credentials() {
         err.contains("unauthorized") || err.contains("authentication required"),
         "{err}"
     );
+    // Without a helper, the `auths` secret.
+    let plain = with_docker_config(
+        Gantry::new(),
+        serde_json::json!({"auths": {srv.addr.clone(): {"auth": auth}}}),
+        &pass,
+        &bin,
+    );
+    plain.ok(&["pull", &private]);
+    // A helper that talks a lot on standard error still answers.
+    let chatty = with_docker_config(Gantry::new(), serde_json::json!({"credsStore": "chatty"}), &pass, &bin);
+    chatty.ok(&["pull", &private]);
 
     // Helpers that fail: one line naming the program, the store unchanged.
     for (config, expect) in [
@@ -225,12 +240,17 @@ fn credential_helpers_give_pull_push_and_repair_their_credentials() {
         ),
         (
             serde_json::json!({"credsStore": "garbage"}),
-            "docker-credential-garbage get answered \"not json \\u{1b}[31mred\", not credentials JSON",
+            "docker-credential-garbage get answered 17 bytes that are not credentials JSON (a syntax error at line 1, column 2)",
+        ),
+        (
+            serde_json::json!({"credsStore": "trailing"}),
+            "docker-credential-trailing get answered 61 bytes that are not credentials JSON (a syntax error at line 2, column 1)",
         ),
     ] {
         let bad = with_docker_config(Gantry::new(), config, &pass, &bin);
         bad.ok(&["images"]);
         let line = assert_refused(&bad, &["pull", &private], expect);
+        assert!(!line.contains("TOPSECRET"), "{line}");
         assert!(
             line.contains(&format!("error getting credentials for {}: ", srv.addr)),
             "{line}"
@@ -245,7 +265,8 @@ fn credential_helpers_give_pull_push_and_repair_their_credentials() {
     );
     // A push asks the same way.
     let g = with_docker_config(g, serde_json::json!({"credsStore": "garbage"}), &pass, &bin);
-    assert_refused(&g, &["push", &private], "docker-credential-garbage get answered");
+    let line = assert_refused(&g, &["push", &private], "docker-credential-garbage get answered");
+    assert!(!line.contains("[31m"), "{line}");
 
     // A helper that hangs is killed with what it started, after the
     // configured time.

@@ -169,6 +169,41 @@ fn gantry_serve_refuses_pushes_past_its_store_s_quota() {
             .contains("http 403: the store's quota of 16.0 mib would be exceeded"),
         "{err}"
     );
+    // A chunked upload (no declared length) is refused as its bytes pass
+    // the quota, and its session goes with what it held.
+    let start = crate::serve::raw(
+        &srv.addr,
+        format!(
+            "POST /v2/team/chunked/blobs/uploads/ HTTP/1.1\r\nHost: {0}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            srv.addr
+        )
+        .as_bytes(),
+    );
+    assert_eq!(crate::serve::status(&start), 202, "{start}");
+    let location = start
+        .lines()
+        .find_map(|l| l.strip_prefix("Location: ").or_else(|| l.strip_prefix("location: ")))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut request = format!(
+        "PATCH {location} HTTP/1.1\r\nHost: {0}\r\nTransfer-Encoding: chunked\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+        srv.addr
+    )
+    .into_bytes();
+    for _ in 0..20 {
+        request.extend_from_slice(format!("{:x}\r\n", 1 << 20).as_bytes());
+        request.extend(std::iter::repeat_n(7u8, 1 << 20));
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let answer = crate::serve::raw(&srv.addr, &request);
+    assert_eq!(crate::serve::status(&answer), 403, "{answer}");
+    assert!(answer.contains("DENIED") && answer.contains("quota"), "{answer}");
+    let sessions = std::fs::read_dir(server.root_path().join("registry/uploads"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(sessions, 0, "a refused upload's session was kept");
     // Nothing of it is served; a small image still fits.
     let answer = crate::serve::get(&srv.addr, "/v2/team/big/manifests/v1");
     assert_eq!(crate::serve::status(&answer), 404, "{answer}");

@@ -43,6 +43,7 @@ bench: build
 	./bench/serve.sh
 	./bench/push.sh
 	./bench/daemon.sh
+	./bench/quota.sh
 
 lint: deps
 	$(CARGO) fmt --all --check

@@ -346,13 +346,7 @@ fn a_tenant_s_socket_answers_its_own_group_only() {
         ),
     )
     .unwrap();
-    let mut daemon = g.spawn(&["daemon", "--tenants", file.to_str().unwrap()]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while g.spawned_log().matches("listening on").count() < 2 {
-        assert!(std::time::Instant::now() < deadline, "{}", g.spawned_log());
-        assert!(daemon.try_wait().unwrap().is_none(), "{}", g.spawned_log());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut daemon = spawn_tenants(&g, &file, 2);
     for (sock, gid) in [(&a_sock, 4201), (&b_sock, 4202)] {
         let m = std::fs::metadata(sock).unwrap();
         assert_eq!((m.gid(), m.mode() & 0o777), (gid, 0o660), "{}", sock.display());
@@ -1082,6 +1076,18 @@ fn clients_of_one_daemon_never_share_registry_credentials() {
     g.fsck_clean();
 }
 
+/// `gantry daemon --tenants FILE`, once its `count` tenants listen.
+pub(crate) fn spawn_tenants(g: &Gantry, file: &std::path::Path, count: usize) -> std::process::Child {
+    let mut daemon = g.spawn(&["daemon", "--tenants", file.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while g.spawned_log().matches("listening on").count() < count {
+        assert!(std::time::Instant::now() < deadline, "{}", g.spawned_log());
+        assert!(daemon.try_wait().unwrap().is_none(), "{}", g.spawned_log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    daemon
+}
+
 /// The tenants file for `tenants` (name, config text), each with its own
 /// socket and root in `dir`, and its config named relative to the file
 /// (which means beside it); returns the sockets.
@@ -1132,13 +1138,7 @@ fn a_tenant_gets_only_its_own_credentials_never_the_daemon_s() {
             ("b", format!("auth_file = \"b-auth.json\"\n{driver}")),
         ],
     );
-    let mut daemon = g.spawn(&["daemon", "--tenants", file.to_str().unwrap()]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while g.spawned_log().matches("listening on").count() < 2 {
-        assert!(std::time::Instant::now() < deadline, "{}", g.spawned_log());
-        assert!(daemon.try_wait().unwrap().is_none(), "{}", g.spawned_log());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut daemon = spawn_tenants(&g, &file, 2);
     let (a, b) = (
         format!("unix://{}", sockets[0].display()),
         format!("unix://{}", sockets[1].display()),

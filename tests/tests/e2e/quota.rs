@@ -38,6 +38,17 @@ fn store_with_quota(mib: u64) -> Gantry {
     g
 }
 
+/// `gantry load` of `archive` from standard input: refused in one line
+/// saying `expect`, the store as it was.
+fn load_refused(g: &Gantry, archive: &std::path::Path, expect: &str) {
+    let before = g.store_listing();
+    let r = g.run_stdin(&["load"], archive);
+    assert!(!r.out.status.success(), "{}", r.stdout());
+    assert!(r.stderr().contains(expect), "{}", r.stderr());
+    assert_eq!(r.stderr().trim().lines().count(), 1, "{}", r.stderr());
+    assert_eq!(g.store_listing(), before);
+}
+
 #[test]
 fn a_store_refuses_what_would_pass_its_quota_before_the_disk_fills() {
     if !peers() {
@@ -103,16 +114,7 @@ fn a_store_refuses_what_would_pass_its_quota_before_the_disk_fills() {
         "the store's quota of 16.0 MiB would be exceeded",
     );
     // From standard input, as it streams.
-    let before = small.store_listing();
-    let r = small.run_stdin(&["load"], &archive);
-    assert!(!r.out.status.success(), "{}", r.stdout());
-    assert!(
-        r.stderr().contains("the store's quota of 16.0 MiB would be exceeded"),
-        "{}",
-        r.stderr()
-    );
-    assert_eq!(r.stderr().trim().lines().count(), 1, "{}", r.stderr());
-    assert_eq!(small.store_listing(), before);
+    load_refused(&small, &archive, "the store's quota of 16.0 MiB would be exceeded");
     // skopeo writes manifest.json last: the layer is spooled (24 MiB) before
     // it can be unpacked (24 more), and the spool is charged too.
     let skopeo_archive = roomy.scratch().join("skopeo.tar");
@@ -123,15 +125,7 @@ fn a_store_refuses_what_would_pass_its_quota_before_the_disk_fills() {
         .output()
         .unwrap();
     assert!(copied.status.success(), "{copied:?}");
-    let before = mid.store_listing();
-    let r = mid.run_stdin(&["load"], &skopeo_archive);
-    assert!(!r.out.status.success(), "{}", r.stdout());
-    assert!(
-        r.stderr().contains("the store's quota of 40.0 MiB would be exceeded"),
-        "{}",
-        r.stderr()
-    );
-    assert_eq!(mid.store_listing(), before);
+    load_refused(&mid, &skopeo_archive, "the store's quota of 40.0 MiB would be exceeded");
     // From the file itself nothing is spooled: it fits.
     mid.ok(&["load", "-i", skopeo_archive.to_str().unwrap()]);
     let rootfs = roomy.scratch().join("rootfs.tar");
@@ -235,13 +229,7 @@ fn a_tenant_s_quota_refuses_its_pulls_and_leaves_other_tenants_alone() {
         ));
     }
     std::fs::write(dir.join("tenants.toml"), file).unwrap();
-    let mut daemon = g.spawn(&["daemon", "--tenants", dir.join("tenants.toml").to_str().unwrap()]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while g.spawned_log().matches("listening on").count() < 2 {
-        assert!(std::time::Instant::now() < deadline, "{}", g.spawned_log());
-        assert!(daemon.try_wait().unwrap().is_none(), "{}", g.spawned_log());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut daemon = crate::daemon::spawn_tenants(&g, &dir.join("tenants.toml"), 2);
     let host = |name: &str| format!("unix://{}", dir.join(format!("{name}.sock")).display());
     let out = crate::daemon::docker_command(&g, &host("a"))
         .args(["pull", &big])

@@ -272,6 +272,11 @@ impl LimitsConfig {
     }
 }
 
+/// Whether `gib` may be a quota: a finite amount above 0.
+pub fn valid_gib(gib: f64) -> bool {
+    gib.is_finite() && gib > 0.0
+}
+
 /// `gib` GiB in bytes.
 pub fn gib_bytes(gib: f64) -> u64 {
     (gib * (1u64 << 30) as f64) as u64
@@ -347,10 +352,8 @@ impl Config {
         if !(t.is_finite() && t > 0.0 && t <= 3600.0) {
             bail!("{origin}: credential_helper_timeout_seconds must be between 0 and 3600");
         }
-        if let Some(g) = c.max_store_gib {
-            if !(g.is_finite() && g > 0.0) {
-                bail!("{origin}: max_store_gib must be more than 0");
-            }
+        if c.max_store_gib.is_some_and(|g| !valid_gib(g)) {
+            bail!("{origin}: max_store_gib must be more than 0");
         }
         if c.max_layer_depth == 0 {
             bail!("{origin}: max_layer_depth must be at least 1");

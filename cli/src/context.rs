@@ -94,6 +94,16 @@ impl Context {
         Ok(ctx)
     }
 
+    /// Gives the store a quota of `gib` GiB (a tenant's, over its config's).
+    pub fn set_max_store_gib(&mut self, gib: f64) -> Result<()> {
+        if !crate::config::valid_gib(gib) {
+            anyhow::bail!("max_store_gib must be more than 0");
+        }
+        self.config.max_store_gib = Some(gib);
+        self.store.set_quota(crate::config::gib_bytes(gib));
+        Ok(())
+    }
+
     /// The configured plugins, as registry entries.
     pub fn plugins(&self) -> Vec<(Entry, Result<std::path::PathBuf>)> {
         let mut out = Vec::new();

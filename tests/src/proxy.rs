@@ -190,6 +190,19 @@ fn blob_digest(path: &str) -> Option<String> {
 }
 
 impl Proxy {
+    /// A proxy in front of `upstream` that asks for token auth and gives
+    /// tokens to alice (password `s3cret`) alone.
+    pub fn alice_only(upstream: u16) -> Proxy {
+        Proxy::start(
+            upstream,
+            Faults {
+                token_auth: true,
+                basic_user: Some(("alice".into(), "s3cret".into())),
+                ..Default::default()
+            },
+        )
+    }
+
     pub fn start(upstream: u16, faults: Faults) -> Proxy {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();

@@ -133,17 +133,9 @@ pub fn run_tenants(file: &std::path::Path) -> Result<ExitCode> {
         // A tenant's registry identity is its own: its auth_file, or what
         // its clients send; never the daemon's environment.
         ctx.credentials_from_environment = false;
-        match tenant.max_store_gib {
-            Some(gib) if gib.is_finite() && gib > 0.0 => {
-                ctx.config.max_store_gib = Some(gib);
-                ctx.store.set_quota(crate::config::gib_bytes(gib));
-            }
-            Some(_) => bail!(
-                "{}: tenant {:?}: max_store_gib must be more than 0",
-                file.display(),
-                tenant.name
-            ),
-            None => {}
+        if let Some(gib) = tenant.max_store_gib {
+            ctx.set_max_store_gib(gib)
+                .with_context(|| format!("{}: tenant {:?}", file.display(), tenant.name))?;
         }
         if let Some(g) = &tenant.group {
             let gid = match g {

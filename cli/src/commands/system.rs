@@ -9,20 +9,12 @@ use anyhow::Result;
 use std::process::ExitCode;
 
 pub fn df(ctx: &Context, format: Format) -> Result<ExitCode> {
-    let images = gantry_core::images::summaries(&ctx.store)?;
-    // Each layer once, however many images share it (Docker's SIZE).
-    let mut layers_size = 0u64;
-    for chain in ctx.store.layers.list()? {
-        if let Some(meta) = ctx.store.layers.get(&chain)? {
-            layers_size = layers_size.saturating_add(meta.size);
-        }
-    }
-    let quota = ctx.store.quota();
-    let store_size = match &quota {
-        Some(q) => q.usage(),
-        None => gantry_core::store::quota::usage(ctx.store.root()),
-    };
-    let limit = quota.as_ref().map(|q| q.limit());
+    // Each layer once, however many images share it (Docker's SIZE, what
+    // the daemon's `/system/df` answers).
+    let du = gantry_core::images::disk_usage(&ctx.store)?;
+    let (images, layers_size) = (du.images, du.layers_size);
+    let store_size = gantry_core::store::quota::usage(ctx.store.root());
+    let limit = ctx.store.quota().map(|q| q.limit());
     match format {
         Format::Json => println!(
             "{}",

@@ -79,11 +79,6 @@ impl Quota {
         self.limit
     }
 
-    /// The bytes the store's directory holds now (a walk).
-    pub fn usage(&self) -> u64 {
-        self.on_disk(true)
-    }
-
     /// Walks the store unless a recent walk stands: for a caller that must
     /// not block (a server's runtime thread), on a thread that may, before
     /// it charges with [`Charges::charge_measured`].

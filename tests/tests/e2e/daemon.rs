@@ -394,17 +394,10 @@ fn the_client_s_credentials_reach_the_registry_through_x_registry_auth() {
     if !(peers() && require("docker")) {
         return;
     }
-    use gantry_tests::proxy::{Faults, Proxy};
+    use gantry_tests::proxy::Proxy;
     let reg = Registry::start();
     publish(&reg, "test/app", "v1", &control_image());
-    let proxy = Proxy::start(
-        reg.port,
-        Faults {
-            token_auth: true,
-            basic_user: Some(("alice".into(), "s3cret".into())),
-            ..Default::default()
-        },
-    );
+    let proxy = Proxy::alice_only(reg.port);
     // gantry's own config has no credentials: only the client's can work.
     let g = Gantry::new();
     let d = g.daemon();
@@ -1193,7 +1186,7 @@ fn distribution_inspect_resolves_a_reference_at_its_registry_as_dockerd_does() {
         return;
     }
     use gantry_tests::image::{Image, Layer, Layout};
-    use gantry_tests::proxy::{Faults, Proxy};
+    use gantry_tests::proxy::Proxy;
     use serde_json::json;
     let reg = Registry::start();
     let (_single, single, _) = publish(&reg, "test/app", "v1", &control_image());
@@ -1306,14 +1299,7 @@ print("ok")
     }
 
     // Behind authentication: the client's X-Registry-Auth, as a pull.
-    let proxy = Proxy::start(
-        reg.port,
-        Faults {
-            token_auth: true,
-            basic_user: Some(("alice".into(), "s3cret".into())),
-            ..Default::default()
-        },
-    );
+    let proxy = Proxy::alice_only(reg.port);
     let path = format!("/distribution/{}/test/app:v1/json", proxy.addr());
     let r = get(&d.addr, "GET", &path);
     assert_eq!(status(&r), 401, "{r}");

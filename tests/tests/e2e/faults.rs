@@ -13,14 +13,7 @@ fn token_auth_with_credentials_from_docker_config() {
     }
     let reg = Registry::start();
     publish(&reg, "test/rich", "v1", &Image::new(rich_layers()));
-    let proxy = Proxy::start(
-        reg.port,
-        Faults {
-            token_auth: true,
-            basic_user: Some(("alice".into(), "s3cret".into())),
-            ..Default::default()
-        },
-    );
+    let proxy = Proxy::alice_only(reg.port);
     let name = format!("{}/test/rich:v1", proxy.addr());
 
     let mut g = Gantry::new();
